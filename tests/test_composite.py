@@ -1,0 +1,159 @@
+"""Unit tests of the four-panel composite maths (no ComfyUI)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from analogy_core import composite as cp
+from analogy_core.synthetic import analogy_example, procedural_scene
+
+
+def img(seed, w, h, batch=1):
+    return torch.stack([procedural_scene(seed + i, w, h) for i in range(batch)])
+
+
+@pytest.fixture
+def trio():
+    ex = analogy_example("invert", width=40, height=24)
+    a, ap, b = (ex[k].unsqueeze(0) for k in ("a", "a_prime", "b"))
+    # The three panels differ, so equality checks below can tell them apart.
+    assert not torch.allclose(a, ap) and not torch.allclose(a, b) and not torch.allclose(ap, b)
+    return a, ap, b
+
+
+def quadrants(grid, w, h):
+    return {
+        "top_left": grid[:, :h, :w], "top_right": grid[:, :h, w:],
+        "bottom_left": grid[:, h:, :w], "bottom_right": grid[:, h:, w:],
+    }
+
+
+def test_lorweb_layout_places_exact_pixels(trio):
+    a, ap, b = trio
+    grid, mask, geo = cp.four_panel_composite(a, ap, b, layout="lorweb")
+    assert grid.shape == (1, 48, 80, 3) and (geo.panel_width, geo.panel_height) == (40, 24)
+    q = quadrants(grid, 40, 24)
+    assert torch.equal(q["top_left"], a) and torch.equal(q["top_right"], ap)
+    assert torch.equal(q["bottom_left"], b) and torch.equal(q["bottom_right"], b)
+    assert mask.shape == (1, 48, 80)
+    assert mask[:, 24:, 40:].eq(1).all() and mask.sum() == 24 * 40
+
+
+def test_edit_transfer_layout_blanks_bottom_right(trio):
+    a, ap, b = trio
+    grid, mask, _ = cp.four_panel_composite(a, ap, b, layout="edit_transfer", fill=0.25)
+    q = quadrants(grid, 40, 24)
+    assert torch.equal(q["bottom_left"], b)
+    assert q["bottom_right"].eq(0.25).all()
+
+
+def test_batches_broadcast_and_mismatch_is_named():
+    a, ap, b = img(1, 16, 16, batch=2), img(5, 16, 16), img(7, 16, 16, batch=2)
+    grid, mask, _ = cp.four_panel_composite(a, ap, b)
+    assert grid.shape[0] == 2 and mask.shape[0] == 2
+    assert torch.equal(grid[0, :16, 16:], ap[0]) and torch.equal(grid[1, :16, 16:], ap[0])
+    assert torch.equal(grid[1, 16:, :16], b[1])
+    with pytest.raises(cp.CompositeError, match=r"a has 2.*b has 3"):
+        cp.four_panel_composite(a, ap, img(7, 16, 16, batch=3))
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (torch.zeros(0, 8, 8, 3), r"a_prime: the image batch is empty"),
+        (torch.zeros(1, 0, 8, 3), r"a_prime: zero-size image"),
+        (torch.zeros(1, 8, 8, 2), r"a_prime: expected 3 \(RGB\) or 4 \(RGBA\) channels, got 2"),
+        (torch.zeros(8, 8, 3), r"a_prime: expected an IMAGE of shape"),
+    ],
+)
+def test_bad_inputs_name_the_input(bad, message):
+    good = img(1, 8, 8)
+    with pytest.raises(cp.CompositeError, match=message):
+        cp.four_panel_composite(good, bad, good)
+
+
+def test_rgba_is_reduced_to_rgb():
+    a = img(1, 8, 8)
+    rgba = torch.cat([a, torch.full_like(a[..., :1], 0.3)], dim=-1)
+    grid, _, _ = cp.four_panel_composite(rgba, a, a)
+    assert grid.shape[-1] == 3 and torch.equal(grid[:, :8, :8], a)
+
+
+def test_center_crop_keeps_the_middle():
+    wide = img(3, 60, 20)
+    grid, _, geo = cp.four_panel_composite(img(1, 20, 20), img(2, 20, 20), wide, fit="center_crop")
+    assert torch.equal(grid[:, 20:, :20], wide[:, :, 20:40])  # crop is 20x20: no resampling involved
+    box = geo.boxes["b"]
+    assert (box.source_x, box.source_w, box.source_h) == (20, 20, 20)
+
+
+def test_pad_letterboxes_with_fill():
+    wide = img(3, 40, 20)
+    grid, _, geo = cp.four_panel_composite(img(1, 40, 40), img(2, 40, 40), wide, fit="pad", fill=0.0)
+    panel = grid[:, 40:, :40]
+    assert torch.equal(panel[:, 10:30], wide)
+    assert panel[:, :10].eq(0).all() and panel[:, 30:].eq(0).all()
+    assert (geo.boxes["b"].panel_y, geo.boxes["b"].panel_h) == (10, 20)
+
+
+def test_custom_size_resizes_like_antialiased_bicubic():
+    a = img(1, 64, 48)
+    grid, _, _ = cp.four_panel_composite(a, a, a, panel_size=(32, 24), fit="stretch")
+    ref = F.interpolate(a.movedim(-1, 1), size=(24, 32), mode="bicubic", antialias=True).movedim(1, -1).clamp(0, 1)
+    assert not torch.allclose(grid[:, :24, :32], a[:, :24, :32])  # resizing changed the pixels
+    torch.testing.assert_close(grid[:, :24, :32], ref)
+
+
+@pytest.mark.parametrize(
+    "size, snap, expected",
+    [
+        ((100, 50), "multiple_of_16", (96, 48)),
+        ((100, 50), "multiple_of_64", (128, 64)),
+        ((5, 5), "multiple_of_8", (8, 8)),
+        ((300, 300), "kontext", (512, 512)),
+        ((600, 400), "kontext", (624, 416)),  # grid 1248x832, the closest preferred aspect to 3:2
+        ((123, 77), "none", (123, 77)),
+    ],
+)
+def test_snapping(size, snap, expected):
+    assert cp.snap_panel_size(*size, snap) == expected
+    if snap == "kontext":
+        assert (2 * expected[0], 2 * expected[1]) in cp.KONTEXT_RESOLUTIONS
+
+
+def test_extract_each_panel_round_trips(trio):
+    a, ap, b = trio
+    grid, _, geo = cp.four_panel_composite(a, ap, b, layout="edit_transfer")
+    assert torch.equal(cp.extract_panel(grid, "top_left", geo), a)
+    assert torch.equal(cp.extract_panel(grid, "top_right", geo), ap)
+    assert torch.equal(cp.extract_panel(grid, "bottom_left", None), b)
+
+
+def test_extract_scales_with_a_resized_result(trio):
+    a, ap, b = trio
+    grid, _, geo = cp.four_panel_composite(a, ap, b)
+    big = grid.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)  # e.g. a sampler output at 2x
+    out = cp.extract_panel(big, "top_right", geo)
+    assert out.shape == (1, 48, 80, 3)
+    assert torch.equal(out[:, ::2, ::2], ap)
+
+
+def test_restore_size_undoes_padding():
+    wide = img(3, 40, 20)
+    grid, _, geo = cp.four_panel_composite(img(1, 40, 40), img(2, 40, 40), wide, fit="pad")
+    restored = cp.extract_panel(grid, "bottom_right", geo, restore_size=True)
+    assert torch.equal(restored, wide)
+    with pytest.raises(cp.CompositeError, match="needs the geometry"):
+        cp.extract_panel(grid, "bottom_right", None, restore_size=True)
+
+
+def test_unknown_choices_are_refused(trio):
+    a, ap, b = trio
+    with pytest.raises(cp.CompositeError, match="layout: expected one of"):
+        cp.four_panel_composite(a, ap, b, layout="grid")
+    with pytest.raises(cp.CompositeError, match="fit: expected one of"):
+        cp.four_panel_composite(a, ap, b, panel_size=(8, 8), fit="zoom")
+    with pytest.raises(cp.CompositeError, match="panel size"):
+        cp.four_panel_composite(a, ap, b, panel_size=(0, 8))
+    with pytest.raises(cp.CompositeError, match="panel: expected one of"):
+        cp.extract_panel(a, "middle")

@@ -1,0 +1,74 @@
+"""Layout and packaging rules: one dependency list, ComfyUI-free core, training runnable from the repo root."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+COMFY_MODULES = ("comfy", "folder_paths", "nodes", "server", "execution", "comfy_extras", "comfy_api")
+
+
+def requirement_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_requirements_txt_agrees_with_pyproject():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert requirement_lines(REPO / "requirements.txt") == project["dependencies"]
+    for name in ("torch", "diffusers", "transformers", "peft", "safetensors", "open_clip_torch", "accelerate", "einops"):
+        assert any(dep.startswith(name) for dep in project["dependencies"]), name
+
+
+def test_comfy_registry_section():
+    tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["comfy"]
+    assert tool["PublisherId"] and tool["DisplayName"] and "Icon" in tool
+
+
+def test_top_level_layout():
+    for name in ("__init__.py", "nodes", "training", "pyproject.toml", "README.md", "example_workflows", "tests",
+                 "LICENSE", "bench/README.md", ".ci/run"):
+        assert (REPO / name).exists(), name
+
+
+def test_core_imports_without_comfyui():
+    """Every analogy_core module imports in a fresh interpreter and pulls in no ComfyUI module."""
+    modules = sorted(p.stem for p in (REPO / "analogy_core").glob("*.py") if p.stem != "__init__")
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module('analogy_core.' + m)\n"
+        f"bad = [m for m in {COMFY_MODULES!r} if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_training_module_runs_from_repo_root(tmp_path):
+    out = tmp_path / "synthetic"
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['make_synthetic_dataset', '--out', {str(out)!r}, '--per-family', '2', '--size', '32']\n"
+        "runpy.run_module('training.make_synthetic_dataset', run_name='__main__')\n"
+        f"bad = [m for m in {COMFY_MODULES!r} if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+    records = [json.loads(line) for line in (out / "quads.jsonl").read_text().splitlines()]
+    assert len(records) == 10 and {r["family"] for r in records} == {"invert", "grayscale", "channel_swap",
+                                                                     "hflip", "vflip"}
+    assert all((out / r[k]).is_file() for r in records for k in ("a", "a_prime", "b", "b_prime"))
+
+
+def test_pack_module_uses_only_relative_imports():
+    """Inside ComfyUI the pack is imported under its folder name: absolute imports of our own packages would break
+    (or pick up ComfyUI's top-level `nodes`)."""
+    offenders = []
+    for path in [REPO / "__init__.py", *(REPO / "nodes").rglob("*.py"), *(REPO / "analogy_core").rglob("*.py")]:
+        for line in path.read_text().splitlines():
+            stripped = line.strip()
+            if stripped.startswith(("from nodes", "import nodes", "from analogy_core", "import analogy_core")):
+                offenders.append(f"{path.relative_to(REPO)}: {stripped}")
+    assert not offenders, offenders
