@@ -1,8 +1,8 @@
 """ComfyUI node classes of the pack. Each submodule wraps one topic of ``analogy_core`` and lists its nodes."""
 
-from . import composite
+from . import composite, lora
 
-_MODULES = (composite,)
+_MODULES = (composite, lora)
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from devtools.comfy_server import ComfyServer, comfyui_root
@@ -25,3 +27,12 @@ def comfy(tmp_path_factory):
 @pytest.fixture(scope="session")
 def object_info(comfy):
     return comfy.object_info()
+
+
+
+@pytest.fixture(scope="session")
+def comfy_inproc():
+    """ComfyUI's Python modules in this process plus the pack imported the way ComfyUI imports it."""
+    from comfy_inproc import load_inproc
+
+    return load_inproc()

@@ -1,0 +1,313 @@
+"""LoRA state dicts in the ecosystem's key formats, to and from the pack's :class:`LoRA`.
+
+Read: diffusers/PEFT (``<prefix><path>.lora_A.weight`` / ``lora_B``; alpha from ``.alpha`` tensors or the
+``lora_adapter_metadata`` header that diffusers writes), kohya (``lora_unet_<path_with_underscores>.lora_down.weight``
+/ ``lora_up`` / ``.alpha``), older diffusers (``.lora.down.weight``, ``processor.to_q_lora.down.weight``) and
+ComfyUI-style native names (``diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight``). Native FLUX weights
+that fuse several diffusers layers (q/k/v, ``linear1``) are split exactly: each part keeps the shared ``down`` and its
+own rows of ``up``.
+
+Write: ``peft`` (diffusers/peft names, scale folded so every reader agrees), ``kohya`` (``lora_unet_`` + ``.alpha``),
+``comfyui`` (``diffusion_model.<native>``), and ``auto`` = the format ComfyUI's stock LoraLoader, diffusers and peft
+all read for that family (kohya for SD UNets, ``transformer.``-prefixed peft for FLUX).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+import torch
+
+from . import __version__
+from .layouts import ModelLayout, standard_layout
+from .lora import LoRA, LoRAError, LoRALayer
+
+# suffix -> role. Longest first so ".lora_A.default.weight" wins over shorter look-alikes.
+_ROLE_SUFFIXES = (
+    (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),
+    (".lora_A.weight", "down"), (".lora_B.weight", "up"),
+    (".lora_down.weight", "down"), (".lora_up.weight", "up"),
+    (".lora.down.weight", "down"), (".lora.up.weight", "up"),
+    ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),
+    (".lora_A", "down"), (".lora_B", "up"),
+    (".alpha", "alpha"),
+)
+# (regex searched in each key, what it is)
+_UNSUPPORTED = (
+    (r"\.dora_scale$", "DoRA"), (r"\.lora_mid\.weight$", "LoCon with a Tucker core"), (r"\.hada_", "LoHa"),
+    (r"\.lokr_", "LoKr"), (r"\.diff(_b)?$", "full weight difference"), (r"\.[wb]_norm$", "norm weight"),
+    (r"\.lora_keys$", "LoRWeB basis (use Load LoRA Basis)"),
+    (r"\.att_lora_to_q\.", "LoRWeB basis (use Load LoRA Basis)"),
+)
+_TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "text_encoder.", "text_encoder_2.",
+                          "te.", "te1.", "te2.", "text_encoders.")
+_DOTTED_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.")
+_UNDERSCORE_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_")
+SAVE_FORMATS = ("auto", "peft", "kohya", "comfyui")
+
+
+@dataclass
+class ParsedLoRA:
+    lora: LoRA
+    text_encoder_keys: int  # entries for text encoders, which a diffusion-model LoRA leaves out
+    key_format: str
+
+
+def split_roles(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Group ``<base><suffix>`` keys into {base: {"down", "up", "alpha"}}; refuse unsupported LoRA variants."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, tensor in state_dict.items():
+        for marker, variant in _UNSUPPORTED:
+            if re.search(marker, key):
+                raise LoRAError(f"unsupported LoRA variant: {variant} (key {key!r}); this loader reads plain "
+                                "low-rank LoRAs (lora_A/lora_B, lora_down/lora_up)")
+        for suffix, role in _ROLE_SUFFIXES:
+            if key.endswith(suffix):
+                groups.setdefault(key[: -len(suffix)], {})[role] = tensor
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise LoRAError(f"{len(unknown)} keys are not LoRA weights, e.g. {unknown[:3]}")
+    for base, parts in groups.items():
+        missing = {"down", "up"} - parts.keys()
+        if missing:
+            raise LoRAError(f"layer {base!r} has no {' / '.join(sorted(missing))} weight")
+        if parts["down"].ndim == 3 or parts["up"].ndim == 3:
+            raise LoRAError(f"layer {base!r} has 3-D weights {tuple(parts['down'].shape)}: this is a LoRA basis "
+                            "(LoRWeB), not a LoRA; load it with Load LoRA Basis")
+    return groups
+
+
+def _peft_alpha(base: str, rank: int, config: dict | None) -> float | None:
+    """alpha for one layer from a peft LoraConfig dict (diffusers' ``lora_adapter_metadata``)."""
+    if not config:
+        return None
+    alpha, r = config.get("lora_alpha"), config.get("r")
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.search(rf"(^|\.){pattern}$", base):
+            alpha = value
+    for pattern, value in (config.get("rank_pattern") or {}).items():
+        if re.search(rf"(^|\.){pattern}$", base):
+            r = value
+    if alpha is None:
+        return None
+    r = r or rank
+    if config.get("use_rslora"):
+        return float(alpha) / (r ** 0.5) * rank  # returned as an "alpha" whose /rank gives alpha/sqrt(r)
+    return float(alpha) * rank / r
+
+
+def _normalise_base(base: str) -> tuple[str | None, bool]:
+    """Strip known prefixes. Returns (name, underscored) or (None, _) for text-encoder entries."""
+    if base.startswith(_TEXT_ENCODER_PREFIXES):
+        return None, False
+    for prefix in _UNDERSCORE_PREFIXES:
+        if base.startswith(prefix):
+            return base[len(prefix):], True
+    for prefix in _DOTTED_PREFIXES:
+        if base.startswith(prefix):
+            base = base[len(prefix):]
+            break
+    # older diffusers attention processors: attn1.processor.to_q(_lora) -> attn1.to_q; to_out -> to_out.0
+    base = re.sub(r"\.processor\.(to_q|to_k|to_v)$", r".\1", base)
+    base = re.sub(r"\.processor\.to_out$", ".to_out.0", base)
+    return base, False
+
+
+def _resolve(name: str, underscored: bool, layout: ModelLayout) -> tuple[str, bool] | None:
+    """(path, is_native) of a layer name in ``layout``, or None."""
+    if underscored:
+        return layout.resolve_underscored(name)
+    if name in layout.shapes:
+        return name, False
+    if name in layout.from_native:
+        return name, True
+    return None
+
+
+def _fits(layout: ModelLayout, names: list[tuple[str, bool]], groups: dict, keys: list[str]) -> bool:
+    for (name, underscored), key in zip(names, keys):
+        found = _resolve(name, underscored, layout)
+        if found is None:
+            return False
+        path, native = found
+        shape = layout.native_shape(path) if native else layout.shapes[path]
+        down, up = groups[key]["down"], groups[key]["up"]
+        if (up.shape[0], down.shape[1]) != shape[:2]:
+            return False
+    return True
+
+
+def detect_layout(names: list[tuple[str, bool]], groups: dict, keys: list[str], hint: str | None) -> ModelLayout:
+    candidates = [hint] if hint in ("sd15", "sdxl", "flux") else ["flux", "sd15", "sdxl"]
+    for family in candidates:
+        layout = standard_layout(family)
+        if _fits(layout, names, groups, keys):
+            return layout
+    sample = [n for n, _ in names[:3]]
+    raise LoRAError(f"the LoRA's layers do not match SD1.5, SDXL or FLUX (names or shapes differ), e.g. {sample}; "
+                    "pass the model layout explicitly for other backbones")
+
+
+def parse_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                     layout: ModelLayout | None = None) -> ParsedLoRA:
+    """Turn a LoRA state dict of any supported key format into a :class:`LoRA` keyed by diffusers paths."""
+    metadata = dict(metadata or {})
+    if not state_dict:
+        raise LoRAError("the file holds no tensors")
+    groups = split_roles(state_dict)
+    text_encoder = 0
+    names, keys = [], []
+    for base in groups:
+        name, underscored = _normalise_base(base)
+        if name is None:
+            text_encoder += 1
+            continue
+        names.append((name, underscored))
+        keys.append(base)
+    if not keys:
+        raise LoRAError("the LoRA only holds text-encoder layers; apply it to CLIP with ComfyUI's LoraLoader")
+    if layout is None:
+        layout = detect_layout(names, groups, keys, metadata.get("analogy.family"))
+
+    peft_config = json.loads(metadata["lora_adapter_metadata"]) if "lora_adapter_metadata" in metadata else None
+    layers: dict[str, LoRALayer] = {}
+    formats = set()
+    for (name, underscored), base in zip(names, keys):
+        found = _resolve(name, underscored, layout)
+        if found is None:
+            raise LoRAError(f"layer {base!r} is not a layer of the {layout.family} model")
+        path, native = found
+        parts = groups[base]
+        down, up = parts["down"], parts["up"]
+        rank = down.shape[0]
+        if "alpha" in parts:
+            alpha = float(parts["alpha"].float().item())
+        else:
+            alpha = _peft_alpha(name if not underscored else path, rank, peft_config)
+        scale = 1.0 if alpha is None else alpha / rank
+        formats.add("kohya" if underscored else "native" if native else "diffusers")
+        if native:
+            for sub_path, target in layout.from_native[path]:
+                rows = up if target.offset is None else up[target.offset: target.offset + target.size]
+                _add(layers, sub_path, LoRALayer(down, rows, scale), layout)
+        else:
+            _add(layers, path, LoRALayer(down, up, scale), layout)
+    lora = LoRA(layers, family=layout.family, source="file", metadata=metadata)
+    lora.check_finite()
+    return ParsedLoRA(lora, text_encoder, "+".join(sorted(formats)))
+
+
+def _add(layers: dict[str, LoRALayer], path: str, layer: LoRALayer, layout: ModelLayout) -> None:
+    expected = layout.shapes[path]
+    if (layer.out_features, layer.in_features) != expected[:2]:
+        raise LoRAError(f"{path}: LoRA shape [{layer.out_features} x {layer.in_features}] does not fit the "
+                        f"{layout.family} layer [{expected[0]} x {expected[1]}]")
+    if path in layers:
+        raise LoRAError(f"{path} appears twice in the file (under two key formats?)")
+    layers[path] = layer
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _fused_native(lora: LoRA, layout: ModelLayout) -> dict[str, LoRALayer]:
+    """Layers under native names; parts of a fused native weight become one block-diagonal LoRA (exact)."""
+    out: dict[str, LoRALayer] = {}
+    grouped: dict[str, list[tuple[str, LoRALayer]]] = {}
+    for path, layer in lora.layers.items():
+        target = layout.native.get(path)
+        if target is None:
+            raise LoRAError(f"{path} has no native {layout.family} name; save in the peft format instead")
+        grouped.setdefault(target.path, []).append((path, layer))
+    for native_path, parts in grouped.items():
+        if len(parts) == 1 and layout.native[parts[0][0]].offset is None:
+            out[native_path] = parts[0][1]
+            continue
+        out_rows = layout.native_shape(native_path)[0]
+        downs, ups, col = [], [], 0
+        total_rank = sum(layer.rank for _, layer in parts)
+        for path, layer in parts:
+            target = layout.native[path]
+            downs.append((layer.down.float() * layer.scale))
+            block = torch.zeros(out_rows, total_rank, dtype=torch.float32)
+            block[target.offset: target.offset + target.size, col: col + layer.rank] = layer.up.float()
+            ups.append(block)
+            col += layer.rank
+        dtype = parts[0][1].down.dtype
+        out[native_path] = LoRALayer(torch.cat(downs).to(dtype), sum(ups).to(dtype), 1.0)
+    return out
+
+
+def _metadata(lora: LoRA, key_format: str) -> dict[str, str]:
+    ranks = sorted(lora.ranks)
+    meta = {k: v for k, v in lora.metadata.items() if k.startswith("analogy.") or k == "ss_base_model_version"}
+    meta.update({
+        "analogy.family": lora.family, "analogy.source": lora.source, "analogy.rank": str(max(ranks)),
+        "analogy.layers": str(len(lora)), "analogy.key_format": key_format, "analogy.pack_version": __version__,
+        "format": "pt",
+    })
+    return meta
+
+
+def to_state_dict(lora: LoRA, key_format: str = "auto", layout: ModelLayout | None = None
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Serialise to (tensors, header metadata) in one of :data:`SAVE_FORMATS`."""
+    if key_format not in SAVE_FORMATS:
+        raise LoRAError(f"key format must be one of {SAVE_FORMATS}, got {key_format!r}")
+    if not lora.layers:
+        raise LoRAError("the LoRA has no layers")
+    if key_format == "auto":
+        key_format = "peft" if lora.family in ("flux", "unknown") else "kohya"
+    if lora.family == "unknown" and key_format != "peft":
+        raise LoRAError("a LoRA of unknown model family can only be saved in the peft format")
+    tensors: dict[str, torch.Tensor] = {}
+    meta = _metadata(lora, key_format)
+    if key_format == "peft":
+        prefix = "transformer." if lora.family == "flux" else "unet." if lora.family in ("sd15", "sdxl") else ""
+        rank_pattern = {}
+        top_rank = max(lora.ranks)
+        for path, layer in lora.layers.items():
+            layer = layer.folded()  # alpha == r everywhere: readers that ignore alpha still get the right scale
+            tensors[f"{prefix}{path}.lora_A.weight"] = layer.down
+            tensors[f"{prefix}{path}.lora_B.weight"] = layer.up
+            if layer.rank != top_rank:
+                rank_pattern[path] = layer.rank
+        meta["lora_adapter_metadata"] = json.dumps({
+            "r": top_rank, "lora_alpha": top_rank, "rank_pattern": rank_pattern, "alpha_pattern": dict(rank_pattern),
+            "target_modules": sorted(lora.layers), "peft_type": "LORA",
+        })
+        return tensors, meta
+    layout = layout or standard_layout(lora.family)
+    if key_format == "kohya":
+        layers = _fused_native(lora, layout) if lora.family == "flux" else lora.layers
+        for path, layer in layers.items():
+            base = "lora_unet_" + path.replace(".", "_")
+            tensors[f"{base}.lora_down.weight"] = layer.down
+            tensors[f"{base}.lora_up.weight"] = layer.up
+            tensors[f"{base}.alpha"] = torch.tensor(float(layer.scale * layer.rank))
+        return tensors, meta
+    for native_path, layer in _fused_native(lora, layout).items():  # comfyui
+        base = f"diffusion_model.{native_path}"
+        tensors[f"{base}.lora_down.weight"] = layer.down
+        tensors[f"{base}.lora_up.weight"] = layer.up
+        tensors[f"{base}.alpha"] = torch.tensor(float(layer.scale * layer.rank))
+    return tensors, meta
+
+
+def comfy_patch_keys(lora: LoRA, layout: ModelLayout) -> dict[str, str | tuple[str, tuple[int, int, int]]]:
+    """ComfyUI's internal patch key of every layer: ``diffusion_model.<native>.weight``, with (dim, offset, size)
+    for a slice of a fused weight (the form ``ModelPatcher.add_patches`` takes)."""
+    keys: dict[str, str | tuple[str, tuple[int, int, int]]] = {}
+    for path in lora.layers:
+        target = layout.native.get(path)
+        if target is None:
+            raise LoRAError(f"{path} has no ComfyUI counterpart in the {layout.family} layout")
+        key = f"diffusion_model.{target.path}.weight"
+        keys[path] = key if target.offset is None else (key, (0, target.offset, target.size))
+    return keys
