@@ -101,6 +101,28 @@ def _peft_alpha(base: str, rank: int, config: dict | None) -> float | None:
     return float(alpha) * rank / r
 
 
+def peft_config_from_metadata(metadata: dict[str, str]) -> dict | None:
+    """The peft LoraConfig diffusers stores under ``lora_adapter_metadata``.
+
+    diffusers writes it flat for a single adapter or with the component as prefix (``"unet.lora_alpha"``,
+    ``"transformer.lora_alpha"``); the diffusion model's entry is returned.
+    """
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        raise LoRAError("the file's lora_adapter_metadata header is not valid JSON") from None
+    if "lora_alpha" in config or "r" in config:
+        return config
+    for component in ("transformer", "unet"):
+        sub = {k[len(component) + 1:]: v for k, v in config.items() if k.startswith(component + ".")}
+        if sub:
+            return sub
+    return None
+
+
 def _normalise_base(base: str) -> tuple[str | None, bool]:
     """Strip known prefixes. Returns (name, underscored) or (None, _) for text-encoder entries."""
     if base.startswith(_TEXT_ENCODER_PREFIXES):
@@ -174,7 +196,7 @@ def parse_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, st
     if layout is None:
         layout = detect_layout(names, groups, keys, metadata.get("analogy.family"))
 
-    peft_config = json.loads(metadata["lora_adapter_metadata"]) if "lora_adapter_metadata" in metadata else None
+    peft_config = peft_config_from_metadata(metadata)
     layers: dict[str, LoRALayer] = {}
     formats = set()
     for (name, underscored), base in zip(names, keys):

@@ -69,10 +69,11 @@ class ComfyServer:
     """
 
     def __init__(self, base_dir: Path, pack_name: str = "comfyui-visual-analogy", pack_dir: Path = REPO_ROOT,
-                 port: int | None = None):
+                 port: int | None = None, extra_nodes: dict[str, Path] | None = None):
         self.base_dir = Path(base_dir)
         self.pack_name = pack_name
         self.pack_dir = Path(pack_dir)
+        self.extra_nodes = dict(extra_nodes or {})  # folder name -> path of further custom-node folders
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.base_dir / "comfyui.log"
@@ -88,13 +89,14 @@ class ComfyServer:
         for sub in ("custom_nodes", "input", "output", "temp", "user", "models/loras", "models/checkpoints",
                     "models/clip_vision", "models/diffusion_models", "models/vae", "models/text_encoders"):
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
-        link = self.base_dir / "custom_nodes" / self.pack_name
-        if not link.exists():
-            link.symlink_to(self.pack_dir, target_is_directory=True)
+        for name, folder in {self.pack_name: self.pack_dir, **self.extra_nodes}.items():
+            link = self.base_dir / "custom_nodes" / name
+            if not link.exists():
+                link.symlink_to(Path(folder).resolve(), target_is_directory=True)
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base_dir), "--database-url", "sqlite:///:memory:",
                "--disable-auto-launch", "--disable-api-nodes", "--disable-all-custom-nodes",
-               "--whitelist-custom-nodes", self.pack_name]
+               "--whitelist-custom-nodes", self.pack_name, *self.extra_nodes]
         env = dict(os.environ, DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(cmd, cwd=root, stdout=self._log, stderr=subprocess.STDOUT, env=env,

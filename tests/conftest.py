@@ -18,7 +18,9 @@ def comfy(tmp_path_factory):
         comfyui_root()
     except Exception as err:  # the suite is meant to run through scripts/test.sh, which installs ComfyUI
         pytest.fail(f"{err}. Run the tests with `bash scripts/test.sh`.")
-    server = ComfyServer(tmp_path_factory.mktemp("comfy-base"), pack_name=PACK_FOLDER)
+    test_nodes = Path(__file__).resolve().parent / "comfy_test_nodes"
+    server = ComfyServer(tmp_path_factory.mktemp("comfy-base"), pack_name=PACK_FOLDER,
+                         extra_nodes={"analogy_test_nodes": test_nodes})
     server.start()
     yield server
     server.stop()

@@ -20,6 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 PACK_NODES = {
     "AnalogyFourPanelComposite": ("Four-Panel Composite", "analogy/composite"),
     "AnalogyExtractPanel": ("Extract Panel", "analogy/composite"),
+    "AnalogyLoadLoRA": ("Load LoRA (Analogy)", "analogy/lora"),
+    "AnalogySaveLoRA": ("Save LoRA (Analogy)", "analogy/lora"),
+    "AnalogyApplyLoRA": ("Apply LoRA to Model", "analogy/lora"),
 }
 
 

@@ -1,0 +1,259 @@
+"""Apply LoRA to Model against references: peft on diffusers vs our node on ComfyUI's own models (in-process)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+
+from test_tiny_models import flux_inputs, run_comfy_flux, run_diffusers_flux
+from tiny_models import FLUX_COMFY, tiny_flux_pair, tiny_sd_pair
+
+SD_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1", "time_emb_proj"]
+FLUX_TARGETS = ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
+                "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear",
+                "norm1_context.linear", "proj_mlp", "proj_out", "norm.linear"]
+
+
+def add_peft_lora(model, targets, rank=4, alpha=8, seed=1):
+    """A peft LoRA with non-zero B (a zero-initialised one would make every comparison pass)."""
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+    model.add_adapter(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                for sub in (module.lora_A["default"], module.lora_B["default"]):
+                    sub.weight.copy_(torch.randn(sub.weight.shape, generator=gen) * 0.3)
+    return config
+
+
+def set_peft_strength(model, strength):
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.set_scale("default", strength)  # peft: scaling = strength * alpha / r
+
+
+def peft_lora_file(model, config, tmp_path, pipeline_cls, component):
+    """Save the adapter the way diffusers does (keys `<component>.<path>.lora_A.weight`, peft config in metadata)."""
+    from peft.utils import get_peft_model_state_dict
+
+    layers = get_peft_model_state_dict(model)
+    kwargs = {f"{component}_lora_layers": layers, f"{component}_lora_adapter_metadata": config.to_dict()}
+    pipeline_cls.save_lora_weights(tmp_path, weight_name="peft_lora.safetensors", **kwargs)
+    return tmp_path / "peft_lora.safetensors"
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def comfy_sd_out(patcher, x, t, ctx):
+    """ComfyUI's UNet forward under the patcher's weights and APPLY_MODEL wrappers."""
+    comfy = __import__("comfy.patcher_extension").patcher_extension
+    patcher.patch_model()
+    try:
+        base = patcher.model
+
+        def call(x, t, ctx):
+            return base.diffusion_model(x, timesteps=t, context=ctx)
+
+        wrappers = comfy.get_all_wrappers(comfy.WrappersMP.APPLY_MODEL, {"wrappers": patcher.wrappers})
+        executor = comfy.WrapperExecutor.new_class_executor(call, base, wrappers)
+        with torch.no_grad():
+            return executor.execute(x, t, ctx)
+    finally:
+        patcher.unpatch_model()
+
+
+def comfy_flux_out(patcher, inp):
+    comfy = __import__("comfy.patcher_extension").patcher_extension
+    patcher.patch_model()
+    try:
+        base = patcher.model
+        wrappers = comfy.get_all_wrappers(comfy.WrappersMP.APPLY_MODEL, {"wrappers": patcher.wrappers})
+        executor = comfy.WrapperExecutor.new_class_executor(
+            lambda: run_comfy_flux(base.diffusion_model, inp), base, wrappers)
+        with torch.no_grad():
+            return executor.execute()
+    finally:
+        patcher.unpatch_model()
+
+
+@pytest.fixture(scope="module")
+def sd_setup(comfy_inproc, tmp_path_factory):
+    from diffusers import StableDiffusionPipeline
+
+    unet, patcher = tiny_sd_pair(comfy_inproc.comfy)
+    config = add_peft_lora(unet, SD_TARGETS)
+    path = peft_lora_file(unet, config, tmp_path_factory.mktemp("sd"), StableDiffusionPipeline, "unet")
+    return unet, patcher, path
+
+
+@pytest.fixture(scope="module")
+def flux_setup(comfy_inproc, tmp_path_factory):
+    from diffusers import FluxPipeline
+
+    model, patcher = tiny_flux_pair(comfy_inproc.comfy)
+    config = add_peft_lora(model, FLUX_TARGETS, rank=3, alpha=6, seed=2)
+    path = peft_lora_file(model, config, tmp_path_factory.mktemp("flux"), FluxPipeline, "transformer")
+    return model, patcher, path
+
+
+def load_ours(comfy_inproc, path, diffusers_model):
+    layouts = __import__(f"{comfy_inproc.pack.__name__}.analogy_core.layouts", fromlist=["x"])
+    io = __import__(f"{comfy_inproc.pack.__name__}.analogy_core.lora_io", fromlist=["x"])
+    return io.load_lora_file(path, layouts.layout_of_diffusers_model(diffusers_model)).lora
+
+
+def test_diffusers_file_is_the_peft_sd15_format_comfyui_cannot_map(sd_setup):
+    from safetensors import safe_open
+
+    with safe_open(str(sd_setup[2]), "pt") as handle:
+        keys = list(handle.keys())
+        meta = handle.metadata()
+    assert all(k.startswith("unet.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    assert json.loads(meta["lora_adapter_metadata"])["unet.lora_alpha"] == 8  # alpha/r = 2 lives only here
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5, -1.0])
+@pytest.mark.parametrize("mode", ["merge", "runtime"])
+def test_sd15_matches_peft_on_diffusers(comfy_inproc, sd_setup, strength, mode):
+    unet, patcher, path = sd_setup
+    lora = load_ours(comfy_inproc, path, unet)
+    assert lora.layers and all(layer.scale == 2.0 for layer in lora.layers.values())
+    assert any(layer.is_conv for layer in lora.layers.values())
+    gen = torch.Generator().manual_seed(3)
+    x, t, ctx = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([10.0, 700.0]), torch.randn(2, 5, 32, generator=gen)
+    with torch.no_grad():
+        set_peft_strength(unet, strength)
+        ref = unet(x, t, encoder_hidden_states=ctx).sample
+        unet.disable_adapters()
+        base = unet(x, t, encoder_hidden_states=ctx).sample
+        unet.enable_adapters()
+    assert rel_err(base, ref) > 0.05, "the LoRA must visibly change the output"
+    node = comfy_inproc.nodes.ApplyLoRAToModel()
+    patched, info = node.apply(patcher, lora, strength, mode, False)
+    assert f"matched {len(lora)}/{len(lora)}" in info
+    out = comfy_sd_out(patched, x, t, ctx)
+    assert rel_err(out, ref) <= 1e-4, (rel_err(out, ref), rel_err(out, base))
+    # the input model is untouched
+    torch.testing.assert_close(comfy_sd_out(patcher, x, t, ctx), base, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5, -1.0])
+@pytest.mark.parametrize("mode", ["merge", "runtime"])
+def test_flux_matches_peft_on_diffusers(comfy_inproc, flux_setup, strength, mode):
+    model, patcher, path = flux_setup
+    lora = load_ours(comfy_inproc, path, model)
+    assert len(lora) == 2 * 14 + 2 * 6 + 1  # peft's "proj_out" also catches the final layer
+    inp = flux_inputs(seed=5)
+    with torch.no_grad():
+        set_peft_strength(model, strength)
+        ref = run_diffusers_flux(model, inp)
+        model.disable_adapters()
+        base = run_diffusers_flux(model, inp)
+        model.enable_adapters()
+    assert rel_err(base, ref) > 0.05
+    patched, info = comfy_inproc.nodes.ApplyLoRAToModel().apply(patcher, lora, strength, mode, False)
+    assert f"matched {len(lora)}/{len(lora)}" in info
+    out = comfy_flux_out(patched, inp)
+    assert rel_err(out, ref) <= 1e-4, (rel_err(out, ref), rel_err(out, base))
+
+
+def test_our_key_tables_agree_with_comfyuis(comfy_inproc, sd_setup, flux_setup):
+    """Every layer of both tiny models: our native names equal the keys ComfyUI's own key map gives."""
+    layouts = __import__(f"{comfy_inproc.pack.__name__}.analogy_core.layouts", fromlist=["x"])
+    formats = comfy_inproc.formats
+    lora_mod = comfy_inproc.lora
+    for diffusers_model, patcher in ((sd_setup[0], sd_setup[1]), (flux_setup[0], flux_setup[1])):
+        layout = layouts.layout_of_diffusers_model(diffusers_model)
+        paths = [p for p in layout.native if p != "norm_out.linear"]
+        fake = lora_mod.LoRA({p: lora_mod.LoRALayer(torch.zeros(1, layout.shapes[p][1], *layout.shapes[p][2:]),
+                                                    torch.zeros(layout.shapes[p][0], 1,
+                                                                *([1, 1] if len(layout.shapes[p]) == 4 else [])))
+                              for p in paths}, layout.family)
+        ours = formats.comfy_patch_keys(fake, layout)
+        theirs, unmatched = comfy_inproc.patch.match_targets(fake, patcher)
+        assert not unmatched and len(ours) == len(theirs) > 20
+        assert ours == theirs
+
+
+def test_unmatched_keys_fail_loudly_unless_partial(comfy_inproc, flux_setup, sd_setup):
+    model, patcher, path = flux_setup
+    lora = load_ours(comfy_inproc, path, model)
+    lora_mod = comfy_inproc.lora
+    extra = dict(lora.layers)
+    extra["transformer_blocks.7.attn.to_q"] = lora.layers["transformer_blocks.0.attn.to_q"]  # no block 7 here
+    bigger = lora_mod.LoRA(extra, "flux")
+    node = comfy_inproc.nodes.ApplyLoRAToModel()
+    n = len(bigger)
+    with pytest.raises(ValueError, match=rf"1 of {n} LoRA layers match nothing.*transformer_blocks\.7\.attn\.to_q"):
+        node.apply(patcher, bigger, 1.0, "merge", False)
+    _, info = node.apply(patcher, bigger, 1.0, "merge", True)
+    assert f"matched {n - 1}/{n}" in info and "skipped 1 unmatched" in info
+    with pytest.raises(ValueError, match="this LoRA is for flux but the model is sd15"):
+        node.apply(sd_setup[1], lora, 1.0, "merge", False)
+    nan = lora_mod.LoRA({"transformer_blocks.0.attn.to_q": lora_mod.LoRALayer(
+        torch.full((3, 32), float("nan")), torch.ones(32, 3))}, "flux")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        node.apply(patcher, nan, 1.0, "runtime", False)
+
+
+def test_high_rank_bf16_merge_matches_float64_reference(comfy_inproc):
+    """ComfyUI#8996: rank >= 16 Kontext LoRAs reported as noise. A rank-128 LoRA on FLUX-sized (3072) bf16 layers,
+    merged by our node through ComfyUI's patcher, must equal the float64 result rounded to bf16."""
+    comfy = comfy_inproc.comfy
+    config = dict(FLUX_COMFY, hidden_size=3072, num_heads=24, axes_dim=[16, 56, 56], depth=1, depth_single_blocks=1,
+                  context_in_dim=64, vec_in_dim=32)
+    model_config = comfy.supported_models.Flux(dict(config))
+    model_config.set_inference_dtype(torch.bfloat16, None)
+    base = model_config.get_model({})
+    targets = {"diffusion_model.double_blocks.0.img_attn.qkv.weight": (9216, 3072),
+               "diffusion_model.single_blocks.0.linear1.weight": (9216 + 12288, 3072)}
+    gen = torch.Generator().manual_seed(0)
+    originals = {}
+    for key, shape in targets.items():
+        weight = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+        comfy.utils.set_attr_param(base, key, weight)
+        originals[key] = weight.clone()
+    cpu = torch.device("cpu")
+    patcher = comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+    lora_mod = comfy_inproc.lora
+    rank = 128
+    layers = {p: lora_mod.LoRALayer(torch.randn(rank, 3072, generator=gen) * 0.05,
+                                    torch.randn(3072, rank, generator=gen) * 0.05, scale=0.5)
+              for p in ("transformer_blocks.0.attn.to_k", "single_transformer_blocks.0.attn.to_q")}
+    layers["single_transformer_blocks.0.proj_mlp"] = lora_mod.LoRALayer(
+        torch.randn(rank, 3072, generator=gen) * 0.05, torch.randn(12288, rank, generator=gen) * 0.05, scale=0.5)
+    lora = lora_mod.LoRA(layers, "flux")
+    patched, _ = comfy_inproc.nodes.ApplyLoRAToModel().apply(patcher, lora, 0.8, "merge", False)
+    patched.patch_model()
+    try:
+        checks = [("diffusion_model.double_blocks.0.img_attn.qkv.weight", "transformer_blocks.0.attn.to_k", 3072),
+                  ("diffusion_model.single_blocks.0.linear1.weight", "single_transformer_blocks.0.attn.to_q", 0),
+                  ("diffusion_model.single_blocks.0.linear1.weight", "single_transformer_blocks.0.proj_mlp", 9216)]
+        for key, path, offset in checks:
+            layer = layers[path]
+            rows = layer.out_features
+            merged = comfy.utils.get_attr(base, key)[offset: offset + rows]
+            assert merged.dtype == torch.bfloat16
+            w64 = originals[key][offset: offset + rows].double()
+            ref64 = w64 + 0.8 * layer.scale * layer.up.double() @ layer.down.double()
+            assert (ref64 - w64).abs().mean() > 10 * w64.abs().mean() * 2 ** -8, "the update is far above bf16 noise"
+            ulp = 2.0 ** (torch.floor(torch.log2(ref64.abs().clamp_min(1e-30))) - 7)
+            err = (merged.double() - ref64).abs()
+            assert (err <= 0.5 * ulp + 1e-12).float().mean() > 0.999  # round-to-nearest of the exact result
+            # everywhere: half a bf16 ulp plus float32 accumulation error of the rank-128 product (visible only
+            # where W and the update cancel to nearly zero)
+            terms = w64.abs() + 0.8 * layer.scale * layer.up.double().abs() @ layer.down.double().abs()
+            assert (err <= 0.5 * ulp + 2.0 ** -20 * terms).all()
+        untouched = comfy.utils.get_attr(base, "diffusion_model.double_blocks.0.img_attn.qkv.weight")[:3072]
+        assert torch.equal(untouched, originals["diffusion_model.double_blocks.0.img_attn.qkv.weight"][:3072])
+    finally:
+        patched.unpatch_model()
+    assert torch.equal(comfy.utils.get_attr(base, "diffusion_model.single_blocks.0.linear1.weight"),
+                       originals["diffusion_model.single_blocks.0.linear1.weight"])

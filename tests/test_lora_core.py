@@ -1,0 +1,283 @@
+"""The LoRA type, its algebra and its file formats (no ComfyUI)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from analogy_core.files import TensorFileError, read_safetensors
+from analogy_core.layouts import flux_layout, standard_layout, unet_layout
+from analogy_core.lora import LoRA, LoRAError, LoRALayer
+from analogy_core.lora_formats import comfy_patch_keys, parse_state_dict, to_state_dict
+from analogy_core.lora_io import load_lora_file, save_lora_file
+from tiny_models import FLUX_DIFFUSERS, SD_DIFFUSERS
+
+GEN = torch.Generator().manual_seed(0)
+
+
+def rand(*shape):
+    return torch.randn(*shape, generator=GEN)
+
+
+def random_lora(layout, rank=3, family=None, paths=None, scale=0.7) -> LoRA:
+    layers = {}
+    for path in paths or layout.shapes:
+        shape = layout.shapes[path]
+        down_shape = (rank, shape[1], *shape[2:])
+        up_shape = (shape[0], rank, *([1, 1] if len(shape) == 4 else []))
+        layers[path] = LoRALayer(rand(*down_shape), rand(*up_shape), scale)
+    return LoRA(layers, family=family or layout.family)
+
+
+@pytest.fixture(scope="module")
+def tiny_flux():
+    return flux_layout(**FLUX_DIFFUSERS)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd():
+    return unet_layout(SD_DIFFUSERS, "sd15")
+
+
+def assert_same_updates(a: LoRA, b: LoRA):
+    assert set(a.layers) == set(b.layers)
+    for path in a.layers:
+        torch.testing.assert_close(b.layers[path].delta_weight(torch.float64),
+                                   a.layers[path].delta_weight(torch.float64), rtol=1e-5, atol=1e-6)
+
+
+# -- the type ---------------------------------------------------------------------------------------------------------
+
+
+def test_delta_weight_is_scaled_up_times_down():
+    layer = LoRALayer(rand(4, 6), rand(5, 4), scale=0.25)
+    expected = 0.25 * layer.up.double() @ layer.down.double()
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(layer.delta_weight(torch.float64), expected)
+    conv = LoRALayer(rand(4, 6, 3, 3), rand(5, 4, 1, 1), 2.0)
+    assert conv.delta_weight().shape == (5, 6, 3, 3)
+    torch.testing.assert_close(conv.delta_weight()[:, :, 1, 2], 2.0 * conv.up[:, :, 0, 0] @ conv.down[:, :, 1, 2])
+
+
+def test_rank_mismatch_and_bad_scale_are_refused():
+    with pytest.raises(LoRAError, match="rank mismatch"):
+        LoRALayer(rand(4, 6), rand(5, 3))
+    with pytest.raises(LoRAError, match="finite"):
+        LoRALayer(rand(4, 6), rand(5, 4), float("nan"))
+
+
+def test_scaling_negation_and_concatenation_are_exact():
+    a = LoRA({"x": LoRALayer(rand(2, 6), rand(5, 2), 0.5), "y": LoRALayer(rand(3, 4), rand(4, 3))}, "flux")
+    b = LoRA({"x": LoRALayer(rand(4, 6), rand(5, 4), 2.0)}, "flux")
+    torch.testing.assert_close((-a).layers["x"].delta_weight(), -a.layers["x"].delta_weight())
+    torch.testing.assert_close(a.scaled(0.3).layers["y"].delta_weight(), 0.3 * a.layers["y"].delta_weight())
+    both = LoRA.concatenate([a, b])
+    assert both.layers["x"].rank == 6 and both.layers["y"].rank == 3
+    torch.testing.assert_close(both.layers["x"].delta_weight(),
+                               a.layers["x"].delta_weight() + b.layers["x"].delta_weight(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.folded().layers["x"].delta_weight(), a.layers["x"].delta_weight())
+    with pytest.raises(LoRAError, match="different model families"):
+        LoRA.concatenate([a, LoRA(b.layers, "sd15")])
+
+
+def test_non_finite_values_are_found():
+    lora = LoRA({"x": LoRALayer(rand(2, 6), torch.full((5, 2), float("inf")))}, "flux")
+    with pytest.raises(LoRAError, match="NaN or Inf.*'x'"):
+        lora.check_finite()
+
+
+# -- layouts ----------------------------------------------------------------------------------------------------------
+
+
+def test_flux_layout_has_the_official_494_block_layers():
+    layout = standard_layout("flux")
+    blocks = [p for p in layout.shapes if p.startswith(("transformer_blocks.", "single_transformer_blocks."))]
+    assert len(blocks) == 19 * 14 + 38 * 6 == 494
+    assert layout.shapes["single_transformer_blocks.0.proj_out"] == (3072, 3072 + 12288)
+    assert layout.native["single_transformer_blocks.3.proj_mlp"].path == "single_blocks.3.linear1"
+    assert layout.native["single_transformer_blocks.3.proj_mlp"].offset == 3 * 3072
+    assert layout.native_shape("double_blocks.0.img_attn.qkv") == (9216, 3072)
+
+
+def test_sd15_layout_names_match_the_ldm_unet():
+    layout = standard_layout("sd15")
+    native = {p: t.path for p, t in layout.native.items()}
+    assert native["down_blocks.1.attentions.1.transformer_blocks.0.attn2.to_k"] == \
+        "input_blocks.5.1.transformer_blocks.0.attn2.to_k"
+    assert native["up_blocks.3.attentions.2.proj_out"] == "output_blocks.11.1.proj_out"
+    assert native["up_blocks.1.upsamplers.0.conv"] == "output_blocks.5.2.conv"
+    assert native["up_blocks.0.upsamplers.0.conv"] == "output_blocks.2.1.conv"
+    assert native["down_blocks.2.downsamplers.0.conv"] == "input_blocks.9.0.op"
+    assert native["mid_block.resnets.1.time_emb_proj"] == "middle_block.2.emb_layers.1"
+    assert layout.shapes["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"] == (320, 768)
+
+
+# -- formats ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key_format", ["peft", "kohya", "comfyui"])
+def test_flux_formats_round_trip_exactly(tiny_flux, key_format):
+    paths = [p for p in tiny_flux.native if p.startswith(("transformer_blocks", "single_transformer_blocks"))]
+    lora = random_lora(tiny_flux, paths=paths)
+    tensors, meta = to_state_dict(lora, key_format, tiny_flux)
+    if key_format != "peft":  # fused native weights: one block-diagonal LoRA per qkv / linear1
+        base = "lora_unet_single_blocks_0_linear1" if key_format == "kohya" else "diffusion_model.single_blocks.0.linear1"
+        assert tensors[f"{base}.lora_down.weight"].shape == (4 * 3, 32)
+        assert tensors[f"{base}.lora_up.weight"].shape == (3 * 32 + 128, 4 * 3)
+    parsed = parse_state_dict(tensors, meta, tiny_flux)
+    assert parsed.lora.family == "flux"
+    assert_same_updates(lora, parsed.lora)
+
+
+@pytest.mark.parametrize("key_format", ["peft", "kohya", "comfyui"])
+def test_sd_formats_round_trip_exactly_including_convs(tiny_sd, key_format):
+    lora = random_lora(tiny_sd, paths=list(tiny_sd.native))
+    assert any(layer.is_conv for layer in lora.layers.values())
+    tensors, meta = to_state_dict(lora, key_format, tiny_sd)
+    parsed = parse_state_dict(tensors, meta, tiny_sd)
+    assert_same_updates(lora, parsed.lora)
+
+
+def test_auto_format_picks_what_comfyui_reads(tiny_sd, tiny_flux):
+    sd_keys = to_state_dict(random_lora(tiny_sd, paths=list(tiny_sd.native)[:3]), "auto", tiny_sd)[0]
+    assert all(k.startswith("lora_unet_") for k in sd_keys)
+    flux_keys = to_state_dict(random_lora(tiny_flux, paths=["transformer_blocks.0.attn.to_q"]), "auto")[0]
+    assert set(flux_keys) == {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight",
+                              "transformer.transformer_blocks.0.attn.to_q.lora_B.weight"}
+
+
+def test_peft_alpha_metadata_is_honoured(tiny_flux):
+    path = "transformer_blocks.1.attn.to_k"
+    down, up = rand(4, 32), rand(32, 4)
+    tensors = {f"transformer.{path}.lora_A.weight": down, f"transformer.{path}.lora_B.weight": up,
+               "transformer.transformer_blocks.0.ff.net.2.lora_A.weight": rand(2, 128),
+               "transformer.transformer_blocks.0.ff.net.2.lora_B.weight": rand(32, 2)}
+    meta = {"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 8, "rank_pattern": {"ff.net.2": 2},
+                                                 "alpha_pattern": {"ff.net.2": 1}})}
+    lora = parse_state_dict(tensors, meta, tiny_flux).lora
+    assert lora.layers[path].scale == pytest.approx(2.0)  # lora_alpha / r: what diffusers applies
+    assert lora.layers["transformer_blocks.0.ff.net.2"].scale == pytest.approx(0.5)
+    without = parse_state_dict(tensors, {}, tiny_flux).lora
+    assert without.layers[path].scale == 1.0  # no alpha anywhere: scale 1, as ComfyUI and diffusers do
+
+
+def test_kohya_alpha_tensor_sets_the_scale(tiny_sd):
+    path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    base = "lora_unet_" + path.replace(".", "_")
+    tensors = {f"{base}.lora_down.weight": rand(8, 32), f"{base}.lora_up.weight": rand(32, 8),
+               f"{base}.alpha": torch.tensor(4.0)}
+    parsed = parse_state_dict(tensors, {}, tiny_sd)
+    assert parsed.lora.layers[path].scale == 0.5 and parsed.key_format == "kohya"
+
+
+def test_old_diffusers_processor_keys(tiny_sd):
+    base = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"
+    tensors = {f"unet.{base}.to_k_lora.down.weight": rand(2, 32), f"unet.{base}.to_k_lora.up.weight": rand(32, 2),
+               f"unet.{base}.to_out_lora.down.weight": rand(2, 32), f"unet.{base}.to_out_lora.up.weight": rand(32, 2)}
+    lora = parse_state_dict(tensors, {}, tiny_sd).lora
+    assert set(lora.layers) == {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
+                                "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_out.0"}
+
+
+def test_family_is_detected_from_names_and_shapes():
+    flux_qkv = {"lora_unet_double_blocks_3_img_attn_qkv.lora_down.weight": rand(2, 3072),
+                "lora_unet_double_blocks_3_img_attn_qkv.lora_up.weight": rand(9216, 2),
+                "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": rand(2, 768),
+                "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": rand(3072, 2)}
+    parsed = parse_state_dict(flux_qkv)
+    assert parsed.lora.family == "flux" and parsed.text_encoder_keys == 1
+    assert set(parsed.lora.layers) == {f"transformer_blocks.3.attn.to_{c}" for c in "qkv"}
+    torch.testing.assert_close(parsed.lora.layers["transformer_blocks.3.attn.to_v"].up,
+                               flux_qkv["lora_unet_double_blocks_3_img_attn_qkv.lora_up.weight"][6144:])
+    k = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    sd15 = {f"{k}.lora_A.weight": rand(2, 768), f"{k}.lora_B.weight": rand(640, 2)}
+    assert parse_state_dict(sd15).lora.family == "sd15"
+    sdxl = {f"{k}.lora_A.weight": rand(2, 2048), f"{k}.lora_B.weight": rand(640, 2)}
+    assert parse_state_dict(sdxl).lora.family == "sdxl"
+    ldm = "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k"  # kohya SDXL keys use LDM names
+    sdxl_kohya = {f"{ldm}.lora_down.weight": rand(2, 2048), f"{ldm}.lora_up.weight": rand(640, 2)}
+    parsed = parse_state_dict(sdxl_kohya)
+    assert parsed.lora.family == "sdxl"
+    assert set(parsed.lora.layers) == {"down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k"}
+
+
+@pytest.mark.parametrize("tensors, message", [
+    ({"a.lora_down.weight": torch.ones(2, 4), "a.lora_up.weight": torch.ones(4, 2), "a.dora_scale": torch.ones(4)},
+     "unsupported LoRA variant: DoRA"),
+    ({"transformer.x.lora_A": torch.ones(32, 4, 3), "transformer.x.lora_B": torch.ones(32, 3, 4),
+      "transformer.x.lora_keys": torch.ones(32, 8)}, "LoRWeB basis"),
+    ({"transformer.transformer_blocks.0.attn.to_q.lora_A": torch.ones(32, 3072, 4),
+      "transformer.transformer_blocks.0.attn.to_q.lora_B": torch.ones(32, 4, 3072)}, "this is a LoRA basis"),
+    ({"model.weight": torch.ones(2, 2)}, "not LoRA weights"),
+    ({"x.lora_A.weight": torch.ones(2, 4)}, "has no up weight"),
+    ({}, "holds no tensors"),
+    ({"lora_te_x.lora_down.weight": torch.ones(2, 4), "lora_te_x.lora_up.weight": torch.ones(4, 2)},
+     "only holds text-encoder layers"),
+    ({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(2, 999),
+      "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.ones(320, 2)},
+     "do not match SD1.5, SDXL or FLUX"),
+])
+def test_bad_state_dicts_get_clear_errors(tensors, message):
+    with pytest.raises(LoRAError, match=message):
+        parse_state_dict(tensors)
+
+
+def test_shape_mismatch_names_the_layer(tiny_flux):
+    path = "transformer.transformer_blocks.0.attn.to_q"
+    with pytest.raises(LoRAError, match=r"to_q: LoRA shape \[32 x 31\] does not fit"):
+        parse_state_dict({f"{path}.lora_A.weight": rand(2, 31), f"{path}.lora_B.weight": rand(32, 2)}, {}, tiny_flux)
+
+
+def test_comfy_patch_keys_slice_fused_weights(tiny_flux):
+    lora = random_lora(tiny_flux, paths=["transformer_blocks.0.attn.add_v_proj", "single_transformer_blocks.1.proj_mlp",
+                                         "transformer_blocks.1.ff.net.2"])
+    keys = comfy_patch_keys(lora, tiny_flux)
+    assert keys["transformer_blocks.0.attn.add_v_proj"] == ("diffusion_model.double_blocks.0.txt_attn.qkv.weight",
+                                                            (0, 64, 32))
+    assert keys["single_transformer_blocks.1.proj_mlp"] == ("diffusion_model.single_blocks.1.linear1.weight",
+                                                            (0, 96, 128))
+    assert keys["transformer_blocks.1.ff.net.2"] == "diffusion_model.double_blocks.1.img_mlp.2.weight"
+
+
+# -- files ------------------------------------------------------------------------------------------------------------
+
+
+def test_save_and_load_keep_updates_and_metadata(tmp_path, tiny_flux):
+    lora = random_lora(tiny_flux, paths=["transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_out"])
+    path = save_lora_file(lora, tmp_path / "x.safetensors", "peft")
+    _, meta = read_safetensors(path)
+    assert meta["analogy.family"] == "flux" and meta["analogy.rank"] == "3" and "lora_adapter_metadata" in meta
+    parsed = load_lora_file(path, tiny_flux)
+    assert_same_updates(lora, parsed.lora)
+
+
+def test_refuses_pickles_and_damaged_files(tmp_path):
+    pickle = tmp_path / "evil.ckpt"
+    pickle.write_bytes(b"\x80\x04not really")
+    with pytest.raises(TensorFileError, match="pickle"):
+        load_lora_file(pickle)
+    good = tmp_path / "good.safetensors"
+    save_file({"a.lora_A.weight": torch.ones(2, 64), "a.lora_B.weight": torch.ones(64, 2)}, good)
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[:-100])
+    with pytest.raises(TensorFileError, match="truncated"):
+        load_lora_file(truncated)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    with pytest.raises(TensorFileError, match="corrupt safetensors header"):
+        load_lora_file(garbage)
+    with pytest.raises(TensorFileError, match="no such file"):
+        load_lora_file(tmp_path / "missing.safetensors")
+
+
+def test_nan_in_a_file_is_refused(tmp_path, tiny_flux):
+    path = tmp_path / "nan.safetensors"
+    key = "transformer.transformer_blocks.0.attn.to_q"
+    save_file({f"{key}.lora_A.weight": torch.full((2, 32), float("nan")), f"{key}.lora_B.weight": torch.ones(32, 2)},
+              path)
+    with pytest.raises(LoRAError, match="nan.safetensors: 1 LoRA layers contain NaN or Inf"):
+        load_lora_file(path, tiny_flux)
