@@ -5,3 +5,5 @@ CATEGORY = "analogy"
 # Custom socket types. Prefixed so they never connect to another pack's look-alike type.
 GEOMETRY_TYPE = "ANALOGY_GEOMETRY"
 LORA_TYPE = "ANALOGY_LORA"
+ANALOGY_TYPE = "ANALOGY"
+BASIS_TYPE = "ANALOGY_LORA_BASIS"

@@ -1,0 +1,228 @@
+"""LoRWeB's LoRA basis: per targeted layer N rank-r LoRAs, N learned keys and a query projection.
+
+For an analogy with CLIP image embeddings (e_a, e_a', e_b) each layer computes (LoRWeB, Manor et al.):
+
+    q = W_q · concat(e_a, e_a', e_b)                 (d,)
+    c = softmax(q · Kᵀ / sqrt(d) / temperature)      (N,)
+    Δy = Σ_n c_n (x A_n) B_n                          A_n: (in, r), B_n: (r, out)
+
+so each layer's mix is exactly one rank-N·r LoRA: down = [c_1 A_1 | … | c_N A_N]ᵀ, up = [B_1; …; B_N]ᵀ. Nothing
+here materialises ΔW.
+
+File layout (the official NVlabs checkpoint and this pack's training output), per layer ``<prefix><path>.``:
+``lora_A`` [N, in, r], ``lora_B`` [N, r, out], ``lora_keys`` [N, d], ``att_lora_to_q.weight`` [d, Q], no alpha.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .files import read_safetensors, write_safetensors_atomic
+from .layouts import standard_layout
+from .lora import LoRA, LoRALayer
+
+BASIS_SUFFIXES = {"lora_A": "A", "lora_B": "B", "lora_keys": "keys", "att_lora_to_q.weight": "to_q"}
+PREFIXES = ("transformer.", "unet.", "diffusion_model.", "base_model.model.")
+
+
+class BasisError(ValueError):
+    """A file or tensor set is not a valid LoRA basis, or does not fit what it is used with."""
+
+
+@dataclass(frozen=True)
+class BasisLayer:
+    A: torch.Tensor      # [N, in, r]
+    B: torch.Tensor      # [N, r, out]
+    keys: torch.Tensor   # [N, d]
+    to_q: torch.Tensor   # [d, Q]
+
+    @property
+    def num_entries(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[2]
+
+    @property
+    def key_dim(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def query_dim(self) -> int:
+        return self.to_q.shape[1]
+
+    def coefficients(self, query: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """softmax(W_q·query · Kᵀ / sqrt(d) / temperature) for a batch of queries [B, Q] -> [B, N]."""
+        q = query.float() @ self.to_q.float().t()
+        logits = q @ self.keys.float().t() / math.sqrt(self.key_dim)
+        return torch.softmax(logits / temperature, dim=-1)
+
+    def mixed(self, coefficients: torch.Tensor) -> LoRALayer:
+        """The exact rank-N·r LoRA for one analogy's coefficients [N]."""
+        n, in_features, r = self.A.shape
+        down = (self.A.float() * coefficients.float().view(n, 1, 1)).permute(0, 2, 1).reshape(n * r, in_features)
+        up = self.B.float().reshape(n * r, -1).t()
+        return LoRALayer(down.contiguous(), up.contiguous(), 1.0)
+
+
+@dataclass(frozen=True)
+class LoRABasis:
+    layers: dict[str, BasisLayer]
+    family: str = "flux"
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_entries(self) -> int:
+        return next(iter(self.layers.values())).num_entries
+
+    @property
+    def rank(self) -> int:
+        return next(iter(self.layers.values())).rank
+
+    @property
+    def key_dim(self) -> int:
+        return next(iter(self.layers.values())).key_dim
+
+    @property
+    def query_dim(self) -> int:
+        return next(iter(self.layers.values())).query_dim
+
+    def summary(self) -> str:
+        return (f"LoRA basis for {self.family}: {len(self.layers)} layers, N={self.num_entries} entries of rank "
+                f"{self.rank}, key dim {self.key_dim}, query dim {self.query_dim}")
+
+    def coefficients(self, query: torch.Tensor, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+        """Per layer, the [B, N] mixing weights for a batch of queries [B, Q]."""
+        if query.ndim == 1:
+            query = query.unsqueeze(0)
+        if query.shape[-1] != self.query_dim:
+            raise BasisError(f"the basis expects {self.query_dim}-d queries but got {query.shape[-1]}-d")
+        if not temperature > 0:
+            raise BasisError(f"temperature must be positive, got {temperature}")
+        return {path: layer.coefficients(query, temperature) for path, layer in self.layers.items()}
+
+    def mix(self, coefficients: dict[str, torch.Tensor], sample: int = 0) -> LoRA:
+        """One LoRA from per-layer coefficients ([N] or [B, N], ``sample`` picks the batch item)."""
+        layers = {}
+        for path, layer in self.layers.items():
+            c = coefficients[path]
+            layers[path] = layer.mixed(c[sample] if c.ndim == 2 else c)
+        meta = {"analogy.basis_entries": str(self.num_entries), "analogy.basis_rank": str(self.rank)}
+        return LoRA(layers, family=self.family, source="mixed", metadata=meta)
+
+    # -- files ----------------------------------------------------------------------------------------------------
+    def state_dict(self, prefix: str = "transformer.") -> dict[str, torch.Tensor]:
+        out = {}
+        for path, layer in self.layers.items():
+            base = f"{prefix}{path}."
+            out[base + "lora_A"], out[base + "lora_B"] = layer.A, layer.B
+            out[base + "lora_keys"], out[base + "att_lora_to_q.weight"] = layer.keys, layer.to_q
+        return out
+
+    def save(self, path, metadata: dict[str, str] | None = None):
+        meta = dict(self.metadata)
+        meta.update(metadata or {})
+        meta.update({"analogy.kind": "lorweb_basis", "analogy.family": self.family,
+                     "analogy.basis_entries": str(self.num_entries), "analogy.basis_rank": str(self.rank),
+                     "analogy.key_dim": str(self.key_dim), "analogy.query_dim": str(self.query_dim),
+                     "analogy.layers": str(len(self.layers))})
+        return write_safetensors_atomic(self.state_dict(), path, meta)
+
+
+def basis_from_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> LoRABasis:
+    """Validate and group a basis state dict (official NVlabs layout or this pack's own)."""
+    metadata = dict(metadata or {})
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    stray = []
+    for key, tensor in tensors.items():
+        for suffix, role in BASIS_SUFFIXES.items():
+            if key.endswith("." + suffix):
+                groups.setdefault(key[: -len(suffix) - 1], {})[role] = tensor
+                break
+        else:
+            stray.append(key)
+    if not groups or all(g.get("A") is not None and g["A"].ndim == 2 for g in groups.values()):
+        if any(re.search(r"\.(lora_[AB]\.weight|lora_(up|down)\.weight)$", k) for k in tensors):
+            raise BasisError("this is an ordinary LoRA, not a LoRA basis; load it with Load LoRA (Analogy)")
+        raise BasisError(f"not a LoRA basis: no layer has lora_A/lora_B/lora_keys/att_lora_to_q tensors "
+                         f"(keys look like {list(tensors)[:3]})")
+    if stray:
+        raise BasisError(f"{len(stray)} keys are not part of a LoRA basis, e.g. {stray[:3]}")
+    layers: dict[str, BasisLayer] = {}
+    for base, parts in groups.items():
+        missing = set(BASIS_SUFFIXES.values()) - parts.keys()
+        if missing:
+            names = [k for k, v in BASIS_SUFFIXES.items() if v in missing]
+            raise BasisError(f"layer {base!r} is missing {', '.join(names)}")
+        path = base
+        for prefix in PREFIXES:
+            if path.startswith(prefix):
+                path = path[len(prefix):]
+                break
+        layers[path] = _check_layer(base, BasisLayer(parts["A"], parts["B"], parts["keys"], parts["to_q"]))
+    first = next(iter(layers.values()))
+    for path, layer in layers.items():
+        if (layer.num_entries, layer.rank, layer.key_dim, layer.query_dim) != \
+                (first.num_entries, first.rank, first.key_dim, first.query_dim):
+            raise BasisError(f"{path}: N={layer.num_entries}, r={layer.rank}, d={layer.key_dim}, "
+                             f"Q={layer.query_dim} differ from the other layers' N={first.num_entries}, "
+                             f"r={first.rank}, d={first.key_dim}, Q={first.query_dim}")
+    family = metadata.get("analogy.family") or _guess_family(layers)
+    return LoRABasis(layers, family=family, metadata=metadata)
+
+
+def _check_layer(base: str, layer: BasisLayer) -> BasisLayer:
+    A, B, keys, to_q = layer.A, layer.B, layer.keys, layer.to_q
+    if A.ndim != 3 or B.ndim != 3 or keys.ndim != 2 or to_q.ndim != 2:
+        raise BasisError(f"{base}: expected lora_A [N, in, r], lora_B [N, r, out], lora_keys [N, d], "
+                         f"att_lora_to_q.weight [d, Q]; got {tuple(A.shape)}, {tuple(B.shape)}, "
+                         f"{tuple(keys.shape)}, {tuple(to_q.shape)}")
+    n, _, r = A.shape
+    if B.shape[0] != n or B.shape[1] != r:
+        raise BasisError(f"{base}: lora_B {tuple(B.shape)} does not fit lora_A {tuple(A.shape)} (N={n}, r={r})")
+    if keys.shape[0] != n or to_q.shape[0] != keys.shape[1]:
+        raise BasisError(f"{base}: lora_keys {tuple(keys.shape)} / att_lora_to_q {tuple(to_q.shape)} do not fit "
+                         f"N={n} entries")
+    for name, tensor in (("lora_A", A), ("lora_B", B), ("lora_keys", keys), ("att_lora_to_q", to_q)):
+        if not torch.isfinite(tensor).all():
+            raise BasisError(f"{base}.{name} contains NaN or Inf values")
+    return layer
+
+
+def _guess_family(layers: dict[str, BasisLayer]) -> str:
+    flux = standard_layout("flux")
+    known = [p for p in layers if p in flux.shapes]
+    if known and len(known) == len(layers) and all(
+            (layers[p].B.shape[2], layers[p].A.shape[1]) == flux.shapes[p] for p in known):
+        return "flux"
+    if all(p.startswith(("transformer_blocks.", "single_transformer_blocks.")) for p in layers):
+        return "flux"  # a FLUX-architecture basis at other widths (tests, research variants)
+    return "unknown"
+
+
+def load_basis(path) -> LoRABasis:
+    tensors, metadata = read_safetensors(path)
+    try:
+        return basis_from_state_dict(tensors, metadata)
+    except BasisError as err:
+        raise BasisError(f"{getattr(path, 'name', path)}: {err}") from None
+
+
+def random_basis(shapes: dict[str, tuple[int, int]], num_entries: int = 32, rank: int = 4, key_dim: int = 128,
+                 query_dim: int = 3 * 768, seed: int = 0, scale: float = 0.02, family: str = "flux") -> LoRABasis:
+    """A random basis over ``shapes`` ({path: (out, in)}), e.g. for tests and benchmarks."""
+    gen = torch.Generator().manual_seed(seed)
+    layers = {}
+    for path, (out_f, in_f) in shapes.items():
+        layers[path] = BasisLayer(
+            torch.randn(num_entries, in_f, rank, generator=gen) * scale,
+            torch.randn(num_entries, rank, out_f, generator=gen) * scale,
+            torch.randn(num_entries, key_dim, generator=gen),
+            torch.randn(key_dim, query_dim, generator=gen) / math.sqrt(query_dim),
+        )
+    return LoRABasis(layers, family=family)
