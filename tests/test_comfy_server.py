@@ -23,7 +23,15 @@ PACK_NODES = {
     "AnalogyLoadLoRA": ("Load LoRA (Analogy)", "analogy/lora"),
     "AnalogySaveLoRA": ("Save LoRA (Analogy)", "analogy/lora"),
     "AnalogyApplyLoRA": ("Apply LoRA to Model", "analogy/lora"),
+    "AnalogyEncode": ("Encode Analogy", "analogy/lorweb"),
+    "AnalogyLoadLoRABasis": ("Load LoRA Basis", "analogy/lorweb"),
+    "AnalogyMixLoRABasis": ("Mix LoRA Basis", "analogy/lorweb"),
 }
+# Files the example workflows name. Empty stand-ins let the server's enum lists (file names) validate them;
+# the workflows that need real weights are validated, not run.
+EXAMPLE_MODEL_FILES = ("diffusion_models/flux1-kontext-dev.safetensors", "text_encoders/clip_l.safetensors",
+                       "text_encoders/t5xxl_fp8_e4m3fn_scaled.safetensors", "vae/ae.safetensors",
+                       "clip_vision/clip-vit-large-patch14.safetensors", "lorweb/lorweb_model.safetensors")
 
 
 def check_node_listing(info: dict) -> None:
@@ -138,10 +146,16 @@ def test_invalid_prompt_is_rejected_with_http_400(comfy):
 def test_example_workflows_match_the_server(comfy, object_info, path):
     ex = analogy_example("invert", width=32, height=32)
     write_inputs(comfy, {"analogy_a.png": ex["a"], "analogy_a_prime.png": ex["a_prime"], "analogy_b.png": ex["b"]})
-    info = comfy.object_info()  # fresh: LoadImage's file list includes the images just written
+    for name in EXAMPLE_MODEL_FILES:
+        stand_in = comfy.base_dir / "models" / name
+        stand_in.parent.mkdir(parents=True, exist_ok=True)
+        stand_in.touch()
+    info = comfy.object_info()  # fresh: file lists include the files just written
     prompt = ui_to_api(json.loads(path.read_text()), info)
     assert prompt, "workflow converted to an empty prompt"
     assert validate_api_prompt(prompt, info) == []
+    workflow = json.loads(path.read_text())
+    assert {n["type"] for n in workflow["nodes"]} - {"Note"} == {n["class_type"] for n in prompt.values()}
 
 
 def test_restore_size_without_geometry_is_a_clear_error(comfy):
