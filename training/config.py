@@ -22,7 +22,9 @@ class TrainConfig:
     output_dir: str = "outputs/lorweb"
     # data: "relation252k:<folder>", "quads:<file.jsonl>" or "synthetic"
     data: str = "relation252k:data/Relation252K"
-    resolution: int = 512            # panel side; the 2x2 grid is twice that
+    # side of the 2x2 training grid in pixels (each panel is half of it). The paper trains on images of at most 512 px
+    # on the long edge; the grid is the training image.
+    grid_resolution: int = 512
     caption_dropout: float = 0.05
     # LoRWeB basis (official: N=32, r=4, d=128, query = CLIP ViT-L/14 embeds of a, a', b)
     num_entries: int = 32
@@ -52,6 +54,10 @@ class TrainConfig:
     log_every: int = 10
     report_to: str = "tensorboard"
 
+    @property
+    def panel_resolution(self) -> int:
+        return self.grid_resolution // 2
+
     def update(self, values: dict[str, Any]) -> "TrainConfig":
         known = {f.name: f for f in dataclasses.fields(self)}
         for key, value in values.items():
@@ -71,7 +77,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "official": {},
     # Runs the whole pipeline on a CPU in about a minute: random tiny backbone, VAE, text and query encoders, and a
     # synthetic analogy dataset generated on the fly (colour inversion, grayscale, channel swap, flips).
-    "tiny": dict(backbone="tiny", query_encoder="tiny", data="synthetic", resolution=32, num_entries=8, rank=2,
+    "tiny": dict(backbone="tiny", query_encoder="tiny", data="synthetic", grid_resolution=64, num_entries=8, rank=2,
                  key_dim=16, batch_size=4, max_steps=120, learning_rate=3e-3, use_8bit_adam=False,
                  mixed_precision="no", gradient_checkpointing=False, caption_dropout=0.05, num_workers=0,
                  checkpoint_every=40, sample_every=60, sample_steps=4, log_every=10, report_to="tensorboard",
@@ -96,4 +102,7 @@ def load_config(preset: str | None = None, path: str | Path | None = None,
         if not sep:
             raise ValueError(f"--set expects key=value, got {item!r}")
         config.update({key.strip(): value})
+    if config.grid_resolution % 32:
+        raise ValueError(f"grid_resolution must be a multiple of 32 (two panels, each a whole number of 16-px FLUX "
+                         f"patches), got {config.grid_resolution}")
     return config

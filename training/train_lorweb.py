@@ -80,8 +80,8 @@ def predict(transformer, backbone_ids, x_t, reference, t, text, pooled, guidance
     return out[:, :tokens]
 
 
-def position_ids(backbone: Backbone, size: int, text_tokens: int, device):
-    latent = 2 * size // backbone.vae_factor
+def position_ids(backbone: Backbone, grid_size: int, text_tokens: int, device):
+    latent = grid_size // backbone.vae_factor
     img_ids = torch.cat([token_ids(latent, latent, 0), token_ids(latent, latent, 1)]).to(device)
     return img_ids, torch.zeros(text_tokens, 3, device=device)
 
@@ -100,7 +100,7 @@ def training_loss(transformer, backbone: Backbone, query_encoder: QueryEncoder, 
     x_t = (1 - t.view(b, 1, 1)) * x0 + t.view(b, 1, 1) * noise
     guidance = torch.full((b,), cfg.guidance, device=device)
     set_query(transformer, query)
-    ids = position_ids(backbone, cfg.resolution, text.shape[1], device)
+    ids = position_ids(backbone, cfg.grid_resolution, text.shape[1], device)
     pred = predict(transformer, ids, x_t, ref_tokens, t, text, pooled, guidance)
     return F.mse_loss(pred.float(), (noise - x0).float())
 
@@ -116,12 +116,12 @@ def sample_grid(transformer, backbone: Backbone, query_encoder: QueryEncoder, ba
     gen = torch.Generator().manual_seed(cfg.seed)
     x = torch.randn(ref_tokens.shape, generator=gen).to(device, ref_tokens.dtype)
     times = torch.linspace(1.0, 0.0, cfg.sample_steps + 1)
-    ids = position_ids(backbone, cfg.resolution, text.shape[1], device)
+    ids = position_ids(backbone, cfg.grid_resolution, text.shape[1], device)
     guidance = torch.full((x.shape[0],), cfg.guidance, device=device)
     for t_now, t_next in zip(times[:-1], times[1:]):
         t = torch.full((x.shape[0],), float(t_now), device=device)
         x = x + (t_next - t_now) * predict(transformer, ids, x, ref_tokens, t, text, pooled, guidance)
-    size = 2 * cfg.resolution
+    size = cfg.grid_resolution
     return backbone.decode_tokens(x, size, size)
 
 
@@ -263,7 +263,7 @@ def main(argv=None) -> dict:
             step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
             log.info("resumed from %s at step %d", checkpoint, step)
 
-    dataset = make_dataset(cfg.data, cfg.resolution)
+    dataset = make_dataset(cfg.data, cfg.panel_resolution)
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, accelerator.process_index,
                                accelerator.num_processes, start=step * cfg.gradient_accumulation_steps)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers)
