@@ -327,9 +327,11 @@ def write_samples(model, backbone, query_encoder, batch, cfg, step, device):
     from PIL import Image
 
     model.eval()
-    grid = sample_grid(model, backbone, query_encoder, batch, cfg, device)
+    generated = sample_grid(model, backbone, query_encoder, batch, cfg, device).cpu()
     model.train()
-    rows = torch.cat(list(grid), dim=1)  # the samples side by side
+    target, _ = grids(batch)
+    # one row per sample: the true grid [a a'; b b'] next to the generated one (bottom-right = predicted b')
+    rows = torch.cat([torch.cat([t, g], dim=1) for t, g in zip(target, generated)], dim=0)
     path = Path(cfg.output_dir) / "samples" / f"step_{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((rows.numpy() * 255).round().astype("uint8")).save(path)
