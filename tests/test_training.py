@@ -175,3 +175,29 @@ def test_batches_are_a_pure_function_of_step_and_rank():
     epoch0 = sorted(a.batch(0) + b.batch(0) + a.batch(1) + [b.batch(1)[0]])
     assert epoch0 == list(range(10)), "one epoch visits every item once across ranks"
     assert first == [a.batch(k) for k in range(5)] + [b.batch(k) for k in range(5)]
+
+
+def test_official_style_settings_run(tmp_path):
+    """bf16 autocast, gradient checkpointing and accumulation (the official switches) on the tiny backbone."""
+    out = tmp_path / "official"
+    train(out, "--max-steps", "2", "--set", "gradient_checkpointing=true", "--set", "mixed_precision=bf16",
+          "--set", "gradient_accumulation_steps=2", "--set", "sample_every=2", "--set", "checkpoint_every=2")
+    assert (out / "samples" / "step_000002.png").is_file()
+    assert load_basis(out / "lorweb_basis.safetensors").metadata["analogy.step"] == "2"
+
+
+def test_trained_file_goes_through_the_nodes(tiny_run, comfy_inproc, monkeypatch):
+    """Load LoRA Basis -> Mix LoRA Basis (the node classes) on the trained file, with the trainer's query encoder."""
+    out, _ = tiny_run
+    lorweb = __import__(f"{comfy_inproc.pack.__name__}.nodes.lorweb", fromlist=["x"])
+    monkeypatch.setattr(lorweb.folder_paths, "get_full_path",
+                        lambda folder, name: str(out / name) if folder == "lorweb" else None)
+    basis, info = lorweb.LoadLoRABasis().load("lorweb_basis.safetensors")
+    assert "N=8 entries of rank 2" in info
+    from training.backbone import QueryEncoder
+    from training.data import SyntheticAnalogies
+
+    item = SyntheticAnalogies(32)[7]
+    analogy = QueryEncoder("tiny").encode(item["a"][None], item["a_prime"][None], item["b"][None])
+    lora, heat, text = lorweb.MixLoRABasis().mix(basis, analogy, 1.0, 0)
+    assert lora.ranks == {16} and len(lora) == 26 and heat.shape[1:] == (52, 128, 3)
