@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
 
 from analogy_core.layouts import standard_layout
+from bench.timing import median_time
 
 # latent tokens per UNet level at 512x512 (64x64 latent)
 TOKENS_BY_BLOCK = {"down_blocks.0": 4096, "up_blocks.3": 4096, "down_blocks.1": 1024, "up_blocks.2": 1024,
@@ -38,16 +37,6 @@ def sd15_layers():
         tokens = 77 if path.endswith(("attn2.to_k", "attn2.to_v")) else TOKENS_BY_BLOCK[block]
         layers.append((path, shape, tokens))
     return layers
-
-
-def timed(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv=None):
@@ -76,9 +65,9 @@ def main(argv=None):
         for w, x, d, u in zip(weights, inputs, downs, ups):
             torch.nn.functional.linear(x, w) + (x @ d.t()) @ u.t() * 0.8
 
-    base = timed(base_pass, args.repeats)
-    merged = timed(merge, args.repeats)
-    step = timed(runtime_step, args.repeats)
+    base = median_time(base_pass, args.repeats)
+    merged = median_time(merge, args.repeats)
+    step = median_time(runtime_step, args.repeats)
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {args.dtype}")
     print(f"layers: {len(specs)} SD1.5 transformer linears, rank {args.rank}")

@@ -13,23 +13,12 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
 
 from analogy_core.basis import random_basis
 from analogy_core.layouts import standard_layout
-
-
-def timed(fn, repeats):
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+from bench.timing import median_time
 
 
 def main(argv=None):
@@ -55,8 +44,8 @@ def main(argv=None):
             c = coefficients[path][0]
             torch.einsum("n,nir,nro->oi", c, layer.A.float(), layer.B.float())
 
-    t_mix = timed(mix, args.repeats)
-    t_dense = timed(materialise, args.repeats)
+    t_mix = median_time(mix, args.repeats)
+    t_dense = median_time(materialise, args.repeats)
 
     x = torch.randn(args.tokens, 3072)
     weight = torch.randn(3072, 3072) / 3072 ** 0.5
@@ -69,8 +58,8 @@ def main(argv=None):
     def with_lora():
         return torch.nn.functional.linear(x, weight) + (x @ down.t()) @ up.t()
 
-    t_bare = timed(bare, args.repeats * 5)
-    t_lora = timed(with_lora, args.repeats * 5)
+    t_bare = median_time(bare, args.repeats * 5)
+    t_lora = median_time(with_lora, args.repeats * 5)
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"basis: {len(basis.layers)} layers, {params / 1e6:.0f}M parameters (float16)")
     print(f"mix (coefficients + exact rank-128 LoRA, all layers): {t_mix:.2f} s")

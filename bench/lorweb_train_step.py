@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import math
 import platform
-import statistics
-import time
 
 import torch
 from torch import nn
 
 from analogy_core.lorweb_layer import LoRWeBLinear
+from bench.timing import median_time
 
 DIM, N, R = 3072, 32, 4
 
@@ -58,13 +57,7 @@ def step_time(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
         x.grad = None
         module(x).square().mean().backward()
 
-    step()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return median_time(step, repeats)
 
 
 def main(argv=None):
