@@ -257,3 +257,41 @@ def test_high_rank_bf16_merge_matches_float64_reference(comfy_inproc):
         patched.unpatch_model()
     assert torch.equal(comfy.utils.get_attr(base, "diffusion_model.single_blocks.0.linear1.weight"),
                        originals["diffusion_model.single_blocks.0.linear1.weight"])
+
+
+def test_saved_files_are_read_back_by_diffusers_and_peft(comfy_inproc, flux_setup, sd_setup, tmp_path):
+    """Our Save LoRA output (format auto) loaded by diffusers' own LoRA loader reproduces the original adapter."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel, StableDiffusionPipeline, UNet2DConditionModel
+
+    io = __import__(f"{comfy_inproc.pack.__name__}.analogy_core.lora_io", fromlist=["x"])
+    # FLUX: peft keys with the transformer. prefix
+    model, _, path = flux_setup
+    saved = io.save_lora_file(load_ours(comfy_inproc, path, model), tmp_path / "flux.safetensors", "auto")
+    inp = flux_inputs(seed=8)
+    with torch.no_grad():
+        set_peft_strength(model, 1.0)
+        expected = run_diffusers_flux(model, inp)
+    fresh = FluxTransformer2DModel.from_config(model.config).eval()
+    fresh.load_state_dict({k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k})
+    state = FluxPipeline.lora_state_dict(str(saved))
+    fresh.load_lora_adapter(state, prefix="transformer", adapter_name="ours")
+    with torch.no_grad():
+        got = run_diffusers_flux(fresh, inp)
+    assert rel_err(got, expected) <= 1e-4
+
+    # SD1.5: kohya keys (lora_unet_..., .alpha), which diffusers converts itself
+    unet, _, path = sd_setup
+    saved = io.save_lora_file(load_ours(comfy_inproc, path, unet), tmp_path / "sd.safetensors", "auto")
+    gen = torch.Generator().manual_seed(9)
+    x, t, ctx = torch.randn(1, 4, 8, 8, generator=gen), torch.tensor([300.0]), torch.randn(1, 5, 32, generator=gen)
+    with torch.no_grad():
+        set_peft_strength(unet, 1.0)
+        expected = unet(x, t, encoder_hidden_states=ctx).sample
+    fresh = UNet2DConditionModel.from_config(unet.config).eval()
+    fresh.load_state_dict({k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if "lora_" not in k})
+    state, alphas = StableDiffusionPipeline.lora_state_dict(str(saved))
+    fresh.load_lora_adapter({k: v for k, v in state.items() if k.startswith("unet.")}, prefix="unet",
+                            network_alphas=alphas, adapter_name="ours")
+    with torch.no_grad():
+        got = fresh(x, t, encoder_hidden_states=ctx).sample
+    assert rel_err(got, expected) <= 1e-4
