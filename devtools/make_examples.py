@@ -40,8 +40,8 @@ LORWEB = {
     3: ("VAELoader", {"vae_name": "ae.safetensors"}, (40, 380), None),
     4: ("CLIPVisionLoader", {"clip_name": "clip-vit-large-patch14.safetensors"}, (40, 500), "CLIP ViT-L/14"),
     5: ("LoadImage", {"image": "analogy_a.png"}, (40, 640), "A (before)"),
-    6: ("LoadImage", {"image": "analogy_a_prime.png"}, (40, 1000), "A' (after)"),
-    7: ("LoadImage", {"image": "analogy_b.png"}, (40, 1360), "B (to edit)"),
+    6: ("LoadImage", {"image": "analogy_a_prime.png"}, (40, 1040), "A' (after)"),
+    7: ("LoadImage", {"image": "analogy_b.png"}, (40, 1440), "B (to edit)"),
     8: ("AnalogyFourPanelComposite", {"a": [5, 0], "a_prime": [6, 0], "b": [7, 0], "layout": "lorweb",
                                       "panel_size": "match_a", "width": 512, "height": 512, "fit": "center_crop",
                                       "snap": "kontext", "fill": 0.5}, (420, 900), None),
@@ -113,7 +113,10 @@ def api_to_ui(spec: dict, object_info: dict, note: str | None = None) -> dict:
         ui_outputs = [{"name": out_name, "type": out_type, "links": outputs.get((node_id, slot), []),
                        "slot_index": slot}
                       for slot, (out_name, out_type) in enumerate(zip(info["output_name"], info["output"]))]
-        node = {"id": node_id, "type": class_type, "pos": list(pos), "size": [320, 200], "flags": {},
+        slots = max(len(ui_inputs), len(ui_outputs))
+        height = 40 + 22 * slots + 28 * len(widgets) + (260 if class_type in ("LoadImage", "PreviewImage",
+                                                                                  "SaveImage") else 0)
+        node = {"id": node_id, "type": class_type, "pos": [int(pos[0] * 1.3), pos[1]], "size": [340, height], "flags": {},
                 "order": order, "mode": 0, "inputs": ui_inputs, "outputs": ui_outputs,
                 "properties": {"Node name for S&R": class_type}, "widgets_values": widgets}
         if title:
