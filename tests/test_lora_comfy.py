@@ -295,3 +295,21 @@ def test_saved_files_are_read_back_by_diffusers_and_peft(comfy_inproc, flux_setu
     with torch.no_grad():
         got = fresh(x, t, encoder_hidden_states=ctx).sample
     assert rel_err(got, expected) <= 1e-4
+
+
+def test_saved_flux_file_in_comfyuis_stock_loader_equals_apply(comfy_inproc, flux_setup, tmp_path):
+    """ComfyUI's own LoRA loading (comfy.sd.load_lora_for_models, what LoraLoader calls) on our saved FLUX file."""
+    import comfy.sd
+    import comfy.utils
+
+    model, patcher, path = flux_setup
+    io = __import__(f"{comfy_inproc.pack.__name__}.analogy_core.lora_io", fromlist=["x"])
+    lora = load_ours(comfy_inproc, path, model)
+    saved = io.save_lora_file(lora, tmp_path / "ours.safetensors", "auto")
+    stock, _ = comfy.sd.load_lora_for_models(patcher, None, comfy.utils.load_torch_file(str(saved), safe_load=True),
+                                             0.7, 0.0)
+    ours, _ = comfy_inproc.nodes.ApplyLoRAToModel().apply(patcher, lora, 0.7, "merge", False)
+    inp = flux_inputs(seed=12)
+    a, b = comfy_flux_out(stock, inp), comfy_flux_out(ours, inp)
+    assert rel_err(a, comfy_flux_out(patcher, inp)) > 0.02
+    assert rel_err(a, b) <= 1e-5
