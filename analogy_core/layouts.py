@@ -62,10 +62,26 @@ class ModelLayout:
             return self._underscored[name], False
         if name in self._native_underscored:
             return self._native_underscored[name], True
+        if name.endswith("_linear1_qkv") and name[: -len("_qkv")] in self._native_underscored:
+            return self._native_underscored[name[: -len("_qkv")]] + "_qkv", True
         return None
 
+    def has_native(self, native_path: str) -> bool:
+        return bool(self.native_parts(native_path))
+
+    def native_parts(self, native_path: str) -> list[tuple[str, NativeTarget]]:
+        """The diffusers layers stacked in a native weight, by output offset.
+
+        ``<single block>.linear1_qkv`` (ComfyUI's and XLabs' name for the q/k/v rows of FLUX's fused linear1) gives
+        only q, k and v.
+        """
+        if native_path.endswith(".linear1_qkv"):
+            parts = self.from_native.get(native_path[: -len("_qkv")], [])
+            return [part for part in parts if part[0].endswith(("attn.to_q", "attn.to_k", "attn.to_v"))]
+        return self.from_native.get(native_path, [])
+
     def native_shape(self, native_path: str) -> tuple[int, ...]:
-        parts = self.from_native[native_path]
+        parts = self.native_parts(native_path)
         first_shape = self.shapes[parts[0][0]]
         if parts[0][1].offset is None:
             return first_shape

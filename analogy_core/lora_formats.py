@@ -41,6 +41,11 @@ _UNSUPPORTED = (
     (r"\.lora_keys$", "LoRWeB basis (use Load LoRA Basis)"),
     (r"\.att_lora_to_q\.", "LoRWeB basis (use Load LoRA Basis)"),
 )
+_XLABS_KEY = re.compile(r"(.*\.processor\.(?:qkv|proj)_lora\d?)\.(down|up)\.weight$")
+# XLabs processor names -> BFL names; "linear1_qkv" is the q/k/v rows of a single block's fused linear1 (as in ComfyUI)
+_XLABS_NAMES = ((".processor.qkv_lora1", ".img_attn.qkv"), (".processor.qkv_lora2", ".txt_attn.qkv"),
+                (".processor.proj_lora1", ".img_attn.proj"), (".processor.proj_lora2", ".txt_attn.proj"),
+                (".processor.qkv_lora", ".linear1_qkv"), (".processor.proj_lora", ".linear2"))
 _TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "text_encoder.", "text_encoder_2.",
                           "te.", "te1.", "te2.", "text_encoders.")
 _DOTTED_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.")
@@ -60,6 +65,10 @@ def split_roles(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torc
     groups: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, tensor in state_dict.items():
+        xlabs = _XLABS_KEY.match(key)
+        if xlabs:  # XLabs FLUX LoRAs: <block>.processor.qkv_lora1.down.weight
+            groups.setdefault(xlabs[1], {})["down" if xlabs[2] == "down" else "up"] = tensor
+            continue
         for marker, variant in _UNSUPPORTED:
             if re.search(marker, key):
                 raise LoRAError(f"unsupported LoRA variant: {variant} (key {key!r}); this loader reads plain "
@@ -134,6 +143,9 @@ def _normalise_base(base: str) -> tuple[str | None, bool]:
         if base.startswith(prefix):
             base = base[len(prefix):]
             break
+    for xlabs, bfl in _XLABS_NAMES:
+        if base.endswith(xlabs):
+            return base[: -len(xlabs)] + bfl, False
     # older diffusers attention processors: attn1.processor.to_q(_lora) -> attn1.to_q; to_out -> to_out.0
     base = re.sub(r"\.processor\.(to_q|to_k|to_v)$", r".\1", base)
     base = re.sub(r"\.processor\.to_out$", ".to_out.0", base)
@@ -146,7 +158,7 @@ def _resolve(name: str, underscored: bool, layout: ModelLayout) -> tuple[str, bo
         return layout.resolve_underscored(name)
     if name in layout.shapes:
         return name, False
-    if name in layout.from_native:
+    if layout.has_native(name):
         return name, True
     return None
 
@@ -214,7 +226,7 @@ def parse_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, st
         scale = 1.0 if alpha is None else alpha / rank
         formats.add("kohya" if underscored else "native" if native else "diffusers")
         if native:
-            for sub_path, target in layout.from_native[path]:
+            for sub_path, target in layout.native_parts(path):
                 rows = up if target.offset is None else up[target.offset: target.offset + target.size]
                 _add(layers, sub_path, LoRALayer(down, rows, scale), layout)
         else:

@@ -281,3 +281,27 @@ def test_nan_in_a_file_is_refused(tmp_path, tiny_flux):
               path)
     with pytest.raises(LoRAError, match="nan.safetensors: 1 LoRA layers contain NaN or Inf"):
         load_lora_file(path, tiny_flux)
+
+
+def test_xlabs_flux_keys_are_read():
+    """XLabs FLUX LoRAs: <block>.processor.{qkv,proj}_lora{1,2,}.{down,up}.weight, single-block qkv = linear1 q/k/v."""
+    h = 3072
+    tensors = {
+        "double_blocks.0.processor.qkv_lora1.down.weight": rand(2, h), "double_blocks.0.processor.qkv_lora1.up.weight": rand(3 * h, 2),
+        "double_blocks.0.processor.proj_lora2.down.weight": rand(2, h), "double_blocks.0.processor.proj_lora2.up.weight": rand(h, 2),
+        "single_blocks.1.processor.qkv_lora.down.weight": rand(2, h), "single_blocks.1.processor.qkv_lora.up.weight": rand(3 * h, 2),
+        "single_blocks.1.processor.proj_lora.down.weight": rand(2, h + 4 * h), "single_blocks.1.processor.proj_lora.up.weight": rand(h, 2),
+    }
+    lora = parse_state_dict(tensors).lora
+    assert lora.family == "flux"
+    assert set(lora.layers) == {
+        "transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v",
+        "transformer_blocks.0.attn.to_add_out", "single_transformer_blocks.1.attn.to_q",
+        "single_transformer_blocks.1.attn.to_k", "single_transformer_blocks.1.attn.to_v",
+        "single_transformer_blocks.1.proj_out"}
+    torch.testing.assert_close(lora.layers["single_transformer_blocks.1.attn.to_v"].up,
+                               tensors["single_blocks.1.processor.qkv_lora.up.weight"][2 * h:])
+    # ComfyUI's own name for the same slice, kohya style
+    comfy_style = {"lora_unet_single_blocks_2_linear1_qkv.lora_down.weight": rand(2, h),
+                   "lora_unet_single_blocks_2_linear1_qkv.lora_up.weight": rand(3 * h, 2)}
+    assert set(parse_state_dict(comfy_style).lora.layers) == {f"single_transformer_blocks.2.attn.to_{c}" for c in "qkv"}
