@@ -66,8 +66,10 @@ class BasisLayer:
         """The exact rank-N·r LoRA for one analogy's coefficients [N]."""
         n, in_features, r = self.A.shape
         down = (self.A.float() * coefficients.float().view(n, 1, 1)).permute(0, 2, 1).reshape(n * r, in_features)
-        up = self.B.float().reshape(n * r, -1).t()
-        return LoRALayer(down.contiguous(), up.contiguous(), 1.0)
+        # up is a view of the basis (no copy, basis dtype): the mixed LoRA of the released checkpoint would
+        # otherwise hold another 1.4 GB. Consumers compute in float32 or cast as they need.
+        up = self.B.reshape(n * r, -1).t()
+        return LoRALayer(down.contiguous(), up, 1.0)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import folder_paths
 from ..analogy_core import __version__
 from ..analogy_core.lora import LoRAError
 from ..analogy_core.lora_formats import SAVE_FORMATS
-from ..analogy_core.lora_io import load_lora_file, save_lora_file
+from ..analogy_core.lora_io import SAVE_DTYPES, load_lora_file, save_lora_file
 from . import lora_patch
 from .common import CATEGORY, LORA_TYPE
 
@@ -69,12 +69,18 @@ class SaveLoRA:
             }),
             "overwrite": ("BOOLEAN", {"default": False,
                                       "tooltip": "Write exactly <prefix>.safetensors, replacing an existing file."}),
+        }, "optional": {
+            "dtype": (list(SAVE_DTYPES), {
+                "default": "keep",
+                "tooltip": "Tensor precision in the file. keep: as computed (float32 where layers mix dtypes); "
+                           "bfloat16/float16 halve the file size.",
+            }),
         }}
 
-    def save(self, lora, filename_prefix, key_format, overwrite):
+    def save(self, lora, filename_prefix, key_format, overwrite, dtype="keep"):
         root = Path(folder_paths.get_folder_paths("loras")[0]).resolve()
         path = safe_lora_path(root, filename_prefix, overwrite)
-        save_lora_file(lora, path, key_format)
+        save_lora_file(lora, path, key_format, dtype=SAVE_DTYPES[dtype])
         name = path.relative_to(root).as_posix()
         return {"ui": {"text": [f"saved {name} ({lora.summary()}, pack {__version__})"]}, "result": (name,)}
 

@@ -254,6 +254,17 @@ def test_save_and_load_keep_updates_and_metadata(tmp_path, tiny_flux):
     assert_same_updates(lora, parsed.lora)
 
 
+def test_save_gives_one_dtype_per_file(tmp_path, tiny_flux):
+    lora = random_lora(tiny_flux, paths=["transformer_blocks.0.attn.to_q"])
+    name, layer = next(iter(lora.layers.items()))
+    mixed = LoRA({name: LoRALayer(layer.down.float(), layer.up.bfloat16(), layer.scale)}, family="flux")
+    kept, _ = read_safetensors(save_lora_file(mixed, tmp_path / "mixed.safetensors", "peft"))
+    assert {t.dtype for t in kept.values()} == {torch.float32}  # mixed dtypes are promoted, nothing is rounded
+    half, _ = read_safetensors(save_lora_file(mixed, tmp_path / "half.safetensors", "peft", dtype=torch.float16))
+    assert {t.dtype for t in half.values()} == {torch.float16}
+    assert_same_updates(mixed, load_lora_file(tmp_path / "mixed.safetensors", tiny_flux).lora)
+
+
 def test_refuses_pickles_and_damaged_files(tmp_path):
     pickle = tmp_path / "evil.ckpt"
     pickle.write_bytes(b"\x80\x04not really")
