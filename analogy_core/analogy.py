@@ -92,7 +92,8 @@ def preprocess(images: torch.Tensor, image_size: int = 224, mean=CLIP_MEAN, std=
     return processor(images=to_uint8_images(images), return_tensors="pt")["pixel_values"].float()
 
 
-def batch_roles(images: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[tuple[str, int]]]:
+def batch_roles(images: dict[str, torch.Tensor], image_size: int = 224, mean=CLIP_MEAN,
+                std=CLIP_STD) -> tuple[torch.Tensor, list[tuple[str, int]]]:
     """Preprocess every role's batch and stack them for one encoder pass; returns pixels and (role, count) spans."""
     pixels, spans = [], []
     sizes = {role: img.shape[0] for role, img in images.items()}
@@ -100,7 +101,7 @@ def batch_roles(images: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[tup
     if len(larger) > 1:
         raise AnalogyError("batch sizes must be 1 or all equal: " + ", ".join(f"{r} has {s}" for r, s in sizes.items()))
     for role, image in images.items():
-        pixels.append(preprocess(image))
+        pixels.append(preprocess(image, image_size, mean, std))
         spans.append((role, image.shape[0]))
     return torch.cat(pixels), spans
 
@@ -127,3 +128,26 @@ def encode_with_transformers(model, images: dict[str, torch.Tensor]) -> AnalogyE
                                 config.num_hidden_layers)
     return AnalogyEmbedding(info, split_roles(out.image_embeds.float().cpu(), spans),
                             split_roles(out.hidden_states[-2].float().cpu(), spans))
+
+
+def encode_with_open_clip(visual, images: dict[str, torch.Tensor]) -> AnalogyEmbedding:
+    """Encode with an open_clip ``VisionTransformer`` (``model.visual``): the same values as the transformers path
+    for the same weights. Patch tokens are the output of the second-to-last block, class token first, like
+    transformers' ``hidden_states[-2]`` and ComfyUI's ``penultimate_hidden_states``."""
+    image_size, patch_size = _pair(visual.image_size)[0], _pair(visual.patch_size)[0]
+    mean = tuple(getattr(visual, "image_mean", None) or CLIP_MEAN)
+    std = tuple(getattr(visual, "image_std", None) or CLIP_STD)
+    pixels, spans = batch_roles(images, image_size, mean, std)
+    layers = visual.transformer.layers
+    param = next(visual.parameters())
+    with torch.no_grad():
+        out = visual.forward_intermediates(pixels.to(param.device, param.dtype), indices=[layers - 2],
+                                           output_fmt="NLC", output_extra_tokens=True)
+    tokens = torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
+    info = EncoderInfo.describe(visual.output_dim, visual.transformer.width, image_size, patch_size, layers)
+    return AnalogyEmbedding(info, split_roles(out["image_features"].float().cpu(), spans),
+                            split_roles(tokens.float().cpu(), spans))
+
+
+def _pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)

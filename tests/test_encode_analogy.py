@@ -1,4 +1,4 @@
-"""Encode Analogy: ComfyUI's CLIP_VISION path and the transformers (training) path agree on the same weights."""
+"""Encode Analogy: ComfyUI's CLIP_VISION path, the transformers path and the open_clip path agree on the same weights."""
 
 from __future__ import annotations
 
@@ -97,3 +97,85 @@ def test_encode_node_reports_the_encoder(comfy_inproc, comfy_clip):
     assert analogy.roles == ("a", "a_prime") and "CLIP-like ViT (embed 32" in info
     with pytest.raises(ValueError, match="batch sizes must be 1 or all equal"):
         lorweb.EncodeAnalogy().encode(comfy_clip, imgs["b"], imgs["a"], imgs["b"].repeat(3, 1, 1, 1)[:3])
+
+
+# -- open_clip path ----------------------------------------------------------------------------------------------------
+
+
+def hf_to_open_clip_visual(hf: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """Independent key mapping transformers CLIPVisionModelWithProjection -> open_clip VisionTransformer."""
+    v = "vision_model."
+    out = {"class_embedding": hf[v + "embeddings.class_embedding"],
+           "positional_embedding": hf[v + "embeddings.position_embedding.weight"],
+           "conv1.weight": hf[v + "embeddings.patch_embedding.weight"],
+           "proj": hf["visual_projection.weight"].t().contiguous()}
+    for ours, theirs in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
+        for p in ("weight", "bias"):
+            out[f"{ours}.{p}"] = hf[f"{v}{theirs}.{p}"]
+    for i in range(layers):
+        src, dst = f"{v}encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for p in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{p}"] = torch.cat([hf[f"{src}self_attn.{n}_proj.{p}"] for n in "qkv"])
+            for ours, theirs in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
+                                 ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+                out[f"{dst}{ours}.{p}"] = hf[f"{src}{theirs}.{p}"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def open_clip_file(tiny_clip):
+    """The tiny CLIP's weights as a whole open_clip model (vision + a text tower) saved in safetensors."""
+    import open_clip
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = tiny_clip
+    arch = "analogy-test-tiny-clip"
+    config = folder / f"{arch}.json"
+    config.write_text(json.dumps({
+        "embed_dim": TINY_CLIP["projection_dim"], "quick_gelu": True,
+        "vision_cfg": {"image_size": 224, "layers": 3, "width": 64, "head_width": 16, "mlp_ratio": 2.0,
+                       "patch_size": 14},
+        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}))
+    open_clip.add_model_config(config)
+    model = open_clip.create_model(arch, pretrained=None)
+    visual = hf_to_open_clip_visual(load_file(folder / "hf" / "model.safetensors"), TINY_CLIP["num_hidden_layers"])
+    model.visual.load_state_dict(visual, strict=True)
+    path = folder / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return arch, path
+
+
+def test_open_clip_and_transformers_paths_agree(tiny_clip, open_clip_file):
+    from analogy_core.encoders import ImageEncoder, load_image_encoder
+
+    arch, path = open_clip_file
+    open_clip_encoder = load_image_encoder(f"open_clip:{arch}:{path}")
+    transformers_encoder = load_image_encoder(str(tiny_clip[0] / "hf"))
+    assert open_clip_encoder.kind == "open_clip" and transformers_encoder.kind == "transformers"
+    assert open_clip_encoder.info == transformers_encoder.info == ImageEncoder(tiny_clip[1], "transformers").info
+    ours, theirs = open_clip_encoder.encode_images(images()), transformers_encoder.encode_images(images())
+    assert ours.encoder == theirs.encoder and ours.roles == theirs.roles == ("a", "a_prime", "b")
+    assert not torch.allclose(ours.image_embeds["a"], ours.image_embeds["a_prime"], atol=1e-3)
+    for role in ours.roles:
+        torch.testing.assert_close(ours.image_embeds[role], theirs.image_embeds[role], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.patch_tokens[role], theirs.patch_tokens[role], rtol=1e-4, atol=1e-4)
+    assert ours.patch_tokens["b"].shape == (2, 1 + (224 // 14) ** 2, 64)
+
+
+def test_open_clip_loader_refuses_wrong_files(tmp_path, tiny_clip, open_clip_file):
+    from safetensors.torch import load_file, save_file
+
+    from analogy_core.analogy import AnalogyError
+    from analogy_core.encoders import load_image_encoder
+
+    arch, path = open_clip_file
+    with pytest.raises(AnalogyError, match="no architecture 'ViT-Nope'"):
+        load_image_encoder(f"open_clip:ViT-Nope:{path}")
+    with pytest.raises(AnalogyError, match="open_clip:<architecture>:<weights.safetensors>"):
+        load_image_encoder("open_clip:ViT-L-14")
+    transformers_keys = tmp_path / "hf_keys.safetensors"  # a transformers file is not an open_clip one
+    save_file(load_file(tiny_clip[0] / "hf" / "model.safetensors"), transformers_keys)
+    with pytest.raises(AnalogyError, match="missing"):
+        load_image_encoder(f"open_clip:{arch}:{transformers_keys}")
+    with pytest.raises(AnalogyError, match="does not fit"):  # right keys, another architecture's shapes
+        load_image_encoder(f"open_clip:ViT-B-32-quickgelu:{path}")

@@ -63,10 +63,10 @@ def test_written_basis_loads_in_the_mix_path_and_separates_families(tiny_run):
     meta = basis.metadata
     assert meta["analogy.kind"] == "lorweb_basis" and meta["analogy.step"] == "80" and meta["analogy.backbone"] == "tiny"
     assert (basis.num_entries, basis.rank, basis.key_dim) == (8, 2, 16) and len(basis.layers) == 26
-    from training.backbone import QueryEncoder
+    from training.backbone import load_query_encoder
     from training.data import SyntheticAnalogies
 
-    encoder, data = QueryEncoder("tiny"), SyntheticAnalogies(32)
+    encoder, data = load_query_encoder("tiny"), SyntheticAnalogies(32)
     loras = {}
     for index in (1000, 1003):  # invert / hflip-family examples (index % 5 picks the family)
         item = data[index]
@@ -186,6 +186,28 @@ def test_official_style_settings_run(tmp_path):
     assert load_basis(out / "lorweb_basis.safetensors").metadata["analogy.step"] == "2"
 
 
+def test_open_clip_query_encoder_trains(tmp_path):
+    """query_encoder = open_clip:<config.json>:<weights.safetensors> (a random tiny open_clip tower)."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    config = tmp_path / "tiny-open-clip.json"
+    config.write_text(json.dumps({
+        "embed_dim": 24, "quick_gelu": True,
+        "vision_cfg": {"image_size": 56, "layers": 2, "width": 32, "head_width": 16, "patch_size": 14},
+        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}))
+    open_clip.add_model_config(config)
+    weights = tmp_path / "visual.safetensors"
+    visual = open_clip.create_model("tiny-open-clip", pretrained=None).visual.state_dict()
+    save_file({k: v.contiguous() for k, v in visual.items()}, weights)
+    out = tmp_path / "run"
+    train(out, "--max-steps", "2", "--set", f"query_encoder=open_clip:{config}:{weights}",
+          "--set", "sample_every=2", "--set", "checkpoint_every=2")
+    basis = load_basis(out / "lorweb_basis.safetensors")
+    assert basis.query_dim == 3 * 24
+    assert "embed 24, width 32, 2 layers, patch 14, 56px" in basis.metadata["analogy.encoder"]
+
+
 def test_trained_file_goes_through_the_nodes(tiny_run, comfy_inproc, monkeypatch):
     """Load LoRA Basis -> Mix LoRA Basis (the node classes) on the trained file, with the trainer's query encoder."""
     out, _ = tiny_run
@@ -194,10 +216,10 @@ def test_trained_file_goes_through_the_nodes(tiny_run, comfy_inproc, monkeypatch
                         lambda folder, name: str(out / name) if folder == "lorweb" else None)
     basis, info = lorweb.LoadLoRABasis().load("lorweb_basis.safetensors")
     assert "N=8 entries of rank 2" in info
-    from training.backbone import QueryEncoder
+    from training.backbone import load_query_encoder
     from training.data import SyntheticAnalogies
 
     item = SyntheticAnalogies(32)[7]
-    analogy = QueryEncoder("tiny").encode(item["a"][None], item["a_prime"][None], item["b"][None])
+    analogy = load_query_encoder("tiny").encode(item["a"][None], item["a_prime"][None], item["b"][None])
     lora, heat, text = lorweb.MixLoRABasis().mix(basis, analogy, 1.0, 0)
     assert lora.ranks == {16} and len(lora) == 26 and heat.shape[1:] == (52, 128, 3)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from analogy_core.analogy import AnalogyEmbedding, encode_with_transformers
+from analogy_core.encoders import ImageEncoder, load_image_encoder
 
 TINY_TRANSFORMER = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
                         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
@@ -164,26 +164,13 @@ def load_backbone(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) 
     return backbone
 
 
-class QueryEncoder:
-    """Frozen CLIP vision tower giving LoRWeB's query [B, 3·D] for (a, a', b)."""
+def load_query_encoder(name: str, seed: int = 0) -> ImageEncoder:
+    """LoRWeB's frozen query encoder: "tiny" (random, from a small config), a transformers CLIP vision folder or
+    cached id, or "open_clip:<architecture>:<weights.safetensors>" (see :mod:`analogy_core.encoders`)."""
+    if name != "tiny":
+        return load_image_encoder(name)
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    def __init__(self, name: str, seed: int = 0):
-        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-        if name == "tiny":
-            self.model = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CLIP_VISION))
-            _randomise(self.model, seed + 2)
-        else:
-            self.model = CLIPVisionModelWithProjection.from_pretrained(name, local_files_only=True)
-        self.model.requires_grad_(False).eval()
-
-    @property
-    def embed_dim(self) -> int:
-        return self.model.config.projection_dim
-
-    def to(self, device) -> "QueryEncoder":
-        self.model.to(device)
-        return self
-
-    def encode(self, a, a_prime, b) -> AnalogyEmbedding:
-        return encode_with_transformers(self.model, {"a": a, "a_prime": a_prime, "b": b})
+    model = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CLIP_VISION))
+    _randomise(model, seed + 2)
+    return ImageEncoder(model, "transformers")

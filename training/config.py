@@ -18,7 +18,8 @@ class TrainConfig:
     # backbone: a local diffusers folder of FLUX.1-Kontext (transformer/, vae/, text_encoder*/, tokenizer*/) or a
     # model id already in the local Hugging Face cache; "tiny" builds random small models (tests, smoke runs).
     backbone: str = "black-forest-labs/FLUX.1-Kontext-dev"
-    query_encoder: str = "openai/clip-vit-large-patch14"   # CLIP vision tower (local folder or cached id) or "tiny"
+    # query encoder: a transformers CLIP vision folder or cached id, "open_clip:<arch>:<weights.safetensors>", or "tiny"
+    query_encoder: str = "openai/clip-vit-large-patch14"
     output_dir: str = "outputs/lorweb"
     # data: "relation252k:<folder>", "quads:<file.jsonl>" or "synthetic"
     data: str = "relation252k:data/Relation252K"

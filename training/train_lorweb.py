@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader
 
 from analogy_core import __version__
 from analogy_core.lorweb_layer import export_basis, inject_lorweb, lorweb_layers, set_query
-from training.backbone import Backbone, QueryEncoder, load_backbone, token_ids
+from analogy_core.encoders import ImageEncoder
+from training.backbone import Backbone, load_backbone, load_query_encoder, token_ids
 from training.config import TrainConfig, load_config
 from training.data import StepBatchSampler, collate, make_dataset
 
@@ -86,7 +87,7 @@ def position_ids(backbone: Backbone, grid_size: int, text_tokens: int, device):
     return img_ids, torch.zeros(text_tokens, 3, device=device)
 
 
-def training_loss(transformer, backbone: Backbone, query_encoder: QueryEncoder, batch: dict, cfg: TrainConfig,
+def training_loss(transformer, backbone: Backbone, query_encoder: ImageEncoder, batch: dict, cfg: TrainConfig,
                   generator: torch.Generator, device) -> torch.Tensor:
     target, reference = grids(batch)
     x0 = backbone.encode_images(target).to(device)
@@ -106,7 +107,7 @@ def training_loss(transformer, backbone: Backbone, query_encoder: QueryEncoder, 
 
 
 @torch.no_grad()
-def sample_grid(transformer, backbone: Backbone, query_encoder: QueryEncoder, batch: dict, cfg: TrainConfig,
+def sample_grid(transformer, backbone: Backbone, query_encoder: ImageEncoder, batch: dict, cfg: TrainConfig,
                 device) -> torch.Tensor:
     """Euler flow sampling of the target grid from noise; returns [B, 2S, 2S, 3] (bottom-right = predicted b')."""
     _, reference = grids(batch)
@@ -129,11 +130,8 @@ def sample_grid(transformer, backbone: Backbone, query_encoder: QueryEncoder, ba
 # checkpoints
 
 
-def basis_metadata(cfg: TrainConfig, step: int, query_encoder: QueryEncoder) -> dict[str, str]:
-    from analogy_core.analogy import EncoderInfo
-
-    c = query_encoder.model.config
-    encoder = EncoderInfo.describe(c.projection_dim, c.hidden_size, c.image_size, c.patch_size, c.num_hidden_layers)
+def basis_metadata(cfg: TrainConfig, step: int, query_encoder: ImageEncoder) -> dict[str, str]:
+    encoder = query_encoder.info
     return {"analogy.backbone": cfg.backbone, "analogy.targets": json.dumps(cfg.targets),
             "analogy.encoder": encoder.name, "analogy.query": "cat(a, a_prime, b)", "analogy.step": str(step),
             "analogy.pack_version": __version__, "analogy.config": json.dumps(cfg.to_dict())}
@@ -144,7 +142,7 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
-def save_checkpoint(accelerator, model, cfg: TrainConfig, step: int, query_encoder: QueryEncoder) -> Path:
+def save_checkpoint(accelerator, model, cfg: TrainConfig, step: int, query_encoder: ImageEncoder) -> Path:
     """Full state into checkpoints/step_N (written to a temporary folder, then renamed), plus the basis file."""
     out = Path(cfg.output_dir)
     final = out / "checkpoints" / f"step_{step:06d}"
@@ -239,7 +237,7 @@ def main(argv=None) -> dict:
 
     backbone = load_backbone(cfg.backbone, torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32,
                              cfg.seed)
-    query_encoder = QueryEncoder(cfg.query_encoder, cfg.seed).to(device)
+    query_encoder = load_query_encoder(cfg.query_encoder, cfg.seed).to(device)
     for module in (backbone.vae, backbone.clip_text, backbone.t5):
         module.to(device)
     transformer = backbone.transformer
