@@ -26,7 +26,7 @@ def targeted_linears(model):
             if isinstance(module, torch.nn.Linear) and name.startswith(("transformer_blocks.", "single_transformer_blocks."))}
 
 
-def official_basis_file(model, path, seed=0):
+def official_basis_file(model, path, seed=0, emb=EMB):
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, linear in targeted_linears(model).items():
@@ -34,7 +34,7 @@ def official_basis_file(model, path, seed=0):
         tensors[base + "lora_A"] = torch.randn(N, linear.in_features, R, generator=gen) * 0.15
         tensors[base + "lora_B"] = torch.randn(N, R, linear.out_features, generator=gen) * 0.15
         tensors[base + "lora_keys"] = torch.randn(N, D, generator=gen)
-        tensors[base + "att_lora_to_q.weight"] = torch.randn(D, 3 * EMB, generator=gen) * 0.05
+        tensors[base + "att_lora_to_q.weight"] = torch.randn(D, 3 * emb, generator=gen) * 0.05
     save_file(tensors, path)  # the released file has no metadata
     return tensors
 
