@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+import torch
+
 # Standard configurations (public model configs; no download needed).
 SD15_UNET_CONFIG = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -34,11 +36,23 @@ FLUX_CONFIG = dict(num_layers=19, num_single_layers=38, attention_head_dim=128, 
 
 @dataclass(frozen=True)
 class NativeTarget:
-    """Where a diffusers layer lives in the native layout: a module path and, for fused weights, its row slice."""
+    """Where a diffusers layer lives in the native layout: a module path and, for fused weights, its row slice.
+
+    ``swap_halves``: the native weight stores the two halves of the output rows in the other order (FLUX's final
+    modulation is (shift, scale) natively, (scale, shift) in diffusers); a LoRA's ``up`` is converted by
+    :func:`swap_row_halves` both ways.
+    """
 
     path: str
     offset: int | None = None
     size: int | None = None
+    swap_halves: bool = False
+
+
+def swap_row_halves(tensor: torch.Tensor) -> torch.Tensor:
+    """[a; b] -> [b; a] along dim 0 (its own inverse)."""
+    first, second = tensor.chunk(2, dim=0)
+    return torch.cat([second, first])
 
 
 @dataclass
@@ -166,8 +180,8 @@ def flux_layout(num_layers: int = 19, num_single_layers: int = 38, attention_hea
     for path, shape in globals_.items():
         shapes[path] = shape
         native[path] = NativeTarget(_FLUX_GLOBAL_NATIVE[path])
-    # norm_out.linear has no plain native twin (BFL stores its shift/scale halves swapped): it is left unmapped.
     shapes["norm_out.linear"] = (2 * h, h)
+    native["norm_out.linear"] = NativeTarget("final_layer.adaLN_modulation.1", swap_halves=True)
     return ModelLayout("flux", shapes, native)
 
 
@@ -192,7 +206,6 @@ def _freeze(value):
 
 @lru_cache(maxsize=8)
 def _unet_shapes(frozen_config: tuple) -> dict[str, tuple[int, ...]]:
-    import torch
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):

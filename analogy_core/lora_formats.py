@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from . import __version__
-from .layouts import ModelLayout, standard_layout
+from .layouts import ModelLayout, standard_layout, swap_row_halves
 from .lora import LoRA, LoRAError, LoRALayer
 
 # suffix -> role. Longest first so ".lora_A.default.weight" wins over shorter look-alikes.
@@ -228,6 +228,7 @@ def parse_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, st
         if native:
             for sub_path, target in layout.native_parts(path):
                 rows = up if target.offset is None else up[target.offset: target.offset + target.size]
+                rows = swap_row_halves(rows) if target.swap_halves else rows
                 _add(layers, sub_path, LoRALayer(down, rows, scale), layout)
         else:
             _add(layers, path, LoRALayer(down, up, scale), layout)
@@ -261,7 +262,10 @@ def _fused_native(lora: LoRA, layout: ModelLayout) -> dict[str, LoRALayer]:
         grouped.setdefault(target.path, []).append((path, layer))
     for native_path, parts in grouped.items():
         if len(parts) == 1 and layout.native[parts[0][0]].offset is None:
-            out[native_path] = parts[0][1]
+            layer = parts[0][1]
+            if layout.native[parts[0][0]].swap_halves:
+                layer = LoRALayer(layer.down, swap_row_halves(layer.up), layer.scale)
+            out[native_path] = layer
             continue
         out_rows = layout.native_shape(native_path)[0]
         downs, ups, col = [], [], 0
@@ -318,6 +322,12 @@ def to_state_dict(lora: LoRA, key_format: str = "auto", layout: ModelLayout | No
         })
         return tensors, meta
     layout = layout or standard_layout(lora.family)
+    for path, layer in lora.layers.items():
+        expected = layout.shapes.get(path)
+        if expected is not None and (layer.out_features, layer.in_features) != expected[:2]:
+            raise LoRAError(f"{path}: LoRA shape [{layer.out_features} x {layer.in_features}] does not fit the "
+                            f"{layout.family} layer [{expected[0]} x {expected[1]}] that {key_format} names refer "
+                            "to; save in the peft format (or pass the model's layout)")
     if key_format == "kohya":
         layers = _fused_native(lora, layout) if lora.family == "flux" else lora.layers
         for path, layer in layers.items():
@@ -334,14 +344,18 @@ def to_state_dict(lora: LoRA, key_format: str = "auto", layout: ModelLayout | No
     return tensors, meta
 
 
-def comfy_patch_keys(lora: LoRA, layout: ModelLayout) -> dict[str, str | tuple[str, tuple[int, int, int]]]:
+def comfy_patch_keys(lora: LoRA, layout: ModelLayout) -> dict[str, str | tuple]:
     """ComfyUI's internal patch key of every layer: ``diffusion_model.<native>.weight``, with (dim, offset, size)
-    for a slice of a fused weight (the form ``ModelPatcher.add_patches`` takes)."""
-    keys: dict[str, str | tuple[str, tuple[int, int, int]]] = {}
+    for a slice of a fused weight (the form ``ModelPatcher.add_patches`` takes), and (key, None, swap_row_halves)
+    where the native rows are in the other order (ComfyUI passes its own swap function there)."""
+    keys: dict[str, str | tuple] = {}
     for path in lora.layers:
         target = layout.native.get(path)
         if target is None:
             raise LoRAError(f"{path} has no ComfyUI counterpart in the {layout.family} layout")
         key = f"diffusion_model.{target.path}.weight"
-        keys[path] = key if target.offset is None else (key, (0, target.offset, target.size))
+        if target.swap_halves:
+            keys[path] = (key, None, swap_row_halves)
+        else:
+            keys[path] = key if target.offset is None else (key, (0, target.offset, target.size))
     return keys

@@ -89,10 +89,29 @@ def check_compatible(lora: LoRA, model_patcher, allow_partial: bool) -> tuple[di
     return matched, report
 
 
+def _unpack(target) -> tuple[str, tuple[int, int, int] | None, object]:
+    """A ComfyUI key-map target: "key", (key, (dim, offset, size)) or (key, slice or None, function on the diff)."""
+    if isinstance(target, str):
+        return target, None, None
+    return target[0], target[1], target[2] if len(target) > 2 else None
+
+
+def _row_permutation(function, rows: int) -> torch.Tensor:
+    """The row order a key map's weight function applies (FLUX's final-layer shift/scale swap), checked to be a pure
+    row permutation, which is all a low-rank update can follow exactly."""
+    probe = torch.arange(rows, dtype=torch.float64).unsqueeze(1)
+    moved = function(probe)
+    order = moved.squeeze(1).round().long() if moved.shape == probe.shape else None
+    if order is None or sorted(order.tolist()) != list(range(rows)):
+        raise LoRAError(f"ComfyUI maps this layer through {getattr(function, '__name__', function)}, which is not a "
+                        "row permutation; runtime mode cannot apply it (use merge)")
+    return order
+
+
 def _check_shapes(lora: LoRA, matched: dict[str, object], model_patcher) -> None:
     state = model_patcher.model.state_dict()
     for path, target in matched.items():
-        key, slice_ = (target, None) if isinstance(target, str) else target
+        key, slice_, _ = _unpack(target)
         weight_shape = tuple(state[key].shape)
         layer = lora.layers[path]
         out_features = slice_[2] if slice_ else weight_shape[0]
@@ -192,12 +211,15 @@ def apply_runtime(model_patcher, lora: LoRA, strength: float, allow_partial: boo
     matched, report = check_compatible(lora, model_patcher, allow_partial)
     pieces: dict[str, list[_Piece]] = {}
     for path, target in matched.items():
-        key, slice_ = (target, None) if isinstance(target, str) else target
+        key, slice_, function = _unpack(target)
         module_path = key[: -len(".weight")]
+        layer = lora.layers[path]
+        if function is not None:  # e.g. FLUX's norm_out: native rows are (shift, scale), diffusers' (scale, shift)
+            layer = LoRALayer(layer.down, layer.up[_row_permutation(function, layer.out_features)], layer.scale)
         offset, size = (slice_[1], slice_[2]) if slice_ else (None, None)
         if slice_ and slice_[0] != 0:
             raise LoRAError(f"{path}: ComfyUI slices {key} along dim {slice_[0]}; runtime mode handles dim 0 only")
-        pieces.setdefault(module_path, []).append(_Piece(lora.layers[path], offset, size))
+        pieces.setdefault(module_path, []).append(_Piece(layer, offset, size))
     patched = model_patcher.clone()
     # A fresh key per application: chained Apply nodes in runtime mode stack, like chained LoRA loaders.
     key = f"{RUNTIME_WRAPPER_KEY}_{uuid.uuid4().hex}"

@@ -15,7 +15,7 @@ from tiny_models import FLUX_COMFY, tiny_flux_pair, tiny_sd_pair
 SD_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1", "time_emb_proj"]
 FLUX_TARGETS = ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
                 "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear",
-                "norm1_context.linear", "proj_mlp", "proj_out", "norm.linear"]
+                "norm1_context.linear", "proj_mlp", "proj_out", "norm.linear", "norm_out.linear"]
 
 
 def add_peft_lora(model, targets, rank=4, alpha=8, seed=1):
@@ -149,7 +149,7 @@ def test_sd15_matches_peft_on_diffusers(comfy_inproc, sd_setup, strength, mode):
 def test_flux_matches_peft_on_diffusers(comfy_inproc, flux_setup, strength, mode):
     model, patcher, path = flux_setup
     lora = load_ours(comfy_inproc, path, model)
-    assert len(lora) == 2 * 14 + 2 * 6 + 1  # peft's "proj_out" also catches the final layer
+    assert len(lora) == 2 * 14 + 2 * 6 + 2  # peft's "proj_out" also catches the final layer; + norm_out
     inp = flux_inputs(seed=5)
     with torch.no_grad():
         set_peft_strength(model, strength)
@@ -171,7 +171,7 @@ def test_our_key_tables_agree_with_comfyuis(comfy_inproc, sd_setup, flux_setup):
     lora_mod = comfy_inproc.lora
     for diffusers_model, patcher in ((sd_setup[0], sd_setup[1]), (flux_setup[0], flux_setup[1])):
         layout = layouts.layout_of_diffusers_model(diffusers_model)
-        paths = [p for p in layout.native if p != "norm_out.linear"]
+        paths = list(layout.native)
         fake = lora_mod.LoRA({p: lora_mod.LoRALayer(torch.zeros(1, layout.shapes[p][1], *layout.shapes[p][2:]),
                                                     torch.zeros(layout.shapes[p][0], 1,
                                                                 *([1, 1] if len(layout.shapes[p]) == 4 else [])))
@@ -179,7 +179,13 @@ def test_our_key_tables_agree_with_comfyuis(comfy_inproc, sd_setup, flux_setup):
         ours = formats.comfy_patch_keys(fake, layout)
         theirs, unmatched = comfy_inproc.patch.match_targets(fake, patcher)
         assert not unmatched and len(ours) == len(theirs) > 20
-        assert ours == theirs
+        probe = torch.randn(8, 3)
+        for path in ours:  # weight functions (FLUX's norm_out shift/scale swap) compared by what they do
+            mine, comfys = ours[path], theirs[path]
+            if isinstance(mine, tuple) and len(mine) == 3:
+                assert mine[:2] == comfys[:2] and torch.equal(mine[2](probe), comfys[2](probe)), path
+            else:
+                assert mine == comfys, path
 
 
 def test_unmatched_keys_fail_loudly_unless_partial(comfy_inproc, flux_setup, sd_setup):
@@ -297,15 +303,20 @@ def test_saved_files_are_read_back_by_diffusers_and_peft(comfy_inproc, flux_setu
     assert rel_err(got, expected) <= 1e-4
 
 
-def test_saved_flux_file_in_comfyuis_stock_loader_equals_apply(comfy_inproc, flux_setup, tmp_path):
-    """ComfyUI's own LoRA loading (comfy.sd.load_lora_for_models, what LoraLoader calls) on our saved FLUX file."""
+@pytest.mark.parametrize("key_format", ["auto", "kohya", "comfyui"])
+def test_saved_flux_file_in_comfyuis_stock_loader_equals_apply(comfy_inproc, flux_setup, tmp_path, key_format):
+    """ComfyUI's own LoRA loading (comfy.sd.load_lora_for_models, what LoraLoader calls) on our saved FLUX file, in
+    each key format (kohya and comfyui fuse q/k/v into BFL weights and swap norm_out's halves)."""
     import comfy.sd
     import comfy.utils
 
     model, patcher, path = flux_setup
     io = __import__(f"{comfy_inproc.pack.__name__}.analogy_core.lora_io", fromlist=["x"])
     lora = load_ours(comfy_inproc, path, model)
-    saved = io.save_lora_file(lora, tmp_path / "ours.safetensors", "auto")
+    assert "norm_out.linear" in lora.layers
+    layouts = __import__(f"{comfy_inproc.pack.__name__}.analogy_core.layouts", fromlist=["x"])
+    layout = layouts.layout_of_diffusers_model(model)
+    saved = io.save_lora_file(lora, tmp_path / "ours.safetensors", key_format, layout)
     stock, _ = comfy.sd.load_lora_for_models(patcher, None, comfy.utils.load_torch_file(str(saved), safe_load=True),
                                              0.7, 0.0)
     ours, _ = comfy_inproc.nodes.ApplyLoRAToModel().apply(patcher, lora, 0.7, "merge", False)

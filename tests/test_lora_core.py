@@ -121,8 +121,12 @@ def test_sd15_layout_names_match_the_ldm_unet():
 @pytest.mark.parametrize("key_format", ["peft", "kohya", "comfyui"])
 def test_flux_formats_round_trip_exactly(tiny_flux, key_format):
     paths = [p for p in tiny_flux.native if p.startswith(("transformer_blocks", "single_transformer_blocks"))]
-    lora = random_lora(tiny_flux, paths=paths)
+    lora = random_lora(tiny_flux, paths=paths + ["norm_out.linear"])
     tensors, meta = to_state_dict(lora, key_format, tiny_flux)
+    if key_format == "comfyui":  # BFL keeps the final modulation as (shift, scale): up's halves swap
+        up = lora.layers["norm_out.linear"].up
+        torch.testing.assert_close(tensors["diffusion_model.final_layer.adaLN_modulation.1.lora_up.weight"],
+                                   torch.cat([up[32:], up[:32]]))
     if key_format != "peft":  # fused native weights: one block-diagonal LoRA per qkv / linear1
         base = "lora_unet_single_blocks_0_linear1" if key_format == "kohya" else "diffusion_model.single_blocks.0.linear1"
         assert tensors[f"{base}.lora_down.weight"].shape == (4 * 3, 32)
@@ -263,6 +267,13 @@ def test_save_gives_one_dtype_per_file(tmp_path, tiny_flux):
     half, _ = read_safetensors(save_lora_file(mixed, tmp_path / "half.safetensors", "peft", dtype=torch.float16))
     assert {t.dtype for t in half.values()} == {torch.float16}
     assert_same_updates(mixed, load_lora_file(tmp_path / "mixed.safetensors", tiny_flux).lora)
+
+
+def test_native_formats_refuse_layers_that_do_not_fit_the_layout(tiny_flux):
+    lora = random_lora(tiny_flux, paths=["single_transformer_blocks.0.attn.to_q"])
+    with pytest.raises(LoRAError, match=r"\[32 x 32\] does not fit the flux layer \[3072 x 3072\]"):
+        to_state_dict(lora, "kohya")  # no layout given: the standard FLUX.1 one
+    assert to_state_dict(lora, "kohya", tiny_flux)[0]
 
 
 def test_refuses_pickles_and_damaged_files(tmp_path):
