@@ -104,10 +104,18 @@ class LoRA:
     def num_parameters(self) -> int:
         return sum(layer.down.numel() + layer.up.numel() for layer in self.layers.values())
 
+    @property
+    def compatible_families(self) -> tuple[str, ...]:
+        """Families whose models this LoRA fits: its own, or several where the file cannot tell (layers that SD1.5
+        and SDXL share by name and shape)."""
+        fits = tuple(f for f in self.metadata.get("analogy.fits", "").split(",") if f in FAMILIES)
+        return fits if self.family in fits else (self.family,)
+
     def summary(self) -> str:
         ranks = sorted(self.ranks)
         rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}" if ranks else "-"
-        return (f"LoRA ({self.source}) for {self.family}: {len(self)} layers, rank {rank_text}, "
+        family = " or ".join(self.compatible_families)
+        return (f"LoRA ({self.source}) for {family}: {len(self)} layers, rank {rank_text}, "
                 f"{self.num_parameters / 1e6:.2f}M parameters")
 
     def check_finite(self) -> None:

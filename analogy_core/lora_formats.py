@@ -51,6 +51,7 @@ _TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "te
 _DOTTED_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.")
 _UNDERSCORE_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_")
 SAVE_FORMATS = ("auto", "peft", "kohya", "comfyui")
+FITS_KEY = "analogy.fits"  # metadata: every family an ambiguous LoRA fits
 
 
 @dataclass
@@ -176,15 +177,31 @@ def _fits(layout: ModelLayout, names: list[tuple[str, bool]], groups: dict, keys
     return True
 
 
-def detect_layout(names: list[tuple[str, bool]], groups: dict, keys: list[str], hint: str | None) -> ModelLayout:
-    candidates = [hint] if hint in ("sd15", "sdxl", "flux") else ["flux", "sd15", "sdxl"]
-    for family in candidates:
-        layout = standard_layout(family)
-        if _fits(layout, names, groups, keys):
-            return layout
-    sample = [n for n, _ in names[:3]]
-    raise LoRAError(f"the LoRA's layers do not match SD1.5, SDXL or FLUX (names or shapes differ), e.g. {sample}; "
-                    "pass the model layout explicitly for other backbones")
+def family_hint(metadata: dict[str, str]) -> str | None:
+    """The base model a file's header names: ours, kohya's ``ss_base_model_version`` or ``modelspec.architecture``."""
+    if metadata.get("analogy.family") in ("sd15", "sdxl", "flux"):
+        return metadata["analogy.family"]
+    text = f"{metadata.get('modelspec.architecture', '')} {metadata.get('ss_base_model_version', '')}".lower()
+    for needle, family in (("flux", "flux"), ("xl", "sdxl"), ("sd_v1", "sd15"), ("stable-diffusion-v1", "sd15")):
+        if needle in text:
+            return family
+    return None
+
+
+def detect_layouts(names: list[tuple[str, bool]], groups: dict, keys: list[str],
+                   hint: str | None) -> list[ModelLayout]:
+    """Every standard layout the LoRA's names and shapes fit, the header's family first. A LoRA touching only layers
+    that SD1.5 and SDXL share (same names and shapes) fits both."""
+    order = ["flux", "sd15", "sdxl"]
+    if hint in order:
+        order.remove(hint)
+        order.insert(0, hint)
+    fitting = [layout for layout in map(standard_layout, order) if _fits(layout, names, groups, keys)]
+    if not fitting:
+        sample = [n for n, _ in names[:3]]
+        raise LoRAError(f"the LoRA's layers do not match SD1.5, SDXL or FLUX (names or shapes differ), e.g. {sample}; "
+                        "pass the model layout explicitly for other backbones")
+    return fitting
 
 
 def parse_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
@@ -206,7 +223,12 @@ def parse_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, st
     if not keys:
         raise LoRAError("the LoRA only holds text-encoder layers; apply it to CLIP with ComfyUI's LoraLoader")
     if layout is None:
-        layout = detect_layout(names, groups, keys, metadata.get("analogy.family"))
+        fitting = detect_layouts(names, groups, keys, family_hint(metadata))
+        layout = fitting[0]
+        if len(fitting) > 1:  # e.g. attention layers SD1.5 and SDXL share: Apply accepts either model
+            metadata[FITS_KEY] = ",".join(f.family for f in fitting)
+        else:
+            metadata.pop(FITS_KEY, None)
 
     peft_config = peft_config_from_metadata(metadata)
     layers: dict[str, LoRALayer] = {}

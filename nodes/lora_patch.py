@@ -72,8 +72,8 @@ def match_targets(lora: LoRA, model_patcher) -> tuple[dict[str, object], list[st
 def check_compatible(lora: LoRA, model_patcher, allow_partial: bool) -> tuple[dict[str, object], str]:
     """Refuse a LoRA for another model family or with keys that match nothing; return targets and a report."""
     family = model_family(model_patcher)
-    if "unknown" not in (family, lora.family) and family != lora.family:
-        raise LoRAError(f"this LoRA is for {lora.family} but the model is {family}")
+    if "unknown" not in (family, lora.family) and family not in lora.compatible_families:
+        raise LoRAError(f"this LoRA is for {' or '.join(lora.compatible_families)} but the model is {family}")
     matched, unmatched = match_targets(lora, model_patcher)
     _check_shapes(lora, matched, model_patcher)
     if not matched:

@@ -209,6 +209,27 @@ def test_unmatched_keys_fail_loudly_unless_partial(comfy_inproc, flux_setup, sd_
         node.apply(patcher, nan, 1.0, "runtime", False)
 
 
+def test_lora_fitting_sd15_and_sdxl_applies_to_either(comfy_inproc, sd_setup):
+    """A file whose layers SD1.5 and SDXL share cannot name its family; Apply accepts both, refuses others."""
+    from dataclasses import replace
+
+    unet, patcher, path = sd_setup
+    lora = load_ours(comfy_inproc, path, unet)
+    node = comfy_inproc.nodes.ApplyLoRAToModel()
+    as_sdxl = replace(lora, family="sdxl")
+    with pytest.raises(ValueError, match="this LoRA is for sdxl but the model is sd15"):
+        node.apply(patcher, as_sdxl, 1.0, "merge", False)
+    either = replace(as_sdxl, metadata={"analogy.fits": "sdxl,sd15"})
+    assert either.compatible_families == ("sdxl", "sd15") and "for sdxl or sd15" in either.summary()
+    gen = torch.Generator().manual_seed(9)
+    x, t, ctx = torch.randn(1, 4, 8, 8, generator=gen), torch.tensor([300.0]), torch.randn(1, 5, 32, generator=gen)
+    ours, _ = node.apply(patcher, either, 1.0, "merge", False)
+    reference, _ = node.apply(patcher, lora, 1.0, "merge", False)
+    out = comfy_sd_out(ours, x, t, ctx)
+    assert rel_err(out, comfy_sd_out(patcher, x, t, ctx)) > 0.05
+    torch.testing.assert_close(out, comfy_sd_out(reference, x, t, ctx))
+
+
 def test_high_rank_bf16_merge_matches_float64_reference(comfy_inproc):
     """ComfyUI#8996: rank >= 16 Kontext LoRAs reported as noise. A rank-128 LoRA on FLUX-sized (3072) bf16 layers,
     merged by our node through ComfyUI's patcher, must equal the float64 result rounded to bf16."""

@@ -276,6 +276,21 @@ def test_native_formats_refuse_layers_that_do_not_fit_the_layout(tiny_flux):
     assert to_state_dict(lora, "kohya", tiny_flux)[0]
 
 
+def test_layers_shared_by_sd15_and_sdxl_fit_both_and_headers_decide():
+    def kohya(name, out, inp):
+        return {f"lora_unet_{name}.lora_down.weight": rand(1, inp), f"lora_unet_{name}.lora_up.weight": rand(out, 1),
+                f"lora_unet_{name}.alpha": torch.tensor(1.0)}
+
+    shared = kohya("input_blocks_4_1_transformer_blocks_0_attn1_to_q", 640, 640)
+    plain = parse_state_dict(shared).lora
+    assert plain.family == "sd15" and plain.compatible_families == ("sd15", "sdxl")
+    hinted = parse_state_dict(shared, {"ss_base_model_version": "sdxl_base_v1-0"}).lora
+    assert hinted.family == "sdxl" and hinted.compatible_families == ("sdxl", "sd15")
+    assert parse_state_dict(shared, {"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}).lora.family == "sdxl"
+    only_sdxl = parse_state_dict({**shared, **kohya("input_blocks_4_1_transformer_blocks_1_attn2_to_k", 640, 2048)})
+    assert only_sdxl.lora.family == "sdxl" and only_sdxl.lora.compatible_families == ("sdxl",)
+
+
 def test_refuses_pickles_and_damaged_files(tmp_path):
     pickle = tmp_path / "evil.ckpt"
     pickle.write_bytes(b"\x80\x04not really")
