@@ -50,7 +50,7 @@ def main(argv=None):
     x = torch.randn(args.tokens, 3072)
     weight = torch.randn(3072, 3072) / 3072 ** 0.5
     lora = mix().layers["transformer_blocks.0.attn.to_q"]
-    down, up = lora.down, lora.up
+    down, up = lora.down.float(), lora.up.float().contiguous()  # what runtime mode caches per layer
 
     def bare():
         return torch.nn.functional.linear(x, weight)

@@ -26,7 +26,7 @@ def targeted_linears(model):
             if isinstance(module, torch.nn.Linear) and name.startswith(("transformer_blocks.", "single_transformer_blocks."))}
 
 
-def official_basis_file(model, path, seed=0, emb=EMB):
+def official_basis_file(model, path, seed=0, emb=EMB, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, linear in targeted_linears(model).items():
@@ -35,6 +35,7 @@ def official_basis_file(model, path, seed=0, emb=EMB):
         tensors[base + "lora_B"] = torch.randn(N, R, linear.out_features, generator=gen) * 0.15
         tensors[base + "lora_keys"] = torch.randn(N, D, generator=gen)
         tensors[base + "att_lora_to_q.weight"] = torch.randn(D, 3 * emb, generator=gen) * 0.05
+    tensors = {k: v.to(dtype) for k, v in tensors.items()}
     save_file(tensors, path)  # the released file has no metadata
     return tensors
 
@@ -45,9 +46,9 @@ def reference_output(model, tensors, embeds, inp):
     handles = []
     for name, linear in targeted_linears(model).items():
         base = f"transformer.{name}."
-        A, B = tensors[base + "lora_A"], tensors[base + "lora_B"]
-        q = tensors[base + "att_lora_to_q.weight"] @ query
-        c = torch.softmax(tensors[base + "lora_keys"] @ q / math.sqrt(D), dim=0)
+        A, B = tensors[base + "lora_A"].float(), tensors[base + "lora_B"].float()
+        q = tensors[base + "att_lora_to_q.weight"].float() @ query
+        c = torch.softmax(tensors[base + "lora_keys"].float() @ q / math.sqrt(D), dim=0)
 
         def hook(module, args, output, A=A, B=B, c=c):
             x = args[0]
@@ -70,10 +71,11 @@ def fake_analogy(comfy_inproc, embeds):
 
 
 @pytest.mark.parametrize("mode", ["merge", "runtime"])
-def test_released_layout_basis_matches_the_official_maths(comfy_inproc, tmp_path, monkeypatch, mode):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # the released file is float16
+def test_released_layout_basis_matches_the_official_maths(comfy_inproc, tmp_path, monkeypatch, mode, dtype):
     model, patcher = tiny_flux_pair(comfy_inproc.comfy, seed=3)
     assert len(targeted_linears(model)) == 2 * 14 + 2 * 6
-    tensors = official_basis_file(model, tmp_path / "lorweb_model.safetensors")
+    tensors = official_basis_file(model, tmp_path / "lorweb_model.safetensors", dtype=dtype)
     gen = torch.Generator().manual_seed(11)
     embeds = {role: torch.randn(EMB, generator=gen) for role in ("a", "a_prime", "b")}
     inp = flux_inputs(seed=4)
