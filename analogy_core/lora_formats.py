@@ -281,6 +281,11 @@ def _fused_native(lora: LoRA, layout: ModelLayout) -> dict[str, LoRALayer]:
         target = layout.native.get(path)
         if target is None:
             raise LoRAError(f"{path} has no native {layout.family} name; save in the peft format instead")
+        expected = layout.shapes[path]
+        if (layer.out_features, layer.in_features) != expected[:2]:  # native names and slices depend on the config
+            raise LoRAError(f"{path}: LoRA shape [{layer.out_features} x {layer.in_features}] does not fit the "
+                            f"{layout.family} layer [{expected[0]} x {expected[1]}] that native names refer to; save "
+                            "in the peft format (or pass the model's layout)")
         grouped.setdefault(target.path, []).append((path, layer))
     for native_path, parts in grouped.items():
         if len(parts) == 1 and layout.native[parts[0][0]].offset is None:
@@ -344,12 +349,6 @@ def to_state_dict(lora: LoRA, key_format: str = "auto", layout: ModelLayout | No
         })
         return tensors, meta
     layout = layout or standard_layout(lora.family)
-    for path, layer in lora.layers.items():
-        expected = layout.shapes.get(path)
-        if expected is not None and (layer.out_features, layer.in_features) != expected[:2]:
-            raise LoRAError(f"{path}: LoRA shape [{layer.out_features} x {layer.in_features}] does not fit the "
-                            f"{layout.family} layer [{expected[0]} x {expected[1]}] that {key_format} names refer "
-                            "to; save in the peft format (or pass the model's layout)")
     if key_format == "kohya":
         layers = _fused_native(lora, layout) if lora.family == "flux" else lora.layers
         for path, layer in layers.items():
