@@ -120,13 +120,10 @@ def split_roles(tensor: torch.Tensor, spans: list[tuple[str, int]]) -> dict[str,
 def encode_with_transformers(model, images: dict[str, torch.Tensor]) -> AnalogyEmbedding:
     """Encode with a transformers ``CLIPVisionModelWithProjection`` (the training path)."""
     pixels, spans = batch_roles(images)
-    config = model.config
     param = next(model.parameters())
     with torch.no_grad():
         out = model(pixel_values=pixels.to(param.device, param.dtype), output_hidden_states=True)
-    info = EncoderInfo.describe(config.projection_dim, config.hidden_size, config.image_size, config.patch_size,
-                                config.num_hidden_layers)
-    return AnalogyEmbedding(info, split_roles(out.image_embeds.float().cpu(), spans),
+    return AnalogyEmbedding(transformers_encoder_info(model), split_roles(out.image_embeds.float().cpu(), spans),
                             split_roles(out.hidden_states[-2].float().cpu(), spans))
 
 
@@ -134,20 +131,29 @@ def encode_with_open_clip(visual, images: dict[str, torch.Tensor]) -> AnalogyEmb
     """Encode with an open_clip ``VisionTransformer`` (``model.visual``): the same values as the transformers path
     for the same weights. Patch tokens are the output of the second-to-last block, class token first, like
     transformers' ``hidden_states[-2]`` and ComfyUI's ``penultimate_hidden_states``."""
-    image_size, patch_size = _pair(visual.image_size)[0], _pair(visual.patch_size)[0]
+    info = open_clip_encoder_info(visual)
     mean = tuple(getattr(visual, "image_mean", None) or CLIP_MEAN)
     std = tuple(getattr(visual, "image_std", None) or CLIP_STD)
-    pixels, spans = batch_roles(images, image_size, mean, std)
-    layers = visual.transformer.layers
+    pixels, spans = batch_roles(images, info.image_size, mean, std)
     param = next(visual.parameters())
     with torch.no_grad():
-        out = visual.forward_intermediates(pixels.to(param.device, param.dtype), indices=[layers - 2],
+        out = visual.forward_intermediates(pixels.to(param.device, param.dtype), indices=[info.num_layers - 2],
                                            output_fmt="NLC", output_extra_tokens=True)
     tokens = torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
-    info = EncoderInfo.describe(visual.output_dim, visual.transformer.width, image_size, patch_size, layers)
     return AnalogyEmbedding(info, split_roles(out["image_features"].float().cpu(), spans),
                             split_roles(tokens.float().cpu(), spans))
 
 
-def _pair(value) -> tuple[int, int]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+def transformers_encoder_info(model) -> EncoderInfo:
+    """Identity of a transformers ``CLIPVisionModelWithProjection``."""
+    c = model.config
+    return EncoderInfo.describe(c.projection_dim, c.hidden_size, c.image_size, c.patch_size, c.num_hidden_layers)
+
+
+def open_clip_encoder_info(visual) -> EncoderInfo:
+    """Identity of an open_clip ``VisionTransformer`` (sizes may be ints or (h, w) pairs)."""
+    def first(value):
+        return value[0] if isinstance(value, (tuple, list)) else value
+
+    return EncoderInfo.describe(visual.output_dim, visual.transformer.width, first(visual.image_size),
+                                first(visual.patch_size), visual.transformer.layers)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .analogy import AnalogyEmbedding, AnalogyError, EncoderInfo, encode_with_open_clip, encode_with_transformers
+from .analogy import (AnalogyEmbedding, AnalogyError, EncoderInfo, encode_with_open_clip, encode_with_transformers,
+                      open_clip_encoder_info, transformers_encoder_info)
 from .files import read_safetensors
 
 OPEN_CLIP_PREFIX = "open_clip:"
@@ -37,13 +38,8 @@ class ImageEncoder:
     @property
     def info(self) -> EncoderInfo:
         if self.kind == "transformers":
-            c = self.model.config
-            return EncoderInfo.describe(c.projection_dim, c.hidden_size, c.image_size, c.patch_size,
-                                        c.num_hidden_layers)
-        v = self.model
-        size = v.image_size if isinstance(v.image_size, int) else v.image_size[0]
-        patch = v.patch_size if isinstance(v.patch_size, int) else v.patch_size[0]
-        return EncoderInfo.describe(v.output_dim, v.transformer.width, size, patch, v.transformer.layers)
+            return transformers_encoder_info(self.model)
+        return open_clip_encoder_info(self.model)
 
     @property
     def embed_dim(self) -> int:

@@ -18,6 +18,7 @@ from typing import Iterable
 import torch
 
 FAMILIES = ("sd15", "sdxl", "flux", "unknown")
+FITS_KEY = "analogy.fits"  # metadata: every family a LoRA fits where its file cannot tell (e.g. "sd15,sdxl")
 SOURCES = ("file", "mixed", "generated", "trained")
 
 
@@ -108,7 +109,7 @@ class LoRA:
     def compatible_families(self) -> tuple[str, ...]:
         """Families whose models this LoRA fits: its own, or several where the file cannot tell (layers that SD1.5
         and SDXL share by name and shape)."""
-        fits = tuple(f for f in self.metadata.get("analogy.fits", "").split(",") if f in FAMILIES)
+        fits = tuple(f for f in self.metadata.get(FITS_KEY, "").split(",") if f in FAMILIES)
         return fits if self.family in fits else (self.family,)
 
     def summary(self) -> str:

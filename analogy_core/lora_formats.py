@@ -22,7 +22,7 @@ import torch
 
 from . import __version__
 from .layouts import ModelLayout, standard_layout, swap_row_halves
-from .lora import LoRA, LoRAError, LoRALayer
+from .lora import FITS_KEY, LoRA, LoRAError, LoRALayer
 
 # suffix -> role. Longest first so ".lora_A.default.weight" wins over shorter look-alikes.
 _ROLE_SUFFIXES = (
@@ -51,7 +51,6 @@ _TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "te
 _DOTTED_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.")
 _UNDERSCORE_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_")
 SAVE_FORMATS = ("auto", "peft", "kohya", "comfyui")
-FITS_KEY = "analogy.fits"  # metadata: every family an ambiguous LoRA fits
 
 
 @dataclass

@@ -60,8 +60,7 @@ def match_targets(lora: LoRA, model_patcher) -> tuple[dict[str, object], list[st
             target = key_map.get(name)
             if target is None:
                 continue
-            weight_key = target if isinstance(target, str) else target[0]
-            if weight_key in state_keys:
+            if _unpack(target)[0] in state_keys:
                 matched[path] = target
                 break
         else:
@@ -109,10 +108,9 @@ def _row_permutation(function, rows: int) -> torch.Tensor:
 
 
 def _check_shapes(lora: LoRA, matched: dict[str, object], model_patcher) -> None:
-    state = model_patcher.model.state_dict()
     for path, target in matched.items():
         key, slice_, _ = _unpack(target)
-        weight_shape = tuple(state[key].shape)
+        weight_shape = tuple(comfy.utils.get_attr(model_patcher.model, key).shape)
         layer = lora.layers[path]
         out_features = slice_[2] if slice_ else weight_shape[0]
         if (layer.out_features, layer.in_features) != (out_features, weight_shape[1]):
