@@ -345,3 +345,13 @@ def test_saved_flux_file_in_comfyuis_stock_loader_equals_apply(comfy_inproc, flu
     a, b = comfy_flux_out(stock, inp), comfy_flux_out(ours, inp)
     assert rel_err(a, comfy_flux_out(patcher, inp)) > 0.02
     assert rel_err(a, b) <= 1e-5
+
+
+def test_weight_functions_must_be_row_permutations(comfy_inproc):
+    """Runtime mode follows ComfyUI's key-map weight functions only where they reorder rows (FLUX's norm_out swap)."""
+    import comfy.utils
+
+    order = comfy_inproc.patch._row_permutation(comfy.utils.swap_scale_shift, 6)
+    assert order.tolist() == [3, 4, 5, 0, 1, 2]
+    with pytest.raises(ValueError, match="not a row permutation; runtime mode cannot apply it"):
+        comfy_inproc.patch._row_permutation(lambda weight: weight * 2, 6)
