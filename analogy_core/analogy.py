@@ -22,26 +22,49 @@ class AnalogyError(ValueError):
     pass
 
 
+# Image-encoder families ComfyUI's CLIP_VISION loader knows (its model_type names map onto these).
+ENCODER_FAMILIES = {"clip": "CLIP", "siglip": "SigLIP", "siglip2": "SigLIP2", "dinov2": "DINOv2"}
+
+# (family, embed_dim, hidden_dim, image_size, patch_size, num_layers) -> the model's common name
+KNOWN_ENCODERS = {
+    ("clip", 768, 1024, 224, 14, 24): "CLIP ViT-L/14", ("clip", 768, 1024, 336, 14, 24): "CLIP ViT-L/14@336",
+    ("clip", 1024, 1280, 224, 14, 32): "CLIP ViT-H/14", ("clip", 1280, 1664, 224, 14, 48): "CLIP ViT-bigG/14",
+    ("clip", 512, 768, 224, 16, 12): "CLIP ViT-B/16", ("clip", 512, 768, 224, 32, 12): "CLIP ViT-B/32",
+    ("siglip", 1152, 1152, 384, 14, 27): "SigLIP so400m/14@384",
+    ("siglip", 1152, 1152, 512, 16, 27): "SigLIP so400m/16@512",
+    ("siglip2", 768, 768, 224, 16, 12): "SigLIP2 ViT-B/16",
+    ("siglip2", 1152, 1152, -1, 16, 27): "SigLIP2 so400m/16 NaFlex",  # ComfyUI's naflex config (image_size -1)
+    ("dinov2", 1024, 1024, 518, 14, 24): "DINOv2 ViT-L/14", ("dinov2", 1536, 1536, 518, 14, 40): "DINOv2 ViT-g/14",
+}
+
+
 @dataclass(frozen=True)
 class EncoderInfo:
-    """Identity of an image encoder: a readable name and the dimensions consumers depend on."""
+    """Identity of an image encoder: family, a readable name and the dimensions consumers depend on."""
 
     name: str
-    embed_dim: int     # projected image embedding width (768 for CLIP ViT-L/14)
+    embed_dim: int     # image embedding width (768 for CLIP ViT-L/14's projected image_embeds)
     hidden_dim: int    # patch-token width (1024 for ViT-L/14)
     image_size: int
     patch_size: int
     num_layers: int
+    family: str = "clip"  # a key of ENCODER_FAMILIES
 
     @staticmethod
-    def describe(embed_dim: int, hidden_dim: int, image_size: int, patch_size: int, num_layers: int) -> "EncoderInfo":
-        known = {(768, 1024, 224, 14, 24): "CLIP ViT-L/14", (768, 1024, 336, 14, 24): "CLIP ViT-L/14@336",
-                 (1024, 1280, 224, 14, 32): "CLIP ViT-H/14", (1280, 1664, 224, 14, 48): "CLIP ViT-bigG/14",
-                 (512, 768, 224, 16, 12): "CLIP ViT-B/16", (512, 768, 224, 32, 12): "CLIP ViT-B/32"}
-        key = (embed_dim, hidden_dim, image_size, patch_size, num_layers)
-        name = known.get(key, f"CLIP-like ViT (embed {embed_dim}, width {hidden_dim}, {num_layers} layers, "
-                              f"patch {patch_size}, {image_size}px)")
-        return EncoderInfo(name, embed_dim, hidden_dim, image_size, patch_size, num_layers)
+    def describe(embed_dim: int, hidden_dim: int, image_size: int, patch_size: int, num_layers: int,
+                 family: str = "clip") -> "EncoderInfo":
+        if family not in ENCODER_FAMILIES:
+            raise AnalogyError(f"unknown image-encoder family {family!r}; known: {', '.join(ENCODER_FAMILIES)}")
+        name = KNOWN_ENCODERS.get((family, embed_dim, hidden_dim, image_size, patch_size, num_layers))
+        if name is None:
+            name = (f"{ENCODER_FAMILIES[family]}-like ViT (embed {embed_dim}, width {hidden_dim}, {num_layers} layers, "
+                    f"patch {patch_size}, {image_size}px)")
+        return EncoderInfo(name, embed_dim, hidden_dim, image_size, patch_size, num_layers, family)
+
+    @property
+    def label(self) -> str:
+        """Name and family for messages, e.g. "CLIP ViT-L/14 (family clip)"."""
+        return f"{self.name} (family {self.family})"
 
 
 @dataclass(frozen=True)

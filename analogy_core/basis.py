@@ -1,12 +1,16 @@
 """LoRWeB's LoRA basis: per targeted layer N rank-r LoRAs, N learned keys and a query projection.
 
-For an analogy with CLIP image embeddings (e_a, e_a', e_b) each layer computes (LoRWeB, Manor et al.):
+For an analogy query e (by default concat(e_a, e_a', e_b) of CLIP image embeddings) each layer computes (LoRWeB,
+Manor et al.; the released checkpoint's settings):
 
-    q = W_q · concat(e_a, e_a', e_b)                 (d,)
+    q = W_q · e                                      (d,)
     c = softmax(q · Kᵀ / sqrt(d) / temperature)      (N,)
     Δy = Σ_n c_n (x A_n) B_n                          A_n: (in, r), B_n: (r, out)
 
-so each layer's mix is exactly one rank-N·r LoRA: down = [c_1 A_1 | … | c_N A_N]ᵀ, up = [B_1; …; B_N]ᵀ. Nothing
+Other trained settings (tanh instead of softmax, several heads, summed heads, other query modes) are read from the
+basis' metadata or the official config.yaml as :class:`~.lorweb_settings.LoRWeBSettings`; the mixing function is
+:func:`~.lorweb_settings.mixing_coefficients`, shared with the trainable layer. Each layer's mix is exactly one
+rank-N·r LoRA: down = [c_1 A_1 | … | c_N A_N]ᵀ, up = [B_1; …; B_N]ᵀ. Nothing
 here materialises ΔW.
 
 File layout (the official NVlabs checkpoint and this pack's training output), per layer ``<prefix><path>.``:
@@ -17,13 +21,15 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
 
 from .files import read_safetensors, write_safetensors_atomic
 from .layouts import standard_layout
 from .lora import LoRA, LoRALayer
+from .lorweb_settings import OFFICIAL, LoRWeBSettings, LoRWeBSettingsError
 
 BASIS_SUFFIXES = {"lora_A": "A", "lora_B": "B", "lora_keys": "keys", "att_lora_to_q.weight": "to_q"}
 PREFIXES = ("transformer.", "unet.", "diffusion_model.", "base_model.model.")
@@ -56,11 +62,10 @@ class BasisLayer:
     def query_dim(self) -> int:
         return self.to_q.shape[1]
 
-    def coefficients(self, query: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """softmax(W_q·query · Kᵀ / sqrt(d) / temperature) for a batch of queries [B, Q] -> [B, N]."""
-        q = query.float() @ self.to_q.float().t()
-        logits = q @ self.keys.float().t() / math.sqrt(self.key_dim)
-        return torch.softmax(logits / temperature, dim=-1)
+    def coefficients(self, query: torch.Tensor, temperature: float = 1.0,
+                     settings: LoRWeBSettings = OFFICIAL) -> torch.Tensor:
+        """Mixing weights [B, N] for queries [B, Q] (float32), e.g. softmax(W_q·query · Kᵀ / sqrt(d) / T)."""
+        return settings.mixing_coefficients(query.float() @ self.to_q.float().t(), self.keys.float(), temperature)
 
     def mixed(self, coefficients: torch.Tensor) -> LoRALayer:
         """The exact rank-N·r LoRA for one analogy's coefficients [N]."""
@@ -94,19 +99,40 @@ class LoRABasis:
     def query_dim(self) -> int:
         return next(iter(self.layers.values())).query_dim
 
+    @cached_property
+    def settings(self) -> LoRWeBSettings:
+        """How this basis must be mixed: from its metadata, else the released checkpoint's settings."""
+        try:
+            return LoRWeBSettings.from_metadata(self.metadata)
+        except LoRWeBSettingsError as err:
+            raise BasisError(str(err)) from None
+
+    def with_settings(self, settings: LoRWeBSettings) -> "LoRABasis":
+        """This basis with ``settings`` recorded in its metadata (checked against its shapes)."""
+        try:
+            settings.check_shapes(self.key_dim, self.query_dim)
+        except LoRWeBSettingsError as err:
+            raise BasisError(str(err)) from None
+        return replace(self, metadata={**self.metadata, **settings.to_metadata()})
+
     def summary(self) -> str:
         return (f"LoRA basis for {self.family}: {len(self.layers)} layers, N={self.num_entries} entries of rank "
-                f"{self.rank}, key dim {self.key_dim}, query dim {self.query_dim}")
+                f"{self.rank}, key dim {self.key_dim}, query dim {self.query_dim}; mixing {self.settings.describe()}")
 
-    def coefficients(self, query: torch.Tensor, temperature: float = 1.0) -> dict[str, torch.Tensor]:
-        """Per layer, the [B, N] mixing weights for a batch of queries [B, Q]."""
+    def coefficients(self, query: torch.Tensor, temperature: float = 1.0, source: str = "") -> dict[str, torch.Tensor]:
+        """Per layer, the [B, N] mixing weights for a batch of queries [B, Q], mixed as the basis was trained.
+
+        This is the one query-width check; ``source`` names where the query came from in its message."""
         if query.ndim == 1:
             query = query.unsqueeze(0)
         if query.shape[-1] != self.query_dim:
-            raise BasisError(f"the basis expects {self.query_dim}-d queries but got {query.shape[-1]}-d")
+            raise BasisError(f"the basis expects {self.query_dim}-d queries "
+                             f"({self.settings.describe_width(self.query_dim)}) but "
+                             f"{source or 'the query'} gives {query.shape[-1]}-d")
         if not temperature > 0:
             raise BasisError(f"temperature must be positive, got {temperature}")
-        return {path: layer.coefficients(query, temperature) for path, layer in self.layers.items()}
+        settings = self.settings
+        return {path: layer.coefficients(query, temperature, settings) for path, layer in self.layers.items()}
 
     def mix(self, coefficients: dict[str, torch.Tensor], sample: int = 0) -> LoRA:
         """One LoRA from per-layer coefficients ([N] or [B, N], ``sample`` picks the batch item)."""

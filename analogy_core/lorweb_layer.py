@@ -6,9 +6,14 @@ For a batch with per-sample coefficients c [B, N] the update is computed as two 
     h = h * repeat(c, r)     per sample, constant over tokens
     Δy = h @ B_cat           B_cat [N·r, out]  (B_n stacked)
 
-which equals Σ_n c_n (x A_n) B_n without a loop over the N entries. Parameters use the released file's layout
-(lora_A [N, in, r], lora_B [N, r, out], lora_keys [N, d], att_lora_to_q [d, Q]), so :meth:`to_basis_layer` is a
-no-copy view of what gets saved.
+which equals Σ_n c_n (x A_n) B_n without a loop over the N entries. The coefficients come from
+:func:`~.lorweb_settings.mixing_coefficients` (softmax or tanh, heads, mean or sum), the function the inference
+basis uses too. Parameters use the released file's layout (lora_A [N, in, r], lora_B [N, r, out], lora_keys [N, d],
+att_lora_to_q [d, Q]), so :meth:`to_basis_layer` is a no-copy view of what gets saved.
+
+Initialisation as the official AttLoRA module: ``kaiming_uniform_(a=√5)`` on the 3-D down tensor [N, in, r] (torch
+takes fan-in = in·r, so std = 1/√(3·in·r)), up = 0 (training starts from the unmodified backbone), keys ~ N(0, 1),
+query projection with nn.Linear's default initialisation.
 """
 
 from __future__ import annotations
@@ -20,29 +25,30 @@ import torch
 from torch import nn
 
 from .basis import BasisLayer, LoRABasis
+from .lorweb_settings import OFFICIAL, LoRWeBSettings
 
 
 class LoRWeBLinear(nn.Module):
     def __init__(self, base: nn.Linear, num_entries: int = 32, rank: int = 4, key_dim: int = 128,
-                 query_dim: int = 3 * 768):
+                 query_dim: int = 3 * 768, settings: LoRWeBSettings = OFFICIAL):
         super().__init__()
+        settings.check_shapes(key_dim, query_dim)
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
-        self.num_entries, self.rank, self.key_dim = num_entries, rank, key_dim
+        self.num_entries, self.rank, self.key_dim, self.settings = num_entries, rank, key_dim, settings
         in_f, out_f = base.in_features, base.out_features
-        # Standard LoRA start: A random, B zero, so training starts from the unmodified backbone.
-        self.lora_A = nn.Parameter(torch.randn(num_entries, in_f, rank) / math.sqrt(in_f))
+        self.lora_A = nn.Parameter(torch.empty(num_entries, in_f, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # fan-in in·r: std 1/sqrt(3·in·r), as official
         self.lora_B = nn.Parameter(torch.zeros(num_entries, rank, out_f))
         self.lora_keys = nn.Parameter(torch.randn(num_entries, key_dim))
-        self.att_lora_to_q = nn.Linear(query_dim, key_dim, bias=False)
-        nn.init.normal_(self.att_lora_to_q.weight, std=1.0 / math.sqrt(query_dim))
+        self.att_lora_to_q = nn.Linear(query_dim, key_dim, bias=False)  # nn.Linear's own init, as official
         self.query: torch.Tensor | None = None  # [B, Q], set per batch by set_query
 
     def coefficients(self, query: torch.Tensor) -> torch.Tensor:
-        """softmax(W_q q · Kᵀ / sqrt(d)) -> [B, N]."""
+        """Mixing weights [B, N] from the queries [B, Q], with this layer's settings."""
         q = self.att_lora_to_q(query.to(self.att_lora_to_q.weight.dtype))
-        return torch.softmax(q @ self.lora_keys.t() / math.sqrt(self.key_dim), dim=-1)
+        return self.settings.mixing_coefficients(q, self.lora_keys)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -74,7 +80,10 @@ DEFAULT_TARGETS = ("transformer_blocks.*", "single_transformer_blocks.*")
 
 
 def inject_lorweb(model: nn.Module, patterns=DEFAULT_TARGETS, **layer_kwargs) -> dict[str, LoRWeBLinear]:
-    """Replace every nn.Linear whose path matches one of the glob ``patterns`` by a LoRWeBLinear (in place)."""
+    """Replace every nn.Linear whose path matches one of the glob ``patterns`` by a LoRWeBLinear (in place).
+
+    ``layer_kwargs``: num_entries, rank, key_dim, query_dim (e.g. ``settings.query_width(encoder.embed_dim)``) and
+    settings (a :class:`LoRWeBSettings`; default the released checkpoint's)."""
     targets = [name for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and any(fnmatch.fnmatchcase(name, p) for p in patterns)]
     if not targets:
@@ -101,7 +110,13 @@ def set_query(model: nn.Module, query: torch.Tensor | None) -> None:
 
 
 def export_basis(model: nn.Module, family: str = "flux", metadata: dict[str, str] | None = None) -> LoRABasis:
-    """The trained basis as the pack's LoRABasis (the file the Mix LoRA Basis node loads)."""
-    layers = {name: layer.to_basis_layer() for name, layer in lorweb_layers(model).items()}
+    """The trained basis as the pack's LoRABasis (the file the Mix LoRA Basis node loads), its metadata recording the
+    layers' settings so the file is mixed as it was trained."""
+    modules = lorweb_layers(model)
+    settings = {m.settings for m in modules.values()}
+    if len(settings) != 1:
+        raise ValueError(f"the LoRWeB layers were built with {len(settings)} different settings; one basis file "
+                         "records one")
+    layers = {name: layer.to_basis_layer() for name, layer in modules.items()}
     return LoRABasis({k: type(v)(*(t.float().cpu() for t in (v.A, v.B, v.keys, v.to_q))) for k, v in layers.items()},
-                     family=family, metadata=dict(metadata or {}))
+                     family=family, metadata={**settings.pop().to_metadata(), **(metadata or {})})
