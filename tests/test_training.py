@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from analogy_core.basis import load_basis
-from training.data import Quads, Relation252K, StepBatchSampler
+from training.data import ItemError, Quads, Relation252K, StepBatchSampler
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -147,7 +147,9 @@ def test_relation252k_layout_gives_all_pairs(tmp_path):
     data = Relation252K(tmp_path, 16)
     assert len(data) == 3  # (0,1), (0,2), (1,2)
     item = data[2]
-    assert item["a"].shape == (16, 16, 3) and item["prompt"] == "edit 2"
+    # the official caption of pair (i, j) = (1, 2) is image i's instruction: it describes a -> a'
+    assert item["a"].shape == (16, 16, 3) and item["prompt"] == "edit 1"
+    assert Relation252K(tmp_path, 16, caption_source="b")[2]["prompt"] == "edit 2"
     assert torch.allclose(item["a"], torch.full_like(item["a"], 40 / 255))
     assert torch.allclose(item["b_prime"], torch.full_like(item["b"], 120 / 255))
 
@@ -160,7 +162,10 @@ def test_corrupt_and_missing_images_are_skipped_not_fatal(tmp_path):
     (tmp_path / "quads" / records[0]["b"]).write_bytes(b"not a png")
     (tmp_path / "quads" / records[1]["a"]).unlink()
     data = Quads(index, 32)
-    assert data[0] is None and data[1] is None and data[2] is not None
+    for broken in (0, 1):
+        with pytest.raises(ItemError, match=r"quads.jsonl:\d+ \((b|a)\)"):
+            data[broken]
+    assert data[2]["a"].shape == (32, 32, 3)
     result = train(tmp_path / "run", "--max-steps", "3", "--set", f"data=quads:{index}", "--set", "batch_size=4",
                    "--set", "sample_every=1000", "--set", "checkpoint_every=1000")
     assert "skipped" in result.stderr and "unreadable items" in result.stderr

@@ -10,7 +10,9 @@ def test_official_defaults():
     assert (cfg.num_entries, cfg.rank, cfg.key_dim) == (32, 4, 128)
     assert (cfg.batch_size, cfg.max_steps, cfg.learning_rate, cfg.weight_decay) == (6, 10_000, 1e-3, 0.05)
     assert (cfg.adam_beta1, cfg.adam_beta2, cfg.mixed_precision, cfg.caption_dropout) == (0.9, 0.99, "bf16", 0.05)
-    assert cfg.gradient_checkpointing and cfg.use_8bit_adam and cfg.timestep_sampling == "weighted"
+    assert cfg.gradient_checkpointing and cfg.use_8bit_adam and cfg.timestep_sampling == "official"
+    assert (cfg.adam_epsilon, cfg.max_grad_norm, cfg.panel_fit, cfg.caption_source) == (1e-6, 1.0, "stretch", "a")
+    assert not cfg.bidirectional_analogy
     assert cfg.targets == ["transformer_blocks.*", "single_transformer_blocks.*"]
 
 

@@ -1,9 +1,13 @@
-"""Analogy training data: Relation252K folders, JSONL quads, and an on-the-fly synthetic set.
+"""Analogy training data: Relation252K folders, JSONL quads, an on-the-fly synthetic set, and the batch sampler.
 
-Every dataset yields dicts {a, a_prime, b, b_prime: [S, S, 3] float tensors, prompt: str}. An item whose image is
-missing or corrupt yields None; :func:`collate` drops those and counts them, so a bad file costs one sample, never
-the run. Batches are drawn by :class:`StepBatchSampler` as a pure function of (seed, step, rank), which makes resuming
-after a crash and multi-process sharding exact.
+Every reader yields dicts {a, a_prime, b, b_prime: [S, S, 3] float tensors, prompt: str}. An item that cannot be read
+(missing or corrupt image, decompression bomb, a 1-px image, a non-string path, a missing field) raises
+:class:`ItemError` naming the file (and JSONL line) and the reason. :class:`ReadableItems` turns those into skips: it
+takes the next readable item instead, logs and counts every skip, and never hands out an empty batch; it refuses a
+dataset whose readable items are too few before training starts.
+
+Batches are drawn by :class:`StepBatchSampler` as a pure function of (seed, step, rank), which makes resuming after a
+crash and multi-process sharding exact.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from analogy_core.composite import fit_into_panel
@@ -23,81 +27,152 @@ from training.make_synthetic_dataset import PROMPTS
 
 log = logging.getLogger(__name__)
 ROLES = ("a", "a_prime", "b", "b_prime")
+MIN_IMAGE_SIDE = 8          # smaller images carry no usable content (and break resizing)
+PANEL_FITS = ("stretch", "center_crop")
 
 
-def load_rgb(path: Path) -> torch.Tensor:
-    with Image.open(path) as img:
-        array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+class ItemError(Exception):
+    """One training item cannot be read; the message names where and why."""
+
+
+class DataError(ValueError):
+    """A dataset as a whole cannot be used (e.g. too few readable items)."""
+
+
+def load_rgb(path) -> torch.Tensor:
+    """An image file as float RGB [H, W, 3] in 0..1; any reason it cannot be used becomes an ItemError."""
+    if not isinstance(path, (str, Path)):
+        raise ItemError(f"image path must be a string, got {type(path).__name__} {path!r}")
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    except Image.DecompressionBombError as err:
+        raise ItemError(f"{path}: refused as a decompression bomb ({err})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:  # PIL raises all of these for damaged files
+        raise ItemError(f"{path}: unreadable image ({type(err).__name__}: {err})") from None
+    if min(array.shape[:2]) < MIN_IMAGE_SIDE:
+        raise ItemError(f"{path}: {array.shape[1]}x{array.shape[0]} px is smaller than {MIN_IMAGE_SIDE} px")
     return torch.from_numpy(array)
 
 
-def square(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Centre-crop to a square and resize to size x size (the official training crops panels square)."""
-    panel, _ = fit_into_panel(image.unsqueeze(0), size, size, "center_crop", 0.5)
+def to_panel(image: torch.Tensor, size: int, fit: str = "stretch") -> torch.Tensor:
+    """A size x size panel: "stretch" resizes ignoring the aspect (official), "center_crop" crops the middle."""
+    if fit not in PANEL_FITS:
+        raise ValueError(f"panel fit must be one of {PANEL_FITS}, got {fit!r}")
+    panel, _ = fit_into_panel(image.unsqueeze(0), size, size, fit, 0.5)
     return panel[0]
 
 
 class Relation252K(Dataset):
     """``<root>/<category>/Group*/labels.json``; each image is a side-by-side before|after pair.
 
-    Samples are all ordered pairs i < j of images within one group (task): (a, a') from image i, (b, b') from j, with
-    image j's edit instruction as the prompt.
+    Samples are all ordered pairs i < j of images within one group (task): (a, a') from image i, (b, b') from j. The
+    prompt is image i's edit instruction (``caption_source="a"``, official: it describes a -> a') or image j's ("b").
     """
 
-    def __init__(self, root: str | Path, resolution: int):
-        self.root, self.resolution = Path(root), resolution
+    def __init__(self, root: str | Path, resolution: int, fit: str = "stretch", caption_source: str = "a"):
+        self.root, self.resolution, self.fit, self.caption_source = Path(root), resolution, fit, caption_source
         label_files = sorted(self.root.glob("*/Group*/labels.json"))
         if not label_files:
-            raise FileNotFoundError(f"no <category>/Group*/labels.json under {self.root}: is this Relation252K?")
+            raise DataError(f"no <category>/Group*/labels.json under {self.root}: is this Relation252K?")
         self.items: list[tuple[Path, dict, dict]] = []
         for labels in label_files:
-            entries = json.loads(labels.read_text())
+            entries = self._entries(labels)
             for i in range(len(entries)):
                 for j in range(i + 1, len(entries)):
                     self.items.append((labels.parent, entries[i], entries[j]))
+
+    @staticmethod
+    def _entries(labels: Path) -> list[dict]:
+        try:
+            entries = json.loads(labels.read_text())
+        except (OSError, ValueError) as err:
+            log.warning("skipping task %s: labels.json unreadable (%s)", labels.parent, err)
+            return []
+        if not isinstance(entries, list):
+            log.warning("skipping task %s: labels.json is not a list of entries", labels.parent)
+            return []
+        return [e for e in entries if isinstance(e, dict)]
 
     def __len__(self) -> int:
         return len(self.items)
 
     def _pair(self, folder: Path, entry: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        image = load_rgb(folder / entry["img_name"])
+        name = entry.get("img_name")
+        if not isinstance(name, str):
+            raise ItemError(f"{folder / 'labels.json'}: entry without a string img_name: {str(entry)[:80]}")
+        image = load_rgb(folder / name)
         half = image.shape[1] // 2
-        return square(image[:, :half], self.resolution), square(image[:, half: 2 * half], self.resolution)
+        if half < MIN_IMAGE_SIDE:
+            raise ItemError(f"{folder / name}: {image.shape[1]} px wide is too narrow for a before|after pair")
+        return (to_panel(image[:, :half], self.resolution, self.fit),
+                to_panel(image[:, half: 2 * half], self.resolution, self.fit))
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> dict:
         folder, first, second = self.items[index]
-        try:
-            a, a_prime = self._pair(folder, first)
-            b, b_prime = self._pair(folder, second)
-        except (OSError, UnidentifiedImageError, ValueError, KeyError) as err:
-            log.warning("skipping %s / %s: %s", folder, second.get("img_name"), err)
-            return None
+        a, a_prime = self._pair(folder, first)
+        b, b_prime = self._pair(folder, second)
+        source = first if self.caption_source == "a" else second
+        prompt = source.get("edit_instruction")
         return {"a": a, "a_prime": a_prime, "b": b, "b_prime": b_prime,
-                "prompt": second.get("edit_instruction") or first.get("edit_instruction", "")}
+                "prompt": prompt if isinstance(prompt, str) else ""}
 
 
 class Quads(Dataset):
-    """A JSONL file of {a, a_prime, b, b_prime, prompt} with image paths relative to the file."""
+    """A JSONL file of {a, a_prime, b, b_prime, prompt} with image paths relative to the file.
 
-    def __init__(self, index: str | Path, resolution: int):
-        self.index, self.resolution = Path(index), resolution
-        self.records = [json.loads(line) for line in self.index.read_text().splitlines() if line.strip()]
-        for n, record in enumerate(self.records):
-            missing = [k for k in (*ROLES, "prompt") if k not in record]
-            if missing:
-                raise ValueError(f"{self.index}:{n + 1}: record lacks {missing}")
+    Lines that are not JSON objects with the four image paths are skipped and reported with their line number."""
+
+    def __init__(self, index: str | Path, resolution: int, fit: str = "stretch"):
+        self.index, self.resolution, self.fit = Path(index), resolution, fit
+        try:
+            lines = self.index.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise DataError(f"{self.index}: cannot read the quads index ({err})") from None
+        self.records: list[tuple[int, dict]] = []
+        self.bad_lines = 0
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            problem = self._problem(line)
+            if problem:
+                self.bad_lines += 1
+                log.warning("skipping %s:%d: %s", self.index, number, problem)
+                continue
+            self.records.append((number, json.loads(line)))
+        if not self.records:
+            raise DataError(f"{self.index}: no usable record ({self.bad_lines} bad lines); each line must be "
+                            '{"a": path, "a_prime": path, "b": path, "b_prime": path, "prompt": text}')
+
+    @staticmethod
+    def _problem(line: str) -> str | None:
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            return f"not JSON ({err})"
+        if not isinstance(record, dict):
+            return f"expected a JSON object, got {type(record).__name__}"
+        missing = [k for k in ROLES if k not in record]
+        if missing:
+            return f"record lacks {missing}"
+        wrong = [k for k in ROLES if not isinstance(record[k], str)]
+        if wrong:
+            return f"image paths must be strings: {wrong}"
+        return None
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int):
-        record = self.records[index]
-        try:
-            images = {role: square(load_rgb(self.index.parent / record[role]), self.resolution) for role in ROLES}
-        except (OSError, UnidentifiedImageError, ValueError) as err:
-            log.warning("skipping quad %d of %s: %s", index, self.index, err)
-            return None
-        return {**images, "prompt": record["prompt"]}
+    def __getitem__(self, index: int) -> dict:
+        number, record = self.records[index]
+        images = {}
+        for role in ROLES:
+            try:
+                images[role] = to_panel(load_rgb(self.index.parent / record[role]), self.resolution, self.fit)
+            except ItemError as err:
+                raise ItemError(f"{self.index}:{number} ({role}): {err}") from None
+        prompt = record.get("prompt", "")
+        return {**images, "prompt": prompt if isinstance(prompt, str) else str(prompt)}
 
 
 class SyntheticAnalogies(Dataset):
@@ -112,33 +187,90 @@ class SyntheticAnalogies(Dataset):
     def family(self, index: int) -> str:
         return self.families[index % len(self.families)]
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> dict:
         family = self.family(index)
         quad = analogy_example(family, seed_a=2 * index + 1, seed_b=2 * index + 2, width=self.resolution,
                                height=self.resolution)
         return {**quad, "prompt": PROMPTS[family], "family": family}
 
 
-def make_dataset(spec: str, resolution: int) -> Dataset:
+def make_dataset(spec: str, resolution: int, fit: str = "stretch", caption_source: str = "a") -> Dataset:
     kind, _, location = spec.partition(":")
     if kind == "synthetic":
         return SyntheticAnalogies(resolution)
     if kind == "relation252k":
-        return Relation252K(location, resolution)
+        return Relation252K(location, resolution, fit, caption_source)
     if kind == "quads":
-        return Quads(location, resolution)
+        return Quads(location, resolution, fit)
     raise ValueError(f"data must be synthetic, relation252k:<folder> or quads:<file.jsonl>; got {spec!r}")
 
 
-def collate(items: list) -> dict | None:
-    """Stack the good items; report how many were skipped."""
-    good = [item for item in items if item is not None]
-    batch = {"skipped": len(items) - len(good)}
-    if not good:
-        return batch
-    for role in ROLES:
-        batch[role] = torch.stack([item[role] for item in good])
-    batch["prompt"] = [item["prompt"] for item in good]
+# ---------------------------------------------------------------------------------------------------------------------
+# skipping unreadable items, batching
+
+
+class ReadableItems(Dataset):
+    """Wraps a reader: item i is the first readable item at or after position i (wrapping around), with the number
+    of unreadable ones passed over in ``item["skipped"]``. Deterministic, so resumed runs see the same items."""
+
+    def __init__(self, dataset: Dataset, max_tries: int = 64):
+        if len(dataset) == 0:
+            raise DataError("the dataset is empty")
+        self.dataset, self.max_tries = dataset, max_tries
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        errors = []
+        for offset in range(min(self.max_tries, len(self.dataset))):
+            position = (index + offset) % len(self.dataset)
+            try:
+                item = self.dataset[position]
+            except ItemError as err:
+                log.warning("skipping item %d: %s", position, err)
+                errors.append(str(err))
+                continue
+            return dict(item, skipped=len(errors))
+        raise DataError(f"{len(errors)} consecutive unreadable items from position {index}, e.g. {errors[:2]}")
+
+    def probe(self, count: int = 32, minimum: int = 1) -> list[str]:
+        """Read up to ``count`` items spread over the dataset; refuse it when fewer than half (or fewer than
+        ``minimum``) are readable. Returns the errors seen."""
+        size = len(self.dataset)
+        positions = sorted({round(i * size / min(count, size)) % size for i in range(min(count, size))})
+        errors = []
+        for position in positions:
+            try:
+                self.dataset[position]
+            except ItemError as err:
+                errors.append(str(err))
+        readable = len(positions) - len(errors)
+        if readable < minimum or readable * 2 < len(positions):
+            raise DataError(f"only {readable} of {len(positions)} probed items are readable (need at least "
+                            f"{minimum} and half); first problems: {errors[:3]}")
+        return errors
+
+    def first_items(self, count: int) -> list[dict]:
+        """The first ``count`` readable items (for sample grids)."""
+        items, position = [], 0
+        while len(items) < min(count, len(self.dataset)) and position < len(self.dataset):
+            item = self[position]
+            items.append(item)
+            position += item["skipped"] + 1
+        return items
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack a batch of readable items; ``skipped`` sums the unreadable ones passed over."""
+    if not items:
+        raise DataError("empty batch")
+    batch: dict = {"skipped": sum(item.get("skipped", 0) for item in items)}
+    for key in items[0]:
+        if key == "skipped":
+            continue
+        values = [item[key] for item in items]
+        batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     return batch
 
 
@@ -151,7 +283,7 @@ class StepBatchSampler(Sampler):
 
     def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0):
         if size == 0:
-            raise ValueError("the dataset is empty")
+            raise DataError("the dataset is empty")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.rank, self.world, self.start = rank, world, start
         self._perms: dict[int, torch.Tensor] = {}

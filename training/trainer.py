@@ -1,0 +1,352 @@
+"""The one training loop every trainer of the pack runs on (LoRWeB, LoRA of Change, Edit Transfer, regions).
+
+A method describes itself as a :class:`TrainingTask` — which module trains, its data, its loss, what file it
+exports, what samples it draws — and :func:`run` does the rest the same way for all of them:
+
+- config: the task's dataclass, ``--preset``, ``--config file.yaml``, ``--set key=value``;
+- Accelerate: mixed precision, gradient accumulation, several processes (DDP), trackers (TensorBoard, …);
+- an optimiser over the trainable parameters only (AdamW, or 8-bit AdamW on CUDA), global grad-norm clipping;
+- batches as a pure function of (seed, step, rank), so resuming and sharding are exact; unreadable items skipped
+  and counted, never an empty batch;
+- checkpoints (``checkpoints/step_N``: safetensors + JSON, atomic, hashed) and ``--resume`` from the newest intact
+  one; the task's artifact (e.g. ``lorweb_basis.safetensors``) rewritten atomically at every checkpoint;
+- progress bar, loss log, sample images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from training import checkpoints as ckpt
+from training.config import CommonConfig, build_config
+from training.data import ReadableItems, StepBatchSampler, collate
+
+log = logging.getLogger("training")
+
+
+class TrainingTask:
+    """What a trainer defines; :func:`run` calls these in order (``build`` → ``dataset`` → loop of ``loss`` →
+    ``export``/``write_samples`` at checkpoints)."""
+
+    name: ClassVar[str] = "task"
+    artifact: ClassVar[str] = "model.safetensors"       # the user-facing file in output_dir
+    config_cls: ClassVar[type[CommonConfig]] = CommonConfig
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    description: ClassVar[str] = ""
+
+    def __init__(self, cfg: CommonConfig, accelerator) -> None:
+        self.cfg = cfg
+        self.accelerator = accelerator
+        self.device = accelerator.device
+
+    # -- what each method implements ---------------------------------------------------------------------------------
+    def build(self) -> nn.Module:
+        """Load the frozen parts, create the trainable ones; return the module Accelerate prepares (its parameters
+        with requires_grad are the ones optimised)."""
+        raise NotImplementedError
+
+    def dataset(self) -> Dataset:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """The training loss of one micro-batch; ``model`` is what :meth:`build` returned, as prepared (e.g. DDP).
+        Draw every random number from ``generator`` (seeded per step and rank) so resumed runs are exact."""
+        raise NotImplementedError
+
+    def export(self, model: nn.Module, path: Path, step: int) -> None:
+        """Write the user-facing artifact (atomically) from the unwrapped model."""
+        raise NotImplementedError
+
+    def write_samples(self, model: nn.Module, batch: dict, step: int, folder: Path) -> None:
+        """Optional: draw sample images for ``batch`` (the first readable items) into ``folder``."""
+
+    def summary(self, model: nn.Module) -> str:
+        count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return f"{self.name}: {count / 1e6:.2f}M trainable parameters"
+
+    # -- checkpoint state (defaults: every parameter with requires_grad) ---------------------------------------------
+    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        if set(params) != set(tensors):
+            missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+            raise ckpt.CheckpointError(f"trainable parameters do not match (missing {missing[:3]}, extra "
+                                       f"{extra[:3]}): was the checkpoint written with another config?")
+        with torch.no_grad():
+            for name, param in params.items():
+                if param.shape != tensors[name].shape:
+                    raise ckpt.CheckpointError(f"{name}: checkpoint shape {tuple(tensors[name].shape)}, model "
+                                               f"{tuple(param.shape)}")
+                param.copy_(tensors[name])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# command line and set-up
+
+
+def parse_args(task_cls: type[TrainingTask], argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=task_cls.description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(task_cls.presets), help="start from a preset")
+    parser.add_argument("--config", help="YAML file of config keys")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
+    parser.add_argument("--output-dir", help="shortcut for --set output_dir=...")
+    parser.add_argument("--max-steps", type=int, help="shortcut for --set max_steps=...")
+    parser.add_argument("--resume", nargs="?", const="latest",
+                        help="resume from the newest intact checkpoint ('latest') or a given checkpoint folder")
+    return parser.parse_args(argv)
+
+
+def config_from_args(task_cls: type[TrainingTask], args: argparse.Namespace) -> CommonConfig:
+    overrides = list(args.set)
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    if args.max_steps is not None:
+        overrides.append(f"max_steps={args.max_steps}")
+    return build_config(task_cls.config_cls, task_cls.presets, args.preset, args.config, overrides)
+
+
+def make_accelerator(cfg: CommonConfig, out: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    report_to = cfg.report_to if cfg.report_to not in ("", "none") else None
+    if report_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            report_to = None
+    return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                       log_with=report_to,
+                       project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+
+
+def make_optimizer(cfg: CommonConfig, params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                  weight_decay=cfg.weight_decay)
+    if cfg.use_8bit_adam and device.type == "cuda":
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(params, **kwargs)
+        except ImportError:
+            log.warning("bitsandbytes is not installed: using torch AdamW")
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def step_generator(cfg: CommonConfig, micro_step: int, rank: int) -> torch.Generator:
+    """The random stream of one micro-batch: a pure function of (seed, micro-step, rank)."""
+    return torch.Generator().manual_seed(cfg.seed * 1_000_003 + micro_step * 101 + rank)
+
+
+def optimizer_step(accelerator, loss: torch.Tensor, params: list[nn.Parameter], optimizer,
+                   max_grad_norm: float) -> float | None:
+    """Backward, global grad-norm clipping (when gradients are synchronised), optimiser step. Returns the norm
+    before clipping (None on accumulation micro-steps)."""
+    accelerator.backward(loss)
+    norm = None
+    if accelerator.sync_gradients:
+        if max_grad_norm > 0:
+            norm = float(accelerator.clip_grad_norm_(params, max_grad_norm))
+        else:
+            norm = float(torch.linalg.vector_norm(torch.stack(
+                [p.grad.detach().float().norm() for p in params if p.grad is not None])))
+    optimizer.step()
+    optimizer.zero_grad()
+    return norm
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(task: TrainingTask, model, optimizer, step: int) -> Path:
+    """Write checkpoints/step_N atomically (all ranks' RNG, main rank's weights and optimiser), then the artifact."""
+    accelerator, cfg = task.accelerator, task.cfg
+    out = Path(cfg.output_dir)
+    folder = out / "checkpoints"
+    tmp = folder / f"{ckpt.TMP_PREFIX}{step:06d}"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    ckpt.save_rng(tmp / ckpt.rng_file(accelerator.process_index))
+    unwrapped = accelerator.unwrap_model(model)
+    # Every rank's parameter checksum: data-parallel ranks must hold identical weights (DDP keeps them in sync).
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters() if p.requires_grad]).sum()
+    checksums = accelerator.gather(checksum.reshape(1).to(accelerator.device)).tolist()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if max(checksums) - min(checksums) > 1e-9 * max(1.0, abs(checksums[0])):
+            raise RuntimeError(f"data-parallel ranks diverged at step {step}: parameter checksums {checksums}")
+        tensors = {k: v.detach().cpu().contiguous() for k, v in task.trainable_state(unwrapped).items()}
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(tmp / ckpt.TRAINABLE_FILE), metadata={"step": str(step), "task": task.name})
+        ckpt.save_optimizer(optimizer.state_dict(), tmp / ckpt.OPTIMIZER_FILE)
+        rng_files = tuple(ckpt.rng_file(r) for r in range(accelerator.num_processes))
+        state = {"step": step, "task": task.name, "num_processes": accelerator.num_processes,
+                 "param_checksums": checksums}
+        ckpt.finalize(tmp, folder / ckpt.checkpoint_name(step), state, optional=rng_files)
+        task.export(unwrapped, out / task.artifact, step)
+        ckpt.prune(folder, cfg.keep_checkpoints)
+    accelerator.wait_for_everyone()
+    return folder / ckpt.checkpoint_name(step)
+
+
+def load_checkpoint(task: TrainingTask, model, optimizer, checkpoint: ckpt.Checkpoint) -> None:
+    state, degraded = ckpt.verify(checkpoint)
+    if state.get("task", task.name) != task.name:
+        raise ckpt.CheckpointError(f"written by the {state['task']} trainer, not {task.name}")
+    tensors, _ = ckpt.read_safetensors(checkpoint.path / ckpt.TRAINABLE_FILE)
+    task.load_trainable_state(task.accelerator.unwrap_model(model), tensors)
+    try:
+        optimizer.load_state_dict(ckpt.load_optimizer(checkpoint.path / ckpt.OPTIMIZER_FILE))
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise ckpt.CheckpointError(f"optimiser state does not fit this run: {err}") from None
+    rank_file = ckpt.rng_file(task.accelerator.process_index)
+    if rank_file in degraded or not (checkpoint.path / rank_file).is_file():
+        log.warning("%s: %s is missing or damaged: global RNG states are not restored. Batches, noise and caption "
+                    "dropout come from (seed, step) and stay exact; any other global randomness (e.g. dropout "
+                    "layers) will differ from an uninterrupted run.", checkpoint.path.name, rank_file)
+    else:
+        ckpt.load_rng(checkpoint.path / rank_file)
+
+
+def resume(task: TrainingTask, model, optimizer, target: str) -> int:
+    """Load the requested checkpoint, or with 'latest' the newest one that verifies and loads. Returns its step."""
+    folder = Path(task.cfg.output_dir) / "checkpoints"
+    if target != "latest":
+        path = Path(target)
+        match = ckpt.STEP_PATTERN.fullmatch(path.name)
+        if not match or not path.is_dir():
+            raise ckpt.CheckpointError(f"{target} is not a checkpoint folder (checkpoints/step_NNNNNN)")
+        checkpoint = ckpt.Checkpoint(path, int(match.group(1)))
+        load_checkpoint(task, model, optimizer, checkpoint)
+        log.info("resumed from %s at step %d", checkpoint.path, checkpoint.step)
+        return checkpoint.step
+    candidates = ckpt.list_checkpoints(folder)
+    for checkpoint in candidates:
+        try:
+            load_checkpoint(task, model, optimizer, checkpoint)
+        except (ckpt.CheckpointError, ValueError, OSError) as err:
+            log.warning("checkpoint %s is unusable (%s); trying an older one", checkpoint.path.name, err)
+            continue
+        log.info("resumed from %s at step %d", checkpoint.path, checkpoint.step)
+        return checkpoint.step
+    if candidates:
+        raise ckpt.CheckpointError(f"none of the {len(candidates)} checkpoints in {folder} is intact; see the "
+                                   "warnings above (remove them, or start without --resume)")
+    log.info("no checkpoint in %s: starting from scratch", folder)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def run(task_cls: type[TrainingTask], argv=None) -> dict:
+    """Parse the command line and train; returns a history dict (losses, skipped items, steps)."""
+    args = parse_args(task_cls, argv)
+    cfg = config_from_args(task_cls, args)
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    out = Path(cfg.output_dir)
+    accelerator = make_accelerator(cfg, out)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    set_seed(cfg.seed)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        for path in ckpt.remove_stale_temporaries(out):
+            log.info("removed %s left by an interrupted write", path)
+    accelerator.wait_for_everyone()
+
+    task = task_cls(cfg, accelerator)
+    model = task.build()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise RuntimeError(f"{task.name}: build() returned a module without trainable parameters")
+    optimizer = make_optimizer(cfg, trainable, accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    step = resume(task, model, optimizer, args.resume) if args.resume else 0
+
+    data = ReadableItems(task.dataset())
+    data.probe(minimum=1)
+    sampler = StepBatchSampler(len(data), cfg.batch_size, cfg.seed, accelerator.process_index,
+                               accelerator.num_processes, start=step * cfg.gradient_accumulation_steps)
+    loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers)
+    sample_batch = collate(data.first_items(4))
+
+    if accelerator.is_main_process:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    if accelerator.log_with:
+        accelerator.init_trackers(task.name, config={k: str(v) for k, v in cfg.to_dict().items()})
+    log.info("%s, optimiser %s", task.summary(accelerator.unwrap_model(model)), type(optimizer.optimizer).__name__)
+
+    history: dict = {"losses": [], "grad_norms": [], "skipped": 0, "start_step": step}
+    progress = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, desc=task.name)
+    batches = iter(loader)
+    model.train()
+    while step < cfg.max_steps:
+        losses, norm = [], None
+        for micro in range(cfg.gradient_accumulation_steps):
+            batch = next(batches)
+            history["skipped"] += batch["skipped"]
+            generator = step_generator(cfg, step * cfg.gradient_accumulation_steps + micro, accelerator.process_index)
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    loss = task.loss(model, batch, generator)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; the last checkpoint "
+                                             "is intact (lower the learning rate and --resume)")
+                norm = optimizer_step(accelerator, loss, trainable, optimizer, cfg.max_grad_norm)
+            losses.append(loss.detach())
+        step += 1
+        mean_loss = accelerator.gather(torch.stack(losses).mean().reshape(1)).mean().item()
+        history["losses"].append(mean_loss)
+        history["grad_norms"].append(norm)
+        progress.update(1)
+        progress.set_postfix(loss=f"{mean_loss:.4f}")
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            accelerator.log({"loss": mean_loss, "grad_norm": norm or 0.0, "skipped_items": history["skipped"]},
+                            step=step)
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            save_checkpoint(task, model, optimizer, step)
+        if accelerator.is_main_process and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+            unwrapped = accelerator.unwrap_model(model)
+            unwrapped.eval()
+            task.write_samples(unwrapped, sample_batch, step, out / "samples")
+            unwrapped.train()
+    progress.close()
+    if history["skipped"]:
+        log.warning("skipped %d unreadable items (see the warnings above for files and reasons)", history["skipped"])
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        losses = history["losses"]
+        log.info("wrote %s (steps %d..%d, loss %.4f -> %.4f)", out / task.artifact, history["start_step"], step,
+                 losses[0] if losses else math.nan, losses[-1] if losses else math.nan)
+    return history
+
+
+def main_for(task_cls: type[TrainingTask]) -> None:
+    """``python -m training.train_<method>`` entry point."""
+    run(task_cls, sys.argv[1:])
+    sys.exit(0)
