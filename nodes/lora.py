@@ -31,7 +31,7 @@ class LoadLoRA:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "lora_name": (folder_paths.get_filename_list("loras"),
+            "lora_name": ([n for n in folder_paths.get_filename_list("loras") if n.lower().endswith(".safetensors")],
                           {"tooltip": "A .safetensors LoRA in models/loras."}),
         }}
 

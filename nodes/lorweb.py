@@ -9,9 +9,12 @@ import torch
 import comfy.model_management
 import folder_paths
 
-from ..analogy_core.analogy import AnalogyEmbedding, AnalogyError, EncoderInfo, batch_roles, split_roles
-from ..analogy_core.basis import BasisError, load_basis
+from ..analogy_core.analogy import CLIP_MEAN, CLIP_STD, AnalogyEmbedding, AnalogyError, EncoderInfo, batch_roles, \
+    split_roles
+from ..analogy_core.basis import BasisError
+from ..analogy_core.basis_files import is_basis_file, load_basis_with_settings
 from ..analogy_core.heatmap import coefficient_heatmap
+from ..analogy_core.lorweb_mix import BLEND_MODES, mix_analogy
 from .common import ANALOGY_TYPE, BASIS_TYPE, CATEGORY, LORA_TYPE
 
 BASIS_FOLDER = "lorweb"
@@ -21,27 +24,60 @@ if BASIS_FOLDER in folder_paths.folder_names_and_paths:  # the basis files are .
                                                          {".safetensors"})
 
 
+# ComfyUI's CLIP_VISION model_type (its config's "model_type"; kept as an attribute by releases newer than 0.3.75)
+COMFY_MODEL_TYPES = {"clip_vision_model": "clip", "siglip_vision_model": "siglip",
+                     "siglip2_vision_model": "siglip2", "dinov2": "dinov2"}
+
+
+def encoder_family(clip_vision) -> str:
+    """The encoder family of ComfyUI's CLIP_VISION: its ``model_type`` where ComfyUI keeps it (newer releases), else
+    read from the model as ComfyUI 0.3.75 builds it (Dinov2Model; SigLIP is the type that returns all hidden states)."""
+    model_type = getattr(clip_vision, "model_type", None)
+    if model_type is None:
+        if type(clip_vision.model).__name__ == "Dinov2Model":
+            model_type = "dinov2"
+        elif getattr(clip_vision, "return_all_hidden_states", False):
+            model_type = "siglip_vision_model"
+        else:
+            model_type = "clip_vision_model"
+    if model_type not in COMFY_MODEL_TYPES:
+        raise AnalogyError(f"unknown CLIP_VISION model type {model_type!r}; this pack knows "
+                           f"{', '.join(COMFY_MODEL_TYPES)}")
+    return COMFY_MODEL_TYPES[model_type]
+
+
 def encoder_info(clip_vision) -> EncoderInfo:
-    """Identity of ComfyUI's CLIP_VISION model, read from its weights."""
-    model = clip_vision.model
-    patch = model.vision_model.embeddings.patch_embedding.weight
-    projection = getattr(model, "visual_projection", None)
-    embed_dim = projection.weight.shape[0] if hasattr(projection, "weight") else patch.shape[0]
-    return EncoderInfo.describe(embed_dim, patch.shape[0], clip_vision.image_size, patch.shape[-1],
-                                len(model.vision_model.encoder.layers))
+    """Identity (family, name, widths) of ComfyUI's CLIP_VISION model, read from its weights and config."""
+    family, model = encoder_family(clip_vision), clip_vision.model
+    config = getattr(clip_vision, "config", None) or {}
+    if family == "dinov2":
+        patch, layers = model.embeddings.patch_embeddings.projection.weight, len(model.encoder.layer)
+        projection = None
+    else:
+        patch, layers = model.vision_model.embeddings.patch_embedding.weight, len(model.vision_model.encoder.layers)
+        projection = getattr(model, "visual_projection", None)
+    hidden = patch.shape[0]
+    # a Conv2d patch embedding [hidden, 3, p, p]; SigLIP2 NaFlex uses a Linear [hidden, 3·p·p]
+    patch_size = config.get("patch_size") or (patch.shape[-1] if patch.ndim == 4 else round((patch.shape[1] / 3) ** .5))
+    embed_dim = projection.weight.shape[0] if hasattr(projection, "weight") else hidden
+    return EncoderInfo.describe(embed_dim, hidden, clip_vision.image_size, patch_size, layers, family)
 
 
 def encode_with_comfy(clip_vision, images: dict[str, torch.Tensor]) -> AnalogyEmbedding:
     """One batched pass of ComfyUI's CLIP vision model over the officially preprocessed images."""
-    if getattr(clip_vision, "return_all_hidden_states", False):
-        raise AnalogyError("this CLIP_VISION is a SigLIP model; LoRWeB was trained with CLIP ViT-L/14 "
-                           "(clip_vision/clip-vit-large-patch14)")
-    pixels, spans = batch_roles(images)
+    info = encoder_info(clip_vision)
+    if info.family != "clip":
+        raise AnalogyError(f"this CLIP_VISION is {info.label}; Encode Analogy needs a CLIP vision model (LoRWeB's "
+                           "preprocessing and query are CLIP's; the released basis uses CLIP ViT-L/14, "
+                           "clip_vision/clip-vit-large-patch14)")
+    mean = tuple(getattr(clip_vision, "image_mean", CLIP_MEAN))
+    std = tuple(getattr(clip_vision, "image_std", CLIP_STD))
+    pixels, spans = batch_roles(images, clip_vision.image_size, mean, std)
     comfy.model_management.load_model_gpu(clip_vision.patcher)
     with torch.no_grad():
         out = clip_vision.model(pixel_values=pixels.to(clip_vision.load_device), intermediate_output=-2)
     embeds, tokens = out[2].float().cpu(), out[1].float().cpu()
-    return AnalogyEmbedding(encoder_info(clip_vision), split_roles(embeds, spans), split_roles(tokens, spans))
+    return AnalogyEmbedding(info, split_roles(embeds, spans), split_roles(tokens, spans))
 
 
 class EncodeAnalogy:
@@ -74,14 +110,16 @@ class EncodeAnalogy:
         if b is not None:
             images["b"] = b
         analogy = encode_with_comfy(clip_vision, images)
-        info = f"{analogy.encoder.name}: {', '.join(analogy.roles)}, batch {analogy.batch_size}, " \
+        info = f"{analogy.encoder.label}: {', '.join(analogy.roles)}, batch {analogy.batch_size}, " \
                f"embeds {analogy.encoder.embed_dim}-d, tokens {tuple(analogy.patch_tokens['a'].shape[1:])}"
         return (analogy, info)
 
 
 class LoadLoRABasis:
     DESCRIPTION = ("Loads a LoRWeB LoRA basis (the released lorweb_model.safetensors or one trained with "
-                   "python -m training.train_lorweb) from models/lorweb or models/loras, validating every tensor.")
+                   "python -m training.train_lorweb) from models/lorweb or models/loras, validating every tensor, "
+                   "with how it must be mixed: the settings the file records, else the official config.yaml beside "
+                   "it or one folder up (or at config_path), else the released checkpoint's settings.")
     CATEGORY = f"{CATEGORY}/lorweb"
     FUNCTION = "load"
     RETURN_TYPES = (BASIS_TYPE, "STRING")
@@ -90,21 +128,37 @@ class LoadLoRABasis:
 
     @classmethod
     def INPUT_TYPES(cls):
-        names = sorted(set(folder_paths.get_filename_list(BASIS_FOLDER)) | set(folder_paths.get_filename_list("loras")))
-        return {"required": {"basis_name": (names, {"tooltip": "A basis file in models/lorweb (or models/loras)."})}}
+        return {"required": {"basis_name": (basis_names(), {"tooltip": "A basis in models/lorweb, or a file in "
+                                                                       "models/loras whose header says it is one."})},
+                "optional": {"config_path": ("STRING", {
+                    "default": "", "tooltip": "The official config.yaml of this basis (how it must be mixed). Empty: "
+                                              "use the settings the file records, else a config.yaml beside the "
+                                              "file or one folder up, else the released checkpoint's settings."})}}
 
-    def load(self, basis_name):
+    def load(self, basis_name, config_path=""):
         path = folder_paths.get_full_path(BASIS_FOLDER, basis_name) or folder_paths.get_full_path("loras", basis_name)
         if path is None:
             raise BasisError(f"basis file {basis_name!r} not found in models/lorweb or models/loras")
-        basis = load_basis(path)
-        return (basis, basis.summary())
+        basis, note = load_basis_with_settings(path, config_path.strip() or None)
+        return (basis, f"{basis.summary()}\n{note}")
+
+
+def basis_names() -> list[str]:
+    """Every file in models/lorweb plus the files in models/loras whose header says they are a basis (cached)."""
+    lora_bases = set()
+    for name in folder_paths.get_filename_list("loras"):
+        path = folder_paths.get_full_path("loras", name) if name.lower().endswith(".safetensors") else None
+        if path and is_basis_file(path):
+            lora_bases.add(name)
+    return sorted(set(folder_paths.get_filename_list(BASIS_FOLDER)) | lora_bases)
 
 
 class MixLoRABasis:
-    DESCRIPTION = ("Mixes the basis into one LoRA for this analogy: per layer q = W_q·[e_A, e_A', e_B], "
-                   "c = softmax(q·Kᵀ/√d / temperature), LoRA = Σ c_n A_n B_n (an exact rank N·r LoRA). "
-                   "Optionally blends a second analogy, and draws the coefficients as a heat map.")
+    DESCRIPTION = ("Mixes the basis into one LoRA for this analogy, as the basis was trained (by default "
+                   "q = W_q·[e_A, e_A', e_B], c = softmax(q·Kᵀ/√d / temperature); tanh, several heads and other "
+                   "query modes as its settings say), LoRA = Σ c_n A_n B_n (an exact rank N·r LoRA). Refuses an "
+                   "ANALOGY from another encoder than the basis was trained with. Optionally blends a second "
+                   "analogy, and draws the coefficients as a heat map.")
     CATEGORY = f"{CATEGORY}/lorweb"
     FUNCTION = "mix"
     RETURN_TYPES = (LORA_TYPE, "IMAGE", "STRING")
@@ -121,8 +175,9 @@ class MixLoRABasis:
                 "basis": (BASIS_TYPE, {"tooltip": "From Load LoRA Basis."}),
                 "analogy": (ANALOGY_TYPE, {"tooltip": "From Encode Analogy (with A, A' and B)."}),
                 "temperature": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 100.0, "step": 0.01,
-                                          "tooltip": "Softmax temperature: below 1 sharpens the choice of basis "
-                                                     "entries, above 1 evens it out. 1 = as trained."}),
+                                          "tooltip": "Divides the query-key scores before softmax (or tanh): below "
+                                                     "1 sharpens the choice of basis entries, above 1 evens it out. "
+                                                     "1 = as trained."}),
                 "sample": ("INT", {"default": 0, "min": 0, "max": 4095,
                                    "tooltip": "Which item of a batched ANALOGY to mix (one LoRA per model)."}),
             },
@@ -130,7 +185,7 @@ class MixLoRABasis:
                 "analogy_2": (ANALOGY_TYPE, {"tooltip": "A second analogy to blend with the first."}),
                 "blend": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
                                     "tooltip": "Weight of analogy_2 (0 = only the first analogy)."}),
-                "blend_mode": (["coefficients", "query"], {
+                "blend_mode": (list(BLEND_MODES), {
                     "default": "coefficients",
                     "tooltip": "coefficients: mix the two analogies' coefficients (both edits, weighted). "
                                "query: interpolate the CLIP queries before the softmax."}),
@@ -138,41 +193,8 @@ class MixLoRABasis:
         }
 
     def mix(self, basis, analogy, temperature, sample, analogy_2=None, blend=0.5, blend_mode="coefficients"):
-        query = self._query(basis, analogy, sample)
-        if analogy_2 is not None and blend > 0:
-            query_2 = self._query(basis, analogy_2, sample if sample < analogy_2.batch_size else 0)
-            if blend_mode == "query":
-                coefficients = basis.coefficients((1 - blend) * query + blend * query_2, temperature)
-            else:
-                c1 = basis.coefficients(query, temperature)
-                c2 = basis.coefficients(query_2, temperature)
-                coefficients = {k: (1 - blend) * c1[k] + blend * c2[k] for k in c1}
-        else:
-            coefficients = basis.coefficients(query, temperature)
-        lora = basis.mix(coefficients)
-        table = torch.cat([c for c in coefficients.values()], dim=0)  # [layers, N]
-        heat = coefficient_heatmap(table)
-        usage = table.mean(dim=0)
-        top = torch.topk(usage, k=min(5, usage.numel()))
-        info = (f"{lora.summary()}; mean coefficient of the top entries: "
-                + ", ".join(f"#{i}={v:.3f}" for v, i in zip(top.values.tolist(), top.indices.tolist())))
-        return (lora, heat, info)
-
-    @staticmethod
-    def _query(basis, analogy, sample) -> torch.Tensor:
-        if not 0 <= sample < analogy.batch_size:
-            raise AnalogyError(f"sample {sample} is out of range: the ANALOGY holds {analogy.batch_size} item(s)")
-        query = analogy.query()[sample: sample + 1]
-        if query.shape[-1] != basis.query_dim:
-            raise BasisError(f"the basis expects {basis.query_dim}-d queries (3 images x {basis.query_dim // 3}) "
-                             f"but the ANALOGY from {analogy.encoder.name} gives {query.shape[-1]}-d "
-                             f"(3 x {analogy.encoder.embed_dim}); use the encoder the basis was trained with "
-                             "(CLIP ViT-L/14 for the released LoRWeB basis)")
-        expected = basis.metadata.get("analogy.encoder")
-        if expected and expected != analogy.encoder.name:
-            raise BasisError(f"the basis was trained with {expected} but the ANALOGY comes from "
-                             f"{analogy.encoder.name}")
-        return query
+        result = mix_analogy(basis, analogy, temperature, sample, analogy_2, blend, blend_mode)
+        return (result.lora, coefficient_heatmap(result.table), result.report)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -1,0 +1,82 @@
+"""Mixing policy of the Mix LoRA Basis node, ComfyUI-free: one analogy (or two blended) -> one LoRA.
+
+The node only converts ComfyUI types; everything decided here is testable without ComfyUI:
+
+* the query is built with the basis' own query mode, after checking that the ANALOGY comes from the encoder family
+  (and, when recorded, the encoder) the basis was trained with; the query width is checked once, in
+  :meth:`LoRABasis.coefficients`;
+* two analogies blend either by their coefficients ((1-w)·c1 + w·c2, both edits weighted) or by their queries
+  (the interpolated query is mixed);
+* the report names the most used basis entries (mean coefficient over layers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .analogy import AnalogyEmbedding, AnalogyError
+from .basis import BasisError, LoRABasis
+from .lora import LoRA
+from .lorweb_settings import LoRWeBSettingsError
+
+BLEND_MODES = ("coefficients", "query")
+
+
+@dataclass(frozen=True)
+class MixResult:
+    lora: LoRA
+    coefficients: dict[str, torch.Tensor]  # per layer [1, N]
+    report: str
+
+    @property
+    def table(self) -> torch.Tensor:
+        """The coefficients as [layers, N] (for the heat map)."""
+        return torch.cat(list(self.coefficients.values()), dim=0)
+
+
+def analogy_query(basis: LoRABasis, analogy: AnalogyEmbedding, sample: int = 0) -> torch.Tensor:
+    """The query [1, Q] of one ANALOGY item, built the way the basis was trained (encoder checked)."""
+    if not 0 <= sample < analogy.batch_size:
+        raise AnalogyError(f"sample {sample} is out of range: the ANALOGY holds {analogy.batch_size} item(s)")
+    try:
+        return basis.settings.query(analogy)[sample: sample + 1]
+    except LoRWeBSettingsError as err:
+        raise BasisError(str(err)) from None
+
+
+def mix_analogy(basis: LoRABasis, analogy: AnalogyEmbedding, temperature: float = 1.0, sample: int = 0,
+                analogy_2: AnalogyEmbedding | None = None, blend: float = 0.5,
+                blend_mode: str = "coefficients") -> MixResult:
+    """Mix ``basis`` for one analogy item, optionally blended with ``analogy_2`` (weight ``blend``)."""
+    if blend_mode not in BLEND_MODES:
+        raise BasisError(f"blend_mode must be one of {BLEND_MODES}, got {blend_mode!r}")
+    if not 0.0 <= blend <= 1.0:
+        raise BasisError(f"blend must be between 0 and 1, got {blend}")
+    source = f"the ANALOGY from {analogy.encoder.name}"
+    query = analogy_query(basis, analogy, sample)
+    if analogy_2 is None or blend == 0:
+        coefficients = basis.coefficients(query, temperature, source)
+    else:
+        query_2 = analogy_query(basis, analogy_2, sample if sample < analogy_2.batch_size else 0)
+        source_2 = f"analogy_2 from {analogy_2.encoder.name}"
+        if blend_mode == "query":
+            if query_2.shape[-1] != query.shape[-1]:
+                raise BasisError(f"{source_2} gives {query_2.shape[-1]}-d queries, {source} {query.shape[-1]}-d; "
+                                 "blend analogies encoded with one encoder")
+            coefficients = basis.coefficients((1 - blend) * query + blend * query_2, temperature, source)
+        else:
+            c1 = basis.coefficients(query, temperature, source)
+            c2 = basis.coefficients(query_2, temperature, source_2)
+            coefficients = {k: (1 - blend) * c1[k] + blend * c2[k] for k in c1}
+    lora = basis.mix(coefficients)
+    return MixResult(lora, coefficients, f"{lora.summary()}; {top_entries(coefficients)}")
+
+
+def top_entries(coefficients: dict[str, torch.Tensor], k: int = 5) -> str:
+    """The ``k`` basis entries with the largest mean coefficient over layers, e.g. "#3=0.412, #0=0.101"."""
+    usage = torch.cat(list(coefficients.values()), dim=0).mean(dim=0)
+    top = torch.topk(usage, k=min(k, usage.numel()))
+    return "mean coefficient of the top entries: " + ", ".join(
+        f"#{i}={v:.3f}" for v, i in zip(top.values.tolist(), top.indices.tolist()))
