@@ -26,10 +26,11 @@ from functools import cached_property
 
 import torch
 
-from .files import read_safetensors, write_safetensors_atomic
+from .files import (FLOAT_DTYPES, MAX_UPDATE_NORM, as_float, check_low_rank_norm, json_metadata, naming_file,
+                    read_tensor_file, write_safetensors_atomic)
 from .layouts import standard_layout
-from .lora import LoRA, LoRALayer
-from .lorweb_settings import OFFICIAL, LoRWeBSettings, LoRWeBSettingsError
+from .lora import FAMILIES, LoRA, LoRALayer
+from .lorweb_settings import METADATA_KEY, OFFICIAL, LoRWeBSettings, LoRWeBSettingsError
 
 BASIS_SUFFIXES = {"lora_A": "A", "lora_B": "B", "lora_keys": "keys", "att_lora_to_q.weight": "to_q"}
 PREFIXES = ("transformer.", "unet.", "diffusion_model.", "base_model.model.")
@@ -201,11 +202,19 @@ def basis_from_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, 
                              f"Q={layer.query_dim} differ from the other layers' N={first.num_entries}, "
                              f"r={first.rank}, d={first.key_dim}, Q={first.query_dim}")
     family = metadata.get("analogy.family") or _guess_family(layers)
+    if family not in FAMILIES:
+        raise BasisError(f"the header's analogy.family {family[:40]!r} is not one of {FAMILIES}")
     return LoRABasis(layers, family=family, metadata=metadata)
 
 
 def _check_layer(base: str, layer: BasisLayer) -> BasisLayer:
-    A, B, keys, to_q = layer.A, layer.B, layer.keys, layer.to_q
+    """Shapes that fit together with no empty dimension, floating point (float8 upcast), finite values, and no
+    entry whose update A_n·B_n is beyond MAX_UPDATE_NORM (so no mix, a convex combination, is either)."""
+    tensors = {"lora_A": layer.A, "lora_B": layer.B, "lora_keys": layer.keys, "att_lora_to_q": layer.to_q}
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise BasisError(f"{base}.{name} is stored as {tensor.dtype}; a basis holds floating-point tensors")
+    A, B, keys, to_q = (as_float(t) for t in tensors.values())
     if A.ndim != 3 or B.ndim != 3 or keys.ndim != 2 or to_q.ndim != 2:
         raise BasisError(f"{base}: expected lora_A [N, in, r], lora_B [N, r, out], lora_keys [N, d], "
                          f"att_lora_to_q.weight [d, Q]; got {tuple(A.shape)}, {tuple(B.shape)}, "
@@ -216,10 +225,16 @@ def _check_layer(base: str, layer: BasisLayer) -> BasisLayer:
     if keys.shape[0] != n or to_q.shape[0] != keys.shape[1]:
         raise BasisError(f"{base}: lora_keys {tuple(keys.shape)} / att_lora_to_q {tuple(to_q.shape)} do not fit "
                          f"N={n} entries")
-    for name, tensor in (("lora_A", A), ("lora_B", B), ("lora_keys", keys), ("att_lora_to_q", to_q)):
+    if 0 in (*A.shape, *B.shape, *keys.shape, *to_q.shape):
+        raise BasisError(f"{base}: a basis needs at least one entry, rank, key and query dimension and feature; got "
+                         f"N={n}, in={A.shape[1]}, r={r}, out={B.shape[2]}, d={keys.shape[1]}, Q={to_q.shape[1]}")
+    for name, tensor in zip(tensors, (A, B, keys, to_q)):
         if not torch.isfinite(tensor).all():
             raise BasisError(f"{base}.{name} contains NaN or Inf values")
-    return layer
+    bounds = A.float().flatten(1).norm(dim=1) * B.float().flatten(1).norm(dim=1)  # ‖A_n B_n‖ <= ‖A_n‖·‖B_n‖
+    for entry in torch.nonzero(~(bounds <= MAX_UPDATE_NORM)).flatten().tolist():  # exact check where needed
+        check_low_rank_norm(B[entry].t(), A[entry].t(), 1.0, f"{base} entry {entry}", error=BasisError)
+    return BasisLayer(A, B, keys, to_q)
 
 
 def _guess_family(layers: dict[str, BasisLayer]) -> str:
@@ -234,11 +249,14 @@ def _guess_family(layers: dict[str, BasisLayer]) -> str:
 
 
 def load_basis(path) -> LoRABasis:
-    tensors, metadata = read_safetensors(path)
-    try:
-        return basis_from_state_dict(tensors, metadata)
-    except BasisError as err:
-        raise BasisError(f"{getattr(path, 'name', path)}: {err}") from None
+    """Read a basis file; every problem is a TensorFileError or BasisError whose message starts with the file name
+    (see analogy_core.files for what is checked before loading)."""
+    tf = read_tensor_file(path, "LoRA basis", dtypes=FLOAT_DTYPES, finite=False)  # values checked per layer
+    with naming_file(path, BasisError):
+        json_metadata(tf.metadata, METADATA_KEY, error=BasisError)  # structure first; then its meaning:
+        basis = basis_from_state_dict(tf.tensors, tf.metadata)
+        basis.settings  # noqa: B018 (settings recorded in the header are checked at load, not at first mix)
+        return basis
 
 
 def random_basis(shapes: dict[str, tuple[int, int]], num_entries: int = 32, rank: int = 4, key_dim: int = 128,

@@ -15,12 +15,14 @@ all read for that family (kohya for SD UNets, ``transformer.``-prefixed peft for
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 
 import torch
 
 from . import __version__
+from .files import as_float, check_low_rank_norm, json_metadata
 from .layouts import ModelLayout, standard_layout, swap_row_halves
 from .lora import FITS_KEY, LoRA, LoRAError, LoRALayer
 
@@ -82,25 +84,56 @@ def split_roles(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torc
     if unknown:
         raise LoRAError(f"{len(unknown)} keys are not LoRA weights, e.g. {unknown[:3]}")
     for base, parts in groups.items():
-        missing = {"down", "up"} - parts.keys()
-        if missing:
-            raise LoRAError(f"layer {base!r} has no {' / '.join(sorted(missing))} weight")
-        if parts["down"].ndim == 3 or parts["up"].ndim == 3:
-            raise LoRAError(f"layer {base!r} has 3-D weights {tuple(parts['down'].shape)}: this is a LoRA basis "
-                            "(LoRWeB), not a LoRA; load it with Load LoRA Basis")
+        _check_group(base, parts)
     return groups
 
 
+def _check_group(base: str, parts: dict[str, torch.Tensor]) -> None:
+    """One layer's factors: floating point (float8 upcast in place), 2-D or 4-D, rank >= 1, no empty dimension,
+    a conv ``up`` with a 1x1 kernel, one finite alpha."""
+    missing = {"down", "up"} - parts.keys()
+    if missing:
+        raise LoRAError(f"layer {base!r} has no {' / '.join(sorted(missing))} weight")
+    for role, tensor in parts.items():
+        if not tensor.is_floating_point():
+            raise LoRAError(f"layer {base!r}: {role} is stored as {tensor.dtype}; LoRA weights are floating point")
+        parts[role] = as_float(tensor)
+    down, up = parts["down"], parts["up"]
+    if down.ndim == 3 or up.ndim == 3:
+        raise LoRAError(f"layer {base!r} has 3-D weights {tuple(down.shape)}: this is a LoRA basis "
+                        "(LoRWeB), not a LoRA; load it with Load LoRA Basis")
+    if down.ndim not in (2, 4) or up.ndim != down.ndim:
+        raise LoRAError(f"layer {base!r}: down {list(down.shape)} and up {list(up.shape)} must both be 2-D "
+                        "([rank, in] and [out, rank]) or both 4-D (conv)")
+    if down.shape[0] == 0:
+        raise LoRAError(f"layer {base!r} has rank 0 (empty factors down {list(down.shape)}, up {list(up.shape)})")
+    if 0 in down.shape or 0 in up.shape:
+        raise LoRAError(f"layer {base!r} has an empty dimension: down {list(down.shape)}, up {list(up.shape)}")
+    if up.shape[1] != down.shape[0]:
+        raise LoRAError(f"layer {base!r}: down {list(down.shape)} has rank {down.shape[0]} but up "
+                        f"{list(up.shape)} has rank {up.shape[1]}")
+    if up.ndim == 4 and tuple(up.shape[2:]) != (1, 1):
+        raise LoRAError(f"layer {base!r}: a conv LoRA's up must have a 1x1 kernel, got {list(up.shape)}")
+    for role in ("down", "up"):
+        if not torch.isfinite(parts[role]).all():
+            raise LoRAError(f"layer {base!r}: {role} contains NaN or Inf values")
+    if "alpha" in parts:
+        alpha = parts["alpha"]
+        if alpha.numel() != 1 or not torch.isfinite(alpha.float()).all():
+            raise LoRAError(f"layer {base!r}: alpha must be one finite number, got a tensor of shape "
+                            f"{list(alpha.shape)}" + (f" = {alpha.item()}" if alpha.numel() == 1 else ""))
+
+
 def _peft_alpha(base: str, rank: int, config: dict | None) -> float | None:
-    """alpha for one layer from a peft LoraConfig dict (diffusers' ``lora_adapter_metadata``)."""
+    """alpha for one layer from a checked peft LoraConfig dict (diffusers' ``lora_adapter_metadata``)."""
     if not config:
         return None
     alpha, r = config.get("lora_alpha"), config.get("r")
     for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.search(rf"(^|\.){pattern}$", base):
+        if re.search(rf"(?:^|\.)(?:{pattern})$", base):
             alpha = value
     for pattern, value in (config.get("rank_pattern") or {}).items():
-        if re.search(rf"(^|\.){pattern}$", base):
+        if re.search(rf"(?:^|\.)(?:{pattern})$", base):
             r = value
     if alpha is None:
         return None
@@ -110,25 +143,55 @@ def _peft_alpha(base: str, rank: int, config: dict | None) -> float | None:
     return float(alpha) * rank / r
 
 
+# peft's pattern keys are regular expressions; the files diffusers writes use module names. Accepted: a module name
+# (a "." matching any character as in a regex) with optional anchors and at most one ".*" or "\d+", which cannot
+# backtrack catastrophically whatever the file holds.
+_SAFE_PATTERN = re.compile(r"\^?[\w\-.]*(?:(?:\.\*|\\d\+)[\w\-.]*)?\$?")
+
+
+def _check_peft_config(config: dict) -> dict:
+    """Types and values of the fields this reader uses; refuse what would otherwise fail later or mean nothing."""
+    alpha, r = config.get("lora_alpha"), config.get("r")
+    if alpha is not None and not _is_number(alpha):
+        raise LoRAError(f"lora_adapter_metadata: lora_alpha is {alpha!r:.40}, expected a number")
+    if r is not None and not (type(r) is int and r >= 1):
+        raise LoRAError(f"lora_adapter_metadata: r is {r!r:.40}, expected a positive integer")
+    for field, check, expected in (("alpha_pattern", _is_number, "a number"),
+                                   ("rank_pattern", lambda v: type(v) is int and v >= 1, "a positive integer")):
+        patterns = config.get(field)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise LoRAError(f"lora_adapter_metadata: {field} is a {type(patterns).__name__}, expected an object")
+        for pattern, value in patterns.items():
+            if len(pattern) > 256 or not _SAFE_PATTERN.fullmatch(pattern):
+                raise LoRAError(f"lora_adapter_metadata: {field} key {pattern[:80]!r} is not a module name (regular "
+                                "expressions beyond one '.*' or '\\d+' are not evaluated)")
+            if not check(value):
+                raise LoRAError(f"lora_adapter_metadata: {field}[{pattern[:80]!r}] is {value!r:.40}, expected "
+                                f"{expected}")
+    return config
+
+
+def _is_number(value: object) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
 def peft_config_from_metadata(metadata: dict[str, str]) -> dict | None:
-    """The peft LoraConfig diffusers stores under ``lora_adapter_metadata``.
+    """The peft LoraConfig diffusers stores under ``lora_adapter_metadata`` (checked), or None.
 
     diffusers writes it flat for a single adapter or with the component as prefix (``"unet.lora_alpha"``,
-    ``"transformer.lora_alpha"``); the diffusion model's entry is returned.
+    ``"transformer.lora_alpha"``); the diffusion model's entry is returned. JSON null counts as absent.
     """
-    raw = metadata.get("lora_adapter_metadata")
-    if not raw:
+    config = json_metadata(metadata, "lora_adapter_metadata", error=LoRAError)
+    if config is None:
         return None
-    try:
-        config = json.loads(raw)
-    except ValueError:
-        raise LoRAError("the file's lora_adapter_metadata header is not valid JSON") from None
     if "lora_alpha" in config or "r" in config:
-        return config
+        return _check_peft_config(config)
     for component in ("transformer", "unet"):
         sub = {k[len(component) + 1:]: v for k, v in config.items() if k.startswith(component + ".")}
         if sub:
-            return sub
+            return _check_peft_config(sub)
     return None
 
 
@@ -245,8 +308,13 @@ def parse_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, st
         else:
             alpha = _peft_alpha(name if not underscored else path, rank, peft_config)
         scale = 1.0 if alpha is None else alpha / rank
+        check_low_rank_norm(up, down, scale, f"layer {base!r}", error=LoRAError)
         formats.add("kohya" if underscored else "native" if native else "diffusers")
         if native:
+            expected = layout.native_shape(path)
+            if (up.shape[0], down.shape[1]) != expected[:2]:
+                raise LoRAError(f"{path}: LoRA shape [{up.shape[0]} x {down.shape[1]}] does not fit the "
+                                f"{layout.family} layer [{expected[0]} x {expected[1]}]")
             for sub_path, target in layout.native_parts(path):
                 rows = up if target.offset is None else up[target.offset: target.offset + target.size]
                 rows = swap_row_halves(rows) if target.swap_halves else rows
@@ -263,6 +331,10 @@ def _add(layers: dict[str, LoRALayer], path: str, layer: LoRALayer, layout: Mode
     if (layer.out_features, layer.in_features) != expected[:2]:
         raise LoRAError(f"{path}: LoRA shape [{layer.out_features} x {layer.in_features}] does not fit the "
                         f"{layout.family} layer [{expected[0]} x {expected[1]}]")
+    kernel, target_kernel = tuple(layer.down.shape[2:]), tuple(expected[2:])
+    if kernel != target_kernel and not {kernel, target_kernel} <= {(), (1, 1)}:
+        raise LoRAError(f"{path}: LoRA kernel {list(kernel) or 'linear'} does not fit the {layout.family} layer's "
+                        f"{list(target_kernel) or 'linear'}")
     if path in layers:
         raise LoRAError(f"{path} appears twice in the file (under two key formats?)")
     layers[path] = layer

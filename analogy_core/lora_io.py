@@ -7,18 +7,22 @@ from pathlib import Path
 
 import torch
 
-from .files import read_safetensors, write_safetensors_atomic
+from .files import FLOAT_DTYPES, naming_file, read_tensor_file, write_safetensors_atomic
 from .layouts import ModelLayout
-from .lora import LoRA
+from .lora import LoRA, LoRAError
 from .lora_formats import ParsedLoRA, parse_state_dict, to_state_dict
+
+# factors are floating point (float8 is upcast); integer dtypes are let through for alpha scalars, and a factor
+# stored as an integer is refused by the parser by name
+LORA_FILE_DTYPES = FLOAT_DTYPES | {"I64", "I32", "I16", "I8", "U8"}
 
 
 def load_lora_file(path: str | os.PathLike, layout: ModelLayout | None = None) -> ParsedLoRA:
-    tensors, metadata = read_safetensors(path)
-    try:
-        return parse_state_dict(tensors, metadata, layout)
-    except ValueError as err:
-        raise type(err)(f"{Path(path).name}: {err}") from None
+    """Read a LoRA of any supported key format. Every problem with the file is a TensorFileError or LoRAError whose
+    message starts with the file name (see analogy_core.files for what is checked)."""
+    tf = read_tensor_file(path, "LoRA", dtypes=LORA_FILE_DTYPES, finite=False)  # the parser checks the values
+    with naming_file(path, LoRAError):
+        return parse_state_dict(tf.tensors, tf.metadata, layout)
 
 
 SAVE_DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
