@@ -25,6 +25,7 @@ from torch import nn
 from analogy_core import __version__
 from analogy_core.encoders import ImageEncoder
 from analogy_core.lorweb_layer import export_basis, inject_lorweb, lorweb_layers, set_query
+from analogy_core.lorweb_settings import LoRWeBSettings
 from training import flow
 from training.backbone import Backbone, load_backbone, load_query_encoder, token_ids
 from training.config import PRESETS, LoRWeBConfig
@@ -82,10 +83,20 @@ def predict(transformer, ids, x_t, reference, t, text, pooled, guidance):
     return out[:, :tokens]
 
 
-def analogy_query(query_encoder: ImageEncoder, batch: dict, cfg: LoRWeBConfig) -> torch.Tensor:
+def mixing_settings(cfg: LoRWeBConfig, query_encoder: ImageEncoder) -> LoRWeBSettings:
+    """How the basis is mixed (heads, softmax/tanh, mean/sum, query mode), bound to the query encoder; recorded in
+    the basis file so inference mixes it the same way."""
+    info = query_encoder.info
+    return LoRWeBSettings(lora_heads=cfg.lora_heads, lora_softmax=cfg.lora_softmax,
+                          mixing_coeffs_type=cfg.mixing_coeffs_type, query_mode=cfg.query_mode,
+                          external_query_model=_without_local_path(cfg.query_encoder), encoder_family=info.family,
+                          encoder_name=info.name, encoder_embed_dim=info.embed_dim, source="trainer")
+
+
+def analogy_query(query_encoder: ImageEncoder, batch: dict, settings: LoRWeBSettings) -> torch.Tensor:
     """The query of each sample for the configured query mode (official: cat(e_a, e_a', e_b))."""
     embedding = query_encoder.encode(batch["a"], batch["a_prime"], batch["b"])
-    return embedding.query()
+    return settings.query(embedding)
 
 
 def training_loss(transformer, backbone: Backbone, query_encoder: ImageEncoder, batch: dict, cfg: LoRWeBConfig,
@@ -98,7 +109,7 @@ def training_loss(transformer, backbone: Backbone, query_encoder: ImageEncoder, 
     x0 = backbone.encode_images(target).to(device)
     ref_tokens = backbone.encode_images(reference).to(device)
     text, pooled = backbone.encode_prompts(drop_captions(batch["prompt"], cfg.caption_dropout, generator), device)
-    query = analogy_query(query_encoder, batch, cfg).to(device)
+    query = analogy_query(query_encoder, batch, mixing_settings(cfg, query_encoder)).to(device)
     b = x0.shape[0]
     t, weight = flow.sample_timesteps(cfg.timestep_sampling, b, generator)
     noise = torch.randn(x0.shape, generator=generator).to(device, x0.dtype)
@@ -118,7 +129,7 @@ def sample_grid(transformer, backbone: Backbone, query_encoder: ImageEncoder, ba
     _, reference = grids(batch)
     ref_tokens = backbone.encode_images(reference).to(device)
     text, pooled = backbone.encode_prompts(list(batch["prompt"]), device)
-    set_query(transformer, analogy_query(query_encoder, batch, cfg).to(device))
+    set_query(transformer, analogy_query(query_encoder, batch, mixing_settings(cfg, query_encoder)).to(device))
     gen = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
     noise = torch.randn(ref_tokens.shape, generator=gen).to(device, ref_tokens.dtype)
     ids = position_ids(backbone, cfg.grid_resolution, text.shape[1], device)
@@ -152,10 +163,11 @@ def _without_local_path(spec: str) -> str:
 
 
 def basis_metadata(cfg: LoRWeBConfig, step: int, query_encoder: ImageEncoder) -> dict[str, str]:
-    encoder = query_encoder.info
+    settings = mixing_settings(cfg, query_encoder)
     return {"analogy.backbone": _without_local_path(cfg.backbone), "analogy.targets": json.dumps(cfg.targets),
-            "analogy.encoder": encoder.name, "analogy.query": "cat(a, a_prime, b)", "analogy.step": str(step),
-            "analogy.pack_version": __version__, "analogy.config": json.dumps(shareable_config(cfg))}
+            "analogy.encoder": query_encoder.info.name, "analogy.query": settings.query_mode,
+            "analogy.step": str(step), "analogy.pack_version": __version__,
+            "analogy.config": json.dumps(shareable_config(cfg)), **settings.to_metadata()}
 
 
 class LoRWeBTask(TrainingTask):
@@ -173,8 +185,9 @@ class LoRWeBTask(TrainingTask):
         for module in (self.backbone.vae, self.backbone.clip_text, self.backbone.t5):
             module.to(self.device)
         transformer = self.backbone.transformer
+        settings = mixing_settings(cfg, self.query_encoder)
         inject_lorweb(transformer, cfg.targets, num_entries=cfg.num_entries, rank=cfg.rank, key_dim=cfg.key_dim,
-                      query_dim=3 * self.query_encoder.embed_dim)
+                      query_dim=settings.query_width(self.query_encoder.embed_dim), settings=settings)
         transformer.to(self.device)
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()

@@ -1,0 +1,181 @@
+"""The shared trainer skeleton (training/trainer.py) on a toy task: exact resume, fallback past damaged checkpoints,
+killed writes, foreign folders, clipping, unreadable data. Every real trainer inherits these behaviours."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from analogy_core.files import read_safetensors
+from toy_task import ToyTask
+from training import checkpoints as ckpt
+from training import trainer
+from training.data import DataError
+
+
+def train(out: Path, *extra: str) -> dict:
+    return trainer.run(ToyTask, ["--preset", "default", "--output-dir", str(out), *extra])
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return read_safetensors(out / "toy.safetensors")[0]
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("reference")
+    history = train(out)
+    assert history["losses"][-1] < history["losses"][0], "the toy task must learn for these tests to mean anything"
+    return weights(out)
+
+
+def interrupted_run(tmp_path: Path, stop_at: int) -> Path:
+    out = tmp_path / "run"
+    train(out, "--max-steps", str(stop_at))
+    return out
+
+
+def test_checkpoints_are_safetensors_and_json_only(tmp_path):
+    out = interrupted_run(tmp_path, 2)
+    files = sorted(p.name for p in (out / "checkpoints" / "step_000002").iterdir())
+    assert files == ["optimizer.safetensors", "rng_0.safetensors", "trainable.safetensors", "trainer_state.json"]
+
+
+def test_resume_continues_exactly(tmp_path, reference, caplog):
+    out = interrupted_run(tmp_path, 4)
+    with caplog.at_level(logging.INFO):
+        history = train(out, "--resume")
+    assert "resumed from" in caplog.text and history["start_step"] == 4
+    assert_same(weights(out), reference)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated weights": lambda c: _truncate(c / ckpt.TRAINABLE_FILE),
+    "missing weights": lambda c: (c / ckpt.TRAINABLE_FILE).unlink(),
+    "missing optimiser": lambda c: (c / ckpt.OPTIMIZER_FILE).unlink(),
+    "flipped optimiser byte": lambda c: _flip_byte(c / ckpt.OPTIMIZER_FILE),
+    "corrupt trainer state": lambda c: (c / ckpt.STATE_FILE).write_text("{not json"),
+    "missing trainer state": lambda c: (c / ckpt.STATE_FILE).unlink(),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_newest_checkpoint_falls_back_to_an_intact_one(tmp_path, reference, caplog, damage):
+    out = interrupted_run(tmp_path, 6)
+    DAMAGE[damage](out / "checkpoints" / "step_000006")
+    with caplog.at_level(logging.INFO):
+        history = train(out, "--resume")
+    assert "step_000006 is unusable" in caplog.text
+    assert history["start_step"] == 4, "resumed from the older intact checkpoint"
+    assert_same(weights(out), reference)
+
+
+def test_no_intact_checkpoint_is_a_clear_error(tmp_path):
+    out = interrupted_run(tmp_path, 4)
+    for checkpoint in ckpt.list_checkpoints(out / "checkpoints"):
+        (checkpoint.path / ckpt.TRAINABLE_FILE).unlink()
+    with pytest.raises(ckpt.CheckpointError, match="none of the 2 checkpoints"):
+        train(out, "--resume")
+
+
+def test_foreign_folders_and_files_are_ignored(tmp_path, reference):
+    out = interrupted_run(tmp_path, 4)
+    shutil.copytree(out / "checkpoints" / "step_000004", out / "checkpoints" / "step_000006.bak")
+    (out / "checkpoints" / "step_abc").mkdir()
+    (out / "checkpoints" / "step_000010").write_text("a file, not a folder")
+    assert [c.step for c in ckpt.list_checkpoints(out / "checkpoints")] == [4, 2]
+    train(out, "--resume")
+    assert_same(weights(out), reference)
+
+
+def test_killed_checkpoint_write_is_cleaned_up_and_resumed(tmp_path, reference, monkeypatch, caplog):
+    out = tmp_path / "run"
+    real_finalize = ckpt.finalize
+
+    def killed_at_step_6(tmp, final, state, optional):
+        if state["step"] == 6:
+            raise KeyboardInterrupt("simulated kill while writing step 6")
+        real_finalize(tmp, final, state, optional)
+
+    monkeypatch.setattr(ckpt, "finalize", killed_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train(out)
+    monkeypatch.setattr(ckpt, "finalize", real_finalize)
+    assert (out / "checkpoints" / ".tmp_step_000006").is_dir(), "the kill left a half-written folder"
+    assert [c.step for c in ckpt.list_checkpoints(out / "checkpoints")] == [4, 2]
+    (out / ".toy.safetensors.x1y2.tmp").write_bytes(b"half a file")  # what a kill during the artifact write leaves
+    with caplog.at_level(logging.INFO):
+        train(out, "--resume")
+    assert "left by an interrupted write" in caplog.text
+    assert not (out / "checkpoints" / ".tmp_step_000006").exists() and not list(out.glob(".*.tmp"))
+    assert_same(weights(out), reference)
+
+
+def test_missing_rng_state_is_reported(tmp_path, reference, caplog):
+    out = interrupted_run(tmp_path, 4)
+    (out / "checkpoints" / "step_000004" / "rng_0.safetensors").unlink()
+    with caplog.at_level(logging.INFO):
+        history = train(out, "--resume")
+    assert history["start_step"] == 4
+    assert "rng_0.safetensors is missing or damaged" in caplog.text and "will differ" in caplog.text
+    assert_same(weights(out), reference)  # the toy task has no other global randomness
+
+
+def test_resume_from_an_explicit_checkpoint(tmp_path, reference):
+    out = interrupted_run(tmp_path, 6)
+    history = train(out, "--resume", str(out / "checkpoints" / "step_000002"))
+    assert history["start_step"] == 2
+    assert_same(weights(out), reference)
+    with pytest.raises(ckpt.CheckpointError, match="not a checkpoint folder"):
+        train(out, "--resume", str(tmp_path))
+
+
+def test_clipping_bounds_the_update_of_a_huge_loss():
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision="no")
+    for max_norm, bounded in ((1.0, True), (0.0, False)):
+        param = torch.nn.Parameter(torch.ones(10))
+        optimizer = torch.optim.SGD([param], lr=1.0)
+        before = param.detach().clone()
+        loss = 1e6 * (param ** 2).sum()
+        norm = trainer.optimizer_step(accelerator, loss, [param], optimizer, max_norm)
+        update = (param.detach() - before).norm().item()
+        assert norm == pytest.approx(2e6 * 10 ** 0.5, rel=1e-5), "the norm before clipping is reported"
+        assert (update <= max_norm + 1e-5) if bounded else update > 1e5
+
+
+def test_unreadable_items_are_skipped_and_batches_stay_full(tmp_path, caplog):
+    ToyTask.seen_batches.clear()
+    bad = ",".join(str(i) for i in range(0, 64, 3))  # a third of the items
+    with caplog.at_level(logging.WARNING):
+        history = train(tmp_path / "run", "--set", f"unreadable={bad}", "--max-steps", "6")
+    assert ToyTask.seen_batches and all(len(b) == 4 for b in ToyTask.seen_batches)
+    assert not {i for b in ToyTask.seen_batches for i in b} & set(range(0, 64, 3))
+    assert history["skipped"] > 0 and "toy item" in caplog.text
+
+
+def test_mostly_unreadable_data_is_refused_up_front(tmp_path):
+    bad = ",".join(str(i) for i in range(64) if i % 8)  # 7 of 8 unreadable
+    with pytest.raises(DataError, match="probed items are readable"):
+        train(tmp_path / "run", "--set", f"unreadable={bad}")
