@@ -1,0 +1,217 @@
+"""The LoRWeB training objective and sampler, each piece against a plain re-computation written here.
+
+Stub VAE / text encoders / query encoder / transformer make every intermediate value known, so a reversed
+flow-matching interpolation, a flipped target, a loss over part of the grid, a query without B, captions always
+dropped, wrong timestep weights or a sampler stepping the wrong way all fail here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from analogy_core.analogy import AnalogyEmbedding, EncoderInfo
+from analogy_core.lorweb_layer import LoRWeBLinear
+from training import flow
+from training.config import load_config
+from training.train_lorweb import drop_captions, reverse_analogies, sample_grid, training_loss
+
+S = 4          # panel side in pixels: the grid is 8 x 8
+EMBED = 3      # stub image-embedding width
+
+
+def to_tokens(images: torch.Tensor) -> torch.Tensor:
+    """Stub VAE + packing: every 2x2 pixel block of [B, H, W, 3] becomes one 12-d token (row-major)."""
+    b, h, w, c = images.shape
+    return images.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
+
+
+def from_tokens(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    b = tokens.shape[0]
+    return tokens.reshape(b, h // 2, w // 2, 2, 2, 3).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, 3)
+
+
+@dataclass
+class StubBackbone:
+    vae_factor: int = 1
+
+    def encode_images(self, images):
+        return to_tokens(images * 2 - 1)
+
+    def decode_tokens(self, tokens, height, width):
+        return (from_tokens(tokens, height, width) + 1) / 2
+
+    def encode_prompts(self, prompts, device):
+        lengths = torch.tensor([float(len(p)) for p in prompts])
+        return lengths.view(-1, 1, 1).expand(-1, 2, 5).clone(), (lengths * 0.5).view(-1, 1).expand(-1, 4).clone()
+
+
+class StubQueryEncoder:
+    info = EncoderInfo.describe(EMBED, 8, 224, 14, 2)
+    embed_dim = EMBED
+
+    @staticmethod
+    def embed(images):  # mean colour per image: B changes the query, as it must
+        return images.mean(dim=(1, 2))
+
+    def encode(self, a, a_prime, b=None):
+        embeds = {"a": self.embed(a), "a_prime": self.embed(a_prime), "b": self.embed(b)}
+        return AnalogyEmbedding(self.info, embeds)
+
+
+class StubTransformer(nn.Module):
+    """A deterministic function of every input FLUX receives, with one LoRWeB layer so the query matters."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        self.proj = LoRWeBLinear(nn.Linear(12, 12), num_entries=4, rank=2, key_dim=4, query_dim=3 * EMBED)
+        with torch.no_grad():
+            for p in self.proj.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        self.calls = []
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance,
+                return_dict=False):
+        self.calls.append(dict(hidden=hidden_states.clone(), text=encoder_hidden_states.clone(),
+                               timestep=timestep.clone(), img_ids=img_ids.clone(), query=self.proj.query.clone()))
+        extra = (encoder_hidden_states.mean(dim=(1, 2)) + pooled_projections.mean(dim=1) + 3 * timestep + guidance)
+        return (self.proj(hidden_states) + 0.1 * extra.view(-1, 1, 1),)
+
+
+def batch_of(n: int = 3, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    roles = {r: torch.rand(n, S, S, 3, generator=gen) for r in ("a", "a_prime", "b", "b_prime")}
+    return {**roles, "prompt": ["make it red", "flip it", "x"][:n]}
+
+
+def cfg_for(**overrides):
+    values = [f"{k}={v}" for k, v in dict(grid_resolution=32, **overrides).items()]
+    cfg = load_config("tiny", None, values)
+    cfg.grid_resolution = 2 * S  # below the validated minimum on purpose: the stubs work on 8-px grids
+    return cfg
+
+
+def bell_weight(index: int) -> float:
+    """ai-toolkit's weight of training timestep ``index`` (of 1000): a bell, minimum shifted to 0, mean 1."""
+    values = [math.exp(-2 * ((x - 500) / 1000) ** 2) for x in range(1000)]
+    low = min(values)
+    return (values[index] - low) / (sum(v - low for v in values) / 1000)
+
+
+def expected_loss(model: StubTransformer, batch: dict, cfg, seed: int) -> tuple[torch.Tensor, dict]:
+    """The LoRWeB objective written out plainly, drawing the random numbers in the trainer's documented order."""
+    gen = torch.Generator().manual_seed(seed)
+    if cfg.bidirectional_analogy:
+        flip = torch.rand(len(batch["a"]), generator=gen) < 0.5
+        batch = dict(batch)
+        for i in torch.nonzero(flip).flatten().tolist():
+            for x, y in (("a", "a_prime"), ("b", "b_prime")):
+                batch[x], batch[y] = batch[x].clone(), batch[y].clone()
+                batch[x][i], batch[y][i] = batch[y][i].clone(), batch[x][i].clone()
+    keep = torch.rand(len(batch["a"]), generator=gen)
+    prompts = [p if float(u) >= cfg.caption_dropout else "" for p, u in zip(batch["prompt"], keep)]
+    index = torch.randint(0, 999, (len(batch["a"]),), generator=gen)
+    t = 1.0 - index.float() / 1000.0
+    weight = torch.tensor([bell_weight(int(i)) for i in index])
+    # target [a a'; b b'] and reference [a a'; b b], each in latent tokens (stub VAE: pixels * 2 - 1, 2x2 blocks)
+    target = torch.cat([torch.cat([batch["a"], batch["a_prime"]], 2), torch.cat([batch["b"], batch["b_prime"]], 2)], 1)
+    reference = torch.cat([torch.cat([batch["a"], batch["a_prime"]], 2), torch.cat([batch["b"], batch["b"]], 2)], 1)
+    x0, ref = to_tokens(target * 2 - 1), to_tokens(reference * 2 - 1)
+    noise = torch.randn(x0.shape, generator=gen)
+    x_t = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * noise
+    query = torch.cat([StubQueryEncoder.embed(batch[r]) for r in ("a", "a_prime", "b")], dim=1)
+    model.proj.query = query
+    lengths = torch.tensor([float(len(p)) for p in prompts])
+    extra = lengths + lengths * 0.5 + 3 * t + cfg.guidance
+    pred = (model.proj(torch.cat([x_t, ref], 1)) + 0.1 * extra.view(-1, 1, 1))[:, : x0.shape[1]]
+    per_sample = ((pred - (noise - x0)) ** 2).mean(dim=(1, 2))     # all four quadrants of the grid
+    return (weight * per_sample).mean(), dict(x_t=x_t, ref=ref, query=query, lengths=lengths, t=t)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_training_loss_equals_the_written_out_objective(bidirectional):
+    cfg = cfg_for(bidirectional_analogy=bidirectional, caption_dropout=0.4)
+    model, batch = StubTransformer(), batch_of()
+    got = training_loss(model, StubBackbone(), StubQueryEncoder(), batch, cfg, torch.Generator().manual_seed(11),
+                        "cpu")
+    want, parts = expected_loss(model, batch, cfg, seed=11)
+    assert got.item() > 0 and torch.allclose(got, want, rtol=1e-5), (got, want)
+    call = model.calls[0]
+    torch.testing.assert_close(call["hidden"], torch.cat([parts["x_t"], parts["ref"]], 1))
+    torch.testing.assert_close(call["query"], parts["query"])
+    torch.testing.assert_close(call["timestep"], parts["t"])
+    torch.testing.assert_close(call["text"][:, 0, 0], parts["lengths"])
+    ids = call["img_ids"]
+    assert (ids[: len(ids) // 2, 0] == 0).all() and (ids[len(ids) // 2:, 0] == 1).all(), "reference marked index 1"
+
+
+def test_the_loss_reads_every_input_it_should():
+    """Sanity of the stub set-up: B, B' and the caption each change the loss (else the comparison above is void)."""
+    cfg = cfg_for(caption_dropout=0.0)
+
+    def loss(batch):
+        return training_loss(StubTransformer(), StubBackbone(), StubQueryEncoder(), batch, cfg,
+                             torch.Generator().manual_seed(5), "cpu")
+
+    base = loss(batch_of())
+    for change in ("b", "b_prime", "prompt"):
+        batch = batch_of()
+        batch[change] = ["other words"] * 3 if change == "prompt" else batch[change].flip(1)
+        assert not torch.isclose(loss(batch), base), f"{change} does not reach the loss"
+
+
+def test_caption_dropout_rate():
+    prompts = ["caption"] * 4000
+    dropped = drop_captions(prompts, 0.05, torch.Generator().manual_seed(0)).count("")
+    assert 140 < dropped < 260, dropped  # 200 expected
+    assert drop_captions(prompts[:50], 0.0, torch.Generator().manual_seed(0)) == prompts[:50]
+    assert set(drop_captions(prompts[:50], 1.0, torch.Generator().manual_seed(0))) == {""}
+
+
+def test_bidirectional_augmentation_reverses_the_analogy():
+    batch = batch_of()
+    reversed_all = reverse_analogies(batch, torch.Generator().manual_seed(0), probability=1.0)
+    for x, y in (("a", "a_prime"), ("b", "b_prime")):
+        assert torch.equal(reversed_all[x], batch[y]) and torch.equal(reversed_all[y], batch[x])
+    assert reversed_all["prompt"] == batch["prompt"], "the official loader keeps the caption"
+    kept = reverse_analogies(batch, torch.Generator().manual_seed(0), probability=0.0)
+    assert all(torch.equal(kept[r], batch[r]) for r in ("a", "a_prime", "b", "b_prime"))
+
+
+def test_official_timestep_weights_and_grid():
+    weights = flow.official_timestep_weights()
+    assert weights.shape == (1000,) and weights.mean().item() == pytest.approx(1.0, abs=1e-5)
+    for i in (0, 1, 250, 500, 998):
+        assert weights[i].item() == pytest.approx(bell_weight(i), rel=1e-4, abs=1e-6)
+    t, w = flow.sample_timesteps("official", 5000, torch.Generator().manual_seed(0))
+    index = torch.round((1 - t) * 1000).long()
+    assert torch.allclose(t, 1 - index.float() / 1000) and index.min() >= 0 and index.max() <= 998
+    assert torch.allclose(w, weights[index])
+    for kind in ("logit_normal", "uniform"):
+        t, w = flow.sample_timesteps(kind, 100, torch.Generator().manual_seed(0))
+        assert (t > 0).all() and (t < 1).all() and (w == 1).all()
+
+
+def test_sampler_integrates_from_noise_at_t1_to_data_at_t0():
+    cfg = cfg_for(sample_steps=4)
+    model, batch = StubTransformer(), batch_of()
+    got = sample_grid(model, StubBackbone(), StubQueryEncoder(), batch, cfg, "cpu", seed=9)
+    # plain Euler from t = 1 to t = 0 with the same velocity model
+    reference = torch.cat([torch.cat([batch["a"], batch["a_prime"]], 2), torch.cat([batch["b"], batch["b"]], 2)], 1)
+    ref = to_tokens(reference * 2 - 1)
+    x = torch.randn(ref.shape, generator=torch.Generator().manual_seed(9))
+    model.proj.query = torch.cat([StubQueryEncoder.embed(batch[r]) for r in ("a", "a_prime", "b")], dim=1)
+    lengths = torch.tensor([float(len(p)) for p in batch["prompt"]])
+    for k in range(4):
+        t_now, t_next = 1 - k / 4, 1 - (k + 1) / 4
+        extra = 1.5 * lengths + 3 * t_now + cfg.guidance
+        v = (model.proj(torch.cat([x, ref], 1)) + 0.1 * extra.view(-1, 1, 1))[:, : x.shape[1]]
+        x = x + (t_next - t_now) * v
+    want = ((from_tokens(x, 2 * S, 2 * S) + 1) / 2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert [float(c["timestep"][0]) for c in model.calls] == [1.0, 0.75, 0.5, 0.25]
