@@ -15,7 +15,7 @@ case "$(uname -m)" in
 esac
 
 stamp="$VENV/.setup-stamp"
-want=$(cat requirements.txt requirements/test.txt scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt requirements/training.txt requirements/test.txt scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
   exit 0
 fi

@@ -16,11 +16,42 @@ def requirement_lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
 
 
-def test_requirements_txt_agrees_with_pyproject():
+def test_requirements_files_agree_with_pyproject():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert requirement_lines(REPO / "requirements.txt") == project["dependencies"]
+    training = project["optional-dependencies"]["training"]
+    assert requirement_lines(REPO / "requirements" / "training.txt") == training
+    assert requirement_lines(REPO / "requirements" / "gpu.txt") == project["optional-dependencies"]["gpu"]
+    everything = project["dependencies"] + training
     for name in ("torch", "diffusers", "transformers", "peft", "safetensors", "open_clip_torch", "accelerate", "einops"):
-        assert any(dep.startswith(name) for dep in project["dependencies"]), name
+        assert any(dep.startswith(name) for dep in everything), name
+
+
+def test_node_requirements_cover_what_the_nodes_import():
+    """requirements.txt is what ComfyUI-Manager installs: every third-party module the pack's ComfyUI side imports
+    must be in it or come with ComfyUI itself; training-only modules must not be imported there."""
+    import ast
+
+    comfy_provides = {"torch", "numpy", "yaml", "PIL", "safetensors", "transformers", "einops", "comfy",
+                      "folder_paths", "comfy_api", "comfy_extras", "node_helpers", "server", "latent_preview"}
+    declared = {line.split(">")[0].split("=")[0].split(";")[0].strip().replace("-", "_")
+                for line in requirement_lines(REPO / "requirements.txt")}
+    training_only = {"accelerate", "peft", "open_clip", "bitsandbytes", "tensorboard", "tqdm"}
+    offenders = []
+    for path in [REPO / "__init__.py", *(REPO / "nodes").rglob("*.py"), *(REPO / "analogy_core").rglob("*.py")]:
+        tree = ast.parse(path.read_text())
+        module_level = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top in comfy_provides or top in declared:
+                    continue
+                if top in training_only and id(node) not in module_level:
+                    continue  # imported inside a training-only helper, never on the nodes' path
+                offenders.append(f"{path.relative_to(REPO)}: {name}")
+    assert not offenders, offenders
 
 
 def test_comfy_registry_section():
