@@ -92,8 +92,14 @@ class AnalogyEmbedding:
 
 
 def clip_image_processor(image_size: int = 224, mean=CLIP_MEAN, std=CLIP_STD):
-    """transformers' CLIPImageProcessor configured like openai/clip-vit-large-patch14 (no download)."""
-    from transformers import CLIPImageProcessor
+    """transformers' PIL CLIP image processor configured like openai/clip-vit-large-patch14 (no download).
+
+    The official code ran transformers 4.56, whose CLIPImageProcessor resizes with PIL. transformers 5 made that
+    class resize with torchvision (a few pixels differ by 1-2 levels) and kept the PIL one as CLIPImageProcessorPil."""
+    try:
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:  # transformers 4.x: the default processor is the PIL one
+        from transformers import CLIPImageProcessor
 
     return CLIPImageProcessor(do_resize=True, size={"shortest_edge": image_size}, resample=3, do_center_crop=True,
                               crop_size={"height": image_size, "width": image_size}, do_rescale=True,
@@ -142,7 +148,7 @@ def split_roles(tensor: torch.Tensor, spans: list[tuple[str, int]]) -> dict[str,
 
 def encode_with_transformers(model, images: dict[str, torch.Tensor]) -> AnalogyEmbedding:
     """Encode with a transformers ``CLIPVisionModelWithProjection`` (the training path)."""
-    pixels, spans = batch_roles(images)
+    pixels, spans = batch_roles(images, model.config.image_size)
     param = next(model.parameters())
     with torch.no_grad():
         out = model(pixel_values=pixels.to(param.device, param.dtype), output_hidden_states=True)

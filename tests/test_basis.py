@@ -75,3 +75,67 @@ def test_an_ordinary_lora_is_not_a_basis(tmp_path):
     save_file({"conv.weight": torch.ones(2, 2)}, other)
     with pytest.raises(BasisError, match="not a LoRA basis"):
         load_basis(other)
+
+
+# -- mixed as trained: tanh, several heads, summed heads, other query modes -------------------------------------------
+def plain_coefficients(query, to_q, keys, heads, softmax, mixing, temperature=1.0):
+    """The official mixing written out per sample, head and entry (independent of the code under test)."""
+    n, d = keys.shape
+    head_dim = d // heads
+    out = torch.zeros(query.shape[0], n)
+    for s in range(query.shape[0]):
+        q = [sum(to_q[j, i] * query[s, i] for i in range(query.shape[1])) for j in range(d)]
+        per_head = []
+        for h in range(heads):
+            cols = range(h * head_dim, (h + 1) * head_dim)
+            scores = [sum(float(q[j]) * float(keys[m, j]) for j in cols) / math.sqrt(head_dim) / temperature
+                      for m in range(n)]
+            if softmax:
+                top = max(scores)
+                exps = [math.exp(v - top) for v in scores]
+                per_head.append([v / sum(exps) for v in exps])
+            else:
+                per_head.append([math.tanh(v) for v in scores])
+        for m in range(n):
+            total = sum(row[m] for row in per_head)
+            out[s, m] = total / heads if mixing == "mean" else min(1.0, max(0.0 if softmax else -1.0, total))
+    return out
+
+
+@pytest.mark.parametrize("heads, softmax, mixing", [(1, False, "mean"), (2, True, "mean"), (2, False, "sum"),
+                                                    (4, True, "sum"), (2, False, "mean")])
+def test_trained_settings_are_mixed_as_the_official_equations(tmp_path, heads, softmax, mixing):
+    from analogy_core.lorweb_settings import LoRWeBSettings
+
+    settings = LoRWeBSettings(lora_heads=heads, lora_softmax=softmax, mixing_coeffs_type=mixing, query_mode="a'-a")
+    basis = random_basis(SHAPES, num_entries=6, rank=2, key_dim=8, query_dim=4, seed=3).with_settings(settings)
+    path = basis.save(tmp_path / "trained.safetensors")
+    loaded = load_basis(path)
+    assert loaded.settings == settings  # recorded in the file, used without being told
+    query = torch.randn(2, 4) * 3
+    layer = loaded.layers["transformer_blocks.0.attn.to_q"]
+    ours = loaded.coefficients(query, temperature=0.7)["transformer_blocks.0.attn.to_q"]
+    expected = plain_coefficients(query, layer.to_q, layer.keys, heads, softmax, mixing, 0.7)
+    official = plain_coefficients(query, layer.to_q, layer.keys, 1, True, "mean", 0.7)
+    assert (expected - official).abs().max() > 0.05, "the setting must change the coefficients"
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    if not softmax:
+        assert (ours < 0).any(), "tanh coefficients can be negative"
+    lora = loaded.mix(loaded.coefficients(query), sample=1)
+    c = plain_coefficients(query, layer.to_q, layer.keys, heads, softmax, mixing)[1]
+    reference = sum(c[n] * layer.A[n] @ layer.B[n] for n in range(6)).t()
+    torch.testing.assert_close(lora.layers["transformer_blocks.0.attn.to_q"].delta_weight(), reference,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_settings_that_do_not_fit_the_basis_are_refused():
+    from analogy_core.lorweb_settings import LoRWeBSettings
+
+    basis = random_basis(SHAPES, num_entries=6, rank=2, key_dim=8, query_dim=12)
+    with pytest.raises(BasisError, match="lora_heads=3 does not divide the basis' key width 8"):
+        basis.with_settings(LoRWeBSettings(lora_heads=3))
+    with pytest.raises(BasisError, match="query_mode cat-aa'b needs a query width divisible by 3; the basis has 10"):
+        random_basis(SHAPES, num_entries=6, rank=2, key_dim=8, query_dim=10).with_settings(LoRWeBSettings())
+    with pytest.raises(BasisError, match=r"expects 12-d queries \(query mode cat-aa'b: 3 x 4-d image embeddings\) "
+                                         r"but the query gives 9-d"):
+        basis.coefficients(torch.randn(1, 9))

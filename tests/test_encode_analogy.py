@@ -70,31 +70,127 @@ def test_comfy_and_transformers_paths_agree(comfy_inproc, tiny_clip, comfy_clip)
     assert ours.query().shape == (2, 3 * 32)
 
 
-def test_preprocessing_is_the_official_one(comfy_inproc):
-    """Our pixels equal transformers' CLIPImageProcessor fed the same 8-bit images (PIL bicubic, centre crop)."""
+def pil_reference(image: torch.Tensor, size: int = 224, resample=None, mean=None, std=None) -> torch.Tensor:
+    """CLIPImageProcessor's steps done by hand: 8-bit image, PIL bicubic resize of the shortest side to ``size`` (the
+    long side truncated like transformers), centre crop (top/left = floor of half the excess), /255, CLIP mean/std."""
     import numpy as np
     from PIL import Image
 
-    from analogy_core.analogy import clip_image_processor, preprocess
+    from analogy_core.analogy import CLIP_MEAN, CLIP_STD
 
-    image = procedural_scene(9, 333, 217)
+    resample = Image.BICUBIC if resample is None else resample
+    mean = np.asarray(CLIP_MEAN if mean is None else mean, dtype=np.float32)
+    std = np.asarray(CLIP_STD if std is None else std, dtype=np.float32)
+    pixels = (image.numpy() * 255).round().astype(np.uint8)
+    h, w = pixels.shape[:2]
+    new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    resized = np.asarray(Image.fromarray(pixels).resize((new_w, new_h), resample), dtype=np.float32)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    crop = resized[top: top + size, left: left + size] / np.float32(255)
+    return torch.from_numpy((crop - mean) / std).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("height, width", [(217, 333), (333, 217), (224, 224), (97, 120)])
+def test_preprocessing_is_the_official_one(comfy_inproc, height, width):
+    """Our pixels equal CLIPImageProcessor's steps done by hand with PIL bicubic (a bilinear resize would fail)."""
+    from PIL import Image
+
+    from analogy_core.analogy import preprocess
+
+    image = procedural_scene(9, width, height)
+    assert image.shape == (height, width, 3)
     ours = preprocess(image.unsqueeze(0))
-    pil = Image.fromarray((image.numpy() * 255).round().astype(np.uint8))
-    theirs = clip_image_processor()(images=[pil], return_tensors="pt")["pixel_values"]
     assert ours.shape == (1, 3, 224, 224)
-    torch.testing.assert_close(ours, theirs)
+    expected = pil_reference(image)
+    torch.testing.assert_close(ours[0], expected, rtol=1e-5, atol=1e-5)
+    if (height, width) != (224, 224):  # the comparison tells bicubic from bilinear and from a plain squash
+        assert (pil_reference(image, resample=Image.BILINEAR) - expected).abs().max() > 0.05
+        squash = torch.nn.functional.interpolate(image.permute(2, 0, 1)[None], size=(224, 224), mode="bicubic")[0]
+        assert (squash - expected).abs().max() > 0.05
     # ComfyUI's own encode_image resizes with torch bicubic instead: measurably different input pixels.
     import comfy.clip_vision
 
     comfy_pixels = comfy.clip_vision.clip_preprocess(image.unsqueeze(0), size=224)
-    assert (comfy_pixels - ours).abs().mean() > 1e-3
+    if (height, width) != (224, 224):
+        assert (comfy_pixels - ours).abs().mean() > 1e-3
+
+
+def comfy_vision(folder, config: dict, state=None):
+    """ComfyUI's own ClipVisionModel for a config (float32 weights for exact comparisons)."""
+    import comfy.cli_args
+    import comfy.clip_vision
+
+    path = folder / f"comfy_{config['model_type']}_{config['hidden_size']}_{config['image_size']}.json"
+    path.write_text(json.dumps(config))
+    previous = comfy.cli_args.args.fp32_text_enc
+    comfy.cli_args.args.fp32_text_enc = True
+    try:
+        clip_vision = comfy.clip_vision.ClipVisionModel(str(path))
+    finally:
+        comfy.cli_args.args.fp32_text_enc = previous
+    if state is not None:
+        missing, unexpected = clip_vision.load_sd(state)
+        assert not [k for k in missing if "position_ids" not in k] and not unexpected
+    return clip_vision
+
+
+def test_comfy_path_preprocesses_at_the_encoders_size(comfy_inproc, tmp_path):
+    """A CLIP at another resolution (like ViT-L/14@336) is fed pixels at its own size, equal on both paths."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    lorweb = __import__(f"{comfy_inproc.pack.__name__}.nodes.lorweb", fromlist=["x"])
+    analogy_mod = __import__(f"{comfy_inproc.pack.__name__}.analogy_core.analogy", fromlist=["x"])
+    config = dict(TINY_CLIP, image_size=56)
+    model = CLIPVisionModelWithProjection(CLIPVisionConfig(**config)).eval()
+    randomize_(model, seed=8)
+    clip_vision = comfy_vision(tmp_path, dict(config, model_type="clip_vision_model"), model.state_dict())
+    ours = lorweb.encode_with_comfy(clip_vision, images())
+    theirs = analogy_mod.encode_with_transformers(model, images())
+    assert ours.encoder == theirs.encoder and ours.encoder.image_size == 56 and ours.encoder.family == "clip"
+    assert ours.patch_tokens["a"].shape == (2, 1 + (56 // 14) ** 2, 64)
+    for role in ours.roles:
+        torch.testing.assert_close(ours.image_embeds[role], theirs.image_embeds[role], rtol=1e-4, atol=1e-5)
+
+
+SIGLIP = dict(num_channels=3, hidden_act="gelu_pytorch_tanh", hidden_size=48, image_size=28, intermediate_size=96,
+              model_type="siglip_vision_model", num_attention_heads=2, num_hidden_layers=2, patch_size=14,
+              image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+DINO = dict(hidden_size=32, patch_size=14, image_size=518, num_channels=3, num_attention_heads=2, hidden_act="gelu",
+            model_type="dinov2", num_hidden_layers=2, layer_norm_eps=1e-6, use_swiglu_ffn=False, layerscale_value=1.0,
+            mlp_ratio=4, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+
+
+def test_encoder_family_is_recognised_and_non_clip_encoders_are_refused(comfy_inproc, comfy_clip, tmp_path):
+    """ComfyUI loads CLIP, SigLIP, SigLIP2 and DINOv2 as CLIP_VISION; the ANALOGY records which, and Encode Analogy
+    refuses what LoRWeB's CLIP query cannot be built from."""
+    lorweb = __import__(f"{comfy_inproc.pack.__name__}.nodes.lorweb", fromlist=["x"])
+    assert lorweb.encoder_family(comfy_clip) == "clip"
+    siglip = comfy_vision(tmp_path, SIGLIP)
+    dino = comfy_vision(tmp_path, DINO)
+    assert lorweb.encoder_family(siglip) == "siglip" and lorweb.encoder_family(dino) == "dinov2"
+    info = lorweb.encoder_info(siglip)
+    assert (info.family, info.embed_dim, info.hidden_dim, info.patch_size, info.num_layers) == ("siglip", 48, 48, 14, 2)
+    assert info.name.startswith("SigLIP-like ViT (embed 48")
+    info = lorweb.encoder_info(dino)
+    assert (info.family, info.embed_dim, info.patch_size, info.num_layers, info.image_size) == ("dinov2", 32, 14, 2, 518)
+    imgs = images()
+    for clip_vision, name in ((siglip, "SigLIP-like ViT"), (dino, "DINOv2-like ViT")):
+        with pytest.raises(ValueError, match=f"this CLIP_VISION is {name} .* needs a CLIP vision model"):
+            lorweb.EncodeAnalogy().encode(clip_vision, imgs["a"], imgs["a_prime"], imgs["b"])
+    # newer ComfyUI keeps the config's model_type (and the config) on the object, e.g. for SigLIP2 NaFlex
+    siglip.model_type, siglip.config = "siglip2_vision_model", dict(SIGLIP, model_type="siglip2_vision_model")
+    assert lorweb.encoder_family(siglip) == "siglip2" and lorweb.encoder_info(siglip).family == "siglip2"
+    siglip.model_type = "radio_vision_model"
+    with pytest.raises(ValueError, match="unknown CLIP_VISION model type 'radio_vision_model'"):
+        lorweb.encoder_family(siglip)
 
 
 def test_encode_node_reports_the_encoder(comfy_inproc, comfy_clip):
     lorweb = __import__(f"{comfy_inproc.pack.__name__}.nodes.lorweb", fromlist=["x"])
     imgs = images()
     analogy, info = lorweb.EncodeAnalogy().encode(comfy_clip, imgs["a"], imgs["a_prime"])
-    assert analogy.roles == ("a", "a_prime") and "CLIP-like ViT (embed 32" in info
+    assert analogy.roles == ("a", "a_prime") and "CLIP-like ViT (embed 32" in info and "(family clip)" in info
+    assert analogy.encoder.family == "clip"
     with pytest.raises(ValueError, match="batch sizes must be 1 or all equal"):
         lorweb.EncodeAnalogy().encode(comfy_clip, imgs["b"], imgs["a"], imgs["b"].repeat(3, 1, 1, 1)[:3])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -79,3 +80,78 @@ def test_exported_file_mixes_to_what_the_layer_computes(tmp_path):
     expected = layer(x) - layer.base(x)
     mixed = lora.layers["transformer_blocks.0"]
     torch.testing.assert_close(x @ mixed.down.t() @ mixed.up.t(), expected, rtol=1e-5, atol=1e-6)
+
+
+# -- official initialisation -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("in_f, out_f, n, r", [(3072, 64, 32, 4), (512, 96, 8, 16), (64, 3072, 32, 4),
+                                               (1000, 10, 4, 2)])
+def test_initialisation_is_the_official_one(in_f, out_f, n, r):
+    """kaiming_uniform_(a=√5) on [N, in, r]: fan-in in·r, so U(±1/sqrt(in·r)) with std 1/sqrt(3·in·r); up = 0; keys
+    ~ N(0, 1); the query projection keeps nn.Linear's init (U(±1/sqrt(Q)), std 1/sqrt(3·Q))."""
+    torch.manual_seed(0)
+    query_dim, key_dim = 3 * 96, 128
+    layer = LoRWeBLinear(nn.Linear(in_f, out_f), num_entries=n, rank=r, key_dim=key_dim, query_dim=query_dim)
+    target = 1 / math.sqrt(3 * in_f * r)
+    assert abs(layer.lora_A.std().item() / target - 1) < 0.10, (layer.lora_A.std().item(), target)
+    assert layer.lora_A.abs().max().item() <= 1 / math.sqrt(in_f * r) + 1e-7
+    assert abs(layer.lora_A.mean().item()) < 0.1 * target
+    assert torch.count_nonzero(layer.lora_B) == 0
+    assert abs(layer.lora_keys.std().item() - 1) < 0.1 and abs(layer.lora_keys.mean().item()) < 0.1
+    to_q = layer.att_lora_to_q.weight
+    assert to_q.shape == (key_dim, query_dim) and layer.att_lora_to_q.bias is None
+    assert abs(to_q.std().item() * math.sqrt(3 * query_dim) - 1) < 0.10
+    assert to_q.abs().max().item() <= 1 / math.sqrt(query_dim) + 1e-7
+
+
+# -- settings: the layer trains what the inference basis mixes ----------------------------------------------------------
+def plain_layer_output(layer, x, query, heads, softmax, mixing):
+    """W x + Σ_n c_n (x A_n) B_n with the official mixing written out per head (independent of the code)."""
+    out = layer.base(x)
+    d = layer.key_dim
+    hd = d // heads
+    for s in range(x.shape[0]):
+        q = layer.att_lora_to_q.weight @ query[s]
+        per_head = []
+        for h in range(heads):
+            scores = layer.lora_keys[:, h * hd:(h + 1) * hd] @ q[h * hd:(h + 1) * hd] / math.sqrt(hd)
+            per_head.append(torch.softmax(scores, dim=0) if softmax else torch.tanh(scores))
+        total = torch.stack(per_head).sum(0)
+        c = total / heads if mixing == "mean" else total.clamp(0.0 if softmax else -1.0, 1.0)
+        out[s] = out[s] + sum(c[n] * (x[s] @ layer.lora_A[n]) @ layer.lora_B[n] for n in range(layer.num_entries))
+    return out
+
+
+@pytest.mark.parametrize("heads, softmax, mixing, mode", [(2, False, "mean", "a'-a"), (1, False, "sum", "cat-aa'b"),
+                                                          (4, True, "sum", "a'-a+b"), (2, True, "mean", "cat-aa'b")])
+def test_layer_forward_follows_its_settings_and_equals_the_inference_mix(tmp_path, heads, softmax, mixing, mode):
+    from analogy_core.analogy import AnalogyEmbedding, EncoderInfo
+    from analogy_core.lorweb_settings import LoRWeBSettings
+
+    info = EncoderInfo.describe(4, 8, 224, 14, 2)
+    settings = LoRWeBSettings(lora_heads=heads, lora_softmax=softmax, mixing_coeffs_type=mixing, query_mode=mode,
+                              source="trainer").for_encoder(info, "tiny-clip")
+    model = nn.Module()
+    model.transformer_blocks = nn.ModuleList([nn.Linear(10, 7)])
+    inject_lorweb(model, ["transformer_blocks.*"], num_entries=5, rank=3, key_dim=8,
+                  query_dim=settings.query_width(info.embed_dim), settings=settings)
+    layer = model.transformer_blocks[0]
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.3)
+        layer.att_lora_to_q.weight.mul_(4)  # scores well away from 0, where softmax/tanh/mean/sum differ most
+    gen = torch.Generator().manual_seed(1)
+    embedding = AnalogyEmbedding(info, {r: torch.randn(2, 4, generator=gen) for r in ("a", "a_prime", "b")})
+    query = settings.query(embedding)
+    x = torch.randn(2, 6, 10)
+    set_query(model, query)
+    out = layer(x)
+    expected = plain_layer_output(layer, x, query, heads, softmax, mixing)
+    official = plain_layer_output(layer, x, query, 1, True, "mean")
+    assert (expected - official).abs().max() > 1e-2, "the settings must change the output"
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+    basis = load_basis(export_basis(model).save(tmp_path / "b.safetensors"))
+    assert basis.settings == settings
+    for s in range(2):
+        mixed = basis.mix(basis.coefficients(query), sample=s).layers["transformer_blocks.0"]
+        torch.testing.assert_close(layer.base(x[s]) + x[s] @ mixed.down.t() @ mixed.up.t(), out[s],
+                                   rtol=1e-5, atol=1e-5)

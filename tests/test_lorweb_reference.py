@@ -1,13 +1,15 @@
 """LoRWeB against the official maths, written plainly: a released-style basis file must work through our nodes.
 
 Reference: the diffusers FLUX model where every targeted linear computes W x + Σ_n c_n (x A_n) B_n, with
-c = softmax(W_q [e_a, e_a', e_b] · Kᵀ / sqrt(d)) computed in the test. Ours: the file loaded and mixed by our nodes,
-applied to ComfyUI's own Flux (the same weights) by Apply LoRA to Model.
+c = softmax(W_q [e_a, e_a', e_b] · Kᵀ / sqrt(d)) computed in the test (or, for a basis whose config.yaml says so,
+tanh / several heads / summed heads / the a'-a query, written out per head). Ours: the file loaded (with its
+config.yaml) and mixed by our nodes, applied to ComfyUI's own Flux (the same weights) by Apply LoRA to Model.
 """
 
 from __future__ import annotations
 
 import math
+import textwrap
 
 import pytest
 import torch
@@ -26,7 +28,7 @@ def targeted_linears(model):
             if isinstance(module, torch.nn.Linear) and name.startswith(("transformer_blocks.", "single_transformer_blocks."))}
 
 
-def official_basis_file(model, path, seed=0, emb=EMB, dtype=torch.float32):
+def official_basis_file(model, path, seed=0, emb=EMB, dtype=torch.float32, query_factor=3):
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, linear in targeted_linears(model).items():
@@ -34,21 +36,33 @@ def official_basis_file(model, path, seed=0, emb=EMB, dtype=torch.float32):
         tensors[base + "lora_A"] = torch.randn(N, linear.in_features, R, generator=gen) * 0.15
         tensors[base + "lora_B"] = torch.randn(N, R, linear.out_features, generator=gen) * 0.15
         tensors[base + "lora_keys"] = torch.randn(N, D, generator=gen)
-        tensors[base + "att_lora_to_q.weight"] = torch.randn(D, 3 * emb, generator=gen) * 0.05
+        tensors[base + "att_lora_to_q.weight"] = torch.randn(D, query_factor * emb, generator=gen) * 0.05
     tensors = {k: v.to(dtype) for k, v in tensors.items()}
     save_file(tensors, path)  # the released file has no metadata
     return tensors
 
 
-def reference_output(model, tensors, embeds, inp):
+def plain_coefficients(to_q, keys, query, heads=1, softmax=True, mixing="mean"):
+    """The official mixing, head by head: scores q_h·K_h,n / sqrt(d/H), softmax or tanh, mean or clamped sum."""
+    q = to_q.float() @ query
+    head_dim = D // heads
+    per_head = []
+    for h in range(heads):
+        part = slice(h * head_dim, (h + 1) * head_dim)
+        scores = keys[:, part].float() @ q[part] / math.sqrt(head_dim)
+        per_head.append(torch.softmax(scores, dim=0) if softmax else torch.tanh(scores))
+    total = sum(per_head)
+    return total / heads if mixing == "mean" else total.clamp(0.0 if softmax else -1.0, 1.0)
+
+
+def reference_output(model, tensors, embeds, inp, query=None, **mixing):
     """The diffusers model with each targeted layer adding Σ_n c_n (x A_n) B_n (a plain loop over n)."""
-    query = torch.cat([embeds["a"], embeds["a_prime"], embeds["b"]])
+    query = torch.cat([embeds["a"], embeds["a_prime"], embeds["b"]]) if query is None else query
     handles = []
     for name, linear in targeted_linears(model).items():
         base = f"transformer.{name}."
         A, B = tensors[base + "lora_A"].float(), tensors[base + "lora_B"].float()
-        q = tensors[base + "att_lora_to_q.weight"].float() @ query
-        c = torch.softmax(tensors[base + "lora_keys"].float() @ q / math.sqrt(D), dim=0)
+        c = plain_coefficients(tensors[base + "att_lora_to_q.weight"], tensors[base + "lora_keys"], query, **mixing)
 
         def hook(module, args, output, A=A, B=B, c=c):
             x = args[0]
@@ -64,9 +78,10 @@ def reference_output(model, tensors, embeds, inp):
             handle.remove()
 
 
-def fake_analogy(comfy_inproc, embeds):
+def fake_analogy(comfy_inproc, embeds, image_size=224, family="clip", hidden=1024, patch=14, layers=24):
+    """An ANALOGY as Encode Analogy makes it (CLIP ViT-L/14 unless told otherwise), with given embeddings."""
     analogy_mod = __import__(f"{comfy_inproc.pack.__name__}.analogy_core.analogy", fromlist=["x"])
-    info = analogy_mod.EncoderInfo.describe(EMB, 1024, 224, 14, 24)
+    info = analogy_mod.EncoderInfo.describe(EMB, hidden, image_size, patch, layers, family)
     return analogy_mod.AnalogyEmbedding(info, {k: v.unsqueeze(0) for k, v in embeds.items()})
 
 
@@ -148,3 +163,168 @@ def test_query_width_mismatch_is_explained(comfy_inproc):
         lorweb.MixLoRABasis().mix(basis, pair_only, 1.0, 0)
     with pytest.raises(ValueError, match="sample 3 is out of range"):
         lorweb.MixLoRABasis().mix(basis, small, 1.0, 3)
+
+
+# -- a basis trained with other settings: config.yaml beside, one folder up, or given ----------------------------------
+def official_config(**network_kwargs) -> str:
+    """The official training config (as run.py saves it) with these network_kwargs."""
+    kwargs = {"loras_num": N, "lora_keys_dim": D, "external_query": True, "pooling_type": "avg",
+              "query_projection_type": "linear", "external_query_model": "openai/clip-vit-large-patch14"}
+    kwargs.update(network_kwargs)
+    body = "\n".join(f"          {k}: {v!r}" if isinstance(v, str) else f"          {k}: {str(v).lower()}"
+                     for k, v in kwargs.items())
+    return textwrap.dedent(f"""\
+        job: extension
+        config:
+          name: lorweb_model
+          process:
+            - type: sd_trainer
+              network:
+                type: attlora
+                linear: {R}
+                linear_alpha: {R}
+                network_kwargs:
+        """) + body + "\n"
+
+
+TANH_TWO_HEADS_A_PRIME_MINUS_A = dict(lora_heads=2, lora_softmax=False, mixing_coeffs_type="mean",
+                                      query_mode="ca'-ca")
+
+
+def released_layout(tmp_path, model, monkeypatch, lorweb, config_text=None, where="one_up", **basis_kwargs):
+    """lorweb_model/lorweb_model.safetensors with its config.yaml one folder up (the release) or beside it."""
+    folder = tmp_path / "lorweb_model"
+    folder.mkdir(exist_ok=True)
+    tensors = official_basis_file(model, folder / "lorweb_model.safetensors", **basis_kwargs)
+    if config_text is not None:
+        (tmp_path if where == "one_up" else folder).joinpath("config.yaml").write_text(config_text)
+    monkeypatch.setattr(lorweb.folder_paths, "get_full_path",
+                        lambda kind, name: str(folder / name) if kind == "lorweb" else None)
+    return tensors
+
+
+def test_basis_trained_with_tanh_two_heads_and_a_prime_minus_a_matches_the_official_maths(
+        comfy_inproc, tmp_path, monkeypatch):
+    model, patcher = tiny_flux_pair(comfy_inproc.comfy, seed=3)
+    lorweb = __import__(f"{comfy_inproc.pack.__name__}.nodes.lorweb", fromlist=["x"])
+    tensors = released_layout(tmp_path, model, monkeypatch, lorweb, official_config(**TANH_TWO_HEADS_A_PRIME_MINUS_A),
+                              seed=7, query_factor=1)
+    gen = torch.Generator().manual_seed(12)
+    embeds = {role: torch.randn(EMB, generator=gen) * 4 for role in ("a", "a_prime", "b")}
+    query = embeds["a_prime"] - embeds["a"]
+    inp = flux_inputs(seed=4)
+    ref = reference_output(model, tensors, embeds, inp, query, heads=2, softmax=False, mixing="mean")
+    as_default = reference_output(model, tensors, embeds, inp, query)  # the same file mixed like the release
+    assert rel_err(as_default, ref) > 0.05, "the settings must visibly change the output"
+
+    basis, info = lorweb.LoadLoRABasis().load("lorweb_model.safetensors")
+    assert "tanh, 2 heads, mean; query ca'-ca from CLIP ViT-L/14" in info and "config.yaml" in info
+    lora, _, _ = lorweb.MixLoRABasis().mix(basis, fake_analogy(comfy_inproc, embeds), 1.0, 0)
+    patched, _ = comfy_inproc.nodes.ApplyLoRAToModel().apply(patcher, lora, 1.0, "merge", False)
+    out = comfy_flux_out(patched, inp)
+    assert rel_err(out, ref) <= 1e-4, (rel_err(out, ref), rel_err(out, as_default))
+
+
+@pytest.mark.parametrize("where", ["beside", "one_up", "explicit"])
+def test_config_yaml_is_found_or_given(comfy_inproc, tmp_path, monkeypatch, where):
+    """The node reads config.yaml beside the basis, one folder up, or at config_path; the mix follows it exactly."""
+    lorweb = __import__(f"{comfy_inproc.pack.__name__}.nodes.lorweb", fromlist=["x"])
+    model, _ = tiny_flux_pair(comfy_inproc.comfy, seed=3)
+    settings = dict(lora_heads=4, lora_softmax=True, mixing_coeffs_type="sum", query_mode="a'-a+b")
+    tensors = released_layout(tmp_path, model, monkeypatch, lorweb,
+                              None if where == "explicit" else official_config(**settings), where=where, query_factor=1)
+    config_path = ""
+    if where == "explicit":
+        config_path = str(tmp_path / "configs" / "my run.yaml")
+        (tmp_path / "configs").mkdir()
+        (tmp_path / "configs" / "my run.yaml").write_text(official_config(**settings))
+    basis, info = lorweb.LoadLoRABasis().load("lorweb_model.safetensors", config_path)
+    assert "softmax, 4 heads, sum; query ca'-ca+cb" in info
+    gen = torch.Generator().manual_seed(3)
+    embeds = {role: torch.randn(EMB, generator=gen) * 4 for role in ("a", "a_prime", "b")}
+    lora, _, _ = lorweb.MixLoRABasis().mix(basis, fake_analogy(comfy_inproc, embeds), 1.0, 0)
+    name = "single_transformer_blocks.1.proj_out"
+    base = f"transformer.{name}."
+    to_q, keys = tensors[base + "att_lora_to_q.weight"], tensors[base + "lora_keys"]
+    query = embeds["a_prime"] - embeds["a"] + embeds["b"]
+    c = plain_coefficients(to_q, keys, query, heads=4, softmax=True, mixing="sum")
+    assert (c - plain_coefficients(to_q, keys, query)).abs().max() > 0.05
+    expected = sum(c[n] * tensors[base + "lora_A"][n] @ tensors[base + "lora_B"][n] for n in range(N)).t()
+    torch.testing.assert_close(lora.layers[name].delta_weight(), expected, rtol=1e-5, atol=1e-6)
+    # without any config.yaml the same file is mixed like the release (and here refused: its queries are 768-d)
+    if where != "explicit":
+        (tmp_path / ("config.yaml" if where == "one_up" else "lorweb_model/config.yaml")).unlink()
+        basis, info = lorweb.LoadLoRABasis().load("lorweb_model.safetensors")
+        assert "official defaults" in info
+        with pytest.raises(ValueError, match=r"expects 768-d queries \(query mode cat-aa'b: 3 x 256-d"):
+            lorweb.MixLoRABasis().mix(basis, fake_analogy(comfy_inproc, embeds), 1.0, 0)
+
+
+def test_mismatched_encoder_family_is_refused(comfy_inproc, tmp_path, monkeypatch):
+    """A 768-d SigLIP2 basis has CLIP ViT-L/14's query width: only the recorded encoder tells them apart."""
+    lorweb = __import__(f"{comfy_inproc.pack.__name__}.nodes.lorweb", fromlist=["x"])
+    basis_mod = __import__(f"{comfy_inproc.pack.__name__}.analogy_core.basis", fromlist=["x"])
+    model, _ = tiny_flux_pair(comfy_inproc.comfy, seed=3)
+    released_layout(tmp_path, model, monkeypatch, lorweb,
+                    official_config(external_query_model="google/siglip2-base-patch16-224"), where="beside")
+    siglip2_basis, info = lorweb.LoadLoRABasis().load("lorweb_model.safetensors")
+    assert "SigLIP2 ViT-B/16" in info and siglip2_basis.query_dim == 3 * EMB
+    gen = torch.Generator().manual_seed(1)
+    embeds = {role: torch.randn(EMB, generator=gen) for role in ("a", "a_prime", "b")}
+    clip_l = fake_analogy(comfy_inproc, embeds)
+    assert clip_l.query().shape[-1] == siglip2_basis.query_dim  # same width: the family is what differs
+    with pytest.raises(ValueError, match=r"trained with queries from SigLIP2 ViT-B/16 \(family siglip2; "
+                                         r".* comes from CLIP ViT-L/14 \(family clip\)"):
+        lorweb.MixLoRABasis().mix(siglip2_basis, clip_l, 1.0, 0)
+
+    # a basis with the release's settings refuses a SigLIP2 analogy of the same width ...
+    clip_basis = basis_mod.random_basis({"transformer_blocks.0.attn.to_q": (8, 6)}, num_entries=4, rank=2,
+                                        key_dim=8, query_dim=3 * EMB)
+    siglip2 = fake_analogy(comfy_inproc, embeds, family="siglip2", hidden=768, patch=16, layers=12)
+    assert siglip2.encoder.name == "SigLIP2 ViT-B/16"
+    with pytest.raises(ValueError, match=r"queries from a CLIP model .* comes from SigLIP2 ViT-B/16"):
+        lorweb.MixLoRABasis().mix(clip_basis, siglip2, 1.0, 0)
+    # ... also as the second analogy of a blend
+    for mode in ("coefficients", "query"):
+        with pytest.raises(ValueError, match="comes from SigLIP2 ViT-B/16"):
+            lorweb.MixLoRABasis().mix(clip_basis, clip_l, 1.0, 0, siglip2, 0.5, mode)
+    lorweb.MixLoRABasis().mix(clip_basis, clip_l, 1.0, 0)  # the right family passes
+
+    # a config.yaml naming the model binds the exact encoder: ViT-L/14@336 is also 768-d CLIP
+    released_layout(tmp_path, model, monkeypatch, lorweb, official_config(), where="beside")
+    named_basis, _ = lorweb.LoadLoRABasis().load("lorweb_model.safetensors")
+    with pytest.raises(ValueError, match=r"queries from CLIP ViT-L/14 .* comes from CLIP ViT-L/14@336"):
+        lorweb.MixLoRABasis().mix(named_basis, fake_analogy(comfy_inproc, embeds, image_size=336), 1.0, 0)
+    lorweb.MixLoRABasis().mix(named_basis, clip_l, 1.0, 0)
+
+
+def test_basis_and_lora_lists(comfy_inproc, tmp_path, monkeypatch):
+    """Load LoRA Basis lists its folder plus the bases in models/loras; Load LoRA lists only .safetensors files."""
+    from safetensors.torch import save_file
+
+    lorweb = __import__(f"{comfy_inproc.pack.__name__}.nodes.lorweb", fromlist=["x"])
+    basis_mod = __import__(f"{comfy_inproc.pack.__name__}.analogy_core.basis", fromlist=["x"])
+    folders = {"lorweb": tmp_path / "lorweb", "loras": tmp_path / "loras"}
+    for folder in folders.values():
+        (folder / "sub").mkdir(parents=True)
+    basis = basis_mod.random_basis({"transformer_blocks.0.attn.to_q": (8, 6)}, num_entries=4, rank=2, key_dim=8,
+                                   query_dim=12)
+    save_file(basis.state_dict(), folders["lorweb"] / "released.safetensors")
+    save_file(basis.state_dict(), folders["loras"] / "sub" / "released_copy.safetensors")
+    basis.save(folders["loras"] / "own_basis.safetensors")
+    save_file({"transformer.x.lora_A.weight": torch.ones(2, 4), "transformer.x.lora_B.weight": torch.ones(4, 2)},
+              folders["loras"] / "style.safetensors")
+    (folders["loras"] / "old.ckpt").write_bytes(b"pickle")
+    (folders["loras"] / "notes.pt").write_bytes(b"pickle")
+
+    def names(kind):
+        root = folders[kind]
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+    monkeypatch.setattr(lorweb.folder_paths, "get_filename_list", names)
+    monkeypatch.setattr(lorweb.folder_paths, "get_full_path",
+                        lambda kind, name: str(folders[kind] / name) if (folders[kind] / name).is_file() else None)
+    listed = lorweb.LoadLoRABasis.INPUT_TYPES()["required"]["basis_name"][0]
+    assert listed == ["own_basis.safetensors", "released.safetensors", "sub/released_copy.safetensors"]
+    loras = comfy_inproc.nodes.LoadLoRA.INPUT_TYPES()["required"]["lora_name"][0]
+    assert loras == ["own_basis.safetensors", "style.safetensors", "sub/released_copy.safetensors"]
