@@ -1,11 +1,17 @@
 """The one place that touches ComfyUI internals for LoRAs: key maps, weight patches and the runtime wrapper.
 
 - ``merge``: ComfyUI's own patch mechanism on a clone (``ModelPatcher.add_patches`` with ComfyUI's key map, including
-  slices of FLUX's fused qkv / linear1 weights). ComfyUI merges in float32 and casts back, and unpatches/offloads as
-  with any LoRA.
+  slices of FLUX's fused qkv / linear1 weights); ComfyUI merges, unpatches and offloads as with any LoRA. Its
+  precision is the host's: when a layer is loaded whole, up @ down is computed in float32 and added to a copy of the
+  weight in ``comfy.model_management.lora_compute_dtype`` (float32 in 0.3.75; in newer hosts float16 on GPUs that
+  run fp16 well, float32 on CPU), then rounded to the stored dtype (stochastically for fp8). Layers that stay
+  offloaded (lowvram, and every layer under newer hosts' dynamic VRAM) are patched at each use in the weight's own
+  compute dtype (e.g. bfloat16).
 - ``runtime``: the base weights stay untouched; an APPLY_MODEL wrapper registers forward hooks for the duration of
   each model call that add ``strength * scale * (x @ down.T) @ up.T`` to the target layer's output (its row slice for
-  fused weights). Works on fp8/quantised bases and switches LoRAs without re-merging.
+  fused weights), computed in the activations' dtype. The factors live in a small module with its own ModelPatcher,
+  attached to the patched MODEL as an additional model, so ComfyUI loads, counts, offloads and frees them with the
+  model. Works on fp8/quantised bases and switches LoRAs without re-merging.
 """
 
 from __future__ import annotations
@@ -18,30 +24,18 @@ import torch
 import torch.nn.functional as F
 
 import comfy.lora
-import comfy.model_base
+import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.utils
 
 from ..analogy_core.lora import LoRA, LoRAError, LoRALayer
+from . import comfy_compat
 
 log = logging.getLogger(__name__)
 RUNTIME_WRAPPER_KEY = "analogy_runtime_lora"
 
 
-def model_family(model_patcher) -> str:
-    """sd15 / sdxl / flux / unknown for a ComfyUI MODEL."""
-    base = model_patcher.model
-    if isinstance(base, comfy.model_base.Flux):
-        return "flux"
-    if isinstance(base, comfy.model_base.SDXL):
-        return "sdxl"
-    config_name = type(getattr(base, "model_config", None)).__name__.lower()
-    if config_name.startswith("sd15"):
-        return "sd15"
-    if config_name.startswith("sdxl"):
-        return "sdxl"
-    return "unknown"
-
+model_family = comfy_compat.model_family  # sd15 / sdxl / flux (FLUX.1), or the class name of any other model
 
 
 def _candidates(path: str) -> tuple[str, ...]:
@@ -145,39 +139,98 @@ def apply_merge(model_patcher, lora: LoRA, strength: float, allow_partial: bool 
 # runtime
 
 
-@dataclass
-class _Piece:
-    layer: LoRALayer
-    offset: int | None
+class _Factors(torch.nn.Module):
+    """down and up of one target layer as parameters of a leaf module, so ComfyUI loads, counts and offloads them
+    like any layer."""
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.down = torch.nn.Parameter(down.to(dtype), requires_grad=False)  # no copy when the dtype matches
+        self.up = torch.nn.Parameter(up.to(dtype), requires_grad=False)
+        # LoRA tensors the parameters share storage with; put back after an offload so that the host does not
+        # hold each factor twice (the LoRA itself stays alive in ComfyUI's node cache).
+        self._sources = {name: t for name, t in (("down", down), ("up", up)) if t.dtype == dtype}
+
+    def restore_sources(self) -> None:
+        for name, source in self._sources.items():
+            param = getattr(self, name)
+            if param.device == source.device and param.data_ptr() != source.data_ptr():
+                param.data = source
+
+
+class LoRAWeights(torch.nn.Module):
+    """The factors of one runtime-mode application. They get their own ModelPatcher, attached to the patched MODEL
+    as an additional model, so ComfyUI loads them with the model (counting their bytes), offloads them with it and
+    frees them on unload; nothing else keeps device copies."""
+
+    def __init__(self, layers: list[LoRALayer], dtype: torch.dtype, token: str):
+        super().__init__()
+        self.factors = torch.nn.ModuleList(_Factors(layer.down, layer.up, dtype) for layer in layers)
+        self.token = token  # identifies this application's weights among a patcher's additional models
+
+    def restore_sources(self) -> None:
+        for factors in self.factors:
+            factors.restore_sources()
+
+
+@dataclass(frozen=True)
+class _Target:
+    index: int  # into LoRAWeights.factors
+    offset: int | None  # row slice of a fused weight (FLUX qkv / linear1)
     size: int | None
+    scale: float
+
+
+def _restore_after_offload(patcher, unpatch_all: bool) -> None:
+    if unpatch_all:
+        patcher.model.restore_sources()
+
+
+def _weights_patcher(layers: list[LoRALayer], dtype: torch.dtype, token: str, load_device, offload_device,
+                     disable_dynamic: bool = False):
+    weights = LoRAWeights(layers, dtype, token)
+    if disable_dynamic:
+        patcher = comfy.model_patcher.ModelPatcher(weights, load_device=load_device, offload_device=offload_device)
+    else:
+        patcher = comfy_compat.new_patcher(weights, load_device, offload_device)
+    patcher.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, RUNTIME_WRAPPER_KEY,
+                                  _restore_after_offload)
+    # Newer hosts rebuild additional models for each extra GPU (multi-GPU) or as non-dynamic delegates from this.
+    patcher.cached_patcher_init = (_weights_patcher, (layers, dtype, token, load_device, offload_device))
+    return patcher
 
 
 class RuntimeLoRA:
-    """Forward hooks that add the low-rank update to target layers during one model call."""
+    """APPLY_MODEL wrapper: forward hooks that add the low-rank update to the target layers during one model call."""
 
-    def __init__(self, pieces: dict[str, list[_Piece]], strength: float):
-        self.pieces = pieces  # module path (under BaseModel) -> pieces
+    def __init__(self, targets: dict[str, list[_Target]], weights: LoRAWeights, strength: float):
+        self.targets = targets  # module path (under BaseModel) -> targets
+        self.weights = weights
         self.strength = strength
-        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _weights(self, piece: _Piece, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (id(piece), device, dtype)
-        if key not in self._cache:
-            self._cache[key] = (piece.layer.down.to(device=device, dtype=dtype),
-                                piece.layer.up.to(device=device, dtype=dtype))
-        return self._cache[key]
+    def _weights_for(self, base_model) -> LoRAWeights:
+        """This application's factors as ComfyUI loaded them for the running patcher (a multi-GPU clone of the model
+        has its own copy); otherwise the ones created with the wrapper (shared by clones)."""
+        patcher = getattr(base_model, "current_patcher", None)
+        if patcher is not None and hasattr(patcher, "get_additional_models_with_key"):
+            for extra in patcher.get_additional_models_with_key(RUNTIME_WRAPPER_KEY):
+                if getattr(extra.model, "token", None) == self.weights.token:
+                    return extra.model
+        return self.weights
 
-    def _hook(self, pieces: list[_Piece]):
+    def _hook(self, weights: LoRAWeights, targets: list[_Target]):
         def hook(module, args, output):
             x = args[0]
-            dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) \
-                else torch.bfloat16
-            if any(piece.offset is not None for piece in pieces):
+            dtype = x.dtype if x.dtype in comfy_compat.FLOAT_DTYPES else torch.bfloat16
+            if any(target.offset is not None for target in targets):
                 output = output.clone()  # slices are added in place below
-            for piece in pieces:
-                down, up = self._weights(piece, x.device, dtype)
-                scale = self.strength * piece.layer.scale
-                if piece.layer.is_conv:
+            for target in targets:
+                factors = weights.factors[target.index]
+                # Already there when ComfyUI loaded them (a no-op); a transient copy for the call otherwise.
+                down = factors.down.to(device=x.device, dtype=dtype)
+                up = factors.up.to(device=x.device, dtype=dtype)
+                scale = self.strength * target.scale
+                if down.ndim == 4:
                     hidden = F.conv2d(x.to(dtype), down, stride=module.stride, padding=module.padding,
                                       dilation=module.dilation)
                     delta = F.conv2d(hidden, up) * scale
@@ -185,21 +238,23 @@ class RuntimeLoRA:
                 else:
                     delta = (x.to(dtype) @ down.t()) @ up.t() * scale
                     channel_dim = -1
-                if piece.offset is None:
+                if target.offset is None:
                     output = output + delta.to(output.dtype)
                 else:
-                    output.narrow(channel_dim, piece.offset, piece.size).add_(delta.to(output.dtype))
+                    output.narrow(channel_dim, target.offset, target.size).add_(delta.to(output.dtype))
             return output
         return hook
 
     def __call__(self, executor, *args, **kwargs):
         base_model = executor.class_obj
+        weights = self._weights_for(base_model)
         handles = []
         try:
-            for module_path, pieces in self.pieces.items():
+            for module_path, targets in self.targets.items():
                 module = comfy.utils.get_attr(base_model, module_path)
-                handles.append(module.register_forward_hook(self._hook(pieces)))
-            return executor(*args, **kwargs)
+                handles.append(module.register_forward_hook(self._hook(weights, targets)))
+            with comfy_compat.model_compiler_paused():
+                return executor(*args, **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
@@ -207,19 +262,29 @@ class RuntimeLoRA:
 
 def apply_runtime(model_patcher, lora: LoRA, strength: float, allow_partial: bool = False):
     matched, report = check_compatible(lora, model_patcher, allow_partial)
-    pieces: dict[str, list[_Piece]] = {}
+    layers: list[LoRALayer] = []
+    targets: dict[str, list[_Target]] = {}
     for path, target in matched.items():
         key, slice_, function = _unpack(target)
-        module_path = key[: -len(".weight")]
         layer = lora.layers[path]
         if function is not None:  # e.g. FLUX's norm_out: native rows are (shift, scale), diffusers' (scale, shift)
             layer = LoRALayer(layer.down, layer.up[_row_permutation(function, layer.out_features)], layer.scale)
-        offset, size = (slice_[1], slice_[2]) if slice_ else (None, None)
         if slice_ and slice_[0] != 0:
             raise LoRAError(f"{path}: ComfyUI slices {key} along dim {slice_[0]}; runtime mode handles dim 0 only")
-        pieces.setdefault(module_path, []).append(_Piece(layer, offset, size))
+        offset, size = (slice_[1], slice_[2]) if slice_ else (None, None)
+        targets.setdefault(key[: -len(".weight")], []).append(_Target(len(layers), offset, size, layer.scale))
+        layers.append(layer)
     patched = model_patcher.clone()
-    # A fresh key per application: chained Apply nodes in runtime mode stack, like chained LoRA loaders.
-    key = f"{RUNTIME_WRAPPER_KEY}_{uuid.uuid4().hex}"
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, RuntimeLoRA(pieces, strength))
-    return patched, f"{report} (runtime, strength {strength:g})"
+    token = uuid.uuid4().hex
+    lora_patcher = _weights_patcher(layers, comfy_compat.compute_dtype(patched.model), token, patched.load_device,
+                                    patched.offload_device)
+    # Chained Apply nodes in runtime mode stack, like chained LoRA loaders: one weights patcher and wrapper each.
+    stacked = patched.get_additional_models_with_key(RUNTIME_WRAPPER_KEY) + [lora_patcher]
+    patched.set_additional_models(RUNTIME_WRAPPER_KEY, stacked)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, f"{RUNTIME_WRAPPER_KEY}_{token}",
+                                 RuntimeLoRA(targets, lora_patcher.model, strength))
+    return patched, f"{report} (runtime, strength {strength:g}, {_size(lora_patcher.model_size())} of LoRA weights)"
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2 ** 20:.1f} MB" if num_bytes >= 2 ** 20 else f"{num_bytes / 2 ** 10:.1f} KB"

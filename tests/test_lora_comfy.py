@@ -355,3 +355,135 @@ def test_weight_functions_must_be_row_permutations(comfy_inproc):
     assert order.tolist() == [3, 4, 5, 0, 1, 2]
     with pytest.raises(ValueError, match="not a row permutation; runtime mode cannot apply it"):
         comfy_inproc.patch._row_permutation(lambda weight: weight * 2, 6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# runtime mode inside ComfyUI's memory management
+
+RUNTIME_PATHS = {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (32, 32),
+                 "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (32, 32),
+                 "down_blocks.0.resnets.0.conv1": (32, 32, 3, 3)}
+
+
+def small_lora(lora_mod, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    layers = {}
+    for path, shape in RUNTIME_PATHS.items():
+        down = torch.randn(4, *shape[1:], generator=gen) * 0.3
+        up = torch.randn(shape[0], 4, *([1, 1] if len(shape) == 4 else []), generator=gen) * 0.3
+        layers[path] = lora_mod.LoRALayer(down.to(dtype), up.to(dtype), 1.5)
+    return lora_mod.LoRA(layers, "sd15")
+
+
+def denoised(patcher, base_model, x, sigma, ctx):
+    """BaseModel.apply_model (ComfyUI's own wrapper execution) under the patcher's weights and wrappers."""
+    patcher.patch_model()
+    try:
+        with torch.no_grad():
+            return base_model.apply_model(x, sigma, c_crossattn=ctx, transformer_options={"wrappers": patcher.wrappers})
+    finally:
+        patcher.unpatch_model()
+
+
+def reachable_tensors(root) -> list[torch.Tensor]:
+    """Every tensor reachable from ``root`` through containers, attributes and closures (not module globals)."""
+    import gc
+    import types
+
+    seen, found, stack = set(), [], [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, (type, types.ModuleType, types.FrameType, str, bytes, int, float)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            found.append(obj)
+        elif isinstance(obj, types.FunctionType):
+            stack.extend(cell.cell_contents for cell in obj.__closure__ or () if cell.cell_contents is not None)
+            stack.extend(obj.__defaults__ or ())
+        else:
+            stack.extend(gc.get_referents(obj))
+    assert len(seen) > 1000, "the walk must reach into the patcher, its model and its wrappers"
+    return found
+
+
+def test_runtime_weights_are_loaded_counted_and_freed_by_comfyui(comfy_inproc, monkeypatch):
+    """Runtime mode's factors belong to ComfyUI's memory manager: sampling preparation hands them to load_models_gpu
+    with the model, the loaded-model list counts their exact bytes, unload_all_models() offloads them, and no private
+    cache keeps a copy. The offload device is ``meta`` here, so on a CPU-only host "offloaded" means "no data left"."""
+    comfy = comfy_inproc.comfy
+    import comfy.sampler_helpers
+
+    management = comfy.model_management
+    _, cpu_patcher = tiny_sd_pair(comfy, seed=5)  # a fresh model: the unload below leaves it on the meta device
+    base_model = cpu_patcher.model
+    node = comfy_inproc.nodes.ApplyLoRAToModel()
+    lora = small_lora(comfy_inproc.lora, torch.bfloat16, seed=6)  # != the model's float32: a cache would copy
+    gen = torch.Generator().manual_seed(7)
+    x, sigma, ctx = torch.randn(1, 4, 8, 8, generator=gen), torch.tensor([3.0]), torch.randn(1, 5, 32, generator=gen)
+    merged, _ = node.apply(cpu_patcher, lora, 0.8, "merge", False)
+    reference, plain = denoised(merged, base_model, x, sigma, ctx), denoised(cpu_patcher, base_model, x, sigma, ctx)
+    assert rel_err(reference, plain) > 0.01, "the LoRA must change the output"
+
+    patcher = comfy.model_patcher.ModelPatcher(base_model, load_device=torch.device("cpu"),
+                                               offload_device=torch.device("meta"))
+    patched, info = node.apply(patcher, lora, 0.8, "runtime", False)
+    [weights_patcher] = patched.get_additional_models()
+    expected = sum((layer.down.numel() + layer.up.numel()) * 4 for layer in lora.layers.values())  # float32
+    assert weights_patcher.model_size() == expected and "KB of LoRA weights" in info
+
+    requested = []
+    load = management.load_models_gpu
+    monkeypatch.setattr(management, "load_models_gpu", lambda models, *a, **k: (requested.append(list(models)),
+                                                                                load(models, *a, **k))[1])
+    comfy.sampler_helpers.prepare_sampling(patched, [1, 4, 8, 8], {}, model_options={})
+    assert len(requested) == 1 and requested[0][0] is patched and weights_patcher in requested[0]
+    loaded = {id(entry.model): entry for entry in management.current_loaded_models}
+    assert loaded[id(weights_patcher)].model_loaded_memory() == expected
+    assert loaded[id(patched)].model_loaded_memory() == patched.model_size()
+
+    out = denoised(patched, base_model, x, sigma, ctx)
+    assert rel_err(out, reference) <= 1e-4, (rel_err(out, reference), rel_err(out, plain))
+
+    management.unload_all_models()
+    assert all(entry.model not in (patched, weights_patcher) for entry in management.current_loaded_models)
+    assert weights_patcher.loaded_size() == 0
+    assert all(p.is_meta for p in weights_patcher.model.parameters()), "ComfyUI moved the factors to offload"
+    own = {t.data_ptr() for layer in lora.layers.values() for t in (layer.down, layer.up)}
+    kept = [t for t in reachable_tensors(patched) if not t.is_meta]
+    assert kept and all(t.data_ptr() in own for t in kept), [(tuple(t.shape), t.dtype) for t in kept
+                                                            if t.data_ptr() not in own]
+
+
+def test_runtime_weights_share_the_loras_memory_after_an_offload(comfy_inproc, sd_setup):
+    """Factors in the model's dtype are the LoRA's own tensors (no host copy), and stay so after ComfyUI offloads
+    them: an offload from a GPU leaves new host copies, which the detach callback swaps back for the LoRA's tensors."""
+    _, patcher, _ = sd_setup
+    lora = small_lora(comfy_inproc.lora, torch.float32, seed=8)
+    patched, _ = comfy_inproc.nodes.ApplyLoRAToModel().apply(patcher, lora, 1.0, "runtime", False)
+    [weights_patcher] = patched.get_additional_models()
+    factors = list(weights_patcher.model.factors)
+    sources = [(layer.down, layer.up) for layer in lora.layers.values()]
+    assert all(f.down.data_ptr() == d.data_ptr() and f.up.data_ptr() == u.data_ptr()
+               for f, (d, u) in zip(factors, sources))
+    for param in weights_patcher.model.parameters():  # what ``.to(cpu)`` of a GPU copy leaves behind
+        param.data = param.data.clone()
+    assert factors[0].down.data_ptr() != sources[0][0].data_ptr()
+    weights_patcher.detach(unpatch_all=True)
+    assert all(f.down.data_ptr() == d.data_ptr() and f.up.data_ptr() == u.data_ptr()
+               for f, (d, u) in zip(factors, sources))
+
+
+def test_chained_runtime_loras_stack_like_merges(comfy_inproc, sd_setup):
+    """Two Apply nodes in runtime mode: two weight patchers, two wrappers, the sum of both updates."""
+    _, patcher, _ = sd_setup
+    node = comfy_inproc.nodes.ApplyLoRAToModel()
+    first, second = small_lora(comfy_inproc.lora, torch.float32, 9), small_lora(comfy_inproc.lora, torch.float32, 10)
+    runtime, _ = node.apply(node.apply(patcher, first, 0.6, "runtime", False)[0], second, -0.9, "runtime", False)
+    merged, _ = node.apply(node.apply(patcher, first, 0.6, "merge", False)[0], second, -0.9, "merge", False)
+    assert len(runtime.get_additional_models()) == 2
+    gen = torch.Generator().manual_seed(11)
+    x, t, ctx = torch.randn(1, 4, 8, 8, generator=gen), torch.tensor([400.0]), torch.randn(1, 5, 32, generator=gen)
+    out, ref = comfy_sd_out(runtime, x, t, ctx), comfy_sd_out(merged, x, t, ctx)
+    assert rel_err(ref, comfy_sd_out(patcher, x, t, ctx)) > 0.01
+    assert rel_err(out, ref) <= 1e-4

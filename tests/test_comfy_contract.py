@@ -1,0 +1,433 @@
+"""Contract tests: every ComfyUI behaviour the pack relies on, pinned against the host (ComfyUI 0.3.75 in CI), so that a
+host change fails here, loudly and by name, instead of somewhere inside a node. The API differences of newer hosts
+(Comfy-Org/ComfyUI 0.38, read from its sources) live in nodes/comfy_compat.py; their branches are exercised below with
+monkeypatched fakes.
+
+What the pack uses (``grep -rn "comfy\\.\\|folder_paths" nodes/ __init__.py``): comfy.lora (model_lora_keys_unet,
+load_lora), ModelPatcher (clone, add_patches, patches, add_wrapper_with_key, wrappers, set/get_additional_models,
+add_callback_with_key, detach, model_size, loaded_size), comfy.patcher_extension (WrappersMP.APPLY_MODEL,
+CallbacksMP.ON_DETACH), BaseModel.apply_model's wrapper executor, comfy.utils.get_attr, comfy.model_base (BaseModel,
+Flux and its subclasses, SDXL), comfy.model_management (load_models_gpu, unload_all_models), CLIP_VISION objects
+(model call, output tuple, image_size, load_device, patcher), clip_preprocess, folder_paths.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tiny_models import FLUX_COMFY, randomize_, tiny_sd_pair
+
+HIDDEN = FLUX_COMFY["hidden_size"]
+
+
+@pytest.fixture(scope="module")
+def compat(comfy_inproc):
+    return importlib.import_module(f"{comfy_inproc.pack.__name__}.nodes.comfy_compat")
+
+
+@pytest.fixture(scope="module")
+def flux_model(comfy_inproc):
+    """A FLUX.1 BaseModel as ComfyUI builds it (weights are not needed for key maps and family detection)."""
+    comfy = comfy_inproc.comfy
+    config = comfy.supported_models.Flux(dict(FLUX_COMFY))
+    config.set_inference_dtype(torch.float32, None)
+    return config.get_model({})
+
+
+@pytest.fixture(scope="module")
+def sd(comfy_inproc):
+    return tiny_sd_pair(comfy_inproc.comfy, seed=21)[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# key maps and patches
+
+
+def test_key_map_target_forms(comfy_inproc, flux_model):
+    """model_lora_keys_unet maps a LoRA name to one of three target forms, and runtime mode's _unpack reads each."""
+    comfy = comfy_inproc.comfy
+    unpack = comfy_inproc.patch._unpack
+    key_map = comfy.lora.model_lora_keys_unet(flux_model, {})
+    state_keys = set(flux_model.state_dict())
+    # 1. a plain state-dict key
+    plain = key_map["transformer.transformer_blocks.0.attn.to_out.0"]
+    assert plain == "diffusion_model.double_blocks.0.img_attn.proj.weight" and plain in state_keys
+    assert unpack(plain) == (plain, None, None)
+    # 2. (key, (dim, offset, size)): a row slice of a fused weight
+    qkv = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
+    assert key_map["transformer.transformer_blocks.0.attn.to_q"] == (qkv, (0, 0, HIDDEN))
+    assert key_map["transformer.transformer_blocks.0.attn.to_k"] == (qkv, (0, HIDDEN, HIDDEN))
+    assert key_map["transformer.transformer_blocks.0.attn.to_v"] == (qkv, (0, 2 * HIDDEN, HIDDEN))
+    linear1 = "diffusion_model.single_blocks.0.linear1.weight"
+    assert key_map["transformer.single_transformer_blocks.0.proj_mlp"] == (linear1, (0, 3 * HIDDEN, 4 * HIDDEN))
+    assert unpack(key_map["transformer.transformer_blocks.0.attn.to_k"]) == (qkv, (0, HIDDEN, HIDDEN), None)
+    # 3. (key, None, function): the whole weight through a function of the diff (FLUX norm_out's shift/scale swap)
+    final = key_map["transformer.norm_out.linear"]
+    assert final[0] == "diffusion_model.final_layer.adaLN_modulation.1.weight" and final[1] is None
+    assert final[2] is comfy.utils.swap_scale_shift and unpack(final) == final
+    halves = torch.arange(6.0).unsqueeze(1)
+    assert final[2](halves).squeeze(1).tolist() == [3.0, 4.0, 5.0, 0.0, 1.0, 2.0]
+    assert {qkv, linear1, final[0]} <= state_keys  # (key maps may also name weights a model lacks: match_targets
+    # keeps only targets in the state dict)
+
+
+def test_load_lora_and_the_patch_tuple_add_patches_stores(comfy_inproc, flux_model):
+    """load_lora turns our lora_up/lora_down/alpha names into a LoRAAdapter keyed by the key-map target;
+    add_patches stores (strength, adapter, strength_model, offset, function) per state-dict key; calculate_weight
+    adds strength * alpha / rank * up @ down to the slice."""
+    comfy = comfy_inproc.comfy
+    import comfy.weight_adapter
+
+    cpu = torch.device("cpu")
+    patcher = comfy.model_patcher.ModelPatcher(flux_model, load_device=cpu, offload_device=cpu)
+    key_map = comfy.lora.model_lora_keys_unet(flux_model, {})
+    targets = {name: key_map[f"transformer.{name}"] for name in
+               ("transformer_blocks.0.attn.to_out.0", "transformer_blocks.0.attn.to_k", "norm_out.linear")}
+    gen = torch.Generator().manual_seed(0)
+    state, rows = {}, {"norm_out.linear": 2 * HIDDEN}
+    for name in targets:
+        state[f"x.{name}.lora_up.weight"] = torch.randn(rows.get(name, HIDDEN), 2, generator=gen)
+        state[f"x.{name}.lora_down.weight"] = torch.randn(2, HIDDEN, generator=gen)
+        state[f"x.{name}.alpha"] = torch.tensor(3.0)
+    patches = comfy.lora.load_lora(state, {f"x.{n}": t for n, t in targets.items()}, log_missing=False)
+    assert set(patches) == set(targets.values())
+    adapter = patches[targets["transformer_blocks.0.attn.to_k"]]
+    assert isinstance(adapter, comfy.weight_adapter.WeightAdapterBase)
+    assert adapter.weights[0] is state["x.transformer_blocks.0.attn.to_k.lora_up.weight"]
+    assert adapter.weights[1] is state["x.transformer_blocks.0.attn.to_k.lora_down.weight"] and adapter.weights[2] == 3.0
+
+    clone = patcher.clone()
+    applied = clone.add_patches(patches, 0.5)
+    assert set(applied) == set(patches) and not patcher.patches
+    for target in targets.values():
+        key, offset, function = (target, None, None) if isinstance(target, str) else (target[0], target[1],
+                                                                                        target[2] if len(target) > 2
+                                                                                        else None)
+        assert clone.patches[key][-1] == (0.5, patches[target], 1.0, offset, function)
+    qkv = targets["transformer_blocks.0.attn.to_k"][0]
+    weight = torch.randn(3 * HIDDEN, HIDDEN, generator=gen)
+    merged = comfy.lora.calculate_weight(clone.patches[qkv], weight.clone(), qkv)
+    up, down = adapter.weights[0], adapter.weights[1]
+    expected = weight.clone()
+    expected[HIDDEN: 2 * HIDDEN] += 0.5 * (3.0 / 2) * up @ down
+    torch.testing.assert_close(merged, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# wrappers, additional models, callbacks, loading
+
+
+def test_apply_model_wrapper_api(comfy_inproc, sd):
+    """add_wrapper_with_key files a wrapper under WrappersMP.APPLY_MODEL; clones copy the lists; sampling merges the
+    patcher's wrappers into transformer_options; BaseModel.apply_model calls them with the BaseModel as
+    executor.class_obj, and executor(...) runs the rest."""
+    comfy = comfy_inproc.comfy
+    import comfy.sampler_helpers
+
+    wrappers_mp = comfy.patcher_extension.WrappersMP
+    assert wrappers_mp.APPLY_MODEL == "apply_model"
+    seen = []
+
+    def doubling(executor, *args, **kwargs):
+        seen.append(executor.class_obj)
+        return 2 * executor(*args, **kwargs)
+
+    patcher = sd.clone()
+    patcher.add_wrapper_with_key(wrappers_mp.APPLY_MODEL, "probe", doubling)
+    clone = patcher.clone()
+    assert clone.wrappers[wrappers_mp.APPLY_MODEL]["probe"] == [doubling]
+    assert clone.wrappers[wrappers_mp.APPLY_MODEL]["probe"] is not patcher.wrappers[wrappers_mp.APPLY_MODEL]["probe"]
+    model_options = {"transformer_options": {}}
+    comfy.sampler_helpers.prepare_model_patcher(clone, {}, model_options)
+    transformer_options = model_options["transformer_options"]
+    assert comfy.patcher_extension.get_all_wrappers(wrappers_mp.APPLY_MODEL, transformer_options) == [doubling]
+    gen = torch.Generator().manual_seed(1)
+    x, sigma, ctx = torch.randn(1, 4, 8, 8, generator=gen), torch.tensor([2.0]), torch.randn(1, 5, 32, generator=gen)
+    with torch.no_grad():
+        plain = sd.model.apply_model(x, sigma, c_crossattn=ctx)
+        wrapped = sd.model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=transformer_options)
+    assert seen == [sd.model] and plain.abs().mean() > 0.01
+    torch.testing.assert_close(wrapped, 2 * plain)
+
+
+def test_additional_models_callbacks_and_loading(comfy_inproc, sd):
+    """An auxiliary module under its own ModelPatcher: attached with set_additional_models, cloned (sharing the module)
+    with the model, sized by model_size(), loaded by load_models_gpu (loaded_size() counts it), told about detach
+    through CallbacksMP.ON_DETACH, and unloaded by unload_all_models()."""
+    comfy = comfy_inproc.comfy
+    management = comfy.model_management
+    cpu = torch.device("cpu")
+    module = torch.nn.Sequential(torch.nn.Linear(8, 4, bias=False))
+    aux = comfy.model_patcher.ModelPatcher(module, load_device=cpu, offload_device=cpu)
+    detached = []
+    aux.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, "probe",
+                              lambda patcher, unpatch_all: detached.append((patcher, unpatch_all)))
+    model = sd.clone()
+    model.set_additional_models("probe", [aux])
+    assert model.get_additional_models_with_key("probe") == [aux] and model.get_additional_models() == [aux]
+    clone = model.clone()
+    [aux_clone] = clone.get_nested_additional_models()
+    assert aux_clone is not aux and aux_clone.model is module and aux_clone.parent is aux
+    assert aux_clone.get_all_callbacks(comfy.patcher_extension.CallbacksMP.ON_DETACH)
+    assert aux.model_size() == 8 * 4 * 4 and aux.loaded_size() == 0
+
+    assert hasattr(management, "load_models_gpu")
+    management.load_models_gpu([clone] + clone.get_nested_additional_models())
+    assert aux_clone in management.loaded_models() and aux_clone.loaded_size() == aux.model_size()
+    management.unload_all_models()
+    assert aux_clone not in management.loaded_models() and aux_clone.loaded_size() == 0
+    assert (aux_clone, True) in detached
+
+
+def test_compat_load_models_uses_the_list_form(compat, comfy_inproc, monkeypatch):
+    management = comfy_inproc.comfy.model_management
+    calls = []
+    monkeypatch.setattr(management, "load_models_gpu", lambda models, *a, **k: calls.append(("list", models)))
+    monkeypatch.delattr(management, "load_model_gpu")  # newer hosts may drop the single-model wrapper
+    compat.load_models(iter(["a", "b"]))
+    assert calls == [("list", ["a", "b"])]
+    monkeypatch.delattr(management, "load_models_gpu")  # an old host: one call per model
+    monkeypatch.setattr(management, "load_model_gpu", lambda model: calls.append(("one", model)), raising=False)
+    compat.load_models(["c", "d"])
+    assert calls[1:] == [("one", "c"), ("one", "d")]
+
+
+def test_new_patcher_class(compat, comfy_inproc, monkeypatch):
+    model_patcher = comfy_inproc.comfy.model_patcher
+    cpu = torch.device("cpu")
+    assert not hasattr(model_patcher, "CoreModelPatcher")  # 0.3.75; newer hosts alias it (dynamic VRAM)
+    assert type(compat.new_patcher(torch.nn.Linear(2, 2), cpu, cpu)) is model_patcher.ModelPatcher
+
+    class Dynamic(model_patcher.ModelPatcher):
+        pass
+
+    monkeypatch.setattr(model_patcher, "CoreModelPatcher", Dynamic, raising=False)
+    assert type(compat.new_patcher(torch.nn.Linear(2, 2), cpu, cpu)) is Dynamic
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# model families
+
+
+def test_model_base_classes_and_family(compat, comfy_inproc, flux_model, sd):
+    """FLUX.1 (dev, schnell, Fill, Kontext) is model_base.Flux itself; Flux2, Chroma and ChromaRadiance (and in newer
+    hosts LongCatImage) subclass it, so only the exact class is FLUX.1 for our LoRAs."""
+    comfy = comfy_inproc.comfy
+    model_base = comfy.model_base
+    for name in ("BaseModel", "Flux", "SDXL", "HiDream"):
+        assert hasattr(model_base, name), name
+    for name in ("Flux2", "Chroma", "ChromaRadiance"):
+        assert issubclass(getattr(model_base, name), model_base.Flux), name
+    assert type(flux_model) is model_base.Flux and compat.model_family(SimpleNamespace(model=flux_model)) == "flux"
+    schnell = comfy.supported_models.FluxSchnell(dict(FLUX_COMFY, guidance_embed=False)).get_model({})
+    assert compat.model_family(SimpleNamespace(model=schnell)) == "flux"
+    assert compat.model_family(sd) == "sd15"
+
+    class LongCatImage(model_base.Flux):  # what newer hosts add; any future subclass is treated the same way
+        pass
+
+    for cls, family in ((model_base.Flux2, "flux2"), (model_base.Chroma, "chroma"),
+                        (model_base.ChromaRadiance, "chromaradiance"), (LongCatImage, "longcatimage"),
+                        (model_base.HiDream, "hidream"), (model_base.SDXL, "sdxl")):
+        assert compat.model_family(SimpleNamespace(model=cls.__new__(cls))) == family, cls
+
+
+def test_flux1_lora_is_refused_on_other_flux_models(comfy_inproc):
+    lora_mod = comfy_inproc.lora
+    lora = lora_mod.LoRA({"transformer_blocks.0.attn.to_q": lora_mod.LoRALayer(torch.ones(2, HIDDEN),
+                                                                                 torch.ones(HIDDEN, 2))}, "flux")
+    model_base = comfy_inproc.comfy.model_base
+    for cls in (model_base.Flux2, model_base.Chroma, model_base.HiDream):
+        fake = SimpleNamespace(model=cls.__new__(cls))
+        with pytest.raises(ValueError, match=f"this LoRA is for flux but the model is {cls.__name__.lower()}"):
+            comfy_inproc.patch.check_compatible(lora, fake, False)
+
+
+def test_compute_dtype(compat, comfy_inproc, sd):
+    assert compat.compute_dtype(sd.model) == torch.float32
+    fp8 = SimpleNamespace(manual_cast_dtype=None, get_dtype=lambda: torch.float8_e4m3fn)
+    assert compat.compute_dtype(fp8) == torch.bfloat16
+    cast = SimpleNamespace(manual_cast_dtype=torch.float16, get_dtype=lambda: torch.float8_e4m3fn)
+    assert compat.compute_dtype(cast) == torch.float16
+    newer = SimpleNamespace(get_dtype_inference=lambda: torch.bfloat16, manual_cast_dtype=None,
+                            get_dtype=lambda: torch.float8_e4m3fn)
+    assert compat.compute_dtype(newer) == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLIP vision
+
+
+TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=3, patch_size=14,
+                 image_size=56, projection_dim=16, hidden_act="quick_gelu", layer_norm_eps=1e-5, num_channels=3)
+
+
+@pytest.fixture(scope="module")
+def clip_pair(comfy_inproc, tmp_path_factory):
+    """(transformers CLIPVisionModelWithProjection, ComfyUI ClipVisionModel) with the same float32 weights."""
+    import comfy.cli_args
+    import comfy.clip_vision
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    reference = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CLIP)).eval()
+    randomize_(reference, seed=3)
+    config = tmp_path_factory.mktemp("clip") / "config.json"
+    config.write_text(json.dumps(dict(TINY_CLIP, model_type="clip_vision_model")))
+    previous = comfy.cli_args.args.fp32_text_enc
+    comfy.cli_args.args.fp32_text_enc = True
+    try:
+        clip_vision = comfy.clip_vision.ClipVisionModel(str(config))
+    finally:
+        comfy.cli_args.args.fp32_text_enc = previous
+    missing, unexpected = clip_vision.load_sd(reference.state_dict())
+    assert not [k for k in missing if "position_ids" not in k] and not unexpected
+    return reference, clip_vision
+
+
+def test_clip_vision_output_tuple(compat, clip_pair):
+    """model(pixel_values=..., intermediate_output=-2) returns (last hidden state, penultimate layer's tokens,
+    projected image_embeds, multimodal projection); Encode Analogy reads [2] and [1]."""
+    reference, clip_vision = clip_pair
+    assert clip_vision.image_size == 56 and clip_vision.return_all_hidden_states is False
+    assert isinstance(clip_vision.load_device, torch.device) and hasattr(clip_vision.patcher, "model_size")
+    model = clip_vision.model
+    assert model.vision_model.embeddings.patch_embedding.weight.shape == (32, 3, 14, 14)
+    assert model.visual_projection.weight.shape == (16, 32) and len(model.vision_model.encoder.layers) == 3
+    pixels = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = model(pixel_values=pixels, intermediate_output=-2)
+        ref = reference(pixel_values=pixels, output_hidden_states=True)
+    assert len(out) == 4 and out[3] is None
+    torch.testing.assert_close(out[0], ref.last_hidden_state, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[1], ref.hidden_states[-2], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[2], ref.image_embeds, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(out[1], out[0], atol=1e-3)
+    assert compat.clip_vision_model_type(clip_vision) == "clip_vision_model"
+
+
+def test_clip_vision_model_type_on_newer_hosts(compat):
+    assert compat.clip_vision_model_type(SimpleNamespace(model_type="siglip2_vision_model")) == "siglip2_vision_model"
+    assert compat.clip_vision_model_type(SimpleNamespace(return_all_hidden_states=True)) == "siglip_vision_model"
+
+
+def test_clip_preprocess_home(compat, comfy_inproc, monkeypatch):
+    """0.3.75 defines clip_preprocess in comfy.clip_vision; newer hosts in comfy.clip_model (with an alias left in
+    clip_vision). compat prefers the new home and matches the host's function."""
+    import comfy.clip_model
+    import comfy.clip_vision
+
+    image = torch.rand(1, 40, 70, 3, generator=torch.Generator().manual_seed(5))
+    assert callable(comfy.clip_vision.clip_preprocess) and not hasattr(comfy.clip_model, "clip_preprocess")
+    torch.testing.assert_close(compat.clip_preprocess(image, size=56),
+                               comfy.clip_vision.clip_preprocess(image, size=56))
+    assert compat.clip_preprocess(image, size=56).shape == (1, 3, 56, 56)
+    monkeypatch.setattr(comfy.clip_model, "clip_preprocess", lambda image, **kw: ("new home", kw), raising=False)
+    assert compat.clip_preprocess(image, size=56) == ("new home", {"size": 56})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# folder_paths
+
+
+def test_folder_paths_calls(comfy_inproc, tmp_path):
+    import folder_paths
+
+    name = "analogy_contract_probe"
+    root = tmp_path / name
+    (root / "sub").mkdir(parents=True)
+    for file in ("x.safetensors", "sub/y.safetensors", "z.ckpt"):
+        (root / file).write_bytes(b"0")
+    assert isinstance(folder_paths.models_dir, str)
+    assert {".safetensors", ".ckpt"} <= set(folder_paths.folder_names_and_paths["loras"][1])
+    try:
+        folder_paths.add_model_folder_path(name, str(root))
+        paths, extensions = folder_paths.folder_names_and_paths[name]
+        assert paths == [str(root)] and isinstance(paths, list) and len(extensions) == 0  # new folder: any file
+        assert sorted(folder_paths.get_filename_list(name)) == ["sub/y.safetensors", "x.safetensors", "z.ckpt"]
+        folder_paths.folder_names_and_paths[name] = (paths, {".safetensors"})  # what nodes/lorweb.py does
+        folder_paths.filename_list_cache.pop(name, None)
+        assert folder_paths.get_filename_list(name) == ["sub/y.safetensors", "x.safetensors"]
+        assert folder_paths.get_folder_paths(name) == [str(root)]
+        assert folder_paths.get_full_path(name, "sub/y.safetensors") == str(root / "sub" / "y.safetensors")
+        assert folder_paths.get_full_path(name, "missing.safetensors") is None
+        assert folder_paths.get_full_path("no_such_folder_kind", "x.safetensors") is None
+        with pytest.raises(FileNotFoundError):
+            folder_paths.get_full_path_or_raise(name, "missing.safetensors")
+    finally:
+        folder_paths.folder_names_and_paths.pop(name, None)
+        folder_paths.filename_list_cache.pop(name, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# runtime mode on newer hosts: model compiler, multi-GPU rebuilds
+
+
+def small_runtime_lora(lora_mod):
+    gen = torch.Generator().manual_seed(12)
+    path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    return lora_mod.LoRA({path: lora_mod.LoRALayer(torch.randn(4, 32, generator=gen),
+                                                   torch.randn(32, 4, generator=gen), 1.0)}, "sd15")
+
+
+def run(patcher):
+    comfy_ext = __import__("comfy.patcher_extension").patcher_extension
+    gen = torch.Generator().manual_seed(13)
+    x, t, ctx = torch.randn(1, 4, 8, 8, generator=gen), torch.tensor([300.0]), torch.randn(1, 5, 32, generator=gen)
+    base = patcher.model
+    wrappers = comfy_ext.get_all_wrappers(comfy_ext.WrappersMP.APPLY_MODEL, {"wrappers": patcher.wrappers})
+    executor = comfy_ext.WrapperExecutor.new_class_executor(
+        lambda: base.diffusion_model(x, timesteps=t, context=ctx), base, wrappers)
+    with torch.no_grad():
+        return executor.execute()
+
+
+def test_runtime_mode_pauses_the_model_compiler(comfy_inproc, sd, monkeypatch):
+    """Newer hosts compile CUDA graphs of whole blocks (comfy/model_prefetch.py) whose replays skip Python forward
+    hooks; runtime mode switches ``args.disable_comfy_compiler`` on for its model calls and restores it after. The CI
+    host has no such switch and is left untouched."""
+    from comfy.cli_args import args
+
+    assert not hasattr(args, "disable_comfy_compiler")
+    patched, _ = comfy_inproc.nodes.ApplyLoRAToModel().apply(sd, small_runtime_lora(comfy_inproc.lora), 1.0,
+                                                              "runtime", False)
+    observed = []
+    handle = sd.model.diffusion_model.register_forward_pre_hook(
+        lambda module, inputs: observed.append(getattr(args, "disable_comfy_compiler", None)))
+    try:
+        run(patched)
+        assert observed == [None] and not hasattr(args, "disable_comfy_compiler")
+        monkeypatch.setattr(args, "disable_comfy_compiler", False, raising=False)
+        out = run(patched)
+        assert observed[-1] is True and args.disable_comfy_compiler is False
+        monkeypatch.setattr(args, "disable_comfy_compiler", True)  # the user's --disable-comfy-compiler stays
+        torch.testing.assert_close(run(patched), out)
+        assert observed[-1] is True and args.disable_comfy_compiler is True
+    finally:
+        handle.remove()
+    assert (out - run(sd)).abs().mean() > 1e-3, "the runtime LoRA was active"
+
+
+def test_runtime_weights_rebuild_for_multi_gpu(comfy_inproc, sd):
+    """Newer hosts rebuild a model's additional models for each extra GPU from ``cached_patcher_init`` (and raise
+    without it); the rebuilt weights carry the same token, which the wrapper uses to find the copy ComfyUI loaded
+    for the running patcher."""
+    patch = comfy_inproc.patch
+    lora = small_runtime_lora(comfy_inproc.lora)
+    patched, _ = comfy_inproc.nodes.ApplyLoRAToModel().apply(sd, lora, 1.0, "runtime", False)
+    [weights_patcher] = patched.get_additional_models()
+    factory, factory_args = weights_patcher.cached_patcher_init
+    for rebuilt in (factory(*factory_args), factory(*factory_args, disable_dynamic=True)):
+        assert rebuilt.model is not weights_patcher.model and rebuilt.model.token == weights_patcher.model.token
+        for ours, theirs in zip(weights_patcher.model.parameters(), rebuilt.model.parameters()):
+            assert torch.equal(ours, theirs)
+    [wrapper] = patched.get_all_wrappers(comfy_inproc.comfy.patcher_extension.WrappersMP.APPLY_MODEL)
+    assert isinstance(wrapper, patch.RuntimeLoRA)
+    other_gpu = patched.clone()
+    other_gpu.set_additional_models(patch.RUNTIME_WRAPPER_KEY, [rebuilt])
+    assert wrapper._weights_for(SimpleNamespace(current_patcher=other_gpu)) is rebuilt.model
+    assert wrapper._weights_for(SimpleNamespace(current_patcher=None)) is weights_patcher.model
