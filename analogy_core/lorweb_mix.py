@@ -7,7 +7,8 @@ The node only converts ComfyUI types; everything decided here is testable withou
   :meth:`LoRABasis.coefficients`;
 * two analogies blend either by their coefficients ((1-w)·c1 + w·c2, both edits weighted) or by their queries
   (the interpolated query is mixed);
-* the report names the most used basis entries (mean coefficient over layers).
+* the report names the most used basis entries (largest mean |coefficient| over layers; tanh bases mix with signed
+  coefficients, so the heat map and the report rank entries by magnitude and print the signed mean).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ class MixResult:
 
     @property
     def table(self) -> torch.Tensor:
-        """The coefficients as [layers, N] (for the heat map)."""
-        return torch.cat(list(self.coefficients.values()), dim=0)
+        """How strongly each layer uses each entry, |c| as [layers, N] (what the heat map draws)."""
+        return torch.cat(list(self.coefficients.values()), dim=0).abs()
 
 
 def analogy_query(basis: LoRABasis, analogy: AnalogyEmbedding, sample: int = 0) -> torch.Tensor:
@@ -75,8 +76,9 @@ def mix_analogy(basis: LoRABasis, analogy: AnalogyEmbedding, temperature: float 
 
 
 def top_entries(coefficients: dict[str, torch.Tensor], k: int = 5) -> str:
-    """The ``k`` basis entries with the largest mean coefficient over layers, e.g. "#3=0.412, #0=0.101"."""
-    usage = torch.cat(list(coefficients.values()), dim=0).mean(dim=0)
-    top = torch.topk(usage, k=min(k, usage.numel()))
-    return "mean coefficient of the top entries: " + ", ".join(
-        f"#{i}={v:.3f}" for v, i in zip(top.values.tolist(), top.indices.tolist()))
+    """The ``k`` basis entries used most (largest mean |c| over layers) with their mean coefficient, e.g.
+    "#3=0.412, #0=-0.101"."""
+    table = torch.cat(list(coefficients.values()), dim=0)
+    top = torch.topk(table.abs().mean(dim=0), k=min(k, table.shape[1]))
+    means = table.mean(dim=0)
+    return "mean coefficient of the top entries: " + ", ".join(f"#{i}={means[i]:.3f}" for i in top.indices.tolist())

@@ -212,3 +212,35 @@ def test_a_config_of_another_basis_is_refused(tmp_path, changes, message):
     (tmp_path / "config.yaml").write_text(official_config(**changes))
     with pytest.raises(BasisError, match=message + r".*\(found next to the basis; pass the right one"):
         load_basis_with_settings(path)
+
+
+# -- the Mix LoRA Basis policy, without ComfyUI -------------------------------------------------------------------------
+def test_mix_policy_reports_entries_by_magnitude_and_checks_its_inputs():
+    from analogy_core.lorweb_mix import mix_analogy, top_entries
+
+    info = EncoderInfo.describe(4, 8, 224, 14, 2)
+    basis = random_basis(SHAPES, num_entries=6, rank=2, key_dim=8, query_dim=12, seed=2).with_settings(
+        LoRWeBSettings(lora_softmax=False))
+    gen = torch.Generator().manual_seed(0)
+    analogy = AnalogyEmbedding(info, {r: torch.randn(2, 4, generator=gen) * 5 for r in ("a", "a_prime", "b")})
+    result = mix_analogy(basis, analogy, sample=1)
+    signed = torch.cat(list(result.coefficients.values()))
+    assert (signed < 0).any() and torch.equal(result.table, signed.abs())  # tanh: signed mix, magnitudes drawn
+    first = signed.abs().mean(0).argmax().item()
+    assert result.report.endswith(top_entries(result.coefficients))
+    assert top_entries(result.coefficients).startswith(f"mean coefficient of the top entries: #{first}="
+                                                       f"{signed.mean(0)[first]:.3f}")
+    torch.testing.assert_close(signed, torch.cat(list(basis.coefficients(settings_query(basis, analogy, 1)).values())))
+    with pytest.raises(ValueError, match="blend_mode must be one of"):
+        mix_analogy(basis, analogy, analogy_2=analogy, blend_mode="median")
+    with pytest.raises(ValueError, match="blend must be between 0 and 1"):
+        mix_analogy(basis, analogy, analogy_2=analogy, blend=1.5)
+    with pytest.raises(ValueError, match="sample 2 is out of range: the ANALOGY holds 2"):
+        mix_analogy(basis, analogy, sample=2)
+    other = AnalogyEmbedding(info, {r: torch.randn(1, 4) for r in ("a", "a_prime")})  # no B for cat-aa'b
+    with pytest.raises(ValueError, match="no b image"):
+        mix_analogy(basis, analogy, analogy_2=other)
+
+
+def settings_query(basis, analogy, sample):
+    return torch.cat([analogy.image_embeds[r][sample: sample + 1] for r in ("a", "a_prime", "b")], dim=1)
