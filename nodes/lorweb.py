@@ -12,7 +12,7 @@ import folder_paths
 from ..analogy_core.analogy import CLIP_MEAN, CLIP_STD, AnalogyEmbedding, AnalogyError, EncoderInfo, batch_roles, \
     split_roles
 from ..analogy_core.basis import BasisError
-from ..analogy_core.basis_files import is_basis_file, load_basis_with_settings
+from ..analogy_core.basis_files import find_basis_config, is_basis_file, load_basis_with_settings
 from ..analogy_core.heatmap import coefficient_heatmap
 from ..analogy_core.lorweb_mix import BLEND_MODES, mix_analogy
 from .common import ANALOGY_TYPE, BASIS_TYPE, CATEGORY, LORA_TYPE
@@ -135,12 +135,23 @@ class LoadLoRABasis:
                                               "use the settings the file records, else a config.yaml beside the "
                                               "file or one folder up, else the released checkpoint's settings."})}}
 
+    @classmethod
+    def IS_CHANGED(cls, basis_name, config_path=""):
+        """Reload when the basis or the config.yaml it would use changes on disk."""
+        path = basis_path(basis_name)
+        config = (config_path.strip() or find_basis_config(path)) if path else None
+        return "|".join(f"{p}:{os.path.getmtime(p) if os.path.exists(p) else '-'}" for p in (path, config) if p)
+
     def load(self, basis_name, config_path=""):
-        path = folder_paths.get_full_path(BASIS_FOLDER, basis_name) or folder_paths.get_full_path("loras", basis_name)
+        path = basis_path(basis_name)
         if path is None:
             raise BasisError(f"basis file {basis_name!r} not found in models/lorweb or models/loras")
         basis, note = load_basis_with_settings(path, config_path.strip() or None)
         return (basis, f"{basis.summary()}\n{note}")
+
+
+def basis_path(basis_name: str) -> str | None:
+    return folder_paths.get_full_path(BASIS_FOLDER, basis_name) or folder_paths.get_full_path("loras", basis_name)
 
 
 def basis_names() -> list[str]:

@@ -253,7 +253,10 @@ def test_config_yaml_is_found_or_given(comfy_inproc, tmp_path, monkeypatch, wher
     torch.testing.assert_close(lora.layers[name].delta_weight(), expected, rtol=1e-5, atol=1e-6)
     # without any config.yaml the same file is mixed like the release (and here refused: its queries are 768-d)
     if where != "explicit":
+        stamp = lorweb.LoadLoRABasis.IS_CHANGED("lorweb_model.safetensors")
+        assert "config.yaml" in stamp  # ComfyUI re-runs the loader when the config changes
         (tmp_path / ("config.yaml" if where == "one_up" else "lorweb_model/config.yaml")).unlink()
+        assert lorweb.LoadLoRABasis.IS_CHANGED("lorweb_model.safetensors") != stamp
         basis, info = lorweb.LoadLoRABasis().load("lorweb_model.safetensors")
         assert "official defaults" in info
         with pytest.raises(ValueError, match=r"expects 768-d queries \(query mode cat-aa'b: 3 x 256-d"):
