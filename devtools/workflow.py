@@ -2,7 +2,12 @@
 
 The UI format stores widget values positionally, so the conversion needs the server's ``/object_info`` to know which
 inputs are widgets and in what order. ``validate_api_prompt`` checks node names, input names and enum values against
-the same ``/object_info`` so example workflows cannot silently rot.
+the same ``/object_info`` so example workflows cannot silently rot. ``tests/test_frontend.py`` checks that
+``ui_to_api`` gives exactly what the frontend's own ``app.graphToPrompt()`` gives for the same workflow.
+
+A widget fed by a link ("converted to an input") comes in two forms: the old frontend lists only such inputs in the
+node's ``inputs`` with a ``widget`` entry; the newer frontend lists every widget there (``link`` null when unlinked).
+In both, the widget keeps its slot in ``widgets_values`` (and so does its seed-control / upload companion).
 """
 
 from __future__ import annotations
@@ -55,8 +60,33 @@ def _links_by_id(workflow: dict) -> dict[int, tuple[int, int]]:
     return links
 
 
+def _take_widget_value(values: list, name: str, spec: list) -> Any:
+    """Pop one widget's value and the extra entries the frontend stores after it (seed control, upload button)."""
+    value = values.pop(0)
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if (options.get("control_after_generate") or name in ("seed", "noise_seed")) and values \
+            and values[0] in SEED_CONTROLS:
+        values.pop(0)
+    if options.get("image_upload") and values and values[0] == "image":
+        values.pop(0)
+    return value
+
+
+def _linked_inputs(node: dict) -> dict[str, int | None]:
+    """Input name -> link id; a widget input is named by its widget (old and new frontend forms)."""
+    linked = {}
+    for inp in node.get("inputs", []):
+        widget = inp.get("widget")
+        name = widget.get("name", inp["name"]) if isinstance(widget, dict) else inp["name"]
+        linked[name] = inp.get("link")
+    return linked
+
+
 def ui_to_api(workflow: dict, object_info: dict) -> dict[str, dict]:
-    """Return the API-format prompt for a UI-format workflow (muted nodes and notes are dropped)."""
+    """Return the API-format prompt for a UI-format workflow (muted nodes and notes are dropped).
+
+    Each node carries ``_meta.title`` as the frontend's ``graphToPrompt`` writes it (ComfyUI ignores it when running).
+    """
     nodes = {node["id"]: node for node in workflow["nodes"]}
     links = _links_by_id(workflow)
 
@@ -79,7 +109,7 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict[str, dict]:
         info = object_info.get(node["type"])
         if info is None:
             raise WorkflowError(f"node {node_id}: type {node['type']!r} is not installed on this server")
-        linked = {inp["name"]: inp.get("link") for inp in node.get("inputs", [])}
+        linked = _linked_inputs(node)
         values = node.get("widgets_values", [])
         if isinstance(values, dict):
             values = [values.get(name) for name, spec in _input_specs(info) if _is_widget(spec)]
@@ -94,20 +124,20 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict[str, dict]:
                 else:
                     inputs[name] = [str(source[0]), source[1]]
                 if widget and values:
-                    values.pop(0)  # a converted widget keeps its slot in widgets_values
+                    _take_widget_value(values, name, spec)  # a converted widget keeps its slot(s)
                 continue
             if not widget:
                 continue
             if not values:
                 raise WorkflowError(f"node {node_id} ({node['type']}): no widget value for input {name!r}")
-            inputs[name] = values.pop(0)
-            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-            if (options.get("control_after_generate") or name in ("seed", "noise_seed")) and values \
-                    and values[0] in SEED_CONTROLS:
-                values.pop(0)
-            if options.get("image_upload") and values and values[0] == "image":
-                values.pop(0)
-        prompt[str(node_id)] = {"class_type": node["type"], "inputs": inputs}
+            value = _take_widget_value(values, name, spec)
+            inputs[name] = {"__value__": value} if isinstance(value, list) else value  # as the frontend wraps lists
+        title = node.get("title") or info.get("display_name") or node["type"]
+        prompt[str(node_id)] = {"class_type": node["type"], "inputs": inputs, "_meta": {"title": title}}
+    # Like the frontend: an input linked to a node that is not in the prompt (muted) is left out.
+    for node in prompt.values():
+        node["inputs"] = {name: value for name, value in node["inputs"].items()
+                          if not (isinstance(value, list) and len(value) == 2 and value[0] not in prompt)}
     return prompt
 
 
