@@ -2,9 +2,9 @@
 
 - ``merge``: ComfyUI's own patch mechanism on a clone (``ModelPatcher.add_patches`` with ComfyUI's key map, including
   slices of FLUX's fused qkv / linear1 weights); ComfyUI merges, unpatches and offloads as with any LoRA. Its
-  precision is the host's: when a layer is loaded whole, up @ down is computed in float32 and added to a copy of the
-  weight in ``comfy.model_management.lora_compute_dtype`` (float32 in 0.3.75; in newer hosts float16 on GPUs that
-  run fp16 well, float32 on CPU), then rounded to the stored dtype (stochastically for fp8). Layers that stay
+  precision is the host's: for a layer loaded whole, up @ down is computed in float32 and added to a copy of the
+  weight, float32 in 0.3.75 and ``comfy.model_management.lora_compute_dtype(device)`` in newer hosts (float16 on GPUs
+  that run fp16 well, float32 on CPU), then rounded to the stored dtype (stochastically for fp8). Layers that stay
   offloaded (lowvram, and every layer under newer hosts' dynamic VRAM) are patched at each use in the weight's own
   compute dtype (e.g. bfloat16).
 - ``runtime``: the base weights stay untouched; an APPLY_MODEL wrapper registers forward hooks for the duration of
@@ -122,7 +122,7 @@ def apply_merge(model_patcher, lora: LoRA, strength: float, allow_partial: bool 
     for path, target in matched.items():
         layer = lora.layers[path]
         name = f"analogy.{path}"
-        # ComfyUI's LoRA adapter computes (alpha / rank) * up @ down in float32 on the weight's device.
+        # ComfyUI's LoRA adapter adds (alpha / rank) * up @ down (see the module docstring for its precision).
         state[f"{name}.lora_up.weight"] = layer.up
         state[f"{name}.lora_down.weight"] = layer.down
         state[f"{name}.alpha"] = torch.tensor(float(layer.scale * layer.rank))

@@ -6,7 +6,6 @@ import os
 
 import torch
 
-import comfy.model_management
 import folder_paths
 
 from ..analogy_core.analogy import CLIP_MEAN, CLIP_STD, AnalogyEmbedding, AnalogyError, EncoderInfo, batch_roles, \
@@ -15,6 +14,7 @@ from ..analogy_core.basis import BasisError
 from ..analogy_core.basis_files import find_basis_config, is_basis_file, load_basis_with_settings
 from ..analogy_core.heatmap import coefficient_heatmap
 from ..analogy_core.lorweb_mix import BLEND_MODES, mix_analogy
+from . import comfy_compat
 from .common import ANALOGY_TYPE, BASIS_TYPE, CATEGORY, LORA_TYPE
 
 BASIS_FOLDER = "lorweb"
@@ -73,7 +73,7 @@ def encode_with_comfy(clip_vision, images: dict[str, torch.Tensor]) -> AnalogyEm
     mean = tuple(getattr(clip_vision, "image_mean", CLIP_MEAN))
     std = tuple(getattr(clip_vision, "image_std", CLIP_STD))
     pixels, spans = batch_roles(images, clip_vision.image_size, mean, std)
-    comfy.model_management.load_model_gpu(clip_vision.patcher)
+    comfy_compat.load_models([clip_vision.patcher])
     with torch.no_grad():
         out = clip_vision.model(pixel_values=pixels.to(clip_vision.load_device), intermediate_output=-2)
     embeds, tokens = out[2].float().cpu(), out[1].float().cpu()

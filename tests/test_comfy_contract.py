@@ -118,6 +118,14 @@ def test_load_lora_and_the_patch_tuple_add_patches_stores(comfy_inproc, flux_mod
     torch.testing.assert_close(merged, expected)
 
 
+def test_merge_precision_of_this_host(comfy_inproc):
+    """This host merges a fully loaded layer into a float32 copy of the weight (test_lora_comfy's bf16 merge test
+    checks the result against float64 rounded once). Newer hosts make the copy in lora_compute_dtype(device), float16
+    on capable GPUs: when the CI host gains it, the README's and lora_patch's precision notes need a new look."""
+    management = comfy_inproc.comfy.model_management
+    assert not hasattr(management, "lora_compute_dtype")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # wrappers, additional models, callbacks, loading
 
