@@ -72,6 +72,17 @@ def _take_widget_value(values: list, name: str, spec: list) -> Any:
     return value
 
 
+def _default_value(spec: list) -> Any:
+    """The value the frontend gives a new widget: the declared default, else the first choice or an empty value."""
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if "default" in options:
+        return options["default"]
+    choices = _choices(spec)
+    if choices:
+        return choices[0]
+    return {"INT": 0, "FLOAT": 0.0, "BOOLEAN": False}.get(spec[0], "")
+
+
 def _linked_inputs(node: dict) -> dict[str, int | None]:
     """Input name -> link id; a widget input is named by its widget (old and new frontend forms)."""
     linked = {}
@@ -128,9 +139,8 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict[str, dict]:
                 continue
             if not widget:
                 continue
-            if not values:
-                raise WorkflowError(f"node {node_id} ({node['type']}): no widget value for input {name!r}")
-            value = _take_widget_value(values, name, spec)
+            # A workflow saved before the node gained this widget: the frontend keeps the widget's default.
+            value = _take_widget_value(values, name, spec) if values else _default_value(spec)
             inputs[name] = {"__value__": value} if isinstance(value, list) else value  # as the frontend wraps lists
         title = node.get("title") or info.get("display_name") or node["type"]
         prompt[str(node_id)] = {"class_type": node["type"], "inputs": inputs, "_meta": {"title": title}}

@@ -14,6 +14,27 @@ case "$(uname -m)" in
   *)             TORCH="torch==2.14.1 torchvision==0.29.1" ;;
 esac
 
+# --- browser for tests/test_frontend.py and devtools/make_thumbnails.py ---------------------------------------------
+# puppeteer-core + @sparticuz/chromium (a Chromium binary inside the npm package; nothing is downloaded at run time)
+# into devtools/browser/node_modules from its lock file; nothing to do while the lock file is unchanged. Without
+# Node.js/npm the frontend tests are skipped with a message saying what to install.
+browser_dir=devtools/browser
+browser_stamp="$browser_dir/node_modules/.setup-stamp"
+browser_want=$(cat "$browser_dir/package.json" "$browser_dir/package-lock.json" | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$browser_stamp" 2>/dev/null)" != "$browser_want" ]; then
+  if command -v npm >/dev/null 2>&1; then
+    echo "[setup] installing the test browser into $browser_dir/node_modules"
+    if (cd "$browser_dir" && npm ci --no-audit --no-fund --loglevel=error); then
+      echo "$browser_want" > "$browser_stamp"
+    else
+      echo "[setup] WARNING: npm ci in $browser_dir failed; tests/test_frontend.py will be skipped" >&2
+    fi
+  else
+    echo "[setup] WARNING: npm not found: install Node.js >= 20.11 with npm to run tests/test_frontend.py" >&2
+  fi
+fi
+# --- end browser ---------------------------------------------------------------------------------------------------
+
 stamp="$VENV/.setup-stamp"
 want=$(cat requirements.txt requirements/training.txt requirements/test.txt scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/python" ]; then

@@ -1,0 +1,181 @@
+// Open UI-format workflows in the ComfyUI frontend that a running server serves, the way a user does, and report
+// what the frontend made of them. One headless Chromium for all workflows.
+//
+//   node open_workflows.mjs --url http://127.0.0.1:8188 --out report.json [--screenshots DIR] a.json b.json ...
+//
+// The report is raw facts (node boxes, slots, widgets, links, graphToPrompt); devtools/frontend.py judges them.
+// The browser is the Chromium binary shipped inside @sparticuz/chromium (unpacked to /tmp on first use, nothing is
+// downloaded); CHROMIUM_PATH selects another Chromium instead (e.g. Debian's /usr/bin/chromium).
+import fs from "node:fs";
+import path from "node:path";
+import { parseArgs } from "node:util";
+import puppeteer from "puppeteer-core";
+
+const { values: opts, positionals: workflows } = parseArgs({
+  allowPositionals: true,
+  options: {
+    url: { type: "string" },
+    out: { type: "string" },
+    screenshots: { type: "string" },
+    width: { type: "string", default: "1600" },
+    height: { type: "string", default: "1000" },
+  },
+});
+if (!opts.url || !opts.out) {
+  console.error("usage: node open_workflows.mjs --url URL --out report.json [--screenshots DIR] workflow.json ...");
+  process.exit(2);
+}
+
+// Settings of a fresh user that would cover the canvas: the template browser opens on first start, the minimap and
+// the render statistics sit on top of the graph.
+const QUIET_SETTINGS = {
+  "Comfy.TutorialCompleted": true,
+  "Comfy.Minimap.Visible": false,
+  "Comfy.Graph.CanvasInfo": false,
+};
+
+async function launchBrowser() {
+  let executablePath = process.env.CHROMIUM_PATH;
+  let args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+              "--disable-sync", "--no-first-run", "--disable-dev-shm-usage", "--font-render-hinting=none"];
+  if (!executablePath) {
+    const chromium = (await import("@sparticuz/chromium")).default;
+    executablePath = await chromium.executablePath();
+    args = [...new Set([...chromium.args.filter((a) => a !== "--single-process"), ...args])];
+  }
+  return puppeteer.launch({
+    executablePath, args, headless: "shell",
+    defaultViewport: { width: Number(opts.width), height: Number(opts.height) },
+  });
+}
+
+async function openFrontend(page, url) {
+  const put = await fetch(`${url}/api/settings`, { method: "POST", body: JSON.stringify(QUIET_SETTINGS) });
+  if (!put.ok) throw new Error(`POST /api/settings answered ${put.status}`);
+  await page.goto(url, { waitUntil: "networkidle0", timeout: 120000 });
+  await page.waitForFunction(
+    () => window.app?.graph && window.app.canvas && window.LiteGraph
+      && Object.keys(window.LiteGraph.registered_node_types).length > 0 && window.app.extensionManager?.command,
+    { timeout: 120000 });
+  await page.evaluate(() => {
+    // The frontend's own list of missing node types, as it hands it to extensions after loading a graph.
+    window.__analogyMissing = null;
+    window.app.registerExtension({
+      name: "analogy.frontend-check",
+      afterConfigureGraph(missing) {
+        window.__analogyMissing = (missing ?? []).map((m) => (typeof m === "string" ? m : m.type));
+      },
+    });
+  });
+}
+
+/** Load through the frontend's own path (what dropping a file or picking a template does). */
+async function load(page, workflow, name) {
+  for (let i = 0; i < 3 && (await page.$(".p-dialog")); i++) await page.keyboard.press("Escape");  // last one's
+  await page.evaluate(async (workflow, name) => {
+    window.__analogyMissing = null;
+    await window.app.loadGraphData(workflow, true, true, name);
+  }, workflow, name);
+  // Image previews (LoadImage) arrive over HTTP and may resize their nodes; describe the settled graph.
+  await page.waitForNetworkIdle({ idleTime: 200, timeout: 30000 }).catch(() => {});
+  await page.evaluate(() => new Promise((resolve) => requestAnimationFrame(() => requestAnimationFrame(resolve))));
+}
+
+/** Everything the checks need, read from the frontend's own objects. */
+async function describe(page) {
+  return page.evaluate(async () => {
+    const graph = window.app.graph;
+    const registered = window.LiteGraph.registered_node_types;
+    const widgetOptions = (w) => {
+      const o = w.options ?? {};
+      const pick = {};
+      for (const key of ["min", "max", "step", "step2", "round", "precision", "serialize"]) {
+        if (o[key] !== undefined) pick[key] = o[key];
+      }
+      if (Array.isArray(o.values)) pick.values = o.values;
+      return pick;
+    };
+    const nodes = graph.nodes.map((node) => ({
+      id: node.id,
+      type: node.type,
+      comfy_class: node.comfyClass ?? null,
+      title: node.title,
+      registered: node.type in registered,
+      has_errors: Boolean(node.has_errors),
+      mode: node.mode,
+      collapsed: Boolean(node.flags?.collapsed),
+      bounding: Array.from(node.getBounding()),
+      inputs: (node.inputs ?? []).map((s) => ({
+        name: s.name, type: s.type, link: s.link ?? null, widget: s.widget?.name ?? null,
+      })),
+      outputs: (node.outputs ?? []).map((s) => ({ name: s.name, type: s.type, links: s.links ?? [] })),
+      widgets: (node.widgets ?? []).map((w) => ({
+        name: w.name, type: w.type, value: w.value, options: widgetOptions(w),
+      })),
+    }));
+    const linkList = graph.links instanceof Map ? [...graph.links.values()] : Object.values(graph.links ?? {});
+    const links = linkList.filter(Boolean).map((l) => ({
+      id: l.id, origin_id: l.origin_id, origin_slot: l.origin_slot, target_id: l.target_id,
+      target_slot: l.target_slot, type: l.type,
+    }));
+    const { output, workflow: promptWorkflow } = await window.app.graphToPrompt();
+    const dialogs = [...document.querySelectorAll(".p-dialog")].map((d) => d.innerText.slice(0, 500));
+    return {
+      missing_node_types: window.__analogyMissing,
+      nodes, links, prompt: output, prompt_workflow: promptWorkflow,
+      serialized: graph.serialize(), dialogs,
+    };
+  });
+}
+
+// Overlays of focus mode that would sit on the picture: the zoom buttons and the menu button.
+const SCREENSHOT_CSS = ".p-buttongroup, .comfy-menu-hamburger, .p-toast { display: none !important; }";
+
+async function screenshot(page, file) {
+  await page.evaluate(async () => {
+    const canvas = window.app.canvas;
+    canvas.deselectAll?.();
+    canvas.min_font_size_for_lod = 0;  // full detail (titles, widget text) at any zoom
+    const boxes = window.app.graph.nodes.map((n) => Array.from(n.getBounding()));
+    const left = Math.min(...boxes.map((b) => b[0])), top = Math.min(...boxes.map((b) => b[1]));
+    const right = Math.max(...boxes.map((b) => b[0] + b[2])), bottom = Math.max(...boxes.map((b) => b[1] + b[3]));
+    canvas.ds.fitToBounds([left, top, right - left, bottom - top], { zoom: 0.96 });
+    canvas.setDirty(true, true);
+    await new Promise((resolve) => requestAnimationFrame(() => requestAnimationFrame(resolve)));
+  });
+  await new Promise((resolve) => setTimeout(resolve, 300));  // DOM widgets (text boxes) follow the canvas
+  await page.screenshot({ path: file, type: "png" });
+}
+
+const started = Date.now();
+const browser = await launchBrowser();
+const report = { frontend_version: null, workflows: {}, seconds: {} };
+try {
+  const page = await browser.newPage();
+  const consoleErrors = [];
+  page.on("console", (m) => m.type() === "error" && consoleErrors.push(m.text().slice(0, 300)));
+  page.on("pageerror", (e) => consoleErrors.push(`pageerror: ${String(e).slice(0, 300)}`));
+  await openFrontend(page, opts.url);
+  report.frontend_version = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
+  report.seconds.open_frontend = (Date.now() - started) / 1000;
+  if (opts.screenshots) {
+    fs.mkdirSync(opts.screenshots, { recursive: true });
+    await page.evaluate(() => window.app.extensionManager.command.execute("Workspace.ToggleFocusMode"));
+    await page.addStyleTag({ content: SCREENSHOT_CSS });
+  }
+  for (const file of workflows) {
+    const t0 = Date.now();
+    const name = path.basename(file, ".json");
+    consoleErrors.length = 0;
+    await load(page, JSON.parse(fs.readFileSync(file, "utf8")), name);
+    const facts = await describe(page);
+    if (opts.screenshots) await screenshot(page, path.join(opts.screenshots, `${name}.png`));
+    facts.console_errors = [...consoleErrors];
+    report.workflows[name] = facts;
+    report.seconds[name] = (Date.now() - t0) / 1000;
+  }
+} finally {
+  await browser.close();
+}
+report.seconds.total = (Date.now() - started) / 1000;
+fs.writeFileSync(opts.out, JSON.stringify(report, null, 1));

@@ -1,0 +1,273 @@
+"""Every example workflow as a user meets it: opened in the frontend that the real ComfyUI server serves.
+
+One headless Chromium (``devtools/browser``) loads every ``example_workflows/*.json`` through the frontend's own
+``app.loadGraphData`` (what dropping the file or picking it in the template browser does) and reports what the
+frontend made of it (``devtools/frontend.py``). The checks: no missing node types; no two nodes overlapping as
+rendered (``node.getBounding()``, title bar included); every link attached at both ends with matching types and every
+required input connected; every widget value valid, model files excepted, which must be exactly the files the README
+tells the user to download; and ``app.graphToPrompt()`` equal to our converter (``devtools/workflow.py``). A workflow
+added to the folder is covered without editing this file.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from devtools.frontend import (browser_unavailable, link_problems, missing_node_types, model_file_values,
+                               open_workflows, overlapping_nodes, readme_model_files, readme_model_files_for,
+                               widget_problems)
+from devtools.workflow import _input_specs, _is_widget, ui_to_api
+
+pytestmark = pytest.mark.comfy
+
+REPO = Path(__file__).resolve().parent.parent
+WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
+README = (REPO / "README.md").read_text()
+THUMBNAIL_LIMIT = 100 * 1024
+LORWEB = "lorweb_kontext_analogy.json"
+
+
+def names(paths: list[Path]) -> list[str]:
+    return [p.stem for p in paths]
+
+
+# -- workflows with widgets converted to inputs (built from the LoRWeB example) ----------------------------------------
+def _node(workflow: dict, class_type: str) -> dict:
+    return next(n for n in workflow["nodes"] if n["type"] == class_type)
+
+
+def _add_link(workflow: dict, origin: dict, target: dict, slot: int, kind: str) -> int:
+    link_id = workflow["last_link_id"] = workflow["last_link_id"] + 1
+    workflow["links"].append([link_id, origin["id"], 0, target["id"], slot, kind])
+    origin["outputs"][0]["links"].append(link_id)
+    return link_id
+
+
+def _add_node(workflow: dict, node: dict) -> dict:
+    node["id"] = workflow["last_node_id"] = workflow["last_node_id"] + 1
+    node.setdefault("flags", {})
+    node.update(order=len(workflow["nodes"]), mode=0, size=[300, 110])
+    workflow["nodes"].append(node)
+    return node
+
+
+def legacy_converted_widgets(example: dict) -> dict:
+    """Old frontend form: only converted widgets appear in ``inputs`` (with a ``widget`` entry), fed here by
+    frontend-only PrimitiveNodes. KSampler.seed (a widget with a seed-control companion) and the prompt text."""
+    workflow = copy.deepcopy(example)
+    for target, name, kind, value, pos in ((_node(workflow, "KSampler"), "seed", "INT", [1234, "fixed"], [1850, 20]),
+                                           (_node(workflow, "CLIPTextEncode"), "text", "STRING", ["a red hat"],
+                                            [560, 20])):
+        primitive = _add_node(workflow, {
+            "type": "PrimitiveNode", "pos": pos, "inputs": [], "widgets_values": value,
+            "outputs": [{"name": kind, "type": kind, "links": [], "widget": {"name": name}}],
+            "properties": {"Run widget replace on values": False}})
+        target["inputs"].append({"name": name, "type": kind, "link": None, "widget": {"name": name}})
+        target["inputs"][-1]["link"] = _add_link(workflow, primitive, target, len(target["inputs"]) - 1, kind)
+    return workflow
+
+
+def newer_converted_widgets(example: dict, object_info: dict) -> dict:
+    """Newer frontend form: every widget has an input slot (``link`` null unless fed); KSampler.steps and the
+    composite's width are fed by real PrimitiveInt nodes."""
+    workflow = copy.deepcopy(example)
+    for node in workflow["nodes"]:
+        info = object_info.get(node["type"])
+        if info is None:
+            continue
+        for name, spec in _input_specs(info):
+            if _is_widget(spec):
+                kind = spec[0] if isinstance(spec[0], str) else "COMBO"
+                node["inputs"].append({"name": name, "type": kind, "link": None, "widget": {"name": name}})
+    for class_type, name, value, pos in (("KSampler", "steps", 12, [1850, 20]),
+                                         ("AnalogyFourPanelComposite", "width", 640, [560, 1380])):
+        target = _node(workflow, class_type)
+        primitive = _add_node(workflow, {
+            "type": "PrimitiveInt", "pos": pos, "inputs": [{"name": "value", "type": "INT", "link": None,
+                                                           "widget": {"name": "value"}}],
+            "outputs": [{"name": "INT", "type": "INT", "links": []}], "widgets_values": [value, "fixed"],
+            "properties": {"Node name for S&R": "PrimitiveInt"}})
+        slot = next(i for i, inp in enumerate(target["inputs"]) if inp.get("widget", {}).get("name") == name)
+        target["inputs"][slot]["link"] = _add_link(workflow, primitive, target, slot, "INT")
+    return workflow
+
+
+# -- the browser run: one server, one browser, all workflows ----------------------------------------------------------
+@pytest.fixture(scope="session")
+def converted_workflows(object_info, tmp_path_factory) -> list[Path]:
+    example = json.loads((REPO / "example_workflows" / LORWEB).read_text())
+    folder = tmp_path_factory.mktemp("converted-widgets")
+    built = {"_converted_widgets_legacy": legacy_converted_widgets(example),
+             "_converted_widgets_newer": newer_converted_widgets(example, object_info)}
+    for name, workflow in built.items():
+        (folder / f"{name}.json").write_text(json.dumps(workflow))
+    return sorted(folder.glob("*.json"))
+
+
+@pytest.fixture(scope="session")
+def frontend(comfy, converted_workflows) -> dict:
+    """The driver's report for every example workflow plus the converted-widget workflows."""
+    why = browser_unavailable()
+    if why:
+        pytest.skip(f"the frontend tests need Node.js and a Chromium: {why}")
+    from devtools.run_example import write_default_inputs
+
+    write_default_inputs(comfy.base_dir / "input")  # the images the examples load, so LoadImage's list holds them
+    started = time.monotonic()
+    report = open_workflows(comfy.url, WORKFLOWS + converted_workflows)
+    print(f"\n[frontend] {len(report['workflows'])} workflows in ComfyUI frontend {report['frontend_version']}: "
+          f"{time.monotonic() - started:.1f}s wall, driver timings {report['seconds']}")
+    return report
+
+
+def assert_none(problems: list[str], context: str = "") -> None:
+    assert not problems, f"{len(problems)} problem(s) {context}:\n  " + "\n  ".join(problems)
+
+
+def facts_of(frontend: dict, path: Path) -> dict:
+    facts = frontend["workflows"][path.stem]
+    noise = [e for e in facts["console_errors"] if "api.comfy.org" not in e]  # registry look-ups, blocked offline
+    facts["context"] = f"(frontend console errors: {noise[:5]})" if noise else ""
+    return facts
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=names(WORKFLOWS))
+def test_no_missing_node_types(frontend, path):
+    facts = facts_of(frontend, path)
+    assert facts["nodes"], "the frontend shows no nodes"
+    assert_none(missing_node_types(facts), f"(missing node types; dialogs: {facts['dialogs']})")
+    assert facts["dialogs"] == [], "a dialog opened while loading"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=names(WORKFLOWS))
+def test_no_nodes_overlap(frontend, path):
+    facts = facts_of(frontend, path)
+    assert len(facts["nodes"]) == len(json.loads(path.read_text())["nodes"])
+    assert_none(overlapping_nodes(facts), "(nodes overlapping as rendered; fix devtools/make_examples.py)")
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=names(WORKFLOWS))
+def test_every_link_is_connected(frontend, object_info, path):
+    facts = facts_of(frontend, path)
+    workflow = json.loads(path.read_text())
+    assert len(facts["links"]) == len(workflow["links"])
+    assert_none(link_problems(facts, workflow, object_info))
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=names(WORKFLOWS))
+def test_widget_values_are_valid(frontend, comfy, path):
+    facts = facts_of(frontend, path)
+    readme_files = readme_model_files(README)
+    assert_none(widget_problems(facts, comfy.object_info(), set(readme_files)), facts["context"])
+    listed = readme_model_files_for(README, path.name)
+    used = model_file_values(facts)
+    if listed is not None:  # the README's table for this workflow: exactly the files it uses
+        assert set(used) == set(listed), f"{path.name} uses {sorted(used)}; its README table lists {sorted(listed)}"
+    else:
+        assert set(used) <= set(readme_files)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=names(WORKFLOWS))
+def test_graph_to_prompt_equals_our_converter(frontend, object_info, path):
+    facts = facts_of(frontend, path)
+    expected = facts["prompt"]
+    assert expected, "graphToPrompt gave an empty prompt"
+    assert ui_to_api(json.loads(path.read_text()), object_info) == expected
+    # The frontend's own serialisations (newer form: every widget has an input slot; and graphToPrompt's compressed
+    # form) convert to the same prompt.
+    assert ui_to_api(facts["serialized"], object_info) == expected
+    assert ui_to_api(facts["prompt_workflow"], object_info) == expected
+
+
+@pytest.mark.parametrize("form", ["_converted_widgets_legacy", "_converted_widgets_newer"])
+def test_widgets_converted_to_inputs_match_graph_to_prompt(frontend, object_info, converted_workflows, form):
+    path = next(p for p in converted_workflows if p.stem == form)
+    facts = frontend["workflows"][form]
+    assert missing_node_types(facts) == []
+    expected = facts["prompt"]
+    by_type = {node["class_type"]: node["inputs"] for node in expected.values()}
+    if form.endswith("legacy"):  # the frontend itself puts the primitives' values into the prompt
+        assert by_type["KSampler"]["seed"] == 1234 and by_type["KSampler"]["steps"] == 28
+        assert by_type["CLIPTextEncode"]["text"] == "a red hat"
+    else:  # linked to the PrimitiveInt nodes that hold 12 and 640
+        steps, width = by_type["KSampler"]["steps"], by_type["AnalogyFourPanelComposite"]["width"]
+        assert steps[1] == 0 and expected[steps[0]]["inputs"] == {"value": 12}
+        assert width[1] == 0 and expected[width[0]]["inputs"] == {"value": 640}
+    assert ui_to_api(json.loads(path.read_text()), object_info) == expected
+    assert ui_to_api(facts["serialized"], object_info) == expected
+
+
+# -- without a browser ------------------------------------------------------------------------------------------------
+def test_converter_reads_widgets_converted_to_inputs(object_info):
+    """The values after a converted widget keep their places (a converted seed also leaves its control value)."""
+    example = json.loads((REPO / "example_workflows" / LORWEB).read_text())
+    plain = ui_to_api(example, object_info)
+    legacy = ui_to_api(legacy_converted_widgets(example), object_info)
+    sampler = next(k for k, v in plain.items() if v["class_type"] == "KSampler")
+    text = next(k for k, v in plain.items() if v["class_type"] == "CLIPTextEncode")
+    assert plain[sampler]["inputs"]["seed"] == 0 and legacy[sampler]["inputs"]["seed"] == 1234
+    assert legacy[text]["inputs"]["text"] == "a red hat"
+    for key in ("steps", "cfg", "sampler_name", "scheduler", "denoise"):
+        assert legacy[sampler]["inputs"][key] == plain[sampler]["inputs"][key], key
+
+    newer = ui_to_api(newer_converted_widgets(example, object_info), object_info)
+    feeds = {v["inputs"]["value"]: k for k, v in newer.items() if v["class_type"] == "PrimitiveInt"}
+    assert newer[sampler]["inputs"]["steps"] == [feeds[12], 0]
+    composite = next(k for k, v in plain.items() if v["class_type"] == "AnalogyFourPanelComposite")
+    assert newer[composite]["inputs"]["width"] == [feeds[640], 0]
+    assert newer[composite]["inputs"]["height"] == plain[composite]["inputs"]["height"]
+    unchanged = {k: v for k, v in newer.items() if k not in (sampler, composite) and k not in feeds.values()}
+    assert unchanged == {k: v for k, v in plain.items() if k not in (sampler, composite)}
+
+
+def test_converter_keeps_defaults_for_widgets_an_older_file_lacks(object_info):
+    """A workflow saved before a node gained a widget: the frontend keeps the widget's default, and so do we."""
+    example = json.loads((REPO / "example_workflows" / LORWEB).read_text())
+    sampler = _node(example, "KSampler")
+    assert object_info["KSampler"]["input"]["required"]["denoise"][1]["default"] == 1.0
+    sampler["widgets_values"][-1] = 0.5
+    assert ui_to_api(example, object_info)[str(sampler["id"])]["inputs"]["denoise"] == 0.5
+    sampler["widgets_values"] = sampler["widgets_values"][:-1]
+    assert ui_to_api(example, object_info)[str(sampler["id"])]["inputs"]["denoise"] == 1.0
+
+
+def test_overlap_check_sees_title_bars():
+    """Boxes that only share their title-bar strip overlap; boxes that touch do not."""
+    def facts(*boxes):
+        return {"nodes": [{"id": i, "title": f"n{i}", "type": "T", "bounding": list(b)} for i, b in enumerate(boxes)]}
+    assert overlapping_nodes(facts((0, 0, 100, 100), (0, 100, 100, 50))) == []
+    assert len(overlapping_nodes(facts((0, 0, 100, 100), (50, 90, 100, 50)))) == 1
+    assert len(overlapping_nodes(facts((0, 0, 100, 100), (10, 10, 20, 20), (200, 0, 10, 10)))) == 1
+
+
+def test_readme_lists_the_lorweb_files():
+    files = readme_model_files_for(README, LORWEB)
+    assert files is not None and files["flux1-kontext-dev.safetensors"] == "models/diffusion_models/"
+    assert {"clip_l.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors", "ae.safetensors",
+            "clip-vit-large-patch14.safetensors", "lorweb_model.safetensors"} <= set(files)
+    assert set(files) <= set(readme_model_files(README))
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=names(WORKFLOWS))
+def test_thumbnail_is_small_and_current(path):
+    """ComfyUI's template browser shows ``<name>.jpg`` beside ``<name>.json``; the JPEG records the hash of the
+    workflow it was made from (``devtools/make_thumbnails.py``), so a changed workflow needs a new picture."""
+    thumb = path.with_suffix(".jpg")
+    assert thumb.is_file(), "no thumbnail: run `.venv/bin/python -m devtools.make_thumbnails`"
+    assert thumb.stat().st_size <= THUMBNAIL_LIMIT
+    with Image.open(thumb) as image:
+        assert image.format == "JPEG" and image.width >= 400
+        made_from = image.info.get("comment", b"").decode()
+    assert made_from == f"sha256:{hashlib.sha256(path.read_bytes()).hexdigest()}", \
+        f"{thumb.name} was made from another version of {path.name}: run `.venv/bin/python -m devtools.make_thumbnails`"
+
+
+def test_readme_shows_the_lorweb_thumbnail():
+    assert f"(example_workflows/{Path(LORWEB).with_suffix('.jpg')})" in README
