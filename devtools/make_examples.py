@@ -1,13 +1,18 @@
-"""Regenerate example_workflows/*.json (ComfyUI UI format) from compact API-style specs below.
+"""Regenerate example_workflows/*.json (ComfyUI UI format) and their thumbnails from compact API-style specs below.
 
-    .venv/bin/python -m devtools.make_examples
+    .venv/bin/python -m devtools.make_examples            # JSON laid out with the frontend's sizes, then thumbnails
+    .venv/bin/python -m devtools.make_examples --no-browser   # JSON only, with estimated node sizes
 
-Widget order comes from a live server's /object_info, so the JSON matches what the frontend would save.
-tests/test_comfy_server.py validates every example workflow against the server.
+Widget order comes from a live server's /object_info, so the JSON matches what the frontend would save. Nodes sit in
+columns; within a column they are stacked top-down with room for each node's title bar, so no two nodes
+overlap as rendered. With a browser (devtools/browser) the workflows are opened in the frontend once to measure each
+node as rendered, laid out again with those heights, and photographed (devtools/make_thumbnails.py).
+tests/test_frontend.py checks the result in the frontend; tests/test_comfy_server.py validates it against the server.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 from pathlib import Path
@@ -15,80 +20,119 @@ from pathlib import Path
 from .comfy_server import REPO_ROOT, ComfyServer
 from .workflow import _input_specs, _is_widget
 
-# node id -> (class_type, inputs (links as [node_id, slot]), position, title or None)
+EXAMPLES_DIR = REPO_ROOT / "example_workflows"
+
+# Layout: column x = ORIGIN_X + column * (NODE_WIDTH + COLUMN_GAP); a node's title bar (TITLE_HEIGHT, the
+# frontend's LiteGraph.NODE_TITLE_HEIGHT) sits above its `pos`.
+ORIGIN_X, ORIGIN_Y = 40, 70
+NODE_WIDTH, COLUMN_GAP, ROW_GAP, TITLE_HEIGHT = 340, 90, 40, 30
+IMAGE_NODES = {"LoadImage": 260, "SaveImage": 260, "PreviewImage": 260}  # extra height for the image preview
+MIN_HEIGHT = {"CLIPTextEncode": 130, "Note": 240}
+
+# node id -> (class_type, inputs (links as [node_id, slot]), (column, top at least), title or None).
+# Nodes of one column are stacked in the order they appear here, each at its requested top or below the one before.
 COMPOSITE = {
-    1: ("LoadImage", {"image": "analogy_a.png"}, (40, 40), "A (before)"),
-    2: ("LoadImage", {"image": "analogy_a_prime.png"}, (40, 420), "A' (after)"),
-    3: ("LoadImage", {"image": "analogy_b.png"}, (40, 800), "B (to edit)"),
+    1: ("LoadImage", {"image": "analogy_a.png"}, (0, 0), "A (before)"),
+    2: ("LoadImage", {"image": "analogy_a_prime.png"}, (0, 0), "A' (after)"),
+    3: ("LoadImage", {"image": "analogy_b.png"}, (0, 0), "B (to edit)"),
     4: ("AnalogyFourPanelComposite", {"a": [1, 0], "a_prime": [2, 0], "b": [3, 0], "layout": "lorweb",
                                       "panel_size": "match_a", "width": 512, "height": 512, "fit": "center_crop",
-                                      "snap": "none", "fill": 0.5}, (420, 300), None),
+                                      "snap": "none", "fill": 0.5}, (1, 470), None),
     5: ("AnalogyExtractPanel", {"image": [4, 0], "geometry": [4, 2], "panel": "bottom_right", "restore_size": True},
-        (820, 300), None),
-    6: ("SaveImage", {"images": [4, 0], "filename_prefix": "analogy/composite"}, (820, 560), None),
-    7: ("SaveImage", {"images": [5, 0], "filename_prefix": "analogy/panel"}, (1180, 300), None),
-    8: ("MaskToImage", {"mask": [4, 1]}, (820, 860), None),
-    9: ("SaveImage", {"images": [8, 0], "filename_prefix": "analogy/mask"}, (1180, 860), None),
+        (2, 0), None),
+    8: ("MaskToImage", {"mask": [4, 1]}, (2, 0), None),
+    7: ("SaveImage", {"images": [5, 0], "filename_prefix": "analogy/panel"}, (3, 0), None),
+    6: ("SaveImage", {"images": [4, 0], "filename_prefix": "analogy/composite"}, (3, 0), None),
+    9: ("SaveImage", {"images": [8, 0], "filename_prefix": "analogy/mask"}, (3, 0), None),
 }
 
 LORWEB_PROMPT = "make it a watercolor painting"
+LORWEB_NOTE = (
+    "LoRWeB on FLUX.1-Kontext: A -> A' applied to B.\n\nFiles (see README): models/diffusion_models/"
+    "flux1-kontext-dev.safetensors, models/text_encoders/clip_l + t5xxl, models/vae/ae.safetensors, "
+    "models/clip_vision/clip-vit-large-patch14.safetensors, models/lorweb/lorweb_model.safetensors.\n\n"
+    "Write a short editing prompt describing the change: LoRWeB needs one; the analogy pair supplies the details "
+    "the words miss. Official settings: guidance 2.5, 28 steps; the composite snaps to Kontext's resolutions.")
 LORWEB = {
-    1: ("UNETLoader", {"unet_name": "flux1-kontext-dev.safetensors", "weight_dtype": "default"}, (40, 40),
+    1: ("UNETLoader", {"unet_name": "flux1-kontext-dev.safetensors", "weight_dtype": "default"}, (0, 0),
         "FLUX.1-Kontext [dev]"),
     2: ("DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp8_e4m3fn_scaled.safetensors",
-                           "type": "flux", "device": "default"}, (40, 200), None),
-    3: ("VAELoader", {"vae_name": "ae.safetensors"}, (40, 380), None),
-    4: ("CLIPVisionLoader", {"clip_name": "clip-vit-large-patch14.safetensors"}, (40, 500), "CLIP ViT-L/14"),
-    5: ("LoadImage", {"image": "analogy_a.png"}, (40, 640), "A (before)"),
-    6: ("LoadImage", {"image": "analogy_a_prime.png"}, (40, 1040), "A' (after)"),
-    7: ("LoadImage", {"image": "analogy_b.png"}, (40, 1440), "B (to edit)"),
+                           "type": "flux", "device": "default"}, (0, 0), None),
+    3: ("VAELoader", {"vae_name": "ae.safetensors"}, (0, 0), None),
+    4: ("CLIPVisionLoader", {"clip_name": "clip-vit-large-patch14.safetensors"}, (0, 0), "CLIP ViT-L/14"),
+    5: ("LoadImage", {"image": "analogy_a.png"}, (0, 0), "A (before)"),
+    6: ("LoadImage", {"image": "analogy_a_prime.png"}, (0, 0), "A' (after)"),
+    7: ("LoadImage", {"image": "analogy_b.png"}, (0, 0), "B (to edit)"),
+    24: ("Note", {"text": LORWEB_NOTE}, (1, 0), "About this workflow"),
+    10: ("CLIPTextEncode", {"text": LORWEB_PROMPT, "clip": [2, 0]}, (1, 310), "Editing prompt (required)"),
+    15: ("AnalogyLoadLoRABasis", {"basis_name": "lorweb_model.safetensors"}, (1, 560), None),
+    14: ("AnalogyEncode", {"clip_vision": [4, 0], "a": [5, 0], "a_prime": [6, 0], "b": [7, 0]}, (1, 0), None),
     8: ("AnalogyFourPanelComposite", {"a": [5, 0], "a_prime": [6, 0], "b": [7, 0], "layout": "lorweb",
                                       "panel_size": "match_a", "width": 512, "height": 512, "fit": "center_crop",
-                                      "snap": "kontext", "fill": 0.5}, (420, 900), None),
-    9: ("VAEEncode", {"pixels": [8, 0], "vae": [3, 0]}, (800, 900), None),
-    10: ("CLIPTextEncode", {"text": LORWEB_PROMPT, "clip": [2, 0]}, (420, 200), "Editing prompt (required)"),
-    11: ("ReferenceLatent", {"conditioning": [10, 0], "latent": [9, 0]}, (800, 200), None),
-    12: ("FluxGuidance", {"conditioning": [11, 0], "guidance": 2.5}, (1100, 200), None),
-    13: ("ConditioningZeroOut", {"conditioning": [10, 0]}, (1100, 340), None),
-    14: ("AnalogyEncode", {"clip_vision": [4, 0], "a": [5, 0], "a_prime": [6, 0], "b": [7, 0]}, (420, 560), None),
-    15: ("AnalogyLoadLoRABasis", {"basis_name": "lorweb_model.safetensors"}, (420, 440), None),
+                                      "snap": "kontext", "fill": 0.5}, (1, 1240), None),
+    11: ("ReferenceLatent", {"conditioning": [10, 0], "latent": [9, 0]}, (2, 310), None),
     16: ("AnalogyMixLoRABasis", {"basis": [15, 0], "analogy": [14, 0], "temperature": 1.0, "sample": 0},
-         (800, 480), None),
+         (2, 560), None),
+    9: ("VAEEncode", {"pixels": [8, 0], "vae": [3, 0]}, (2, 1240), None),
+    12: ("FluxGuidance", {"conditioning": [11, 0], "guidance": 2.5}, (3, 310), None),
+    13: ("ConditioningZeroOut", {"conditioning": [10, 0]}, (3, 0), None),
     17: ("AnalogyApplyLoRA", {"model": [1, 0], "lora": [16, 0], "strength": 1.0, "mode": "merge",
-                              "allow_partial": False}, (1100, 480), None),
+                              "allow_partial": False}, (3, 560), None),
+    23: ("PreviewImage", {"images": [16, 1]}, (3, 0), "Which basis LoRAs the analogy picked"),
     18: ("KSampler", {"model": [17, 0], "seed": 0, "steps": 28, "cfg": 1.0, "sampler_name": "euler",
                       "scheduler": "simple", "positive": [12, 0], "negative": [13, 0], "latent_image": [9, 0],
-                      "denoise": 1.0}, (1420, 300), None),
-    19: ("VAEDecode", {"samples": [18, 0], "vae": [3, 0]}, (1760, 300), None),
+                      "denoise": 1.0}, (4, 310), None),
+    19: ("VAEDecode", {"samples": [18, 0], "vae": [3, 0]}, (5, 310), None),
     20: ("AnalogyExtractPanel", {"image": [19, 0], "geometry": [8, 2], "panel": "bottom_right",
-                                 "restore_size": True}, (1760, 460), None),
-    21: ("SaveImage", {"images": [20, 0], "filename_prefix": "lorweb/b_prime"}, (2060, 300), "B' (result)"),
-    22: ("SaveImage", {"images": [19, 0], "filename_prefix": "lorweb/grid"}, (2060, 640), None),
-    23: ("PreviewImage", {"images": [16, 1]}, (1100, 700), "Which basis LoRAs the analogy picked"),
-}
-NOTES = {
-    "lorweb_kontext_analogy.json": (
-        "LoRWeB on FLUX.1-Kontext: A -> A' applied to B.\n\nFiles (see README): models/diffusion_models/"
-        "flux1-kontext-dev.safetensors, models/text_encoders/clip_l + t5xxl, models/vae/ae.safetensors, "
-        "models/clip_vision/clip-vit-large-patch14.safetensors, models/lorweb/lorweb_model.safetensors.\n\n"
-        "Write a short editing prompt describing the change: LoRWeB needs one; the analogy pair supplies the details "
-        "the words miss. Official settings: guidance 2.5, 28 steps; the composite snaps to Kontext's resolutions."),
+                                 "restore_size": True}, (5, 0), None),
+    21: ("SaveImage", {"images": [20, 0], "filename_prefix": "lorweb/b_prime"}, (6, 310), "B' (result)"),
+    22: ("SaveImage", {"images": [19, 0], "filename_prefix": "lorweb/grid"}, (6, 0), None),
 }
 
+EXAMPLES = {"four_panel_composite.json": COMPOSITE, "lorweb_kontext_analogy.json": LORWEB}
 
-def api_to_ui(spec: dict, object_info: dict, note: str | None = None) -> dict:
-    """A UI-format workflow (litegraph JSON) for an API-style spec."""
+
+def estimated_height(class_type: str, slots: int, widgets: int) -> int:
+    """Body height (title bar excluded) that holds the node's slots and widget rows in the frontend."""
+    height = 40 + 22 * slots + 28 * widgets + IMAGE_NODES.get(class_type, 0)
+    return max(height, MIN_HEIGHT.get(class_type, 0))
+
+
+def layout(spec: dict, heights: dict[int, int]) -> dict[int, tuple[int, int]]:
+    """Top-left `pos` of every node: columns left to right, each stacked top-down with room for the title bars."""
+    bottoms: dict[int, int] = {}
+    positions = {}
+    for node_id, (_, _, (column, top), _) in spec.items():
+        y = max(ORIGIN_Y + top, bottoms.get(column, ORIGIN_Y))
+        positions[node_id] = (ORIGIN_X + column * (NODE_WIDTH + COLUMN_GAP), y)
+        bottoms[column] = y + heights[node_id] + ROW_GAP + TITLE_HEIGHT
+    return positions
+
+
+def _note(node_id: int, text: str, title: str | None) -> dict:
+    node = {"id": node_id, "type": "Note", "flags": {}, "mode": 0, "inputs": [], "outputs": [], "properties": {},
+            "widgets_values": [text]}
+    return node | ({"title": title} if title else {})
+
+
+def api_to_ui(spec: dict, object_info: dict, heights: dict[int, int] | None = None) -> dict:
+    """A UI-format workflow (litegraph JSON) for an API-style spec; `heights` overrides the estimated node heights."""
     nodes, links = [], []
     link_id = 0
     outputs: dict[tuple[int, int], list[int]] = {}
-    for node_id, (class_type, inputs, _, _) in spec.items():
+    for node_id, (_, inputs, _, _) in spec.items():
         for value in inputs.values():
             if isinstance(value, list):
                 link_id += 1
                 outputs.setdefault((value[0], value[1]), []).append(link_id)
                 links.append([link_id, value[0], value[1], node_id, None, None])
     by_target = {(l[3], l[0]): l for l in links}
-    for order, (node_id, (class_type, inputs, pos, title)) in enumerate(spec.items()):
+    estimated = {}
+    for node_id, (class_type, inputs, _, title) in spec.items():
+        if class_type == "Note":
+            nodes.append(_note(node_id, inputs["text"], title))
+            estimated[node_id] = estimated_height("Note", 0, 1)
+            continue
         info = object_info[class_type]
         ui_inputs, widgets = [], []
         for name, input_spec in _input_specs(info):
@@ -113,34 +157,63 @@ def api_to_ui(spec: dict, object_info: dict, note: str | None = None) -> dict:
         ui_outputs = [{"name": out_name, "type": out_type, "links": outputs.get((node_id, slot), []),
                        "slot_index": slot}
                       for slot, (out_name, out_type) in enumerate(zip(info["output_name"], info["output"]))]
-        slots = max(len(ui_inputs), len(ui_outputs))
-        height = 40 + 22 * slots + 28 * len(widgets) + (260 if class_type in ("LoadImage", "PreviewImage",
-                                                                                  "SaveImage") else 0)
-        node = {"id": node_id, "type": class_type, "pos": [int(pos[0] * 1.3), pos[1]], "size": [340, height], "flags": {},
-                "order": order, "mode": 0, "inputs": ui_inputs, "outputs": ui_outputs,
-                "properties": {"Node name for S&R": class_type}, "widgets_values": widgets}
+        estimated[node_id] = estimated_height(class_type, max(len(ui_inputs), len(ui_outputs)), len(widgets))
+        node = {"id": node_id, "type": class_type, "flags": {}, "mode": 0, "inputs": ui_inputs,
+                "outputs": ui_outputs, "properties": {"Node name for S&R": class_type}, "widgets_values": widgets}
         if title:
             node["title"] = title
         nodes.append(node)
-    last_id = max(spec)
-    if note:
-        last_id += 1
-        nodes.append({"id": last_id, "type": "Note", "pos": [420, 1300], "size": [420, 220], "flags": {},
-                      "order": len(nodes), "mode": 0, "inputs": [], "outputs": [], "properties": {},
-                      "widgets_values": [note]})
-    return {"last_node_id": last_id, "last_link_id": link_id, "nodes": nodes, "links": links, "groups": [],
-            "config": {}, "extra": {"ds": {"scale": 0.7, "offset": [0, 0]}}, "version": 0.4}
+    final = {node_id: max(estimated[node_id], (heights or {}).get(node_id, 0)) for node_id in spec}
+    positions = layout(spec, final)
+    for order, node in enumerate(nodes):
+        node.update(pos=list(positions[node["id"]]), size=[NODE_WIDTH, final[node["id"]]], order=order)
+    # No extra.ds: without a stored view the frontend fits the whole graph into the window on load.
+    return {"last_node_id": max(spec), "last_link_id": link_id, "nodes": nodes, "links": links, "groups": [],
+            "config": {}, "extra": {}, "version": 0.4}
 
 
-def main() -> None:
-    examples = {"four_panel_composite.json": COMPOSITE, "lorweb_kontext_analogy.json": LORWEB}
-    with ComfyServer(Path(tempfile.mkdtemp(prefix="analogy-examples-"))) as server:
-        info = server.object_info()
+def write(examples: dict, object_info: dict, heights: dict[str, dict[int, int]] | None = None) -> list[Path]:
+    paths = []
     for name, spec in examples.items():
-        path = REPO_ROOT / "example_workflows" / name
-        path.write_text(json.dumps(api_to_ui(spec, info, NOTES.get(name)), indent=1) + "\n")
+        path = EXAMPLES_DIR / name
+        path.write_text(json.dumps(api_to_ui(spec, object_info, (heights or {}).get(name)), indent=1) + "\n")
+        paths.append(path)
+    return paths
+
+
+def measured_heights(server: ComfyServer, paths: list[Path]) -> dict[str, dict[int, int]]:
+    """Each node's body height as the frontend renders it (getBounding minus the title bar)."""
+    from .frontend import open_workflows
+
+    report = open_workflows(server.url, paths)
+    return {f"{stem}.json": {node["id"]: int(node["bounding"][3]) - TITLE_HEIGHT for node in facts["nodes"]}
+            for stem, facts in report["workflows"].items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-browser", action="store_true", help="estimated sizes only; no thumbnails")
+    args = parser.parse_args(argv)
+    from .frontend import browser_unavailable
+    from .run_example import write_default_inputs
+
+    why = None if args.no_browser else browser_unavailable()
+    if why:
+        print(f"no browser ({why}): writing JSON with estimated sizes, thumbnails not refreshed")
+    base = Path(tempfile.mkdtemp(prefix="analogy-examples-"))
+    write_default_inputs(base / "input")
+    with ComfyServer(base) as server:
+        info = server.object_info()
+        paths = write(EXAMPLES, info)
+        if not (args.no_browser or why):
+            paths = write(EXAMPLES, info, measured_heights(server, paths))
+            from .make_thumbnails import make_thumbnails
+
+            make_thumbnails(server, paths)
+    for path in paths:
         print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
