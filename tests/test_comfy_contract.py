@@ -99,15 +99,14 @@ def test_load_lora_and_the_patch_tuple_add_patches_stores(comfy_inproc, flux_mod
     adapter = patches[targets["transformer_blocks.0.attn.to_k"]]
     assert isinstance(adapter, comfy.weight_adapter.WeightAdapterBase)
     assert adapter.weights[0] is state["x.transformer_blocks.0.attn.to_k.lora_up.weight"]
-    assert adapter.weights[1] is state["x.transformer_blocks.0.attn.to_k.lora_down.weight"] and adapter.weights[2] == 3.0
+    assert adapter.weights[1] is state["x.transformer_blocks.0.attn.to_k.lora_down.weight"]
+    assert adapter.weights[2] == 3.0
 
     clone = patcher.clone()
     applied = clone.add_patches(patches, 0.5)
     assert set(applied) == set(patches) and not patcher.patches
     for target in targets.values():
-        key, offset, function = (target, None, None) if isinstance(target, str) else (target[0], target[1],
-                                                                                        target[2] if len(target) > 2
-                                                                                        else None)
+        key, offset, function = comfy_inproc.patch._unpack(target)
         assert clone.patches[key][-1] == (0.5, patches[target], 1.0, offset, function)
     qkv = targets["transformer_blocks.0.attn.to_k"][0]
     weight = torch.randn(3 * HIDDEN, HIDDEN, generator=gen)
