@@ -62,6 +62,8 @@ def test_written_basis_loads_in_the_mix_path_and_separates_families(tiny_run):
     basis = load_basis(out / "lorweb_basis.safetensors")
     meta = basis.metadata
     assert meta["analogy.kind"] == "lorweb_basis" and meta["analogy.step"] == "80" and meta["analogy.backbone"] == "tiny"
+    leaked = [k for k, v in meta.items() if str(out) in v or str(out.parent) in v]
+    assert not leaked, f"local paths in the shared basis header: {leaked}"
     assert (basis.num_entries, basis.rank, basis.key_dim) == (8, 2, 16) and len(basis.layers) == 26
     from training.backbone import load_query_encoder
     from training.data import SyntheticAnalogies
