@@ -112,13 +112,15 @@ def converted_workflows(object_info, tmp_path_factory) -> list[Path]:
 
 
 @pytest.fixture(scope="session")
-def frontend(comfy, converted_workflows) -> dict:
+def frontend(request) -> dict:
     """The driver's report for every example workflow plus the converted-widget workflows."""
     why = browser_unavailable()
-    if why:
+    if why:  # before the server starts
         pytest.skip(f"the frontend tests need Node.js and a Chromium: {why}")
     from devtools.run_example import write_default_inputs
 
+    comfy = request.getfixturevalue("comfy")
+    converted_workflows = request.getfixturevalue("converted_workflows")
     write_default_inputs(comfy.base_dir / "input")  # the images the examples load, so LoadImage's list holds them
     started = time.monotonic()
     report = open_workflows(comfy.url, WORKFLOWS + converted_workflows)
