@@ -1,8 +1,8 @@
 """ComfyUI node classes of the pack. Each submodule wraps one topic of ``analogy_core`` and lists its nodes."""
 
-from . import composite, lora, lorweb
+from . import composite, loc, lora, lorweb
 
-_MODULES = (composite, lora, lorweb)
+_MODULES = (composite, lora, lorweb, loc)
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}

@@ -1,0 +1,501 @@
+"""LoRA of Change (Song et al., CVPR 2025): a hypernetwork H that turns a before/after pair (A, A′) into a LoRA.
+
+H, as the paper (§3.1, appendix A) describes it:
+
+* **E** — the image encoder of the ANALOGY (CLIP vision through ComfyUI, transformers or open_clip): its patch tokens
+  f_A, f_A′ ∈ R^{T×W} (penultimate hidden states, class token first; T and W come from the encoder, 257×1024 for
+  CLIP ViT-L/14). The paper used an ImageNet ViT-B (196×768); we take the encoder the ANALOGY was made with and
+  record its identity in the checkpoint.
+* **P** — ``concat(f_A, f_A′)`` per token (width 2W) and one linear layer to the instruction feature (width 512).
+* **D** — a transformer decoder: one learned query per target attention layer (32 for SD1.5: attn1 and attn2 of
+  its 16 transformer blocks), M = 6 blocks of self-attention, cross-attention to the instruction tokens and FFN,
+  8 heads (``torch.nn.TransformerDecoder``; pre-LayerNorm, FFN 4×512, no dropout so training is deterministic and
+  resumes exactly; a final LayerNorm).
+* **S** — one linear head per attention layer i whose output splits (eq. 10) into U_A¹..U_A⁴, U_B¹..U_B⁴ for the
+  q, k, v and output projections, each at its real widths (the cross-attention k/v read the 768-d text context).
+  In this pack's LoRA convention U_A is ``down`` [r, in] and U_B is ``up`` [out, r]; the update of projection p is
+  ``ΔW_p = scale · U_B^p U_A^p`` with scale = alpha / r = 1.
+
+Initialisation (eq. 11): the head weight is ``concat(w¹, w²)`` with w² — every output that forms a U_B — and its
+bias at **zero**, so a fresh H generates an exactly zero LoRA, like a fresh LoRA. Since the projections' in and out
+widths differ (cross-attention k/v), the U_A part is not exactly "d/2" wide; what eq. 11 fixes is that U_B starts at
+zero. w¹ is drawn so that U_A's entries have LoRA's usual scale (variance 1/(3·in) for unit-variance decoder
+features, as kaiming-uniform(a=√5) gives a fresh LoRA's A).
+
+**Rank.** The paper does not state r. We default to r = 4: each head has r·Σ_p(in_p + out_p) outputs, so S holds
+about 102M parameters per unit of rank for SD1.5 (408M at r = 4, 1.6 GB in float32) — the size of LoRWeB's basis
+(835M) in order of magnitude, trainable next to a frozen SD1.5 on one GPU; r = 4 is also the rank commonly used for
+concept/edit LoRAs on SD1.5. ``rank`` is a training option and is recorded in the checkpoint.
+
+Targets come from the model layout code (:func:`attention_targets` of :func:`~.layouts.standard_layout` "sd15", or
+of the layout of any diffusers UNet for tiny test and world backbones); the checkpoint stores the list it was trained
+for, so the file describes itself.
+
+Training applies one generated LoRA per sample of a batch: :func:`batched_lora` adds ``(x·U_Aᵀ)·U_Bᵀ`` of sample b
+to each target projection's output through forward hooks (shared by the trainer and the tests). Inference turns one
+sample into the pack's :class:`~.lora.LoRA` (family sd15, source "generated"), which Apply LoRA to Model merges or
+applies at runtime and Save LoRA writes for any loader.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .analogy import ENCODER_FAMILIES, AnalogyEmbedding, EncoderInfo
+from .files import (FLOAT_DTYPES, MAX_UPDATE_NORM, TensorFileError, check_finite, check_state_dict, json_metadata,
+                    low_rank_norm, naming_file, read_tensor_file, write_safetensors_atomic)
+from .layouts import ModelLayout
+from .lora import FAMILIES, LoRA, LoRALayer
+
+KIND = "loc_hypernetwork"              # analogy.kind of a hypernetwork file
+CONFIG_KEY = "analogy.loc"             # the architecture, targets and encoder identity as JSON
+PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+DIRECTIONS = ("forward", "reverse", "swapped")
+MAX_PARAMETER_VALUE = 1e4  # largest |weight| accepted in a hypernetwork file (trained values are of order 1)
+_ATTENTION = re.compile(r"(.+\.attn[12])\.(to_q|to_k|to_v|to_out\.0)")
+# bounds a config read from a file must respect before anything is built (a hostile header cannot make us allocate)
+_LIMITS = {"width": 8192, "blocks": 64, "heads": 256, "rank": 1024, "ffn": 65536, "token_width": 65536,
+           "targets": 4096, "features": 65536}
+
+
+class HypernetworkError(ValueError):
+    """A hypernetwork file or config is invalid, or does not fit the ANALOGY it is used with."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# targets
+
+
+@dataclass(frozen=True)
+class AttentionTarget:
+    """One attention layer of the UNet (``...transformer_blocks.0.attn1``) and its q, k, v, out weight shapes."""
+
+    path: str
+    shapes: tuple[tuple[int, int], ...]  # (out, in) per projection, in PROJECTIONS order
+
+    def projection_paths(self) -> tuple[str, ...]:
+        return tuple(f"{self.path}.{p}" for p in PROJECTIONS)
+
+    def head_width(self, rank: int) -> int:
+        """Outputs of this layer's head: U_A (r·in) and U_B (out·r) of every projection."""
+        return rank * sum(o + i for o, i in self.shapes)
+
+    def down_width(self, rank: int) -> int:
+        return rank * sum(i for _, i in self.shapes)
+
+
+def attention_targets(layout: ModelLayout) -> tuple[AttentionTarget, ...]:
+    """Every self/cross-attention layer of a UNet layout with all four projections, in the layout's order."""
+    groups: dict[str, dict[str, tuple[int, ...]]] = {}
+    for path, shape in layout.shapes.items():
+        match = _ATTENTION.fullmatch(path)
+        if match:
+            groups.setdefault(match[1], {})[match[2]] = shape
+    targets = []
+    for path, parts in groups.items():
+        if set(parts) != set(PROJECTIONS) or any(len(s) != 2 for s in parts.values()):
+            continue
+        targets.append(AttentionTarget(path, tuple((parts[p][0], parts[p][1]) for p in PROJECTIONS)))
+    if not targets:
+        raise HypernetworkError(f"the {layout.family} layout has no attention layers with to_q/to_k/to_v/to_out.0")
+    return tuple(targets)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass(frozen=True)
+class HypernetworkConfig:
+    """Architecture of H, what it generates for, and the encoder whose tokens it reads (all stored in the file)."""
+
+    targets: tuple[AttentionTarget, ...]
+    token_width: int                  # W of the encoder's patch tokens (H reads 2W per token)
+    encoder: EncoderInfo | None = None  # identity of that encoder; None: any encoder with W-d tokens
+    token_count: int | None = None    # T of that encoder (recorded; checked with the identity)
+    width: int = 512                  # P's output and D's width (paper: 512)
+    blocks: int = 6                   # M (paper: 6)
+    heads: int = 8                    # attention heads in D (paper: 8)
+    rank: int = 4                     # r of every generated LoRA layer (not stated in the paper; see module doc)
+    ffn: int = 2048                   # D's feed-forward width (4 × width)
+    family: str = "sd15"              # model family of the generated LoRAs
+
+    def __post_init__(self) -> None:
+        for key in ("token_width", "width", "blocks", "heads", "rank", "ffn"):
+            value = getattr(self, key)
+            if type(value) is not int or not 1 <= value <= _LIMITS[key]:
+                raise HypernetworkError(f"{key} must be an integer in 1..{_LIMITS[key]}, got {value!r}")
+        if self.width % self.heads:
+            raise HypernetworkError(f"width {self.width} is not divisible by heads {self.heads}")
+        if not 1 <= len(self.targets) <= _LIMITS["targets"]:
+            raise HypernetworkError(f"a hypernetwork needs 1..{_LIMITS['targets']} target layers, got "
+                                    f"{len(self.targets)}")
+        if self.family not in FAMILIES:
+            raise HypernetworkError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.token_count is not None and (type(self.token_count) is not int or not 1 <= self.token_count <= 10**6):
+            raise HypernetworkError(f"token_count must be a positive integer, got {self.token_count!r}")
+        if self.encoder is not None and self.encoder.hidden_dim != self.token_width:
+            raise HypernetworkError(f"the recorded encoder has {self.encoder.hidden_dim}-d tokens but token_width is "
+                                    f"{self.token_width}")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.targets)
+
+    def to_json(self) -> dict:
+        encoder = None if self.encoder is None else {
+            "name": self.encoder.name, "family": self.encoder.family, "embed_dim": self.encoder.embed_dim,
+            "hidden_dim": self.encoder.hidden_dim, "image_size": self.encoder.image_size,
+            "patch_size": self.encoder.patch_size, "num_layers": self.encoder.num_layers}
+        return {"format": 1, "width": self.width, "blocks": self.blocks, "heads": self.heads, "rank": self.rank,
+                "ffn": self.ffn, "family": self.family, "token_width": self.token_width,
+                "token_count": self.token_count, "encoder": encoder,
+                "targets": [[t.path, [list(s) for s in t.shapes]] for t in self.targets]}
+
+    @staticmethod
+    def from_json(value: Mapping) -> "HypernetworkConfig":
+        """Parse what :meth:`to_json` wrote; any deviation is a HypernetworkError (the file is untrusted)."""
+        if not isinstance(value, Mapping):
+            raise HypernetworkError("the hypernetwork config is not a JSON object")
+        if value.get("format") != 1:
+            raise HypernetworkError(f"unknown hypernetwork config format {value.get('format')!r} (this pack reads 1)")
+        targets = _parse_targets(value.get("targets"))
+        encoder = _parse_encoder(value.get("encoder"))
+        kwargs = {}
+        for key in ("width", "blocks", "heads", "rank", "ffn", "token_width", "token_count", "family"):
+            if key not in value:
+                raise HypernetworkError(f"the hypernetwork config lacks {key!r}")
+            kwargs[key] = value[key]
+        return HypernetworkConfig(targets=targets, encoder=encoder, **kwargs)
+
+    def describe(self) -> str:
+        encoder = self.encoder.label if self.encoder else f"any encoder with {self.token_width}-d tokens"
+        return (f"LoRA of Change hypernetwork for {self.family}: {self.num_layers} attention layers × q/k/v/out, "
+                f"rank {self.rank}, decoder {self.blocks} blocks × {self.heads} heads at width {self.width}; "
+                f"reads {encoder}")
+
+
+def _parse_targets(raw) -> tuple[AttentionTarget, ...]:
+    if not isinstance(raw, list) or not 1 <= len(raw) <= _LIMITS["targets"]:
+        raise HypernetworkError("the hypernetwork config's targets must be a non-empty list of [path, shapes]")
+    targets, seen = [], set()
+    for entry in raw:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) and entry[0]
+                and isinstance(entry[1], list) and len(entry[1]) == len(PROJECTIONS)):
+            raise HypernetworkError(f"bad target entry {str(entry)[:80]}: expected [path, [[out, in] x 4]]")
+        shapes = []
+        for shape in entry[1]:
+            if not (isinstance(shape, list) and len(shape) == 2
+                    and all(type(d) is int and 1 <= d <= _LIMITS["features"] for d in shape)):
+                raise HypernetworkError(f"target {entry[0][:80]!r}: shape {str(shape)[:40]} is not [out, in] of "
+                                        f"positive ints up to {_LIMITS['features']}")
+            shapes.append((shape[0], shape[1]))
+        if entry[0] in seen:
+            raise HypernetworkError(f"target {entry[0][:80]!r} is listed twice")
+        seen.add(entry[0])
+        targets.append(AttentionTarget(entry[0], tuple(shapes)))
+    return tuple(targets)
+
+
+def _parse_encoder(raw) -> EncoderInfo | None:
+    if raw is None:
+        return None
+    keys = ("name", "family", "embed_dim", "hidden_dim", "image_size", "patch_size", "num_layers")
+    if not isinstance(raw, Mapping) or set(raw) != set(keys):
+        raise HypernetworkError(f"the recorded encoder must be an object with exactly {', '.join(keys)}")
+    if not isinstance(raw["name"], str) or raw["family"] not in ENCODER_FAMILIES:
+        raise HypernetworkError(f"the recorded encoder's name/family are invalid: {str(raw)[:120]}")
+    if not all(type(raw[k]) is int and -1 <= raw[k] <= 10**6 for k in keys[2:]):
+        raise HypernetworkError(f"the recorded encoder's sizes must be integers: {str(raw)[:120]}")
+    return EncoderInfo(raw["name"], raw["embed_dim"], raw["hidden_dim"], raw["image_size"], raw["patch_size"],
+                       raw["num_layers"], raw["family"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# generated factors
+
+
+@dataclass(frozen=True)
+class LoRAFactors:
+    """One LoRA per sample: per projection path, ``down`` [B, r, in] (U_A) and ``up`` [B, out, r] (U_B), and a scale
+    per sample [B] (±strength; −1 is LoRA Reverse). Differentiable: the trainer back-propagates through it."""
+
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    scale: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.scale.shape[0]
+
+    def scaled(self, factor: float | torch.Tensor) -> "LoRAFactors":
+        return replace(self, scale=self.scale * factor)
+
+    def cat(self, other: "LoRAFactors") -> "LoRAFactors":
+        """The samples of ``self`` followed by those of ``other`` (one batch for two loss terms)."""
+        layers = {k: (torch.cat([d, other.layers[k][0]]), torch.cat([u, other.layers[k][1]]))
+                  for k, (d, u) in self.layers.items()}
+        return LoRAFactors(layers, torch.cat([self.scale, other.scale]))
+
+    def lora(self, sample: int = 0, family: str = "sd15", metadata: dict[str, str] | None = None) -> LoRA:
+        """Sample ``sample`` as the pack's LoRA type (detached, float32)."""
+        s = float(self.scale[sample])
+        layers = {k: LoRALayer(d[sample].detach().float().contiguous(), u[sample].detach().float().contiguous(), s)
+                  for k, (d, u) in self.layers.items()}
+        return LoRA(layers, family=family, source="generated", metadata=dict(metadata or {}))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the hypernetwork
+
+
+class LoRAHypernetwork(nn.Module):
+    """H = S ∘ D ∘ P over encoder tokens of A and A′ (see the module docstring)."""
+
+    def __init__(self, config: HypernetworkConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.fuse = nn.Linear(2 * c.token_width, c.width)                       # P
+        self.queries = nn.Parameter(torch.empty(c.num_layers, c.width))         # one learned query per layer
+        block = nn.TransformerDecoderLayer(c.width, c.heads, c.ffn, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.decoder = nn.TransformerDecoder(block, c.blocks, norm=nn.LayerNorm(c.width))  # D
+        self.heads = nn.ModuleList(nn.Linear(c.width, t.head_width(c.rank)) for t in c.targets)  # S
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Queries ~ N(0, 1) (as nn.Embedding); P and D keep torch's defaults; heads as eq. 11: the U_A part drawn
+        at LoRA's usual scale, the U_B part and all head biases zero (a fresh H generates an exactly zero LoRA)."""
+        if self.queries.is_meta:
+            return
+        nn.init.normal_(self.queries)
+        r, width = self.config.rank, self.config.width
+        with torch.no_grad():
+            for target, head in zip(self.config.targets, self.heads):
+                head.weight.zero_()
+                head.bias.zero_()
+                row = 0
+                for _, in_features in target.shapes:  # U_A rows of each projection: [r · in]
+                    rows = r * in_features
+                    head.weight[row: row + rows].normal_(std=1.0 / math.sqrt(3 * in_features * width))
+                    row += rows
+
+    def forward(self, tokens_a: torch.Tensor, tokens_a_prime: torch.Tensor) -> LoRAFactors:
+        """Tokens [B, T, W] of A and A′ -> one LoRA per sample (scale 1)."""
+        c = self.config
+        if tokens_a.shape != tokens_a_prime.shape or tokens_a.ndim != 3 or tokens_a.shape[-1] != c.token_width:
+            raise HypernetworkError(f"expected A and A′ tokens [batch, T, {c.token_width}] of one shape, got "
+                                    f"{tuple(tokens_a.shape)} and {tuple(tokens_a_prime.shape)}")
+        dtype = self.fuse.weight.dtype
+        memory = self.fuse(torch.cat([tokens_a, tokens_a_prime], dim=-1).to(dtype))   # f_vis_ins [B, T, width]
+        queries = self.queries.unsqueeze(0).expand(memory.shape[0], -1, -1)
+        primitives = self.decoder(queries, memory)                                   # [B, L, width]
+        layers = {}
+        b, r = memory.shape[0], c.rank
+        for i, (target, head) in enumerate(zip(c.targets, self.heads)):
+            out = head(primitives[:, i])                                             # eq. 5 / eq. 10
+            downs, ups = out.split([target.down_width(r), out.shape[1] - target.down_width(r)], dim=1)
+            down_parts = downs.split([r * i_f for _, i_f in target.shapes], dim=1)
+            up_parts = ups.split([o_f * r for o_f, _ in target.shapes], dim=1)
+            for path, (o_f, i_f), d, u in zip(target.projection_paths(), target.shapes, down_parts, up_parts):
+                layers[path] = (d.reshape(b, r, i_f), u.reshape(b, o_f, r))
+        return LoRAFactors(layers, torch.ones(b, device=memory.device, dtype=memory.dtype))
+
+    def u_b_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, view) of every head weight/bias slice that produces U_B (zero at initialisation)."""
+        r = self.config.rank
+        for index, (target, head) in enumerate(zip(self.config.targets, self.heads)):
+            start = target.down_width(r)
+            yield f"heads.{index}.weight[U_B]", head.weight[start:]
+            yield f"heads.{index}.bias[U_B]", head.bias[start:]
+
+
+def build_hypernetwork(config: HypernetworkConfig, seed: int | None = None) -> LoRAHypernetwork:
+    """A freshly initialised H (deterministic for a given ``seed``)."""
+    if seed is None:
+        return LoRAHypernetwork(config)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return LoRAHypernetwork(config)
+    finally:
+        torch.random.set_rng_state(state)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# applying one LoRA per sample (training, tests, world evaluation)
+
+
+@contextmanager
+def batched_lora(model: nn.Module, factors: LoRAFactors | None) -> Iterator[None]:
+    """Inside the block, every target projection of ``model`` adds ``scale_b · (x_b·U_A,bᵀ)·U_B,bᵀ`` for sample b.
+
+    A batch that is k times the LoRA batch (classifier-free guidance stacks [uncond; cond]) uses the LoRAs tiled
+    k times (sample i of the batch takes LoRA i mod B). ``None`` applies nothing.
+    """
+    if factors is None:
+        yield
+        return
+    handles = []
+    try:
+        for path, (down, up) in factors.layers.items():
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:
+                raise HypernetworkError(f"the model has no layer {path}: the hypernetwork was made for another UNet")
+            handles.append(module.register_forward_hook(_hook(down, up, factors.scale, path)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _hook(down: torch.Tensor, up: torch.Tensor, scale: torch.Tensor, path: str):
+    def add_update(module, args, output):
+        x = args[0]
+        n, b = x.shape[0], down.shape[0]
+        if n % b:
+            raise HypernetworkError(f"{path}: batch of {n} does not fit {b} generated LoRAs")
+        d, u, s = (down, up, scale) if n == b else (down.repeat(n // b, 1, 1), up.repeat(n // b, 1, 1),
+                                                    scale.repeat(n // b))
+        flat = x.reshape(n, -1, x.shape[-1])
+        h = torch.bmm(flat, d.transpose(1, 2).to(x.dtype))                            # [n, M, r]
+        delta = torch.bmm(h, u.transpose(1, 2).to(x.dtype)) * s.to(x.dtype).view(n, 1, 1)
+        return output + delta.reshape(*output.shape)
+    return add_update
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# inference: an ANALOGY -> a LoRA
+
+
+def check_encoder(config: HypernetworkConfig, analogy: AnalogyEmbedding) -> None:
+    """Refuse an ANALOGY whose patch tokens come from an encoder other than the one H was trained with."""
+    missing = [r for r in ("a", "a_prime") if r not in analogy.patch_tokens]
+    if missing:
+        raise HypernetworkError(f"this ANALOGY has no patch tokens for {', '.join(missing)}; make it with Encode "
+                                "Analogy (A and A′ connected)")
+    tokens = analogy.patch_tokens["a"]
+    trained = config.encoder.label if config.encoder else "its training encoder"
+    if tokens.shape[-1] != config.token_width:
+        raise HypernetworkError(f"the hypernetwork reads {config.token_width}-d patch tokens ({trained}) but the "
+                                f"ANALOGY's encoder, {analogy.encoder.label}, gives {tokens.shape[-1]}-d tokens; "
+                                "encode the analogy with the CLIP vision model the hypernetwork was trained with")
+    if config.encoder is not None and _identity(config.encoder) != _identity(analogy.encoder):
+        raise HypernetworkError(f"the hypernetwork was trained on tokens of {config.encoder.label}, but the ANALOGY "
+                                f"comes from {analogy.encoder.label} (same width, another model); encode the "
+                                "analogy with the CLIP vision model the hypernetwork was trained with")
+    if config.token_count is not None and tokens.shape[1] != config.token_count:
+        raise HypernetworkError(f"the hypernetwork was trained on {config.token_count} tokens per image, the "
+                                f"ANALOGY has {tokens.shape[1]} (another input resolution?)")
+
+
+def _identity(info: EncoderInfo) -> tuple:
+    return (info.family, info.name, info.embed_dim, info.hidden_dim, info.image_size, info.patch_size,
+            info.num_layers)
+
+
+@torch.no_grad()
+def generate_lora(hypernetwork: LoRAHypernetwork, analogy: AnalogyEmbedding, direction: str = "forward",
+                  strength: float = 1.0, sample: int = 0) -> LoRA:
+    """The LoRA of one ANALOGY item: ``forward`` H(A, A′), ``reverse`` −H(A, A′) (LoRA Reverse) or ``swapped``
+    H(A′, A), times ``strength``. Refuses the wrong encoder and updates no usable LoRA has (damaged weights)."""
+    if direction not in DIRECTIONS:
+        raise HypernetworkError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if not math.isfinite(strength):
+        raise HypernetworkError(f"strength must be finite, got {strength}")
+    config = hypernetwork.config
+    check_encoder(config, analogy)
+    if not 0 <= sample < analogy.batch_size:
+        raise HypernetworkError(f"sample {sample} is out of range: the ANALOGY holds {analogy.batch_size} item(s)")
+    first, second = ("a_prime", "a") if direction == "swapped" else ("a", "a_prime")
+    param = next(hypernetwork.parameters())
+    tokens = [analogy.patch_tokens[r][sample: sample + 1].to(param.device, param.dtype) for r in (first, second)]
+    factors = hypernetwork(*tokens)
+    sign = -1.0 if direction == "reverse" else 1.0
+    meta = {"analogy.loc_direction": direction, "analogy.loc_rank": str(config.rank)}
+    lora = factors.scaled(sign * strength).lora(0, config.family, meta)
+    _check_generated(lora)
+    return lora
+
+
+def _check_generated(lora: LoRA) -> None:
+    for name, layer in lora.layers.items():
+        norm = low_rank_norm(layer.up, layer.down, layer.scale, limit=MAX_UPDATE_NORM)
+        if not norm <= MAX_UPDATE_NORM:
+            raise HypernetworkError(f"{name}: the generated update's norm is {norm:.3g}, beyond the "
+                                    f"{MAX_UPDATE_NORM:g} any usable LoRA stays below (damaged hypernetwork?)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# files
+
+
+def hypernetwork_metadata(config: HypernetworkConfig, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    import json
+
+    return {**dict(extra or {}), "analogy.kind": KIND, CONFIG_KEY: json.dumps(config.to_json()),
+            "analogy.family": config.family}
+
+
+def save_hypernetwork(hypernetwork: LoRAHypernetwork, path: str | os.PathLike,
+                      metadata: Mapping[str, str] | None = None, dtype: torch.dtype | None = None):
+    """Write H's weights and config as safetensors (atomically); ``dtype`` e.g. bfloat16 halves the file."""
+    state = {k: (v.to(dtype) if dtype is not None else v) for k, v in hypernetwork.state_dict().items()}
+    return write_safetensors_atomic(state, path, hypernetwork_metadata(hypernetwork.config, metadata))
+
+
+_OTHER_KINDS = {"lorweb_basis": "a LoRWeB LoRA basis (load it with Load LoRA Basis)"}
+
+
+def load_hypernetwork(path: str | os.PathLike) -> LoRAHypernetwork:
+    """Read a hypernetwork file (checked before anything is built; nothing larger than the file is allocated).
+    Every problem is a TensorFileError or HypernetworkError whose message starts with the file name."""
+    tf = read_tensor_file(path, "LoRA of Change hypernetwork", dtypes=FLOAT_DTYPES)
+    with naming_file(path, HypernetworkError):
+        kind = tf.metadata.get("analogy.kind")
+        if kind != KIND:
+            raise HypernetworkError(f"this is not a LoRA of Change hypernetwork: {_describe_other(kind, tf.tensors)}")
+        raw = json_metadata(tf.metadata, CONFIG_KEY, error=HypernetworkError)
+        if raw is None:
+            raise HypernetworkError(f"the header has no {CONFIG_KEY!r} config (architecture and targets)")
+        config = HypernetworkConfig.from_json(raw)
+        with torch.device("meta"):
+            model = LoRAHypernetwork(config)
+        state = check_state_dict(tf.tensors, model.state_dict(), error=HypernetworkError)
+        check_finite(state, max_abs=MAX_PARAMETER_VALUE, error=HypernetworkError)
+        model = model.to_empty(device="cpu")
+        model.load_state_dict(state, strict=True)
+        return model.eval().requires_grad_(False)
+
+
+def _describe_other(kind: str | None, tensors: Mapping[str, torch.Tensor]) -> str:
+    if kind in _OTHER_KINDS:
+        return f"it is {_OTHER_KINDS[kind]}"
+    if any(k.endswith((".lora_keys", ".att_lora_to_q.weight")) for k in tensors):
+        return f"it is {_OTHER_KINDS['lorweb_basis']}"
+    if any(re.search(r"(lora_[AB]|lora_(up|down))(\.weight)?$", k) for k in tensors):
+        return "it is an ordinary LoRA (load it with Load LoRA (Analogy))"
+    if kind:
+        return f"its header says analogy.kind = {kind[:40]!r}"
+    return f"no analogy.kind = {KIND!r} in its header (keys look like {sorted(tensors)[:3]})"
+
+
+def is_hypernetwork_file(path: str | os.PathLike) -> bool:
+    """Whether a file's header says it is a LoRA of Change hypernetwork (header only; unreadable files are not)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("analogy.kind") == KIND
+    except Exception:  # noqa: BLE001 - anything unreadable is simply not one
+        return False
+

@@ -1,0 +1,300 @@
+"""The LoRA of Change objective (eq. 6 + eq. 7) against a plain re-computation with stub models, and gradient flow.
+
+Stub VAE / text encoder / image encoder / UNet make every intermediate value known; the re-computation merges each
+sample's generated LoRA into the stub UNet's weights (W ± up·down) instead of using the trainer's hooks, and draws
+the random numbers in the trainer's documented order. Flipping the sign of the reverse LoRA, exchanging the B/B′
+roles, dropping a term or giving the instruction to the wrong term each make the comparison fail.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from analogy_core.analogy import AnalogyEmbedding, EncoderInfo
+from analogy_core.layouts import ModelLayout
+from analogy_core.loc import HypernetworkConfig, attention_targets, build_hypernetwork
+from training.backbone import HashTokenizer
+from training.config import build_config
+from training.ip2p import IP2PBackbone, schedule
+from training.train_loc import PRESETS, LoCConfig, exchange_pairs, paired_quads, term_prompts, training_loss
+
+S, C, D, TEXT = 4, 3, 8, 6          # image side, latent channels, UNet width, text width
+SCALING = 0.5
+ALPHAS = schedule()
+
+
+def stub_math(linear, sample: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """A tiny UNet-like function: tokens -> self-attention -> cross-attention to text -> channels."""
+    b, _, h, w = sample.shape
+    hidden = linear("proj_in", sample.flatten(2).transpose(1, 2))
+    for attn, context in (("block.attn1", None), ("block.attn2", text)):
+        source = hidden if context is None else context
+        q, k, v = (linear(f"{attn}.{p}", x) for p, x in (("to_q", hidden), ("to_k", source), ("to_v", source)))
+        weights = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(D), dim=-1)
+        hidden = hidden + linear(f"{attn}.to_out.0", weights @ v)
+    out = linear("proj_out", hidden) + 0.001 * t.view(-1, 1, 1).float()
+    return out.transpose(1, 2).reshape(b, C, h, w)
+
+
+class Attention(nn.Module):
+    def __init__(self, context: int):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v = nn.Linear(D, D), nn.Linear(context, D), nn.Linear(context, D)
+        self.to_out = nn.ModuleList([nn.Linear(D, D)])
+
+
+class StubUNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.proj_in, self.proj_out = nn.Linear(2 * C, D), nn.Linear(D, C)
+        self.block = nn.Module()
+        self.block.attn1, self.block.attn2 = Attention(D), Attention(TEXT)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        self.requires_grad_(False)
+
+    def forward(self, sample, t, encoder_hidden_states, return_dict=False):
+        return (stub_math(lambda name, x: self.get_submodule(name)(x), sample, t, encoder_hidden_states),)
+
+
+class StubVAE(nn.Module):
+    config = SimpleNamespace(scaling_factor=SCALING)
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1), requires_grad=False)
+
+    def encode(self, pixels):
+        mode = F.avg_pool2d(pixels, 2)
+        return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: mode))
+
+
+class StubText(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(50, TEXT, generator=torch.Generator().manual_seed(1)),
+                                  requires_grad=False)
+
+    def forward(self, ids):
+        return (self.table[ids],)
+
+
+ENCODER = EncoderInfo.describe(3, 3, 224, 14, 2)
+
+
+class StubEncoder:
+    """Patch tokens = the column means of each row (S tokens of width 3): A and A′ reach H, row by row."""
+
+    info = ENCODER
+
+    @staticmethod
+    def tokens(images):
+        return images.mean(dim=2)
+
+    def encode(self, a, a_prime, b=None):
+        embeds = {r: x.mean(dim=(1, 2)) for r, x in (("a", a), ("a_prime", a_prime))}
+        return AnalogyEmbedding(ENCODER, embeds, {"a": self.tokens(a), "a_prime": self.tokens(a_prime)})
+
+
+def stub_backbone() -> IP2PBackbone:
+    return IP2PBackbone(StubUNet(), StubVAE(), StubText(), HashTokenizer(50, 4), ALPHAS, "epsilon", tiny=True)
+
+
+def hypernetwork_for(unet: nn.Module, seed: int = 0):
+    shapes = {name: tuple(m.weight.shape) for name, m in unet.named_modules() if isinstance(m, nn.Linear)}
+    config = HypernetworkConfig(attention_targets(ModelLayout("sd15", shapes)), token_width=3, encoder=ENCODER,
+                                token_count=S, width=16, blocks=1, heads=2, rank=2, ffn=32)
+    hypernetwork = build_hypernetwork(config, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, view in hypernetwork.u_b_parameters():
+            view.copy_(torch.randn(view.shape, generator=gen) * 0.3)
+    return hypernetwork
+
+
+def batch_of(n: int = 3, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return {"a": torch.rand(n, S, S, 3, generator=gen), "a_prime": torch.rand(n, S, S, 3, generator=gen),
+            "prompt": ["make it red", "add a hat", "zebra"][:n]}
+
+
+def cfg_for(**overrides) -> LoCConfig:
+    return build_config(LoCConfig, PRESETS, "tiny", None, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def expected_loss(hypernetwork, backbone: IP2PBackbone, batch: dict, cfg: LoCConfig, seed: int,
+                  reverse_sign: float = -1.0, swap_roles: bool = False, text_to: str = "matching") -> torch.Tensor:
+    """Eq. (6) + eq. (7) written out sample by sample, drawing in the trainer's documented order."""
+    gen = torch.Generator().manual_seed(seed)
+    a, a_prime = batch["a"].clone(), batch["a_prime"].clone()
+    n = len(a)
+    exchanged = torch.zeros(n, dtype=torch.bool)
+    if cfg.random_exchange:
+        exchanged = torch.rand(n, generator=gen) < cfg.exchange_probability
+        for i in torch.nonzero(exchanged).flatten().tolist():
+            a[i], a_prime[i] = batch["a_prime"][i].clone(), batch["a"][i].clone()
+    flip = torch.rand(n, generator=gen) < cfg.flip_probability
+    b = torch.stack([x.flip(1) if f else x for x, f in zip(a, flip)])
+    b_prime = torch.stack([x.flip(1) if f else x for x, f in zip(a_prime, flip)])
+    keep = torch.rand(2 * n, generator=gen) >= cfg.text_dropout
+    forward_text = [not x if text_to == "matching" else True for x in exchanged.tolist()]
+    texts = [[p if (forward_text[i] if k == 0 else not forward_text[i]) and keep[k * n + i] else ""
+              for i, p in enumerate(batch["prompt"])] for k in range(2)]
+    factors = hypernetwork(StubEncoder.tokens(a), StubEncoder.tokens(a_prime))
+    terms = 2 if cfg.lora_reverse else 1
+    t = torch.randint(0, 1000, (terms * n,), generator=gen)
+    mode = lambda img: F.avg_pool2d(img.permute(2, 0, 1).unsqueeze(0) * 2 - 1, 2)  # noqa: E731
+    noise = torch.randn(terms * n, C, S // 2, S // 2, generator=gen)
+    unet, total = backbone.unet, 0.0
+    for k in range(terms):
+        errors = []
+        for i in range(n):
+            target, condition = (b_prime[i], b[i]) if (k == 0) != swap_roles else (b[i], b_prime[i])
+            sign = 1.0 if k == 0 else reverse_sign
+            weights = {name: m.weight for name, m in unet.named_modules() if isinstance(m, nn.Linear)}
+            for path, (down, up) in factors.layers.items():
+                weights[path] = weights[path] + sign * up[i] @ down[i]
+
+            def linear(name, x):
+                return F.linear(x, weights[name], unet.get_submodule(name).bias)
+
+            x0 = mode(target) * SCALING
+            ab = ALPHAS[t[k * n + i]].float()
+            x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise[k * n + i]
+            ids = HashTokenizer(50, 4)([texts[k][i]])
+            out = stub_math(linear, torch.cat([x_t, mode(condition)], dim=1), t[k * n + i: k * n + i + 1],
+                            backbone.text_encoder.table[ids])
+            if cfg.loss_space == "x0":
+                errors.append(((x_t - (1 - ab).sqrt() * out) / ab.sqrt() - x0) ** 2)
+            else:
+                errors.append((out - noise[k * n + i]) ** 2)
+        total = total + torch.cat(errors).mean()
+    return total
+
+
+@pytest.mark.parametrize("overrides", [{}, {"loss_space": "epsilon"}, {"random_exchange": False},
+                                       {"lora_reverse": False}, {"text_dropout": 0.5}])
+def test_loss_equals_the_written_out_eqs_6_and_7(overrides):
+    cfg = cfg_for(**{"text_dropout": 0.0, **overrides})
+    backbone, batch = stub_backbone(), batch_of()
+    hypernetwork = hypernetwork_for(backbone.unet)
+    parts = {}
+    got = training_loss(hypernetwork, backbone, StubEncoder(), batch, cfg, torch.Generator().manual_seed(7), "cpu",
+                        parts)
+    want = expected_loss(hypernetwork, backbone, batch, cfg, seed=7)
+    assert got.item() > 0 and torch.allclose(got, want, rtol=1e-5), (got, want)
+    assert set(parts) == ({"eq6", "eq7"} if cfg.lora_reverse else {"eq6"})
+    torch.testing.assert_close(sum(parts.values()), got.detach())
+    if cfg.lora_reverse:  # the comparison is sensitive to exactly the mistakes that matter
+        for mutation in (dict(reverse_sign=1.0), dict(swap_roles=True)):
+            wrong = expected_loss(hypernetwork, backbone, batch, cfg, seed=7, **mutation)
+            assert not torch.allclose(got, wrong, rtol=1e-3), mutation
+
+
+def test_the_instruction_goes_to_the_term_of_its_direction():
+    cfg = cfg_for(text_dropout=0.0)
+    backbone, batch = stub_backbone(), batch_of()
+    hypernetwork = hypernetwork_for(backbone.unet)
+    gen_seed = 0  # a seed with both exchanged and kept samples
+    swap = torch.rand(3, generator=torch.Generator().manual_seed(gen_seed)) < 0.5
+    assert 0 < int(swap.sum()) < 3
+    got = training_loss(hypernetwork, backbone, StubEncoder(), batch, cfg, torch.Generator().manual_seed(gen_seed),
+                        "cpu")
+    right = expected_loss(hypernetwork, backbone, batch, cfg, seed=gen_seed)
+    wrong = expected_loss(hypernetwork, backbone, batch, cfg, seed=gen_seed, text_to="always_forward")
+    assert torch.allclose(got, right, rtol=1e-5) and not torch.allclose(got, wrong, rtol=1e-4)
+
+
+def test_every_input_reaches_the_loss():
+    """A, A′ and the prompt each change the loss (so the comparisons above are not void)."""
+    cfg = cfg_for(text_dropout=0.0, random_exchange=False)
+    backbone = stub_backbone()
+    hypernetwork = hypernetwork_for(backbone.unet)
+
+    def loss(batch):
+        return training_loss(hypernetwork, backbone, StubEncoder(), batch, cfg, torch.Generator().manual_seed(1),
+                             "cpu")
+
+    base = loss(batch_of())
+    for key in ("a", "a_prime", "prompt"):
+        batch = batch_of()
+        batch[key] = ["other words"] * 3 if key == "prompt" else batch[key].flip(1)
+        assert not torch.isclose(loss(batch), base), f"{key} does not reach the loss"
+
+
+def test_pair_augmentations():
+    batch = batch_of(4)
+    swapped, mask = exchange_pairs(batch, torch.Generator().manual_seed(0), 1.0)
+    assert mask.all() and torch.equal(swapped["a"], batch["a_prime"]) and torch.equal(swapped["a_prime"], batch["a"])
+    kept, mask = exchange_pairs(batch, torch.Generator().manual_seed(0), 0.0)
+    assert not mask.any() and torch.equal(kept["a"], batch["a"])
+    rates = exchange_pairs(batch_of(3) | {"a": torch.rand(4000, 1, 1, 3), "a_prime": torch.rand(4000, 1, 1, 3)},
+                           torch.Generator().manual_seed(0), 0.5)[1].float().mean()
+    assert 0.45 < rates < 0.55
+    quads = paired_quads(batch, torch.Generator().manual_seed(0), 1.0)
+    assert torch.equal(quads["b"], batch["a"].flip(2)) and torch.equal(quads["b_prime"], batch["a_prime"].flip(2))
+    quads = paired_quads(batch, torch.Generator().manual_seed(0), 0.0)
+    assert torch.equal(quads["b"], batch["a"]) and torch.equal(quads["b_prime"], batch["a_prime"])
+    flips = paired_quads(batch_of(1) | {"a": torch.rand(400, 2, 2, 3), "a_prime": torch.rand(400, 2, 2, 3)},
+                         torch.Generator().manual_seed(1), 0.5)
+    same_flip = [torch.equal(b, a.flip(1)) == torch.equal(bp, ap.flip(1))
+                 for a, ap, b, bp in zip(*(flips[k] for k in ("a", "a_prime", "b", "b_prime")))]
+    assert all(same_flip), "B and B′ take the same flip"
+    forward, reverse = term_prompts(["x", "y"], torch.tensor([False, True]), 0.0, torch.Generator())
+    assert forward == ["x", ""] and reverse == ["", "y"]
+    dropped = term_prompts(["x"] * 2000, torch.zeros(2000, dtype=torch.bool), 0.05, torch.Generator().manual_seed(0))
+    assert 60 < dropped[0].count("") < 140 and set(dropped[1]) == {""}
+
+
+@pytest.fixture(scope="module")
+def tiny_parts():
+    from training.backbone import load_query_encoder
+    from training.ip2p import tiny_ip2p
+    from training.train_loc import hypernetwork_config
+
+    backbone, encoder = tiny_ip2p(seed=0), load_query_encoder("tiny", seed=0)
+    cfg = cfg_for()
+    return cfg, backbone, encoder, hypernetwork_config(cfg, backbone, encoder)
+
+
+def test_gradients_reach_only_the_hypernetwork(tiny_parts):
+    cfg, backbone, encoder, config = tiny_parts
+    hypernetwork = build_hypernetwork(config, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, view in hypernetwork.u_b_parameters():
+            view.copy_(torch.randn(view.shape, generator=gen) * 0.01)
+    from training.pair_data import WorldPairs
+
+    data = WorldPairs(cfg.resolution)
+    items = [data[i] for i in range(2)]
+    batch = {"a": torch.stack([x["a"] for x in items]), "a_prime": torch.stack([x["a_prime"] for x in items]),
+             "prompt": ["", ""]}
+    loss = training_loss(hypernetwork, backbone, encoder, batch, cfg, torch.Generator().manual_seed(0), "cpu")
+    loss.backward()
+    for name, param in hypernetwork.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, f"no gradient reaches {name}"
+    for part, module in (("unet", backbone.unet), ("vae", backbone.vae), ("text", backbone.text_encoder),
+                         ("image encoder", encoder.model)):
+        for name, param in module.named_parameters():
+            assert not param.requires_grad and param.grad is None, f"{part}.{name} is not frozen"
+
+
+def test_a_fresh_hypernetwork_learns_through_u_b_only_at_first(tiny_parts):
+    """At eq. 11's initialisation ΔW = U_B·U_A = 0, so only the U_B outputs receive gradient on the first step."""
+    cfg, backbone, encoder, config = tiny_parts
+    hypernetwork = build_hypernetwork(config, seed=0)
+    batch = {"a": torch.rand(2, 32, 32, 3), "a_prime": torch.rand(2, 32, 32, 3), "prompt": ["", ""]}
+    training_loss(hypernetwork, backbone, encoder, batch, cfg, torch.Generator().manual_seed(0), "cpu").backward()
+    r = config.rank
+    for target, head in zip(config.targets, hypernetwork.heads):
+        split = target.down_width(r)
+        assert head.weight.grad[split:].abs().sum() > 0 and head.weight.grad[:split].abs().sum() == 0
