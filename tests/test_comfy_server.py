@@ -26,12 +26,15 @@ PACK_NODES = {
     "AnalogyEncode": ("Encode Analogy", "analogy/lorweb"),
     "AnalogyLoadLoRABasis": ("Load LoRA Basis", "analogy/lorweb"),
     "AnalogyMixLoRABasis": ("Mix LoRA Basis", "analogy/lorweb"),
+    "AnalogyLoadLoRAHypernetwork": ("Load LoRA Hypernetwork", "analogy/loc"),
+    "AnalogyGenerateLoRA": ("Generate LoRA", "analogy/loc"),
 }
 # Files the example workflows name. Empty stand-ins let the server's enum lists (file names) validate them;
 # the workflows that need real weights are validated, not run.
 EXAMPLE_MODEL_FILES = ("diffusion_models/flux1-kontext-dev.safetensors", "text_encoders/clip_l.safetensors",
                        "text_encoders/t5xxl_fp8_e4m3fn_scaled.safetensors", "vae/ae.safetensors",
-                       "clip_vision/clip-vit-large-patch14.safetensors", "lorweb/lorweb_model.safetensors")
+                       "clip_vision/clip-vit-large-patch14.safetensors", "lorweb/lorweb_model.safetensors",
+                       "checkpoints/instruct-pix2pix-00-22000.safetensors", "loc/loc_hypernetwork.safetensors")
 
 
 def check_node_listing(info: dict) -> None:
