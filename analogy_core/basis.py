@@ -36,6 +36,9 @@ BASIS_SUFFIXES = {"lora_A": "A", "lora_B": "B", "lora_keys": "keys", "att_lora_t
 PREFIXES = ("transformer.", "unet.", "diffusion_model.", "base_model.model.")
 
 
+MAX_ROUTER_VALUE = 1e4  # largest |entry| accepted in lora_keys / att_lora_to_q (see _check_layer)
+
+
 class BasisError(ValueError):
     """A file or tensor set is not a valid LoRA basis, or does not fit what it is used with."""
 
@@ -231,6 +234,11 @@ def _check_layer(base: str, layer: BasisLayer) -> BasisLayer:
     for name, tensor in zip(tensors, (A, B, keys, to_q)):
         if not torch.isfinite(tensor).all():
             raise BasisError(f"{base}.{name} contains NaN or Inf values")
+    for name, tensor in (("lora_keys", keys), ("att_lora_to_q", to_q)):
+        peak = tensor.abs().max().item()
+        if peak > MAX_ROUTER_VALUE:
+            raise BasisError(f"{base}.{name} holds values up to {peak:.3g}, beyond the {MAX_ROUTER_VALUE:g} accepted "
+                             "(trained values are of order 1; larger ones overflow the mixing logits)")
     bounds = A.float().flatten(1).norm(dim=1) * B.float().flatten(1).norm(dim=1)  # ‖A_n B_n‖ <= ‖A_n‖·‖B_n‖
     for entry in torch.nonzero(~(bounds <= MAX_UPDATE_NORM)).flatten().tolist():  # exact check where needed
         check_low_rank_norm(B[entry].t(), A[entry].t(), 1.0, f"{base} entry {entry}", error=BasisError)

@@ -1,0 +1,126 @@
+"""Every loader of a tensor file, with valid sample contents, for the fuzz test (tests/test_fuzz_loaders.py).
+
+To put a new loader under the fuzz test, append one :class:`LoaderCase` to :data:`LOADER_CASES`:
+
+- ``samples``: a function returning a few valid (tensors, metadata) pairs that ``load`` accepts (small: the fuzz
+  test serialises and mutates them thousands of times);
+- ``load``: the public loader, called with a path;
+- ``errors``: the pack's error classes it may raise (a failure must be one of these, naming the file);
+- ``check``: invariants a successful load must satisfy (finite, bounded, usable), asserted on every success.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from analogy_core.basis import MAX_ROUTER_VALUE, BasisError, LoRABasis, load_basis, random_basis
+from analogy_core.files import MAX_UPDATE_NORM, TensorFileError, low_rank_norm
+from analogy_core.layouts import standard_layout
+from analogy_core.lora import LoRA, LoRAError, LoRALayer
+from analogy_core.lora_formats import to_state_dict
+from analogy_core.lora_io import load_lora_file
+from analogy_core.lorweb_settings import OFFICIAL
+
+Sample = tuple[dict[str, torch.Tensor], dict[str, str]]
+
+
+@dataclass(frozen=True)
+class LoaderCase:
+    name: str
+    samples: Callable[[], list[Sample]]
+    load: Callable[[Path], object]
+    errors: tuple[type[ValueError], ...]
+    check: Callable[[object], None] = field(default=lambda result: None)
+
+
+# -- LoRA files in every key format the reader supports ---------------------------------------------------------------
+
+
+def _random_lora(family: str, paths: list[str], rank: int, seed: int, scale: float = 0.5) -> LoRA:
+    layout = standard_layout(family)
+    gen = torch.Generator().manual_seed(seed)
+    layers = {}
+    for path in paths:
+        shape = layout.shapes[path]
+        down = torch.randn(rank, shape[1], *shape[2:], generator=gen) * 0.05
+        up = torch.randn(shape[0], rank, *([1, 1] if len(shape) == 4 else []), generator=gen) * 0.05
+        layers[path] = LoRALayer(down, up, scale)
+    return LoRA(layers, family=family)
+
+
+@lru_cache(maxsize=None)
+def lora_samples() -> tuple[Sample, ...]:
+    flux = _random_lora("flux", ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
+                                 "transformer_blocks.0.attn.to_v", "single_transformer_blocks.1.proj_out"], 2, 0)
+    sd15 = _random_lora("sd15", ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+                                 "down_blocks.0.resnets.0.conv1"], 2, 1)
+    samples = [to_state_dict(flux, "peft"),       # transformer.<path>.lora_A/B + lora_adapter_metadata (rank/alpha)
+               to_state_dict(flux, "kohya"),      # lora_unet_<native FLUX>, fused q/k/v, .alpha
+               to_state_dict(flux, "comfyui"),    # diffusion_model.<native>
+               to_state_dict(sd15, "kohya")]      # SD1.5 kohya incl. a 3x3 conv
+    tensors, meta = to_state_dict(sd15, "peft")   # diffusers peft with the alpha in the header
+    samples.append(({k: v.to(torch.float8_e4m3fn) for k, v in tensors.items()}, meta))  # float8 storage
+    gen = torch.Generator().manual_seed(2)
+    h = 3072
+    samples.append(({  # older diffusers attention processors, bf16, no metadata
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight":
+            (torch.randn(2, 320, generator=gen) * 0.05).bfloat16(),
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.up.weight":
+            (torch.randn(320, 2, generator=gen) * 0.05).bfloat16(),
+    }, {}))
+    samples.append(({  # XLabs FLUX
+        "double_blocks.0.processor.qkv_lora1.down.weight": torch.randn(2, h, generator=gen) * 0.05,
+        "double_blocks.0.processor.qkv_lora1.up.weight": torch.randn(3 * h, 2, generator=gen) * 0.05,
+        "single_blocks.1.processor.proj_lora.down.weight": torch.randn(2, 5 * h, generator=gen) * 0.05,
+        "single_blocks.1.processor.proj_lora.up.weight": torch.randn(h, 2, generator=gen) * 0.05,
+    }, {"ss_base_model_version": "flux1"}))
+    return tuple(samples)
+
+
+def check_lora(parsed) -> None:
+    lora = parsed.lora
+    assert len(lora) > 0
+    for name, layer in lora.layers.items():
+        assert layer.rank >= 1, name
+        assert torch.isfinite(layer.down.float()).all() and torch.isfinite(layer.up.float()).all(), name
+        # bounded norm: every entry of the update is finite (forming 3072-wide updates here would be slow)
+        assert low_rank_norm(layer.up, layer.down, layer.scale) <= MAX_UPDATE_NORM * 1.001, name
+
+
+# -- LoRWeB basis -----------------------------------------------------------------------------------------------------
+
+BASIS_SHAPES = {"transformer_blocks.0.attn.to_q": (32, 32), "single_transformer_blocks.0.proj_out": (32, 160)}
+
+
+@lru_cache(maxsize=None)
+def basis_samples() -> tuple[Sample, ...]:
+    basis = random_basis(BASIS_SHAPES, num_entries=3, rank=2, key_dim=8, query_dim=12, seed=0)
+    own = basis.with_settings(OFFICIAL)
+    meta = {**own.metadata, "analogy.kind": "lorweb_basis", "analogy.family": "flux", "analogy.step": "10"}
+    half = {k: v.half() for k, v in basis.state_dict().items()}  # the released file: fp16, no metadata
+    return (own.state_dict(), meta), (half, {})
+
+
+def check_basis(basis: LoRABasis) -> None:
+    assert basis.num_entries >= 1 and basis.rank >= 1 and basis.key_dim >= 1 and basis.query_dim >= 1
+    for layer in basis.layers.values():
+        for tensor in (layer.A, layer.B, layer.keys, layer.to_q):
+            assert torch.isfinite(tensor.float()).all()
+        assert layer.keys.abs().max() <= MAX_ROUTER_VALUE and layer.to_q.abs().max() <= MAX_ROUTER_VALUE
+    query = torch.randn(2, basis.query_dim, generator=torch.Generator().manual_seed(0))
+    coefficients = basis.coefficients(query)
+    assert all(torch.isfinite(c).all() for c in coefficients.values())
+    lora = basis.mix(coefficients)
+    for layer in lora.layers.values():
+        assert torch.isfinite(layer.delta_weight()).all()
+
+
+LOADER_CASES: list[LoaderCase] = [
+    LoaderCase("lora", lambda: list(lora_samples()), load_lora_file, (TensorFileError, LoRAError), check_lora),
+    LoaderCase("basis", lambda: list(basis_samples()), load_basis, (TensorFileError, BasisError), check_basis),
+]

@@ -1,0 +1,260 @@
+"""Property-based fuzz test of every tensor-file loader (tests/loader_cases.py): valid files mutated at the tensor,
+header-JSON and byte level must either load into something usable or fail with one of the pack's errors naming the
+file; never a Python/torch exception.
+
+``FUZZ_EXAMPLES`` (default 1500 per loader, ~20 s each on 2 cores) sets the count; ``FUZZ_RANDOM=1`` draws new
+examples instead of the fixed (derandomised) sequence the suite uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save as save_bytes
+
+from loader_cases import LOADER_CASES, LoaderCase
+
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "1500"))
+FILE_NAME = "fuzzed file.safetensors"
+
+FILL_VALUES = (float("nan"), float("inf"), float("-inf"), 1e20, -1e30, 3e38, 65504.0, 0.0, 1e-40, -1.0)
+DTYPES = (torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2, torch.int8,
+          torch.int64, torch.bool, torch.uint8)
+KEY_SUFFIXES = (".alpha", ".lora_keys", ".dora_scale", ".lora_A.weight", ".lora_up.weight", ".hada_w1_a", "x", "",
+                ".lora_B", ".att_lora_to_q.weight", ".lora_mid.weight")
+DTYPE_NAMES = ("F32", "F16", "BF16", "F64", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "I64", "U8", "BOOL",
+               "C64", "f32", "", "F32 ")
+METADATA_KEYS = ("lora_adapter_metadata", "analogy.family", "analogy.lorweb_settings", "ss_base_model_version",
+                 "modelspec.architecture", "analogy.fits", "analogy.kind", "format", "other")
+ODD_JSON_TEXTS = (
+    "null", "[]", "{", "1", '"text"', "{}", '{"r": 0}', '{"r": -2, "lora_alpha": 4}', '{"lora_alpha": "x"}',
+    '{"r": 4, "lora_alpha": 1e400}', '{"r": 2, "lora_alpha": 2, "alpha_pattern": {"(": 1}}',
+    '{"r": 2, "lora_alpha": 2, "alpha_pattern": {"(a+)+$": 1}}', '{"r": 2, "lora_alpha": 2, "alpha_pattern": []}',
+    '{"r": 2, "lora_alpha": 2, "rank_pattern": {"to_q": 0}}', '{"r": 2, "lora_alpha": NaN}',
+    '{"r": 2, "lora_alpha": 2, "use_rslora": true, "alpha_pattern": {"transformer_blocks.0.attn.to_q": 1e30}}',
+    '{"transformer.r": 2, "transformer.lora_alpha": null}', '{"unet.lora_alpha": 4, "unet.alpha_pattern": {"x": "y"}}',
+    '{"mixing": "tanh"}', '{"heads": 0}', '{"temperature": -1}', '{"query_mode": 5}',
+    "[" * 5000 + "]" * 5000, '{"a":' * 3000 + "1" + "}" * 3000, "sd15", "sdxl", "flux", "unknown", "zzz", "",
+    "\u00e9\u00e8", "a" * 3000,
+)
+
+
+def odd_json_value():
+    """Values that do not belong where the fuzzer puts them (any JSON type, edge numbers)."""
+    scalars = st.one_of(st.integers(-2**70, 2**70), st.sampled_from([0, -1, 1, 2**63, 2**64, 10**30]),
+                        st.floats(allow_nan=False, allow_infinity=False), st.sampled_from(DTYPE_NAMES),
+                        st.none(), st.booleans(), st.text(max_size=8))
+    return st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                         st.dictionaries(st.text(max_size=4), inner, max_size=3)),
+                        max_leaves=6)
+
+
+# -- mutations ---------------------------------------------------------------------------------------------------------
+
+
+def mutate_tensors(draw, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    keys = sorted(tensors)
+    key = draw(st.sampled_from(keys)) if keys else None
+    kind = draw(st.sampled_from(["drop", "rename", "reshape", "fill", "fill_one", "dtype", "scalar", "extra",
+                                 "metadata", "scale"]))
+    if key is None and kind not in ("extra", "metadata"):
+        kind = "extra"
+    if kind == "drop":
+        del tensors[key]
+    elif kind == "rename":
+        new = draw(st.sampled_from([key[:-1], key + "x", key.replace("lora", "lroa"), key.split(".", 1)[-1],
+                                    "lora_te_" + key, key.replace(".", "_")]))
+        tensors[new] = tensors.pop(key)
+    elif kind == "reshape":
+        t = tensors[key]
+        choice = draw(st.sampled_from(["flatten", "drop_last", "unsqueeze", "empty0", "empty_last", "transpose",
+                                       "repeat", "slice"]))
+        if choice == "flatten":
+            t = t.flatten()
+        elif choice == "drop_last" and t.ndim and t.shape[-1]:
+            t = t[..., 0]
+        elif choice == "unsqueeze":
+            t = t.unsqueeze(draw(st.integers(0, t.ndim)))
+        elif choice == "empty0" and t.ndim:
+            t = t[:0]
+        elif choice == "empty_last" and t.ndim:
+            t = t[..., :0]
+        elif choice == "transpose" and t.ndim >= 2:
+            t = t.transpose(0, 1)
+        elif choice == "repeat" and t.ndim:
+            t = torch.cat([t, t], dim=draw(st.integers(0, t.ndim - 1)))
+        elif choice == "slice" and t.ndim and t.shape[0] > 1:
+            t = t[: t.shape[0] // 2]
+        tensors[key] = t.contiguous()
+    elif kind in ("fill", "fill_one"):
+        t = tensors[key].float().clone()
+        value = draw(st.sampled_from(FILL_VALUES))
+        if kind == "fill" or t.numel() == 0:
+            t.fill_(value)
+        else:
+            t.view(-1)[draw(st.integers(0, t.numel() - 1))] = value
+        tensors[key] = t.to(tensors[key].dtype) if tensors[key].is_floating_point() else t
+    elif kind == "scale":
+        tensors[key] = (tensors[key].float() * draw(st.sampled_from([1e3, 1e6, 1e12, 1e20, -1e8, 0.0])))
+    elif kind == "dtype":
+        tensors[key] = tensors[key].float().to(draw(st.sampled_from(DTYPES)))
+    elif kind == "scalar":
+        tensors[key] = torch.tensor(draw(st.sampled_from(FILL_VALUES)))
+    elif kind == "extra":
+        base = key.rsplit(".", 2)[0] if key else "layer"
+        shape = draw(st.lists(st.integers(0, 4), max_size=3))
+        tensors[base + draw(st.sampled_from(KEY_SUFFIXES))] = torch.full(shape, draw(st.sampled_from(FILL_VALUES)))
+    else:  # metadata
+        metadata[draw(st.sampled_from(METADATA_KEYS))] = draw(st.sampled_from(ODD_JSON_TEXTS))
+
+
+def serialise(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes with the metadata in sorted order (the library writes it in hash order, which differs
+    between calls and would make the byte-level mutations, and so hypothesis' draws, irreproducible)."""
+    # (metadata None when empty: safetensors 0.8 writes invalid JSON for no tensors with empty metadata)
+    header, data = split(save_bytes(tensors, metadata=metadata or None))
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    return join(json.dumps(header), data)
+
+
+def split(blob: bytes) -> tuple[dict, bytes]:
+    n = struct.unpack("<Q", blob[:8])[0]
+    return json.loads(blob[8:8 + n]), blob[8 + n:]
+
+
+def join(header_text: str, data: bytes) -> bytes:
+    raw = header_text.encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def mutate_header(draw, blob: bytes) -> bytes:
+    header, data = split(blob)
+    names = sorted(k for k in header if k != "__metadata__")
+    kind = draw(st.sampled_from(["field", "delete_field", "entry", "metadata", "shift", "swap", "deep", "duplicate"]))
+    if kind in ("field", "delete_field", "entry", "shift", "swap", "duplicate") and not names:
+        kind = "metadata"
+    name = draw(st.sampled_from(names)) if names else None
+    if kind == "field":
+        field = draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
+        header[name][field] = draw(st.one_of(odd_json_value(), st.lists(st.integers(-3, 2**20), max_size=4)))
+    elif kind == "delete_field":
+        del header[name][draw(st.sampled_from(["dtype", "shape", "data_offsets"]))]
+    elif kind == "entry":
+        header[name] = draw(odd_json_value())
+    elif kind == "metadata":
+        header["__metadata__"] = draw(st.one_of(odd_json_value(), st.dictionaries(
+            st.sampled_from(METADATA_KEYS), odd_json_value(), max_size=2)))
+    elif kind == "shift":
+        delta = draw(st.integers(-64, 64))
+        header[name]["data_offsets"] = [o + delta for o in header[name]["data_offsets"]]
+    elif kind == "swap":
+        other = draw(st.sampled_from(names))
+        header[name]["data_offsets"], header[other]["data_offsets"] = (header[other]["data_offsets"],
+                                                                       header[name]["data_offsets"])
+    text = json.dumps(header)
+    if kind == "deep":
+        depth = draw(st.sampled_from([50, 100_000]))  # never near the recursion limit: same draws each run
+        text = text[:-1] + ', "deep": ' + "[" * depth + "]" * depth + "}"
+    elif kind == "duplicate":
+        text = text[:-1] + f", {json.dumps(name)}: {json.dumps(header[name])}}}"
+    return join(text, data)
+
+
+def mutate_bytes(draw, blob: bytes) -> bytes:
+    header_end = 8 + struct.unpack("<Q", blob[:8])[0]
+    kind = draw(st.sampled_from(["truncate", "flip_header", "flip_any", "header_len", "append", "insert"]))
+    if kind == "truncate":
+        return blob[:draw(st.one_of(st.integers(8, len(blob) - 1), st.sampled_from([0, 7])))]
+    if kind in ("flip_header", "flip_any"):
+        data = bytearray(blob)
+        limit = header_end if kind == "flip_header" else len(blob)
+        for _ in range(draw(st.integers(1, 4))):
+            data[draw(st.integers(0, limit - 1))] ^= draw(st.integers(1, 255))
+        return bytes(data)
+    if kind == "header_len":
+        value = draw(st.one_of(st.sampled_from([0, 1, 2, 2**31, 2**40, 2**63, len(blob), len(blob) - 8]),
+                               st.integers(header_end - 8 - 16, header_end - 8 + 16)))
+        return struct.pack("<Q", max(0, value) % 2**64) + blob[8:]
+    if kind == "append":
+        return blob + draw(st.binary(min_size=1, max_size=16))
+    position = draw(st.integers(0, len(blob)))
+    return blob[:position] + draw(st.binary(min_size=1, max_size=8)) + blob[position:]
+
+
+def fuzzed_file(draw, case: LoaderCase) -> bytes:
+    samples = case.samples()
+    tensors, metadata = samples[draw(st.integers(0, len(samples) - 1))]
+    tensors, metadata = dict(tensors), dict(metadata)
+    levels = draw(st.lists(st.sampled_from(["tensors", "header", "bytes"]), min_size=1, max_size=3))
+    for _ in range(levels.count("tensors")):
+        mutate_tensors(draw, tensors, metadata)
+    blob = serialise(tensors, metadata)
+    for level in levels:
+        mutate = {"header": mutate_header, "bytes": mutate_bytes}.get(level)
+        if mutate is None:
+            continue
+        try:
+            blob = mutate(draw, blob)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError, struct.error):
+            pass  # an earlier mutation left nothing this one can work on (e.g. no JSON header): keep the bytes
+    return blob
+
+
+# -- the property -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: intra-op threads only cost time (much of it on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_outcome(case: LoaderCase, path, reasons: Counter | None = None) -> str:
+    """'loaded' or 'refused'; anything but the case's errors (with the file named) propagates and fails the test."""
+    try:
+        result = case.load(path)
+    except case.errors as err:
+        assert str(err).startswith(f"{path.name}: "), f"error does not name the file: {err}"
+        if reasons is not None:  # the message without names and numbers: a rough category
+            text = re.sub(r"'[^']*'|\[[^\]]*\]|\(.*?\)|[-\d.e+]*\d", "_", str(err)[len(path.name) + 2:])
+            reasons[f"{type(err).__name__}: {text[:90]}"] += 1
+        return "refused"
+    case.check(result)
+    return "loaded"
+
+
+@pytest.mark.parametrize("case", LOADER_CASES, ids=[c.name for c in LOADER_CASES])
+def test_mutated_files_load_or_fail_with_a_pack_error(case, tmp_path_factory, one_thread):
+    path = tmp_path_factory.mktemp(f"fuzz-{case.name}") / FILE_NAME
+    for tensors, metadata in case.samples():  # the samples themselves load: mutations start from valid files
+        path.write_bytes(serialise(tensors, metadata))
+        assert load_outcome(case, path) == "loaded"
+    outcomes = {"loaded": 0, "refused": 0}
+    reasons: Counter[str] = Counter()
+
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=not os.environ.get("FUZZ_RANDOM"),
+              suppress_health_check=list(HealthCheck), print_blob=True)
+    @given(st.data())
+    def run(data):
+        path.write_bytes(fuzzed_file(data.draw, case))
+        outcomes[load_outcome(case, path, reasons)] += 1
+
+    run()
+    print(f"\n{case.name}: {sum(outcomes.values())} mutated files, {outcomes}; most frequent refusals:")
+    for reason, count in reasons.most_common(12):
+        print(f"  {count:6d}  {reason}")
+    # the mutations reach both outcomes: a fuzzer that only produced unreadable files would prove little
+    assert outcomes["loaded"] > 0.02 * EXAMPLES and outcomes["refused"] > 0.3 * EXAMPLES, outcomes
