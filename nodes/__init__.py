@@ -1,8 +1,8 @@
 """ComfyUI node classes of the pack. Each submodule wraps one topic of ``analogy_core`` and lists its nodes."""
 
-from . import composite, loc, lora, lorweb
+from . import composite, edit_transfer, loc, lora, lorweb, regions
 
-_MODULES = (composite, lora, lorweb, loc)
+_MODULES = (composite, lora, lorweb, loc, edit_transfer, regions)
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
