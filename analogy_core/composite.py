@@ -6,11 +6,14 @@ Nothing here imports ComfyUI.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 Layout = Literal["lorweb", "edit_transfer"]
 Fit = Literal["center_crop", "pad", "stretch"]
@@ -27,6 +30,14 @@ KONTEXT_RESOLUTIONS: tuple[tuple[int, int], ...] = (
     (944, 1104), (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752),
     (1456, 720), (1504, 688), (1568, 672),
 )
+
+
+MAX_COMPOSITE_BYTES = 4 * 2**30
+"""Largest estimated working memory of one composite (all batch items); above it the composite is refused instead of
+exhausting the machine's memory. A 4096x4096 panel (an 8192x8192 grid) needs about 1.7 GB per batch item."""
+BYTES_PER_PANEL_PIXEL = 100
+"""Peak working memory per panel pixel per batch item (float32): grid 48 B, mask 16 B, one panel being fitted with
+its resize temporaries about 36 B (measured peak RSS: see tests/test_hardening_nodes.py)."""
 
 
 class CompositeError(ValueError):
@@ -80,7 +91,12 @@ class PanelGeometry:
 
 
 def check_image(image: torch.Tensor, name: str) -> torch.Tensor:
-    """Validate an IMAGE tensor and return it as float RGB ([B, H, W, 3])."""
+    """Validate an IMAGE tensor and return it as float32 RGB ([B, H, W, 3]) in 0..1 (see :func:`sanitise`)."""
+    return sanitise(check_image_shape(image, name), name)
+
+
+def check_image_shape(image: torch.Tensor, name: str) -> torch.Tensor:
+    """Validate an IMAGE tensor's type and shape (no pixel is read); RGBA is cut to RGB."""
     if not isinstance(image, torch.Tensor):
         raise CompositeError(f"{name}: expected an IMAGE tensor, got {type(image).__name__}")
     if image.ndim != 4:
@@ -94,7 +110,37 @@ def check_image(image: torch.Tensor, name: str) -> torch.Tensor:
         image = image[..., :3]
     elif channels != 3:
         raise CompositeError(f"{name}: expected 3 (RGB) or 4 (RGBA) channels, got {channels}")
-    return image.float() if not image.is_floating_point() else image
+    if image.is_complex():
+        raise CompositeError(f"{name}: expected real pixel values, got {image.dtype}")
+    return image
+
+
+def sanitise(image: torch.Tensor, name: str) -> torch.Tensor:
+    """float32 in 0..1: any dtype is accepted (fp16/bf16 from some nodes, integers); NaN pixels become 0, +Inf 1,
+    -Inf 0 (with a warning), and every value is clamped to ComfyUI's IMAGE range. No copy when nothing changes."""
+    image = image.float()
+    low, high = torch.aminmax(image)
+    if low >= 0 and high <= 1:  # False for NaN and Inf too
+        return image
+    finite = torch.isfinite(image)
+    if not finite.all():
+        log.warning("%s: %d NaN/Inf pixel values replaced (NaN -> 0, +Inf -> 1, -Inf -> 0)", name,
+                    int((~finite).sum()))
+        image = torch.nan_to_num(image, nan=0.0, posinf=1.0, neginf=0.0)
+    return image.clamp(0.0, 1.0)
+
+
+def composite_bytes(batch: int, width: int, height: int) -> int:
+    """Estimated peak working memory of a composite of ``batch`` items with width x height panels."""
+    return batch * width * height * BYTES_PER_PANEL_PIXEL
+
+
+def check_composite_size(batch: int, width: int, height: int, limit: int = MAX_COMPOSITE_BYTES) -> None:
+    need = composite_bytes(batch, width, height)
+    if need > limit:
+        raise CompositeError(f"a {2 * width}x{2 * height} composite of {batch} image(s) would need about "
+                             f"{need / 2**30:.1f} GB of memory, more than the {limit / 2**30:.0f} GB limit; use a "
+                             "smaller panel size (panel_size custom, or smaller A) or fewer images per batch")
 
 
 def broadcast_batches(images: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -193,8 +239,9 @@ def four_panel_composite(
         raise CompositeError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     if not 0.0 <= fill <= 1.0:
         raise CompositeError(f"fill: expected a grey level in 0..1, got {fill}")
-    images = {"a": check_image(a, "a"), "a_prime": check_image(a_prime, "a_prime"), "b": check_image(b, "b")}
-    images = broadcast_batches(images)
+    images = {"a": a, "a_prime": a_prime, "b": b}
+    images = {role: check_image_shape(image, role) for role, image in images.items()}
+    batch = broadcast_batches(images)["a"].shape[0]  # checks the sizes; batch-1 panels broadcast when written
 
     if panel_size is None:
         panel_size = (images["a"].shape[2], images["a"].shape[1])
@@ -202,18 +249,23 @@ def four_panel_composite(
     if width <= 0 or height <= 0:
         raise CompositeError(f"panel size: width and height must be positive, got {width}x{height}")
     width, height = snap_panel_size(width, height, snap)
+    check_composite_size(batch, width, height)  # before any pixel is touched
+    device = images["a"].device
+    images = {role: sanitise(image, role).to(device) for role, image in images.items()}
 
-    panels, boxes = {}, {}
+    # one grid written panel by panel (no concatenated copies): the peak is the grid plus one panel being fitted
+    composite = torch.empty((batch, 2 * height, 2 * width, 3), dtype=torch.float32, device=device)
+    corners = {"a": (0, 0), "a_prime": (0, width), "b": (height, 0)}
+    boxes = {}
     for role, image in images.items():
-        panels[role], boxes[role] = fit_into_panel(image, width, height, fit, fill)
+        panel, boxes[role] = fit_into_panel(image, width, height, fit, fill)
+        y, x = corners[role]
+        composite[:, y: y + height, x: x + width] = panel
+        del panel
     if layout == "lorweb":
-        bottom_right = panels["b"]
+        composite[:, height:, width:] = composite[:, height:, :width]
     else:
-        bottom_right = torch.full_like(panels["b"], float(fill))
-
-    top = torch.cat([panels["a"], panels["a_prime"]], dim=2)
-    bottom = torch.cat([panels["b"], bottom_right], dim=2)
-    composite = torch.cat([top, bottom], dim=1)
+        composite[:, height:, width:] = float(fill)
 
     mask = torch.zeros(composite.shape[:3], dtype=composite.dtype, device=composite.device)
     mask[:, height:, width:] = 1.0
@@ -259,8 +311,15 @@ def extract_panel(
     box = geometry.boxes.get("b")
     if box is None:
         raise CompositeError("geometry has no record of B's placement")
-    sx, sy = out.shape[2] / geometry.panel_width, out.shape[1] / geometry.panel_height
-    cx0, cy0 = round(box.panel_x * sx), round(box.panel_y * sy)
-    cx1, cy1 = round((box.panel_x + box.panel_w) * sx), round((box.panel_y + box.panel_h) * sy)
-    out = out[:, cy0:cy1, cx0:cx1]
-    return resize(out, box.source_w, box.source_h)
+    x0, x1 = _scaled_span(box.panel_x, box.panel_w, geometry.panel_width, out.shape[2])
+    y0, y1 = _scaled_span(box.panel_y, box.panel_h, geometry.panel_height, out.shape[1])
+    return resize(out[:, y0:y1, x0:x1], box.source_w, box.source_h)
+
+
+def _scaled_span(start: int, length: int, panel: int, actual: int) -> tuple[int, int]:
+    """[start, start + length) of a ``panel``-pixel axis mapped onto ``actual`` pixels, at least one pixel wide (a
+    thin letterboxed B in a smaller decode would otherwise round to nothing)."""
+    scale = actual / panel
+    lo = min(actual - 1, max(0, round(start * scale)))
+    hi = min(actual, max(lo + 1, round((start + length) * scale)))
+    return lo, hi

@@ -31,7 +31,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
+import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -465,9 +467,10 @@ def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.Pa
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    tmp = _create_temp(path)
+    tmp, mode = _create_temp(path)
     try:
         save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+        os.chmod(tmp, mode)  # safetensors >= 0.6 writes 0600 files whatever the umask
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -475,8 +478,9 @@ def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.Pa
     return path
 
 
-def _create_temp(path: Path) -> Path:
-    """``.<name>.<random>.tmp`` next to ``path`` (name shortened to fit NAME_MAX), created with the umask's mode."""
+def _create_temp(path: Path) -> tuple[Path, int]:
+    """``.<name>.<random>.tmp`` next to ``path`` (name shortened to fit NAME_MAX), and the permission bits a new
+    file gets here (0666 minus the umask, as the kernel applied it to this one: no racy os.umask call)."""
     stem = _temp_stem(path)
     while True:
         tmp = path.with_name(f".{stem}.{secrets.token_hex(8)}{TEMP_SUFFIX}")
@@ -484,18 +488,27 @@ def _create_temp(path: Path) -> Path:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             continue
-        os.close(fd)
-        return tmp
+        try:
+            return tmp, stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+
+
+_SAFETENSORS_TEMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")  # safetensors >= 0.6 writes .tmpXXXXXX, then renames
 
 
 def stale_temp_files(path: str | os.PathLike) -> list[Path]:
-    """Temporary files that killed :func:`write_safetensors_atomic` calls for ``path`` left behind."""
+    """Temporary files that killed :func:`write_safetensors_atomic` calls for ``path`` left behind: ours
+    (``.<name>.<16 hex>.tmp``) and the safetensors library's own (``.tmpXXXXXX``, not attributable to one target,
+    so only delete those where no other writer works in the folder, e.g. a training run's own output folder)."""
     path = Path(path)
     stem = _temp_stem(path)
     if not path.parent.is_dir():
         return []
-    return sorted(p for p in path.parent.glob(f".{_glob_escape(stem)}.*{TEMP_SUFFIX}")
-                  if len(p.name) == len(stem) + 2 + 16 + len(TEMP_SUFFIX))
+    ours = [p for p in path.parent.glob(f".{_glob_escape(stem)}.*{TEMP_SUFFIX}")
+            if len(p.name) == len(stem) + 2 + 16 + len(TEMP_SUFFIX)]
+    library = [p for p in path.parent.glob(".tmp*") if _SAFETENSORS_TEMP.fullmatch(p.name) and p.is_file()]
+    return sorted(ours + library)
 
 
 def _temp_stem(path: Path) -> str:

@@ -5,12 +5,15 @@ from __future__ import annotations
 from ..analogy_core import composite as core
 from .common import CATEGORY, GEOMETRY_TYPE
 
+MAX_PANEL = 4096  # an 8192x8192 grid, ~1.7 GB per batch item; larger batches stop at core.MAX_COMPOSITE_BYTES
+
 
 class FourPanelComposite:
     DESCRIPTION = (
         "Arranges A (top-left), A' (top-right) and B (bottom-left) into one 2x2 image. Bottom-right is a copy of B "
         "(LoRWeB's Kontext reference) or a blank panel to inpaint (Edit Transfer). Also outputs the bottom-right mask "
-        "and the geometry that Extract Panel needs to cut B' back out."
+        "and the geometry that Extract Panel needs to cut B' back out. Pixels are clamped to 0..1 (NaN/Inf "
+        "replaced); a composite that would need more than 4 GB of memory is refused."
     )
     CATEGORY = f"{CATEGORY}/composite"
     FUNCTION = "compose"
@@ -38,9 +41,9 @@ class FourPanelComposite:
                     "default": "match_a",
                     "tooltip": "match_a: every panel takes A's size. custom: every panel is width x height.",
                 }),
-                "width": ("INT", {"default": 512, "min": 8, "max": 8192, "step": 8,
+                "width": ("INT", {"default": 512, "min": 8, "max": MAX_PANEL, "step": 8,
                                   "tooltip": "Panel width in pixels (used when panel_size is custom)."}),
-                "height": ("INT", {"default": 512, "min": 8, "max": 8192, "step": 8,
+                "height": ("INT", {"default": 512, "min": 8, "max": MAX_PANEL, "step": 8,
                                    "tooltip": "Panel height in pixels (used when panel_size is custom)."}),
                 "fit": (list(core.FITS), {
                     "default": "center_crop",

@@ -85,15 +85,29 @@ class SaveLoRA:
         return {"ui": {"text": [f"saved {name} ({lora.summary()}, pack {__version__})"]}, "result": (name,)}
 
 
+NAME_MAX = 255  # bytes in one file or folder name on common file systems
+
+
 def safe_lora_path(root: Path, prefix: str, overwrite: bool) -> Path:
-    """A path inside ``root`` for ``prefix``: no traversal, no odd characters, numbered unless overwriting."""
+    """A path inside ``root`` for ``prefix``: no traversal, no odd characters, names that fit the file system,
+    numbered unless overwriting."""
     prefix = prefix.strip().replace("\\", "/")
     if prefix.endswith(".safetensors"):
         prefix = prefix[: -len(".safetensors")]
-    parts = [p for p in prefix.split("/") if p not in ("", ".")]
-    if not parts or any(p == ".." for p in parts):
+    parts = [p.strip() for p in prefix.split("/")]  # "a/ .. /x" is a traversal too
+    if any(p and set(p) == {"."} and p != "." for p in parts):
         raise LoRAError(f"filename_prefix {prefix!r} must be a relative name inside models/loras (no '..')")
-    parts = [re.sub(r"[^\w\-. ]", "_", p).strip() or "_" for p in parts]
+    parts = [p for p in parts if p not in ("", ".")]
+    if not parts:
+        raise LoRAError("filename_prefix is empty; give a name such as analogy/lora")
+    # odd characters become "_"; trailing dots/spaces go (Windows drops them, so "x." would be "x" there)
+    parts = [re.sub(r"[^\w\-. ]", "_", p).rstrip(". ") or "_" for p in parts]
+    suffix = ".safetensors" if overwrite else "_00001.safetensors"
+    for i, part in enumerate(parts):
+        room = NAME_MAX - (len(suffix) if i == len(parts) - 1 else 0)
+        if len(part.encode()) > room:
+            raise LoRAError(f"filename_prefix: the name {part[:40]!r}... is {len(part.encode())} bytes long; at most "
+                            f"{room} fit in a file name here")
     base = root.joinpath(*parts)
     if root not in base.resolve().parents:
         raise LoRAError(f"filename_prefix {prefix!r} points outside models/loras")
