@@ -28,6 +28,10 @@ PACK_NODES = {
     "AnalogyMixLoRABasis": ("Mix LoRA Basis", "analogy/lorweb"),
     "AnalogyLoadLoRAHypernetwork": ("Load LoRA Hypernetwork", "analogy/loc"),
     "AnalogyGenerateLoRA": ("Generate LoRA", "analogy/loc"),
+    "AnalogyLoadRegionModel": ("Load Region Model", "analogy/regions"),
+    "AnalogyLoadInstructionEncoder": ("Load Instruction Encoder (T5)", "analogy/regions"),
+    "AnalogyPredictEditRegion": ("Predict Edit Region", "analogy/regions"),
+    "AnalogyCompositeByRegion": ("Composite By Region", "analogy/regions"),
 }
 # Files the example workflows name. Empty stand-ins let the server's enum lists (file names) validate them;
 # the workflows that need real weights are validated, not run.

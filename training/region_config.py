@@ -1,0 +1,75 @@
+"""Configuration of the region trainer (``python -m training.train_region``) and its presets.
+
+The paper (Ma et al., §3.3-4) fixes the losses and the encoders (CLIP ViT-L/14, FLAN-T5-Base) but publishes no loss
+weights, learning rate or batch size beyond "batch 256 on 8 A100s"; the defaults below are ours and say so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from training.config import CommonConfig
+
+MODES = ("text", "analogy", "both")
+
+
+@dataclass
+class RegionConfig(CommonConfig):
+    output_dir: str = "outputs/region"
+    # data: "jsonl:<file>" (text mode: image, instruction, source/target captions, optional edited image and mask),
+    # "pairs:<file>" (analogy mode: before/after pairs grouped by edit), or "world" (the analogy world's local
+    # families on training scenes; both modes).
+    data: str = "jsonl:data/regions/train.jsonl"
+    mode: str = "text"                 # text (the paper), analogy (beyond the paper) or both (world data only)
+    # frozen encoders: a local transformers folder or an id already in the Hugging Face cache (nothing downloads);
+    # "world" = the analogy world's CLIP and instruction encoder, "tiny" = random small models (tests)
+    clip: str = "openai/clip-vit-large-patch14"      # CLIPModel (vision + text): F_img, I, T_o, T_e (paper)
+    instruction_encoder: str = "google/flan-t5-base"  # T5 encoder for the instruction tokens (paper)
+    resolution: int = 224              # training images are resized to this square (the CLIP input is square)
+    hidden: int = 0                    # token-wise MLP / f_sem width; 0 = d
+    # loss weights (eq. 11: α·L_semAlign + β·L_CLIP; eq. 10: λg, λd, λs). Not published; LearnRegion uses 1 for its
+    # three CLIP terms with a *mean* structure loss; eq. 9 sums the squares of an N×N matrix, so λs ~ 1/N² matches it.
+    alpha: float = 1.0
+    beta: float = 1.0
+    lambda_g: float = 1.0
+    lambda_d: float = 1.0
+    lambda_s: float = 1.0 / 256 ** 2   # N = 256 patches for ViT-L/14 at 224 px
+    # beyond the paper: BCE of P_region against a given mask (text mode, items that have one), and analogy mode's
+    # BCE against the exemplar-pair difference
+    mask_weight: float = 0.0
+    analogy_weight: float = 1.0
+    diff_tolerance: float = 0.02       # a pixel belongs to an A→A' difference when a channel moves more than this
+    world_editor: str = "redraw"       # world data, text mode: what X_edit is (see training/region_data.py)
+    world_scenes: int = 4096           # world data: training scenes drawn per family (index range)
+    threshold: float = 0.5             # binary region for samples and IoU
+    # optimisation
+    batch_size: int = 32
+    max_steps: int = 20_000
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+
+    def validate(self) -> None:
+        super().validate()
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.resolution < 8:
+            raise ValueError(f"resolution must be at least 8 px, got {self.resolution}")
+        for key in ("alpha", "beta", "lambda_g", "lambda_d", "lambda_s", "mask_weight", "analogy_weight"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{key} must be a number >= 0, got {value!r}")
+        if not 0 <= self.diff_tolerance < 1 or not 0 < self.threshold < 1:
+            raise ValueError("diff_tolerance must be in [0, 1) and threshold in (0, 1)")
+        if self.mode == "both" and self.data != "world":
+            raise ValueError("mode both needs data that has instructions and pairs for every item: data=world")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    # The analogy world on a CPU in a few minutes: the world's CLIP and instruction encoder, both modes.
+    "tiny": dict(data="world", mode="both", clip="world", instruction_encoder="world", resolution=64, batch_size=16,
+                 max_steps=300, learning_rate=2e-3, weight_decay=0.0, lambda_s=1.0 / 64 ** 2, num_workers=0,
+                 checkpoint_every=100, sample_every=100, log_every=10, report_to="tensorboard",
+                 output_dir="outputs/region_tiny"),
+}
