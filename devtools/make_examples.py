@@ -89,7 +89,118 @@ LORWEB = {
     22: ("SaveImage", {"images": [19, 0], "filename_prefix": "lorweb/grid"}, (6, 0), None),
 }
 
-EXAMPLES = {"four_panel_composite.json": COMPOSITE, "lorweb_kontext_analogy.json": LORWEB}
+LOC_NOTE = (
+    "LoRA of Change on InstructPix2Pix: the hypernetwork turns A -> A' into a LoRA; applied to the InstructPix2Pix "
+    "UNet with B as its image condition it gives B'.\n\nFiles (see README): models/checkpoints/"
+    "instruct-pix2pix-00-22000.safetensors, models/clip_vision/clip-vit-large-patch14.safetensors (the encoder the "
+    "hypernetwork was trained with), models/loc/loc_hypernetwork.safetensors (python -m training.train_loc).\n\n"
+    "The prompt may stay empty: the pair says what to change. With an instruction, raise cfg (e.g. 5). direction "
+    "reverse undoes the change; Save LoRA keeps the generated LoRA for any loader.")
+LOC = {
+    1: ("CheckpointLoaderSimple", {"ckpt_name": "instruct-pix2pix-00-22000.safetensors"}, (0, 0), "InstructPix2Pix"),
+    2: ("CLIPVisionLoader", {"clip_name": "clip-vit-large-patch14.safetensors"}, (0, 0), "CLIP ViT-L/14"),
+    3: ("LoadImage", {"image": "analogy_a.png"}, (0, 0), "A (before)"),
+    4: ("LoadImage", {"image": "analogy_a_prime.png"}, (0, 0), "A' (after)"),
+    5: ("LoadImage", {"image": "analogy_b.png"}, (0, 0), "B (to edit)"),
+    16: ("Note", {"text": LOC_NOTE}, (1, 0), "About this workflow"),
+    6: ("AnalogyLoadLoRAHypernetwork", {"hypernetwork_name": "loc_hypernetwork.safetensors"}, (1, 0), None),
+    7: ("AnalogyEncode", {"clip_vision": [2, 0], "a": [3, 0], "a_prime": [4, 0]}, (1, 0), None),
+    10: ("CLIPTextEncode", {"text": "", "clip": [1, 1]}, (1, 0), "Instruction (optional)"),
+    11: ("CLIPTextEncode", {"text": "", "clip": [1, 1]}, (1, 0), "Negative"),
+    8: ("AnalogyGenerateLoRA", {"hypernetwork": [6, 0], "analogy": [7, 0], "direction": "forward", "strength": 1.0,
+                                "sample": 0}, (2, 0), None),
+    12: ("InstructPixToPixConditioning", {"positive": [10, 0], "negative": [11, 0], "vae": [1, 2], "pixels": [5, 0]},
+         (2, 0), None),
+    9: ("AnalogyApplyLoRA", {"model": [1, 0], "lora": [8, 0], "strength": 1.0, "mode": "merge",
+                             "allow_partial": False}, (3, 0), None),
+    13: ("KSampler", {"model": [9, 0], "seed": 0, "steps": 30, "cfg": 1.0, "sampler_name": "ddim",
+                      "scheduler": "ddim_uniform", "positive": [12, 0], "negative": [12, 1], "latent_image": [12, 2],
+                      "denoise": 1.0}, (3, 0), None),
+    14: ("VAEDecode", {"samples": [13, 0], "vae": [1, 2]}, (4, 0), None),
+    15: ("SaveImage", {"images": [14, 0], "filename_prefix": "loc/b_prime"}, (4, 0), "B' (result)"),
+}
+
+REGION_INPAINT_NOTE = (
+    "Predict Edit Region finds where the instruction applies (the learnable region of Ma et al.); SetLatentNoiseMask "
+    "lets Stable Diffusion repaint only there, and Composite By Region puts the original pixels back everywhere "
+    "else, bit for bit.\n\nFiles (see README): models/checkpoints/v1-5-pruned-emaonly-fp16.safetensors, "
+    "models/clip_vision/clip-vit-large-patch14.safetensors, models/text_encoders/flan-t5-base/ (a transformers "
+    "folder), models/regions/region_instructions.safetensors (python -m training.train_region).\n\nThe instruction "
+    "says what to change, the prompt what to paint there. grow widens the region, feather softens its inner edge.")
+REGION_INPAINT = {
+    1: ("CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly-fp16.safetensors"}, (0, 0), "Stable Diffusion 1.5"),
+    2: ("CLIPVisionLoader", {"clip_name": "clip-vit-large-patch14.safetensors"}, (0, 0), "CLIP ViT-L/14"),
+    3: ("AnalogyLoadRegionModel", {"region_name": "region_instructions.safetensors"}, (0, 0), None),
+    4: ("AnalogyLoadInstructionEncoder", {"folder": "flan-t5-base"}, (0, 0), "FLAN-T5-Base"),
+    5: ("LoadImage", {"image": "analogy_b.png"}, (0, 0), "Image to edit"),
+    16: ("Note", {"text": REGION_INPAINT_NOTE}, (1, 0), "About this workflow"),
+    6: ("AnalogyPredictEditRegion", {"image": [5, 0], "region_model": [3, 0], "clip_vision": [2, 0], "threshold": 0.5,
+                                     "grow": 8, "feather": 8, "instruction": "make the red disc blue",
+                                     "instruction_encoder": [4, 0]}, (1, 0), None),
+    7: ("CLIPTextEncode", {"text": "a blue disc", "clip": [1, 1]}, (1, 0), "What to paint in the region"),
+    8: ("CLIPTextEncode", {"text": "", "clip": [1, 1]}, (1, 0), "Negative"),
+    15: ("PreviewImage", {"images": [6, 2]}, (2, 0), "Predicted region"),
+    9: ("VAEEncode", {"pixels": [5, 0], "vae": [1, 2]}, (2, 0), None),
+    10: ("SetLatentNoiseMask", {"samples": [9, 0], "mask": [6, 1]}, (2, 0), None),
+    11: ("KSampler", {"model": [1, 0], "seed": 0, "steps": 25, "cfg": 7.0, "sampler_name": "euler",
+                      "scheduler": "normal", "positive": [7, 0], "negative": [8, 0], "latent_image": [10, 0],
+                      "denoise": 0.9}, (3, 0), None),
+    12: ("VAEDecode", {"samples": [11, 0], "vae": [1, 2]}, (3, 0), None),
+    13: ("AnalogyCompositeByRegion", {"original": [5, 0], "edited": [12, 0], "mask": [6, 0]}, (3, 0), None),
+    14: ("SaveImage", {"images": [13, 0], "filename_prefix": "regions/inpainted"}, (4, 0), "Result"),
+}
+
+REGION_ANALOGY_NOTE = (
+    "LoRWeB's B' kept only where B should change: Predict Edit Region reads the same ANALOGY (what changed from A to "
+    "A') and finds the corresponding region of B; Composite By Region takes B' inside it and B's own pixels, bit for "
+    "bit, everywhere else.\n\nFiles (see README): the LoRWeB files plus models/regions/region_analogy.safetensors "
+    "(python -m training.train_region --set mode=analogy). The composite stretches panels so that Extract Panel "
+    "restores B' at B's exact size.")
+REGION_ANALOGY = {
+    1: ("UNETLoader", {"unet_name": "flux1-kontext-dev.safetensors", "weight_dtype": "default"}, (0, 0),
+        "FLUX.1-Kontext [dev]"),
+    2: ("DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp8_e4m3fn_scaled.safetensors",
+                           "type": "flux", "device": "default"}, (0, 0), None),
+    3: ("VAELoader", {"vae_name": "ae.safetensors"}, (0, 0), None),
+    4: ("CLIPVisionLoader", {"clip_name": "clip-vit-large-patch14.safetensors"}, (0, 0), "CLIP ViT-L/14"),
+    5: ("LoadImage", {"image": "analogy_a.png"}, (0, 0), "A (before)"),
+    6: ("LoadImage", {"image": "analogy_a_prime.png"}, (0, 0), "A' (after)"),
+    7: ("LoadImage", {"image": "analogy_b.png"}, (0, 0), "B (to edit)"),
+    24: ("Note", {"text": REGION_ANALOGY_NOTE}, (1, 0), "About this workflow"),
+    10: ("CLIPTextEncode", {"text": LORWEB_PROMPT, "clip": [2, 0]}, (1, 0), "Editing prompt (required)"),
+    15: ("AnalogyLoadLoRABasis", {"basis_name": "lorweb_model.safetensors"}, (1, 0), None),
+    14: ("AnalogyEncode", {"clip_vision": [4, 0], "a": [5, 0], "a_prime": [6, 0], "b": [7, 0]}, (1, 0), None),
+    25: ("AnalogyLoadRegionModel", {"region_name": "region_analogy.safetensors"}, (1, 0), None),
+    8: ("AnalogyFourPanelComposite", {"a": [5, 0], "a_prime": [6, 0], "b": [7, 0], "layout": "lorweb",
+                                      "panel_size": "match_a", "width": 512, "height": 512, "fit": "stretch",
+                                      "snap": "kontext", "fill": 0.5}, (1, 0), None),
+    11: ("ReferenceLatent", {"conditioning": [10, 0], "latent": [9, 0]}, (2, 0), None),
+    16: ("AnalogyMixLoRABasis", {"basis": [15, 0], "analogy": [14, 0], "temperature": 1.0, "sample": 0},
+         (2, 0), None),
+    9: ("VAEEncode", {"pixels": [8, 0], "vae": [3, 0]}, (2, 0), None),
+    26: ("AnalogyPredictEditRegion", {"image": [7, 0], "region_model": [25, 0], "clip_vision": [4, 0],
+                                      "threshold": 0.5, "grow": 8, "feather": 8, "instruction": "",
+                                      "analogy": [14, 0]}, (2, 0), None),
+    12: ("FluxGuidance", {"conditioning": [11, 0], "guidance": 2.5}, (3, 0), None),
+    13: ("ConditioningZeroOut", {"conditioning": [10, 0]}, (3, 0), None),
+    17: ("AnalogyApplyLoRA", {"model": [1, 0], "lora": [16, 0], "strength": 1.0, "mode": "merge",
+                              "allow_partial": False}, (3, 0), None),
+    29: ("PreviewImage", {"images": [26, 2]}, (3, 0), "Predicted region of B"),
+    18: ("KSampler", {"model": [17, 0], "seed": 0, "steps": 28, "cfg": 1.0, "sampler_name": "euler",
+                      "scheduler": "simple", "positive": [12, 0], "negative": [13, 0], "latent_image": [9, 0],
+                      "denoise": 1.0}, (4, 0), None),
+    19: ("VAEDecode", {"samples": [18, 0], "vae": [3, 0]}, (4, 0), None),
+    20: ("AnalogyExtractPanel", {"image": [19, 0], "geometry": [8, 2], "panel": "bottom_right",
+                                 "restore_size": True}, (4, 0), None),
+    27: ("AnalogyCompositeByRegion", {"original": [7, 0], "edited": [20, 0], "mask": [26, 0]}, (5, 0), None),
+    28: ("SaveImage", {"images": [27, 0], "filename_prefix": "regions/b_prime_in_region"}, (5, 0),
+         "B' (only inside the region)"),
+    21: ("SaveImage", {"images": [20, 0], "filename_prefix": "regions/b_prime_lorweb"}, (6, 0), "B' (LoRWeB alone)"),
+}
+
+EXAMPLES = {"four_panel_composite.json": COMPOSITE, "lorweb_kontext_analogy.json": LORWEB,
+            "loc_instructpix2pix.json": LOC, "region_inpaint.json": REGION_INPAINT,
+            "region_constrained_analogy.json": REGION_ANALOGY}
 
 
 def estimated_height(class_type: str, slots: int, widgets: int) -> int:
