@@ -133,7 +133,7 @@ def read_tensor_file(path: str | os.PathLike, kind: str = "tensor file", *,
     for key, info in header.entries.items():
         if info.dtype not in dtypes:
             allowed = ", ".join(sorted(dtypes))
-            raise _fail(path, f"tensor {key!r} is stored as {info.dtype}; a {kind} must hold {allowed} tensors")
+            raise _fail(path, f"tensor {key[:200]!r} is stored as {info.dtype}; a {kind} must hold {allowed} tensors")
     tensors = _load(path, header)
     for key, info in header.entries.items():
         if info.dtype in FLOAT8_DTYPES:
