@@ -18,9 +18,13 @@ from typing import Callable
 
 import torch
 
+from analogy_core.analogy import AnalogyEmbedding, EncoderInfo
 from analogy_core.basis import MAX_ROUTER_VALUE, BasisError, LoRABasis, load_basis, random_basis
 from analogy_core.files import MAX_UPDATE_NORM, TensorFileError, low_rank_norm
-from analogy_core.layouts import standard_layout
+from analogy_core.layouts import ModelLayout, standard_layout
+from analogy_core.loc import (MAX_PARAMETER_VALUE, HypernetworkConfig, HypernetworkError, LoRAHypernetwork,
+                              attention_targets, build_hypernetwork, generate_lora, hypernetwork_metadata,
+                              load_hypernetwork)
 from analogy_core.lora import LoRA, LoRAError, LoRALayer
 from analogy_core.lora_formats import to_state_dict
 from analogy_core.lora_io import load_lora_file
@@ -124,3 +128,44 @@ LOADER_CASES: list[LoaderCase] = [
     LoaderCase("lora", lambda: list(lora_samples()), load_lora_file, (TensorFileError, LoRAError), check_lora),
     LoaderCase("basis", lambda: list(basis_samples()), load_basis, (TensorFileError, BasisError), check_basis),
 ]
+
+
+# -- LoRA of Change hypernetwork --------------------------------------------------------------------------------------
+
+LOC_ENCODER = EncoderInfo.describe(4, 6, 224, 32, 2)
+LOC_SHAPES = {  # attn1 8 -> 8; attn2 reads a 5-d text context in k and v
+    f"down_blocks.0.attentions.0.transformer_blocks.0.attn{n}.{p}": (8, 5 if n == 2 and p in ("to_k", "to_v") else 8)
+    for n in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")}
+
+
+@lru_cache(maxsize=None)
+def hypernetwork_samples() -> tuple[Sample, ...]:
+    config = HypernetworkConfig(attention_targets(ModelLayout("sd15", LOC_SHAPES)), token_width=6, encoder=LOC_ENCODER,
+                                token_count=3, width=8, blocks=1, heads=2, rank=1, ffn=8)
+    hypernetwork = build_hypernetwork(config, seed=0)
+    with torch.no_grad():
+        for _, view in hypernetwork.u_b_parameters():
+            view.normal_(generator=torch.Generator().manual_seed(1))
+    tensors = {k: v.contiguous() for k, v in hypernetwork.state_dict().items()}
+    meta = hypernetwork_metadata(config, {"analogy.step": "5"})
+    return (tensors, meta), ({k: v.half() for k, v in tensors.items()}, dict(meta))
+
+
+def check_hypernetwork(hypernetwork: LoRAHypernetwork) -> None:
+    for name, param in hypernetwork.state_dict().items():
+        assert torch.isfinite(param).all() and param.abs().max() <= MAX_PARAMETER_VALUE, name
+    config = hypernetwork.config
+    gen = torch.Generator().manual_seed(0)
+    tokens = {r: torch.randn(1, config.token_count or 3, config.token_width, generator=gen) for r in ("a", "a_prime")}
+    embeds = {r: torch.randn(1, 4, generator=gen) for r in ("a", "a_prime")}
+    encoder = config.encoder or EncoderInfo.describe(4, config.token_width, 224, 32, 2)
+    try:
+        lora = generate_lora(hypernetwork, AnalogyEmbedding(encoder, embeds, tokens))
+    except HypernetworkError:
+        return  # a clean refusal of an absurd update is fine
+    for name, layer in lora.layers.items():
+        assert torch.isfinite(layer.delta_weight()).all(), name
+
+
+LOADER_CASES.append(LoaderCase("loc_hypernetwork", lambda: list(hypernetwork_samples()), load_hypernetwork,
+                               (TensorFileError, HypernetworkError), check_hypernetwork))
