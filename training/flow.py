@@ -9,6 +9,7 @@ and sampling integrates dx/dt = v from t = 1 down to t = 0 with Euler steps x �
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -54,6 +55,29 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.T
     return (1 - t) * x0 + t * noise
 
 
+def add_noise_masked(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Noise only where ``mask`` is 1 (Edit Transfer's bottom-right panel): x_t = ((1 - t) x0 + t ε)·m + x0·(1 - m),
+    one t per sample; ``mask`` broadcasts like x0. Where m = 0, x_t is x0 exactly."""
+    mask = mask.to(x0.dtype)
+    return add_noise(x0, noise, t) * mask + x0 * (1 - mask)
+
+
+def flux_mu(tokens: int, base_tokens: int = 256, max_tokens: int = 4096, base_shift: float = 0.5,
+            max_shift: float = 1.15) -> float:
+    """FLUX.1's resolution-dependent shift mu (diffusers' ``calculate_shift`` with FLUX.1-dev's scheduler config):
+    linear in the number of image tokens, 0.5 at 256 tokens, 1.15 at 4096 (a 1024-px image)."""
+    slope = (max_shift - base_shift) / (max_tokens - base_tokens)
+    return base_shift + slope * (tokens - base_tokens)
+
+
+def shifted_times(steps: int, mu: float) -> torch.Tensor:
+    """The sampling times of FLUX.1-dev's pipelines: t = linspace(1, 1/steps, steps) shifted by
+    exp(mu) / (exp(mu) + (1/t - 1)), then 0 (``steps + 1`` values from 1 down to 0)."""
+    t = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
+    shifted = math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0))
+    return torch.cat([shifted, torch.zeros(1, dtype=torch.float64)]).float()
+
+
 def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
@@ -70,13 +94,17 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
 
 @torch.no_grad()
 def euler_sample(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor, steps: int,
-                 after_step: Callable[[torch.Tensor, float], torch.Tensor] | None = None) -> torch.Tensor:
+                 after_step: Callable[[torch.Tensor, float], torch.Tensor] | None = None,
+                 times: torch.Tensor | None = None) -> torch.Tensor:
     """Integrate from t = 1 (``noise``) to t = 0 in ``steps`` equal Euler steps; ``velocity(x, t[B])`` is the model.
 
     ``after_step(x, t_next)`` may replace parts of x after each step (inpainting resets the known region).
+    ``times`` (``steps + 1`` values from 1 to 0, e.g. :func:`shifted_times`) replaces the equal steps.
     """
     x = noise
-    times = torch.linspace(1.0, 0.0, steps + 1).tolist()
+    if times is not None and len(times) != steps + 1:
+        raise ValueError(f"times must hold steps + 1 = {steps + 1} values, got {len(times)}")
+    times = (torch.linspace(1.0, 0.0, steps + 1) if times is None else times).tolist()
     for t_now, t_next in zip(times[:-1], times[1:]):
         t = torch.full((x.shape[0],), t_now, device=x.device)
         x = x + (t_next - t_now) * velocity(x, t)
