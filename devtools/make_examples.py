@@ -198,9 +198,47 @@ REGION_ANALOGY = {
     21: ("SaveImage", {"images": [20, 0], "filename_prefix": "regions/b_prime_lorweb"}, (6, 0), "B' (LoRWeB alone)"),
 }
 
+EDIT_TRANSFER_PROMPT = ("A four-panel image: the top row shows a person before and after raising both arms; the bottom "
+                        "row shows another person, who makes the same change.")
+EDIT_TRANSFER_NOTE = (
+    "Edit Transfer on FLUX.1-dev: A -> A' applied to B by completing the four-panel composite [A A'; B ?].\n\n"
+    "Files (see README): models/diffusion_models/flux1-dev.safetensors, models/text_encoders/clip_l + t5xxl, "
+    "models/vae/ae.safetensors, models/loras/edit_transfer.safetensors.\n\nEdit Transfer Context keeps A, A' and B "
+    "clean at every step, as the official sampler does (stock inpainting re-noises them). Official settings: 512-px "
+    "panels (1024-px composite), guidance 1.0, 35 steps. The prompt may describe the change, or stay empty for a "
+    "text-free LoRA.")
+EDIT_TRANSFER = {
+    1: ("UNETLoader", {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}, (0, 0), "FLUX.1 [dev]"),
+    2: ("DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp8_e4m3fn_scaled.safetensors",
+                           "type": "flux", "device": "default"}, (0, 0), None),
+    3: ("VAELoader", {"vae_name": "ae.safetensors"}, (0, 0), None),
+    5: ("LoadImage", {"image": "analogy_a.png"}, (0, 0), "A (before)"),
+    6: ("LoadImage", {"image": "analogy_a_prime.png"}, (0, 0), "A' (after)"),
+    7: ("LoadImage", {"image": "analogy_b.png"}, (0, 0), "B (to edit)"),
+    20: ("Note", {"text": EDIT_TRANSFER_NOTE}, (1, 0), "About this workflow"),
+    10: ("CLIPTextEncode", {"text": EDIT_TRANSFER_PROMPT, "clip": [2, 0]}, (1, 0), "Prompt (optional)"),
+    8: ("AnalogyFourPanelComposite", {"a": [5, 0], "a_prime": [6, 0], "b": [7, 0], "layout": "edit_transfer",
+                                      "panel_size": "custom", "width": 512, "height": 512, "fit": "center_crop",
+                                      "snap": "multiple_of_16", "fill": 0.5}, (1, 0), None),
+    9: ("VAEEncode", {"pixels": [8, 0], "vae": [3, 0]}, (2, 0), None),
+    11: ("AnalogyEditTransferContext", {"model": [1, 0], "latent": [9, 0], "mask": [8, 1]}, (2, 0), None),
+    4: ("LoraLoaderModelOnly", {"model": [11, 0], "lora_name": "edit_transfer.safetensors", "strength_model": 1.0},
+        (2, 0), "Edit Transfer LoRA"),
+    12: ("FluxGuidance", {"conditioning": [10, 0], "guidance": 1.0}, (3, 0), None),
+    13: ("ConditioningZeroOut", {"conditioning": [10, 0]}, (3, 0), None),
+    14: ("KSampler", {"model": [4, 0], "seed": 0, "steps": 35, "cfg": 1.0, "sampler_name": "euler",
+                      "scheduler": "simple", "positive": [12, 0], "negative": [13, 0], "latent_image": [9, 0],
+                      "denoise": 1.0}, (4, 0), None),
+    15: ("VAEDecode", {"samples": [14, 0], "vae": [3, 0]}, (5, 0), None),
+    16: ("AnalogyExtractPanel", {"image": [15, 0], "geometry": [8, 2], "panel": "bottom_right",
+                                 "restore_size": True}, (5, 0), None),
+    17: ("SaveImage", {"images": [16, 0], "filename_prefix": "edit_transfer/b_prime"}, (6, 0), "B' (result)"),
+    18: ("SaveImage", {"images": [15, 0], "filename_prefix": "edit_transfer/composite"}, (6, 0), None),
+}
+
 EXAMPLES = {"four_panel_composite.json": COMPOSITE, "lorweb_kontext_analogy.json": LORWEB,
             "loc_instructpix2pix.json": LOC, "region_inpaint.json": REGION_INPAINT,
-            "region_constrained_analogy.json": REGION_ANALOGY}
+            "region_constrained_analogy.json": REGION_ANALOGY, "edit_transfer_flux_dev.json": EDIT_TRANSFER}
 
 
 def estimated_height(class_type: str, slots: int, widgets: int) -> int:

@@ -32,13 +32,17 @@ PACK_NODES = {
     "AnalogyLoadInstructionEncoder": ("Load Instruction Encoder (T5)", "analogy/regions"),
     "AnalogyPredictEditRegion": ("Predict Edit Region", "analogy/regions"),
     "AnalogyCompositeByRegion": ("Composite By Region", "analogy/regions"),
+    "AnalogyEditTransferContext": ("Edit Transfer Context", "analogy/edit_transfer"),
 }
 # Files the example workflows name. Empty stand-ins let the server's enum lists (file names) validate them;
 # the workflows that need real weights are validated, not run.
 EXAMPLE_MODEL_FILES = ("diffusion_models/flux1-kontext-dev.safetensors", "text_encoders/clip_l.safetensors",
                        "text_encoders/t5xxl_fp8_e4m3fn_scaled.safetensors", "vae/ae.safetensors",
                        "clip_vision/clip-vit-large-patch14.safetensors", "lorweb/lorweb_model.safetensors",
-                       "checkpoints/instruct-pix2pix-00-22000.safetensors", "loc/loc_hypernetwork.safetensors")
+                       "checkpoints/instruct-pix2pix-00-22000.safetensors", "loc/loc_hypernetwork.safetensors",
+                       "checkpoints/v1-5-pruned-emaonly-fp16.safetensors", "regions/region_instructions.safetensors",
+                       "regions/region_analogy.safetensors", "text_encoders/flan-t5-base/config.json",
+                       "diffusion_models/flux1-dev.safetensors", "loras/edit_transfer.safetensors")
 
 
 def check_node_listing(info: dict) -> None:
