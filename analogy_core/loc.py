@@ -244,6 +244,20 @@ class LoRAFactors:
                   for k, (d, u) in self.layers.items()}
         return LoRAFactors(layers, torch.cat([self.scale, other.scale]))
 
+    def update_norm(self, other: "LoRAFactors | None" = None) -> torch.Tensor:
+        """Per sample, ‖ΔW‖ over all layers (the Frobenius norm of every layer's update, stacked) of this LoRA, or of
+        this LoRA plus ``other``, computed exactly from the factors: ‖U D‖² = Σ (UᵀU ⊙ D Dᵀ)."""
+        total = 0.0
+        for path, (down, up) in self.layers.items():
+            ups, downs = up.float() * self.scale.float().view(-1, 1, 1), down.float()
+            if other is not None:
+                other_down, other_up = other.layers[path]
+                ups = torch.cat([ups, other_up.float() * other.scale.float().view(-1, 1, 1)], dim=2)
+                downs = torch.cat([downs, other_down.float()], dim=1)
+            gram_up, gram_down = ups.transpose(1, 2) @ ups, downs @ downs.transpose(1, 2)
+            total = total + (gram_up * gram_down).sum(dim=(1, 2))
+        return torch.as_tensor(total).clamp_min(0).sqrt()
+
     def lora(self, sample: int = 0, family: str = "sd15", metadata: dict[str, str] | None = None) -> LoRA:
         """Sample ``sample`` as the pack's LoRA type (detached, float32)."""
         s = float(self.scale[sample])
@@ -375,6 +389,16 @@ def _hook(down: torch.Tensor, up: torch.Tensor, scale: torch.Tensor, path: str):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # inference: an ANALOGY -> a LoRA
+
+
+@torch.no_grad()
+def consistency_gap(hypernetwork: LoRAHypernetwork, tokens_a: torch.Tensor,
+                    tokens_a_prime: torch.Tensor) -> torch.Tensor:
+    """‖H(A, A′) + H(A′, A)‖ / ‖H(A, A′)‖ per sample (norms over all layers' updates): 0 when exchanging the pair
+    exactly reverses the LoRA, which the paper's random exchange encourages. NaN where H(A, A′) = 0 (a fresh H)."""
+    forward = hypernetwork(tokens_a, tokens_a_prime)
+    swapped = hypernetwork(tokens_a_prime, tokens_a)
+    return forward.update_norm(swapped) / forward.update_norm()
 
 
 def check_encoder(config: HypernetworkConfig, analogy: AnalogyEmbedding) -> None:

@@ -289,3 +289,27 @@ def test_loader_refuses_other_and_damaged_files(unet, tmp_path, case, message):
         load_hypernetwork(path)
     assert str(info.value).startswith(path.name), "errors name the file"
     assert case in ("basis", "lora", "pickle") or header.get("analogy.kind", KIND) == KIND
+
+
+def test_update_norms_and_the_consistency_gap(unet):
+    from analogy_core.loc import consistency_gap
+
+    hypernetwork = build_hypernetwork(config_for(unet), seed=4)
+    item = analogy(batch=2, seed=6)
+    tokens = item.patch_tokens["a"], item.patch_tokens["a_prime"]
+    assert torch.isnan(consistency_gap(hypernetwork, *tokens)).all(), "undefined for a fresh H (H = 0)"
+    perturb_u_b(hypernetwork)
+    forward = hypernetwork(*tokens)
+    swapped = hypernetwork(*reversed(tokens))
+    for b in range(2):  # plain re-computation from dense updates
+        dense = {k: u[b] @ d[b] for k, (d, u) in forward.layers.items()}
+        other = {k: u[b] @ d[b] for k, (d, u) in swapped.layers.items()}
+        norm = torch.sqrt(sum((w ** 2).sum() for w in dense.values()))
+        summed = torch.sqrt(sum(((w + other[k]) ** 2).sum() for k, w in dense.items()))
+        torch.testing.assert_close(forward.update_norm()[b], norm, rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(forward.update_norm(swapped)[b], summed, rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(consistency_gap(hypernetwork, *tokens)[b], summed / norm, rtol=1e-4, atol=1e-8)
+    # exactly reversing LoRAs have gap 0; equal ones gap 2
+    torch.testing.assert_close(forward.update_norm(forward.scaled(-1.0)), torch.zeros(2), atol=1e-3 * norm.item(),
+                               rtol=0)
+    torch.testing.assert_close(forward.update_norm(forward) / forward.update_norm(), torch.full((2,), 2.0))
