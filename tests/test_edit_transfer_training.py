@@ -342,3 +342,44 @@ def test_quadrants_and_composite_round_trip():
     for role in ("a", "a_prime", "b", "b_prime"):
         assert torch.equal(parts[role], batch[role][1])
     assert torch.equal(four_panels(batch, bottom_right="grey")[:, S:, S:], torch.full((2, S, S, 3), 0.5))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the command line, end to end
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_a_lora_with_the_packs_metadata(tmp_path):
+    """``python -m training.train_edit_transfer --preset tiny`` (3 steps): checkpoint, samples, and a LoRA file over
+    every block linear that the pack's loader reads, with the run's metadata and no local paths."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from analogy_core.layouts import flux_layout
+    from analogy_core.lora_io import load_lora_file
+    from training.backbone import TINY_TRANSFORMER
+
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "training.train_edit_transfer", "--preset", "tiny", "--output-dir", str(out),
+           "--max-steps", "3", "--set", "checkpoint_every=3", "--set", "sample_every=3", "--set", "report_to=none",
+           "--set", "text_free=true"]
+    result = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, TQDM_DISABLE="1"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Edit Transfer LoRA on 26 layers, rank 4, alpha 4, text-free" in result.stderr
+    assert (out / "checkpoints" / "step_000003").is_dir() and (out / "samples" / "step_000003.png").is_file()
+    path = out / "edit_transfer_lora.safetensors"
+    lora = load_lora_file(path, flux_layout(**TINY_TRANSFORMER)).lora
+    assert len(lora) == 26 and lora.ranks == {4}
+    assert any(layer.up.abs().sum() > 0 for layer in lora.layers.values()), "three Adam steps moved B off zero"
+    with safe_open(str(path), "pt") as handle:
+        meta = handle.metadata()
+    assert meta["analogy.method"] == "edit_transfer" and meta["analogy.text_free"] == "true"
+    assert meta["analogy.source"] == "trained" and meta["analogy.family"] == "flux"
+    assert meta["analogy.step"] == "3" and str(tmp_path) not in json.dumps(meta)
