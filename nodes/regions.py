@@ -93,7 +93,9 @@ class ComfyInstructionEncoder:
         import comfy.model_management as mm
 
         self.encoder = encoder
-        self.patcher = comfy_compat.new_patcher(encoder.model, mm.text_encoder_device(), mm.text_encoder_offload_device())
+        holder = torch.nn.Module()  # ModelPatcher sets .device on its model, which transformers models refuse
+        holder.t5 = encoder.model
+        self.patcher = comfy_compat.new_patcher(holder, mm.text_encoder_device(), mm.text_encoder_offload_device())
 
     @property
     def name(self) -> str:

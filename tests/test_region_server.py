@@ -1,0 +1,315 @@
+"""Predict Edit Region and Composite By Region in the real ComfyUI server, on tiny models built here.
+
+Checks: the node's CLIP patch features equal the trainer's (same weights, ComfyUI's CLIP_VISION vs transformers);
+Predict Edit Region → Composite By Region → SaveImage keeps every pixel outside the region bit for bit (text and
+analogy mode); the shipped examples run with tiny models swapped in for the downloads: region_inpaint.json
+(SetLatentNoiseMask inpainting on a tiny SD1.5, then Composite By Region) and region_constrained_analogy.json (a
+LoRWeB edit of B on a tiny FLUX confined to the predicted region): outside the region the saved image equals B.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from analogy_core.analogy import EncoderInfo
+from analogy_core.regions import RegionPredictor, RegionSpec, save_region_predictor
+from devtools.workflow import ui_to_api
+from test_comfy_server import REPO
+from test_encode_analogy import TINY_CLIP
+from test_lora_server import checkpoint  # noqa: F401  (fixture: tiny SD1.5 with a TAESD VAE)
+from test_lorweb_server import tiny_files  # noqa: F401  (fixture: tiny FLUX, TAEF1, LoRWeB basis, example inputs)
+from tiny_models import FLUX_COMFY, randomize_
+
+pytestmark = pytest.mark.comfy
+
+CLIP_FILE, T5_FOLDER = "tiny_region_clip.safetensors", "tiny_t5"
+REGION_FILES = {"text": "tiny_region_text.safetensors", "analogy": "tiny_region_analogy.safetensors"}
+INSTRUCTION = "make the red square blue"
+ENCODER = EncoderInfo.describe(TINY_CLIP["projection_dim"], TINY_CLIP["hidden_size"], TINY_CLIP["image_size"],
+                               TINY_CLIP["patch_size"], TINY_CLIP["num_hidden_layers"])
+
+
+def image_array(comfy, history, node) -> np.ndarray:
+    return np.asarray(Image.open(comfy.output_files(history, node)[0]).convert("RGB"), dtype=np.int16)
+
+
+def input_array(comfy, name) -> np.ndarray:
+    return np.asarray(Image.open(comfy.base_dir / "input" / name).convert("RGB"), dtype=np.int16)
+
+
+def inproc_module(comfy_inproc, name):
+    return __import__(f"{comfy_inproc.pack.__name__}.{name}", fromlist=["x"])
+
+
+def comfy_clip_vision(comfy_inproc, path):
+    """ComfyUI's own ClipVisionModel on the test file (float32), in this process."""
+    import comfy.cli_args
+    import comfy.clip_vision
+    import comfy.utils
+
+    config = path.with_suffix(".json")
+    config.write_text(json.dumps(dict(TINY_CLIP, model_type="clip_vision_model")))
+    previous = comfy.cli_args.args.fp32_text_enc
+    comfy.cli_args.args.fp32_text_enc = True
+    try:
+        clip_vision = comfy.clip_vision.ClipVisionModel(str(config))
+    finally:
+        comfy.cli_args.args.fp32_text_enc = previous
+    clip_vision.load_sd(comfy.utils.load_torch_file(str(path)))
+    return clip_vision
+
+
+def split_threshold(probs: torch.Tensor) -> float:
+    """A threshold between two neighbouring probability levels that puts 20-80 % of the patches in the region (a
+    random model's P_region varies little, so 0.5 could select all or nothing)."""
+    levels = probs.flatten().double().sort().values
+    for low, high in zip(levels[:-1], levels[1:]):
+        share = float((levels > low).double().mean())
+        if high - low > 1e-5 and 0.2 < share < 0.8:
+            return float((low + high) / 2)
+    raise AssertionError(f"the random region model does not vary enough over the test image: {levels.unique()[:8]}")
+
+
+@pytest.fixture(scope="module")
+def region_files(comfy, comfy_inproc, tiny_files, checkpoint):  # noqa: F811
+    """Tiny CLIP vision, a tiny T5 folder, two random region models (text mode, analogy mode) and for each a
+    threshold that splits the test image's patches (region_b.png for text, analogy_b.png with the example pair for
+    analogy)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from analogy_core.synthetic import procedural_scene
+    from devtools.images import load_png, save_png
+    from training.region_models import save_instruction_encoder, tiny_t5
+
+    models = comfy.base_dir / "models"
+    for folder in ("clip_vision", "text_encoders", "regions"):
+        (models / folder).mkdir(parents=True, exist_ok=True)
+    clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CLIP)).eval()
+    randomize_(clip, seed=21)
+    clip_path = models / "clip_vision" / CLIP_FILE
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, clip_path,
+              metadata={"clip_config": json.dumps(dict(TINY_CLIP, model_type="clip_vision_model"))})
+    save_instruction_encoder(tiny_t5(seed=22), models / "text_encoders" / T5_FOLDER)
+    save_png(procedural_scene(31, 96, 72), comfy.base_dir / "input" / "region_b.png")
+
+    nodes = inproc_module(comfy_inproc, "nodes.regions")
+    core = inproc_module(comfy_inproc, "analogy_core.regions")
+    clip_vision = comfy_clip_vision(comfy_inproc, clip_path)
+    t5 = core.InstructionEncoder.from_folder(models / "text_encoders" / T5_FOLDER)
+    encode_analogy = inproc_module(comfy_inproc, "nodes.lorweb").encode_with_comfy
+    pair = {r: load_png(comfy.base_dir / "input" / f"analogy_{r}.png").unsqueeze(0) for r in ("a", "a_prime")}
+    images = {"text": load_png(comfy.base_dir / "input" / "region_b.png").unsqueeze(0),
+              "analogy": load_png(comfy.base_dir / "input" / "analogy_b.png").unsqueeze(0)}
+    conditions = {"text": ("text", *t5.encode([INSTRUCTION])),
+                  "analogy": ("analogy", *(encode_analogy(clip_vision, pair).patch_tokens[r] for r in pair))}
+    out = {"clip_vision": clip_vision, "clip": clip, "nodes": nodes, "t5": t5, "encode_analogy": encode_analogy,
+           "pair": pair, "images": images}
+    for mode in ("text", "analogy"):
+        spec = RegionSpec(dim=TINY_CLIP["projection_dim"], grid=TINY_CLIP["image_size"] // TINY_CLIP["patch_size"],
+                          image_size=TINY_CLIP["image_size"], text_dim=t5.width if mode == "text" else 0,
+                          analogy_dim=TINY_CLIP["hidden_size"] if mode == "analogy" else 0,
+                          encoder=asdict(ENCODER), instruction_encoder=T5_FOLDER)
+        patches = nodes.comfy_vision_patches(clip_vision, images[mode])
+        torch.manual_seed(23)
+        net = RegionPredictor(spec)
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                if not name.startswith("head"):
+                    p.mul_(3.0)  # sharper attention than at initialisation: a region that follows the picture
+        path = save_region_predictor(net, models / "regions" / REGION_FILES[mode])
+        out[mode] = core.load_region_predictor(path)
+        out[f"{mode}_threshold"] = split_threshold(out[mode](patches, *conditions[mode]).probs)
+    return out
+
+
+def test_node_features_equal_the_trainers(region_files):
+    """Predict Edit Region (ComfyUI's CLIP_VISION) and train_region (transformers) see the same F_img."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from analogy_core.regions import FrozenClip
+    from training.region_models import TINY_CLIP as TINY_TEXT, word_tokenizer
+
+    vision = {k: v for k, v in TINY_CLIP.items() if k != "projection_dim"}
+    tokenizer = word_tokenizer(["a"])
+    text = dict(TINY_TEXT["text"], vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+    full = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=TINY_CLIP["projection_dim"]))
+    missing, unexpected = full.load_state_dict(region_files["clip"].state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(("text_", "logit_scale")) for k in missing)
+    image = torch.cat([region_files["images"]["text"], region_files["images"]["text"].flip(2)])
+    ours = region_files["nodes"].comfy_vision_patches(region_files["clip_vision"], image)
+    theirs = FrozenClip(full, tokenizer).vision(image).patches
+    assert ours.shape == (2, 256, TINY_CLIP["projection_dim"]) and ours.std() > 0.1
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def inproc_binary(region_files, image: np.ndarray, mode: str, inputs: dict) -> np.ndarray:
+    """The binary region the node computes in this process for an image the server loaded (same files)."""
+    tensor = torch.from_numpy(image.astype(np.float32) / 255.0).unsqueeze(0)
+    nodes = region_files["nodes"]
+    if mode == "analogy":
+        embedding = region_files["encode_analogy"](region_files["clip_vision"], region_files["pair"])
+        probs, _ = nodes.predict_probabilities(region_files[mode], region_files["clip_vision"], tensor,
+                                               analogy=embedding)
+    else:
+        probs, _ = nodes.predict_probabilities(region_files[mode], region_files["clip_vision"], tensor,
+                                               inputs["instruction"], region_files["t5"])
+    masks = nodes.region_masks(probs, 16, image.shape[0], image.shape[1], inputs["threshold"], inputs["grow"],
+                               inputs["feather"])
+    return masks.binary[0].numpy()
+
+
+IMAGE_FILES = {"text": "region_b.png", "analogy": "analogy_b.png"}
+
+
+def region_prompt(mode: str, threshold: float, grow: int = 2, feather: int = 3) -> dict:
+    predict = {"image": ["1", 0], "region_model": ["3", 0], "clip_vision": ["2", 0], "threshold": threshold,
+               "grow": grow, "feather": feather}
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": IMAGE_FILES[mode]}},
+        "2": {"class_type": "AnalogyTestTinyClipVisionLoader", "inputs": {"clip_name": CLIP_FILE}},
+        "3": {"class_type": "AnalogyLoadRegionModel", "inputs": {"region_name": REGION_FILES[mode]}},
+        "5": {"class_type": "AnalogyPredictEditRegion", "inputs": predict},
+        "6": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "7": {"class_type": "AnalogyCompositeByRegion", "inputs": {"original": ["1", 0], "edited": ["6", 0],
+                                                                   "mask": ["5", 0]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": f"region_{mode}"}},
+        "9": {"class_type": "MaskToImage", "inputs": {"mask": ["5", 1]}},
+        "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": f"binary_{mode}"}},
+        "11": {"class_type": "MaskToImage", "inputs": {"mask": ["5", 0]}},
+        "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": f"soft_{mode}"}},
+        "13": {"class_type": "SaveImage", "inputs": {"images": ["5", 2], "filename_prefix": f"preview_{mode}"}},
+    }
+    if mode == "text":
+        prompt["4"] = {"class_type": "AnalogyLoadInstructionEncoder", "inputs": {"folder": T5_FOLDER}}
+        predict.update(instruction=INSTRUCTION, instruction_encoder=["4", 0])
+    else:
+        prompt["4"] = {"class_type": "LoadImage", "inputs": {"image": "analogy_a.png"}}
+        prompt["14"] = {"class_type": "LoadImage", "inputs": {"image": "analogy_a_prime.png"}}
+        prompt["15"] = {"class_type": "AnalogyEncode", "inputs": {"clip_vision": ["2", 0], "a": ["4", 0],
+                                                                  "a_prime": ["14", 0]}}
+        predict.update(analogy=["15", 0])
+    return prompt
+
+
+@pytest.mark.parametrize("mode", ["text", "analogy"])
+def test_predict_then_composite_keeps_the_outside_bit_for_bit(comfy, region_files, mode):
+    prompt = region_prompt(mode, region_files[f"{mode}_threshold"])
+    history = comfy.run(prompt)
+    original = input_array(comfy, IMAGE_FILES[mode])
+    out, binary, soft = (image_array(comfy, history, n) for n in ("8", "10", "12"))
+    inside, outside = binary[..., 0] == 255, binary[..., 0] == 0
+    assert (inside | outside).all(), "the binary mask is 0/1"
+    assert 0.05 < inside.mean() < 0.95, f"a region that is neither empty nor everything ({inside.mean():.2f})"
+    assert np.array_equal(out[outside], original[outside]), "outside the region: the input, bit for bit"
+    assert ((soft[..., 0] > 0) <= inside).all(), "the feathered mask stays inside the binary region"
+    full = soft[..., 0] == 255
+    assert full.any() and np.abs(out[full] - (255 - original[full])).max() <= 1, "inside: the edited image"
+    expected = inproc_binary(region_files, original, mode, dict(prompt["5"]["inputs"], instruction=INSTRUCTION))
+    agree = float((inside == (expected == 1)).mean())
+    assert agree > 0.9, f"the server's region is the one the node computes here (up to precision; {agree:.3f})"
+
+
+def test_instruction_without_an_encoder_is_a_clear_error(comfy, region_files):
+    from devtools.comfy_server import PromptFailed
+
+    prompt = region_prompt("text", region_files["text_threshold"])
+    del prompt["5"]["inputs"]["instruction_encoder"]
+    with pytest.raises(PromptFailed, match="needs an instruction encoder"):
+        comfy.run(prompt)
+
+
+def example(comfy, name: str) -> dict:
+    return ui_to_api(json.loads((REPO / "example_workflows" / name).read_text()), comfy.object_info())
+
+
+def by_type(prompt: dict) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for key, node in prompt.items():
+        out.setdefault(node["class_type"], []).append(key)
+    return out
+
+
+def swap_region_models(prompt: dict, kinds: dict, mode: str) -> None:
+    for key in kinds.get("CLIPVisionLoader", []):
+        prompt[key] = {"class_type": "AnalogyTestTinyClipVisionLoader", "inputs": {"clip_name": CLIP_FILE}}
+    for key in kinds["AnalogyLoadRegionModel"]:
+        prompt[key]["inputs"]["region_name"] = REGION_FILES[mode]
+    for key in kinds.get("AnalogyLoadInstructionEncoder", []):
+        prompt[key]["inputs"]["folder"] = T5_FOLDER
+
+
+def save_binary_mask(prompt: dict, kinds: dict, prefix: str) -> str:
+    """Add MaskToImage → SaveImage of Predict Edit Region's binary mask to an example's prompt; returns the id."""
+    prompt["900"] = {"class_type": "MaskToImage", "inputs": {"mask": [kinds["AnalogyPredictEditRegion"][0], 1]}}
+    prompt["901"] = {"class_type": "SaveImage", "inputs": {"images": ["900", 0], "filename_prefix": prefix}}
+    return "901"
+
+
+def saved(comfy, prompt, history, source_type) -> np.ndarray:
+    kinds = by_type(prompt)
+    node = next(k for k in kinds["SaveImage"] if prompt[k]["inputs"]["images"][0] in kinds[source_type])
+    return image_array(comfy, history, node)
+
+
+def test_region_inpaint_example_keeps_the_outside_of_the_image(comfy, region_files, checkpoint):  # noqa: F811
+    """example_workflows/region_inpaint.json: Predict Edit Region → SetLatentNoiseMask → KSampler → VAEDecode →
+    Composite By Region → SaveImage, on a tiny SD1.5 (random conditioning instead of the text encoder)."""
+    prompt = example(comfy, "region_inpaint.json")
+    kinds = by_type(prompt)
+    swap_region_models(prompt, kinds, "text")
+    prompt[kinds["CheckpointLoaderSimple"][0]]["inputs"]["ckpt_name"] = checkpoint
+    for seed, key in enumerate(kinds["CLIPTextEncode"]):
+        prompt[key] = {"class_type": "AnalogyTestConditioning", "inputs": {"seed": seed, "tokens": 77, "width": 768}}
+    prompt[kinds["KSampler"][0]]["inputs"].update(steps=2, seed=5)
+    prompt[kinds["LoadImage"][0]]["inputs"]["image"] = IMAGE_FILES["text"]
+    prompt[kinds["AnalogyPredictEditRegion"][0]]["inputs"].update(threshold=region_files["text_threshold"], grow=1,
+                                                                  instruction=INSTRUCTION)
+    for key in kinds["SaveImage"]:
+        prompt[key]["inputs"]["filename_prefix"] = f"inpaint_{key}"
+    mask_node = save_binary_mask(prompt, kinds, "inpaint_mask")
+    history = comfy.run(prompt)
+    result = saved(comfy, prompt, history, "AnalogyCompositeByRegion")
+    original = input_array(comfy, IMAGE_FILES["text"])
+    outside = image_array(comfy, history, mask_node)[..., 0] == 0
+    assert 0.05 < 1 - outside.mean() < 0.95
+    assert np.array_equal(result[outside], original[outside]), "outside the region: the image bit for bit"
+    assert np.abs(result[~outside] - original[~outside]).mean() > 3, "the sampler repainted the region"
+
+
+def test_region_constrained_analogy_example_leaves_b_outside_the_region(comfy, region_files, tiny_files):  # noqa: F811
+    """example_workflows/region_constrained_analogy.json: the LoRWeB example's B′ put back into B inside the region
+    Predict Edit Region finds from the same ANALOGY (tiny FLUX, TAEF1-style VAE, random conditioning)."""
+    prompt = example(comfy, "region_constrained_analogy.json")
+    kinds = by_type(prompt)
+    swap_region_models(prompt, kinds, "analogy")
+    prompt[kinds["UNETLoader"][0]] = {"class_type": "AnalogyTestTinyFluxLoader",
+                                      "inputs": {"unet_name": "tiny_flux.safetensors"}}
+    prompt[kinds["CLIPTextEncode"][0]] = {"class_type": "AnalogyTestConditioning", "inputs": {
+        "seed": 1, "tokens": 8, "width": FLUX_COMFY["context_in_dim"], "pooled_width": FLUX_COMFY["vec_in_dim"]}}
+    del prompt[kinds["DualCLIPLoader"][0]]
+    prompt[kinds["VAELoader"][0]]["inputs"]["vae_name"] = "tiny_taef1.safetensors"
+    prompt[kinds["AnalogyLoadLoRABasis"][0]]["inputs"]["basis_name"] = "tiny_basis.safetensors"
+    prompt[kinds["AnalogyFourPanelComposite"][0]]["inputs"].update(panel_size="custom", width=64, height=64,
+                                                                   snap="multiple_of_16")
+    prompt[kinds["KSampler"][0]]["inputs"].update(steps=2, seed=11)
+    prompt[kinds["AnalogyPredictEditRegion"][0]]["inputs"].update(threshold=region_files["analogy_threshold"], grow=1)
+    for key in kinds["SaveImage"]:
+        prompt[key]["inputs"]["filename_prefix"] = f"constrained_{key}"
+    mask_node = save_binary_mask(prompt, kinds, "constrained_mask")
+    history = comfy.run(prompt)
+    result = saved(comfy, prompt, history, "AnalogyCompositeByRegion")
+    b_prime = saved(comfy, prompt, history, "AnalogyExtractPanel")
+    b = input_array(comfy, "analogy_b.png")
+    assert result.shape == b.shape and b_prime.shape == b.shape, "B' restored to B's size, composited on B"
+    outside = image_array(comfy, history, mask_node)[..., 0] == 0
+    assert 0.05 < 1 - outside.mean() < 0.95, "only part of B is in the region"
+    assert np.array_equal(result[outside], b[outside]), "outside the region: B bit for bit"
+    assert np.abs(b_prime[outside] - b[outside]).mean() > 1, "LoRWeB alone changes B outside the region too"
+    assert np.abs(result[~outside] - b[~outside]).mean() > 1, "inside the region the edit is kept"
