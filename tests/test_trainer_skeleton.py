@@ -123,11 +123,14 @@ def test_killed_checkpoint_write_is_cleaned_up_and_resumed(tmp_path, reference, 
     monkeypatch.setattr(ckpt, "finalize", real_finalize)
     assert (out / "checkpoints" / ".tmp_step_000006").is_dir(), "the kill left a half-written folder"
     assert [c.step for c in ckpt.list_checkpoints(out / "checkpoints")] == [4, 2]
-    (out / ".toy.safetensors.x1y2.tmp").write_bytes(b"half a file")  # what a kill during the artifact write leaves
+    (out / ".toy.safetensors.0123456789abcdef.tmp").write_bytes(b"half")  # a kill during the artifact write
+    (out / ".tmpa1b2c3").write_bytes(b"half")  # the safetensors library's own temporary name
+    (out / ".my_notes.tmp").write_text("not ours: stays")
     with caplog.at_level(logging.INFO):
         train(out, "--resume")
     assert "left by an interrupted write" in caplog.text
-    assert not (out / "checkpoints" / ".tmp_step_000006").exists() and not list(out.glob(".*.tmp"))
+    assert not (out / "checkpoints" / ".tmp_step_000006").exists()
+    assert sorted(p.name for p in out.glob(".*tmp*")) == [".my_notes.tmp"]
     assert_same(weights(out), reference)
 
 

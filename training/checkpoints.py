@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from analogy_core.files import read_safetensors
+from analogy_core.files import read_safetensors, stale_temp_files
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +76,15 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def remove_stale_temporaries(output_dir: Path) -> list[Path]:
-    """Delete what killed writes leave behind: ``checkpoints/.tmp_step_*`` folders and ``.<name>.*.tmp`` files."""
+def remove_stale_temporaries(output_dir: Path, artifacts: tuple[str, ...] = ()) -> list[Path]:
+    """Delete what killed writes leave behind: ``checkpoints/.tmp_step_*`` folders, and the temporary files of the
+    atomic writes of ``artifacts`` (ours and the safetensors library's; the run owns its output folder)."""
     removed = []
     for path in (output_dir / "checkpoints").glob(TMP_PREFIX + "*"):
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
-    for path in output_dir.glob(".*.tmp"):
-        if path.is_file():
+    for name in artifacts:
+        for path in stale_temp_files(output_dir / name):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed

@@ -274,7 +274,7 @@ def run(task_cls: type[TrainingTask], argv=None) -> dict:
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        for path in ckpt.remove_stale_temporaries(out):
+        for path in ckpt.remove_stale_temporaries(out, (task_cls.artifact,)):
             log.info("removed %s left by an interrupted write", path)
     accelerator.wait_for_everyone()
 
