@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from analogy_core.regions import FrozenClip, InstructionEncoder, iou
-from training.region_models import save_instruction_encoder, tiny_t5, words_of
+from training.region_models import save_instruction_encoder, tiny_t5
 
 CACHE = Path(os.environ.get("ANALOGY_WORLD_CACHE", "outputs/world"))
 T5_FOLDER = "region_t5"
@@ -26,18 +26,10 @@ T5_SEED = 1234
 
 
 def world_vocabulary() -> list[str]:
-    """Every word of the world's instructions and captions (captions of every family's edited images too)."""
+    """The words of the world's captions and instructions (the world CLIP's vocabulary)."""
     from analogy_core import world
 
-    texts = []
-    for name in world.families("all"):
-        fam = world.get_family(name)
-        texts.append(fam.instruction)
-        for k in range(8):
-            for split in ("train", "heldout"):
-                ex = world.example(name, split, k, 16)
-                texts.extend(ex.captions.values())
-    return words_of(texts)
+    return world.caption_words()
 
 
 def world_clip() -> FrozenClip:
