@@ -169,3 +169,39 @@ def check_hypernetwork(hypernetwork: LoRAHypernetwork) -> None:
 
 LOADER_CASES.append(LoaderCase("loc_hypernetwork", lambda: list(hypernetwork_samples()), load_hypernetwork,
                                (TensorFileError, HypernetworkError), check_hypernetwork))
+
+
+# -- region predictor (Predict Edit Region's checkpoint) ---------------------------------------------------------------
+
+from dataclasses import asdict  # noqa: E402
+
+from analogy_core import regions  # noqa: E402
+
+
+@lru_cache(maxsize=None)
+def region_samples() -> tuple[Sample, ...]:
+    spec = regions.RegionSpec(dim=6, grid=3, image_size=12, text_dim=5, analogy_dim=4, hidden=7,
+                              encoder=asdict(EncoderInfo.describe(6, 4, 12, 4, 2)), instruction_encoder="tiny-t5")
+    torch.manual_seed(0)
+    model = regions.RegionPredictor(spec)
+    tensors = {k: v.contiguous() for k, v in model.inference_state_dict().items()}
+    text_only = regions.RegionPredictor(regions.RegionSpec(dim=6, grid=3, image_size=12, text_dim=6))  # no projection
+    return ((tensors, regions.region_metadata(spec, {"analogy.step": "7"})),
+            ({k: v.half() for k, v in text_only.inference_state_dict().items()}, regions.region_metadata(text_only.spec)))
+
+
+def check_region(model: regions.RegionPredictor) -> None:
+    for name, param in model.state_dict().items():
+        assert torch.isfinite(param).all() and param.abs().max() <= regions.MAX_PARAMETER_VALUE, name
+    spec = model.spec
+    gen = torch.Generator().manual_seed(0)
+    patches = torch.randn(2, spec.grid ** 2, spec.dim, generator=gen)
+    if spec.text_dim:
+        assert torch.isfinite(model(patches, "text", torch.randn(2, 3, spec.text_dim, generator=gen)).probs).all()
+    if spec.analogy_dim:
+        tokens = torch.randn(2, 4, spec.analogy_dim, generator=gen)
+        assert torch.isfinite(model(patches, "analogy", tokens, tokens.flip(1)).probs).all()
+
+
+LOADER_CASES.append(LoaderCase("region_predictor", lambda: list(region_samples()), regions.load_region_predictor,
+                               (TensorFileError, regions.RegionError), check_region))
