@@ -184,15 +184,16 @@ def training_prompts(batch: dict, cfg: EditTransferConfig, generator: torch.Gene
     return drop_captions(list(batch["prompt"]), cfg.caption_dropout, generator)
 
 
-def predict(transformer, x_t, t, text, pooled, guidance: float) -> torch.Tensor:
-    """FLUX.1-dev's velocity for the composite tokens (position ids: one image, index 0)."""
+def predict(transformer, x_t, t, text, pooled, guidance: float | torch.Tensor) -> torch.Tensor:
+    """FLUX.1-dev's velocity for the composite tokens (position ids: one image, index 0); ``guidance`` one value or
+    one per sample."""
     b, tokens = x_t.shape[:2]
     side = int(round(tokens ** 0.5))
     img_ids = token_ids(2 * side, 2 * side, 0).to(x_t.device)
     txt_ids = torch.zeros(text.shape[1], 3, device=x_t.device)
+    guidance = guidance.to(x_t.device) if torch.is_tensor(guidance) else torch.full((b,), guidance, device=x_t.device)
     return transformer(hidden_states=x_t, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
-                       img_ids=img_ids, txt_ids=txt_ids, guidance=torch.full((b,), guidance, device=x_t.device),
-                       return_dict=False)[0]
+                       img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
 
 
 def panel_objective(transformer, x0, noise, t, weight, mask, text, pooled, guidance: float) -> torch.Tensor:
