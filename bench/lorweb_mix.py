@@ -7,6 +7,8 @@
    naive implementation would hand to a weight patcher).
 2. Runtime mode: one 3072->3072 linear at FLUX width with a rank-128 mixed LoRA added in the forward pass
    ((x·downᵀ)·upᵀ), vs the bare linear; tokens = 4096 image + 512 text by default (1024 px Kontext grid).
+Each pair is timed in turn within every repeat. The basis is mixed with the released checkpoint's settings
+(``--heads 2 --tanh`` for another basis' settings).
 """
 
 from __future__ import annotations
@@ -18,13 +20,16 @@ import torch
 
 from analogy_core.basis import random_basis
 from analogy_core.layouts import standard_layout
-from bench.timing import median_time
+from analogy_core.lorweb_settings import LoRWeBSettings
+from bench.timing import interleaved_median_times
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=4608)
+    parser.add_argument("--heads", type=int, default=1)
+    parser.add_argument("--tanh", action="store_true", help="tanh instead of softmax coefficients")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     layout = standard_layout("flux")
@@ -32,6 +37,7 @@ def main(argv=None):
     basis = random_basis(shapes, num_entries=32, rank=4, key_dim=128, query_dim=3 * 768)
     basis = type(basis)({p: type(l)(l.A.half(), l.B.half(), l.keys.half(), l.to_q.half())
                          for p, l in basis.layers.items()})
+    basis = basis.with_settings(LoRWeBSettings(lora_heads=args.heads, lora_softmax=not args.tanh))
     params = sum(l.A.numel() + l.B.numel() + l.keys.numel() + l.to_q.numel() for l in basis.layers.values())
     query = torch.randn(1, 3 * 768)
 
@@ -44,8 +50,8 @@ def main(argv=None):
             c = coefficients[path][0]
             torch.einsum("n,nir,nro->oi", c, layer.A.float(), layer.B.float())
 
-    t_mix = median_time(mix, args.repeats)
-    t_dense = median_time(materialise, args.repeats)
+    times = interleaved_median_times({"mix": mix, "dense": materialise}, args.repeats)
+    t_mix, t_dense = times["mix"], times["dense"]
 
     x = torch.randn(args.tokens, 3072)
     weight = torch.randn(3072, 3072) / 3072 ** 0.5
@@ -58,9 +64,10 @@ def main(argv=None):
     def with_lora():
         return torch.nn.functional.linear(x, weight) + (x @ down.t()) @ up.t()
 
-    t_bare = median_time(bare, args.repeats * 5)
-    t_lora = median_time(with_lora, args.repeats * 5)
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    times = interleaved_median_times({"bare": bare, "lora": with_lora}, args.repeats * 5)
+    t_bare, t_lora = times["bare"], times["lora"]
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"mixing {basis.settings.describe()}")
     print(f"basis: {len(basis.layers)} layers, {params / 1e6:.0f}M parameters (float16)")
     print(f"mix (coefficients + exact rank-128 LoRA, all layers): {t_mix:.2f} s")
     print(f"materialising dense ΔW instead:                      {t_dense:.2f} s  -> mix is {t_dense / t_mix:.1f}x faster")
