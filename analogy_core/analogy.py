@@ -23,7 +23,7 @@ class AnalogyError(ValueError):
 
 
 # Image-encoder families ComfyUI's CLIP_VISION loader knows (its model_type names map onto these).
-ENCODER_FAMILIES = {"clip": "CLIP", "siglip": "SigLIP", "siglip2": "SigLIP2", "dinov2": "DINOv2"}
+ENCODER_FAMILIES = {"clip": "CLIP", "siglip": "SigLIP", "siglip2": "SigLIP2", "dinov2": "DINOv2", "dinov3": "DINOv3"}
 
 # (family, embed_dim, hidden_dim, image_size, patch_size, num_layers) -> the model's common name
 KNOWN_ENCODERS = {

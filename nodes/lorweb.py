@@ -26,20 +26,12 @@ if BASIS_FOLDER in folder_paths.folder_names_and_paths:  # the basis files are .
 
 # ComfyUI's CLIP_VISION model_type (its config's "model_type"; kept as an attribute by releases newer than 0.3.75)
 COMFY_MODEL_TYPES = {"clip_vision_model": "clip", "siglip_vision_model": "siglip",
-                     "siglip2_vision_model": "siglip2", "dinov2": "dinov2"}
+                     "siglip2_vision_model": "siglip2", "dinov2": "dinov2", "dinov3": "dinov3"}
 
 
 def encoder_family(clip_vision) -> str:
-    """The encoder family of ComfyUI's CLIP_VISION: its ``model_type`` where ComfyUI keeps it (newer releases), else
-    read from the model as ComfyUI 0.3.75 builds it (Dinov2Model; SigLIP is the type that returns all hidden states)."""
-    model_type = getattr(clip_vision, "model_type", None)
-    if model_type is None:
-        if type(clip_vision.model).__name__ == "Dinov2Model":
-            model_type = "dinov2"
-        elif getattr(clip_vision, "return_all_hidden_states", False):
-            model_type = "siglip_vision_model"
-        else:
-            model_type = "clip_vision_model"
+    """The encoder family of ComfyUI's CLIP_VISION (from its model type as :mod:`comfy_compat` reads it on any host)."""
+    model_type = comfy_compat.clip_vision_model_type(clip_vision)
     if model_type not in COMFY_MODEL_TYPES:
         raise AnalogyError(f"unknown CLIP_VISION model type {model_type!r}; this pack knows "
                            f"{', '.join(COMFY_MODEL_TYPES)}")
@@ -65,11 +57,13 @@ def encoder_info(clip_vision) -> EncoderInfo:
 
 def encode_with_comfy(clip_vision, images: dict[str, torch.Tensor]) -> AnalogyEmbedding:
     """One batched pass of ComfyUI's CLIP vision model over the officially preprocessed images."""
-    info = encoder_info(clip_vision)
-    if info.family != "clip":
-        raise AnalogyError(f"this CLIP_VISION is {info.label}; Encode Analogy needs a CLIP vision model (LoRWeB's "
+    family = encoder_family(clip_vision)
+    if family != "clip":
+        label = encoder_info(clip_vision).label if family != "dinov3" else "a DINOv3 model (family dinov3)"
+        raise AnalogyError(f"this CLIP_VISION is {label}; Encode Analogy needs a CLIP vision model (LoRWeB's "
                            "preprocessing and query are CLIP's; the released basis uses CLIP ViT-L/14, "
                            "clip_vision/clip-vit-large-patch14)")
+    info = encoder_info(clip_vision)
     mean = tuple(getattr(clip_vision, "image_mean", CLIP_MEAN))
     std = tuple(getattr(clip_vision, "image_std", CLIP_STD))
     pixels, spans = batch_roles(images, clip_vision.image_size, mean, std)

@@ -180,6 +180,9 @@ def test_encoder_family_is_recognised_and_non_clip_encoders_are_refused(comfy_in
     # newer ComfyUI keeps the config's model_type (and the config) on the object, e.g. for SigLIP2 NaFlex
     siglip.model_type, siglip.config = "siglip2_vision_model", dict(SIGLIP, model_type="siglip2_vision_model")
     assert lorweb.encoder_family(siglip) == "siglip2" and lorweb.encoder_info(siglip).family == "siglip2"
+    siglip.model_type = "dinov3"  # newer ComfyUI's DINOv3: refused by name before its structure is read
+    with pytest.raises(ValueError, match=r"this CLIP_VISION is a DINOv3 model .* needs a CLIP vision model"):
+        lorweb.EncodeAnalogy().encode(siglip, imgs["a"], imgs["a_prime"], imgs["b"])
     siglip.model_type = "radio_vision_model"
     with pytest.raises(ValueError, match="unknown CLIP_VISION model type 'radio_vision_model'"):
         lorweb.encoder_family(siglip)
