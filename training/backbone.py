@@ -2,7 +2,10 @@
 
 Nothing is downloaded: a model id must already be in the local Hugging Face cache (``local_files_only``).
 ``"tiny"`` builds random small models with the same architecture (for tests and CPU smoke runs) and a word-hash
-tokenizer, since real tokenizers need vocabulary files.
+tokenizer, since real tokenizers need vocabulary files. ``"world:<folder>"`` loads the analogy world's pretrained
+backbone (``python -m training.world build``; see :mod:`training.world`): the FLUX.1-Kontext-like transformer and
+its text encoders from ``<folder>/flux_kontext`` (or ``<folder>`` itself when it is a model folder, e.g. another
+world transformer), the world autoencoder from ``<folder>/autoencoder`` (or the model folder's sibling).
 """
 
 from __future__ import annotations
@@ -10,11 +13,14 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from analogy_core.encoders import ImageEncoder, load_image_encoder
+
+WORLD_PREFIX = "world:"
 
 TINY_TRANSFORMER = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
                         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
@@ -50,11 +56,14 @@ class Backbone:
     t5: nn.Module
     clip_tokenizer: object
     t5_tokenizer: object
-    tiny: bool
+    tiny: bool                 # word-hash tokenizers (tiny and world backbones)
+    codec: object | None = None  # the world autoencoder's exact shortcut (encode/decode of -1..1 pixels), if any
 
     @property
     def vae_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        config = self.vae.config
+        channels = getattr(config, "block_out_channels", None) or config.encoder_block_out_channels
+        return 2 ** (len(channels) - 1)
 
     def freeze(self) -> None:
         for module in (self.transformer, self.vae, self.clip_text, self.t5):
@@ -82,7 +91,11 @@ class Backbone:
         """IMAGE [B, H, W, 3] in 0..1 -> packed latent tokens [B, (h/2)(w/2), 4·C]."""
         param = next(self.vae.parameters())
         pixels = images.permute(0, 3, 1, 2).to(param.device, param.dtype) * 2 - 1
-        latents = self.vae.encode(pixels).latent_dist.mode()
+        if self.codec is not None:
+            latents = self.codec.encode(pixels)
+        else:
+            encoded = self.vae.encode(pixels)
+            latents = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
         latents = (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
         return pack(latents)
 
@@ -93,7 +106,10 @@ class Backbone:
         latents = unpack(tokens, height // f, width // f)
         latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
         param = next(self.vae.parameters())
-        pixels = self.vae.decode(latents.to(param.dtype)).sample
+        if self.codec is not None:
+            pixels = self.codec.decode(latents.to(param.dtype))
+        else:
+            pixels = self.vae.decode(latents.to(param.dtype)).sample
         return ((pixels.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
 
 
@@ -135,6 +151,9 @@ def _randomise(module: nn.Module, seed: int) -> None:
 def load_backbone(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> Backbone:
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
+    if name.startswith(WORLD_PREFIX):
+        flux, autoencoder = world_model_folders(name[len(WORLD_PREFIX):])
+        return world_backbone(flux, autoencoder, dtype)
     if name == "tiny":
         from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -164,9 +183,52 @@ def load_backbone(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) 
     return backbone
 
 
+def world_model_folders(folder: str, model: str = "flux_kontext") -> tuple[Path, Path]:
+    """(transformer folder, autoencoder folder) of a world spec: a world folder (``world.json``; its ``model``) or a
+    world model folder (``transformer/``; the autoencoder is its sibling)."""
+    root = Path(folder)
+    flux = root / model if (root / "world.json").is_file() or (root / model).is_dir() else root
+    autoencoder = flux.parent / "autoencoder"
+    for path, what in ((flux / "transformer", "transformer"), (autoencoder / "config.json", "autoencoder")):
+        if not path.exists():
+            raise FileNotFoundError(f"world backbone {folder}: no {what} at {path}; build the world with "
+                                    f"`python -m training.world build` (see training/world)")
+    return flux, autoencoder
+
+
+def world_backbone(flux_folder: Path, autoencoder_folder: Path, dtype: torch.dtype = torch.float32) -> Backbone:
+    """The world's backbone from its folders: transformer and text encoders, word-hash tokenizers, autoencoder."""
+    import json
+
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from training.world.autoencoder import load_world_autoencoder
+
+    codec = load_world_autoencoder(autoencoder_folder)
+    tokenizer = json.loads((Path(flux_folder) / "hash_tokenizer.json").read_text())
+    hashing = HashTokenizer(tokenizer["vocab_size"], tokenizer["length"])
+    kwargs = dict(local_files_only=True, torch_dtype=dtype)
+    backbone = Backbone(FluxTransformer2DModel.from_pretrained(Path(flux_folder) / "transformer", **kwargs),
+                        codec.ae.to(dtype), CLIPTextModel.from_pretrained(Path(flux_folder) / "text_encoder", **kwargs),
+                        T5EncoderModel.from_pretrained(Path(flux_folder) / "text_encoder_2", **kwargs), hashing,
+                        hashing, True, codec)
+    backbone.freeze()
+    return backbone
+
+
 def load_query_encoder(name: str, seed: int = 0) -> ImageEncoder:
     """LoRWeB's frozen query encoder: "tiny" (random, from a small config), a transformers CLIP vision folder or
-    cached id, or "open_clip:<architecture>:<weights.safetensors>" (see :mod:`analogy_core.encoders`)."""
+    cached id, "open_clip:<architecture>:<weights.safetensors>" (see :mod:`analogy_core.encoders`), or
+    "world:<folder>": the analogy world's CLIP (``<folder>/clip`` of a world folder, or a CLIP folder itself)."""
+    if name.startswith(WORLD_PREFIX):
+        folder = Path(name[len(WORLD_PREFIX):])
+        folder = folder / "clip" if (folder / "clip" / "config.json").is_file() else folder
+        folder = folder / "vision"  # the world CLIP's vision tower (see training/world/clip.py)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"query encoder {name}: no world CLIP at {folder}; build the world with "
+                                    f"`python -m training.world build`")
+        return load_image_encoder(str(folder))
     if name != "tiny":
         return load_image_encoder(name)
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection

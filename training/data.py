@@ -202,7 +202,12 @@ def make_dataset(spec: str, resolution: int, fit: str = "stretch", caption_sourc
         return Relation252K(location, resolution, fit, caption_source)
     if kind == "quads":
         return Quads(location, resolution, fit)
-    raise ValueError(f"data must be synthetic, relation252k:<folder> or quads:<file.jsonl>; got {spec!r}")
+    if kind == "world":  # the analogy world (options: see training/world/data.py)
+        from training.world.data import make_world_dataset
+
+        return make_world_dataset(location, resolution)
+    raise ValueError(f"data must be synthetic, relation252k:<folder>, quads:<file.jsonl> or world[:options]; "
+                     f"got {spec!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,291 @@
+"""The analogy-world yardstick: train each method's preset on the world, then measure B′ on held-out scenes of every
+family (training and held-out families).
+
+    python -m bench.analogy_world                               # every method, the full world
+    python -m bench.analogy_world --methods lorweb --quick --json outputs/world.json
+    python -m bench.analogy_world --seed 1 --out outputs/bench_world_s1
+
+Per family (mean absolute pixel error of B′ against the true B′, 0..1 units): the method, no edit (B′ = B), the
+base backbone without the method, and the autoencoder floor (reconstruction of the true B′). Method-specific figures
+go in ``extra`` (LoRWeB: ``routing_gap`` = within- minus across-family centred cosine similarity of the basis
+coefficients, on training families, after training and at initialisation). Writes a table, a JSON file (the stable
+interface below), and a picture grid per method (rows: families; columns A, A′, B, true B′, the method's B′).
+
+JSON (stable): ``{"seed": int, "quick": bool, "seconds": float, "methods": {"<method>": {"families": {"<family>":
+{"split": "train" | "heldout", "error": float, "no_edit": float, "base": float, "floor": float}}, "extra": {...}}}}``
+
+Adding a method: write ``run(ctx: MethodContext) -> MethodOutput`` (train its preset with its trainer in a subprocess
+on ``ctx.world``, then produce B′ and the base's B′ for ``ctx.examples``) and add a :class:`Method` to
+:data:`METHODS`, naming the world models it needs (``ctx.world.path(name)`` gives their folders).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from analogy_core import world as world_def
+from training.world import World, build_world
+from training.world import evaluate as ev
+
+REPO = Path(__file__).resolve().parent.parent
+log = logging.getLogger("bench.analogy_world")
+
+
+@dataclass
+class MethodContext:
+    """What the bench gives a method."""
+
+    world: World
+    seed: int
+    quick: bool
+    folder: Path                                  # the method's own output folder (training runs, files)
+    examples: dict[str, list[world_def.Example]]  # held-out scenes of every family
+
+
+@dataclass
+class MethodOutput:
+    """What a method gives back: B′ per family (IMAGE batches in the order of ``ctx.examples``), the base backbone's
+    B′ without the method, the autoencoder round trip its backbone uses (for the floor), and extra figures."""
+
+    b_prime: dict[str, torch.Tensor]
+    base: dict[str, torch.Tensor]
+    reconstruct: Callable[[torch.Tensor], torch.Tensor]
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    world_models: tuple[str, ...]
+    run: Callable[[MethodContext], MethodOutput]
+    description: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LoRWeB
+
+
+def train_subprocess(module: str, out: Path, settings: dict, max_steps: int, preset: str = "tiny",
+                     extra: list[str] = ()) -> float:
+    """``python -m <module> --preset <preset> --set k=v ... --output-dir out --max-steps N``; returns seconds."""
+    from training.world.presets import set_arguments
+
+    cmd = [sys.executable, "-m", module, "--preset", preset, *set_arguments(settings), "--output-dir", str(out),
+           "--max-steps", str(max_steps), *extra]
+    started = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "train.log", "w") as handle:
+        result = subprocess.run(cmd, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, TQDM_DISABLE="1"))
+    if result.returncode:
+        tail = (out / "train.log").read_text()[-3000:]
+        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}):\n{tail}")
+    return time.monotonic() - started
+
+
+def losses_from_log(path: Path) -> tuple[float, float] | None:
+    for line in reversed(path.read_text().splitlines()):
+        if "loss" in line and "->" in line:
+            start, end = line.rsplit("loss ", 1)[1].rstrip(")").split(" -> ")
+            return float(start), float(end)
+    return None
+
+
+def routing(coefficients: torch.Tensor, labels: list[str]) -> dict[str, float]:
+    """Within- and across-family mean centred cosine similarity of per-example coefficient vectors [E, D]."""
+    x = coefficients.double()
+    x = x - x.mean(dim=0, keepdim=True)
+    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    sim = x @ x.t()
+    same = torch.tensor([[a == b for b in labels] for a in labels])
+    off = ~torch.eye(len(labels), dtype=torch.bool)
+    within, across = float(sim[same & off].mean()), float(sim[~same].mean())
+    return {"within": within, "across": across, "gap": within - across}
+
+
+def run_lorweb(ctx: MethodContext) -> MethodOutput:
+    from analogy_core.basis import load_basis
+    from analogy_core.lorweb_layer import inject_lorweb, set_query
+    from training.backbone import load_backbone, load_query_encoder
+    from training.world.presets import lorweb_settings
+
+    settings = lorweb_settings(str(ctx.world.root), ctx.quick)
+    settings["seed"] = ctx.seed
+    steps = int(settings["max_steps"])
+    # the basis at initialisation: the same run for one step at learning rate 0
+    train_subprocess("training.train_lorweb", ctx.folder / "init", {**settings, "learning_rate": 0.0,
+                                                                   "sample_every": 10_000}, 1)
+    seconds = train_subprocess("training.train_lorweb", ctx.folder / "train", settings, steps)
+    basis = load_basis(ctx.folder / "train" / "lorweb_basis.safetensors")
+    init_basis = load_basis(ctx.folder / "init" / "lorweb_basis.safetensors")
+
+    backbone = load_backbone(ctx.world.spec)
+    encoder = load_query_encoder(ctx.world.spec)
+    sample_steps, guidance = int(settings["sample_steps"]), float(settings["guidance"])
+    base, queries = {}, {}
+    for family, items in ctx.examples.items():
+        base[family] = bottom(backbone, items, sample_steps, ctx.seed, guidance)
+        embedding = encoder.encode(ev.stack(items, "a"), ev.stack(items, "a_prime"), ev.stack(items, "b"))
+        queries[family] = basis.settings.query(embedding)
+    transformer = backbone.transformer
+    layers = inject_lorweb(transformer, json.loads(basis.metadata["analogy.targets"]), num_entries=basis.num_entries,
+                           rank=basis.rank, key_dim=basis.key_dim, query_dim=basis.query_dim, settings=basis.settings)
+    if set(layers) != set(basis.layers):
+        raise RuntimeError("the trained basis does not cover the world backbone's targeted layers")
+    for name, layer in layers.items():
+        layer.load_basis_layer(basis.layers[name])
+    b_prime = {family: bottom(backbone, items, sample_steps, ctx.seed, guidance,
+                              lambda q=queries[family]: set_query(transformer, q))
+               for family, items in ctx.examples.items()}
+
+    train_families = [f for f in ctx.examples if world_def.get_family(f).split == "train"]
+
+    def coefficient_vectors(source, names):
+        rows = [torch.cat(list(source.coefficients(queries[f]).values()), dim=1) for f in names]
+        labels = [f for f in names for _ in ctx.examples[f]]
+        return torch.cat(rows), labels
+
+    extra = {"train_steps": steps, "train_seconds": round(seconds, 1)}
+    for tag, source in (("", basis), ("_init", init_basis)):
+        for scope, names in (("", train_families), ("_all_families", list(ctx.examples))):
+            r = routing(*coefficient_vectors(source, names))
+            extra[f"routing_gap{scope}{tag}"] = round(r["gap"], 4)
+            if not scope:
+                extra[f"routing_within{tag}"], extra[f"routing_across{tag}"] = round(r["within"], 4), \
+                    round(r["across"], 4)
+    losses = losses_from_log(ctx.folder / "train" / "train.log")
+    if losses:
+        extra["loss_first_step"], extra["loss_last_step"] = losses
+    return MethodOutput(b_prime, base, lambda images: ev.reconstruct(backbone, images), extra)
+
+
+def bottom(backbone, items, steps: int, seed: int, guidance: float, before_call=None) -> torch.Tensor:
+    """B′ of the examples: the bottom-right panel of the sampled grid given the reference grid [A A′; B B]."""
+    grids = ev.sample_grids(backbone, ev.reference_grids(items), steps, seed, guidance, before_call)
+    return ev.bottom_right(grids)
+
+
+OUTPUTS: dict[str, MethodOutput] = {}  # outputs of the methods run so far in this process (later rows may use them)
+
+
+METHODS: dict[str, Method] = {
+    "lorweb": Method("lorweb", ("autoencoder", "clip", "flux_kontext"), run_lorweb,
+                     "LoRWeB basis on the FLUX.1-Kontext-like world backbone, world CLIP queries"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# measuring, reporting
+
+
+def measure(ctx: MethodContext, output: MethodOutput) -> dict:
+    families = {}
+    for family, items in ctx.examples.items():
+        truth = ev.stack(items, "b_prime")
+        families[family] = {
+            "split": world_def.get_family(family).split,
+            "error": round(float(ev.mae(output.b_prime[family], truth).mean()), 5),
+            "no_edit": round(float(ev.mae(ev.stack(items, "b"), truth).mean()), 5),
+            "base": round(float(ev.mae(output.base[family], truth).mean()), 5),
+            "floor": round(float(ev.mae(output.reconstruct(truth), truth).mean()), 5)}
+    extra = dict(output.extra)
+    for split in ("train", "heldout"):
+        rows = [r for r in families.values() if r["split"] == split]
+        if rows:
+            extra[f"mean_error_over_no_edit_{split}"] = round(sum(r["error"] / r["no_edit"] for r in rows) / len(rows),
+                                                              4)
+            extra[f"mean_base_over_no_edit_{split}"] = round(sum(r["base"] / r["no_edit"] for r in rows) / len(rows),
+                                                             4)
+    return {"families": families, "extra": extra}
+
+
+def picture(ctx: MethodContext, output: MethodOutput, result: dict, path: Path) -> Path:
+    """Rows = families (first example); columns A, A′, B, true B′, the method's B′; a label strip on the left."""
+    from PIL import Image, ImageDraw
+
+    from devtools.images import to_uint8
+
+    rows = []
+    for family, items in ctx.examples.items():
+        ex = items[0]
+        rows.append(torch.cat([ex.a, ex.a_prime, ex.b, ex.b_prime, output.b_prime[family][0]], dim=1))
+    grid = to_uint8(torch.cat(rows, dim=0))
+    panel, label = ctx.examples[next(iter(ctx.examples))][0].a.shape[0], 210
+    canvas = Image.new("RGB", (grid.shape[1] + label, grid.shape[0]), "white")
+    canvas.paste(Image.fromarray(grid), (label, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, family in enumerate(ctx.examples):
+        r = result["families"][family]
+        draw.text((4, i * panel + 4), f"{family}\n({r['split']})\nerror {r['error']:.3f}\nno edit {r['no_edit']:.3f}",
+                  fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def print_table(results: dict) -> None:
+    print(f"{'method':8s} {'family':24s} {'split':8s} {'error':>7s} {'no_edit':>8s} {'base':>7s} {'floor':>7s} "
+          f"{'err/no_edit':>11s}")
+    for method, result in results.items():
+        for family, r in result["families"].items():
+            print(f"{method:8s} {family:24s} {r['split']:8s} {r['error']:7.4f} {r['no_edit']:8.4f} {r['base']:7.4f} "
+                  f"{r['floor']:7.4f} {r['error'] / r['no_edit']:11.3f}")
+        for key, value in result["extra"].items():
+            print(f"{method:8s} extra {key} = {value}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument("--seed", type=int, default=0, help="world, training and sampling seed")
+    parser.add_argument("--quick", action="store_true", help="the CI-sized world and runs")
+    parser.add_argument("--json", type=Path, help="write the results here (also written to --out)")
+    parser.add_argument("--out", type=Path, help="output folder (default outputs/bench_world[_quick]_s<seed>)")
+    parser.add_argument("--world-root", type=Path, help="parent folder of cached worlds (default outputs/world)")
+    parser.add_argument("--examples", type=int, help="held-out examples per family (default 16, quick 4)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
+    started = time.monotonic()
+    out = args.out or REPO / "outputs" / f"bench_world{'_quick' if args.quick else ''}_s{args.seed}"
+    count = args.examples or (4 if args.quick else 16)
+    needed = sorted({m for name in names for m in METHODS[name].world_models})
+    world = build_world(needed, quick=args.quick, seed=args.seed, root=args.world_root)
+    panel = world.builds["autoencoder"]["config"]["panel"]
+    examples = {family: ev.examples(family, count, panel) for family in world_def.families("all")}
+    results = {}
+    for name in names:
+        folder = out / name
+        shutil.rmtree(folder, ignore_errors=True)
+        ctx = MethodContext(world, args.seed, args.quick, folder, examples)
+        output = METHODS[name].run(ctx)
+        OUTPUTS[name] = output
+        results[name] = measure(ctx, output)
+        print(f"{name}: picture {picture(ctx, output, results[name], out / f'{name}.png')}")
+    report = {"seed": args.seed, "quick": args.quick, "seconds": round(time.monotonic() - started, 1),
+              "methods": results}
+    print_table(results)
+    print(f"total time: {report['seconds']:.1f} s")
+    for path in filter(None, (args.json, out / "results.json")):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

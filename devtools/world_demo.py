@@ -1,0 +1,175 @@
+"""The main job on the analogy world: the shipped LoRWeB example workflow, run in a real ComfyUI with the world's
+models in place of the downloads, on held-out scenes; writes A | A′ | B | B′ (ours) | B′ (truth) per family.
+
+    python -m devtools.world_demo --world outputs/world/v1-full-s0 --basis outputs/lorweb_world/lorweb_basis.safetensors
+
+What is swapped in ``example_workflows/lorweb_kontext_analogy.json`` (everything else runs as shipped: LoadImage x3,
+Four-Panel Composite, VAEEncode, ReferenceLatent, FluxGuidance, Encode Analogy, Load/Mix LoRA Basis, Apply LoRA,
+KSampler, VAEDecode, Extract Panel, SaveImage):
+
+* UNETLoader -> the dev FLUX loader (the world transformer's shapes are not ones ComfyUI's detector knows);
+* CLIPVisionLoader -> the dev CLIP-vision loader (the world CLIP's vision tower);
+* DualCLIPLoader + CLIPTextEncode -> the world's neutral-prompt conditioning read from a file (the world backbone
+  has no language; LoRWeB was trained with that prompt);
+* file names of the VAE (the world autoencoder, loaded by ComfyUI's stock VAELoader as a TAESD) and of the basis;
+* panel size 64 (the world's), KSampler steps and seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from analogy_core import world as world_def
+
+from .comfy_server import REPO_ROOT, ComfyServer
+from .images import load_png, save_png, to_uint8
+from .workflow import ui_to_api
+
+WORKFLOW = REPO_ROOT / "example_workflows" / "lorweb_kontext_analogy.json"
+DEV_NODES = REPO_ROOT / "devtools" / "comfy_nodes"
+FILES = {"flux": "world_flux_kontext.safetensors", "clip": "world_clip_vision.safetensors",
+         "vae": "world_taesd.safetensors", "conditioning": "world_neutral_conditioning.safetensors",
+         "basis": "world_lorweb_basis.safetensors"}
+
+
+def install_world_models(world_folder: Path, basis: Path, models: Path) -> None:
+    """Write the world's models into a ComfyUI ``models`` folder under the names :data:`FILES` gives."""
+    from safetensors.torch import load_file, save_file
+
+    from training.world.flux_kontext import CONDITIONING_FILE, comfy_unet_config
+
+    flux = world_folder / "flux_kontext"
+    config = json.loads((flux / "transformer" / "config.json").read_text())
+    weights = load_file(flux / "transformer" / "diffusion_pytorch_model.safetensors")
+    (models / "diffusion_models").mkdir(parents=True, exist_ok=True)
+    save_file(weights, models / "diffusion_models" / FILES["flux"],
+              metadata={"unet_config": json.dumps(comfy_unet_config(config))})
+
+    clip_config = json.loads((world_folder / "clip" / "config.json").read_text())["vision_config"]
+    clip = load_file(world_folder / "clip" / "model.safetensors")
+    vision = {k: v for k, v in clip.items() if k.startswith(("vision_model.", "visual_projection."))}
+    header = {key: clip_config[key] for key in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                 "num_hidden_layers", "patch_size", "image_size", "projection_dim",
+                                                 "hidden_act", "layer_norm_eps") if key in clip_config}
+    header.update(model_type="clip_vision_model", num_channels=3)
+    (models / "clip_vision").mkdir(parents=True, exist_ok=True)
+    save_file(vision, models / "clip_vision" / FILES["clip"], metadata={"clip_config": json.dumps(header)})
+
+    for folder, source, name in (("vae", world_folder / "autoencoder" / "world_taesd.safetensors", FILES["vae"]),
+                                 ("text_encoders", flux / CONDITIONING_FILE, FILES["conditioning"]),
+                                 ("lorweb", basis, FILES["basis"])):
+        (models / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, models / folder / name)
+
+
+def world_prompt(object_info: dict, images: dict[str, str], panel: int, steps: int, seed: int) -> dict:
+    """The shipped workflow in API format with the world's models swapped in (see the module docstring)."""
+    prompt = ui_to_api(json.loads(WORKFLOW.read_text()), object_info)
+    by_type = {node["class_type"]: key for key, node in prompt.items()}
+    swaps = {"UNETLoader": ("AnalogyTestTinyFluxLoader", {"unet_name": FILES["flux"]}),
+             "CLIPVisionLoader": ("AnalogyTestTinyClipVisionLoader", {"clip_name": FILES["clip"]}),
+             "CLIPTextEncode": ("AnalogyTestConditioningFile", {"file_name": FILES["conditioning"]})}
+    for class_type, (replacement, inputs) in swaps.items():
+        prompt[by_type[class_type]] = {"class_type": replacement, "inputs": inputs}
+    del prompt[by_type["DualCLIPLoader"]]
+    prompt[by_type["VAELoader"]]["inputs"]["vae_name"] = FILES["vae"]
+    prompt[by_type["AnalogyLoadLoRABasis"]]["inputs"]["basis_name"] = FILES["basis"]
+    prompt[by_type["AnalogyFourPanelComposite"]]["inputs"].update(panel_size="custom", width=panel, height=panel,
+                                                                   snap="multiple_of_16")
+    prompt[by_type["KSampler"]]["inputs"].update(steps=steps, seed=seed)
+    loads = sorted(key for key, node in prompt.items() if node["class_type"] == "LoadImage")
+    for key in loads:  # the workflow's LoadImage nodes read analogy_a / analogy_a_prime / analogy_b
+        name = prompt[key]["inputs"]["image"]
+        role = {"analogy_a.png": "a", "analogy_a_prime.png": "a_prime", "analogy_b.png": "b"}[name]
+        prompt[key]["inputs"]["image"] = images[role]
+    return prompt
+
+
+def b_prime_node(prompt: dict) -> str:
+    extract = next(k for k, n in prompt.items() if n["class_type"] == "AnalogyExtractPanel")
+    return next(k for k, n in prompt.items() if n["class_type"] == "SaveImage" and n["inputs"]["images"][0] == extract)
+
+
+def labelled_rows(rows: list[torch.Tensor], labels: list[str], panel: int, width: int = 190):
+    from PIL import Image, ImageDraw
+
+    grid = to_uint8(torch.cat(rows, dim=0))
+    header = 14
+    canvas = Image.new("RGB", (grid.shape[1] + width, grid.shape[0] + header), "white")
+    canvas.paste(Image.fromarray(grid), (width, header))
+    draw = ImageDraw.Draw(canvas)
+    for col, title in enumerate(("A", "A'", "B", "B' (ours)", "B' (truth)")):
+        draw.text((width + col * panel + 4, 1), title, fill="black")
+    for i, text in enumerate(labels):
+        draw.text((4, header + i * panel + 4), text, fill="black")
+    return canvas
+
+
+def run_demo(world_folder: Path, basis: Path, out: Path, families: list[str], index: int, steps: int, seed: int,
+             keep: bool = False) -> dict[str, float]:
+    panel = world_def.REFERENCE_SIZE
+    base = Path(tempfile.mkdtemp(prefix="analogy-world-demo-"))
+    install_world_models(world_folder, basis, base / "models")
+    examples = {f: world_def.example(f, "heldout", index, panel) for f in families}
+    for family, ex in examples.items():
+        for role in ("a", "a_prime", "b"):
+            save_png(getattr(ex, role), base / "input" / f"world_{family}_{role}.png")
+    errors, rows, labels = {}, [], []
+    started = time.monotonic()
+    with ComfyServer(base, extra_nodes={"analogy_dev_nodes": DEV_NODES}) as server:
+        info = server.object_info()
+        for family, ex in examples.items():
+            images = {role: f"world_{family}_{role}.png" for role in ("a", "a_prime", "b")}
+            prompt = world_prompt(info, images, panel, steps, seed)
+            node = b_prime_node(prompt)
+            for key, n in prompt.items():
+                if n["class_type"] == "SaveImage":
+                    n["inputs"]["filename_prefix"] = f"world_demo/{family}_{key}"
+            history = server.run(prompt)
+            ours = load_png(server.output_files(history, node)[0])
+            truth = load_png(save_png(ex.b_prime, base / "truth.png"))  # the 8-bit truth, as ComfyUI sees images
+            errors[family] = float((ours - truth).abs().mean())
+            no_edit = float((load_png(save_png(ex.b, base / "b.png")) - truth).abs().mean())
+            split = world_def.get_family(family).split
+            print(f"{family:26s} ({split:7s}) error {errors[family]:.4f}   no edit {no_edit:.4f}")
+            rows.append(torch.cat([ex.a, ex.a_prime, ex.b, ours, ex.b_prime], dim=1))
+            labels.append(f"{family}\n({split} family)\nerror {errors[family]:.3f}\nno edit {no_edit:.3f}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    labelled_rows(rows, labels, panel).save(out)
+    print(f"ran {WORKFLOW.name} in the real ComfyUI for {len(examples)} held-out scenes "
+          f"({time.monotonic() - started:.0f} s); picture: {out}")
+    if keep:
+        print(f"server directory kept at {base}")
+    else:
+        shutil.rmtree(base, ignore_errors=True)
+    return errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world", type=Path, required=True, help="a built world folder (python -m training.world)")
+    parser.add_argument("--basis", type=Path, required=True, help="a LoRWeB basis trained on that world")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "outputs" / "world_demo.png")
+    parser.add_argument("--families", default="all", help="train, heldout, all or names joined by +")
+    parser.add_argument("--index", type=int, default=0, help="which held-out scene pair of each family")
+    parser.add_argument("--steps", type=int, default=8, help="KSampler steps")
+    parser.add_argument("--seed", type=int, default=0, help="KSampler seed")
+    parser.add_argument("--keep-server-dir", action="store_true")
+    args = parser.parse_args(argv)
+    from training.world.data import family_list
+
+    run_demo(args.world, args.basis, args.out, list(family_list(args.families)), args.index, args.steps, args.seed,
+             args.keep_server_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The analogy world's examples (no models): B′ is the family's function of B, masks are exactly where B and B′
+differ, splits never share scenes, everything is deterministic."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from analogy_core import world
+from training.world.data import WorldAnalogies, parse_spec
+
+SIZE = world.REFERENCE_SIZE
+
+
+def colour(name: str) -> torch.Tensor:
+    return torch.tensor(world.COLOURS.get(name) or world.BACKGROUNDS[name])
+
+
+def expected_global(family: str, b: torch.Tensor) -> torch.Tensor:
+    """Each global family written out independently of the world module."""
+    if family == "invert":
+        return 1.0 - b
+    if family == "grayscale":
+        y = 0.299 * b[..., 0] + 0.587 * b[..., 1] + 0.114 * b[..., 2]
+        return torch.stack([y, y, y], dim=-1)
+    if family == "channel_swap":
+        return torch.stack([b[..., 2], b[..., 0], b[..., 1]], dim=-1)
+    if family == "hflip":
+        return b[:, torch.arange(SIZE - 1, -1, -1)]
+    if family == "vflip":
+        return b[torch.arange(SIZE - 1, -1, -1)]
+    raise AssertionError(family)
+
+
+def pixels_equal(region: torch.Tensor, rgb: torch.Tensor) -> bool:
+    return bool((region == rgb.float()).all())
+
+
+@pytest.mark.parametrize("family", world.families("all"))
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_b_prime_is_the_family_function_of_b(family, split):
+    fam = world.get_family(family)
+    for index in range(6):
+        ex = world.example(family, split, index, SIZE)
+        assert not torch.equal(ex.a, ex.b), "A and B are different scenes"
+        assert not torch.equal(ex.b, ex.b_prime) and not torch.equal(ex.a, ex.a_prime), "the edit is visible"
+        if fam.kind == "global":
+            torch.testing.assert_close(ex.b_prime, expected_global(family, ex.b), rtol=0, atol=1e-6)
+            torch.testing.assert_close(ex.a_prime, expected_global(family, ex.a), rtol=0, atol=1e-6)
+            assert ex.mask.all()
+            continue
+        changed = (ex.b != ex.b_prime).any(dim=-1)
+        assert torch.equal(ex.mask, changed), "the mask is exactly where B and B′ differ"
+        assert 0 < int(ex.mask.sum()) < SIZE * SIZE // 3
+        inside_b, inside_b_prime = ex.b[ex.mask], ex.b_prime[ex.mask]
+        if family.startswith("recolour_"):
+            src, dst = family.split("_")[1:]
+            assert pixels_equal(inside_b, colour(src)) and pixels_equal(inside_b_prime, colour(dst))
+            assert not (ex.b_prime == colour(src).float()).all(dim=-1).any(), "no object of the old colour is left"
+        elif family.startswith("add_square_"):
+            assert pixels_equal(inside_b_prime, colour("white"))
+            ys, xs = torch.nonzero(ex.mask, as_tuple=True)
+            side = world.ADDED_SQUARE * SIZE // world.REFERENCE_SIZE
+            assert int(ys.max() - ys.min()) + 1 == side and int(xs.max() - xs.min()) + 1 == side
+            assert len(ys) == side * side, "a square"
+            top = family.endswith("top_left")
+            assert (int(ys.min()) < SIZE // 2) == top and (int(xs.min()) < SIZE // 2) == top
+        elif family.startswith("remove_"):
+            # the background is the most common colour of B′; removed objects uncover it
+            values, counts = ex.b_prime.reshape(-1, 3).unique(dim=0, return_counts=True)
+            assert pixels_equal(inside_b_prime, values[counts.argmax()]), "removed objects uncover the background"
+            shape = family.split("_")[1][:-1]  # remove_discs -> disc
+            assert shape in ex.captions["b"] and shape not in ex.captions["b_prime"]
+        else:
+            raise AssertionError(f"no check written for family {family}")
+
+
+def test_images_are_pixel_art_on_4px_cells_and_deterministic():
+    ex = world.example("remove_discs", "train", 3, SIZE)
+    for image in ex.images().values():
+        cells = image.view(SIZE // world.CELL, world.CELL, SIZE // world.CELL, world.CELL, 3)
+        assert (cells == cells[:, :1, :, :1]).all(), "every 4x4 cell is one colour"
+    again = world.example("remove_discs", "train", 3, SIZE)
+    assert all(torch.equal(x, y) for x, y in zip(ex.images().values(), again.images().values()))
+    assert torch.equal(ex.mask, again.mask) and ex.captions == again.captions
+
+
+def test_training_and_held_out_scenes_differ():
+    seen = set()
+    for index in range(200):
+        seen.add(world.render(world.sample_scene(world.scene_rng("train", index))).numpy().tobytes())
+    held = [world.render(world.sample_scene(world.scene_rng("heldout", index))).numpy().tobytes()
+            for index in range(200)]
+    assert not seen.intersection(held)
+
+
+def test_family_splits_and_siblings():
+    train, held = world.families("train"), world.families("heldout")
+    assert set(train).isdisjoint(held) and len(train) >= 6 and len(held) >= 3
+    kinds = {world.get_family(f).kind for f in train}
+    assert kinds == {"global", "local"}
+    for name in held:  # every held-out family has a training sibling of the same kind
+        fam = world.get_family(name)
+        assert fam.sibling in train and world.get_family(fam.sibling).kind == fam.kind
+
+
+def test_captions_use_the_vocabulary_and_name_the_content():
+    vocab = set(world.caption_words())
+    for family in world.families("all"):
+        ex = world.example(family, "heldout", 1, SIZE)
+        for text in [*ex.captions.values(), ex.instruction]:
+            words = re.findall(r"\w+|[^\w\s]+", text)
+            assert set(words) <= vocab, set(words) - vocab
+    ex = world.example("recolour_red_blue", "train", 0, SIZE)
+    assert "red" in ex.captions["b"] and "red" not in ex.captions["b_prime"] and "blue" in ex.captions["b_prime"]
+    assert world.example("invert", "train", 0).captions["a_prime"].startswith("a negative picture")
+
+
+def test_world_data_spec():
+    data = WorldAnalogies.from_spec("families=train,scenes=heldout,prompt=instruction", 64)
+    fams = world.families("train")
+    assert [data.family(i) for i in range(len(fams))] == fams
+    item = data[len(fams) + 2]
+    ex = world.example(fams[2], "heldout", 1, 64)
+    assert torch.equal(item["b_prime"], ex.b_prime) and item["prompt"] == ex.instruction
+    assert WorldAnalogies.from_spec("", 64)[0]["prompt"] == "", "neutral prompt by default"
+    with pytest.raises(ValueError, match="prompt"):
+        parse_spec("prompt=loud")
+    with pytest.raises(ValueError, match="unknown world family"):
+        WorldAnalogies.from_spec("families=invert+paint", 64)
+    assert np.isclose(float(item["mask"].mean()), float(ex.mask.float().mean()))

@@ -1,0 +1,44 @@
+"""The settings LoRWeB trains with on the analogy world (the yardstick's and the demo's), passed to
+``python -m training.train_lorweb --preset tiny`` as ``--set key=value`` overrides.
+
+    python -m training.train_lorweb --preset tiny $(python -m training.world.presets <world folder>)  # by hand
+
+Why these values: 128-px grids of 64-px panels (the world's panel); N=16 basis entries of rank 4 for 7 training
+families (the official N=32 serves hundreds of tasks); neutral prompt (``data=world``), no caption dropout (the
+prompt carries nothing); ``logit_normal`` timesteps as the world backbone was pretrained with; guidance 2.5, the
+shipped example workflow's value (the world backbone ignores guidance: it was pretrained over 1..4); plain AdamW in
+float32 (CPU).
+"""
+
+from __future__ import annotations
+
+import sys
+
+LORWEB_WORLD: dict[str, object] = dict(
+    data="world", grid_resolution=128, num_entries=16, rank=4, key_dim=32, batch_size=8, max_steps=600,
+    learning_rate=2e-3, use_8bit_adam=False, mixed_precision="no", gradient_checkpointing=False, caption_dropout=0.0,
+    num_workers=0, checkpoint_every=200, keep_checkpoints=1, sample_every=600, sample_steps=8, log_every=20,
+    report_to="none", timestep_sampling="logit_normal", guidance=2.5)
+# The CI-sized run the tests use (on the quick world).
+LORWEB_WORLD_QUICK: dict[str, object] = {**LORWEB_WORLD, "max_steps": 200, "checkpoint_every": 200,
+                                         "sample_every": 200}
+
+
+def lorweb_settings(world_folder: str, quick: bool = False) -> dict[str, object]:
+    """The full key -> value settings for a world folder (backbone and query encoder included)."""
+    spec = f"world:{world_folder}"
+    return {"backbone": spec, "query_encoder": spec, **(LORWEB_WORLD_QUICK if quick else LORWEB_WORLD)}
+
+
+def set_arguments(settings: dict[str, object]) -> list[str]:
+    """``--set key=value`` arguments for the trainer's command line."""
+    out: list[str] = []
+    for key, value in settings.items():
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        out += ["--set", f"{key}={text}"]
+    return out
+
+
+if __name__ == "__main__":
+    folder = sys.argv[1] if len(sys.argv) > 1 else "outputs/world/v1-full-s0"
+    print(" ".join(set_arguments(lorweb_settings(folder, "--quick" in sys.argv))))

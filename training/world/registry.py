@@ -1,0 +1,202 @@
+"""The world-model registry and the cached world folder.
+
+A *world model* is one pretrained component (autoencoder, a backbone, the world CLIP, ...). Each is registered once
+with a builder, its settings for the ``full`` and ``quick`` worlds, and the models it depends on::
+
+    register(WorldModel("flux_kontext", build_flux_kontext, configs={"full": {...}, "quick": {...}},
+                        depends=("autoencoder",), description="FLUX.1-Kontext-like transformer ..."))
+
+A built world is one folder (default ``outputs/world/v<version>-<full|quick>-s<seed>``, or ``$ANALOGY_WORLD_CACHE``
+as the parent, or a path given) holding one sub-folder per model and ``world.json`` (the manifest). A model is
+rebuilt only when its *key* changes: the hash of the world version, the model's name, version and settings, the seed
+and its dependencies' keys. Each model is written to a temporary folder and renamed when complete, so an
+interrupted build never leaves a half-written model that a later run would reuse.
+
+A builder receives a :class:`BuildContext` (its output folder, settings, seed, the folders of its dependencies) and
+returns a JSON-able dict of measurements (errors, accuracies) that goes into its ``build.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from analogy_core.world import WORLD_VERSION
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parent.parent.parent
+BUILD_FILE = "build.json"
+MANIFEST = "world.json"
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    name: str
+    folder: Path                     # write everything here (a temporary folder, renamed when the build succeeds)
+    config: dict
+    seed: int
+    quick: bool
+    dependencies: dict[str, Path]    # name -> folder of each built dependency
+
+    def dependency(self, name: str) -> Path:
+        return self.dependencies[name]
+
+
+@dataclass(frozen=True)
+class WorldModel:
+    name: str
+    build: Callable[[BuildContext], dict]
+    configs: dict[str, dict]         # "full" and "quick" settings
+    depends: tuple[str, ...] = ()
+    version: int = 1                 # bump when the builder changes what it writes
+    description: str = ""
+
+
+WORLD_MODELS: dict[str, WorldModel] = {}
+
+
+def register(model: WorldModel) -> WorldModel:
+    missing = {"full", "quick"} - set(model.configs)
+    if missing:
+        raise ValueError(f"world model {model.name}: configs lack {sorted(missing)}")
+    WORLD_MODELS[model.name] = model
+    return model
+
+
+def _registered(name: str) -> WorldModel:
+    from training.world import models  # noqa: F401  (registers the built-in models)
+
+    if name not in WORLD_MODELS:
+        raise ValueError(f"unknown world model {name!r}; registered: {', '.join(WORLD_MODELS)}")
+    return WORLD_MODELS[name]
+
+
+def build_order(names: list[str]) -> list[str]:
+    """``names`` and their dependencies, dependencies first."""
+    order: list[str] = []
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        if name in chain:
+            raise ValueError(f"world models depend on each other in a cycle: {' -> '.join(chain + (name,))}")
+        if name in order:
+            return
+        for dep in _registered(name).depends:
+            visit(dep, chain + (name,))
+        order.append(name)
+
+    for name in names:
+        visit(name, ())
+    return order
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("ANALOGY_WORLD_CACHE") or REPO / "outputs" / "world")
+
+
+def world_folder(quick: bool, seed: int, root: Path | None = None) -> Path:
+    return Path(root or default_root()) / f"v{WORLD_VERSION}-{'quick' if quick else 'full'}-s{seed}"
+
+
+def model_key(name: str, quick: bool, seed: int, dependency_keys: dict[str, str]) -> str:
+    model = _registered(name)
+    payload = json.dumps({"world": WORLD_VERSION, "model": name, "version": model.version, "seed": seed,
+                          "config": model.configs["quick" if quick else "full"],
+                          "depends": {d: dependency_keys[d] for d in model.depends}}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass
+class World:
+    """A built world folder: ``path(name)`` is the folder of one model, ``builds[name]`` its build record."""
+
+    root: Path
+    quick: bool
+    seed: int
+    builds: dict[str, dict] = field(default_factory=dict)
+
+    def path(self, name: str) -> Path:
+        if name not in self.builds:
+            raise KeyError(f"world model {name} is not built in {self.root}")
+        return self.root / name
+
+    @property
+    def spec(self) -> str:
+        """The ``world:<folder>`` spec the trainers' ``backbone`` / ``query_encoder`` options accept."""
+        return f"world:{self.root}"
+
+
+def _read_build(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / BUILD_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def build_world(models: list[str] | None = None, quick: bool = False, seed: int = 0, root: Path | None = None,
+                force: bool = False) -> World:
+    """Build (or reuse) the named world models and their dependencies; returns the world."""
+    from training.world import models as _builtins  # noqa: F401
+
+    folder = world_folder(quick, seed, root)
+    folder.mkdir(parents=True, exist_ok=True)
+    world = World(folder, quick, seed)
+    keys: dict[str, str] = {}
+    for name in build_order(models or list(WORLD_MODELS)):
+        model = WORLD_MODELS[name]
+        keys[name] = key = model_key(name, quick, seed, keys)
+        target = folder / name
+        record = _read_build(target)
+        if record and record.get("key") == key and not force:
+            log.info("world model %s: reusing %s", name, target)
+            world.builds[name] = record
+            continue
+        tmp = folder / f".tmp_{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        config = model.configs["quick" if quick else "full"]
+        log.info("world model %s: building (%s world, seed %d) ...", name, "quick" if quick else "full", seed)
+        started = time.monotonic()
+        metrics = model.build(BuildContext(name, tmp, config, seed, quick, {d: folder / d for d in model.depends}))
+        record = {"key": key, "name": name, "version": model.version, "world_version": WORLD_VERSION, "seed": seed,
+                  "quick": quick, "config": config, "depends": {d: keys[d] for d in model.depends},
+                  "seconds": round(time.monotonic() - started, 1), "metrics": metrics,
+                  "description": model.description}
+        (tmp / BUILD_FILE).write_text(json.dumps(record, indent=2))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        log.info("world model %s: built in %.0f s: %s", name, record["seconds"], json.dumps(metrics))
+        world.builds[name] = record
+    manifest = {"world_version": WORLD_VERSION, "quick": quick, "seed": seed,
+                "models": {**(_read_manifest(folder).get("models", {})),
+                           **{n: {"key": r["key"], "seconds": r["seconds"]} for n, r in world.builds.items()}}}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return world
+
+
+def _read_manifest(folder: Path) -> dict:
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def open_world(folder: str | Path) -> World:
+    """A world folder written by :func:`build_world` (read only; no building)."""
+    folder = Path(folder)
+    manifest = _read_manifest(folder)
+    if not manifest:
+        raise FileNotFoundError(f"{folder} is not a built analogy world (no {MANIFEST}); build one with "
+                                f"`python -m training.world build`")
+    world = World(folder, bool(manifest.get("quick")), int(manifest.get("seed", 0)))
+    for name in manifest.get("models", {}):
+        record = _read_build(folder / name)
+        if record:
+            world.builds[name] = record
+    return world
