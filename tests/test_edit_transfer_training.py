@@ -383,3 +383,11 @@ def test_tiny_run_writes_a_lora_with_the_packs_metadata(tmp_path):
     assert meta["analogy.method"] == "edit_transfer" and meta["analogy.text_free"] == "true"
     assert meta["analogy.source"] == "trained" and meta["analogy.family"] == "flux"
     assert meta["analogy.step"] == "3" and str(tmp_path) not in json.dumps(meta)
+
+
+def test_command_line_numbers_in_exponent_form():
+    """``--set learning_rate=1e-3`` is a number (YAML 1.1 alone would read it as text and the optimiser would fail)."""
+    cfg = build_config(EditTransferConfig, PRESETS, "tiny", None, ["learning_rate=1e-3", "lora_alpha=16"])
+    assert cfg.learning_rate == 0.001 and isinstance(cfg.lora_alpha, float | int) and cfg.lora_alpha == 16
+    with pytest.raises(ValueError, match="learning_rate must be a number"):
+        build_config(EditTransferConfig, PRESETS, "tiny", None, ["learning_rate=fast"])

@@ -52,6 +52,11 @@ class CommonConfig:
             default = getattr(self, key)
             if isinstance(value, str) and not isinstance(default, str):
                 value = yaml.safe_load(value)  # --set numbers/booleans/lists arrive as text
+                if isinstance(default, float) and isinstance(value, str):
+                    try:  # YAML 1.1 reads "1e-3" (no dot) as text
+                        value = float(value)
+                    except ValueError:
+                        raise ValueError(f"{key} must be a number, got {value!r}") from None
             setattr(self, key, value)
         return self
 
