@@ -11,8 +11,13 @@ The predictor (paper §3.2, equations 1-3), for an image X and a condition (inst
 
 reshaped to the patch grid and upsampled to the image. "Multi-scale" in the paper means exactly this: the region is a
 free per-patch map whose extent follows the edit and the object (Figure 2), instead of LearnRegion's boxes of a few
-fixed sizes; there is no feature pyramid. The attention blocks are single-head with √d scaling and no residual or
-normalisation, as the equations are written.
+fixed sizes; there is no feature pyramid. The attention blocks are single-head with √d scaling and no
+normalisation, as the equations are written; ``residual`` (not in the paper) adds each block's input to its output,
+F_Editedimg = F_img + CrossAttn, F_imgRegion = F_Editedimg + SelfAttn. Without it the two softmax averages leave
+little per-patch information at initialisation, and on the analogy world the paper's form did not learn where the
+residual form did (see the README); ``positions`` (not in the paper) adds a learned vector per patch to F_img (and
+per token to an analogy condition), which the world's "add a square at the top left" needed. Checkpoints record
+which form they use.
 
 Conditions. Text mode (the paper): instruction tokens of a T5 encoder (FLAN-T5-Base, 768-d = d for ViT-L/14; a linear
 projection is learnt when the widths differ). Analogy mode (beyond the paper): the ANALOGY's patch tokens of A and A′,
@@ -74,6 +79,8 @@ class RegionSpec:
     text_dim: int = 0                 # instruction-token width (0: no text mode)
     analogy_dim: int = 0              # ANALOGY patch-token width (0: no analogy mode)
     hidden: int = 0                   # width of the token-wise MLP (0: d)
+    residual: bool = False            # add each attention's input to its output (not in the paper's equations)
+    positions: bool = False           # learned position embeddings on the patch grid (not in the paper)
     encoder: dict = field(default_factory=dict)              # EncoderInfo fields of the CLIP vision model
     instruction_encoder: str = ""     # name of the instruction encoder (e.g. "flan-t5-base")
     mean: tuple[float, float, float] = CLIP_MEAN
@@ -95,6 +102,9 @@ class RegionSpec:
                 raise RegionError(f"region spec {name} must be three finite numbers, got {str(value)[:60]}")
             if name == "std" and min(value) <= 0:
                 raise RegionError(f"region spec std must be positive, got {value}")
+        for name in ("residual", "positions"):
+            if not isinstance(getattr(self, name), bool):
+                raise RegionError(f"region spec {name} must be true or false, got {str(getattr(self, name))[:20]}")
         if not isinstance(self.encoder, dict) or not isinstance(self.instruction_encoder, str):
             raise RegionError("region spec encoder must be an object and instruction_encoder a string")
 
@@ -145,7 +155,9 @@ class RegionSpec:
         modes = " and ".join(self.modes)
         encoder = self.encoder_info.label if self.encoder_info else f"a {self.dim}-d CLIP"
         text = f", instruction encoder {self.instruction_encoder or '?'} ({self.text_dim}-d)" if self.text_dim else ""
-        return (f"region predictor ({modes} mode), d={self.dim}, {self.grid}x{self.grid} patches of {encoder}"
+        form = "".join(text for flag, text in ((self.residual, ", residual attention"),
+                                               (self.positions, ", position embeddings")) if flag)
+        return (f"region predictor ({modes} mode{form}), d={self.dim}, {self.grid}x{self.grid} patches of {encoder}"
                 f"{text}")
 
 
@@ -218,6 +230,10 @@ class RegionPredictor(nn.Module):
             self.text_proj = nn.Linear(spec.text_dim, d) if spec.text_dim != d else nn.Identity()
         if spec.analogy_dim:
             self.analogy_proj = nn.Linear(2 * spec.analogy_dim, d)
+        if spec.positions:  # one vector per patch (and per ANALOGY token: class token + the same grid)
+            self.position = nn.Parameter(torch.randn(spec.grid ** 2, d) * 0.02)
+            if spec.analogy_dim:
+                self.analogy_position = nn.Parameter(torch.randn(spec.grid ** 2 + 1, d) * 0.02)
         self.cross = SingleHeadAttention(d)
         self.self_attn = SingleHeadAttention(d)
         self.head = nn.Sequential(nn.Linear(d, spec.mlp_width), nn.GELU(), nn.Linear(spec.mlp_width, 1))
@@ -245,7 +261,14 @@ class RegionPredictor(nn.Module):
             raise RegionError(f"ANALOGY patch tokens must be [batch, tokens, {self.spec.analogy_dim}] for A and A', "
                               f"got {tuple(a_tokens.shape)} and {tuple(a_prime_tokens.shape)}")
         a, a_prime = a_tokens.float(), a_prime_tokens.float()
-        return Condition(self.analogy_proj(torch.cat([a, a_prime - a], dim=-1)))
+        tokens = self.analogy_proj(torch.cat([a, a_prime - a], dim=-1))
+        if self.spec.positions:
+            if tokens.shape[1] != self.analogy_position.shape[0]:
+                raise RegionError(f"the ANALOGY has {tokens.shape[1]} tokens per image; this region predictor was "
+                                  f"trained with {self.analogy_position.shape[0]} (class token + {self.spec.grid}x"
+                                  f"{self.spec.grid} patches): encode A and A' with the same CLIP vision model")
+            tokens = tokens + self.analogy_position
+        return Condition(tokens)
 
     # -- prediction ---------------------------------------------------------------------------------------------------
     def condition(self, kind: str, first: torch.Tensor, second: torch.Tensor | None = None) -> Condition:
@@ -271,8 +294,14 @@ class RegionPredictor(nn.Module):
         elif tokens.shape[0] != patches.shape[0]:
             raise RegionError(f"{patches.shape[0]} images but {tokens.shape[0]} conditions")
         patches = patches.float()
+        if self.spec.positions:
+            patches = patches + self.position
         edited = self.cross(patches, tokens, mask)                             # eq. 1
+        if self.spec.residual:
+            edited = patches + edited
         region = self.self_attn(edited, edited)                                # eq. 2
+        if self.spec.residual:
+            region = edited + region
         logits = self.head(region).squeeze(-1)                                 # eq. 3 (before the sigmoid)
         sem = (self.f_sem(edited), self.f_sem(patches)) if semantic else (None, None)
         return RegionOutput(edited, region, logits, torch.sigmoid(logits), *sem)

@@ -59,21 +59,29 @@ def mlp(layers, x):
 
 
 def written_out(net: RegionPredictor, patches, condition, mask=None):
-    """Eqs. 1-3 with explicit matrices (no nn.Module call), and f_sem of both feature sets."""
+    """Eqs. 1-3 with explicit matrices (no nn.Module call), and f_sem of both feature sets; with ``residual`` each
+    attention's input is added to its output, with ``positions`` the learned position vectors to the patches."""
+    if net.spec.positions:
+        patches = patches + net.position
     wq, wk, wv = (getattr(net.cross, n).weight.T for n in "qkv")
     scores = (patches @ wq) @ (condition @ wk).transpose(1, 2) / math.sqrt(D)
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
     edited = softmax_rows(scores) @ (condition @ wv)                                  # F_Editedimg
+    if net.spec.residual:
+        edited = patches + edited
     sq, sk, sv = (getattr(net.self_attn, n).weight.T for n in "qkv")
     region = softmax_rows((edited @ sq) @ (edited @ sk).transpose(1, 2) / math.sqrt(D)) @ (edited @ sv)
+    if net.spec.residual:
+        region = edited + region
     probs = 1 / (1 + torch.exp(-mlp(net.head, region).squeeze(-1)))                   # P_region
     sem = lambda f: mlp(net.f_sem.net, f).mean(dim=1)                                # noqa: E731
     return edited, region, probs, sem(edited), sem(patches)
 
 
-def test_text_mode_follows_equations_1_to_3():
-    net = model()
+@pytest.mark.parametrize("residual,positions", [(False, False), (True, False), (True, True)])
+def test_text_mode_follows_equations_1_to_3(residual, positions):
+    net = model(residual=residual, positions=positions)
     patches, tokens = rand(2, GRID ** 2, D, seed=1), rand(2, 4, TEXT, seed=2)
     mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
     out = net(patches, "text", tokens, mask, semantic=True)
@@ -97,11 +105,14 @@ def test_no_projection_when_the_widths_agree():
     torch.testing.assert_close(net(patches, "text", tokens).probs, written_out(net, patches, tokens)[2])
 
 
-def test_analogy_condition_is_the_pair_per_position():
-    net = model()
-    a, a_prime = rand(2, 5, HIDDEN, seed=5), rand(2, 5, HIDDEN, seed=6)
+@pytest.mark.parametrize("residual,positions", [(False, False), (True, True)])
+def test_analogy_condition_is_the_pair_per_position(residual, positions):
+    net = model(residual=residual, positions=positions)
+    a, a_prime = rand(2, GRID ** 2 + 1, HIDDEN, seed=5), rand(2, GRID ** 2 + 1, HIDDEN, seed=6)
     patches = rand(2, GRID ** 2, D, seed=7)
     condition = torch.cat([a, a_prime - a], -1) @ net.analogy_proj.weight.T + net.analogy_proj.bias
+    if positions:
+        condition = condition + net.analogy_position
     torch.testing.assert_close(net(patches, "analogy", a, a_prime).probs, written_out(net, patches, condition)[2])
     assert not torch.allclose(net(patches, "analogy", a, a).probs, net(patches, "analogy", a, a_prime).probs), \
         "what changed from A to A' must reach the region"

@@ -28,6 +28,12 @@ class RegionConfig(CommonConfig):
     instruction_encoder: str = "google/flan-t5-base"  # T5 encoder for the instruction tokens (paper)
     resolution: int = 224              # training images are resized to this square (the CLIP input is square)
     hidden: int = 0                    # token-wise MLP / f_sem width; 0 = d
+    # F_Editedimg = F_img + CrossAttn(...), F_imgRegion = F_Editedimg + SelfAttn(...): residual connections the
+    # paper's equations 1-2 do not have; false trains the paper's exact form (which did not learn on the world)
+    residual: bool = True
+    # a learned vector per patch added to F_img (and per ANALOGY token): not in the paper; the world's "add a square
+    # at the top left" was not learnt without it
+    positions: bool = True
     # loss weights (eq. 11: α·L_semAlign + β·L_CLIP; eq. 10: λg, λd, λs). Not published; LearnRegion uses 1 for its
     # three CLIP terms with a *mean* structure loss; eq. 9 sums the squares of an N×N matrix, so λs ~ 1/N² matches it.
     alpha: float = 1.0
@@ -43,6 +49,7 @@ class RegionConfig(CommonConfig):
     world_editor: str = "redraw"       # world data, text mode: what X_edit is (see training/region_data.py)
     world_scenes: int = 4096           # world data: training scenes drawn per family (index range)
     threshold: float = 0.5             # binary region for samples and IoU
+    threads: int = 0                   # torch CPU threads (0: torch's default; 1 is often faster on a busy CPU)
     # optimisation
     batch_size: int = 32
     max_steps: int = 20_000
@@ -61,6 +68,8 @@ class RegionConfig(CommonConfig):
                 raise ValueError(f"{key} must be a number >= 0, got {value!r}")
         if not 0 <= self.diff_tolerance < 1 or not 0 < self.threshold < 1:
             raise ValueError("diff_tolerance must be in [0, 1) and threshold in (0, 1)")
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise ValueError(f"threads must be an integer >= 0, got {self.threads!r}")
         if self.mode == "both" and self.data != "world":
             raise ValueError("mode both needs data that has instructions and pairs for every item: data=world")
 

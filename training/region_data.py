@@ -222,10 +222,11 @@ def render_redrawn(scene, seed: int, size: int) -> torch.Tensor:
 
     moved, tint = redraw(scene, seed)
     image, masks = world.render_layers(moved, size)
-    background = ~torch.stack(masks).any(dim=0) if masks else torch.ones(size, size, dtype=torch.bool)
-    image = image.clone()
-    image[background] = (image[background] + torch.from_numpy(tint)).clamp(0, 1)
-    return image
+    background = np.ones((size, size, 1), dtype=bool)
+    for mask in masks:
+        background &= ~mask.numpy()[..., None]
+    array = image.numpy()
+    return torch.from_numpy(np.where(background, np.clip(array + tint, 0.0, 1.0), array).astype(np.float32))
 
 
 class WorldRegions(Dataset):
@@ -245,26 +246,30 @@ class WorldRegions(Dataset):
     def __len__(self) -> int:
         return self.scenes * len(self.families)
 
-    def x_edit(self, family: str, k: int, ex) -> torch.Tensor:
-        if self.editor == "truth":
-            return ex.a_prime
+    def pair(self, family: str, k: int) -> dict:
+        """Example k's before/after pair (A, A′) with its scene and captions, drawn as analogy_core.world.example
+        draws them (scene seed 2k) without rendering B and B′."""
         fam = self.world.get_family(family)
-        scene = self.world.scene_for(fam, self.split, 2 * k)  # analogy_core.world.example draws A from seed 2k
-        if not torch.equal(self.world.render(scene, self.resolution), ex.a):
-            raise RuntimeError("analogy_core.world no longer draws example k's A from scene seed 2k: update "
-                               "training/region_data.py")
-        return render_redrawn(fam.scene_fn(scene), seed=zlib.crc32(f"{family}/{self.split}/{k}".encode()), size=self.resolution)
+        scene = self.world.scene_for(fam, self.split, 2 * k)
+        before = self.world.render(scene, self.resolution)
+        return {"scene": scene, "before": before, "after": fam.edit_image(scene, before, self.resolution),
+                "source": self.world.describe(scene), "target": fam.caption(scene), "instruction": fam.instruction}
+
+    def x_edit(self, family: str, k: int, pair: dict) -> torch.Tensor:
+        if self.editor == "truth":
+            return pair["after"]
+        edited = self.world.get_family(family).scene_fn(pair["scene"])
+        return render_redrawn(edited, seed=zlib.crc32(f"{family}/{self.split}/{k}".encode()), size=self.resolution)
 
     def __getitem__(self, index: int) -> dict:
         family = self.families[index % len(self.families)]
         k = index // len(self.families)
-        ex = self.world.example(family, self.split, k, self.resolution)
-        exemplar = self.world.example(family, self.split, (k + 1) % self.scenes, self.resolution)
-        mask = (ex.a != ex.a_prime).any(dim=-1).float()
-        return {"image": ex.a, "edited": self.x_edit(family, k, ex), "mask": mask, "has_mask": torch.tensor(True),
-                "instruction": ex.instruction, "source_caption": ex.captions["a"],
-                "target_caption": ex.captions["a_prime"], "x": ex.a, "x_prime": ex.a_prime, "a": exemplar.a,
-                "a_prime": exemplar.a_prime, "family": family}
+        query, exemplar = self.pair(family, k), self.pair(family, (k + 1) % self.scenes)
+        mask = (query["before"] != query["after"]).any(dim=-1).float()
+        return {"image": query["before"], "edited": self.x_edit(family, k, query), "mask": mask,
+                "has_mask": torch.tensor(True), "instruction": query["instruction"],
+                "source_caption": query["source"], "target_caption": query["target"], "x": query["before"],
+                "x_prime": query["after"], "a": exemplar["before"], "a_prime": exemplar["after"], "family": family}
 
 
 def make_region_dataset(spec: str, mode: str, resolution: int, need_edited: bool, world_editor: str = "redraw",

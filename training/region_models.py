@@ -1,7 +1,8 @@
 """The frozen encoders of the region trainer: a CLIP (vision + text) and a T5 instruction encoder.
 
 ``clip`` / ``instruction_encoder`` specs: a local transformers folder or a model id already in the Hugging Face cache
-(``local_files_only``: nothing is downloaded; safetensors only), ``"world"`` (the analogy world's models) or ``"tiny"``
+(``local_files_only``: nothing is downloaded; safetensors only), ``"world"`` / ``"world:<folder>"`` (the analogy world's CLIP and
+instruction T5: the full world of seed 0, built or reused, or a built world folder) or ``"tiny"``
 (random small models with a word-level tokenizer, for tests and smoke runs).
 """
 
@@ -92,20 +93,20 @@ def save_instruction_encoder(encoder: InstructionEncoder, folder: str | Path) ->
 def load_clip(spec: str, seed: int = 0) -> FrozenClip:
     if spec == "tiny":
         return tiny_clip(seed)
-    if spec == "world":
+    if spec.partition(":")[0] == "world":
         from training.region_world import world_clip
 
-        return world_clip()
+        return world_clip(spec)
     return FrozenClip.from_folder(_local(spec))
 
 
 def load_instruction_encoder(spec: str, seed: int = 0) -> InstructionEncoder:
     if spec == "tiny":
         return tiny_t5(seed + 1)
-    if spec == "world":
+    if spec.partition(":")[0] == "world":
         from training.region_world import world_instruction_encoder
 
-        return world_instruction_encoder()
+        return world_instruction_encoder(spec)
     return InstructionEncoder.from_folder(_local(spec))
 
 

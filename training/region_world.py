@@ -10,18 +10,12 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 
 from analogy_core.regions import FrozenClip, InstructionEncoder, iou
 from training.region_models import save_instruction_encoder, tiny_t5
 
-CACHE = Path(os.environ.get("ANALOGY_WORLD_CACHE", "outputs/world"))
 T5_FOLDER = "region_t5"
-WORLD_T5 = dict(d_model=48, d_kv=16, d_ff=96, num_layers=2, num_heads=3, relative_attention_num_buckets=16,
-                relative_attention_max_distance=32, feed_forward_proj="gated-gelu", dropout_rate=0.0)
 T5_SEED = 1234
 
 
@@ -32,15 +26,30 @@ def world_vocabulary() -> list[str]:
     return world.caption_words()
 
 
-def world_clip() -> FrozenClip:
-    raise NotImplementedError("the analogy world's CLIP is not available yet")
+def build_region_t5(ctx) -> dict:
+    """World-model builder (training/world/models.py registers it as ``region_t5``): the tiny T5 folder."""
+    encoder = tiny_t5(T5_SEED + ctx.seed, world_vocabulary(), ctx.config)
+    save_instruction_encoder(encoder, ctx.folder)
+    return {"vocabulary": len(encoder.tokenizer), "width": encoder.width,
+            "parameters": sum(p.numel() for p in encoder.model.parameters())}
 
 
-def world_instruction_encoder(cache: Path | None = None) -> InstructionEncoder:
-    folder = (cache or CACHE) / T5_FOLDER
-    if not (folder / "config.json").is_file():
-        save_instruction_encoder(tiny_t5(T5_SEED, world_vocabulary(), WORLD_T5), folder)
-    return InstructionEncoder.from_folder(folder)
+def resolve_world(spec: str):
+    """``world`` (the full world of seed 0, built or reused) or ``world:<folder>`` (a built world) -> World."""
+    from training.world import build_world, open_world
+
+    kind, _, folder = spec.partition(":")
+    if kind != "world":
+        raise ValueError(f"not a world spec: {spec!r}")
+    return open_world(folder) if folder else build_world(["clip", T5_FOLDER])
+
+
+def world_clip(spec: str = "world") -> FrozenClip:
+    return FrozenClip.from_folder(resolve_world(spec).path("clip"))
+
+
+def world_instruction_encoder(spec: str = "world") -> InstructionEncoder:
+    return InstructionEncoder.from_folder(resolve_world(spec).path(T5_FOLDER))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -75,3 +84,112 @@ def world_iou(model, clip: FrozenClip, encoder: InstructionEncoder | None, famil
             scores["analogy"] = float(iou(soft >= threshold, truth).mean())
         out[family] = scores
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the bench row (bench.analogy_world's method "regions")
+
+# train_region --preset tiny with the world's encoders; quick = the CI-sized run
+REGION_WORLD: dict[str, object] = dict(max_steps=600, checkpoint_every=300, keep_checkpoints=1, sample_every=600,
+                                       log_every=20, report_to="none", threads=1)
+REGION_WORLD_QUICK: dict[str, object] = {**REGION_WORLD, "max_steps": 100, "checkpoint_every": 100,
+                                         "sample_every": 100}
+
+
+def region_settings(world_folder: str, quick: bool = False) -> dict[str, object]:
+    spec = f"world:{world_folder}"
+    return {"clip": spec, "instruction_encoder": spec, **(REGION_WORLD_QUICK if quick else REGION_WORLD)}
+
+
+def confinement(b: torch.Tensor, edited: torch.Tensor, truth: torch.Tensor, region: torch.Tensor,
+                true_mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """An edit confined to ``region`` (binary [B, H, W]): the composite, and its mean absolute error against the true
+    B′ inside and outside the true edit mask next to the unconfined edit's, and the largest change from B outside
+    the region (0 when nothing outside moved)."""
+    from analogy_core.regions import composite_by_mask
+
+    confined = composite_by_mask(b, edited, region.float())
+    inside, outside, out_region = true_mask.bool(), ~true_mask.bool(), ~region.bool()
+
+    def error(image, where):
+        return float((image - truth).abs().mean(dim=-1)[where].mean()) if where.any() else 0.0
+
+    return confined, {"confined_error_inside_true": error(confined, inside),
+                      "confined_error_outside_true": error(confined, outside),
+                      "unconfined_error_inside_true": error(edited, inside),
+                      "unconfined_error_outside_true": error(edited, outside),
+                      "outside_region_max_change_from_b":
+                          float((confined - b).abs().amax(dim=-1)[out_region].max()) if out_region.any() else 0.0}
+
+
+def mean(values) -> float:
+    values = list(values)
+    return round(sum(values) / len(values), 4) if values else float("nan")
+
+
+@torch.no_grad()
+def predicted_regions(model, clip: FrozenClip, examples: dict[str, list], threshold: float) -> dict[str, torch.Tensor]:
+    """Analogy-mode binary regions of B (exemplar: the example's own A → A′) per family."""
+    from training.train_region import predict_analogy
+
+    out = {}
+    for family, items in examples.items():
+        stack = {r: torch.stack([getattr(ex, r) for ex in items]) for r in ("a", "a_prime", "b")}
+        out[family] = predict_analogy(model, clip, stack["a"], stack["a_prime"], stack["b"]) >= threshold
+    return out
+
+
+def run_bench_row(ctx, lorweb_output=None):
+    """Train the region predictor on the world (text + analogy mode), measure IoU before and after on held-out
+    scenes, and confine LoRWeB's B′ to the predicted region (analogy mode). Returns the bench's MethodOutput:
+    B′ = LoRWeB's B′ inside the predicted region, B outside; base = LoRWeB's B′ unconfined."""
+    from analogy_core import world
+    from analogy_core.regions import load_region_predictor
+    from bench import analogy_world as bench
+
+    settings = region_settings(str(ctx.world.root), ctx.quick)
+    settings["seed"] = ctx.seed
+    steps = int(settings["max_steps"])
+    bench.train_subprocess("training.train_region", ctx.folder / "init", {**settings, "learning_rate": 0.0}, 1)
+    seconds = bench.train_subprocess("training.train_region", ctx.folder / "train", settings, steps)
+    trained = load_region_predictor(ctx.folder / "train" / "region_predictor.safetensors")
+    initial = load_region_predictor(ctx.folder / "init" / "region_predictor.safetensors")
+    clip = FrozenClip.from_folder(ctx.world.path("clip"))
+    encoder = InstructionEncoder.from_folder(ctx.world.path(T5_FOLDER))
+    local = [f for f in ctx.examples if world.get_family(f).kind == "local"]
+    count, size = len(ctx.examples[local[0]]), ctx.examples[local[0]][0].b.shape[0]
+    threshold = 0.5
+    after = world_iou(trained, clip, encoder, local, count, size, threshold)
+    before = world_iou(initial, clip, encoder, local, count, size, threshold)
+    extra: dict = {"train_steps": steps, "train_seconds": round(seconds, 1), "threshold": threshold}
+    for split in ("train", "heldout"):
+        names = [f for f in local if world.get_family(f).split == split]
+        suffix = "" if split == "train" else "_heldout_families"
+        for mode in ("text", "analogy"):
+            extra[f"iou_{mode}{suffix}"] = mean(after[f][mode] for f in names)
+            extra[f"iou_{mode}_start{suffix}"] = mean(before[f][mode] for f in names)
+    extra["iou_per_family"] = {f: {m: round(v, 4) for m, v in after[f].items()} for f in local}
+    extra["iou_per_family_start"] = {f: {m: round(v, 4) for m, v in before[f].items()} for f in local}
+    losses = bench.losses_from_log(ctx.folder / "train" / "train.log")
+    if losses:
+        extra["loss_first_step"], extra["loss_last_step"] = losses
+
+    if lorweb_output is None:  # the edit to confine: LoRWeB's B′ (trained here unless the bench just trained it)
+        lorweb_output = bench.run_lorweb(bench.MethodContext(ctx.world, ctx.seed, ctx.quick, ctx.folder / "lorweb",
+                                                             ctx.examples))
+    regions = predicted_regions(trained, clip, ctx.examples, threshold)
+    b_prime, stats = {}, {}
+    for family, items in ctx.examples.items():
+        b = torch.stack([ex.b for ex in items])
+        truth = torch.stack([ex.b_prime for ex in items])
+        true_mask = torch.stack([ex.mask for ex in items])
+        b_prime[family], stats[family] = confinement(b, lorweb_output.b_prime[family], truth, regions[family],
+                                                     true_mask)
+    for split in ("train", "heldout"):
+        names = [f for f in local if world.get_family(f).split == split]
+        suffix = "" if split == "train" else "_heldout_families"
+        for key in next(iter(stats.values())):
+            extra[f"lorweb_{key}{suffix}"] = mean(stats[f][key] for f in names)
+    extra["lorweb_outside_region_max_change_from_b_all_families"] = max(
+        s["outside_region_max_change_from_b"] for s in stats.values())
+    return bench.MethodOutput(b_prime, dict(lorweb_output.b_prime), lorweb_output.reconstruct, extra)

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from analogy_core import __version__
-from analogy_core.regions import (FrozenClip, InstructionEncoder, LossWeights, RegionPredictor, RegionSpec, blend,
-                                  clip_loss, edit_mask, iou, patch_targets, probability_image, region_bce,
-                                  save_region_predictor, sem_align_loss)
+from analogy_core.regions import (FrozenClip, InstructionEncoder, LossWeights, RegionPredictor, RegionSpec,
+                                  VisionFeatures, blend, clip_loss, edit_mask, iou, patch_targets, probability_image,
+                                  region_bce, save_region_predictor, sem_align_loss)
 from training.region_config import PRESETS, RegionConfig
 from training.region_data import make_region_dataset
 from training.region_models import load_clip, load_instruction_encoder
@@ -50,6 +50,7 @@ def region_spec(cfg: RegionConfig, clip: FrozenClip, encoder: InstructionEncoder
     return RegionSpec(dim=clip.dim, grid=clip.grid, image_size=clip.image_size,
                       text_dim=encoder.width if encoder is not None else 0,
                       analogy_dim=clip.info.hidden_dim if uses_analogy(cfg) else 0, hidden=cfg.hidden,
+                      residual=cfg.residual, positions=cfg.positions,
                       encoder=asdict(clip.info), instruction_encoder=encoder.name if encoder is not None else "")
 
 
@@ -61,13 +62,15 @@ def loss_weights(cfg: RegionConfig) -> LossWeights:
 # the objective (plain functions of their inputs, checked term by term in tests/test_region_training.py)
 
 
-def text_loss(model, clip: FrozenClip, encoder: InstructionEncoder, batch: dict, cfg: RegionConfig
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """α·L_semAlign + β·L_CLIP (+ mask_weight·BCE on items with a mask) for one text-mode micro-batch."""
+def text_loss(model, clip: FrozenClip, encoder: InstructionEncoder, batch: dict, cfg: RegionConfig,
+              original: VisionFeatures | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """α·L_semAlign + β·L_CLIP (+ mask_weight·BCE on items with a mask) for one text-mode micro-batch;
+    ``original`` = the CLIP features of ``batch["image"]`` when already computed."""
     device = clip.device
     x = batch["image"].to(device)
-    with torch.no_grad():
-        original = clip.vision(x)                                  # I_ori, F_img
+    if original is None:
+        with torch.no_grad():
+            original = clip.vision(x)                              # I_ori, F_img
     t_o, t_e = clip.text(batch["source_caption"]), clip.text(batch["target_caption"])
     tokens, token_mask = encoder.encode(batch["instruction"])
     out = model(original.patches, "text", tokens.to(device), token_mask.to(device), semantic=cfg.alpha > 0)
@@ -94,13 +97,15 @@ def text_loss(model, clip: FrozenClip, encoder: InstructionEncoder, batch: dict,
     return total, parts
 
 
-def analogy_loss(model, clip: FrozenClip, batch: dict, cfg: RegionConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def analogy_loss(model, clip: FrozenClip, batch: dict, cfg: RegionConfig, query: VisionFeatures | None = None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """BCE of the region predicted on ``x`` (condition: the exemplar pair's ANALOGY tokens) against where ``x`` and
-    ``x_prime`` differ, pooled to the patch grid."""
+    ``x_prime`` differ, pooled to the patch grid; ``query`` = the CLIP features of ``x`` when already computed."""
     device = clip.device
     exemplar = clip.analogy(batch["a"], batch["a_prime"])
-    with torch.no_grad():
-        query = clip.vision(batch["x"].to(device))
+    if query is None:
+        with torch.no_grad():
+            query = clip.vision(batch["x"].to(device))
     out = model(query.patches, "analogy", exemplar.patch_tokens["a"].to(device),
                 exemplar.patch_tokens["a_prime"].to(device))
     target = patch_targets(edit_mask(batch["x"], batch["x_prime"], cfg.diff_tolerance).to(device), clip.grid)
@@ -110,11 +115,14 @@ def analogy_loss(model, clip: FrozenClip, batch: dict, cfg: RegionConfig) -> tup
 
 def region_loss(model, clip: FrozenClip, encoder: InstructionEncoder | None, batch: dict, cfg: RegionConfig
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    total, parts = None, {}
+    total, parts, features = None, {}, None
+    if uses_text(cfg) and uses_analogy(cfg) and torch.equal(batch["image"], batch["x"]):  # world items: one pass
+        with torch.no_grad():
+            features = clip.vision(batch["image"].to(clip.device))
     if uses_text(cfg):
-        total, parts = text_loss(model, clip, encoder, batch, cfg)
+        total, parts = text_loss(model, clip, encoder, batch, cfg, features)
     if uses_analogy(cfg):
-        extra, extra_parts = analogy_loss(model, clip, batch, cfg)
+        extra, extra_parts = analogy_loss(model, clip, batch, cfg, features)
         total = extra if total is None else total + extra
         parts.update(extra_parts)
     return total, parts
@@ -171,6 +179,8 @@ class RegionTask(TrainingTask):
 
     def build(self) -> nn.Module:
         cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.clip = load_clip(cfg.clip, cfg.seed).to(self.device)
         self.encoder = load_instruction_encoder(cfg.instruction_encoder, cfg.seed).to(self.device) \
             if uses_text(cfg) else None
