@@ -120,7 +120,7 @@ def train(out: Path, *extra: str) -> dict:
     from training.train_loc import main
 
     return main(["--preset", "tiny", "--output-dir", str(out), "--set", "report_to=none",
-                 "--set", "sample_every=1000", *extra])
+                 "--set", "sample_every=1000", "--set", "sample_steps=1", *extra])
 
 
 @pytest.fixture(scope="module")

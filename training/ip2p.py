@@ -3,7 +3,8 @@
 ``load_ip2p("path/to/folder")`` reads a diffusers InstructPix2Pix folder (``unet/`` with 8 input channels, ``vae/``,
 ``text_encoder/``, ``tokenizer/``, ``scheduler/``; e.g. timbrooks/instruct-pix2pix) or a model id already in the
 local Hugging Face cache; nothing is downloaded (``local_files_only``). ``"tiny"`` builds a random small model of
-the same architecture with a word-hash tokenizer (tests, CPU smoke runs).
+the same architecture with a word-hash tokenizer (tests, CPU smoke runs). ``"world:<folder>"`` reads the analogy
+world's InstructPix2Pix-like backbone (:mod:`training.world.instruct_pix2pix`) with the world autoencoder.
 
 InstructPix2Pix conditions on an image by concatenating its latent to the noisy latent (8 input channels). As in
 the original training and diffusers' pipeline (and ComfyUI's InstructPixToPixConditioning), the condition latent is
@@ -18,12 +19,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from training.backbone import TINY_VAE, HashTokenizer, _randomise
+from training.backbone import TINY_VAE, WORLD_PREFIX, HashTokenizer, _randomise
 
 TINY_UNET = dict(sample_size=8, in_channels=8, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -44,6 +46,7 @@ class IP2PBackbone:
     alphas_cumprod: torch.Tensor     # [T] float64
     prediction_type: str = "epsilon"
     tiny: bool = False
+    codec: object | None = None      # the world autoencoder (model-space latents for target and condition)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -56,8 +59,9 @@ class IP2PBackbone:
         return self
 
     def to(self, device) -> "IP2PBackbone":
-        for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device)
+        for module in (self.unet, self.text_encoder) if self.codec is not None else \
+                (self.unet, self.vae, self.text_encoder):
+            module.to(device)  # the world autoencoder stays on the CPU (its exact cell shortcut is cheap)
         return self
 
     @torch.no_grad()
@@ -72,7 +76,12 @@ class IP2PBackbone:
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """IMAGE [B, H, W, 3] in 0..1 -> (latent to denoise = mode·scaling, condition latent = mode)."""
+        """IMAGE [B, H, W, 3] in 0..1 -> (latent to denoise = mode·scaling, condition latent = mode); for the world
+        backbone both are the world autoencoder's model-space latents."""
+        if self.codec is not None:
+            device = next(self.unet.parameters()).device
+            latents = self.codec.model_latents(images.cpu().float()).to(device)
+            return latents, latents
         param = next(self.vae.parameters())
         pixels = images.permute(0, 3, 1, 2).to(param.device, param.dtype) * 2 - 1
         mode = self.vae.encode(pixels).latent_dist.mode()
@@ -81,9 +90,17 @@ class IP2PBackbone:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Denoised latents (scaled) -> IMAGE [B, H, W, 3] in 0..1."""
+        if self.codec is not None:
+            pixels = self.codec.decode(latents.cpu().float() / self.codec.scale + self.codec.shift)
+            return ((pixels + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
         param = next(self.vae.parameters())
         pixels = self.vae.decode((latents / self.vae.config.scaling_factor).to(param.dtype)).sample
         return ((pixels.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """The autoencoder's round trip of IMAGE batches (the floor no method goes below)."""
+        return self.decode(self.encode_images(images)[0]).cpu()
 
     def unet_output(self, x_t: torch.Tensor, condition: torch.Tensor, t: torch.Tensor,
                     text: torch.Tensor) -> torch.Tensor:
@@ -176,10 +193,14 @@ def schedule(**config) -> torch.Tensor:
     return scheduler.alphas_cumprod.double()
 
 
-def load_ip2p(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> IP2PBackbone:
-    """"tiny" or a local diffusers InstructPix2Pix folder / cached model id (nothing is downloaded)."""
+def load_ip2p(name: str, dtype: torch.dtype = torch.float32, seed: int = 0,
+              autoencoder: str | Path | None = None) -> IP2PBackbone:
+    """"tiny", "world:<folder>" or a local diffusers InstructPix2Pix folder / cached model id (nothing is
+    downloaded). ``autoencoder`` overrides where a world backbone's autoencoder is read from."""
     if name == "tiny":
         return tiny_ip2p(seed)
+    if name.startswith(WORLD_PREFIX):
+        return world_ip2p(name[len(WORLD_PREFIX):], dtype, autoencoder)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -196,3 +217,25 @@ def load_ip2p(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> I
                         CLIPTextModel.from_pretrained(name, subfolder="text_encoder", **kwargs),
                         CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", local_files_only=True),
                         scheduler.alphas_cumprod.double(), prediction, tiny=False).freeze()
+
+
+def world_ip2p(folder: str, dtype: torch.dtype = torch.float32, autoencoder: str | Path | None = None) -> IP2PBackbone:
+    """The analogy world's InstructPix2Pix-like backbone (UNet, text encoder, word-hash tokenizer, scheduler) with
+    the world autoencoder (see :mod:`training.world.instruct_pix2pix`)."""
+    import json
+
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from training.world.autoencoder import load_world_autoencoder
+    from training.world.instruct_pix2pix import TOKENIZER_FILE, model_folders
+
+    model, default_autoencoder = model_folders(folder) if autoencoder is None else (Path(folder), Path(autoencoder))
+    codec = load_world_autoencoder(autoencoder or default_autoencoder)
+    tokenizer = json.loads((model / TOKENIZER_FILE).read_text())
+    kwargs = dict(local_files_only=True, torch_dtype=dtype)
+    scheduler = DDPMScheduler.from_pretrained(model / "scheduler", local_files_only=True)
+    return IP2PBackbone(UNet2DConditionModel.from_pretrained(model / "unet", **kwargs), codec.ae,
+                        CLIPTextModel.from_pretrained(model / "text_encoder", **kwargs),
+                        HashTokenizer(tokenizer["vocab_size"], tokenizer["length"]), scheduler.alphas_cumprod.double(),
+                        scheduler.config.get("prediction_type", "epsilon"), tiny=True, codec=codec).freeze()

@@ -21,6 +21,8 @@ which :class:`~training.data.ReadableItems` turns into counted skips, as for eve
   optional ``<folder>/after/<name>.txt`` holds the instruction.
 * ``world`` — pairs (A, A′) of the analogy world's training families on training scenes (``analogy_core.world``),
   generated on the fly; prompts are the families' instructions when ``world_instructions`` is on, else "".
+  ``world:<options>`` takes the world data options of :mod:`training.world.data` (``families``, ``scenes``,
+  ``prompt``), e.g. ``world:families=invert+hflip,prompt=instruction``.
 """
 
 from __future__ import annotations
@@ -237,11 +239,11 @@ class WorldPairs(Dataset):
     """Pairs (A, A′) of the analogy world's training families on training scenes, generated from the index."""
 
     def __init__(self, resolution: int, length: int = 4096, instructions: bool = False,
-                 families: tuple[str, ...] | None = None):
+                 families: tuple[str, ...] | None = None, scenes: str = "train"):
         from analogy_core import world
 
         self.world, self.resolution, self.length, self.instructions = world, resolution, length, instructions
-        self.families = tuple(families or world.families("train"))
+        self.families, self.scenes = tuple(families or world.families("train")), scenes
 
     def __len__(self) -> int:
         return self.length
@@ -251,7 +253,7 @@ class WorldPairs(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         family = self.family(index)
-        ex = self.world.example(family, "train", index // len(self.families), self.resolution)
+        ex = self.world.example(family, self.scenes, index // len(self.families), self.resolution)
         return {"a": ex.a, "a_prime": ex.a_prime, "prompt": ex.instruction if self.instructions else "",
                 "family": family}
 
@@ -266,5 +268,11 @@ def make_pair_dataset(spec: str, resolution: int, fit: str = "stretch", split: s
         return FolderPairs(path, resolution, fit) if path.is_dir() else JsonlPairs(path, resolution, fit)
     if kind == "world" and not location:
         return WorldPairs(resolution, instructions=world_instructions)
-    raise ValueError(f"data must be magicbrush:<folder|file.parquet>, pairs:<file.jsonl|folder> or world; "
-                     f"got {spec!r}")
+    if kind == "world":
+        from training.world.data import family_list, parse_spec
+
+        values = parse_spec(location)
+        return WorldPairs(resolution, instructions=values["prompt"] == "instruction",
+                          families=family_list(values["families"]), scenes=values["scenes"])
+    raise ValueError(f"data must be magicbrush:<folder|file.parquet>, pairs:<file.jsonl|folder>, world or "
+                     f"world:<options>; got {spec!r}")

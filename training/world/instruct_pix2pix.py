@@ -1,0 +1,165 @@
+"""The world's InstructPix2Pix-like backbone (LoRA of Change's base): a small SD1.5-architecture diffusers
+``UNet2DConditionModel`` with InstructPix2Pix's 2x latent input channels, pretrained from scratch to copy and draw the
+world, and knowing no edit.
+
+It works in the world autoencoder's latent space (f = 8, 16 channels: an 8 x 8 latent per 64-px panel) with
+InstructPix2Pix's conditioning: the latent of the condition image is concatenated to the noisy latent (32 input
+channels). DDPM with SD1.5's schedule (scaled-linear betas 0.00085..0.012 over 1000 steps) but v-prediction (as
+SD2.x): measured on the quick world, the same UNet after 400 pretraining steps copies held-out images with a mean
+error of 0.052 with v-prediction and 0.307 with ε-prediction (autoencoder floor 0.017; DDIM, 10 steps) — a small
+ε-model has to cancel x_t against the condition to 1/√(1−ᾱ) precision at low noise. Pretraining, as the other world
+backbones are made, on world images (:func:`analogy_core.world.world_image`: plain scenes and global restyles, never
+an edit pair):
+
+* **copy**: condition = the image itself, target = the same image: B′ = B, the base answer LoRA of Change edits;
+* **generate**: condition = zeros (InstructPix2Pix's dropped image condition), target = a world image (the world's
+  prior, so the model can draw colours and shapes it is not shown in the condition).
+
+Text: as the FLUX-like world backbones, a small random frozen CLIP text encoder behind the word-hash tokenizer,
+saved with the model; every world run uses the neutral (empty) prompt, so an edit can only come from the analogy.
+The condition latent is the world autoencoder's model-space latent (``(z - shift) · scale``, the same as the target),
+a convention of this world backbone (SD1.5's InstructPix2Pix conditions on the unscaled VAE mode).
+
+The folder it writes is a diffusers InstructPix2Pix folder without VAE (``unet/``, ``text_encoder/``,
+``scheduler/``, ``hash_tokenizer.json``); the autoencoder is the world's (its sibling folder). ``load_ip2p`` in
+:mod:`training.ip2p` reads it as ``world:<world folder>``.
+
+The LoRA of Change settings on the world (``LOC_WORLD``) live here too, with the reasons for them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from analogy_core import world
+
+log = logging.getLogger(__name__)
+MODEL = "instruct_pix2pix"
+LATENT_CHANNELS = 16
+TEXT_WIDTH = 32
+TEXT_TOKENS = 8
+TEXT_VOCAB = 1000
+TOKENIZER_FILE = "hash_tokenizer.json"
+NEUTRAL_PROMPT = ""
+
+
+def unet_config(cfg: dict) -> dict:
+    """SD1.5's block layout at world scale: cross-attention transformer blocks at both latent levels and in the middle
+    (attn1 + attn2 each, as SD1.5), InstructPix2Pix's doubled input channels."""
+    width = cfg["width"]
+    return dict(sample_size=cfg["panel"] // 8, in_channels=2 * LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+                layers_per_block=cfg["layers_per_block"], block_out_channels=(width, 2 * width),
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_WIDTH,
+                attention_head_dim=cfg["head_dim"], norm_num_groups=cfg["groups"])
+
+
+def text_encoder(seed: int):
+    """A random, frozen, tiny CLIP text encoder: the world's stand-in for SD1.5's CLIP-L (word-hash tokenizer)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    model = CLIPTextModel(CLIPTextConfig(vocab_size=TEXT_VOCAB, hidden_size=TEXT_WIDTH, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2,
+                                         max_position_embeddings=TEXT_TOKENS))
+    return model.eval().requires_grad_(False)
+
+
+def pretrain(unet, latents: torch.Tensor, text: torch.Tensor, alphas: torch.Tensor, cfg: dict, seed: int) -> list[float]:
+    """Copy and generation objectives (MSE of the ``cfg["prediction"]`` target, t uniform over the 1000 steps) on the
+    pool's latents [N, 16, h, w]."""
+    from training.ip2p import add_noise
+
+    gen = torch.Generator().manual_seed(seed)
+    optimiser = torch.optim.AdamW(unet.parameters(), lr=cfg["lr"], weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, cfg["lr"], total_steps=cfg["steps"], pct_start=0.05)
+    unet.train()
+    losses = []
+    for step in range(cfg["steps"]):
+        n_copy, n_gen = cfg["batch_copy"], cfg["batch_generate"]
+        x0 = latents[torch.randint(len(latents), (n_copy + n_gen,), generator=gen)]
+        condition = torch.cat([x0[:n_copy], torch.zeros_like(x0[n_copy:])])
+        t = torch.randint(0, alphas.shape[0], (len(x0),), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        alpha_bar = alphas[t].float().view(-1, 1, 1, 1)
+        x_t = add_noise(x0, noise, alpha_bar)
+        out = unet(torch.cat([x_t, condition], dim=1), t, encoder_hidden_states=text.expand(len(x0), -1, -1),
+                   return_dict=False)[0]
+        target = noise if cfg["prediction"] == "epsilon" else alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+        per_sample = ((out - target) ** 2).flatten(1).mean(dim=1)
+        weights = torch.cat([torch.ones(n_copy), torch.full((n_gen,), cfg["generate_weight"])])
+        loss = (per_sample * weights).sum() / n_copy
+        optimiser.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimiser.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % 100 == 0 or step == cfg["steps"] - 1:
+            log.info("instruct_pix2pix step %d/%d loss %.4f", step + 1, cfg["steps"], loss.item())
+    unet.eval()
+    return losses
+
+
+@torch.no_grad()
+def copy_error(backbone, panel: int, count: int, steps: int, seed: int) -> dict:
+    """The base's copying: held-out world images as their own condition, sampled with DDIM (eq. 8 of LoRA of
+    Change, no LoRA), against the image; and the autoencoder floor."""
+    from training.train_loc import edit_images
+    from training.world.evaluate import mae
+    from training.world.flux_kontext import panel_pool
+
+    images = panel_pool(count, panel, "heldout")
+    sampled = edit_images(backbone, None, images, steps, seed)
+    return {"copy_error_heldout": round(float(mae(sampled, images).mean()), 5),
+            "copy_floor_heldout": round(float(mae(backbone.reconstruct(images), images).mean()), 5)}
+
+
+def build(ctx) -> dict:
+    """World model ``instruct_pix2pix``: text encoder, scheduler, the pretrained UNet."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from training.backbone import HashTokenizer
+    from training.ip2p import SD_SCHEDULE, load_ip2p
+    from training.world.autoencoder import load_world_autoencoder
+    from training.world.flux_kontext import panel_pool
+
+    cfg, folder = ctx.config, ctx.folder
+    encoder = text_encoder(ctx.seed + 31)
+    encoder.save_pretrained(folder / "text_encoder")
+    (folder / TOKENIZER_FILE).write_text(json.dumps({"vocab_size": TEXT_VOCAB, "length": TEXT_TOKENS}))
+    scheduler = DDPMScheduler(**SD_SCHEDULE, prediction_type=cfg["prediction"])
+    scheduler.save_pretrained(folder / "scheduler")
+    with torch.no_grad():
+        text = encoder(HashTokenizer(TEXT_VOCAB, TEXT_TOKENS)([NEUTRAL_PROMPT]))[0]
+    torch.manual_seed(ctx.seed + 32)
+    unet = UNet2DConditionModel(**unet_config(cfg))
+    codec = load_world_autoencoder(ctx.dependency("autoencoder"))
+    latents = codec.model_latents(panel_pool(cfg["pool"], cfg["panel"]))
+    losses = pretrain(unet, latents, text, scheduler.alphas_cumprod.double(), cfg, ctx.seed + 33)
+    unet.save_pretrained(folder / "unet")
+    backbone = load_ip2p(f"world:{folder}", autoencoder=ctx.dependency("autoencoder"))
+    metrics = {"loss_start": sum(losses[:20]) / 20, "loss_end": sum(losses[-20:]) / 20,
+               "parameters_millions": round(sum(p.numel() for p in unet.parameters()) / 1e6, 3),
+               "attention_layers": sum(1 for n, _ in unet.named_modules() if n.endswith((".attn1", ".attn2")))}
+    metrics.update(copy_error(backbone, cfg["panel"], count=cfg["eval_images"], steps=cfg["eval_steps"],
+                              seed=ctx.seed))
+    return metrics
+
+
+def model_folders(spec: str) -> tuple[Path, Path]:
+    """(UNet model folder, autoencoder folder) of a ``world:`` spec's folder: a world folder (``world.json`` or an
+    ``instruct_pix2pix`` sub-folder) or the model folder itself (the autoencoder is its sibling)."""
+    root = Path(spec)
+    model = root / MODEL if (root / "world.json").is_file() or (root / MODEL).is_dir() else root
+    autoencoder = model.parent / "autoencoder"
+    for path, what in ((model / "unet" / "config.json", "UNet"), (autoencoder / "config.json", "autoencoder")):
+        if not path.exists():
+            raise FileNotFoundError(f"world InstructPix2Pix backbone {spec}: no {what} at {path}; build the world "
+                                    f"with `python -m training.world build --models {MODEL}`")
+    return model, autoencoder

@@ -1,0 +1,176 @@
+"""LoRA of Change on the analogy world: its world settings, training runs, and the yardstick's figures (``loc`` row
+of ``bench.analogy_world``).
+
+Training runs ``training.train_loc`` itself (the shared skeleton) on the world's InstructPix2Pix-like backbone
+(world model ``instruct_pix2pix``) with the world CLIP as image encoder and ``data: world`` — *paired* data only, as
+the paper trains: pairs (A, A′) of the training families on training scenes, B and B′ made from them by flips. The
+hypernetwork file it writes is loaded back with the node's own loader, so the yardstick measures the file a user gets.
+
+Evaluation on held-out scenes of every family (quads the trainer never saw: A, A′ and B are different scenes): B′ is
+sampled with DDIM (eq. 8) from the backbone patched with H(A, A′), B as the InstructPix2Pix condition; ``base`` is
+the same sampler without the LoRA. ``extra`` holds:
+
+* ``consistency_gap_*`` — ‖H(A, A′) + H(A′, A)‖ / ‖H(A, A′)‖ (mean over the training families' examples) after
+  training and at an early checkpoint (``_early``, after ``EARLY`` of the steps), for the run with random exchange
+  (the default) and a run without it (``_no_exchange``; same steps and seed). At initialisation the gap is undefined:
+  eq. 11 makes H(A, A′) exactly zero (``consistency_gap_init`` is null for that reason);
+* ``reverse_*`` — LoRA Reverse undoing the edit: −H(A, A′) applied with the true B′ as the condition, against B
+  (``reverse_error_<split>``), next to doing nothing (``reverse_no_edit_<split>`` = |B′ − B|);
+* the no-exchange run's own B′ error ratio, training time and losses.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from analogy_core import world
+
+REPO = Path(__file__).resolve().parent.parent.parent
+PANEL = 64
+EARLY = 0.1
+# Why these values: 64-px panels (the world's panel); H as the paper (M = 6 decoder blocks, 8 heads) at width 128
+# instead of 512 (the world's tokens are 64-d and its UNet 64/128 wide; 512 would make H 6x the backbone on 2 CPU
+# cores), rank 4 (the pack's default); paired world data with the neutral prompt (no text: the edit can only come from
+# the pair); eqs. 6-7 in x0 space as the paper writes them; AdamW at 1e-3 in float32 (the paper's 1e-5 is for a
+# 435M-parameter H at batch 96); DDIM with 20 steps for samples and evaluation.
+LOC_WORLD: dict[str, object] = dict(
+    data="world", resolution=PANEL, rank=4, width=128, blocks=6, heads=8, ffn=512, batch_size=8, max_steps=1500,
+    learning_rate=1e-3, weight_decay=0.0, mixed_precision="no", gradient_checkpointing=False, text_dropout=0.0,
+    loss_space="x0", num_workers=0, checkpoint_every=150, keep_checkpoints=100, sample_every=1500, sample_steps=20,
+    log_every=50, report_to="none")
+LOC_WORLD_QUICK: dict[str, object] = {**LOC_WORLD, "max_steps": 300, "checkpoint_every": 30, "sample_every": 300}
+
+
+def loc_settings(world_root: str | Path, quick: bool = False) -> dict[str, object]:
+    """The full key -> value settings of a world run (backbone and image encoder included)."""
+    spec = f"world:{world_root}"
+    return {"backbone": spec, "image_encoder": spec, **(LOC_WORLD_QUICK if quick else LOC_WORLD)}
+
+
+def train_loc(world_root: str | Path, out: Path, quick: bool = False, seed: int = 0,
+              overrides: dict[str, object] | None = None) -> float:
+    """``python -m training.train_loc --preset tiny <world settings> --output-dir out`` in a subprocess (Accelerate
+    keeps process-wide state), logged to ``out/train.log``; returns the seconds it took."""
+    from training.world.presets import set_arguments
+
+    settings = {**loc_settings(world_root, quick), "seed": seed, **(overrides or {})}
+    cmd = [sys.executable, "-m", "training.train_loc", "--preset", "tiny", *set_arguments(settings),
+           "--output-dir", str(out)]
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with open(out / "train.log", "w") as handle:
+        result = subprocess.run(cmd, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, TQDM_DISABLE="1"))
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}):\n{(out / 'train.log').read_text()[-3000:]}")
+    return time.monotonic() - started
+
+
+def load_hypernetwork_state(path: Path, template):
+    """The hypernetwork file a run wrote, or a checkpoint folder's weights in the same architecture."""
+    from analogy_core.files import check_state_dict, read_safetensors
+    from analogy_core.loc import HypernetworkError, load_hypernetwork
+
+    if path.is_dir():
+        model = copy.deepcopy(template)
+        tensors, _ = read_safetensors(path / "trainable.safetensors")
+        model.load_state_dict(check_state_dict(tensors, model.state_dict(), error=HypernetworkError))
+        return model.eval()
+    return load_hypernetwork(path)
+
+
+def checkpoint_at(run: Path, fraction: float) -> Path:
+    """The checkpoint folder nearest to ``fraction`` of the run's steps."""
+    from training import checkpoints as ckpt
+
+    found = ckpt.list_checkpoints(run / "checkpoints")
+    if not found:
+        raise FileNotFoundError(f"{run}: no checkpoints")
+    last = max(c.step for c in found)
+    return min(found, key=lambda c: abs(c.step - fraction * last)).path
+
+
+@torch.no_grad()
+def tokens(encoder, items: list[world.Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    from training.train_loc import encode_pair
+    from training.world.evaluate import stack
+
+    return encode_pair(encoder, stack(items, "a"), stack(items, "a_prime"), "cpu")
+
+
+def mean_gap(hypernetwork, encoder, examples: dict[str, list], families: list[str]) -> float | None:
+    from analogy_core.loc import consistency_gap
+
+    gaps = torch.cat([consistency_gap(hypernetwork, *tokens(encoder, examples[f])) for f in families])
+    return None if torch.isnan(gaps).any() else round(float(gaps.mean()), 4)
+
+
+def run_loc(ctx):
+    """The ``loc`` method of ``bench.analogy_world``: train (with and without random exchange), then measure."""
+    from bench.analogy_world import MethodOutput, losses_from_log
+    from training.backbone import load_query_encoder
+    from training.ip2p import load_ip2p
+    from training.train_loc import edit_images
+    from training.world.evaluate import mae, stack
+
+    settings = loc_settings(ctx.world.root, ctx.quick)
+    steps = int(settings["max_steps"])
+    runs = {"": ctx.folder / "train", "_no_exchange": ctx.folder / "train_no_exchange"}
+    seconds = {tag: train_loc(ctx.world.root, out, ctx.quick, ctx.seed, {"random_exchange": tag == ""})
+               for tag, out in runs.items()}
+
+    backbone = load_ip2p(ctx.world.spec)
+    encoder = load_query_encoder(ctx.world.spec)
+    hypernetwork = load_hypernetwork_state(runs[""] / "loc_hypernetwork.safetensors", None)
+    sample_steps = int(settings["sample_steps"])
+    train_families = [f for f in ctx.examples if world.get_family(f).split == "train"]
+
+    def b_primes(model) -> dict[str, torch.Tensor]:
+        out = {}
+        for family, items in ctx.examples.items():
+            factors = model(*tokens(encoder, items))
+            out[family] = edit_images(backbone, factors, stack(items, "b"), sample_steps, ctx.seed)
+        return out
+
+    b_prime = b_primes(hypernetwork)
+    base = {family: edit_images(backbone, None, stack(items, "b"), sample_steps, ctx.seed)
+            for family, items in ctx.examples.items()}
+    extra: dict[str, object] = {"train_steps": steps, "train_seconds": round(seconds[""], 1),
+                                "train_seconds_no_exchange": round(seconds["_no_exchange"], 1),
+                                "consistency_gap_init": None,
+                                "consistency_gap_init_note": "undefined: a fresh H generates an exactly zero LoRA "
+                                                             "(eq. 11)", "early_step_fraction": EARLY}
+    for tag, out in runs.items():
+        final = load_hypernetwork_state(out / "loc_hypernetwork.safetensors", None)
+        early = load_hypernetwork_state(checkpoint_at(out, EARLY), final)
+        extra[f"consistency_gap{tag}"] = mean_gap(final, encoder, ctx.examples, train_families)
+        extra[f"consistency_gap_early{tag}"] = mean_gap(early, encoder, ctx.examples, train_families)
+        losses = losses_from_log(out / "train.log")
+        if losses:
+            extra[f"loss_first_step{tag}"], extra[f"loss_last_step{tag}"] = losses
+    no_exchange = load_hypernetwork_state(runs["_no_exchange"] / "loc_hypernetwork.safetensors", None)
+    other = b_primes(no_exchange)
+    for split in ("train", "heldout"):
+        names = [f for f in ctx.examples if world.get_family(f).split == split]
+        ratios, reverse, nothing = [], [], []
+        for family in names:
+            items = ctx.examples[family]
+            b, truth = stack(items, "b"), stack(items, "b_prime")
+            no_edit = float(mae(b, truth).mean())
+            ratios.append(float(mae(other[family], truth).mean()) / no_edit)
+            factors = hypernetwork(*tokens(encoder, items)).scaled(-1.0)
+            reverse.append(float(mae(edit_images(backbone, factors, truth, sample_steps, ctx.seed), b).mean()))
+            nothing.append(no_edit)
+        extra[f"mean_error_over_no_edit_{split}_no_exchange"] = round(sum(ratios) / len(ratios), 4)
+        extra[f"reverse_error_{split}"] = round(sum(reverse) / len(reverse), 5)
+        extra[f"reverse_no_edit_{split}"] = round(sum(nothing) / len(nothing), 5)
+    (ctx.folder / "loc_extra.json").write_text(json.dumps(extra, indent=2))
+    return MethodOutput(b_prime, base, backbone.reconstruct, extra)
