@@ -29,7 +29,7 @@ from tiny_models import FLUX_COMFY, randomize_
 
 pytestmark = pytest.mark.comfy
 
-CLIP_FILE, T5_FOLDER = "tiny_region_clip.safetensors", "tiny_t5"
+CLIP_FILE, T5_FOLDER, T5_WEIGHTS = "tiny_region_clip.safetensors", "tiny_t5", "tiny_t5/model.safetensors"
 REGION_FILES = {"text": "tiny_region_text.safetensors", "analogy": "tiny_region_analogy.safetensors"}
 INSTRUCTION = "make the red square blue"
 ENCODER = EncoderInfo.describe(TINY_CLIP["projection_dim"], TINY_CLIP["hidden_size"], TINY_CLIP["image_size"],
@@ -187,7 +187,7 @@ def region_prompt(mode: str, threshold: float, grow: int = 2, feather: int = 3) 
         "13": {"class_type": "SaveImage", "inputs": {"images": ["5", 2], "filename_prefix": f"preview_{mode}"}},
     }
     if mode == "text":
-        prompt["4"] = {"class_type": "AnalogyLoadInstructionEncoder", "inputs": {"folder": T5_FOLDER}}
+        prompt["4"] = {"class_type": "AnalogyLoadInstructionEncoder", "inputs": {"encoder": T5_WEIGHTS}}
         predict.update(instruction=INSTRUCTION, instruction_encoder=["4", 0])
     else:
         prompt["4"] = {"class_type": "LoadImage", "inputs": {"image": "analogy_a.png"}}
@@ -242,7 +242,7 @@ def swap_region_models(prompt: dict, kinds: dict, mode: str) -> None:
     for key in kinds["AnalogyLoadRegionModel"]:
         prompt[key]["inputs"]["region_name"] = REGION_FILES[mode]
     for key in kinds.get("AnalogyLoadInstructionEncoder", []):
-        prompt[key]["inputs"]["folder"] = T5_FOLDER
+        prompt[key]["inputs"]["encoder"] = T5_WEIGHTS
 
 
 def save_binary_mask(prompt: dict, kinds: dict, prefix: str) -> str:
@@ -313,3 +313,42 @@ def test_region_constrained_analogy_example_leaves_b_outside_the_region(comfy, r
     assert np.array_equal(result[outside], b[outside]), "outside the region: B bit for bit"
     assert np.abs(b_prime[outside] - b[outside]).mean() > 1, "LoRWeB alone changes B outside the region too"
     assert np.abs(result[~outside] - b[~outside]).mean() > 1, "inside the region the edit is kept"
+
+
+class FakeComfyT5:
+    """What Predict Edit Region reads from a ComfyUI CLIP: tokenize → {"l": ..., "t5xxl": ...} (pairs of id, weight)
+    and encode_from_tokens → the t5xxl tokens' features (padded to 8 tokens, pad id 0)."""
+
+    def __init__(self, width: int, pad_values: float = 0.0):
+        from types import SimpleNamespace
+
+        self.width, self.pad_values = width, pad_values
+        self.tokenizer = SimpleNamespace(t5xxl=SimpleNamespace(pad_token=0), clip_l=SimpleNamespace(pad_token=49407))
+
+    def tokenize(self, text):
+        ids = [5 + len(word) for word in text.split()] + [1]
+        return {"l": [[(49406, 1.0)] * 77], "t5xxl": [[(i, 1.0) for i in ids + [0] * (8 - len(ids))]]}
+
+    def encode_from_tokens(self, tokens):
+        ids = torch.tensor([pair[0] for pair in tokens["t5xxl"][0]], dtype=torch.float32)
+        features = torch.sin(ids[:, None] * torch.arange(1, self.width + 1)[None, :] * 0.37)
+        features[ids == 0] = self.pad_values
+        return features.unsqueeze(0)
+
+
+def test_comfy_text_encoder_serves_when_it_is_the_trained_t5(region_files):
+    """The `clip` input: ComfyUI's own T5 output, its padding masked (so pad features do not matter); a T5 of another
+    width is refused by name."""
+    nodes, model, clip_vision = region_files["nodes"], region_files["text"], region_files["clip_vision"]
+    width = model.spec.text_dim
+    image = region_files["images"]["text"]
+    probs, mode = nodes.predict_probabilities(model, clip_vision, image, "make it blue", clip=FakeComfyT5(width))
+    assert mode == "text" and probs.std() > 0
+    other_pads, _ = nodes.predict_probabilities(model, clip_vision, image, "make it blue",
+                                                clip=FakeComfyT5(width, pad_values=5.0))
+    torch.testing.assert_close(other_pads, probs)
+    other_words, _ = nodes.predict_probabilities(model, clip_vision, image, "make the square green",
+                                                 clip=FakeComfyT5(width))
+    assert not torch.allclose(other_words, probs), "the instruction reaches the region"
+    with pytest.raises(ValueError, match=f"instruction features must be \\[batch, tokens, {width}\\]"):
+        nodes.predict_probabilities(model, clip_vision, image, "make it blue", clip=FakeComfyT5(width + 4))
