@@ -101,6 +101,30 @@ def region_settings(world_folder: str, quick: bool = False) -> dict[str, object]
     return {"clip": spec, "instruction_encoder": spec, **(REGION_WORLD_QUICK if quick else REGION_WORLD)}
 
 
+def train_region(settings: dict[str, object], out, max_steps: int) -> float:
+    """``python -m training.train_region --preset tiny <settings> --output-dir out`` in a subprocess (Accelerate keeps
+    process-wide state), logged to ``out/train.log``; returns the seconds it took."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    args = [item for key, value in settings.items()
+            for item in ("--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}")]
+    cmd = [sys.executable, "-m", "training.train_region", "--preset", "tiny", *args, "--output-dir", str(out),
+           "--max-steps", str(max_steps)]
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with open(out / "train.log", "w") as handle:
+        result = subprocess.run(cmd, cwd=repo, stdout=handle, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, TQDM_DISABLE="1"))
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}):\n{(out / 'train.log').read_text()[-3000:]}")
+    return time.monotonic() - started
+
+
 def confinement(b: torch.Tensor, edited: torch.Tensor, truth: torch.Tensor, region: torch.Tensor,
                 true_mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """An edit confined to ``region`` (binary [B, H, W]): the composite, and its mean absolute error against the true
@@ -150,8 +174,8 @@ def run_bench_row(ctx, lorweb_output=None):
     settings = region_settings(str(ctx.world.root), ctx.quick)
     settings["seed"] = ctx.seed
     steps = int(settings["max_steps"])
-    bench.train_subprocess("training.train_region", ctx.folder / "init", {**settings, "learning_rate": 0.0}, 1)
-    seconds = bench.train_subprocess("training.train_region", ctx.folder / "train", settings, steps)
+    train_region({**settings, "learning_rate": 0.0}, ctx.folder / "init", 1)
+    seconds = train_region(settings, ctx.folder / "train", steps)
     trained = load_region_predictor(ctx.folder / "train" / "region_predictor.safetensors")
     initial = load_region_predictor(ctx.folder / "init" / "region_predictor.safetensors")
     clip = FrozenClip.from_folder(ctx.world.path("clip"))
