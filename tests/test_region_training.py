@@ -322,3 +322,23 @@ def test_train_region_runs_resumes_and_writes_a_loadable_checkpoint(tmp_path):
     again = load_region_predictor(tmp_path / "part" / "region_predictor.safetensors")
     for key, value in model.state_dict().items():
         torch.testing.assert_close(again.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_confinement_keeps_b_outside_the_region_and_measures_both_sides():
+    from training.region_world import confinement
+
+    gen = torch.Generator().manual_seed(0)
+    b, edited = torch.rand(2, 6, 6, 3, generator=gen), torch.rand(2, 6, 6, 3, generator=gen)
+    truth = b.clone()
+    true_mask = torch.zeros(2, 6, 6, dtype=torch.bool)
+    true_mask[:, :3] = True
+    truth[true_mask] = edited[true_mask]            # the edit is right inside the true region, B elsewhere
+    region = torch.zeros(2, 6, 6, dtype=torch.bool)
+    region[:, :2] = True                            # the predicted region misses one row of the true one
+    confined, stats = confinement(b, edited, truth, region, true_mask)
+    assert torch.equal(confined[~region], b[~region]) and torch.equal(confined[region], edited[region])
+    assert stats["outside_region_max_change_from_b"] == 0.0
+    assert stats["confined_error_outside_true"] == 0.0 and stats["unconfined_error_inside_true"] == 0.0
+    missed = (b - truth).abs().mean(-1)[:, 2].mean()
+    assert stats["confined_error_inside_true"] == pytest.approx(float(missed) / 3, rel=1e-5)
+    assert stats["unconfined_error_outside_true"] == pytest.approx(float((edited - truth).abs().mean(-1)[:, 3:].mean()))
