@@ -131,7 +131,7 @@ REGION_INPAINT = {
     1: ("CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly-fp16.safetensors"}, (0, 0), "Stable Diffusion 1.5"),
     2: ("CLIPVisionLoader", {"clip_name": "clip-vit-large-patch14.safetensors"}, (0, 0), "CLIP ViT-L/14"),
     3: ("AnalogyLoadRegionModel", {"region_name": "region_instructions.safetensors"}, (0, 0), None),
-    4: ("AnalogyLoadInstructionEncoder", {"folder": "flan-t5-base"}, (0, 0), "FLAN-T5-Base"),
+    4: ("AnalogyLoadInstructionEncoder", {"encoder": "flan-t5-base/model.safetensors"}, (0, 0), "FLAN-T5-Base"),
     5: ("LoadImage", {"image": "analogy_b.png"}, (0, 0), "Image to edit"),
     16: ("Note", {"text": REGION_INPAINT_NOTE}, (1, 0), "About this workflow"),
     6: ("AnalogyPredictEditRegion", {"image": [5, 0], "region_model": [3, 0], "clip_vision": [2, 0], "threshold": 0.5,

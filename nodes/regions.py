@@ -67,21 +67,30 @@ class LoadRegionModel:
 
 
 def instruction_encoder_names() -> list[str]:
-    """Subfolders of the text-encoder folders that hold a transformers model (config.json)."""
+    """``<folder>/<weights>.safetensors`` for every subfolder of the text-encoder folders that holds a transformers
+    model (config.json and safetensors weights): the folder is the encoder, the file name only shows which."""
     names = set()
     for root in folder_paths.get_folder_paths(TEXT_ENCODER_FOLDER):
-        if os.path.isdir(root):
-            for entry in sorted(os.listdir(root)):
-                if os.path.isfile(os.path.join(root, entry, "config.json")):
-                    names.add(entry)
+        if not os.path.isdir(root):
+            continue
+        for entry in sorted(os.listdir(root)):
+            folder = os.path.join(root, entry)
+            if os.path.isfile(os.path.join(folder, "config.json")):
+                weights = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+                if weights:
+                    names.add(f"{entry}/{weights[0]}")
     return sorted(names)
 
 
 def instruction_encoder_path(name: str) -> str | None:
+    """The folder of a listed ``<folder>/<weights>.safetensors`` (one level below a text-encoder folder only)."""
+    parts = name.replace("\\", "/").split("/")
+    if len(parts) != 2 or parts[0] in ("", ".", "..") or not parts[1].endswith(".safetensors"):
+        return None
     for root in folder_paths.get_folder_paths(TEXT_ENCODER_FOLDER):
-        path = os.path.join(root, name)
-        if os.path.basename(os.path.normpath(name)) == name and os.path.isfile(os.path.join(path, "config.json")):
-            return path
+        folder = os.path.join(root, parts[0])
+        if os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(os.path.join(folder, parts[1])):
+            return folder
     return None
 
 
@@ -112,9 +121,9 @@ class ComfyInstructionEncoder:
 
 
 class LoadInstructionEncoder:
-    DESCRIPTION = ("Loads a T5 encoder folder (e.g. google/flan-t5-base saved with transformers, the region paper's "
-                   "instruction encoder) from models/text_encoders/<folder>: config.json, model.safetensors and the "
-                   "tokenizer files. Nothing is downloaded; pickle weights are refused.")
+    DESCRIPTION = ("Loads a T5 encoder saved as a transformers folder in models/text_encoders/<folder>/ (config.json, "
+                   "model.safetensors and the tokenizer files), e.g. google/flan-t5-base, the region paper's "
+                   "instruction encoder. Nothing is downloaded; pickle weights are refused.")
     CATEGORY = f"{CATEGORY}/regions"
     FUNCTION = "load"
     RETURN_TYPES = (INSTRUCTION_ENCODER_TYPE,)
@@ -123,13 +132,15 @@ class LoadInstructionEncoder:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"folder": (instruction_encoder_names(), {
-            "tooltip": "A folder in models/text_encoders holding a transformers T5 (config.json + safetensors)."})}}
+        return {"required": {"encoder": (instruction_encoder_names(), {
+            "tooltip": "A transformers T5 folder in models/text_encoders (shown with its weights file); the whole "
+                       "folder is loaded."})}}
 
-    def load(self, folder):
-        path = instruction_encoder_path(folder)
+    def load(self, encoder):
+        path = instruction_encoder_path(encoder)
         if path is None:
-            raise RegionError(f"no T5 folder {folder!r} with a config.json in models/text_encoders")
+            raise RegionError(f"{encoder!r} is not <folder>/<weights>.safetensors of a T5 folder (with config.json) "
+                              "in models/text_encoders")
         return (ComfyInstructionEncoder(InstructionEncoder.from_folder(path)),)
 
 

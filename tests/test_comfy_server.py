@@ -42,6 +42,7 @@ EXAMPLE_MODEL_FILES = ("diffusion_models/flux1-kontext-dev.safetensors", "text_e
                        "checkpoints/instruct-pix2pix-00-22000.safetensors", "loc/loc_hypernetwork.safetensors",
                        "checkpoints/v1-5-pruned-emaonly-fp16.safetensors", "regions/region_instructions.safetensors",
                        "regions/region_analogy.safetensors", "text_encoders/flan-t5-base/config.json",
+                       "text_encoders/flan-t5-base/model.safetensors",
                        "diffusion_models/flux1-dev.safetensors", "loras/edit_transfer.safetensors")
 
 
