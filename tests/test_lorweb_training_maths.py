@@ -8,7 +8,6 @@ dropped, wrong timestep weights or a sampler stepping the wrong way all fail her
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -19,35 +18,10 @@ from analogy_core.lorweb_layer import LoRWeBLinear
 from training import flow
 from training.config import load_config
 from training.train_lorweb import drop_captions, reverse_analogies, sample_grid, training_loss
+from stub_backbone import StubBackbone, from_tokens, to_tokens
 
 S = 4          # panel side in pixels: the grid is 8 x 8
 EMBED = 3      # stub image-embedding width
-
-
-def to_tokens(images: torch.Tensor) -> torch.Tensor:
-    """Stub VAE + packing: every 2x2 pixel block of [B, H, W, 3] becomes one 12-d token (row-major)."""
-    b, h, w, c = images.shape
-    return images.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
-
-
-def from_tokens(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    b = tokens.shape[0]
-    return tokens.reshape(b, h // 2, w // 2, 2, 2, 3).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, 3)
-
-
-@dataclass
-class StubBackbone:
-    vae_factor: int = 1
-
-    def encode_images(self, images):
-        return to_tokens(images * 2 - 1)
-
-    def decode_tokens(self, tokens, height, width):
-        return (from_tokens(tokens, height, width) + 1) / 2
-
-    def encode_prompts(self, prompts, device):
-        lengths = torch.tensor([float(len(p)) for p in prompts])
-        return lengths.view(-1, 1, 1).expand(-1, 2, 5).clone(), (lengths * 0.5).view(-1, 1).expand(-1, 4).clone()
 
 
 class StubQueryEncoder:
