@@ -101,6 +101,22 @@ def build_config(config_cls: type[Config], presets: dict[str, dict[str, Any]], p
     return config
 
 
+def check_four_panel_settings(cfg: CommonConfig) -> None:
+    """The settings every four-panel trainer shares (LoRWeB, Edit Transfer): the grid size, how panels are fitted, the
+    timestep sampling and the caption dropout."""
+    from training.flow import TIMESTEP_SAMPLINGS
+
+    if cfg.grid_resolution % 32:
+        raise ValueError(f"grid_resolution must be a multiple of 32 (two panels, each a whole number of 16-px "
+                         f"FLUX patches), got {cfg.grid_resolution}")
+    choices = {"panel_fit": ("stretch", "center_crop"), "timestep_sampling": TIMESTEP_SAMPLINGS}
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"{key} must be one of {allowed}, got {getattr(cfg, key)!r}")
+    if not 0 <= cfg.caption_dropout <= 1:
+        raise ValueError(f"caption_dropout must be in [0, 1], got {cfg.caption_dropout}")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # LoRWeB
 
@@ -165,16 +181,9 @@ class LoRWeBConfig(CommonConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.grid_resolution % 32:
-            raise ValueError(f"grid_resolution must be a multiple of 32 (two panels, each a whole number of 16-px "
-                             f"FLUX patches), got {self.grid_resolution}")
-        choices = {"panel_fit": ("stretch", "center_crop"), "caption_source": ("a", "b"),
-                   "timestep_sampling": ("official", "logit_normal", "uniform")}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
-        if not 0 <= self.caption_dropout <= 1:
-            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        check_four_panel_settings(self)
+        if self.caption_source not in ("a", "b"):
+            raise ValueError(f"caption_source must be one of ('a', 'b'), got {self.caption_source!r}")
 
 
 TrainConfig = LoRWeBConfig  # the name earlier releases used

@@ -40,10 +40,10 @@ from analogy_core.lora import LoRA, LoRALayer
 from analogy_core.lora_io import save_lora_file
 from training import flow
 from training.backbone import Backbone, load_backbone, token_ids
-from training.config import CommonConfig
+from training.config import CommonConfig, check_four_panel_settings
 from training.edit_transfer_data import make_edit_transfer_dataset
 from training.train_lorweb import _without_local_path, drop_captions
-from training.trainer import TrainingTask, main_for, run
+from training.trainer import TrainingTask, main_for, run, sample_pairs_image, save_sample_image
 
 LORA_FILE = "edit_transfer_lora.safetensors"
 CONTEXTS = ("clean", "renoise")  # official sampler / ComfyUI's stock inpainting
@@ -88,19 +88,10 @@ class EditTransferConfig(CommonConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.grid_resolution % 32:
-            raise ValueError(f"grid_resolution must be a multiple of 32 (each panel a whole number of FLUX's 16-px "
-                             f"patches), got {self.grid_resolution}")
-        if self.panel_fit not in ("stretch", "center_crop"):
-            raise ValueError(f"panel_fit must be stretch or center_crop, got {self.panel_fit!r}")
-        if self.timestep_sampling not in flow.TIMESTEP_SAMPLINGS:
-            raise ValueError(f"timestep_sampling must be one of {flow.TIMESTEP_SAMPLINGS}, got "
-                             f"{self.timestep_sampling!r}")
+        check_four_panel_settings(self)
         if not (isinstance(self.rank, int) and self.rank >= 1) or not self.lora_alpha > 0:
             raise ValueError(f"rank must be a positive integer and lora_alpha positive, got {self.rank}, "
                              f"{self.lora_alpha}")
-        if not 0 <= self.caption_dropout <= 1:
-            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -306,13 +297,8 @@ class EditTransferTask(TrainingTask):
                 f"{self.cfg.lora_alpha:g}, {text}: {count / 1e6:.2f}M trainable parameters")
 
     def write_samples(self, model, batch, step: int, folder: Path) -> None:
-        from PIL import Image
-
         generated = sample_composite(model, self.backbone, batch, self.cfg, self.device).float().cpu()
-        target = four_panels(batch)
-        rows = torch.cat([torch.cat([t, g], dim=1) for t, g in zip(target, generated)], dim=0)
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((rows.numpy() * 255).round().astype("uint8")).save(folder / f"step_{step:06d}.png")
+        save_sample_image(sample_pairs_image(four_panels(batch), generated), folder, step)
 
 
 def main(argv=None) -> dict:

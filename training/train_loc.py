@@ -49,7 +49,7 @@ from training.backbone import load_query_encoder
 from training.config import CommonConfig
 from training.ip2p import IP2PBackbone, add_noise, ddim_sample, load_ip2p, to_epsilon, to_x0
 from training.pair_data import make_pair_dataset
-from training.trainer import TrainingTask, run
+from training.trainer import TrainingTask, run, save_sample_image
 from training.train_lorweb import _without_local_path
 
 HYPERNETWORK_FILE = "loc_hypernetwork.safetensors"
@@ -304,12 +304,8 @@ class LoCTask(TrainingTask):
         return f"{model.config.describe()}; {count / 1e6:.2f}M trainable parameters"
 
     def write_samples(self, model, batch, step: int, folder: Path) -> None:
-        from PIL import Image
-
         rows = sample_rows(model, self.backbone, self.encoder, batch, self.cfg.sample_steps, self.cfg.seed)
-        folder.mkdir(parents=True, exist_ok=True)
-        grid = torch.cat(list(rows), dim=0)
-        Image.fromarray((grid.numpy() * 255).round().astype("uint8")).save(folder / f"step_{step:06d}.png")
+        save_sample_image(torch.cat(list(rows), dim=0), folder, step)
 
 
 def translate_argv(argv: list[str]) -> list[str]:

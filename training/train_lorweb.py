@@ -30,7 +30,7 @@ from training import flow
 from training.backbone import Backbone, load_backbone, load_query_encoder, token_ids
 from training.config import PRESETS, LoRWeBConfig
 from training.data import make_dataset
-from training.trainer import TrainingTask, main_for, run
+from training.trainer import TrainingTask, main_for, run, sample_pairs_image, save_sample_image
 
 BASIS_FILE = "lorweb_basis.safetensors"
 
@@ -210,14 +210,10 @@ class LoRWeBTask(TrainingTask):
                 f"d={cfg.key_dim}, {count / 1e6:.2f}M trainable parameters")
 
     def write_samples(self, model, batch, step: int, folder: Path) -> None:
-        from PIL import Image
-
         generated = sample_grid(model, self.backbone, self.query_encoder, batch, self.cfg, self.device).cpu()
         target, _ = grids(batch)
         # one row per sample: the true grid [a a'; b b'] next to the generated one (bottom-right = predicted b')
-        rows = torch.cat([torch.cat([t, g], dim=1) for t, g in zip(target, generated)], dim=0)
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((rows.numpy() * 255).round().astype("uint8")).save(folder / f"step_{step:06d}.png")
+        save_sample_image(sample_pairs_image(target, generated), folder, step)
 
 
 def main(argv=None) -> dict:

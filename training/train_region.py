@@ -33,7 +33,7 @@ from analogy_core.regions import (FrozenClip, InstructionEncoder, LossWeights, R
 from training.region_config import PRESETS, RegionConfig
 from training.region_data import make_region_dataset
 from training.region_models import load_clip, load_instruction_encoder
-from training.trainer import TrainingTask, main_for, run
+from training.trainer import TrainingTask, main_for, run, save_sample_image
 
 ARTIFACT = "region_predictor.safetensors"
 
@@ -207,8 +207,6 @@ class RegionTask(TrainingTask):
     def write_samples(self, model, batch, step: int, folder: Path) -> None:
         """One row per item: image, then per mode the predicted region over it (red) and the binary region; the
         item's own mask (where the data has one) last."""
-        from PIL import Image
-
         threshold = self.cfg.threshold
         images = batch["x"] if "x" in batch else batch["image"]
         columns = [images]
@@ -222,9 +220,7 @@ class RegionTask(TrainingTask):
             columns.append(overlay(batch["x"], edit_mask(batch["x"], batch["x_prime"], self.cfg.diff_tolerance).float()))
         elif "mask" in batch:
             columns.append(overlay(batch["image"], batch["mask"]))
-        rows = torch.cat([torch.cat(list(parts), dim=1) for parts in zip(*columns)], dim=0)
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((rows.clamp(0, 1).numpy() * 255).round().astype("uint8")).save(folder / f"step_{step:06d}.png")
+        save_sample_image(torch.cat([torch.cat(list(parts), dim=1) for parts in zip(*columns)], dim=0), folder, step)
 
 
 def mean_iou(predicted: torch.Tensor, truth: torch.Tensor) -> float:

@@ -92,6 +92,21 @@ class TrainingTask:
                 param.copy_(tensors[name])
 
 
+def save_sample_image(pixels: torch.Tensor, folder: Path, step: int) -> Path:
+    """``folder/step_NNNNNN.png`` from pixels [H, W, 3] in 0..1 (clamped): how every trainer writes its samples."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{step:06d}.png"
+    Image.fromarray((pixels.detach().float().cpu().clamp(0, 1).numpy() * 255).round().astype("uint8")).save(path)
+    return path
+
+
+def sample_pairs_image(target: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+    """One row per sample: the true image [B, H, W, 3] next to the generated one."""
+    return torch.cat([torch.cat([t, g], dim=1) for t, g in zip(target, generated)], dim=0)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # command line and set-up
 
