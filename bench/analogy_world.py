@@ -24,10 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,24 +74,6 @@ class Method:
 # LoRWeB
 
 
-def train_subprocess(module: str, out: Path, settings: dict, max_steps: int, preset: str = "tiny",
-                     extra: list[str] = ()) -> float:
-    """``python -m <module> --preset <preset> --set k=v ... --output-dir out --max-steps N``; returns seconds."""
-    from training.world.presets import set_arguments
-
-    cmd = [sys.executable, "-m", module, "--preset", preset, *set_arguments(settings), "--output-dir", str(out),
-           "--max-steps", str(max_steps), *extra]
-    started = time.monotonic()
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "train.log", "w") as handle:
-        result = subprocess.run(cmd, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, TQDM_DISABLE="1"))
-    if result.returncode:
-        tail = (out / "train.log").read_text()[-3000:]
-        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}):\n{tail}")
-    return time.monotonic() - started
-
-
 def losses_from_log(path: Path) -> tuple[float, float] | None:
     for line in reversed(path.read_text().splitlines()):
         if "loss" in line and "->" in line:
@@ -119,15 +98,15 @@ def run_lorweb(ctx: MethodContext) -> MethodOutput:
     from analogy_core.basis import load_basis
     from analogy_core.lorweb_layer import inject_lorweb, set_query
     from training.backbone import load_backbone, load_query_encoder
-    from training.world.presets import lorweb_settings
+    from training.world.presets import lorweb_settings, train_lorweb
 
     settings = lorweb_settings(str(ctx.world.root), ctx.quick)
-    settings["seed"] = ctx.seed
     steps = int(settings["max_steps"])
+    root = str(ctx.world.root)
     # the basis at initialisation: the same run for one step at learning rate 0
-    train_subprocess("training.train_lorweb", ctx.folder / "init", {**settings, "learning_rate": 0.0,
-                                                                   "sample_every": 10_000}, 1)
-    seconds = train_subprocess("training.train_lorweb", ctx.folder / "train", settings, steps)
+    train_lorweb(root, ctx.folder / "init", ctx.quick, ctx.seed, max_steps=1,
+                 overrides={"learning_rate": 0.0, "sample_every": 10_000})
+    seconds = train_lorweb(root, ctx.folder / "train", ctx.quick, ctx.seed)
     basis = load_basis(ctx.folder / "train" / "lorweb_basis.safetensors")
     init_basis = load_basis(ctx.folder / "init" / "lorweb_basis.safetensors")
 
@@ -180,10 +159,51 @@ def bottom(backbone, items, steps: int, seed: int, guidance: float, before_call=
 OUTPUTS: dict[str, MethodOutput] = {}  # outputs of the methods run so far in this process (later rows may use them)
 
 
+def run_regions(ctx: MethodContext) -> MethodOutput:
+    """The region predictor (training/region_world.py): IoU on local families, and LoRWeB's B′ confined to it."""
+    from training.region_world import run_bench_row
+
+    return run_bench_row(ctx, OUTPUTS.get("lorweb"))
+
+
 METHODS: dict[str, Method] = {
     "lorweb": Method("lorweb", ("autoencoder", "clip", "flux_kontext"), run_lorweb,
                      "LoRWeB basis on the FLUX.1-Kontext-like world backbone, world CLIP queries"),
+    "regions": Method("regions", ("autoencoder", "clip", "flux_kontext", "region_t5"), run_regions,
+                      "region predictor (world CLIP, world T5); B′ = LoRWeB's B′ inside the predicted region"),
+    "loc": Method("loc", ("autoencoder", "clip", "instruct_pix2pix"), lambda ctx: run_loc(ctx),
+                  "LoRA of Change hypernetwork on the InstructPix2Pix-like world backbone, world CLIP tokens"),
 }
+
+
+def run_edit_transfer(row: str) -> Callable[[MethodContext], MethodOutput]:
+    """Edit Transfer's rows (training/world/edit_transfer_eval.py)."""
+    def run(ctx: MethodContext) -> MethodOutput:
+        from training.world.edit_transfer_eval import run_row
+
+        return run_row(ctx, row)
+
+    return run
+
+
+METHODS.update({
+    "edit_transfer": Method("edit_transfer", ("autoencoder", "flux_dev"), run_edit_transfer("edit_transfer"),
+                            "Edit Transfer LoRA on the FLUX.1-dev-like world backbone (instruction prompts), "
+                            "official clean-context sampler"),
+    "edit_transfer_stock_inpaint": Method(
+        "edit_transfer_stock_inpaint", ("autoencoder", "flux_dev"), run_edit_transfer("edit_transfer_stock_inpaint"),
+        "the same LoRA sampled with ComfyUI's stock re-noising inpainting"),
+    "edit_transfer_textfree": Method(
+        "edit_transfer_textfree", ("autoencoder", "flux_dev"), run_edit_transfer("edit_transfer_textfree"),
+        "Edit Transfer LoRA trained and sampled without text (EditTransfer++)"),
+})
+
+
+def run_loc(ctx: MethodContext) -> MethodOutput:
+    """LoRA of Change (training/world/loc_eval.py)."""
+    from training.world.loc_eval import run_loc as run
+
+    return run(ctx)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -277,10 +297,15 @@ def main(argv: list[str] | None = None) -> dict:
         OUTPUTS[name] = output
         results[name] = measure(ctx, output)
         print(f"{name}: picture {picture(ctx, output, results[name], out / f'{name}.png')}")
-    report = {"seed": args.seed, "quick": args.quick, "seconds": round(time.monotonic() - started, 1),
-              "methods": results}
+        report = write_report(args, out, started, results)  # after every method: a late crash keeps the rows
     print_table(results)
     print(f"total time: {report['seconds']:.1f} s")
+    return report
+
+
+def write_report(args: argparse.Namespace, out: Path, started: float, results: dict) -> dict:
+    report = {"seed": args.seed, "quick": args.quick, "seconds": round(time.monotonic() - started, 1),
+              "methods": results}
     for path in filter(None, (args.json, out / "results.json")):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2))

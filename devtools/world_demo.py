@@ -1,11 +1,20 @@
-"""The main job on the analogy world: the shipped LoRWeB example workflow, run in a real ComfyUI with the world's
-models in place of the downloads, on held-out scenes; writes A | A′ | B | B′ (ours) | B′ (truth) per family.
+"""The main job on the analogy world: a real B′ from the shipped LoRWeB example workflow, in a real ComfyUI.
 
-    python -m devtools.world_demo --world outputs/world/v1-full-s0 --basis outputs/lorweb_world/lorweb_basis.safetensors
+    python -m devtools.world_demo                 # what scripts/demo.sh runs
+    python -m devtools.world_demo --quick --families invert+recolour_red_blue
 
-What is swapped in ``example_workflows/lorweb_kontext_analogy.json`` (everything else runs as shipped: LoadImage x3,
-Four-Panel Composite, VAEEncode, ReferenceLatent, FluxGuidance, Encode Analogy, Load/Mix LoRA Basis, Apply LoRA,
-KSampler, VAEDecode, Extract Panel, SaveImage):
+1. builds or reuses the world's pretrained models (``python -m training.world build``: autoencoder, world CLIP,
+   FLUX.1-Kontext-like backbone; cached under ``outputs/world/``);
+2. trains LoRWeB's world preset on the training families (``python -m training.train_lorweb --preset tiny`` with
+   :mod:`training.world.presets`), or finishes at once when the same run is already in
+   ``outputs/lorweb_world/<key>`` (the key hashes the world models and the settings);
+3. runs ``example_workflows/lorweb_kontext_analogy.json`` in a real ComfyUI with the world's models swapped in for the
+   downloads, on a held-out scene of each family, and writes ``outputs/world_demo.png``: one row per family,
+   A | A′ | B | B′ (ours) | B′ (truth), with the error of our B′ and of doing nothing.
+
+What is swapped in the workflow (everything else runs as shipped: LoadImage x3, Four-Panel Composite, VAEEncode,
+ReferenceLatent, FluxGuidance, Encode Analogy, Load/Mix LoRA Basis, Apply LoRA, KSampler, VAEDecode, Extract Panel,
+SaveImage):
 
 * UNETLoader -> the dev FLUX loader (the world transformer's shapes are not ones ComfyUI's detector knows);
 * CLIPVisionLoader -> the dev CLIP-vision loader (the world CLIP's vision tower);
@@ -153,21 +162,50 @@ def run_demo(world_folder: Path, basis: Path, out: Path, families: list[str], in
     return errors
 
 
+def lorweb_run_folder(world, quick: bool, seed: int) -> Path:
+    """Where the demo's LoRWeB run lives: keyed by the world models it trains on and its settings."""
+    import hashlib
+
+    from training.world.presets import lorweb_settings
+
+    settings = {k: v for k, v in lorweb_settings("", quick).items() if k not in ("backbone", "query_encoder")}
+    payload = json.dumps({"models": {n: world.builds[n]["key"] for n in ("autoencoder", "clip", "flux_kontext")},
+                          "settings": settings, "seed": seed}, sort_keys=True)
+    return REPO_ROOT / "outputs" / "lorweb_world" / hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--world", type=Path, required=True, help="a built world folder (python -m training.world)")
-    parser.add_argument("--basis", type=Path, required=True, help="a LoRWeB basis trained on that world")
+    parser.add_argument("--quick", action="store_true", help="the CI-sized world and LoRWeB run")
+    parser.add_argument("--seed", type=int, default=0, help="world and training seed")
+    parser.add_argument("--world-root", type=Path, help="parent folder of cached worlds (default outputs/world)")
+    parser.add_argument("--basis", type=Path, help="use this basis instead of training (must fit the world)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "outputs" / "world_demo.png")
     parser.add_argument("--families", default="all", help="train, heldout, all or names joined by +")
     parser.add_argument("--index", type=int, default=0, help="which held-out scene pair of each family")
-    parser.add_argument("--steps", type=int, default=8, help="KSampler steps")
-    parser.add_argument("--seed", type=int, default=0, help="KSampler seed")
+    parser.add_argument("--sampler-steps", type=int, default=8, help="KSampler steps")
     parser.add_argument("--keep-server-dir", action="store_true")
     args = parser.parse_args(argv)
-    from training.world.data import family_list
+    import logging
 
-    run_demo(args.world, args.basis, args.out, list(family_list(args.families)), args.index, args.steps, args.seed,
-             args.keep_server_dir)
+    from training.world import build_world
+    from training.world.data import family_list
+    from training.world.presets import train_lorweb
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    started = time.monotonic()
+    world = build_world(["autoencoder", "clip", "flux_kontext"], quick=args.quick, seed=args.seed,
+                        root=args.world_root)
+    basis = args.basis
+    if basis is None:
+        run = lorweb_run_folder(world, args.quick, args.seed)
+        print(f"training LoRWeB on the world (or finishing the run in {run}) ...", flush=True)
+        seconds = train_lorweb(str(world.root), run, args.quick, args.seed, resume=True)
+        print(f"LoRWeB ready in {seconds:.0f} s (log: {run / 'train.log'})", flush=True)
+        basis = run / "lorweb_basis.safetensors"
+    run_demo(world.root, basis, args.out, list(family_list(args.families)), args.index, args.sampler_steps,
+             args.seed, args.keep_server_dir)
+    print(f"total {time.monotonic() - started:.0f} s")
     return 0
 
 

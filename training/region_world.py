@@ -102,27 +102,10 @@ def region_settings(world_folder: str, quick: bool = False) -> dict[str, object]
 
 
 def train_region(settings: dict[str, object], out, max_steps: int) -> float:
-    """``python -m training.train_region --preset tiny <settings> --output-dir out`` in a subprocess (Accelerate keeps
-    process-wide state), logged to ``out/train.log``; returns the seconds it took."""
-    import os
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
+    """The region trainer's world run through :func:`training.world.presets.run_trainer`; returns the seconds."""
+    from training.world.presets import run_trainer
 
-    repo = Path(__file__).resolve().parent.parent
-    args = [item for key, value in settings.items()
-            for item in ("--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}")]
-    cmd = [sys.executable, "-m", "training.train_region", "--preset", "tiny", *args, "--output-dir", str(out),
-           "--max-steps", str(max_steps)]
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    with open(out / "train.log", "w") as handle:
-        result = subprocess.run(cmd, cwd=repo, stdout=handle, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, TQDM_DISABLE="1"))
-    if result.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}):\n{(out / 'train.log').read_text()[-3000:]}")
-    return time.monotonic() - started
+    return run_trainer("training.train_region", settings, out, max_steps)
 
 
 def confinement(b: torch.Tensor, edited: torch.Tensor, truth: torch.Tensor, region: torch.Tensor,

@@ -12,10 +12,8 @@ load (``query_encoder=world:<world folder>``). Images are preprocessed exactly a
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -73,9 +71,10 @@ def resized_pool(images: torch.Tensor) -> torch.Tensor:
 
 
 def normalise(pixels: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    """uint8 [B, 3, S, S] -> CLIP input: (x / 255 - mean) / std, as one multiply-add per element."""
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (pixels.float() * (1 / 255) - mean) / std
+    scale, offset = 1 / (255 * std), -torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) / std
+    return torch.addcmul(offset, pixels.float(), scale)
 
 
 def world_pool(split: str, count: int, offset: int = 0) -> tuple[torch.Tensor, list[str]]:

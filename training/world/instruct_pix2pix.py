@@ -34,9 +34,7 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from analogy_core import world
 
 log = logging.getLogger(__name__)
 MODEL = "instruct_pix2pix"
@@ -74,36 +72,28 @@ def pretrain(unet, latents: torch.Tensor, text: torch.Tensor, alphas: torch.Tens
     """Copy and generation objectives (MSE of the ``cfg["prediction"]`` target, t uniform over the 1000 steps) on the
     pool's latents [N, 16, h, w]."""
     from training.ip2p import add_noise
+    from training.world.schedule import pretrain_loop
 
     gen = torch.Generator().manual_seed(seed)
-    optimiser = torch.optim.AdamW(unet.parameters(), lr=cfg["lr"], weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, cfg["lr"], total_steps=cfg["steps"], pct_start=0.05)
-    unet.train()
-    losses = []
-    for step in range(cfg["steps"]):
-        n_copy, n_gen = cfg["batch_copy"], cfg["batch_generate"]
+    n_copy, n_gen = cfg["batch_copy"], cfg["batch_generate"]
+    weights = torch.cat([torch.ones(n_copy), torch.full((n_gen,), cfg["generate_weight"])])
+
+    def step_loss(step: int) -> torch.Tensor:
         x0 = latents[torch.randint(len(latents), (n_copy + n_gen,), generator=gen)]
         condition = torch.cat([x0[:n_copy], torch.zeros_like(x0[n_copy:])])
         t = torch.randint(0, alphas.shape[0], (len(x0),), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         alpha_bar = alphas[t].float().view(-1, 1, 1, 1)
-        x_t = add_noise(x0, noise, alpha_bar)
-        out = unet(torch.cat([x_t, condition], dim=1), t, encoder_hidden_states=text.expand(len(x0), -1, -1),
-                   return_dict=False)[0]
+        out = unet(torch.cat([add_noise(x0, noise, alpha_bar), condition], dim=1), t,
+                   encoder_hidden_states=text.expand(len(x0), -1, -1), return_dict=False)[0]
         target = noise if cfg["prediction"] == "epsilon" else alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
         per_sample = ((out - target) ** 2).flatten(1).mean(dim=1)
-        weights = torch.cat([torch.ones(n_copy), torch.full((n_gen,), cfg["generate_weight"])])
-        loss = (per_sample * weights).sum() / n_copy
-        optimiser.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimiser.step()
-        schedule.step()
-        losses.append(loss.item())
-        if step % 100 == 0 or step == cfg["steps"] - 1:
-            log.info("instruct_pix2pix step %d/%d loss %.4f", step + 1, cfg["steps"], loss.item())
-    unet.eval()
-    return losses
+        return (per_sample * weights).sum() / n_copy
+
+    def one_cycle(optimiser, steps: int):
+        return torch.optim.lr_scheduler.OneCycleLR(optimiser, cfg["lr"], total_steps=steps, pct_start=0.05)
+
+    return pretrain_loop(unet, cfg, "instruct_pix2pix", step_loss, log, one_cycle)
 
 
 @torch.no_grad()

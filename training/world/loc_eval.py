@@ -23,10 +23,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
@@ -57,21 +53,11 @@ def loc_settings(world_root: str | Path, quick: bool = False) -> dict[str, objec
 
 def train_loc(world_root: str | Path, out: Path, quick: bool = False, seed: int = 0,
               overrides: dict[str, object] | None = None) -> float:
-    """``python -m training.train_loc --preset tiny <world settings> --output-dir out`` in a subprocess (Accelerate
-    keeps process-wide state), logged to ``out/train.log``; returns the seconds it took."""
-    from training.world.presets import set_arguments
+    """LoC's world preset through :func:`training.world.presets.run_trainer`; returns the seconds it took."""
+    from training.world.presets import run_trainer
 
-    settings = {**loc_settings(world_root, quick), "seed": seed, **(overrides or {})}
-    cmd = [sys.executable, "-m", "training.train_loc", "--preset", "tiny", *set_arguments(settings),
-           "--output-dir", str(out)]
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    with open(out / "train.log", "w") as handle:
-        result = subprocess.run(cmd, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, TQDM_DISABLE="1"))
-    if result.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}):\n{(out / 'train.log').read_text()[-3000:]}")
-    return time.monotonic() - started
+    return run_trainer("training.train_loc", {**loc_settings(world_root, quick), "seed": seed, **(overrides or {})},
+                       out)
 
 
 def load_hypernetwork_state(path: Path, template):

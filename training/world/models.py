@@ -7,7 +7,7 @@ and the models depending on it.
 
 from __future__ import annotations
 
-from training.world import autoencoder, clip, flux_kontext
+from training.world import autoencoder, clip, flux_dev, flux_kontext, instruct_pix2pix
 from training.world.registry import WorldModel, register
 
 PANEL = 64  # world panel side in pixels: 16 x 16 cells, an 8 x 8 latent, 4 x 4 FLUX tokens
@@ -28,10 +28,42 @@ register(WorldModel(
 
 register(WorldModel(
     "flux_kontext", flux_kontext.build, depends=("autoencoder",), version=1,
-    description="FLUX.1-Kontext-like transformer pretrained to copy (reference grid = target) and draw world grids",
+    description="FLUX.1-Kontext-like transformer pretrained to copy grids (B′ = B) and draw a new last panel",
     configs={"full": dict(panel=PANEL, heads=3, double_blocks=2, single_blocks=2, pool=2000, steps=1000,
-                          batch_copy=8, batch_generate=2, generate_weight=0.25, generate_from=0.5, lr=2e-3,
-                          eval_grids=16, eval_steps=8),
+                          batch_copy=8, batch_complete=4, complete_weight=1.0, lr=2e-3, eval_grids=16,
+                          eval_steps=8),
              "quick": dict(panel=PANEL, heads=3, double_blocks=2, single_blocks=2, pool=1000, steps=600,
-                           batch_copy=8, batch_generate=2, generate_weight=0.25, generate_from=0.5, lr=2e-3,
-                           eval_grids=8, eval_steps=8)}))
+                           batch_copy=8, batch_complete=4, complete_weight=1.0, lr=2e-3, eval_grids=8,
+                           eval_steps=8)}))
+
+register(WorldModel(
+    "flux_dev", flux_dev.build, depends=("autoencoder",), version=1,
+    description="FLUX.1-dev-like transformer pretrained to complete grids by copying ([A A; B ?] inpainted with B) and "
+                "to draw world grids (Edit Transfer's base)",
+    configs={"full": dict(panel=PANEL, heads=3, double_blocks=2, single_blocks=2, pool=2000, steps=1000,
+                          batch_copy=8, batch_generate=2, generate_weight=0.25, generate_from=0.5, lr=2e-3, eval_grids=16,
+                          eval_steps=8),
+             "quick": dict(panel=PANEL, heads=3, double_blocks=2, single_blocks=2, pool=1000, steps=600,
+                           batch_copy=8, batch_generate=2, generate_weight=0.25, generate_from=0.5, lr=2e-3, eval_grids=8,
+                           eval_steps=8)}))
+
+register(WorldModel(
+    "instruct_pix2pix", instruct_pix2pix.build, depends=("autoencoder",), version=1,
+    description="InstructPix2Pix-like SD1.5-architecture UNet (32 input channels) pretrained to copy and draw",
+    configs={"full": dict(panel=PANEL, width=64, layers_per_block=1, head_dim=16, groups=16, prediction="v_prediction",
+                          pool=2000, steps=1500,
+                          batch_copy=16, batch_generate=8, generate_weight=0.5, lr=1e-3, eval_images=32,
+                          eval_steps=10),
+             "quick": dict(panel=PANEL, width=64, layers_per_block=1, head_dim=16, groups=16, prediction="v_prediction",
+                           pool=600, steps=400,
+                           batch_copy=16, batch_generate=8, generate_weight=0.5, lr=1e-3, eval_images=16,
+                           eval_steps=10)}))
+
+from training import region_world  # noqa: E402  (the region predictor's world instruction encoder)
+
+register(WorldModel(
+    "region_t5", region_world.build_region_t5, depends=(), version=1,
+    description="tiny T5 encoder over the world's vocabulary (random, frozen): the region predictor's instructions",
+    configs={size: dict(d_model=48, d_kv=16, d_ff=96, num_layers=2, num_heads=3, relative_attention_num_buckets=16,
+                        relative_attention_max_distance=32, feed_forward_proj="gated-gelu", dropout_rate=0.0)
+             for size in ("full", "quick")}))

@@ -12,16 +12,22 @@ float32 (CPU).
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent.parent
 
 LORWEB_WORLD: dict[str, object] = dict(
-    data="world", grid_resolution=128, num_entries=16, rank=4, key_dim=32, batch_size=8, max_steps=600,
-    learning_rate=2e-3, use_8bit_adam=False, mixed_precision="no", gradient_checkpointing=False, caption_dropout=0.0,
-    num_workers=0, checkpoint_every=200, keep_checkpoints=1, sample_every=600, sample_steps=8, log_every=20,
+    data="world", grid_resolution=128, num_entries=16, rank=4, key_dim=32, batch_size=8, max_steps=1000,
+    learning_rate=6e-3, use_8bit_adam=False, mixed_precision="no", gradient_checkpointing=False, caption_dropout=0.0,
+    num_workers=0, checkpoint_every=250, keep_checkpoints=1, sample_every=1000, sample_steps=8, log_every=20,
     report_to="none", timestep_sampling="logit_normal", guidance=2.5)
 # The CI-sized run the tests use (on the quick world).
-LORWEB_WORLD_QUICK: dict[str, object] = {**LORWEB_WORLD, "max_steps": 200, "checkpoint_every": 200,
-                                         "sample_every": 200}
+LORWEB_WORLD_QUICK: dict[str, object] = {**LORWEB_WORLD, "max_steps": 400, "checkpoint_every": 400,
+                                         "sample_every": 400}
 
 
 def lorweb_settings(world_folder: str, quick: bool = False) -> dict[str, object]:
@@ -37,6 +43,31 @@ def set_arguments(settings: dict[str, object]) -> list[str]:
         text = str(value).lower() if isinstance(value, bool) else str(value)
         out += ["--set", f"{key}={text}"]
     return out
+
+
+def run_trainer(module: str, settings: dict[str, object], out: Path, max_steps: int | None = None,
+                resume: bool = False) -> float:
+    """``python -m <module> --preset tiny --set k=v ... --output-dir out [--max-steps N] [--resume]`` in a subprocess
+    (Accelerate keeps process-wide state), logged to ``out/train.log`` (appended to when resuming); returns the seconds
+    it took. Every world run of every trainer goes through here."""
+    cmd = [sys.executable, "-m", module, "--preset", "tiny", *set_arguments(settings), "--output-dir", str(out),
+           *(["--max-steps", str(max_steps)] if max_steps is not None else []), *(["--resume"] if resume else [])]
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with open(out / "train.log", "a" if resume else "w") as handle:
+        result = subprocess.run(cmd, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, TQDM_DISABLE="1"))
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}):\n{(out / 'train.log').read_text()[-3000:]}")
+    return time.monotonic() - started
+
+
+def train_lorweb(world_folder: str, out: Path, quick: bool = False, seed: int = 0, max_steps: int | None = None,
+                 resume: bool = False, overrides: dict[str, object] | None = None) -> float:
+    """LoRWeB's world preset (:func:`run_trainer`); ``resume`` continues (or finishes at once) a run already in
+    ``out``."""
+    settings = {**lorweb_settings(world_folder, quick), "seed": seed, **(overrides or {})}
+    return run_trainer("training.train_lorweb", settings, out, int(max_steps or settings["max_steps"]), resume)
 
 
 if __name__ == "__main__":

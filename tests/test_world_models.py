@@ -1,0 +1,109 @@
+"""The quick analogy world's pretrained models and the quick LoRWeB yardstick run (CI-sized, seed 0).
+
+One session-scoped world (tests/world_fixtures.py) and one LoRWeB run of ``bench.analogy_world --quick`` serve every
+test here and in test_world_server.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from analogy_core import world
+from training.world import evaluate as ev
+from world_fixtures import quick_bench, quick_world
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def built():
+    return quick_world()
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return quick_bench()
+
+
+def test_world_is_cached_and_reused(built):
+    from training.world import build_world
+
+    again = build_world(["autoencoder", "clip", "flux_kontext"], quick=True, seed=0)
+    assert {n: r["key"] for n, r in again.builds.items()} == {n: r["key"] for n, r in built.builds.items()}
+    assert all(json.loads((built.path(n) / "build.json").read_text())["key"] == r["key"]
+               for n, r in built.builds.items())
+
+
+def test_autoencoder_reconstructs_and_its_shortcut_is_exact(built):
+    from training.world.autoencoder import load_world_autoencoder
+
+    metrics = built.builds["autoencoder"]["metrics"]
+    assert metrics["mae_heldout"] < 0.5 * metrics["mae_heldout_start"], "the decoder learned"
+    assert metrics["mae_heldout"] < 0.03 and metrics["mae_heldout_edited_b_prime"] < 0.03
+    codec = load_world_autoencoder(built.path("autoencoder"))
+    items = ev.examples("recolour_red_blue", 2, world.REFERENCE_SIZE)
+    grids = ev.four_panel(*(ev.stack(items, r) for r in ("a", "a_prime", "b", "b_prime")))
+    pixels = grids.permute(0, 3, 1, 2) * 2 - 1
+    full = codec.ae.encode(pixels).latents
+    torch.testing.assert_close(codec.encode(pixels), full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(codec.decode(full), codec.ae.decode(full).sample, rtol=0, atol=1e-4)
+    # the encoder never mixes latent cells: a grid's latent is its panels' latents side by side
+    panel = codec.encode(ev.stack(items, "a").permute(0, 3, 1, 2) * 2 - 1)
+    torch.testing.assert_close(full[:, :, :8, :8], panel, rtol=0, atol=1e-5)
+
+
+def test_world_clip_learned_the_captions(built):
+    from transformers import AutoTokenizer, CLIPModel, CLIPVisionModelWithProjection
+
+    from training.world.clip import VISION_FOLDER, normalise, resized_pool
+
+    metrics = built.builds["clip"]["metrics"]
+    assert metrics["retrieval_top1_heldout_64"] > 5 * metrics["chance"], metrics
+    folder = built.path("clip")
+    model = CLIPModel.from_pretrained(folder, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    assert tokenizer.unk_token_id not in tokenizer([world.example("vflip", "heldout", 0).captions["b_prime"]]).input_ids[0]
+    vision = CLIPVisionModelWithProjection.from_pretrained(folder / VISION_FOLDER, local_files_only=True)
+    pixels = normalise(resized_pool(ev.stack(ev.examples("invert", 2, world.REFERENCE_SIZE), "a")))
+    with torch.no_grad():
+        joint = model.get_image_features(pixel_values=pixels)
+        joint = joint if isinstance(joint, torch.Tensor) else joint.pooler_output  # transformers 5: an output object
+        torch.testing.assert_close(vision(pixel_values=pixels).image_embeds, joint)
+
+
+def test_backbone_copies_and_knows_no_edit(built, bench):
+    """Copying: sampled grids of held-out images with themselves as reference are within a little of the autoencoder
+    floor. No edit ability: on every family the base's B′ error is the no-edit error or worse (it returns B)."""
+    metrics = built.builds["flux_kontext"]["metrics"]
+    assert metrics["copy_error_heldout"] < metrics["copy_floor_heldout"] + 0.02, metrics
+    report, _ = bench
+    for family, row in report["methods"]["lorweb"]["families"].items():
+        assert row["base"] >= 0.9 * row["no_edit"], (family, row)
+        # the base's B′ is B (up to copying and the floor), not the truth
+        assert row["base"] <= row["no_edit"] + row["floor"] + 0.03, (family, row)
+
+
+def test_quick_lorweb_beats_no_edit_and_routes_by_family(bench):
+    report, out = bench
+    assert set(report) == {"seed", "quick", "seconds", "methods"} and report["quick"] is True
+    assert json.loads((out / "world.json").read_text()) == report
+    lorweb = report["methods"]["lorweb"]
+    families = lorweb["families"]
+    assert set(families) == set(world.families("all"))
+    for row in families.values():
+        assert set(row) == {"split", "error", "no_edit", "base", "floor"}
+    assert (out / "lorweb.png").is_file()
+    train = [r for r in families.values() if r["split"] == "train"]
+    error = sum(r["error"] for r in train) / len(train)
+    no_edit = sum(r["no_edit"] for r in train) / len(train)
+    # measured: see the README's analogy-world section (seeds 0-2); asserted well below, well above noise
+    assert error < MARGIN * no_edit, (error, no_edit)
+    extra = lorweb["extra"]
+    assert extra["routing_gap"] > extra["routing_gap_init"] + ROUTING_GAIN, extra
+
+
+MARGIN = 0.9
+ROUTING_GAIN = 0.05

@@ -1,0 +1,126 @@
+"""Edit Transfer on the analogy world: its world settings, training runs, and the yardstick's rows.
+
+Three rows of ``bench.analogy_world``:
+
+* ``edit_transfer`` — the LoRA trained on the world's training families with the family instruction as prompt
+  (caption dropout 0.05, the official recipe), sampled with the official clean-context sampler and that prompt;
+* ``edit_transfer_stock_inpaint`` — the same LoRA (the same run) sampled with ComfyUI's stock inpainting: the context
+  re-noised to each step's level (:func:`training.train_edit_transfer.sample_composite`, ``context="renoise"``);
+* ``edit_transfer_textfree`` — EditTransfer++: trained with every prompt empty, sampled with the empty prompt.
+
+Training runs ``training.train_edit_transfer`` itself (the shared skeleton, in a subprocess) on the world's
+FLUX.1-dev-like backbone (world model ``flux_dev``) with ``data: world``; the LoRA file it writes is loaded back
+through diffusers' own LoRA loader, so the yardstick measures the file a user gets. ``base`` is the same backbone,
+sampler and prompt with the LoRA switched off.
+
+The world's text encoders are random frozen transformers behind a word-hash tokenizer: with text, the instruction
+of a training family reaches the model as a fixed, family-specific code (it names the family); a held-out family's
+instruction is a code the LoRA never saw.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from analogy_core import world
+
+REPO = Path(__file__).resolve().parent.parent.parent
+PANEL = 64
+# Why these values: 128-px composites of 64-px panels (the world's panel); the official rank 16 and alpha 16; AdamW
+# without weight decay (= Adam, as the paper) at 1e-3 in float32 (the official 1e-4 is for FLUX.1-dev's 12B weights;
+# the world transformer has 0.4M); batch 8; logit-normal timesteps and guidance 1.0 as the official recipe; samples
+# and evaluation with 8 Euler steps on the plain linear schedule (the world backbone was pretrained without a shift).
+ET_WORLD: dict[str, object] = dict(
+    data="world", grid_resolution=2 * PANEL, rank=16, lora_alpha=16.0, batch_size=8, max_steps=800,
+    learning_rate=1e-3, weight_decay=0.0, use_8bit_adam=False, mixed_precision="no", gradient_checkpointing=False,
+    caption_dropout=0.05, timestep_sampling="logit_normal", guidance=1.0, num_workers=0, checkpoint_every=800,
+    keep_checkpoints=1, sample_every=800, sample_steps=8, sample_shift=False, log_every=20, report_to="none")
+ET_WORLD_QUICK: dict[str, object] = {**ET_WORLD, "max_steps": 200, "checkpoint_every": 200, "sample_every": 200}
+ROWS = {
+    "edit_transfer": dict(text_free=False, context="clean"),
+    "edit_transfer_stock_inpaint": dict(text_free=False, context="renoise"),
+    "edit_transfer_textfree": dict(text_free=True, context="clean"),
+}
+_RUNS: dict[tuple, tuple[Path, float]] = {}  # (world, quick, seed, text_free) -> (run folder, seconds), this process
+
+
+def et_settings(world_root: str | Path, quick: bool = False, text_free: bool = False) -> dict[str, object]:
+    """The full key -> value settings of a world run (backbone included)."""
+    return {"backbone": f"world:{Path(world_root) / 'flux_dev'}", **(ET_WORLD_QUICK if quick else ET_WORLD),
+            "text_free": text_free}
+
+
+def train_edit_transfer(world_root: str | Path, out: Path, quick: bool = False, seed: int = 0,
+                        text_free: bool = False) -> float:
+    """Edit Transfer's world preset through :func:`training.world.presets.run_trainer`; returns the seconds."""
+    from training.world.presets import run_trainer
+
+    return run_trainer("training.train_edit_transfer",
+                       {**et_settings(world_root, quick, text_free), "seed": seed}, out)
+
+
+def trained_run(ctx, text_free: bool) -> tuple[Path, float]:
+    """The run folder of the LoRA for (world, quick, seed, text_free): trained once per bench process, so the
+    ``edit_transfer`` and ``edit_transfer_stock_inpaint`` rows sample the same file."""
+    key = (str(ctx.world.root), ctx.quick, ctx.seed, text_free)
+    if key not in _RUNS or not (_RUNS[key][0] / "edit_transfer_lora.safetensors").is_file():
+        out = ctx.folder / "train"
+        _RUNS[key] = (out, train_edit_transfer(ctx.world.root, out, ctx.quick, ctx.seed, text_free))
+    return _RUNS[key]
+
+
+def load_with_lora(world_root: Path, lora_file: Path):
+    """The world's FLUX.1-dev-like backbone with the LoRA file loaded by diffusers' own loader (switch it off with
+    ``transformer.disable_adapters()``)."""
+    from diffusers import FluxPipeline
+
+    from training.backbone import load_backbone
+
+    backbone = load_backbone(f"world:{Path(world_root) / 'flux_dev'}")
+    backbone.transformer.load_lora_adapter(FluxPipeline.lora_state_dict(str(lora_file)), prefix="transformer",
+                                           adapter_name="edit_transfer")
+    backbone.transformer.eval()
+    return backbone
+
+
+@torch.no_grad()
+def sample_b_prime(backbone, items: list[world.Example], text: bool, context: str, steps: int,
+                   seed: int) -> torch.Tensor:
+    """B′ panels [N, S, S, 3]: [A A′; B grey] completed by :func:`sample_composite` (the trainer's sampler)."""
+    from training.train_edit_transfer import EditTransferConfig, sample_composite
+
+    batch = {role: torch.stack([getattr(ex, role) for ex in items]) for role in ("a", "a_prime", "b")}
+    batch["prompt"] = [ex.instruction if text else "" for ex in items]
+    cfg = EditTransferConfig(grid_resolution=2 * PANEL, sample_steps=steps, sample_shift=False, seed=seed,
+                             text_free=not text, guidance=1.0)
+    grid = sample_composite(backbone.transformer, backbone, batch, cfg, "cpu", context=context).cpu()
+    return grid[:, PANEL:, PANEL:]
+
+
+def run_row(ctx, row: str):
+    """One ``bench.analogy_world`` row (see the module docstring)."""
+    from bench.analogy_world import MethodOutput, losses_from_log
+    from training.world.evaluate import reconstruct
+
+    spec = ROWS[row]
+    run, seconds = trained_run(ctx, spec["text_free"])
+    backbone = load_with_lora(ctx.world.root, run / "edit_transfer_lora.safetensors")
+    steps, text = int(ET_WORLD["sample_steps"]), not spec["text_free"]
+    transformer = backbone.transformer
+    b_prime, base = {}, {}
+    for family, items in ctx.examples.items():
+        transformer.enable_adapters()
+        b_prime[family] = sample_b_prime(backbone, items, text, spec["context"], steps, ctx.seed)
+        transformer.disable_adapters()
+        base[family] = sample_b_prime(backbone, items, text, spec["context"], steps, ctx.seed)
+    transformer.enable_adapters()
+    extra: dict[str, object] = {
+        "sampler": "official clean context" if spec["context"] == "clean" else "stock re-noising inpainting",
+        "text": text, "train_steps": int(et_settings(ctx.world.root, ctx.quick)["max_steps"]),
+        "train_seconds": round(seconds, 1), "lora_run": str(run)}
+    losses = losses_from_log(run / "train.log")
+    if losses:
+        extra["loss_first_step"], extra["loss_last_step"] = losses
+    return MethodOutput(b_prime, base, lambda images: reconstruct(backbone, images), extra)
