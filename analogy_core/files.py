@@ -37,7 +37,7 @@ import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection, Iterator, Mapping, Sequence
+from typing import Callable, Collection, Iterator, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -390,6 +390,20 @@ def check_finite(tensors: Mapping[str, torch.Tensor], *, max_abs: float | None =
             peak = tensor.abs().max().item()
             if peak > max_abs:
                 raise error(f"tensor {key!r} holds values up to {peak:.3g}, beyond the accepted {max_abs:g}")
+
+
+def load_checked_module(build: Callable[[], "torch.nn.Module"], tensors: Mapping[str, torch.Tensor], *,
+                        max_abs: float, error: type[ValueError] = TensorFileError) -> "torch.nn.Module":
+    """The module ``build()`` makes, with ``tensors`` as its weights, in eval mode and frozen: built on the meta device
+    first, so nothing is allocated before every tensor has been checked against it (keys, shapes, dtypes, finite,
+    within ±max_abs)."""
+    with torch.device("meta"):
+        model = build()
+    state = check_state_dict(tensors, model.state_dict(), error=error)
+    check_finite(state, max_abs=max_abs, error=error)
+    model = model.to_empty(device="cpu")
+    model.load_state_dict(state, strict=True)
+    return model.eval().requires_grad_(False)
 
 
 _FLOAT8_TORCH = frozenset(_DTYPES[name][0] for name in FLOAT8_DTYPES if _DTYPES[name][0] is not None)

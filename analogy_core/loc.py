@@ -50,8 +50,8 @@ import torch
 from torch import nn
 
 from .analogy import ENCODER_FAMILIES, AnalogyEmbedding, EncoderInfo
-from .files import (FLOAT_DTYPES, MAX_UPDATE_NORM, TensorFileError, check_finite, check_state_dict, json_metadata,
-                    low_rank_norm, naming_file, read_tensor_file, write_safetensors_atomic)
+from .files import (FLOAT_DTYPES, MAX_UPDATE_NORM, json_metadata, load_checked_module, low_rank_norm, naming_file,
+                    read_tensor_file, write_safetensors_atomic)
 from .layouts import ModelLayout
 from .lora import FAMILIES, LoRA, LoRALayer
 
@@ -492,13 +492,7 @@ def load_hypernetwork(path: str | os.PathLike) -> LoRAHypernetwork:
         if raw is None:
             raise HypernetworkError(f"the header has no {CONFIG_KEY!r} config (architecture and targets)")
         config = HypernetworkConfig.from_json(raw)
-        with torch.device("meta"):
-            model = LoRAHypernetwork(config)
-        state = check_state_dict(tf.tensors, model.state_dict(), error=HypernetworkError)
-        check_finite(state, max_abs=MAX_PARAMETER_VALUE, error=HypernetworkError)
-        model = model.to_empty(device="cpu")
-        model.load_state_dict(state, strict=True)
-        return model.eval().requires_grad_(False)
+        return load_checked_module(lambda: LoRAHypernetwork(config), tf.tensors, max_abs=MAX_PARAMETER_VALUE, error=HypernetworkError)
 
 
 def _describe_other(kind: str | None, tensors: Mapping[str, torch.Tensor]) -> str:

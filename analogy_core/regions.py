@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .analogy import CLIP_MEAN, CLIP_STD, AnalogyEmbedding, EncoderInfo
-from .files import (FLOAT_DTYPES, check_finite, check_state_dict, json_metadata, naming_file, read_tensor_file,
+from .files import (FLOAT_DTYPES, json_metadata, load_checked_module, naming_file, read_tensor_file,
                     write_safetensors_atomic)
 
 KIND = "region_predictor"
@@ -645,13 +645,7 @@ def load_region_predictor(path: str | os.PathLike) -> RegionPredictor:
         if raw is None:
             raise RegionError(f"the header has no {SPEC_KEY!r} (sizes and encoders)")
         spec = RegionSpec.from_json(raw)
-        with torch.device("meta"):
-            model = RegionPredictor(spec)
-        state = check_state_dict(tf.tensors, model.state_dict(), error=RegionError)
-        check_finite(state, max_abs=MAX_PARAMETER_VALUE, error=RegionError)
-        model = model.to_empty(device="cpu")
-        model.load_state_dict(state, strict=True)
-        return model.eval().requires_grad_(False)
+        return load_checked_module(lambda: RegionPredictor(spec), tf.tensors, max_abs=MAX_PARAMETER_VALUE, error=RegionError)
 
 
 def is_region_file(path: str | os.PathLike) -> bool:
