@@ -113,6 +113,7 @@ def build(ctx) -> dict:
 
     from training.backbone import world_backbone
     from training.world.autoencoder import load_world_autoencoder
+    from training.world.schedule import training_metrics
 
     cfg, folder = ctx.config, ctx.folder
     text, pooled = write_text_encoders(folder, ctx.seed + 21)
@@ -123,8 +124,7 @@ def build(ctx) -> dict:
     losses = pretrain(transformer, latents, text, pooled, cfg, ctx.seed + 23)
     transformer.save_pretrained(folder / "transformer")
     backbone = world_backbone(folder, ctx.dependency("autoencoder"))
-    metrics = {"loss_start": sum(losses[:20]) / 20, "loss_end": sum(losses[-20:]) / 20,
-               "parameters_millions": round(sum(p.numel() for p in transformer.parameters()) / 1e6, 3)}
+    metrics = training_metrics(transformer, losses)
     metrics.update(copy_error(backbone, cfg["panel"], count=cfg["eval_grids"], steps=cfg["eval_steps"],
                               seed=ctx.seed))
     return metrics

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from analogy_core import world
 from training import flow
-from training.world.schedule import pretrain_loop
+from training.world.schedule import pretrain_loop, training_metrics
 
 log = logging.getLogger(__name__)
 HEAD_DIM = 32
@@ -203,8 +203,7 @@ def build(ctx) -> dict:
     losses = pretrain(transformer, latents, conditioning, cfg, ctx.seed + 13)
     transformer.save_pretrained(folder / "transformer")
     backbone = world_backbone(folder, ctx.dependency("autoencoder"))
-    metrics = {"loss_start": sum(losses[:20]) / 20, "loss_end": sum(losses[-20:]) / 20,
-               "parameters_millions": round(sum(p.numel() for p in transformer.parameters()) / 1e6, 3)}
+    metrics = training_metrics(transformer, losses)
     metrics.update(copy_error(backbone, cfg["panel"], count=cfg["eval_grids"], steps=cfg["eval_steps"],
                               seed=ctx.seed))
     return metrics

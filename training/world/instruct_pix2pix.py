@@ -117,6 +117,7 @@ def build(ctx) -> dict:
     from training.backbone import HashTokenizer
     from training.ip2p import SD_SCHEDULE, load_ip2p
     from training.world.autoencoder import load_world_autoencoder
+    from training.world.schedule import training_metrics
     from training.world.flux_kontext import panel_pool
 
     cfg, folder = ctx.config, ctx.folder
@@ -134,8 +135,7 @@ def build(ctx) -> dict:
     losses = pretrain(unet, latents, text, scheduler.alphas_cumprod.double(), cfg, ctx.seed + 33)
     unet.save_pretrained(folder / "unet")
     backbone = load_ip2p(f"world:{folder}", autoencoder=ctx.dependency("autoencoder"))
-    metrics = {"loss_start": sum(losses[:20]) / 20, "loss_end": sum(losses[-20:]) / 20,
-               "parameters_millions": round(sum(p.numel() for p in unet.parameters()) / 1e6, 3),
+    metrics = {**training_metrics(unet, losses),
                "attention_layers": sum(1 for n, _ in unet.named_modules() if n.endswith((".attn1", ".attn2")))}
     metrics.update(copy_error(backbone, cfg["panel"], count=cfg["eval_images"], steps=cfg["eval_steps"],
                               seed=ctx.seed))

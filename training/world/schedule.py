@@ -43,3 +43,9 @@ def pretrain_loop(model: torch.nn.Module, cfg: dict, name: str, step_loss: Calla
             log.info("%s step %d/%d loss %.4f", name, step + 1, cfg["steps"], loss.item())
     model.eval()
     return losses
+
+
+def training_metrics(model: torch.nn.Module, losses: list[float]) -> dict:
+    """What every world builder records of its pretraining: mean loss over the first and last 20 steps, size."""
+    return {"loss_start": sum(losses[:20]) / 20, "loss_end": sum(losses[-20:]) / 20,
+            "parameters_millions": round(sum(p.numel() for p in model.parameters()) / 1e6, 3)}
