@@ -53,7 +53,8 @@ LORWEB_NOTE = (
     "models/clip_vision/clip-vit-large-patch14.safetensors, models/lorweb/lorweb_model.safetensors.\n\n"
     "Write a short editing prompt describing the change: LoRWeB needs one; the analogy pair supplies the details "
     "the words miss. Official settings: guidance 2.5, 28 steps; the composite snaps to Kontext's resolutions.")
-LORWEB = {
+# FLUX.1-Kontext's loaders and the three images: the first column of both LoRWeB workflows.
+KONTEXT_INPUTS = {
     1: ("UNETLoader", {"unet_name": "flux1-kontext-dev.safetensors", "weight_dtype": "default"}, (0, 0),
         "FLUX.1-Kontext [dev]"),
     2: ("DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp8_e4m3fn_scaled.safetensors",
@@ -63,6 +64,9 @@ LORWEB = {
     5: ("LoadImage", {"image": "analogy_a.png"}, (0, 0), "A (before)"),
     6: ("LoadImage", {"image": "analogy_a_prime.png"}, (0, 0), "A' (after)"),
     7: ("LoadImage", {"image": "analogy_b.png"}, (0, 0), "B (to edit)"),
+}
+LORWEB = {
+    **KONTEXT_INPUTS,
     24: ("Note", {"text": LORWEB_NOTE}, (1, 0), "About this workflow"),
     10: ("CLIPTextEncode", {"text": LORWEB_PROMPT, "clip": [2, 0]}, (1, 310), "Editing prompt (required)"),
     15: ("AnalogyLoadLoRABasis", {"basis_name": "lorweb_model.safetensors"}, (1, 560), None),
@@ -157,15 +161,7 @@ REGION_ANALOGY_NOTE = (
     "(python -m training.train_region --set mode=analogy). The composite stretches panels so that Extract Panel "
     "restores B' at B's exact size.")
 REGION_ANALOGY = {
-    1: ("UNETLoader", {"unet_name": "flux1-kontext-dev.safetensors", "weight_dtype": "default"}, (0, 0),
-        "FLUX.1-Kontext [dev]"),
-    2: ("DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp8_e4m3fn_scaled.safetensors",
-                           "type": "flux", "device": "default"}, (0, 0), None),
-    3: ("VAELoader", {"vae_name": "ae.safetensors"}, (0, 0), None),
-    4: ("CLIPVisionLoader", {"clip_name": "clip-vit-large-patch14.safetensors"}, (0, 0), "CLIP ViT-L/14"),
-    5: ("LoadImage", {"image": "analogy_a.png"}, (0, 0), "A (before)"),
-    6: ("LoadImage", {"image": "analogy_a_prime.png"}, (0, 0), "A' (after)"),
-    7: ("LoadImage", {"image": "analogy_b.png"}, (0, 0), "B (to edit)"),
+    **KONTEXT_INPUTS,
     24: ("Note", {"text": REGION_ANALOGY_NOTE}, (1, 0), "About this workflow"),
     10: ("CLIPTextEncode", {"text": LORWEB_PROMPT, "clip": [2, 0]}, (1, 0), "Editing prompt (required)"),
     15: ("AnalogyLoadLoRABasis", {"basis_name": "lorweb_model.safetensors"}, (1, 0), None),
