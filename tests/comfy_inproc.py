@@ -49,3 +49,24 @@ def load_inproc():
         nodes=_il.import_module(f"{name}.nodes.lora"),
         comfy=comfy,
     )
+
+
+def float32_clip_vision(config_path: Path, config: dict, state=None):
+    """ComfyUI's own ClipVisionModel for ``config`` (written to ``config_path``), float32 weights for exact
+    comparisons; ``state`` loaded when given (only position ids may be missing). Call after :func:`load_inproc`."""
+    import json
+
+    import comfy.cli_args
+    import comfy.clip_vision
+
+    config_path.write_text(json.dumps(config))
+    previous = comfy.cli_args.args.fp32_text_enc
+    comfy.cli_args.args.fp32_text_enc = True
+    try:
+        clip_vision = comfy.clip_vision.ClipVisionModel(str(config_path))
+    finally:
+        comfy.cli_args.args.fp32_text_enc = previous
+    if state is not None:
+        missing, unexpected = clip_vision.load_sd(state)
+        assert not [k for k in missing if "position_ids" not in k] and not unexpected, (missing, unexpected)
+    return clip_vision

@@ -14,12 +14,12 @@ Flux and its subclasses, SDXL), comfy.model_management (load_models_gpu, unload_
 from __future__ import annotations
 
 import importlib
-import json
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from comfy_inproc import float32_clip_vision
 from tiny_models import FLUX_COMFY, randomize_, tiny_sd_pair
 
 HIDDEN = FLUX_COMFY["hidden_size"]
@@ -277,22 +277,12 @@ TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, nu
 @pytest.fixture(scope="module")
 def clip_pair(comfy_inproc, tmp_path_factory):
     """(transformers CLIPVisionModelWithProjection, ComfyUI ClipVisionModel) with the same float32 weights."""
-    import comfy.cli_args
-    import comfy.clip_vision
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     reference = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CLIP)).eval()
     randomize_(reference, seed=3)
-    config = tmp_path_factory.mktemp("clip") / "config.json"
-    config.write_text(json.dumps(dict(TINY_CLIP, model_type="clip_vision_model")))
-    previous = comfy.cli_args.args.fp32_text_enc
-    comfy.cli_args.args.fp32_text_enc = True
-    try:
-        clip_vision = comfy.clip_vision.ClipVisionModel(str(config))
-    finally:
-        comfy.cli_args.args.fp32_text_enc = previous
-    missing, unexpected = clip_vision.load_sd(reference.state_dict())
-    assert not [k for k in missing if "position_ids" not in k] and not unexpected
+    clip_vision = float32_clip_vision(tmp_path_factory.mktemp("clip") / "config.json",
+                                      dict(TINY_CLIP, model_type="clip_vision_model"), reference.state_dict())
     return reference, clip_vision
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from analogy_core.synthetic import procedural_scene
+from comfy_inproc import float32_clip_vision
 from tiny_models import randomize_
 
 TINY_CLIP = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=3, patch_size=14,
@@ -29,22 +30,11 @@ def tiny_clip(tmp_path_factory):
 @pytest.fixture(scope="module")
 def comfy_clip(comfy_inproc, tiny_clip):
     """The same weights through ComfyUI's own ClipVisionModel (float32 weights for an exact comparison)."""
-    import comfy.cli_args
-    import comfy.clip_vision
     from safetensors.torch import load_file
 
     folder, _ = tiny_clip
-    config = folder / "comfy_clip_config.json"
-    config.write_text(json.dumps(dict(TINY_CLIP, model_type="clip_vision_model")))
-    previous = comfy.cli_args.args.fp32_text_enc
-    comfy.cli_args.args.fp32_text_enc = True
-    try:
-        clip_vision = comfy.clip_vision.ClipVisionModel(str(config))
-    finally:
-        comfy.cli_args.args.fp32_text_enc = previous
-    missing, unexpected = clip_vision.load_sd(load_file(folder / "hf" / "model.safetensors"))
-    assert not [k for k in missing if "position_ids" not in k] and not unexpected
-    return clip_vision
+    return float32_clip_vision(folder / "comfy_clip_config.json", dict(TINY_CLIP, model_type="clip_vision_model"),
+                               load_file(folder / "hf" / "model.safetensors"))
 
 
 def images():
@@ -117,21 +107,8 @@ def test_preprocessing_is_the_official_one(comfy_inproc, height, width):
 
 def comfy_vision(folder, config: dict, state=None):
     """ComfyUI's own ClipVisionModel for a config (float32 weights for exact comparisons)."""
-    import comfy.cli_args
-    import comfy.clip_vision
-
     path = folder / f"comfy_{config['model_type']}_{config['hidden_size']}_{config['image_size']}.json"
-    path.write_text(json.dumps(config))
-    previous = comfy.cli_args.args.fp32_text_enc
-    comfy.cli_args.args.fp32_text_enc = True
-    try:
-        clip_vision = comfy.clip_vision.ClipVisionModel(str(path))
-    finally:
-        comfy.cli_args.args.fp32_text_enc = previous
-    if state is not None:
-        missing, unexpected = clip_vision.load_sd(state)
-        assert not [k for k in missing if "position_ids" not in k] and not unexpected
-    return clip_vision
+    return float32_clip_vision(path, config, state)
 
 
 def test_comfy_path_preprocesses_at_the_encoders_size(comfy_inproc, tmp_path):

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from analogy_core.analogy import EncoderInfo
 from analogy_core.regions import RegionPredictor, RegionSpec, save_region_predictor
+from comfy_inproc import float32_clip_vision
 from devtools.workflow import ui_to_api
 from test_comfy_server import REPO
 from test_encode_analogy import TINY_CLIP
@@ -50,20 +51,10 @@ def inproc_module(comfy_inproc, name):
 
 def comfy_clip_vision(comfy_inproc, path):
     """ComfyUI's own ClipVisionModel on the test file (float32), in this process."""
-    import comfy.cli_args
-    import comfy.clip_vision
     import comfy.utils
 
-    config = path.with_suffix(".json")
-    config.write_text(json.dumps(dict(TINY_CLIP, model_type="clip_vision_model")))
-    previous = comfy.cli_args.args.fp32_text_enc
-    comfy.cli_args.args.fp32_text_enc = True
-    try:
-        clip_vision = comfy.clip_vision.ClipVisionModel(str(config))
-    finally:
-        comfy.cli_args.args.fp32_text_enc = previous
-    clip_vision.load_sd(comfy.utils.load_torch_file(str(path)))
-    return clip_vision
+    return float32_clip_vision(path.with_suffix(".json"), dict(TINY_CLIP, model_type="clip_vision_model"),
+                               comfy.utils.load_torch_file(str(path)))
 
 
 def split_threshold(probs: torch.Tensor) -> float:
