@@ -166,18 +166,15 @@ def run_regions(ctx: MethodContext) -> MethodOutput:
     return run_bench_row(ctx, OUTPUTS.get("lorweb"))
 
 
-METHODS: dict[str, Method] = {
-    "lorweb": Method("lorweb", ("autoencoder", "clip", "flux_kontext"), run_lorweb,
-                     "LoRWeB basis on the FLUX.1-Kontext-like world backbone, world CLIP queries"),
-    "regions": Method("regions", ("autoencoder", "clip", "flux_kontext", "region_t5"), run_regions,
-                      "region predictor (world CLIP, world T5); B′ = LoRWeB's B′ inside the predicted region"),
-    "loc": Method("loc", ("autoencoder", "clip", "instruct_pix2pix"), lambda ctx: run_loc(ctx),
-                  "LoRA of Change hypernetwork on the InstructPix2Pix-like world backbone, world CLIP tokens"),
-}
+def run_loc(ctx: MethodContext) -> MethodOutput:
+    """LoRA of Change (training/world/loc_eval.py)."""
+    from training.world.loc_eval import run_loc as run
+
+    return run(ctx)
 
 
 def run_edit_transfer(row: str) -> Callable[[MethodContext], MethodOutput]:
-    """Edit Transfer's rows (training/world/edit_transfer_eval.py)."""
+    """One of Edit Transfer's rows (training/world/edit_transfer_eval.py)."""
     def run(ctx: MethodContext) -> MethodOutput:
         from training.world.edit_transfer_eval import run_row
 
@@ -186,24 +183,22 @@ def run_edit_transfer(row: str) -> Callable[[MethodContext], MethodOutput]:
     return run
 
 
-METHODS.update({
-    "edit_transfer": Method("edit_transfer", ("autoencoder", "flux_dev"), run_edit_transfer("edit_transfer"),
-                            "Edit Transfer LoRA on the FLUX.1-dev-like world backbone (instruction prompts), "
-                            "official clean-context sampler"),
-    "edit_transfer_stock_inpaint": Method(
-        "edit_transfer_stock_inpaint", ("autoencoder", "flux_dev"), run_edit_transfer("edit_transfer_stock_inpaint"),
-        "the same LoRA sampled with ComfyUI's stock re-noising inpainting"),
-    "edit_transfer_textfree": Method(
-        "edit_transfer_textfree", ("autoencoder", "flux_dev"), run_edit_transfer("edit_transfer_textfree"),
-        "Edit Transfer LoRA trained and sampled without text (EditTransfer++)"),
-})
-
-
-def run_loc(ctx: MethodContext) -> MethodOutput:
-    """LoRA of Change (training/world/loc_eval.py)."""
-    from training.world.loc_eval import run_loc as run
-
-    return run(ctx)
+_METHODS = [
+    Method("lorweb", ("autoencoder", "clip", "flux_kontext"), run_lorweb,
+           "LoRWeB basis on the FLUX.1-Kontext-like world backbone, world CLIP queries"),
+    Method("regions", ("autoencoder", "clip", "flux_kontext", "region_t5"), run_regions,
+           "region predictor (world CLIP, world T5); B′ = LoRWeB's B′ inside the predicted region"),
+    Method("loc", ("autoencoder", "clip", "instruct_pix2pix"), run_loc,
+           "LoRA of Change hypernetwork on the InstructPix2Pix-like world backbone, world CLIP tokens"),
+    Method("edit_transfer", ("autoencoder", "flux_dev"), run_edit_transfer("edit_transfer"),
+           "Edit Transfer LoRA on the FLUX.1-dev-like world backbone (instruction prompts), official clean-context "
+           "sampler"),
+    Method("edit_transfer_stock_inpaint", ("autoencoder", "flux_dev"), run_edit_transfer("edit_transfer_stock_inpaint"),
+           "the same LoRA sampled with ComfyUI's stock re-noising inpainting"),
+    Method("edit_transfer_textfree", ("autoencoder", "flux_dev"), run_edit_transfer("edit_transfer_textfree"),
+           "Edit Transfer LoRA trained and sampled without text (EditTransfer++)"),
+]
+METHODS: dict[str, Method] = {m.name: m for m in _METHODS}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -59,11 +59,12 @@ class TestTinyFluxLoader:
         import folder_paths
 
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
-        config = comfy.supported_models.Flux(json.loads(_header(path)["unet_config"]))
+        unet_config = json.loads(_header(path)["unet_config"])
+        config = comfy.supported_models.Flux(dict(unet_config))
         config.set_inference_dtype(torch.float32, None)
         state = comfy.utils.load_torch_file(path)
         if "x_embedder.weight" in state:  # diffusers names: convert with ComfyUI's own key map
-            state = _diffusers_flux_to_native(state, json.loads(_header(path)["unet_config"]))
+            state = _diffusers_flux_to_native(state, unet_config)
         model = config.get_model(state, "")
         model.load_model_weights(state, "")
         device = comfy.model_management.get_torch_device()

@@ -25,7 +25,8 @@ import torch
 
 from training import flow
 from training.world.flux_kontext import (CONDITIONING_FILE, NEUTRAL_PROMPT, TEXT_TOKENS, TEXT_VOCAB, TOKENIZER_FILE,
-                                         grid_tokens, panel_pool, text_encoders, transformer_config)
+                                         grid_tokens, panel_pool, save_and_measure, text_encoders,
+                                         transformer_config)
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +112,7 @@ def build(ctx) -> dict:
     """World model ``flux_dev``: text encoders, neutral conditioning, the pretrained transformer."""
     from diffusers import FluxTransformer2DModel
 
-    from training.backbone import world_backbone
     from training.world.autoencoder import load_world_autoencoder
-    from training.world.schedule import training_metrics
 
     cfg, folder = ctx.config, ctx.folder
     text, pooled = write_text_encoders(folder, ctx.seed + 21)
@@ -122,9 +121,4 @@ def build(ctx) -> dict:
     codec = load_world_autoencoder(ctx.dependency("autoencoder"))
     latents = codec.model_latents(panel_pool(cfg["pool"], cfg["panel"]))
     losses = pretrain(transformer, latents, text, pooled, cfg, ctx.seed + 23)
-    transformer.save_pretrained(folder / "transformer")
-    backbone = world_backbone(folder, ctx.dependency("autoencoder"))
-    metrics = training_metrics(transformer, losses)
-    metrics.update(copy_error(backbone, cfg["panel"], count=cfg["eval_grids"], steps=cfg["eval_steps"],
-                              seed=ctx.seed))
-    return metrics
+    return save_and_measure(ctx, transformer, losses, copy_error)

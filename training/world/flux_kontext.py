@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -175,7 +176,8 @@ def build(ctx) -> dict:
     from diffusers import FluxTransformer2DModel
     from safetensors.torch import save_file
 
-    from training.backbone import HashTokenizer, world_backbone
+    from training.backbone import HashTokenizer
+    from training.world.autoencoder import load_world_autoencoder
     from training.world.evaluate import copy_error
 
     cfg, folder = ctx.config, ctx.folder
@@ -195,15 +197,19 @@ def build(ctx) -> dict:
 
     torch.manual_seed(ctx.seed + 12)
     transformer = FluxTransformer2DModel(**transformer_config(cfg))
-    from training.world.autoencoder import load_world_autoencoder
-
     codec = load_world_autoencoder(ctx.dependency("autoencoder"))
-    panels = panel_pool(cfg["pool"], cfg["panel"])
-    latents = codec.model_latents(panels)
+    latents = codec.model_latents(panel_pool(cfg["pool"], cfg["panel"]))
     losses = pretrain(transformer, latents, conditioning, cfg, ctx.seed + 13)
-    transformer.save_pretrained(folder / "transformer")
-    backbone = world_backbone(folder, ctx.dependency("autoencoder"))
-    metrics = training_metrics(transformer, losses)
-    metrics.update(copy_error(backbone, cfg["panel"], count=cfg["eval_grids"], steps=cfg["eval_steps"],
-                              seed=ctx.seed))
-    return metrics
+    return save_and_measure(ctx, transformer, losses, copy_error)
+
+
+def save_and_measure(ctx, transformer, losses: list[float], copy_error: Callable[..., dict]) -> dict:
+    """The end of a FLUX-like world build: save the transformer, load the world backbone back the way the trainers
+    do, and return the pretraining figures with ``copy_error(backbone, panel, count=, steps=, seed=)``."""
+    from training.backbone import world_backbone
+
+    cfg = ctx.config
+    transformer.save_pretrained(ctx.folder / "transformer")
+    backbone = world_backbone(ctx.folder, ctx.dependency("autoencoder"))
+    return {**training_metrics(transformer, losses),
+            **copy_error(backbone, cfg["panel"], count=cfg["eval_grids"], steps=cfg["eval_steps"], seed=ctx.seed)}
