@@ -343,3 +343,38 @@ def test_comfy_text_encoder_serves_when_it_is_the_trained_t5(region_files):
     assert not torch.allclose(other_words, probs), "the instruction reaches the region"
     with pytest.raises(ValueError, match=f"instruction features must be \\[batch, tokens, {width}\\]"):
         nodes.predict_probabilities(model, clip_vision, image, "make it blue", clip=FakeComfyT5(width + 4))
+
+
+def test_instruction_encoder_names_list_t5_folders_and_refuse_anything_else(comfy_inproc, tmp_path):
+    """Load Instruction Encoder lists `<folder>/<weights>.safetensors` for transformers folders only, and refuses a
+    name that is not one of them (another depth, `..`, a folder without config.json, a pickle) with a clear error."""
+    import folder_paths
+
+    from training.region_models import save_instruction_encoder, tiny_t5
+
+    nodes = inproc_module(comfy_inproc, "nodes.regions")
+    root = tmp_path / "text_encoders"
+    save_instruction_encoder(tiny_t5(seed=5), root / "t5_ok")
+    (root / "no_config").mkdir()
+    (root / "no_config" / "model.safetensors").write_bytes(b"0")
+    (root / "pickle_only").mkdir()
+    (root / "pickle_only" / "config.json").write_text("{}")
+    (root / "pickle_only" / "pytorch_model.bin").write_bytes(b"0")
+    (root / "loose.safetensors").write_bytes(b"0")
+    paths = folder_paths.folder_names_and_paths[nodes.TEXT_ENCODER_FOLDER]
+    folder_paths.folder_names_and_paths[nodes.TEXT_ENCODER_FOLDER] = ([str(root)], paths[1])
+    folder_paths.filename_list_cache.pop(nodes.TEXT_ENCODER_FOLDER, None)
+    try:
+        assert nodes.instruction_encoder_names() == ["t5_ok/model.safetensors"]
+        assert nodes.instruction_encoder_path("t5_ok/model.safetensors") == str(root / "t5_ok")
+        for bad in ("t5_ok", "../text_encoders/t5_ok/model.safetensors", "t5_ok/../t5_ok/model.safetensors",
+                    "no_config/model.safetensors", "pickle_only/pytorch_model.bin", "t5_ok/missing.safetensors",
+                    "loose.safetensors"):
+            assert nodes.instruction_encoder_path(bad) is None, bad
+            with pytest.raises(nodes.RegionError, match="is not <folder>/<weights>.safetensors"):
+                nodes.LoadInstructionEncoder().load(bad)
+        encoder = nodes.LoadInstructionEncoder().load("t5_ok/model.safetensors")[0]
+        assert encoder is not None
+    finally:
+        folder_paths.folder_names_and_paths[nodes.TEXT_ENCODER_FOLDER] = paths
+        folder_paths.filename_list_cache.pop(nodes.TEXT_ENCODER_FOLDER, None)
