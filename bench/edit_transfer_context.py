@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from bench.timing import interleaved_median_times
+from devtools.comfy_server import comfyui_root
 
 REPO = Path(__file__).resolve().parent.parent
 PACK = "analogy_pack_bench"
@@ -38,8 +39,6 @@ PACK = "analogy_pack_bench"
 
 def load_comfy_and_pack():
     """ComfyUI's modules (CPU mode) and the pack imported as a package, as ComfyUI imports it."""
-    from devtools.comfy_server import comfyui_root
-
     sys.path.append(str(comfyui_root()))
     import comfy.cli_args
 
@@ -96,7 +95,10 @@ def node_costs(node, core, side: int, repeats: int) -> dict[str, float]:
 
 def block_costs(side: int) -> tuple[float, float]:
     from diffusers.models.embeddings import FluxPosEmbed
-    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+    from diffusers.models.transformers.transformer_flux import (
+        FluxSingleTransformerBlock,
+        FluxTransformerBlock,
+    )
 
     torch.manual_seed(0)
     tokens, text = (side // 16) ** 2, 512

@@ -20,8 +20,8 @@ import platform
 import torch
 from torch import nn
 
-from analogy_core.lorweb_layer import LoRWeBLinear
-from analogy_core.lorweb_settings import LoRWeBSettings
+from analogy_core.lorweb.layer import LoRWeBLinear
+from analogy_core.lorweb.settings import LoRWeBSettings
 from bench.timing import interleaved_median_times
 
 DIM, N, R = 3072, 32, 4

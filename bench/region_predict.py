@@ -20,8 +20,15 @@ import platform
 
 import torch
 
-from analogy_core.regions import (FrozenClip, InstructionEncoder, RegionPredictor, RegionSpec, region_masks)
+from analogy_core.regions import (
+    FrozenClip,
+    InstructionEncoder,
+    RegionPredictor,
+    RegionSpec,
+    region_masks,
+)
 from bench.timing import interleaved_median_times
+from training.regions.models import word_tokenizer
 
 FULL = dict(clip=dict(vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                   num_attention_heads=16, image_size=224, patch_size=14),
@@ -40,8 +47,6 @@ INSTRUCTION = "make the cup on the left red and leave everything else as it is"
 
 def build(sizes: dict) -> tuple[FrozenClip, InstructionEncoder, RegionPredictor]:
     from transformers import CLIPConfig, CLIPModel, T5Config, T5EncoderModel
-
-    from training.region_models import word_tokenizer
 
     tokenizer = word_tokenizer(INSTRUCTION.split())
     clip_sizes = sizes["clip"]

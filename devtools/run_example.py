@@ -10,13 +10,14 @@ under the file names the example workflows load.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from analogy_core.synthetic import analogy_example
+from training.data.synthetic import analogy_example
 
 from .comfy_server import REPO_ROOT, ComfyServer
 from .images import save_png
@@ -39,8 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transform", default="invert", help="change shown by the built-in A -> A' example")
     parser.add_argument("--keep-server-dir", action="store_true", help="keep ComfyUI's base directory and log")
     args = parser.parse_args(argv)
-
-    import json
 
     base = Path(tempfile.mkdtemp(prefix="analogy-comfy-"))
     write_default_inputs(base / "input", args.transform)

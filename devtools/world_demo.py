@@ -27,7 +27,9 @@ SaveImage):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import logging
 import shutil
 import sys
 import tempfile
@@ -36,7 +38,11 @@ from pathlib import Path
 
 import torch
 
-from analogy_core import world as world_def
+from training.world import build_world
+from training.world import scenes as world_def
+from training.world.data import family_list
+from training.world.flux_kontext import CONDITIONING_FILE, comfy_unet_config
+from training.world.presets import lorweb_settings, train_lorweb
 
 from .comfy_server import REPO_ROOT, ComfyServer
 from .images import load_png, save_png, to_uint8
@@ -52,8 +58,6 @@ FILES = {"flux": "world_flux_kontext.safetensors", "clip": "world_clip_vision.sa
 def install_world_models(world_folder: Path, basis: Path, models: Path) -> None:
     """Write the world's models into a ComfyUI ``models`` folder under the names :data:`FILES` gives."""
     from safetensors.torch import load_file, save_file
-
-    from training.world.flux_kontext import CONDITIONING_FILE, comfy_unet_config
 
     flux = world_folder / "flux_kontext"
     config = json.loads((flux / "transformer" / "config.json").read_text())
@@ -164,10 +168,6 @@ def run_demo(world_folder: Path, basis: Path, out: Path, families: list[str], in
 
 def lorweb_run_folder(world, quick: bool, seed: int) -> Path:
     """Where the demo's LoRWeB run lives: keyed by the world models it trains on and its settings."""
-    import hashlib
-
-    from training.world.presets import lorweb_settings
-
     settings = {k: v for k, v in lorweb_settings("", quick).items() if k not in ("backbone", "query_encoder")}
     payload = json.dumps({"models": {n: world.builds[n]["key"] for n in ("autoencoder", "clip", "flux_kontext")},
                           "settings": settings, "seed": seed}, sort_keys=True)
@@ -186,11 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler-steps", type=int, default=8, help="KSampler steps")
     parser.add_argument("--keep-server-dir", action="store_true")
     args = parser.parse_args(argv)
-    import logging
-
-    from training.world import build_world
-    from training.world.data import family_list
-    from training.world.presets import train_lorweb
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     started = time.monotonic()

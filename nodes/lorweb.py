@@ -10,10 +10,10 @@ import folder_paths
 
 from ..analogy_core.analogy import CLIP_MEAN, CLIP_STD, AnalogyEmbedding, AnalogyError, EncoderInfo, batch_roles, \
     split_roles
-from ..analogy_core.basis import BasisError
-from ..analogy_core.basis_files import find_basis_config, is_basis_file, load_basis_with_settings
+from ..analogy_core.lorweb.basis import BasisError
+from ..analogy_core.lorweb.files import find_basis_config, is_basis_file, load_basis_with_settings
 from ..analogy_core.heatmap import coefficient_heatmap
-from ..analogy_core.lorweb_mix import BLEND_MODES, mix_analogy
+from ..analogy_core.lorweb.mix import BLEND_MODES, mix_analogy
 from . import comfy_compat
 from .common import ANALOGY_TYPE, BASIS_TYPE, CATEGORY, LORA_TYPE
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from analogy_core.basis import BasisError, load_basis, random_basis
+from analogy_core.lorweb.basis import BasisError, load_basis, random_basis
 
 SHAPES = {"transformer_blocks.0.attn.to_q": (32, 32), "single_transformer_blocks.0.proj_out": (32, 160)}
 
@@ -105,7 +105,7 @@ def plain_coefficients(query, to_q, keys, heads, softmax, mixing, temperature=1.
 @pytest.mark.parametrize("heads, softmax, mixing", [(1, False, "mean"), (2, True, "mean"), (2, False, "sum"),
                                                     (4, True, "sum"), (2, False, "mean")])
 def test_trained_settings_are_mixed_as_the_official_equations(tmp_path, heads, softmax, mixing):
-    from analogy_core.lorweb_settings import LoRWeBSettings
+    from analogy_core.lorweb.settings import LoRWeBSettings
 
     settings = LoRWeBSettings(lora_heads=heads, lora_softmax=softmax, mixing_coeffs_type=mixing, query_mode="a'-a")
     basis = random_basis(SHAPES, num_entries=6, rank=2, key_dim=8, query_dim=4, seed=3).with_settings(settings)
@@ -129,7 +129,7 @@ def test_trained_settings_are_mixed_as_the_official_equations(tmp_path, heads, s
 
 
 def test_settings_that_do_not_fit_the_basis_are_refused():
-    from analogy_core.lorweb_settings import LoRWeBSettings
+    from analogy_core.lorweb.settings import LoRWeBSettings
 
     basis = random_basis(SHAPES, num_entries=6, rank=2, key_dim=8, query_dim=12)
     with pytest.raises(BasisError, match="lora_heads=3 does not divide the basis' key width 8"):

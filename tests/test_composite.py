@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from analogy_core import composite as cp
-from analogy_core.synthetic import analogy_example, procedural_scene
+from training.data.synthetic import analogy_example, procedural_scene
 
 
 def img(seed, w, h, batch=1):

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-
-from analogy_core.synthetic import procedural_scene
 from comfy_inproc import float32_clip_vision
 from tiny_models import randomize_
+
+from training.data.synthetic import procedural_scene
 
 TINY_CLIP = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=3, patch_size=14,
                  image_size=224, projection_dim=32, hidden_act="quick_gelu", layer_norm_eps=1e-5, num_channels=3)

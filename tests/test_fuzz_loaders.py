@@ -19,9 +19,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save as save_bytes
-
 from loader_cases import LOADER_CASES, LoaderCase
+from safetensors.torch import save as save_bytes
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", max(500, 3000 // len(LOADER_CASES))))
 FILE_NAME = "fuzzed file.safetensors"

@@ -15,8 +15,10 @@ from PIL import Image
 
 from analogy_core.files import read_safetensors
 from analogy_core.loc import load_hypernetwork
-from training.data import DataError, ItemError, ReadableItems
-from training.pair_data import FolderPairs, JsonlPairs, MagicBrush, make_pair_dataset
+from training.data.batching import ReadableItems
+from training.data.pairs import FolderPairs, JsonlPairs, MagicBrush
+from training.data.readers import DataError, ItemError
+from training.loc.data import make_pair_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +119,7 @@ def test_jsonl_and_folder_pairs(tmp_path):
 
 
 def train(out: Path, *extra: str) -> dict:
-    from training.train_loc import main
+    from training.loc.task import main
 
     return main(["--preset", "tiny", "--output-dir", str(out), "--set", "report_to=none",
                  "--set", "sample_every=1000", "--set", "sample_steps=1", *extra])

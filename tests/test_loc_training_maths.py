@@ -21,8 +21,15 @@ from analogy_core.layouts import ModelLayout
 from analogy_core.loc import HypernetworkConfig, attention_targets, build_hypernetwork
 from training.backbone import HashTokenizer
 from training.config import build_config
-from training.ip2p import IP2PBackbone, schedule
-from training.train_loc import PRESETS, LoCConfig, exchange_pairs, paired_quads, term_prompts, training_loss
+from training.loc.ip2p import IP2PBackbone, schedule
+from training.loc.task import (
+    PRESETS,
+    LoCConfig,
+    exchange_pairs,
+    paired_quads,
+    term_prompts,
+    training_loss,
+)
 
 S, C, D, TEXT = 4, 3, 8, 6          # image side, latent channels, UNet width, text width
 SCALING = 0.5
@@ -257,8 +264,8 @@ def test_pair_augmentations():
 @pytest.fixture(scope="module")
 def tiny_parts():
     from training.backbone import load_query_encoder
-    from training.ip2p import tiny_ip2p
-    from training.train_loc import hypernetwork_config
+    from training.loc.ip2p import tiny_ip2p
+    from training.loc.task import hypernetwork_config
 
     backbone, encoder = tiny_ip2p(seed=0), load_query_encoder("tiny", seed=0)
     cfg = cfg_for()
@@ -272,7 +279,7 @@ def test_gradients_reach_only_the_hypernetwork(tiny_parts):
     with torch.no_grad():
         for _, view in hypernetwork.u_b_parameters():
             view.copy_(torch.randn(view.shape, generator=gen) * 0.01)
-    from training.pair_data import WorldPairs
+    from training.data.pairs import WorldPairs
 
     data = WorldPairs(cfg.resolution)
     items = [data[i] for i in range(2)]

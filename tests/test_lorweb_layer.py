@@ -8,8 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from analogy_core.basis import load_basis
-from analogy_core.lorweb_layer import LoRWeBLinear, export_basis, inject_lorweb, set_query
+from analogy_core.lorweb.basis import load_basis
+from analogy_core.lorweb.layer import (
+    LoRWeBLinear,
+    export_basis,
+    inject_lorweb,
+    set_query,
+)
 
 
 def live_layer(seed=0, n=5, r=3, d=8, q=12, in_f=10, out_f=7):
@@ -125,7 +130,7 @@ def plain_layer_output(layer, x, query, heads, softmax, mixing):
                                                           (4, True, "sum", "a'-a+b"), (2, True, "mean", "cat-aa'b")])
 def test_layer_forward_follows_its_settings_and_equals_the_inference_mix(tmp_path, heads, softmax, mixing, mode):
     from analogy_core.analogy import AnalogyEmbedding, EncoderInfo
-    from analogy_core.lorweb_settings import LoRWeBSettings
+    from analogy_core.lorweb.settings import LoRWeBSettings
 
     info = EncoderInfo.describe(4, 8, 224, 14, 2)
     settings = LoRWeBSettings(lora_heads=heads, lora_softmax=softmax, mixing_coeffs_type=mixing, query_mode=mode,

@@ -14,9 +14,8 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import save_file
-
-from test_tiny_models import flux_inputs, run_diffusers_flux
 from test_lora_comfy import comfy_flux_out, rel_err
+from test_tiny_models import flux_inputs, run_diffusers_flux
 from tiny_models import tiny_flux_pair
 
 N, R, D, EMB = 8, 4, 16, 768  # basis entries, rank, key dim, CLIP embedding width (query = 3 x 768)

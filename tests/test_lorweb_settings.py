@@ -12,10 +12,21 @@ from safetensors.torch import save_file
 
 from analogy_core import basis_files
 from analogy_core.analogy import AnalogyEmbedding, EncoderInfo
-from analogy_core.basis import BasisError, random_basis
-from analogy_core.basis_files import find_basis_config, is_basis_file, load_basis_with_settings
-from analogy_core.lorweb_settings import (OFFICIAL, LoRWeBSettings, LoRWeBSettingsError, build_query,
-                                          parse_lorweb_config, query_width, read_lorweb_config)
+from analogy_core.lorweb.basis import BasisError, random_basis
+from analogy_core.lorweb.files import (
+    find_basis_config,
+    is_basis_file,
+    load_basis_with_settings,
+)
+from analogy_core.lorweb.settings import (
+    OFFICIAL,
+    LoRWeBSettings,
+    LoRWeBSettingsError,
+    build_query,
+    parse_lorweb_config,
+    query_width,
+    read_lorweb_config,
+)
 
 SHAPES = {"transformer_blocks.0.attn.to_q": (16, 12), "single_transformer_blocks.0.proj_out": (12, 20)}
 
@@ -216,7 +227,7 @@ def test_a_config_of_another_basis_is_refused(tmp_path, changes, message):
 
 # -- the Mix LoRA Basis policy, without ComfyUI -------------------------------------------------------------------------
 def test_mix_policy_reports_entries_by_magnitude_and_checks_its_inputs():
-    from analogy_core.lorweb_mix import mix_analogy, top_entries
+    from analogy_core.lorweb.mix import mix_analogy, top_entries
 
     info = EncoderInfo.describe(4, 8, 224, 14, 2)
     basis = random_basis(SHAPES, num_entries=6, rank=2, key_dim=8, query_dim=12, seed=2).with_settings(

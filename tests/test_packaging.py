@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 COMFY_MODULES = ("comfy", "folder_paths", "nodes", "server", "execution", "comfy_extras", "comfy_api")

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.region_captions import PROPOSE, TARGET, clean, load_chat, parse_proposal, run
+from training.regions.captions import (
+    PROPOSE,
+    TARGET,
+    clean,
+    load_chat,
+    parse_proposal,
+    run,
+)
 
 
 def write_inputs(folder, lines):
@@ -64,7 +71,7 @@ def test_answer_parsing():
 def test_local_chat_model_generates_offline(tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from training.region_models import word_tokenizer
+    from training.regions.models import word_tokenizer
 
     tokenizer = word_tokenizer("an image is described as edited with the instruction describe a cat dog".split())
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"

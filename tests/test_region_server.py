@@ -15,18 +15,18 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
+from comfy_inproc import float32_clip_vision
 from PIL import Image
 from safetensors.torch import save_file
-
-from analogy_core.analogy import EncoderInfo
-from analogy_core.regions import RegionPredictor, RegionSpec, save_region_predictor
-from comfy_inproc import float32_clip_vision
-from devtools.workflow import ui_to_api
 from test_comfy_server import REPO
 from test_encode_analogy import TINY_CLIP
 from test_lora_server import checkpoint  # noqa: F401  (fixture: tiny SD1.5 with a TAESD VAE)
 from test_lorweb_server import tiny_files  # noqa: F401  (fixture: tiny FLUX, TAEF1, LoRWeB basis, example inputs)
 from tiny_models import FLUX_COMFY, randomize_
+
+from analogy_core.analogy import EncoderInfo
+from analogy_core.regions import RegionPredictor, RegionSpec, save_region_predictor
+from devtools.workflow import ui_to_api
 
 pytestmark = pytest.mark.comfy
 
@@ -75,9 +75,9 @@ def region_files(comfy, comfy_inproc, tiny_files, checkpoint):  # noqa: F811
     analogy)."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from analogy_core.synthetic import procedural_scene
     from devtools.images import load_png, save_png
-    from training.region_models import save_instruction_encoder, tiny_t5
+    from training.data.synthetic import procedural_scene
+    from training.regions.models import save_instruction_encoder, tiny_t5
 
     models = comfy.base_dir / "models"
     for folder in ("clip_vision", "text_encoders", "regions"):
@@ -125,7 +125,8 @@ def test_node_features_equal_the_trainers(region_files):
     from transformers import CLIPConfig, CLIPModel
 
     from analogy_core.regions import FrozenClip
-    from training.region_models import TINY_CLIP as TINY_TEXT, word_tokenizer
+    from training.regions.models import TINY_CLIP as TINY_TEXT
+    from training.regions.models import word_tokenizer
 
     vision = {k: v for k, v in TINY_CLIP.items() if k != "projection_dim"}
     tokenizer = word_tokenizer(["a"])
@@ -350,7 +351,7 @@ def test_instruction_encoder_names_list_t5_folders_and_refuse_anything_else(comf
     name that is not one of them (another depth, `..`, a folder without config.json, a pickle) with a clear error."""
     import folder_paths
 
-    from training.region_models import save_instruction_encoder, tiny_t5
+    from training.regions.models import save_instruction_encoder, tiny_t5
 
     nodes = inproc_module(comfy_inproc, "nodes.regions")
     root = tmp_path / "text_encoders"

@@ -15,12 +15,18 @@ from PIL import Image
 from torch import nn
 
 from analogy_core.analogy import AnalogyEmbedding, EncoderInfo
-from analogy_core.regions import RegionPredictor, RegionSpec, VisionFeatures, load_region_predictor
+from analogy_core.regions import (
+    RegionPredictor,
+    RegionSpec,
+    VisionFeatures,
+    load_region_predictor,
+)
 from training.config import build_config
-from training.data import DataError, ItemError, ReadableItems, collate
-from training.region_config import PRESETS, RegionConfig
-from training.region_data import GroupedPairs, InstructionJsonl, WorldRegions
-from training.train_region import analogy_loss, region_loss, text_loss
+from training.data.batching import ReadableItems, collate
+from training.data.readers import DataError, ItemError
+from training.regions.config import PRESETS, RegionConfig
+from training.regions.data import GroupedPairs, InstructionJsonl, WorldRegions
+from training.regions.task import analogy_loss, region_loss, text_loss
 
 S, GRID, D, TEXT, HIDDEN = 4, 2, 6, 5, 3   # 4-px images, 2x2 patches of 2x2 px
 
@@ -201,8 +207,8 @@ def grads(net):
 
 
 def test_gradients_reach_only_the_region_module_and_f_sem():
-    from training.region_models import tiny_clip, tiny_t5
-    from training.train_region import region_spec
+    from training.regions.models import tiny_clip, tiny_t5
+    from training.regions.task import region_spec
 
     clip, encoder = tiny_clip(0), tiny_t5(1)
     cfg = config(mode="both", data="world", mask_weight=0.5)
@@ -325,7 +331,7 @@ def test_train_region_runs_resumes_and_writes_a_loadable_checkpoint(tmp_path):
 
 
 def test_confinement_keeps_b_outside_the_region_and_measures_both_sides():
-    from training.region_world import confinement
+    from training.world.yardstick.regions import confinement
 
     gen = torch.Generator().manual_seed(0)
     b, edited = torch.rand(2, 6, 6, 3, generator=gen), torch.rand(2, 6, 6, 3, generator=gen)

@@ -18,8 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from analogy_core.basis import load_basis
-from training.data import ItemError, Quads, Relation252K, StepBatchSampler
+from analogy_core.lorweb.basis import load_basis
+from training.data.analogies import Quads, Relation252K
+from training.data.batching import StepBatchSampler
+from training.data.readers import ItemError
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -66,7 +68,7 @@ def test_written_basis_loads_in_the_mix_path_and_separates_families(tiny_run):
     assert not leaked, f"local paths in the shared basis header: {leaked}"
     assert (basis.num_entries, basis.rank, basis.key_dim) == (8, 2, 16) and len(basis.layers) == 26
     from training.backbone import load_query_encoder
-    from training.data import SyntheticAnalogies
+    from training.data.analogies import SyntheticAnalogies
 
     encoder, data = load_query_encoder("tiny"), SyntheticAnalogies(32)
     loras = {}
@@ -224,7 +226,7 @@ def test_trained_file_goes_through_the_nodes(tiny_run, comfy_inproc, monkeypatch
     basis, info = lorweb.LoadLoRABasis().load("lorweb_basis.safetensors")
     assert "N=8 entries of rank 2" in info
     from training.backbone import load_query_encoder
-    from training.data import SyntheticAnalogies
+    from training.data.analogies import SyntheticAnalogies
 
     item = SyntheticAnalogies(32)[7]
     analogy = load_query_encoder("tiny").encode(item["a"][None], item["a_prime"][None], item["b"][None])

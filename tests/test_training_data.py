@@ -11,7 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from training.data import DataError, ItemError, Quads, ReadableItems, Relation252K, collate, load_rgb, to_panel
+from training.data.analogies import Quads, Relation252K
+from training.data.batching import ReadableItems, collate
+from training.data.readers import DataError, ItemError, load_rgb, to_panel
 
 
 def write_png(path, array):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from analogy_core import world
+from training.world import scenes as world
 from training.world.data import WorldAnalogies, parse_spec
 
 SIZE = world.REFERENCE_SIZE

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from analogy_core.files import write_safetensors_atomic
 from training.config import CommonConfig
-from training.data import ItemError
+from training.data.readers import ItemError
 from training.trainer import TrainingTask
 
 

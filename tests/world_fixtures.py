@@ -25,7 +25,7 @@ def quick_world():
 @functools.lru_cache(maxsize=None)
 def quick_bench() -> tuple[dict, Path]:
     """``python -m bench.analogy_world --methods lorweb --quick`` in this process: (its JSON, its output folder)."""
-    from bench.analogy_world import main
+    from training.world.yardstick.runner import main
 
     quick_world()
     out = Path(tempfile.mkdtemp(prefix="analogy-world-bench-"))

@@ -13,14 +13,12 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from analogy_core.encoders import ImageEncoder, load_image_encoder
-
-WORLD_PREFIX = "world:"
+from training.model_specs import registered_loader
 
 TINY_TRANSFORMER = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
                         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
@@ -151,9 +149,8 @@ def _randomise(module: nn.Module, seed: int) -> None:
 def load_backbone(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> Backbone:
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
-    if name.startswith(WORLD_PREFIX):
-        flux, autoencoder = world_model_folders(name[len(WORLD_PREFIX):])
-        return world_backbone(flux, autoencoder, dtype)
+    if registered := registered_loader("backbone", name):
+        return registered(dtype=dtype)
     if name == "tiny":
         from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -167,7 +164,12 @@ def load_backbone(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) 
         t5 = T5EncoderModel(T5Config(vocab_size=1000, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4))
         backbone = Backbone(transformer, vae, clip_text, t5, HashTokenizer(1000, 16), HashTokenizer(1000, 16), True)
     else:
-        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+        from transformers import (
+            CLIPTextModel,
+            CLIPTokenizer,
+            T5EncoderModel,
+            T5TokenizerFast,
+        )
 
         kwargs = dict(local_files_only=True, torch_dtype=dtype)
         backbone = Backbone(
@@ -183,52 +185,12 @@ def load_backbone(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) 
     return backbone
 
 
-def world_model_folders(folder: str, model: str = "flux_kontext") -> tuple[Path, Path]:
-    """(transformer folder, autoencoder folder) of a world spec: a world folder (``world.json``; its ``model``) or a
-    world model folder (``transformer/``; the autoencoder is its sibling)."""
-    root = Path(folder)
-    flux = root / model if (root / "world.json").is_file() or (root / model).is_dir() else root
-    autoencoder = flux.parent / "autoencoder"
-    for path, what in ((flux / "transformer", "transformer"), (autoencoder / "config.json", "autoencoder")):
-        if not path.exists():
-            raise FileNotFoundError(f"world backbone {folder}: no {what} at {path}; build the world with "
-                                    f"`python -m training.world build` (see training/world)")
-    return flux, autoencoder
-
-
-def world_backbone(flux_folder: Path, autoencoder_folder: Path, dtype: torch.dtype = torch.float32) -> Backbone:
-    """The world's backbone from its folders: transformer and text encoders, word-hash tokenizers, autoencoder."""
-    import json
-
-    from diffusers import FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5EncoderModel
-
-    from training.world.autoencoder import load_world_autoencoder
-
-    codec = load_world_autoencoder(autoencoder_folder)
-    tokenizer = json.loads((Path(flux_folder) / "hash_tokenizer.json").read_text())
-    hashing = HashTokenizer(tokenizer["vocab_size"], tokenizer["length"])
-    kwargs = dict(local_files_only=True, torch_dtype=dtype)
-    backbone = Backbone(FluxTransformer2DModel.from_pretrained(Path(flux_folder) / "transformer", **kwargs),
-                        codec.ae.to(dtype), CLIPTextModel.from_pretrained(Path(flux_folder) / "text_encoder", **kwargs),
-                        T5EncoderModel.from_pretrained(Path(flux_folder) / "text_encoder_2", **kwargs), hashing,
-                        hashing, True, codec)
-    backbone.freeze()
-    return backbone
-
-
 def load_query_encoder(name: str, seed: int = 0) -> ImageEncoder:
     """LoRWeB's frozen query encoder: "tiny" (random, from a small config), a transformers CLIP vision folder or
     cached id, "open_clip:<architecture>:<weights.safetensors>" (see :mod:`analogy_core.encoders`), or
     "world:<folder>": the analogy world's CLIP (``<folder>/clip`` of a world folder, or a CLIP folder itself)."""
-    if name.startswith(WORLD_PREFIX):
-        folder = Path(name[len(WORLD_PREFIX):])
-        folder = folder / "clip" if (folder / "clip" / "config.json").is_file() else folder
-        folder = folder / "vision"  # the world CLIP's vision tower (see training/world/clip.py)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"query encoder {name}: no world CLIP at {folder}; build the world with "
-                                    f"`python -m training.world build`")
-        return load_image_encoder(str(folder))
+    if registered := registered_loader("query_encoder", name):
+        return registered()
     if name != "tiny":
         return load_image_encoder(name)
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection

@@ -15,15 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from analogy_core.synthetic import TRANSFORMS, analogy_example
-
-PROMPTS = {
-    "invert": "invert the colours",
-    "grayscale": "make it black and white",
-    "channel_swap": "rotate the colour channels",
-    "hflip": "mirror it left to right",
-    "vflip": "turn it upside down",
-}
+from training.data.synthetic import PROMPTS, TRANSFORMS, analogy_example
 
 
 def write_dataset(out: Path, per_family: int, size: int, families: list[str], seed: int = 0) -> Path:

@@ -19,7 +19,7 @@ import argparse
 import json
 import logging
 import math
-import sys
+import shutil
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from training import checkpoints as ckpt
 from training.config import CommonConfig, build_config
-from training.data import ReadableItems, StepBatchSampler, collate
+from training.data.batching import ReadableItems, StepBatchSampler, collate
 
 log = logging.getLogger("training")
 
@@ -195,8 +195,6 @@ def save_checkpoint(task: TrainingTask, model, optimizer, step: int) -> Path:
     tmp = folder / f"{ckpt.TMP_PREFIX}{step:06d}"
     if accelerator.is_main_process:
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
@@ -361,7 +359,7 @@ def run(task_cls: type[TrainingTask], argv=None) -> dict:
     return history
 
 
-def main_for(task_cls: type[TrainingTask]) -> None:
-    """``python -m training.train_<method>`` entry point."""
-    run(task_cls, sys.argv[1:])
-    sys.exit(0)
+def drop_captions(prompts: list[str], probability: float, generator: torch.Generator) -> list[str]:
+    """Each caption replaced by "" with ``probability`` (one draw per sample, from the step's generator)."""
+    draws = torch.rand(len(prompts), generator=generator)
+    return [p if float(u) >= probability else "" for p, u in zip(prompts, draws)]

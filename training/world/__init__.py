@@ -1,7 +1,13 @@
-"""The analogy world's pretrained models: built by the pack's own code, deterministic from a seed, cached.
+"""The analogy world: scenes, pretrained world models, the ``world`` data and model specs, and the yardstick.
+
+It uses the methods (``training.<method>``) and nobody in production uses it: importing it registers its data source
+(:mod:`training.world.data`) and model loaders (:mod:`training.world.loaders`), which the ``python -m training.train_*``
+commands do.
 
     python -m training.world build [--quick] [--seed N]
 
+* :mod:`training.world.scenes` — the world itself: scenes of flat-colour cells, edit families with exact masks,
+  training/held-out splits of families and scenes.
 * :mod:`training.world.registry` — the world-model registry (:func:`register`, :class:`WorldModel`) and the cached
   world folder (:func:`build_world`, :func:`open_world`).
 * :mod:`training.world.models` — the built-in models: ``autoencoder`` (TAESD architecture), ``clip`` (the world
@@ -9,13 +15,21 @@
   LoRA of Change's), ``flux_dev`` (FLUX.1-dev-like backbone, Edit Transfer's), ``region_t5`` (the region
   predictor's instruction encoder); each pretrained only to draw and copy (:mod:`training.world.schedule` holds the
   shared loop).
-* :mod:`training.world.data` — the ``world`` data spec of the trainers; :mod:`training.world.presets` — LoRWeB's
-  world settings and :func:`~training.world.presets.run_trainer`, through which every method's world run goes;
-  :mod:`training.world.evaluate` — sampling and errors for the yardstick; ``loc_eval`` and ``edit_transfer_eval``
-  (and :mod:`training.region_world`) — the other methods' rows of ``bench.analogy_world``.
+* :mod:`training.world.data` and :mod:`training.world.loaders` — the ``world`` data source and model specs;
+  :mod:`training.world.presets` — the methods' world settings and :func:`~training.world.presets.run_trainer`,
+  through which every method's world run goes; :mod:`training.world.evaluate` — sampling and errors.
+* :mod:`training.world.yardstick` — every method's row of ``python -m bench.analogy_world`` and its runner.
 """
 
-from training.world.registry import WORLD_MODELS, BuildContext, World, WorldModel, build_world, open_world, register
+from training.world import data, loaders, models  # noqa: F401  (register the world's data source, loaders, models)
+from training.world.registry import (
+    WORLD_MODELS,
+    BuildContext,
+    World,
+    WorldModel,
+    build_world,
+    open_world,
+    register,
+)
 
 __all__ = ["WORLD_MODELS", "BuildContext", "World", "WorldModel", "build_world", "open_world", "register"]
-from training.world import models  # noqa: E402,F401  (registers the built-in world models)

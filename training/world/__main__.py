@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from training.world import WORLD_MODELS, build_world
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.world", description=__doc__,
@@ -34,8 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="list the registered world models")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-
-    from training.world import WORLD_MODELS, build_world
 
     if args.command == "list":
         for name, model in WORLD_MODELS.items():

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from analogy_core import world
+from training.world import scenes as world
 from training.world.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from analogy_core import world
 from analogy_core.analogy import CLIP_MEAN, CLIP_STD
+from training.world import scenes as world
 from training.world.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)

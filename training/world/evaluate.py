@@ -15,10 +15,10 @@ from typing import Callable
 
 import torch
 
-from analogy_core import world
 from training import flow
 from training.backbone import Backbone, token_ids
-from training.world.flux_kontext import NEUTRAL_PROMPT, panel_pool
+from training.world import scenes as world
+from training.world.scenes import NEUTRAL_PROMPT, panel_pool
 
 
 def four_panel(a, a_prime, b, b_prime) -> torch.Tensor:

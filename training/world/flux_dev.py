@@ -24,9 +24,28 @@ import logging
 import torch
 
 from training import flow
-from training.world.flux_kontext import (CONDITIONING_FILE, NEUTRAL_PROMPT, TEXT_TOKENS, TEXT_VOCAB, TOKENIZER_FILE,
-                                         grid_tokens, panel_pool, save_and_measure, text_encoders,
-                                         transformer_config)
+from training.backbone import HashTokenizer
+from training.edit_transfer.task import (
+    EditTransferConfig,
+    panel_token_mask,
+    predict,
+    sample_composite,
+)
+from training.world.autoencoder import load_world_autoencoder
+from training.world.evaluate import mae, reconstruct
+from training.world.flux_kontext import (
+    CONDITIONING_FILE,
+    NEUTRAL_PROMPT,
+    TEXT_TOKENS,
+    TEXT_VOCAB,
+    TOKENIZER_FILE,
+    grid_tokens,
+    panel_pool,
+    save_and_measure,
+    text_encoders,
+    transformer_config,
+)
+from training.world.schedule import pretrain_loop
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +54,6 @@ def write_text_encoders(folder, seed: int):
     """The world's random frozen text encoders and the neutral conditioning, saved as ``flux_kontext`` saves them;
     returns (text tokens, pooled) of the neutral prompt."""
     from safetensors.torch import save_file
-
-    from training.backbone import HashTokenizer
 
     clip, t5 = text_encoders(seed)
     clip.save_pretrained(folder / "text_encoder")
@@ -53,8 +70,6 @@ def write_text_encoders(folder, seed: int):
 def pretrain_loss(transformer, x0: torch.Tensor, mask: torch.Tensor | None, text, pooled,
                   gen: torch.Generator) -> torch.Tensor:
     """Flow-matching loss on ``x0`` grids: noise and loss on the ``mask`` panel only (copy), or everywhere (None)."""
-    from training.train_edit_transfer import predict
-
     t, _ = flow.sample_timesteps("logit_normal", len(x0), gen)
     noise = torch.randn(x0.shape, generator=gen)
     guidance = 1.0 + 3.0 * torch.rand(len(x0), generator=gen)
@@ -73,9 +88,6 @@ def pretrain(transformer, panel_latents: torch.Tensor, text, pooled, cfg: dict, 
     """Copy-by-inpainting and generation objectives on random grids of the panel pool (module docstring); as for
     ``flux_kontext``, generation joins after ``generate_from`` of the steps (it slows the forming of the copy
     circuit) and the learning rate warms up, then decays by a cosine."""
-    from training.train_edit_transfer import panel_token_mask
-    from training.world.schedule import pretrain_loop
-
     gen = torch.Generator().manual_seed(seed)
     mask = panel_token_mask(2 * panel_latents.shape[-1])
     pool = len(panel_latents)
@@ -95,9 +107,6 @@ def pretrain(transformer, panel_latents: torch.Tensor, text, pooled, cfg: dict, 
 def copy_error(backbone, panel: int, count: int, steps: int, seed: int) -> dict:
     """The base's copying with the official clean-context sampler: held-out grids [A A; B grey] completed, the
     bottom-right panel against B, and the autoencoder floor on B."""
-    from training.train_edit_transfer import EditTransferConfig, sample_composite
-    from training.world.evaluate import mae, reconstruct
-
     images = panel_pool(2 * count, panel, "heldout")
     a, b = images[0::2], images[1::2]
     cfg = EditTransferConfig(grid_resolution=2 * panel, sample_steps=steps, sample_shift=False, seed=seed,
@@ -111,8 +120,6 @@ def copy_error(backbone, panel: int, count: int, steps: int, seed: int) -> dict:
 def build(ctx) -> dict:
     """World model ``flux_dev``: text encoders, neutral conditioning, the pretrained transformer."""
     from diffusers import FluxTransformer2DModel
-
-    from training.world.autoencoder import load_world_autoencoder
 
     cfg, folder = ctx.config, ctx.folder
     text, pooled = write_text_encoders(folder, ctx.seed + 21)

@@ -40,8 +40,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from analogy_core import world
 from training import flow
+from training.backbone import HashTokenizer, pack, token_ids
+from training.world.autoencoder import load_world_autoencoder
+from training.world.evaluate import copy_error
+from training.world.loaders import world_backbone
+from training.world.scenes import NEUTRAL_PROMPT, panel_pool
 from training.world.schedule import pretrain_loop, training_metrics
 
 log = logging.getLogger(__name__)
@@ -50,7 +54,6 @@ AXES = (8, 12, 12)         # rope axes (index, row, column); sums to HEAD_DIM
 TEXT_WIDTH = 32            # T5 token width = joint_attention_dim; pooled CLIP width
 TEXT_TOKENS = 8            # word-hash tokenizer length
 TEXT_VOCAB = 1000
-NEUTRAL_PROMPT = ""
 COMPLETE_PROMPT = "draw a new picture in the last panel"  # the completion objective's prompt (never used by methods)
 CONDITIONING_FILE = "neutral_conditioning.safetensors"
 TOKENIZER_FILE = "hash_tokenizer.json"
@@ -92,11 +95,6 @@ def text_encoders(seed: int):
 # grids of world images as latent tokens
 
 
-def panel_pool(count: int, size: int, split: str = "train", offset: int = 0) -> torch.Tensor:
-    """``count`` world images [N, size, size, 3] (plain scenes and global restyles)."""
-    return torch.stack([world.world_image(split, offset + i, size)[0] for i in range(count)])
-
-
 def grid_images(panels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """[B, 4] panel indices -> IMAGE grids [B, 2S, 2S, 3] (row-major: top-left, top-right, bottom-left, right)."""
     p = panels[index]
@@ -107,8 +105,6 @@ def grid_images(panels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def grid_tokens(panel_latents: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Model-space panel latents [N, C, h, w] -> packed grid tokens [B, (h)(w), 4C] of the 2 x 2 grids ``index``.
     Equal to encoding the grid image (the world encoder never mixes latent cells; tested)."""
-    from training.backbone import pack
-
     p = panel_latents[index]
     top = torch.cat([p[:, 0], p[:, 1]], dim=3)
     return pack(torch.cat([top, torch.cat([p[:, 2], p[:, 3]], dim=3)], dim=2))
@@ -120,8 +116,6 @@ def grid_tokens(panel_latents: torch.Tensor, index: torch.Tensor) -> torch.Tenso
 
 def velocity(transformer, x_t, reference, t, text, pooled, guidance, latent_side: int):
     """The transformer's velocity for the target tokens (reference tokens, if any, appended as Kontext context)."""
-    from training.backbone import token_ids
-
     ids = token_ids(latent_side, latent_side, 0)
     hidden = x_t
     if reference is not None:
@@ -176,10 +170,6 @@ def build(ctx) -> dict:
     from diffusers import FluxTransformer2DModel
     from safetensors.torch import save_file
 
-    from training.backbone import HashTokenizer
-    from training.world.autoencoder import load_world_autoencoder
-    from training.world.evaluate import copy_error
-
     cfg, folder = ctx.config, ctx.folder
     clip, t5 = text_encoders(ctx.seed + 11)
     clip.save_pretrained(folder / "text_encoder")
@@ -206,8 +196,6 @@ def build(ctx) -> dict:
 def save_and_measure(ctx, transformer, losses: list[float], copy_error: Callable[..., dict]) -> dict:
     """The end of a FLUX-like world build: save the transformer, load the world backbone back the way the trainers
     do, and return the pretraining figures with ``copy_error(backbone, panel, count=, steps=, seed=)``."""
-    from training.backbone import world_backbone
-
     cfg = ctx.config
     transformer.save_pretrained(ctx.folder / "transformer")
     backbone = world_backbone(ctx.folder, ctx.dependency("autoencoder"))

@@ -35,6 +35,13 @@ from pathlib import Path
 
 import torch
 
+from training.backbone import HashTokenizer
+from training.loc.ip2p import SD_SCHEDULE, add_noise, load_ip2p
+from training.loc.task import edit_images
+from training.world.autoencoder import load_world_autoencoder
+from training.world.evaluate import mae
+from training.world.scenes import NEUTRAL_PROMPT, panel_pool
+from training.world.schedule import pretrain_loop, training_metrics
 
 log = logging.getLogger(__name__)
 MODEL = "instruct_pix2pix"
@@ -43,7 +50,6 @@ TEXT_WIDTH = 32
 TEXT_TOKENS = 8
 TEXT_VOCAB = 1000
 TOKENIZER_FILE = "hash_tokenizer.json"
-NEUTRAL_PROMPT = ""
 
 
 def unet_config(cfg: dict) -> dict:
@@ -71,9 +77,6 @@ def text_encoder(seed: int):
 def pretrain(unet, latents: torch.Tensor, text: torch.Tensor, alphas: torch.Tensor, cfg: dict, seed: int) -> list[float]:
     """Copy and generation objectives (MSE of the ``cfg["prediction"]`` target, t uniform over the 1000 steps) on the
     pool's latents [N, 16, h, w]."""
-    from training.ip2p import add_noise
-    from training.world.schedule import pretrain_loop
-
     gen = torch.Generator().manual_seed(seed)
     n_copy, n_gen = cfg["batch_copy"], cfg["batch_generate"]
     weights = torch.cat([torch.ones(n_copy), torch.full((n_gen,), cfg["generate_weight"])])
@@ -100,10 +103,6 @@ def pretrain(unet, latents: torch.Tensor, text: torch.Tensor, alphas: torch.Tens
 def copy_error(backbone, panel: int, count: int, steps: int, seed: int) -> dict:
     """The base's copying: held-out world images as their own condition, sampled with DDIM (eq. 8 of LoRA of
     Change, no LoRA), against the image; and the autoencoder floor."""
-    from training.train_loc import edit_images
-    from training.world.evaluate import mae
-    from training.world.flux_kontext import panel_pool
-
     images = panel_pool(count, panel, "heldout")
     sampled = edit_images(backbone, None, images, steps, seed)
     return {"copy_error_heldout": round(float(mae(sampled, images).mean()), 5),
@@ -113,12 +112,6 @@ def copy_error(backbone, panel: int, count: int, steps: int, seed: int) -> dict:
 def build(ctx) -> dict:
     """World model ``instruct_pix2pix``: text encoder, scheduler, the pretrained UNet."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
-
-    from training.backbone import HashTokenizer
-    from training.ip2p import SD_SCHEDULE, load_ip2p
-    from training.world.autoencoder import load_world_autoencoder
-    from training.world.schedule import training_metrics
-    from training.world.flux_kontext import panel_pool
 
     cfg, folder = ctx.config, ctx.folder
     encoder = text_encoder(ctx.seed + 31)

@@ -7,7 +7,14 @@ and the models depending on it.
 
 from __future__ import annotations
 
-from training.world import autoencoder, clip, flux_dev, flux_kontext, instruct_pix2pix
+from training.world import (
+    autoencoder,
+    clip,
+    flux_dev,
+    flux_kontext,
+    instruct_pix2pix,
+    region_t5,
+)
 from training.world.registry import WorldModel, register
 
 PANEL = 64  # world panel side in pixels: 16 x 16 cells, an 8 x 8 latent, 4 x 4 FLUX tokens
@@ -59,10 +66,8 @@ register(WorldModel(
                            batch_copy=16, batch_generate=8, generate_weight=0.5, lr=1e-3, eval_images=16,
                            eval_steps=10)}))
 
-from training import region_world  # noqa: E402  (the region predictor's world instruction encoder)
-
 register(WorldModel(
-    "region_t5", region_world.build_region_t5, depends=(), version=1,
+    "region_t5", region_t5.build_region_t5, depends=(), version=1,
     description="tiny T5 encoder over the world's vocabulary (random, frozen): the region predictor's instructions",
     configs={size: dict(d_model=48, d_kv=16, d_ff=96, num_layers=2, num_heads=3, relative_attention_num_buckets=16,
                         relative_attention_max_distance=32, feed_forward_proj="gated-gelu", dropout_rate=0.0)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from analogy_core.world import WORLD_VERSION
+from training.world.scenes import WORLD_VERSION
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -71,8 +71,6 @@ def register(model: WorldModel) -> WorldModel:
 
 
 def _registered(name: str) -> WorldModel:
-    from training.world import models  # noqa: F401  (registers the built-in models)
-
     if name not in WORLD_MODELS:
         raise ValueError(f"unknown world model {name!r}; registered: {', '.join(WORLD_MODELS)}")
     return WORLD_MODELS[name]
@@ -142,8 +140,6 @@ def _read_build(folder: Path) -> dict | None:
 def build_world(models: list[str] | None = None, quick: bool = False, seed: int = 0, root: Path | None = None,
                 force: bool = False) -> World:
     """Build (or reuse) the named world models and their dependencies; returns the world."""
-    from training.world import models as _builtins  # noqa: F401
-
     folder = world_folder(quick, seed, root)
     folder.mkdir(parents=True, exist_ok=True)
     world = World(folder, quick, seed)

@@ -28,38 +28,20 @@ which :class:`~training.data.ReadableItems` turns into counted skips, as for eve
 from __future__ import annotations
 
 import bisect
-import io
 import json
 import logging
 import os
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from training.data import MIN_IMAGE_SIDE, DataError, ItemError, load_rgb, to_panel
+from training.data.readers import DataError, ItemError, decode_rgb, load_rgb, to_panel
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 SOURCE_COLUMNS = ("source_img", "input_img")
 TARGET_COLUMNS = ("target_img", "output_img")
 TEXT_COLUMN = "instruction"
-
-
-def decode_rgb(data: bytes, where: str) -> torch.Tensor:
-    """Encoded image bytes -> float RGB [H, W, 3] in 0..1; every reason it cannot be used is an ItemError."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    except Image.DecompressionBombError as err:
-        raise ItemError(f"{where}: refused as a decompression bomb ({err})") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as err:
-        raise ItemError(f"{where}: unreadable image ({type(err).__name__}: {err})") from None
-    if min(array.shape[:2]) < MIN_IMAGE_SIDE:
-        raise ItemError(f"{where}: {array.shape[1]}x{array.shape[0]} px is smaller than {MIN_IMAGE_SIDE} px")
-    return torch.from_numpy(array)
 
 
 class MagicBrush(Dataset):
@@ -233,46 +215,3 @@ class FolderPairs(Dataset):
         except (OSError, UnicodeDecodeError):
             prompt = ""
         return {"a": a, "a_prime": a_prime, "prompt": prompt}
-
-
-class WorldPairs(Dataset):
-    """Pairs (A, A′) of the analogy world's training families on training scenes, generated from the index."""
-
-    def __init__(self, resolution: int, length: int = 4096, instructions: bool = False,
-                 families: tuple[str, ...] | None = None, scenes: str = "train"):
-        from analogy_core import world
-
-        self.world, self.resolution, self.length, self.instructions = world, resolution, length, instructions
-        self.families, self.scenes = tuple(families or world.families("train")), scenes
-
-    def __len__(self) -> int:
-        return self.length
-
-    def family(self, index: int) -> str:
-        return self.families[index % len(self.families)]
-
-    def __getitem__(self, index: int) -> dict:
-        family = self.family(index)
-        ex = self.world.example(family, self.scenes, index // len(self.families), self.resolution)
-        return {"a": ex.a, "a_prime": ex.a_prime, "prompt": ex.instruction if self.instructions else "",
-                "family": family}
-
-
-def make_pair_dataset(spec: str, resolution: int, fit: str = "stretch", split: str = "train",
-                      world_instructions: bool = False) -> Dataset:
-    kind, _, location = spec.partition(":")
-    if kind == "magicbrush" and location:
-        return MagicBrush(location, resolution, fit, split)
-    if kind == "pairs" and location:
-        path = Path(location)
-        return FolderPairs(path, resolution, fit) if path.is_dir() else JsonlPairs(path, resolution, fit)
-    if kind == "world" and not location:
-        return WorldPairs(resolution, instructions=world_instructions)
-    if kind == "world":
-        from training.world.data import family_list, parse_spec
-
-        values = parse_spec(location)
-        return WorldPairs(resolution, instructions=values["prompt"] == "instruction",
-                          families=family_list(values["families"]), scenes=values["scenes"])
-    raise ValueError(f"data must be magicbrush:<folder|file.parquet>, pairs:<file.jsonl|folder>, world or "
-                     f"world:<options>; got {spec!r}")

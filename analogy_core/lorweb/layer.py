@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .basis import BasisLayer, LoRABasis
-from .lorweb_settings import OFFICIAL, LoRWeBSettings
+from .settings import OFFICIAL, LoRWeBSettings
 
 
 class LoRWeBLinear(nn.Module):

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from analogy_core.regions import FrozenClip, InstructionEncoder
+from training.model_specs import registered_loader
 
 SPECIAL = ("<pad>", "</s>", "<unk>")
 TINY_CLIP = dict(text=dict(vocab_size=0, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -93,20 +94,16 @@ def save_instruction_encoder(encoder: InstructionEncoder, folder: str | Path) ->
 def load_clip(spec: str, seed: int = 0) -> FrozenClip:
     if spec == "tiny":
         return tiny_clip(seed)
-    if spec.partition(":")[0] == "world":
-        from training.region_world import world_clip
-
-        return world_clip(spec)
+    if registered := registered_loader("clip", spec):
+        return registered()
     return FrozenClip.from_folder(_local(spec))
 
 
 def load_instruction_encoder(spec: str, seed: int = 0) -> InstructionEncoder:
     if spec == "tiny":
         return tiny_t5(seed + 1)
-    if spec.partition(":")[0] == "world":
-        from training.region_world import world_instruction_encoder
-
-        return world_instruction_encoder(spec)
+    if registered := registered_loader("instruction_encoder", spec):
+        return registered()
     return InstructionEncoder.from_folder(_local(spec))
 
 

@@ -367,3 +367,11 @@ def caption_words() -> list[str]:
     for family in FAMILIES.values():
         words |= set(family.instruction.split())
     return sorted(words)
+
+
+NEUTRAL_PROMPT = ""  # the prompt the world backbones are pretrained and evaluated with
+
+
+def panel_pool(count: int, size: int, split: str = "train", offset: int = 0) -> torch.Tensor:
+    """``count`` world images [N, size, size, 3] (plain scenes and global restyles)."""
+    return torch.stack([world_image(split, offset + i, size)[0] for i in range(count)])

@@ -56,3 +56,13 @@ def analogy_example(transform: str = "invert", seed_a: int = 1, seed_b: int = 2,
     fn = TRANSFORMS[transform]
     a, b = procedural_scene(seed_a, width, height), procedural_scene(seed_b, width, height)
     return {"a": a, "a_prime": fn(a), "b": b, "b_prime": fn(b)}
+
+
+# the prompt of each family (the synthetic source and make_synthetic_dataset)
+PROMPTS = {
+    "invert": "invert the colours",
+    "grayscale": "make it black and white",
+    "channel_swap": "rotate the colour channels",
+    "hflip": "mirror it left to right",
+    "vflip": "turn it upside down",
+}

@@ -27,9 +27,17 @@ from pathlib import Path
 
 import torch
 
-from analogy_core import world
+from analogy_core.files import check_state_dict, read_safetensors
+from analogy_core.loc import HypernetworkError, consistency_gap, load_hypernetwork
+from training import checkpoints as ckpt
+from training.backbone import load_query_encoder
+from training.loc.ip2p import load_ip2p
+from training.loc.task import edit_images, encode_pair
+from training.world import scenes as world
+from training.world.evaluate import mae, stack
+from training.world.presets import run_trainer
+from training.world.yardstick.common import MethodOutput, losses_from_log
 
-REPO = Path(__file__).resolve().parent.parent.parent
 PANEL = 64
 EARLY = 0.1
 # Why these values: 64-px panels (the world's panel); H as the paper (M = 6 decoder blocks, 8 heads) at width 128
@@ -54,17 +62,12 @@ def loc_settings(world_root: str | Path, quick: bool = False) -> dict[str, objec
 def train_loc(world_root: str | Path, out: Path, quick: bool = False, seed: int = 0,
               overrides: dict[str, object] | None = None) -> float:
     """LoC's world preset through :func:`training.world.presets.run_trainer`; returns the seconds it took."""
-    from training.world.presets import run_trainer
-
     return run_trainer("training.train_loc", {**loc_settings(world_root, quick), "seed": seed, **(overrides or {})},
                        out)
 
 
 def load_hypernetwork_state(path: Path, template):
     """The hypernetwork file a run wrote, or a checkpoint folder's weights in the same architecture."""
-    from analogy_core.files import check_state_dict, read_safetensors
-    from analogy_core.loc import HypernetworkError, load_hypernetwork
-
     if path.is_dir():
         model = copy.deepcopy(template)
         tensors, _ = read_safetensors(path / "trainable.safetensors")
@@ -75,8 +78,6 @@ def load_hypernetwork_state(path: Path, template):
 
 def checkpoint_at(run: Path, fraction: float) -> Path:
     """The checkpoint folder nearest to ``fraction`` of the run's steps."""
-    from training import checkpoints as ckpt
-
     found = ckpt.list_checkpoints(run / "checkpoints")
     if not found:
         raise FileNotFoundError(f"{run}: no checkpoints")
@@ -86,27 +87,16 @@ def checkpoint_at(run: Path, fraction: float) -> Path:
 
 @torch.no_grad()
 def tokens(encoder, items: list[world.Example]) -> tuple[torch.Tensor, torch.Tensor]:
-    from training.train_loc import encode_pair
-    from training.world.evaluate import stack
-
     return encode_pair(encoder, stack(items, "a"), stack(items, "a_prime"), "cpu")
 
 
 def mean_gap(hypernetwork, encoder, examples: dict[str, list], families: list[str]) -> float | None:
-    from analogy_core.loc import consistency_gap
-
     gaps = torch.cat([consistency_gap(hypernetwork, *tokens(encoder, examples[f])) for f in families])
     return None if torch.isnan(gaps).any() else round(float(gaps.mean()), 4)
 
 
 def run_loc(ctx):
     """The ``loc`` method of ``bench.analogy_world``: train (with and without random exchange), then measure."""
-    from bench.analogy_world import MethodOutput, losses_from_log
-    from training.backbone import load_query_encoder
-    from training.ip2p import load_ip2p
-    from training.train_loc import edit_images
-    from training.world.evaluate import mae, stack
-
     settings = loc_settings(ctx.world.root, ctx.quick)
     steps = int(settings["max_steps"])
     runs = {"": ctx.folder / "train", "_no_exchange": ctx.folder / "train_no_exchange"}

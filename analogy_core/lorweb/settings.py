@@ -30,7 +30,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .analogy import ENCODER_FAMILIES, AnalogyEmbedding, EncoderInfo
+from ..analogy import ENCODER_FAMILIES, AnalogyEmbedding, EncoderInfo
 
 METADATA_KEY = "analogy.lorweb_settings"
 LEGACY_ENCODER_KEY = "analogy.encoder"  # the encoder name the first trainer recorded

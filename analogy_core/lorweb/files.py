@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from .basis import BasisError, LoRABasis, load_basis
-from .lorweb_settings import METADATA_KEY, LoRWeBSettingsError, read_lorweb_config
+from .settings import METADATA_KEY, LoRWeBSettingsError, read_lorweb_config
 
 CONFIG_NAME = "config.yaml"
 BASIS_KEY_SUFFIXES = (".lora_keys", ".att_lora_to_q.weight")

@@ -12,53 +12,25 @@ from __future__ import annotations
 
 import torch
 
-from analogy_core.regions import FrozenClip, InstructionEncoder, iou
-from training.region_models import save_instruction_encoder, tiny_t5
-
-T5_FOLDER = "region_t5"
-T5_SEED = 1234
-
-
-def world_vocabulary() -> list[str]:
-    """The words of the world's captions and instructions (the world CLIP's vocabulary)."""
-    from analogy_core import world
-
-    return world.caption_words()
-
-
-def build_region_t5(ctx) -> dict:
-    """World-model builder (training/world/models.py registers it as ``region_t5``): the tiny T5 folder."""
-    encoder = tiny_t5(T5_SEED + ctx.seed, world_vocabulary(), ctx.config)
-    save_instruction_encoder(encoder, ctx.folder)
-    return {"vocabulary": len(encoder.tokenizer), "width": encoder.width,
-            "parameters": sum(p.numel() for p in encoder.model.parameters())}
-
-
-def resolve_world(spec: str):
-    """``world`` (the full world of seed 0, built or reused) or ``world:<folder>`` (a built world) -> World."""
-    from training.world import build_world, open_world
-
-    kind, _, folder = spec.partition(":")
-    if kind != "world":
-        raise ValueError(f"not a world spec: {spec!r}")
-    return open_world(folder) if folder else build_world(["clip", T5_FOLDER])
-
-
-def world_clip(spec: str = "world") -> FrozenClip:
-    return FrozenClip.from_folder(resolve_world(spec).path("clip"))
-
-
-def world_instruction_encoder(spec: str = "world") -> InstructionEncoder:
-    return InstructionEncoder.from_folder(resolve_world(spec).path(T5_FOLDER))
-
+from analogy_core.regions import (
+    FrozenClip,
+    InstructionEncoder,
+    composite_by_mask,
+    iou,
+    load_region_predictor,
+)
+from training.regions.task import predict_analogy, predict_text
+from training.world import scenes as world
+from training.world.loaders import T5_FOLDER
+from training.world.presets import run_trainer
+from training.world.yardstick.common import MethodContext, MethodOutput, losses_from_log
+from training.world.yardstick.lorweb import run_lorweb
 
 # ---------------------------------------------------------------------------------------------------------------------
 # evaluation
 
 
 def evaluation_examples(family: str, count: int, size: int, split: str = "heldout") -> list:
-    from analogy_core import world
-
     return [world.example(family, split, k, size) for k in range(count)]
 
 
@@ -66,8 +38,6 @@ def evaluation_examples(family: str, count: int, size: int, split: str = "heldou
 def world_iou(model, clip: FrozenClip, encoder: InstructionEncoder | None, families: list[str], count: int,
               size: int, threshold: float = 0.5, split: str = "heldout") -> dict[str, dict[str, float]]:
     """Mean IoU of the binary region on B with B's true edit mask, per family and mode ("text", "analogy")."""
-    from training.train_region import predict_analogy, predict_text
-
     spec = model.spec
     out: dict[str, dict[str, float]] = {}
     for family in families:
@@ -103,8 +73,6 @@ def region_settings(world_folder: str, quick: bool = False) -> dict[str, object]
 
 def train_region(settings: dict[str, object], out, max_steps: int) -> float:
     """The region trainer's world run through :func:`training.world.presets.run_trainer`; returns the seconds."""
-    from training.world.presets import run_trainer
-
     return run_trainer("training.train_region", settings, out, max_steps)
 
 
@@ -113,8 +81,6 @@ def confinement(b: torch.Tensor, edited: torch.Tensor, truth: torch.Tensor, regi
     """An edit confined to ``region`` (binary [B, H, W]): the composite, and its mean absolute error against the true
     B′ inside and outside the true edit mask next to the unconfined edit's, and the largest change from B outside
     the region (0 when nothing outside moved)."""
-    from analogy_core.regions import composite_by_mask
-
     confined = composite_by_mask(b, edited, region.float())
     inside, outside, out_region = true_mask.bool(), ~true_mask.bool(), ~region.bool()
 
@@ -137,8 +103,6 @@ def mean(values) -> float:
 @torch.no_grad()
 def predicted_regions(model, clip: FrozenClip, examples: dict[str, list], threshold: float) -> dict[str, torch.Tensor]:
     """Analogy-mode binary regions of B (exemplar: the example's own A → A′) per family."""
-    from training.train_region import predict_analogy
-
     out = {}
     for family, items in examples.items():
         stack = {r: torch.stack([getattr(ex, r) for ex in items]) for r in ("a", "a_prime", "b")}
@@ -149,11 +113,7 @@ def predicted_regions(model, clip: FrozenClip, examples: dict[str, list], thresh
 def run_bench_row(ctx, lorweb_output=None):
     """Train the region predictor on the world (one model per mode: text with the paper's losses, analogy), measure
     IoU before and after on held-out scenes, and confine LoRWeB's B′ to the analogy model's region. Returns the
-    bench's MethodOutput: B′ = LoRWeB's B′ inside the predicted region, B outside; base = LoRWeB's B′ unconfined."""
-    from analogy_core import world
-    from analogy_core.regions import load_region_predictor
-    from bench import analogy_world as bench
-
+    the yardstick's MethodOutput: B′ = LoRWeB's B′ inside the predicted region, B outside; base = LoRWeB's B′ unconfined."""
     settings = region_settings(str(ctx.world.root), ctx.quick)
     settings["seed"] = ctx.seed
     steps = int(settings["max_steps"])
@@ -175,7 +135,7 @@ def run_bench_row(ctx, lorweb_output=None):
         for target, model in ((after, models[mode]), (before, initial)):
             for family, scores in world_iou(model, clip, encoder, local, count, size, threshold).items():
                 target[family].update(scores)
-        losses = bench.losses_from_log(ctx.folder / mode / "train.log")
+        losses = losses_from_log(ctx.folder / mode / "train.log")
         if losses:
             extra[f"loss_first_step_{mode}"], extra[f"loss_last_step_{mode}"] = losses
     for split in ("train", "heldout"):
@@ -189,7 +149,7 @@ def run_bench_row(ctx, lorweb_output=None):
     trained = models["analogy"]
 
     if lorweb_output is None:  # the edit to confine: LoRWeB's B′ (trained here unless the bench just trained it)
-        lorweb_output = bench.run_lorweb(bench.MethodContext(ctx.world, ctx.seed, ctx.quick, ctx.folder / "lorweb",
+        lorweb_output = run_lorweb(MethodContext(ctx.world, ctx.seed, ctx.quick, ctx.folder / "lorweb",
                                                              ctx.examples))
     regions = predicted_regions(trained, clip, ctx.examples, threshold)
     b_prime, stats = {}, {}
@@ -206,4 +166,4 @@ def run_bench_row(ctx, lorweb_output=None):
             extra[f"lorweb_{key}{suffix}"] = mean(stats[f][key] for f in names)
     extra["lorweb_outside_region_max_change_from_b_all_families"] = max(
         s["outside_region_max_change_from_b"] for s in stats.values())
-    return bench.MethodOutput(b_prime, dict(lorweb_output.b_prime), lorweb_output.reconstruct, extra)
+    return MethodOutput(b_prime, dict(lorweb_output.b_prime), lorweb_output.reconstruct, extra)

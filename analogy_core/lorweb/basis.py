@@ -26,11 +26,11 @@ from functools import cached_property
 
 import torch
 
-from .files import (FLOAT_DTYPES, MAX_UPDATE_NORM, as_float, check_low_rank_norm, json_metadata, naming_file,
+from ..files import (FLOAT_DTYPES, MAX_UPDATE_NORM, as_float, check_low_rank_norm, json_metadata, naming_file,
                     read_tensor_file, write_safetensors_atomic)
-from .layouts import standard_layout
-from .lora import FAMILIES, LoRA, LoRALayer
-from .lorweb_settings import METADATA_KEY, OFFICIAL, LoRWeBSettings, LoRWeBSettingsError
+from ..layouts import standard_layout
+from ..lora import FAMILIES, LoRA, LoRALayer
+from .settings import METADATA_KEY, OFFICIAL, LoRWeBSettings, LoRWeBSettingsError
 
 BASIS_SUFFIXES = {"lora_A": "A", "lora_B": "B", "lora_keys": "keys", "att_lora_to_q.weight": "to_q"}
 PREFIXES = ("transformer.", "unet.", "diffusion_model.", "base_model.model.")

@@ -38,19 +38,17 @@ from __future__ import annotations
 
 import json
 import logging
-import zlib
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from training.data import DataError, ItemError, load_rgb, to_panel
+from training.data.readers import DataError, ItemError, load_rgb, to_panel
+from training.data.sources import Request, Source, open_source, register
 
 log = logging.getLogger(__name__)
 TEXT_KEYS = ("image", "instruction", "source_caption", "target_caption")
-WORLD_EDITORS = ("redraw", "truth")
 
 
 def load_mask(path: Path, resolution: int) -> torch.Tensor:
@@ -195,91 +193,20 @@ class GroupedPairs(Dataset):
 # the analogy world
 
 
-def local_families(split: str) -> list[str]:
-    from analogy_core import world
-
-    return [name for name in world.families(split) if world.get_family(name).kind == "local"]
-
-
-def redraw(scene, seed: int, jitter: int = 2, tint: float = 0.04):
-    """The scene drawn again: each object moved by up to ``jitter`` reference px and resized by up to ±``jitter``;
-    returns the scene and a background tint offset (per channel, up to ±``tint``)."""
-    from analogy_core import world
-
-    rng = np.random.default_rng([world.WORLD_VERSION, 777, seed])
-    objects = []
-    for obj in scene.objects:
-        dx, dy, ds = (int(v) for v in rng.integers(-jitter, jitter + 1, size=3))
-        size = max(6, obj.size + ds)
-        x = int(np.clip(obj.x + dx, 0, world.REFERENCE_SIZE - size))
-        y = int(np.clip(obj.y + dy, 0, world.REFERENCE_SIZE - size))
-        objects.append(replace(obj, x=x, y=y, size=size))
-    return world.Scene(scene.background, tuple(objects)), rng.uniform(-tint, tint, size=3).astype(np.float32)
-
-
-def render_redrawn(scene, seed: int, size: int) -> torch.Tensor:
-    from analogy_core import world
-
-    moved, tint = redraw(scene, seed)
-    image, masks = world.render_layers(moved, size)
-    background = np.ones((size, size, 1), dtype=bool)
-    for mask in masks:
-        background &= ~mask.numpy()[..., None]
-    array = image.numpy()
-    return torch.from_numpy(np.where(background, np.clip(array + tint, 0.0, 1.0), array).astype(np.float32))
-
-
-class WorldRegions(Dataset):
-    """The analogy world's local families on training scenes, for both modes (see the module docstring)."""
-
-    def __init__(self, resolution: int, scenes: int = 4096, editor: str = "redraw", split: str = "train",
-                 families: list[str] | None = None):
-        from analogy_core import world
-
-        if editor not in WORLD_EDITORS:
-            raise ValueError(f"world_editor must be one of {WORLD_EDITORS}, got {editor!r}")
-        self.world, self.resolution, self.scenes, self.editor, self.split = world, resolution, scenes, editor, split
-        self.families = families or local_families("train")
-        if not self.families:
-            raise DataError("the analogy world has no local training families")
-
-    def __len__(self) -> int:
-        return self.scenes * len(self.families)
-
-    def pair(self, family: str, k: int) -> dict:
-        """Example k's before/after pair (A, A′) with its scene and captions, drawn as analogy_core.world.example
-        draws them (scene seed 2k) without rendering B and B′."""
-        fam = self.world.get_family(family)
-        scene = self.world.scene_for(fam, self.split, 2 * k)
-        before = self.world.render(scene, self.resolution)
-        return {"scene": scene, "before": before, "after": fam.edit_image(scene, before, self.resolution),
-                "source": self.world.describe(scene), "target": fam.caption(scene), "instruction": fam.instruction}
-
-    def x_edit(self, family: str, k: int, pair: dict) -> torch.Tensor:
-        if self.editor == "truth":
-            return pair["after"]
-        edited = self.world.get_family(family).scene_fn(pair["scene"])
-        return render_redrawn(edited, seed=zlib.crc32(f"{family}/{self.split}/{k}".encode()), size=self.resolution)
-
-    def __getitem__(self, index: int) -> dict:
-        family = self.families[index % len(self.families)]
-        k = index // len(self.families)
-        query, exemplar = self.pair(family, k), self.pair(family, (k + 1) % self.scenes)
-        mask = (query["before"] != query["after"]).any(dim=-1).float()
-        return {"image": query["before"], "edited": self.x_edit(family, k, query), "mask": mask,
-                "has_mask": torch.tensor(True), "instruction": query["instruction"],
-                "source_caption": query["source"], "target_caption": query["target"], "x": query["before"],
-                "x_prime": query["after"], "a": exemplar["before"], "a_prime": exemplar["after"], "family": family}
+TEXT_ROLES = ("image",)
+ANALOGY_ROLES = ("a", "a_prime", "x", "x_prime")
 
 
 def make_region_dataset(spec: str, mode: str, resolution: int, need_edited: bool, world_editor: str = "redraw",
                         world_scenes: int = 4096) -> Dataset:
-    kind, _, location = spec.partition(":")
-    if kind == "world" and not location:
-        return WorldRegions(resolution, world_scenes, world_editor)
-    if kind == "jsonl" and location and mode == "text":
-        return InstructionJsonl(location, resolution, need_edited)
-    if kind == "pairs" and location and mode == "analogy":
-        return GroupedPairs(location, resolution)
-    raise ValueError(f"data must be jsonl:<file> (mode text), pairs:<file> (mode analogy) or world; got {spec!r} "
-                     f"with mode {mode!r}")
+    """The region predictor's adapter: ``jsonl`` (text mode), ``pairs`` (analogy mode) or, with
+    :mod:`training.world` imported, ``world``."""
+    options = {"mode": mode, "need_edited": need_edited, "world_editor": world_editor, "world_scenes": world_scenes}
+    roles = TEXT_ROLES if mode == "text" else ANALOGY_ROLES
+    return open_source(spec, Request("regions", resolution, "stretch", options), roles)
+
+
+register(Source("jsonl", lambda loc, r: InstructionJsonl(loc, r.resolution, r.options["need_edited"]), TEXT_ROLES,
+                "jsonl:<file> (mode text)", needs_location=True, method="regions"))
+register(Source("pairs", lambda loc, r: GroupedPairs(loc, r.resolution), ANALOGY_ROLES,
+                "pairs:<file> (mode analogy)", needs_location=True, method="regions"))

@@ -25,7 +25,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from training.backbone import TINY_VAE, WORLD_PREFIX, HashTokenizer, _randomise
+from training.backbone import TINY_VAE, HashTokenizer, _randomise
+from training.model_specs import registered_loader
 
 TINY_UNET = dict(sample_size=8, in_channels=8, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -199,8 +200,8 @@ def load_ip2p(name: str, dtype: torch.dtype = torch.float32, seed: int = 0,
     downloaded). ``autoencoder`` overrides where a world backbone's autoencoder is read from."""
     if name == "tiny":
         return tiny_ip2p(seed)
-    if name.startswith(WORLD_PREFIX):
-        return world_ip2p(name[len(WORLD_PREFIX):], dtype, autoencoder)
+    if registered := registered_loader("ip2p", name):
+        return registered(dtype=dtype, autoencoder=autoencoder)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -217,25 +218,3 @@ def load_ip2p(name: str, dtype: torch.dtype = torch.float32, seed: int = 0,
                         CLIPTextModel.from_pretrained(name, subfolder="text_encoder", **kwargs),
                         CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", local_files_only=True),
                         scheduler.alphas_cumprod.double(), prediction, tiny=False).freeze()
-
-
-def world_ip2p(folder: str, dtype: torch.dtype = torch.float32, autoencoder: str | Path | None = None) -> IP2PBackbone:
-    """The analogy world's InstructPix2Pix-like backbone (UNet, text encoder, word-hash tokenizer, scheduler) with
-    the world autoencoder (see :mod:`training.world.instruct_pix2pix`)."""
-    import json
-
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    from training.world.autoencoder import load_world_autoencoder
-    from training.world.instruct_pix2pix import TOKENIZER_FILE, model_folders
-
-    model, default_autoencoder = model_folders(folder) if autoencoder is None else (Path(folder), Path(autoencoder))
-    codec = load_world_autoencoder(autoencoder or default_autoencoder)
-    tokenizer = json.loads((model / TOKENIZER_FILE).read_text())
-    kwargs = dict(local_files_only=True, torch_dtype=dtype)
-    scheduler = DDPMScheduler.from_pretrained(model / "scheduler", local_files_only=True)
-    return IP2PBackbone(UNet2DConditionModel.from_pretrained(model / "unet", **kwargs), codec.ae,
-                        CLIPTextModel.from_pretrained(model / "text_encoder", **kwargs),
-                        HashTokenizer(tokenizer["vocab_size"], tokenizer["length"]), scheduler.alphas_cumprod.double(),
-                        scheduler.config.get("prediction_type", "epsilon"), tiny=True, codec=codec).freeze()

@@ -24,9 +24,13 @@ from pathlib import Path
 
 import torch
 
-from analogy_core import world
+from training.backbone import load_backbone
+from training.edit_transfer.task import EditTransferConfig, sample_composite
+from training.world import scenes as world
+from training.world.evaluate import reconstruct
+from training.world.presets import run_trainer
+from training.world.yardstick.common import MethodOutput, losses_from_log
 
-REPO = Path(__file__).resolve().parent.parent.parent
 PANEL = 64
 # Why these values: 128-px composites of 64-px panels (the world's panel); the official rank 16 and alpha 16; AdamW
 # without weight decay (= Adam, as the paper) at 1e-3 in float32 (the official 1e-4 is for FLUX.1-dev's 12B weights;
@@ -55,8 +59,6 @@ def et_settings(world_root: str | Path, quick: bool = False, text_free: bool = F
 def train_edit_transfer(world_root: str | Path, out: Path, quick: bool = False, seed: int = 0,
                         text_free: bool = False) -> float:
     """Edit Transfer's world preset through :func:`training.world.presets.run_trainer`; returns the seconds."""
-    from training.world.presets import run_trainer
-
     return run_trainer("training.train_edit_transfer",
                        {**et_settings(world_root, quick, text_free), "seed": seed}, out)
 
@@ -76,8 +78,6 @@ def load_with_lora(world_root: Path, lora_file: Path):
     ``transformer.disable_adapters()``)."""
     from diffusers import FluxPipeline
 
-    from training.backbone import load_backbone
-
     backbone = load_backbone(f"world:{Path(world_root) / 'flux_dev'}")
     backbone.transformer.load_lora_adapter(FluxPipeline.lora_state_dict(str(lora_file)), prefix="transformer",
                                            adapter_name="edit_transfer")
@@ -89,8 +89,6 @@ def load_with_lora(world_root: Path, lora_file: Path):
 def sample_b_prime(backbone, items: list[world.Example], text: bool, context: str, steps: int,
                    seed: int) -> torch.Tensor:
     """B′ panels [N, S, S, 3]: [A A′; B grey] completed by :func:`sample_composite` (the trainer's sampler)."""
-    from training.train_edit_transfer import EditTransferConfig, sample_composite
-
     batch = {role: torch.stack([getattr(ex, role) for ex in items]) for role in ("a", "a_prime", "b")}
     batch["prompt"] = [ex.instruction if text else "" for ex in items]
     cfg = EditTransferConfig(grid_resolution=2 * PANEL, sample_steps=steps, sample_shift=False, seed=seed,
@@ -101,9 +99,6 @@ def sample_b_prime(backbone, items: list[world.Example], text: bool, context: st
 
 def run_row(ctx, row: str):
     """One ``bench.analogy_world`` row (see the module docstring)."""
-    from bench.analogy_world import MethodOutput, losses_from_log
-    from training.world.evaluate import reconstruct
-
     spec = ROWS[row]
     run, seconds = trained_run(ctx, spec["text_free"])
     backbone = load_with_lora(ctx.world.root, run / "edit_transfer_lora.safetensors")

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .analogy import AnalogyEmbedding, AnalogyError
+from ..analogy import AnalogyEmbedding, AnalogyError
 from .basis import BasisError, LoRABasis
-from .lora import LoRA
-from .lorweb_settings import LoRWeBSettingsError
+from ..lora import LoRA
+from .settings import LoRWeBSettingsError
 
 BLEND_MODES = ("coefficients", "query")
 

@@ -1,0 +1,80 @@
+"""LoCConfig and its presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from training.config import CommonConfig
+
+HYPERNETWORK_FILE = "loc_hypernetwork.safetensors"
+LOSS_SPACES = ("x0", "epsilon")
+
+
+@dataclass
+class LoCConfig(CommonConfig):
+    # frozen InstructPix2Pix: a local diffusers folder (unet/ with 8 input channels, vae/, text_encoder/, tokenizer/,
+    # scheduler/) or a model id already in the Hugging Face cache (timbrooks/instruct-pix2pix); "tiny": random
+    backbone: str = "timbrooks/instruct-pix2pix"
+    # encoder of A and A′ (its patch tokens feed H): a transformers CLIP vision folder or cached id,
+    # "open_clip:<arch>:<weights.safetensors>", or "tiny". Use the CLIP vision model your ComfyUI workflow loads.
+    image_encoder: str = "openai/clip-vit-large-patch14"
+    output_dir: str = "outputs/loc"
+    # data: "magicbrush:<folder|file.parquet>", "pairs:<file.jsonl|folder>" or "world" (see training/pair_data.py)
+    data: str = "magicbrush:data/MagicBrush"
+    magicbrush_split: str = "train"
+    world_instructions: bool = False
+    resolution: int = 512                 # paper: 512 x 512
+    image_fit: str = "center_crop"        # how other aspect ratios become square ("stretch" ignores the aspect)
+    # hypernetwork (paper: width 512, M = 6 blocks, 8 heads; rank not stated, see analogy_core/loc.py)
+    rank: int = 4
+    width: int = 512
+    blocks: int = 6
+    heads: int = 8
+    ffn: int = 2048
+    # objective
+    loss_space: str = "x0"                # "x0": eqs. 6-7 as written (x0 prediction); "epsilon": ε-MSE
+    lora_reverse: bool = True             # eq. 7 (off: eq. 6 only, the paper's ablation without LoRA Reverse)
+    random_exchange: bool = True          # (A, A′) -> (A′, A) with exchange_probability
+    exchange_probability: float = 0.5
+    flip_probability: float = 0.5         # B, B′ = horizontal flips of A, A′ with this probability
+    text_dropout: float = 0.05            # instruction -> "" (for classifier-free guidance at inference)
+    init_from: str = ""                   # two-stage training: a hypernetwork file or checkpoint folder
+    sample_steps: int = 20                # DDIM steps of the sample images
+    # optimisation (paper: AdamW, lr 1e-5, batch 96 on 8 GPUs, 80 epochs, 512 px)
+    batch_size: int = 12
+    max_steps: int = 7500                 # ~80 epochs of MagicBrush (8,807 pairs) at batch 96
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.01
+    mixed_precision: str = "bf16"
+    gradient_checkpointing: bool = True   # on the frozen UNet (gradients flow through it to H)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.loss_space not in LOSS_SPACES:
+            raise ValueError(f"loss_space must be one of {LOSS_SPACES}, got {self.loss_space!r}")
+        if self.image_fit not in ("stretch", "center_crop"):
+            raise ValueError(f"image_fit must be stretch or center_crop, got {self.image_fit!r}")
+        for key in ("exchange_probability", "flip_probability", "text_dropout"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ValueError(f"{key} must be in [0, 1], got {getattr(self, key)}")
+        for key in ("rank", "width", "blocks", "heads", "ffn", "resolution", "sample_steps"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
+        if self.resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8 (the VAE's factor), got {self.resolution}")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    # The whole pipeline on a CPU in well under a minute: random tiny InstructPix2Pix, VAE, text and image encoders,
+    # and pairs of the analogy world generated on the fly.
+    "tiny": dict(backbone="tiny", image_encoder="tiny", data="world", resolution=32, rank=2, width=32, blocks=2,
+                 heads=4, ffn=64, batch_size=4, max_steps=40, learning_rate=1e-3, weight_decay=0.0,
+                 mixed_precision="no", gradient_checkpointing=False, num_workers=0, checkpoint_every=20,
+                 sample_every=40, sample_steps=4, log_every=10, report_to="tensorboard",
+                 output_dir="outputs/loc_tiny"),
+}

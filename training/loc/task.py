@@ -1,0 +1,270 @@
+"""Train a LoRA of Change hypernetwork on a frozen InstructPix2Pix with Accelerate (paired data only).
+
+    python -m training.train_loc --preset tiny                       # CPU smoke run on the analogy world
+    python -m training.train_loc --set data=magicbrush:/data/MagicBrush --set backbone=/models/instruct-pix2pix
+    python -m training.train_loc --config stage2.yaml --init-from outputs/loc_stage1/loc_hypernetwork.safetensors
+    python -m training.train_loc --config my.yaml --resume           # continue from the newest intact checkpoint
+
+Per sample of a step (the paper's §3.2): the pair (A, A′) is exchanged to (A′, A) with probability 0.5 (random
+exchange, which encourages H(A, A′) = −H(A′, A)); B and B′ are one random horizontal flip of A and A′ (the same
+flip for both, probability 0.5); H generates the LoRA from the encoder tokens of (A, A′); the frozen UNet, patched
+per sample, denoises
+
+    eq. (6):  B′ conditioned on B  with +H(A, A′)
+    eq. (7):  B  conditioned on B′ with −H(A, A′)   (LoRA Reverse)
+
+each at its own timestep and noise, and the loss is ‖x0 − Θ(x_t, t, cond, ±H)‖² (Θ = the x0 prediction, as the
+paper writes it; ``loss_space: epsilon`` uses the usual ε-MSE instead), summed over the two terms. Both terms run in
+one UNet call (a batch of 2B with LoRAs [+H; −H]). Only H trains; the UNet, VAE, text encoder and image encoder are
+frozen.
+
+The instruction text (MagicBrush's ``instruction``; "" when the data has none) describes A → A′, so it conditions
+only the term that edits in that direction (eq. 6 of a sample kept as is, eq. 7 of an exchanged one); the other term
+gets "". Each text is dropped to "" with probability ``text_dropout`` (classifier-free guidance at inference).
+
+Outputs in ``output_dir``: ``loc_hypernetwork.safetensors`` (what Load LoRA Hypernetwork reads),
+``checkpoints/step_N`` (for --resume), ``samples/step_N.png`` (A | A′ | B | B′ = H(A, A′) on B | −H(A, A′) on A′),
+``logs/`` (TensorBoard). Two-stage training (the paper: a large mixed set, then MagicBrush): ``--init-from`` a
+hypernetwork file (or a checkpoint folder) of the same architecture starts a new run from its weights.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from analogy_core import __version__
+from analogy_core.encoders import ImageEncoder
+from analogy_core.files import check_state_dict, read_safetensors
+from analogy_core.layouts import layout_of_diffusers_model
+from analogy_core.loc import (
+    HypernetworkConfig,
+    HypernetworkError,
+    LoRAFactors,
+    LoRAHypernetwork,
+    attention_targets,
+    batched_lora,
+    build_hypernetwork,
+    load_hypernetwork,
+    save_hypernetwork,
+)
+from training.backbone import load_query_encoder
+from training.config import without_local_path
+from training.loc.config import HYPERNETWORK_FILE, PRESETS, LoCConfig
+from training.loc.data import make_pair_dataset
+from training.loc.ip2p import (
+    IP2PBackbone,
+    add_noise,
+    ddim_sample,
+    load_ip2p,
+    to_epsilon,
+    to_x0,
+)
+from training.trainer import TrainingTask, run, save_sample_image
+
+# ---------------------------------------------------------------------------------------------------------------------
+# maths of one step (plain functions of their inputs, so tests can check each against a re-computation)
+
+
+def exchange_pairs(batch: dict, generator: torch.Generator, probability: float) -> tuple[dict, torch.Tensor]:
+    """Random exchange: each sample's (a, a′) becomes (a′, a) with ``probability``; returns the batch and the mask."""
+    swap = torch.rand(len(batch["a"]), generator=generator) < probability
+    out = dict(batch)
+    view = swap.view(-1, 1, 1, 1)
+    out["a"] = torch.where(view, batch["a_prime"], batch["a"])
+    out["a_prime"] = torch.where(view, batch["a"], batch["a_prime"])
+    return out, swap
+
+
+def paired_quads(batch: dict, generator: torch.Generator, probability: float) -> dict:
+    """B, B′ = one random horizontal flip (the same for both) of A, A′ per sample."""
+    flip = (torch.rand(len(batch["a"]), generator=generator) < probability).view(-1, 1, 1, 1)
+    return dict(batch, b=torch.where(flip, batch["a"].flip(2), batch["a"]),
+                b_prime=torch.where(flip, batch["a_prime"].flip(2), batch["a_prime"]))
+
+
+def term_prompts(prompts: list[str], exchanged: torch.Tensor, dropout: float,
+                 generator: torch.Generator) -> tuple[list[str], list[str]]:
+    """Texts of eq. 6 and eq. 7 per sample: the instruction (A -> A′) goes to the term that edits in its direction,
+    "" to the other; then each is dropped with ``dropout`` (draws: eq. 6 texts, then eq. 7 texts)."""
+    forward = [p if not bool(x) else "" for p, x in zip(prompts, exchanged)]
+    reverse = [p if bool(x) else "" for p, x in zip(prompts, exchanged)]
+    keep = torch.rand(2 * len(prompts), generator=generator) >= dropout
+    n = len(prompts)
+    return ([p if bool(k) else "" for p, k in zip(forward, keep[:n])],
+            [p if bool(k) else "" for p, k in zip(reverse, keep[n:])])
+
+
+def encode_pair(encoder: ImageEncoder, a: torch.Tensor, a_prime: torch.Tensor, device) -> tuple[torch.Tensor, ...]:
+    """Patch tokens [B, T, W] of A and A′ (frozen encoder, one batched pass)."""
+    embedding = encoder.encode(a, a_prime)
+    return embedding.patch_tokens["a"].to(device), embedding.patch_tokens["a_prime"].to(device)
+
+
+def training_loss(hypernetwork: nn.Module, backbone: IP2PBackbone, encoder: ImageEncoder, batch: dict,
+                  cfg: LoCConfig, generator: torch.Generator, device, parts: dict | None = None) -> torch.Tensor:
+    """One micro-batch of eq. (6) + eq. (7). Random draws, in order: exchange (if on), flips, text dropout (eq. 6
+    texts then eq. 7 texts), timesteps (eq. 6 samples then eq. 7), noise ([eq. 6; eq. 7] latents).
+    ``parts`` (optional) receives the two terms' values."""
+    exchanged = torch.zeros(len(batch["a"]), dtype=torch.bool)
+    if cfg.random_exchange:
+        batch, exchanged = exchange_pairs(batch, generator, cfg.exchange_probability)
+    quad = paired_quads(batch, generator, cfg.flip_probability)
+    prompts = list(batch.get("prompt") or [""] * len(batch["a"]))
+    text_6, text_7 = term_prompts(prompts, exchanged, cfg.text_dropout, generator)
+    factors = hypernetwork(*encode_pair(encoder, quad["a"], quad["a_prime"], device))
+    n = len(quad["b"])
+    latents, conditions = backbone.encode_images(torch.cat([quad["b"], quad["b_prime"]]))
+    (z_b, z_bp), (cond_b, cond_bp) = latents.split(n), conditions.split(n)
+    terms = 2 if cfg.lora_reverse else 1
+    # eq. 6: target B′, condition B, +H;  eq. 7: target B, condition B′, −H
+    x0 = torch.cat([z_bp, z_b][:terms])
+    condition = torch.cat([cond_b, cond_bp][:terms])
+    loras = factors.cat(factors.scaled(-1.0)) if terms == 2 else factors
+    text = backbone.encode_prompts((text_6 + text_7)[: terms * n], device)
+    t = torch.randint(0, backbone.num_train_timesteps, (terms * n,), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    alpha_bar = backbone.alpha_bar(t, x0)
+    x_t = add_noise(x0, noise, alpha_bar)
+    with batched_lora(backbone.unet, loras):
+        output = backbone.unet_output(x_t, condition, t.to(x0.device), text)
+    if cfg.loss_space == "x0":
+        pred, target = to_x0(output.float(), x_t.float(), alpha_bar.float(), backbone.prediction_type), x0.float()
+    else:
+        pred, target = to_epsilon(output.float(), x_t.float(), alpha_bar.float(), backbone.prediction_type), \
+            noise.float()
+    per_term = [((pred[k * n:(k + 1) * n] - target[k * n:(k + 1) * n]) ** 2).mean() for k in range(terms)]
+    if parts is not None:
+        parts.update({f"eq{6 + k}": v.detach() for k, v in enumerate(per_term)})
+    return sum(per_term)
+
+
+@torch.no_grad()
+def edit_images(backbone: IP2PBackbone, factors: LoRAFactors | None, images: torch.Tensor, steps: int, seed: int,
+                prompts: list[str] | None = None) -> torch.Tensor:
+    """DDIM (eq. 8) from noise with ``images`` as the InstructPix2Pix condition and one LoRA per image (no CFG)."""
+    device = next(backbone.unet.parameters()).device
+    z, condition = backbone.encode_images(images)
+    text = backbone.encode_prompts(prompts or [""] * len(images), device)
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed)).to(z.device, z.dtype)
+    with batched_lora(backbone.unet, factors):
+        latents = ddim_sample(lambda x, t: backbone.predict_x0(x, condition, t, text), noise,
+                              backbone.alphas_cumprod, steps)
+    return backbone.decode(latents)
+
+
+@torch.no_grad()
+def sample_rows(hypernetwork: LoRAHypernetwork, backbone: IP2PBackbone, encoder: ImageEncoder, batch: dict,
+                steps: int, seed: int) -> torch.Tensor:
+    """Per item: A | A′ | B (the next item's A) | H(A, A′) applied to B | −H(A, A′) applied to A′ (LoRA Reverse)."""
+    device = next(hypernetwork.parameters()).device
+    a, a_prime = batch["a"], batch["a_prime"]
+    b = a.roll(1, dims=0) if len(a) > 1 else a.flip(2)
+    factors = hypernetwork(*encode_pair(encoder, a, a_prime, device))
+    forward = edit_images(backbone, factors, b, steps, seed).cpu()
+    reverse = edit_images(backbone, factors.scaled(-1.0), a_prime, steps, seed).cpu()
+    return torch.cat([a, a_prime, b, forward, reverse], dim=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the task
+
+
+def hypernetwork_config(cfg: LoCConfig, backbone: IP2PBackbone, encoder: ImageEncoder) -> HypernetworkConfig:
+    """H's architecture for this backbone (targets from its layout) and encoder (tokens measured once)."""
+    layout = layout_of_diffusers_model(backbone.unet)
+    probe = torch.zeros(1, 8, 8, 3)
+    tokens = encoder.encode(probe, probe).patch_tokens["a"]
+    return HypernetworkConfig(targets=attention_targets(layout), token_width=tokens.shape[-1],
+                              encoder=encoder.info, token_count=tokens.shape[1], width=cfg.width, blocks=cfg.blocks,
+                              heads=cfg.heads, rank=cfg.rank, ffn=cfg.ffn, family=layout.family)
+
+
+def initial_weights(path: str, hypernetwork: LoRAHypernetwork) -> dict[str, torch.Tensor]:
+    """Weights of a hypernetwork file (same architecture, targets and encoder) or a checkpoint folder."""
+    source = Path(path)
+    if source.is_dir():
+        tensors, _ = read_safetensors(source / "trainable.safetensors")
+        return check_state_dict(tensors, hypernetwork.state_dict(), error=HypernetworkError)
+    loaded = load_hypernetwork(source)
+    if loaded.config != hypernetwork.config:
+        raise HypernetworkError(f"--init-from {source.name}: {loaded.config.describe()} does not match this run's "
+                                f"{hypernetwork.config.describe()}")
+    return loaded.state_dict()
+
+
+def shareable_config(cfg: LoCConfig) -> dict:
+    values = cfg.to_dict()
+    values.pop("output_dir", None)
+    for key in ("backbone", "image_encoder", "data", "init_from"):
+        values[key] = without_local_path(str(values[key]))
+    return values
+
+
+class LoCTask(TrainingTask):
+    name = "loc"
+    artifact = HYPERNETWORK_FILE
+    config_cls = LoCConfig
+    presets = PRESETS
+    description = __doc__
+
+    def build(self) -> nn.Module:
+        cfg = self.cfg
+        dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16 \
+            if cfg.mixed_precision == "fp16" else torch.float32
+        self.backbone = load_ip2p(cfg.backbone, dtype, cfg.seed).to(self.device)
+        self.encoder = load_query_encoder(cfg.image_encoder, cfg.seed).to(self.device)
+        if cfg.gradient_checkpointing:
+            self.backbone.unet.enable_gradient_checkpointing()
+        hypernetwork = build_hypernetwork(hypernetwork_config(cfg, self.backbone, self.encoder), seed=cfg.seed)
+        if cfg.init_from:
+            hypernetwork.load_state_dict(initial_weights(cfg.init_from, hypernetwork))
+        return hypernetwork.to(self.device)
+
+    def dataset(self):
+        cfg = self.cfg
+        return make_pair_dataset(cfg.data, cfg.resolution, cfg.image_fit, cfg.magicbrush_split,
+                                 cfg.world_instructions)
+
+    def loss(self, model, batch, generator):
+        return training_loss(model, self.backbone, self.encoder, batch, self.cfg, generator, self.device)
+
+    def export(self, model, path: Path, step: int) -> None:
+        cfg = self.cfg
+        save_hypernetwork(model, path, {"analogy.backbone": without_local_path(cfg.backbone),
+                                        "analogy.encoder_spec": without_local_path(cfg.image_encoder),
+                                        "analogy.step": str(step), "analogy.pack_version": __version__,
+                                        "analogy.config": json.dumps(shareable_config(cfg))})
+
+    def summary(self, model) -> str:
+        count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return f"{model.config.describe()}; {count / 1e6:.2f}M trainable parameters"
+
+    def write_samples(self, model, batch, step: int, folder: Path) -> None:
+        rows = sample_rows(model, self.backbone, self.encoder, batch, self.cfg.sample_steps, self.cfg.seed)
+        save_sample_image(torch.cat(list(rows), dim=0), folder, step)
+
+
+def translate_argv(argv: list[str]) -> list[str]:
+    """``--init-from PATH`` (this trainer's flag) -> ``--set init_from=PATH`` for the shared command line."""
+    out, items = [], iter(argv)
+    for item in items:
+        if item == "--init-from":
+            value = next(items, None)
+            if value is None:
+                raise SystemExit("--init-from needs a hypernetwork file or checkpoint folder")
+            out += ["--set", f"init_from={value}"]
+        elif item.startswith("--init-from="):
+            out += ["--set", f"init_from={item.split('=', 1)[1]}"]
+        else:
+            out.append(item)
+    return out
+
+
+def main(argv=None) -> dict:
+    return run(LoCTask, translate_argv(list(sys.argv[1:] if argv is None else argv)))
+

@@ -1,0 +1,4 @@
+"""LoRWeB training: config and presets (:mod:`.config`), data adapter (:mod:`.data`), the task (:mod:`.task`).
+
+    python -m training.train_lorweb --preset tiny
+"""

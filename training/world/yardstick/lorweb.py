@@ -1,0 +1,85 @@
+"""LoRWeB's row of the yardstick: train its world preset, mix the basis per family, sample B′; the routing gap of the
+basis coefficients (within- minus across-family centred cosine similarity), after training and at initialisation."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from analogy_core.lorweb.basis import load_basis
+from analogy_core.lorweb.layer import inject_lorweb, set_query
+from training.backbone import load_backbone, load_query_encoder
+from training.world import evaluate as ev
+from training.world import scenes as world_def
+from training.world.presets import lorweb_settings, train_lorweb
+from training.world.yardstick.common import MethodContext, MethodOutput, losses_from_log
+
+
+def routing(coefficients: torch.Tensor, labels: list[str]) -> dict[str, float]:
+    """Within- and across-family mean centred cosine similarity of per-example coefficient vectors [E, D]."""
+    x = coefficients.double()
+    x = x - x.mean(dim=0, keepdim=True)
+    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    sim = x @ x.t()
+    same = torch.tensor([[a == b for b in labels] for a in labels])
+    off = ~torch.eye(len(labels), dtype=torch.bool)
+    within, across = float(sim[same & off].mean()), float(sim[~same].mean())
+    return {"within": within, "across": across, "gap": within - across}
+
+
+def run_lorweb(ctx: MethodContext) -> MethodOutput:
+    settings = lorweb_settings(str(ctx.world.root), ctx.quick)
+    steps = int(settings["max_steps"])
+    root = str(ctx.world.root)
+    # the basis at initialisation: the same run for one step at learning rate 0
+    train_lorweb(root, ctx.folder / "init", ctx.quick, ctx.seed, max_steps=1,
+                 overrides={"learning_rate": 0.0, "sample_every": 10_000})
+    seconds = train_lorweb(root, ctx.folder / "train", ctx.quick, ctx.seed)
+    basis = load_basis(ctx.folder / "train" / "lorweb_basis.safetensors")
+    init_basis = load_basis(ctx.folder / "init" / "lorweb_basis.safetensors")
+
+    backbone = load_backbone(ctx.world.spec)
+    encoder = load_query_encoder(ctx.world.spec)
+    sample_steps, guidance = int(settings["sample_steps"]), float(settings["guidance"])
+    base, queries = {}, {}
+    for family, items in ctx.examples.items():
+        base[family] = bottom(backbone, items, sample_steps, ctx.seed, guidance)
+        embedding = encoder.encode(ev.stack(items, "a"), ev.stack(items, "a_prime"), ev.stack(items, "b"))
+        queries[family] = basis.settings.query(embedding)
+    transformer = backbone.transformer
+    layers = inject_lorweb(transformer, json.loads(basis.metadata["analogy.targets"]), num_entries=basis.num_entries,
+                           rank=basis.rank, key_dim=basis.key_dim, query_dim=basis.query_dim, settings=basis.settings)
+    if set(layers) != set(basis.layers):
+        raise RuntimeError("the trained basis does not cover the world backbone's targeted layers")
+    for name, layer in layers.items():
+        layer.load_basis_layer(basis.layers[name])
+    b_prime = {family: bottom(backbone, items, sample_steps, ctx.seed, guidance,
+                              lambda q=queries[family]: set_query(transformer, q))
+               for family, items in ctx.examples.items()}
+
+    train_families = [f for f in ctx.examples if world_def.get_family(f).split == "train"]
+
+    def coefficient_vectors(source, names):
+        rows = [torch.cat(list(source.coefficients(queries[f]).values()), dim=1) for f in names]
+        labels = [f for f in names for _ in ctx.examples[f]]
+        return torch.cat(rows), labels
+
+    extra = {"train_steps": steps, "train_seconds": round(seconds, 1)}
+    for tag, source in (("", basis), ("_init", init_basis)):
+        for scope, names in (("", train_families), ("_all_families", list(ctx.examples))):
+            r = routing(*coefficient_vectors(source, names))
+            extra[f"routing_gap{scope}{tag}"] = round(r["gap"], 4)
+            if not scope:
+                extra[f"routing_within{tag}"], extra[f"routing_across{tag}"] = round(r["within"], 4), \
+                    round(r["across"], 4)
+    losses = losses_from_log(ctx.folder / "train" / "train.log")
+    if losses:
+        extra["loss_first_step"], extra["loss_last_step"] = losses
+    return MethodOutput(b_prime, base, lambda images: ev.reconstruct(backbone, images), extra)
+
+
+def bottom(backbone, items, steps: int, seed: int, guidance: float, before_call=None) -> torch.Tensor:
+    """B′ of the examples: the bottom-right panel of the sampled grid given the reference grid [A A′; B B]."""
+    grids = ev.sample_grids(backbone, ev.reference_grids(items), steps, seed, guidance, before_call)
+    return ev.bottom_right(grids)
