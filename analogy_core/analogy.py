@@ -97,9 +97,10 @@ def clip_image_processor(image_size: int = 224, mean=CLIP_MEAN, std=CLIP_STD):
     The official code ran transformers 4.56, whose CLIPImageProcessor resizes with PIL. transformers 5 made that
     class resize with torchvision (a few pixels differ by 1-2 levels) and kept the PIL one as CLIPImageProcessorPil."""
     try:
+        # heavy: imported when a model is built, not at ComfyUI start-up
         from transformers import CLIPImageProcessorPil as CLIPImageProcessor
     except ImportError:  # transformers 4.x: the default processor is the PIL one
-        from transformers import CLIPImageProcessor
+        from transformers import CLIPImageProcessor  # heavy: imported when a model is built, not at ComfyUI start-up
 
     return CLIPImageProcessor(do_resize=True, size={"shortest_edge": image_size}, resample=3, do_center_crop=True,
                               crop_size={"height": image_size, "width": image_size}, do_rescale=True,

@@ -68,6 +68,7 @@ def load_image_encoder(spec: str, dtype: torch.dtype = torch.float32) -> ImageEn
             raise AnalogyError(f"open_clip encoder spec must be 'open_clip:<architecture>:<weights.safetensors>', "
                                f"got {spec!r}")
         return ImageEncoder(load_open_clip_visual(parts[0], parts[1]).to(dtype), "open_clip")
+    # heavy: imported when a model is built, not at ComfyUI start-up
     from transformers import CLIPVisionModelWithProjection
 
     model = CLIPVisionModelWithProjection.from_pretrained(spec, local_files_only=True, torch_dtype=dtype)
@@ -77,7 +78,7 @@ def load_image_encoder(spec: str, dtype: torch.dtype = torch.float32) -> ImageEn
 def load_open_clip_visual(architecture: str, weights: str | os.PathLike) -> torch.nn.Module:
     """open_clip's vision tower of ``architecture`` with weights from a safetensors file holding a whole open_clip
     CLIP (``visual.*`` keys are used) or only its vision tower. Every vision weight must be present."""
-    import open_clip
+    import open_clip  # optional dependency: open_clip encoders only
 
     if architecture.endswith(".json"):  # a custom architecture: open_clip registers it under the file's stem
         config = Path(architecture)

@@ -206,7 +206,7 @@ def _freeze(value):
 
 @lru_cache(maxsize=8)
 def _unet_shapes(frozen_config: tuple) -> dict[str, tuple[int, ...]]:
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # heavy: imported when a model is built, not at ComfyUI start-up
 
     with torch.device("meta"):
         model = UNet2DConditionModel(**dict(frozen_config))

@@ -39,6 +39,7 @@ applies at runtime and Save LoRA writes for any loader.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -47,6 +48,7 @@ from dataclasses import dataclass, replace
 from typing import Iterator, Mapping
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from .analogy import ENCODER_FAMILIES, AnalogyEmbedding, EncoderInfo
@@ -464,8 +466,6 @@ def _check_generated(lora: LoRA) -> None:
 
 
 def hypernetwork_metadata(config: HypernetworkConfig, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    import json
-
     return {**dict(extra or {}), "analogy.kind": KIND, CONFIG_KEY: json.dumps(config.to_json()),
             "analogy.family": config.family}
 
@@ -509,8 +509,6 @@ def _describe_other(kind: str | None, tensors: Mapping[str, torch.Tensor]) -> st
 
 def is_hypernetwork_file(path: str | os.PathLike) -> bool:
     """Whether a file's header says it is a LoRA of Change hypernetwork (header only; unreadable files are not)."""
-    from safetensors import safe_open
-
     try:
         with safe_open(os.fspath(path), framework="pt") as handle:
             return (handle.metadata() or {}).get("analogy.kind") == KIND

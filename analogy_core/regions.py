@@ -47,10 +47,12 @@ from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
 
 import torch
+from safetensors import safe_open
 import torch.nn.functional as F
 from torch import nn
 
 from .analogy import CLIP_MEAN, CLIP_STD, AnalogyEmbedding, EncoderInfo
+from .encoders import ImageEncoder
 from .files import (FLOAT_DTYPES, json_metadata, load_checked_module, naming_file, read_tensor_file,
                     write_safetensors_atomic)
 
@@ -518,6 +520,7 @@ class FrozenClip:
     @staticmethod
     def from_folder(path: str | os.PathLike) -> "FrozenClip":
         """A local transformers CLIP folder (model + tokenizer); nothing is downloaded, no pickle is read."""
+        # heavy: imported when a model is built, not at ComfyUI start-up
         from transformers import AutoTokenizer, CLIPModel
 
         path = os.fspath(path)
@@ -556,9 +559,8 @@ class FrozenClip:
 
     def analogy(self, a: torch.Tensor, a_prime: torch.Tensor) -> AnalogyEmbedding:
         """The ANALOGY of (A, A′) exactly as Encode Analogy makes it (official preprocessing, penultimate tokens)."""
-        from .encoders import ImageEncoder
-
         if self._analogy_encoder is None:
+            # heavy: imported when a model is built, not at ComfyUI start-up
             from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
             config = CLIPVisionConfig(**{**self.model.config.vision_config.to_dict(),
@@ -580,6 +582,7 @@ class InstructionEncoder:
     def from_folder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> "InstructionEncoder":
         """A local T5 folder (config.json, model.safetensors, tokenizer files) such as google/flan-t5-base saved with
         ``save_pretrained``. Nothing is downloaded; pickle weights (pytorch_model.bin) are refused."""
+        # heavy: imported when a model is built, not at ComfyUI start-up
         from transformers import AutoTokenizer, T5EncoderModel
 
         folder = Path(path)
@@ -650,8 +653,6 @@ def load_region_predictor(path: str | os.PathLike) -> RegionPredictor:
 
 def is_region_file(path: str | os.PathLike) -> bool:
     """Whether a file's header says it is a region predictor (header only; unreadable files are not)."""
-    from safetensors import safe_open
-
     try:
         with safe_open(os.fspath(path), framework="pt") as handle:
             return (handle.metadata() or {}).get("analogy.kind") == KIND

@@ -32,6 +32,8 @@ import torch
 
 from bench.timing import interleaved_median_times
 from devtools.comfy_server import comfyui_root
+from diffusers.models.embeddings import FluxPosEmbed
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
 REPO = Path(__file__).resolve().parent.parent
 PACK = "analogy_pack_bench"
@@ -40,11 +42,11 @@ PACK = "analogy_pack_bench"
 def load_comfy_and_pack():
     """ComfyUI's modules (CPU mode) and the pack imported as a package, as ComfyUI imports it."""
     sys.path.append(str(comfyui_root()))
-    import comfy.cli_args
+    import comfy.cli_args  # ComfyUI's own modules exist only inside a ComfyUI process
 
     comfy.cli_args.args.cpu = True
     import comfy.model_management  # noqa: F401  (after args.cpu)
-    import comfy.supported_models
+    import comfy.supported_models  # ComfyUI's own modules exist only inside a ComfyUI process
 
     spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
     module = importlib.util.module_from_spec(spec)
@@ -65,8 +67,8 @@ class InstantExecutor:
 
 
 def node_costs(node, core, side: int, repeats: int) -> dict[str, float]:
-    import comfy.model_sampling
-    import comfy.supported_models
+    import comfy.model_sampling  # ComfyUI's own modules exist only inside a ComfyUI process
+    import comfy.supported_models  # ComfyUI's own modules exist only inside a ComfyUI process
 
     config = comfy.supported_models.Flux({"image_model": "flux", "guidance_embed": True})
 
@@ -94,12 +96,6 @@ def node_costs(node, core, side: int, repeats: int) -> dict[str, float]:
 
 
 def block_costs(side: int) -> tuple[float, float]:
-    from diffusers.models.embeddings import FluxPosEmbed
-    from diffusers.models.transformers.transformer_flux import (
-        FluxSingleTransformerBlock,
-        FluxTransformerBlock,
-    )
-
     torch.manual_seed(0)
     tokens, text = (side // 16) ** 2, 512
     dtype = torch.bfloat16
@@ -126,7 +122,8 @@ def block_costs(side: int) -> tuple[float, float]:
 def end_to_end(node, steps: int, repeats: int) -> dict[str, float]:
     """KSampler on the tiny test FLUX (tests/tiny_models.py), 64-px composite, with and without the node."""
     sys.path.insert(0, str(REPO / "tests"))
-    import comfy.sample
+    import comfy.sample  # ComfyUI's own modules exist only inside a ComfyUI process
+    # the tests' tiny-model builders (tests/ is put on sys.path at run time)
     from tiny_models import FLUX_COMFY, tiny_flux_pair
 
     _, patcher = tiny_flux_pair(sys.modules["comfy"], seed=0)

@@ -17,23 +17,17 @@ import argparse
 import platform
 
 import torch
+from diffusers import UNet2DConditionModel
 
 from analogy_core.analogy import AnalogyEmbedding, EncoderInfo
 from analogy_core.layouts import SD15_UNET_CONFIG, standard_layout
-from analogy_core.loc import (
-    HypernetworkConfig,
-    attention_targets,
-    build_hypernetwork,
-    generate_lora,
-)
+from analogy_core.loc import HypernetworkConfig, attention_targets, build_hypernetwork, generate_lora
 from bench.timing import median_time
 
 VIT_L = EncoderInfo.describe(768, 1024, 224, 14, 24)  # CLIP ViT-L/14: 257 tokens of width 1024
 
 
 def random_unet():
-    from diffusers import UNet2DConditionModel
-
     with torch.device("meta"):
         unet = UNet2DConditionModel(**dict(SD15_UNET_CONFIG, in_channels=8))
     unet = unet.to_empty(device="cpu").eval()

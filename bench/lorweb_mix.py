@@ -18,8 +18,8 @@ import platform
 
 import torch
 
-from analogy_core.layouts import standard_layout
 from analogy_core.lorweb.basis import random_basis
+from analogy_core.layouts import standard_layout
 from analogy_core.lorweb.settings import LoRWeBSettings
 from bench.timing import interleaved_median_times
 

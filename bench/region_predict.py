@@ -19,14 +19,9 @@ import argparse
 import platform
 
 import torch
+from transformers import CLIPConfig, CLIPModel, T5Config, T5EncoderModel
 
-from analogy_core.regions import (
-    FrozenClip,
-    InstructionEncoder,
-    RegionPredictor,
-    RegionSpec,
-    region_masks,
-)
+from analogy_core.regions import FrozenClip, InstructionEncoder, RegionPredictor, RegionSpec, region_masks
 from bench.timing import interleaved_median_times
 from training.regions.models import word_tokenizer
 
@@ -46,8 +41,6 @@ INSTRUCTION = "make the cup on the left red and leave everything else as it is"
 
 
 def build(sizes: dict) -> tuple[FrozenClip, InstructionEncoder, RegionPredictor]:
-    from transformers import CLIPConfig, CLIPModel, T5Config, T5EncoderModel
-
     tokenizer = word_tokenizer(INSTRUCTION.split())
     clip_sizes = sizes["clip"]
     text = dict(clip_sizes["text"], vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)

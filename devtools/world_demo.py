@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file, save_file
 
 from training.world import build_world
 from training.world import scenes as world_def
@@ -57,8 +59,6 @@ FILES = {"flux": "world_flux_kontext.safetensors", "clip": "world_clip_vision.sa
 
 def install_world_models(world_folder: Path, basis: Path, models: Path) -> None:
     """Write the world's models into a ComfyUI ``models`` folder under the names :data:`FILES` gives."""
-    from safetensors.torch import load_file, save_file
-
     flux = world_folder / "flux_kontext"
     config = json.loads((flux / "transformer" / "config.json").read_text())
     weights = load_file(flux / "transformer" / "diffusion_pytorch_model.safetensors")
@@ -112,8 +112,6 @@ def b_prime_node(prompt: dict) -> str:
 
 
 def labelled_rows(rows: list[torch.Tensor], labels: list[str], panel: int, width: int = 190):
-    from PIL import Image, ImageDraw
-
     grid = to_uint8(torch.cat(rows, dim=0))
     header = 14
     canvas = Image.new("RGB", (grid.shape[1] + width, grid.shape[0] + header), "white")

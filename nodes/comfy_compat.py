@@ -40,7 +40,7 @@ def load_models(patchers: Iterable) -> None:
 def clip_preprocess(image: torch.Tensor, **kwargs) -> torch.Tensor:
     """ComfyUI's CLIP image preprocessing. Newer hosts define it in ``comfy.clip_model`` and keep an alias in
     ``comfy.clip_vision`` marked for removal; 0.3.75 has it only in ``comfy.clip_vision``."""
-    import comfy.clip_model
+    import comfy.clip_model  # ComfyUI's own modules exist only inside a ComfyUI process
 
     function = getattr(comfy.clip_model, "clip_preprocess", None) or getattr(comfy.clip_vision, "clip_preprocess")
     return function(image, **kwargs)
@@ -110,7 +110,7 @@ def model_compiler_paused() -> Iterator[None]:
     ``args.disable_comfy_compiler`` on every call; hosts without the compiler (0.3.75) are left untouched."""
     global _said_compiler
     try:
-        from comfy.cli_args import args
+        from comfy.cli_args import args  # ComfyUI's own modules exist only inside a ComfyUI process
     except Exception:  # no ComfyUI argument parser: nothing to switch
         yield
         return

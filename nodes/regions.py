@@ -13,12 +13,13 @@ import torch
 import folder_paths
 
 from ..analogy_core.analogy import CLIP_MEAN, CLIP_STD, AnalogyEmbedding
+from ..analogy_core.composite import resize
 from ..analogy_core.regions import (InstructionEncoder, RegionError, RegionPredictor, check_encoder, clip_pixels,
                                     composite_by_mask, load_region_predictor, project_tokens,
                                     region_masks)
 from . import comfy_compat
 from .common import ANALOGY_TYPE, CATEGORY
-from .lorweb import encoder_info
+from .analogy import encoder_info
 
 REGION_FOLDER = "regions"
 REGION_MODEL_TYPE = "ANALOGY_REGION_MODEL"
@@ -99,7 +100,7 @@ class ComfyInstructionEncoder:
     other model)."""
 
     def __init__(self, encoder: InstructionEncoder):
-        import comfy.model_management as mm
+        import comfy.model_management as mm  # ComfyUI's own modules exist only inside a ComfyUI process
 
         self.encoder = encoder
         holder = torch.nn.Module()  # ModelPatcher sets .device on its model, which transformers models refuse
@@ -325,8 +326,6 @@ class CompositeByRegion:
         }}
 
     def composite(self, original, edited, mask):
-        from ..analogy_core.composite import resize
-
         batch = max(original.shape[0], edited.shape[0], mask.shape[0])
         height, width = original.shape[1], original.shape[2]
         if edited.shape[1:3] != (height, width):

@@ -19,29 +19,15 @@ from typing import Callable
 import torch
 
 from analogy_core.analogy import AnalogyEmbedding, EncoderInfo
+from analogy_core.lorweb.basis import MAX_ROUTER_VALUE, BasisError, LoRABasis, load_basis, random_basis
 from analogy_core.files import MAX_UPDATE_NORM, TensorFileError, low_rank_norm
 from analogy_core.layouts import ModelLayout, standard_layout
-from analogy_core.loc import (
-    MAX_PARAMETER_VALUE,
-    HypernetworkConfig,
-    HypernetworkError,
-    LoRAHypernetwork,
-    attention_targets,
-    build_hypernetwork,
-    generate_lora,
-    hypernetwork_metadata,
-    load_hypernetwork,
-)
+from analogy_core.loc import (MAX_PARAMETER_VALUE, HypernetworkConfig, HypernetworkError, LoRAHypernetwork,
+                              attention_targets, build_hypernetwork, generate_lora, hypernetwork_metadata,
+                              load_hypernetwork)
 from analogy_core.lora import LoRA, LoRAError, LoRALayer
 from analogy_core.lora_formats import to_state_dict
 from analogy_core.lora_io import load_lora_file
-from analogy_core.lorweb.basis import (
-    MAX_ROUTER_VALUE,
-    BasisError,
-    LoRABasis,
-    load_basis,
-    random_basis,
-)
 from analogy_core.lorweb.settings import OFFICIAL
 
 Sample = tuple[dict[str, torch.Tensor], dict[str, str]]

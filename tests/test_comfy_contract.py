@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from comfy_inproc import float32_clip_vision
 from tiny_models import FLUX_COMFY, randomize_, tiny_sd_pair
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from analogy_core import composite as cp
+from training.data.synthetic import analogy_example, procedural_scene
 from devtools.comfy_server import ComfyServer, PromptFailed, PromptRejected
 from devtools.images import load_png, save_png
 from devtools.workflow import ui_to_api, validate_api_prompt
-from training.data.synthetic import analogy_example, procedural_scene
 
 pytestmark = pytest.mark.comfy
 

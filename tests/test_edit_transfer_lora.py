@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
 from test_lora_comfy import comfy_flux_out, rel_err
 from test_tiny_models import flux_inputs, run_diffusers_flux
 from tiny_models import tiny_flux_pair
@@ -104,13 +105,7 @@ def test_released_layout_loads_alike_in_load_lora_and_comfyuis_loader(comfy_inpr
 def test_trained_lora_file_is_read_identically_by_stock_loader_diffusers_and_load_lora(comfy_inproc, twins, tmp_path):
     from analogy_core.lora_io import save_lora_file
     from training.config import build_config
-    from training.edit_transfer.task import (
-        PRESETS,
-        EditTransferConfig,
-        add_lora,
-        export_lora,
-        lora_metadata,
-    )
+    from training.edit_transfer.task import PRESETS, EditTransferConfig, add_lora, export_lora, lora_metadata
 
     model, patcher = twins
     trained = copy.deepcopy(model)

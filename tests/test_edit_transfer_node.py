@@ -17,6 +17,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+
 from tiny_models import FLUX_COMFY, tiny_flux_pair
 
 SHIFT, SCALE = 0.1159, 0.3611  # FLUX VAE latent normalisation (diffusers vae.config, ComfyUI latent_formats.Flux)

@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+
+from devtools.workflow import ui_to_api
 from test_comfy_server import REPO
 from test_edit_transfer_lora import released_layout_file
 from tiny_models import FLUX_COMFY, randomize_, tiny_flux_pair
-
-from devtools.workflow import ui_to_api
 
 pytestmark = pytest.mark.comfy
 PANEL = 64  # px: a 128-px composite, a 16 x 16 latent
@@ -30,9 +30,9 @@ PANEL = 64  # px: a 128-px composite, a 16 x 16 latent
 @pytest.fixture(scope="module")
 def tiny_files(comfy, comfy_inproc):
     """Tiny FLUX, a TAEF1-style VAE and a released-layout Edit Transfer LoRA in the server's model folders."""
-    import comfy.taesd.taesd as taesd
-
     from devtools.run_example import write_default_inputs
+
+    import comfy.taesd.taesd as taesd
 
     models = comfy.base_dir / "models"
     for folder in ("diffusion_models", "vae", "loras"):

@@ -11,27 +11,18 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
-from stub_backbone import StubBackbone, from_tokens, to_tokens
 from torch import nn
 
 from training import flow
 from training.backbone import load_backbone, pack
 from training.config import build_config
-from training.data.analogies import FourPanelFolder, split_quadrants
 from training.data.readers import ItemError
+from training.data.analogies import FourPanelFolder, split_quadrants
 from training.edit_transfer.data import make_edit_transfer_dataset
-from training.edit_transfer.task import (
-    PRESETS,
-    EditTransferConfig,
-    add_lora,
-    four_panels,
-    lora_targets,
-    panel_objective,
-    panel_token_mask,
-    sample_composite,
-    training_loss,
-    training_prompts,
-)
+from training.edit_transfer.task import (PRESETS, EditTransferConfig, add_lora, four_panels, lora_targets,
+                                          panel_objective, panel_token_mask, sample_composite, training_loss,
+                                          training_prompts)
+from stub_backbone import StubBackbone, from_tokens, to_tokens
 
 S = 4  # panel side in pixels: the grid is 8 x 8 pixels = 4 x 4 tokens of the stub VAE
 
@@ -273,8 +264,8 @@ def test_sampler_is_the_official_loop_or_stock_inpainting(context):
 
 
 def test_official_schedule_is_diffusers_flux_dev():
-    import numpy as np
     from diffusers import FlowMatchEulerDiscreteScheduler
+    import numpy as np
 
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)

@@ -43,9 +43,9 @@ def images():
 
 
 def test_comfy_and_transformers_paths_agree(comfy_inproc, tiny_clip, comfy_clip):
-    lorweb = __import__(f"{comfy_inproc.pack.__name__}.nodes.lorweb", fromlist=["x"])
+    analogy_nodes = __import__(f"{comfy_inproc.pack.__name__}.nodes.analogy", fromlist=["x"])
     analogy_mod = __import__(f"{comfy_inproc.pack.__name__}.analogy_core.analogy", fromlist=["x"])
-    ours = lorweb.encode_with_comfy(comfy_clip, images())
+    ours = analogy_nodes.encode_with_comfy(comfy_clip, images())
     theirs = analogy_mod.encode_with_transformers(tiny_clip[1], images())
     assert ours.roles == theirs.roles == ("a", "a_prime", "b") and ours.batch_size == 2
     assert ours.encoder == theirs.encoder and ours.encoder.embed_dim == 32 and ours.encoder.num_layers == 3
@@ -115,13 +115,13 @@ def test_comfy_path_preprocesses_at_the_encoders_size(comfy_inproc, tmp_path):
     """A CLIP at another resolution (like ViT-L/14@336) is fed pixels at its own size, equal on both paths."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    lorweb = __import__(f"{comfy_inproc.pack.__name__}.nodes.lorweb", fromlist=["x"])
+    analogy_nodes = __import__(f"{comfy_inproc.pack.__name__}.nodes.analogy", fromlist=["x"])
     analogy_mod = __import__(f"{comfy_inproc.pack.__name__}.analogy_core.analogy", fromlist=["x"])
     config = dict(TINY_CLIP, image_size=56)
     model = CLIPVisionModelWithProjection(CLIPVisionConfig(**config)).eval()
     randomize_(model, seed=8)
     clip_vision = comfy_vision(tmp_path, dict(config, model_type="clip_vision_model"), model.state_dict())
-    ours = lorweb.encode_with_comfy(clip_vision, images())
+    ours = analogy_nodes.encode_with_comfy(clip_vision, images())
     theirs = analogy_mod.encode_with_transformers(model, images())
     assert ours.encoder == theirs.encoder and ours.encoder.image_size == 56 and ours.encoder.family == "clip"
     assert ours.patch_tokens["a"].shape == (2, 1 + (56 // 14) ** 2, 64)
@@ -140,39 +140,39 @@ DINO = dict(hidden_size=32, patch_size=14, image_size=518, num_channels=3, num_a
 def test_encoder_family_is_recognised_and_non_clip_encoders_are_refused(comfy_inproc, comfy_clip, tmp_path):
     """ComfyUI loads CLIP, SigLIP, SigLIP2 and DINOv2 as CLIP_VISION; the ANALOGY records which, and Encode Analogy
     refuses what LoRWeB's CLIP query cannot be built from."""
-    lorweb = __import__(f"{comfy_inproc.pack.__name__}.nodes.lorweb", fromlist=["x"])
-    assert lorweb.encoder_family(comfy_clip) == "clip"
+    analogy_nodes = __import__(f"{comfy_inproc.pack.__name__}.nodes.analogy", fromlist=["x"])
+    assert analogy_nodes.encoder_family(comfy_clip) == "clip"
     siglip = comfy_vision(tmp_path, SIGLIP)
     dino = comfy_vision(tmp_path, DINO)
-    assert lorweb.encoder_family(siglip) == "siglip" and lorweb.encoder_family(dino) == "dinov2"
-    info = lorweb.encoder_info(siglip)
+    assert analogy_nodes.encoder_family(siglip) == "siglip" and analogy_nodes.encoder_family(dino) == "dinov2"
+    info = analogy_nodes.encoder_info(siglip)
     assert (info.family, info.embed_dim, info.hidden_dim, info.patch_size, info.num_layers) == ("siglip", 48, 48, 14, 2)
     assert info.name.startswith("SigLIP-like ViT (embed 48")
-    info = lorweb.encoder_info(dino)
+    info = analogy_nodes.encoder_info(dino)
     assert (info.family, info.embed_dim, info.patch_size, info.num_layers, info.image_size) == ("dinov2", 32, 14, 2, 518)
     imgs = images()
     for clip_vision, name in ((siglip, "SigLIP-like ViT"), (dino, "DINOv2-like ViT")):
         with pytest.raises(ValueError, match=f"this CLIP_VISION is {name} .* needs a CLIP vision model"):
-            lorweb.EncodeAnalogy().encode(clip_vision, imgs["a"], imgs["a_prime"], imgs["b"])
+            analogy_nodes.EncodeAnalogy().encode(clip_vision, imgs["a"], imgs["a_prime"], imgs["b"])
     # newer ComfyUI keeps the config's model_type (and the config) on the object, e.g. for SigLIP2 NaFlex
     siglip.model_type, siglip.config = "siglip2_vision_model", dict(SIGLIP, model_type="siglip2_vision_model")
-    assert lorweb.encoder_family(siglip) == "siglip2" and lorweb.encoder_info(siglip).family == "siglip2"
+    assert analogy_nodes.encoder_family(siglip) == "siglip2" and analogy_nodes.encoder_info(siglip).family == "siglip2"
     siglip.model_type = "dinov3"  # newer ComfyUI's DINOv3: refused by name before its structure is read
     with pytest.raises(ValueError, match=r"this CLIP_VISION is a DINOv3 model .* needs a CLIP vision model"):
-        lorweb.EncodeAnalogy().encode(siglip, imgs["a"], imgs["a_prime"], imgs["b"])
+        analogy_nodes.EncodeAnalogy().encode(siglip, imgs["a"], imgs["a_prime"], imgs["b"])
     siglip.model_type = "radio_vision_model"
     with pytest.raises(ValueError, match="unknown CLIP_VISION model type 'radio_vision_model'"):
-        lorweb.encoder_family(siglip)
+        analogy_nodes.encoder_family(siglip)
 
 
 def test_encode_node_reports_the_encoder(comfy_inproc, comfy_clip):
-    lorweb = __import__(f"{comfy_inproc.pack.__name__}.nodes.lorweb", fromlist=["x"])
+    analogy_nodes = __import__(f"{comfy_inproc.pack.__name__}.nodes.analogy", fromlist=["x"])
     imgs = images()
-    analogy, info = lorweb.EncodeAnalogy().encode(comfy_clip, imgs["a"], imgs["a_prime"])
+    analogy, info = analogy_nodes.EncodeAnalogy().encode(comfy_clip, imgs["a"], imgs["a_prime"])
     assert analogy.roles == ("a", "a_prime") and "CLIP-like ViT (embed 32" in info and "(family clip)" in info
     assert analogy.encoder.family == "clip"
     with pytest.raises(ValueError, match="batch sizes must be 1 or all equal"):
-        lorweb.EncodeAnalogy().encode(comfy_clip, imgs["b"], imgs["a"], imgs["b"].repeat(3, 1, 1, 1)[:3])
+        analogy_nodes.EncodeAnalogy().encode(comfy_clip, imgs["b"], imgs["a"], imgs["b"].repeat(3, 1, 1, 1)[:3])
 
 
 # -- open_clip path ----------------------------------------------------------------------------------------------------

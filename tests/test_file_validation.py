@@ -14,27 +14,15 @@ import pytest
 import torch
 from safetensors.torch import save as save_bytes
 from safetensors.torch import save_file
-from tiny_models import FLUX_DIFFUSERS
 
-from analogy_core.files import (
-    MAX_UPDATE_NORM,
-    TensorFileError,
-    check_finite,
-    check_state_dict,
-    json_metadata,
-    low_rank_norm,
-    match_shapes,
-    naming_file,
-    read_header,
-    read_tensor_file,
-    require_keys,
-    stale_temp_files,
-    write_safetensors_atomic,
-)
+from analogy_core.lorweb.basis import BasisError, load_basis, random_basis
+from analogy_core.files import (MAX_UPDATE_NORM, TensorFileError, check_finite, check_state_dict, json_metadata,
+                                low_rank_norm, match_shapes, naming_file, read_header, read_tensor_file,
+                                require_keys, stale_temp_files, write_safetensors_atomic)
 from analogy_core.layouts import flux_layout
 from analogy_core.lora import LoRAError
 from analogy_core.lora_io import load_lora_file
-from analogy_core.lorweb.basis import BasisError, load_basis, random_basis
+from tiny_models import FLUX_DIFFUSERS
 
 GEN = torch.Generator().manual_seed(0)
 KEY = "transformer.transformer_blocks.0.attn.to_q"

@@ -20,17 +20,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from devtools.frontend import (
-    browser_unavailable,
-    link_problems,
-    missing_node_types,
-    model_file_values,
-    open_workflows,
-    overlapping_nodes,
-    readme_model_files,
-    readme_model_files_for,
-    widget_problems,
-)
+from devtools.frontend import (browser_unavailable, link_problems, missing_node_types, model_file_values,
+                               open_workflows, overlapping_nodes, readme_model_files, readme_model_files_for,
+                               widget_problems)
 from devtools.workflow import _input_specs, _is_widget, ui_to_api
 
 pytestmark = pytest.mark.comfy

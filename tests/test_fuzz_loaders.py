@@ -19,8 +19,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from loader_cases import LOADER_CASES, LoaderCase
 from safetensors.torch import save as save_bytes
+
+from loader_cases import LOADER_CASES, LoaderCase
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", max(500, 3000 // len(LOADER_CASES))))
 FILE_NAME = "fuzzed file.safetensors"

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import FLUX_DIFFUSERS
 
 from analogy_core import composite as cp
+from analogy_core.lorweb.basis import random_basis
 from analogy_core.layouts import flux_layout
 from analogy_core.lora import LoRA, LoRAError, LoRALayer
 from analogy_core.lora_io import load_lora_file, save_lora_file
-from analogy_core.lorweb.basis import random_basis
+from tiny_models import FLUX_DIFFUSERS
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -10,28 +10,17 @@ import math
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_models import SD_DIFFUSERS, randomize_
 
 from analogy_core.analogy import AnalogyEmbedding, EncoderInfo
+from analogy_core.lorweb.basis import random_basis
 from analogy_core.files import TensorFileError
 from analogy_core.layouts import layout_of_diffusers_model, standard_layout
-from analogy_core.loc import (
-    KIND,
-    MAX_PARAMETER_VALUE,
-    HypernetworkConfig,
-    HypernetworkError,
-    LoRAFactors,
-    attention_targets,
-    batched_lora,
-    build_hypernetwork,
-    generate_lora,
-    is_hypernetwork_file,
-    load_hypernetwork,
-    save_hypernetwork,
-)
 from analogy_core.lora import LoRA, LoRALayer
 from analogy_core.lora_io import save_lora_file
-from analogy_core.lorweb.basis import random_basis
+from analogy_core.loc import (KIND, MAX_PARAMETER_VALUE, HypernetworkConfig, HypernetworkError, LoRAFactors,
+                              attention_targets, batched_lora, build_hypernetwork, generate_lora, is_hypernetwork_file,
+                              load_hypernetwork, save_hypernetwork)
+from tiny_models import SD_DIFFUSERS, randomize_
 
 ENCODER = EncoderInfo.describe(16, 24, 224, 32, 2)
 OTHER_ENCODER = EncoderInfo.describe(16, 24, 224, 16, 2)  # same token width, another model

@@ -16,20 +16,15 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+
+from analogy_core.analogy import EncoderInfo
+from analogy_core.lorweb.basis import random_basis
+from analogy_core.layouts import ModelLayout
+from analogy_core.loc import HypernetworkConfig, attention_targets, build_hypernetwork, save_hypernetwork
+from devtools.comfy_server import PromptFailed
 from test_encode_analogy import TINY_CLIP
 from test_lora_server import TINY_SD15
 from tiny_models import randomize_
-
-from analogy_core.analogy import EncoderInfo
-from analogy_core.layouts import ModelLayout
-from analogy_core.loc import (
-    HypernetworkConfig,
-    attention_targets,
-    build_hypernetwork,
-    save_hypernetwork,
-)
-from analogy_core.lorweb.basis import random_basis
-from devtools.comfy_server import PromptFailed
 
 pytestmark = pytest.mark.comfy
 TINY_IP2P = dict(TINY_SD15, in_channels=8)
@@ -65,8 +60,8 @@ def loc_files(comfy, comfy_inproc):
     import comfy.taesd.taesd as taesd
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from devtools.images import save_png
     from training.data.synthetic import analogy_example
+    from devtools.images import save_png
 
     cc = comfy_inproc.comfy
     models = comfy.base_dir / "models"

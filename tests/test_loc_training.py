@@ -111,8 +111,8 @@ def test_jsonl_and_folder_pairs(tmp_path):
     write_png(tmp_path / "folder" / "before" / "lonely.png", (0, 0, 0))
     folder = make_pair_dataset(f"pairs:{tmp_path / 'folder'}", 8)
     assert isinstance(folder, FolderPairs) and len(folder) == 1 and folder[0]["prompt"] == "make it yellow"
-    with pytest.raises(ValueError, match="data must be magicbrush"):
-        make_pair_dataset("relation252k:x", 8)
+    with pytest.raises(ValueError, match="loc data must be one of .*magicbrush:<folder|file.parquet>"):
+        make_pair_dataset("parquet:x", 8)
 
 
 # -- runs -------------------------------------------------------------------------------------------------------------

@@ -16,20 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import training.world  # noqa: F401  (the world data source)
 from analogy_core.analogy import AnalogyEmbedding, EncoderInfo
 from analogy_core.layouts import ModelLayout
 from analogy_core.loc import HypernetworkConfig, attention_targets, build_hypernetwork
 from training.backbone import HashTokenizer
 from training.config import build_config
+from training.loc.data import make_pair_dataset
 from training.loc.ip2p import IP2PBackbone, schedule
-from training.loc.task import (
-    PRESETS,
-    LoCConfig,
-    exchange_pairs,
-    paired_quads,
-    term_prompts,
-    training_loss,
-)
+from training.loc.task import PRESETS, LoCConfig, exchange_pairs, paired_quads, term_prompts, training_loss
 
 S, C, D, TEXT = 4, 3, 8, 6          # image side, latent channels, UNet width, text width
 SCALING = 0.5
@@ -279,9 +274,7 @@ def test_gradients_reach_only_the_hypernetwork(tiny_parts):
     with torch.no_grad():
         for _, view in hypernetwork.u_b_parameters():
             view.copy_(torch.randn(view.shape, generator=gen) * 0.01)
-    from training.data.pairs import WorldPairs
-
-    data = WorldPairs(cfg.resolution)
+    data = make_pair_dataset("world", cfg.resolution)
     items = [data[i] for i in range(2)]
     batch = {"a": torch.stack([x["a"] for x in items]), "a_prime": torch.stack([x["a_prime"] for x in items]),
              "prompt": ["", ""]}

@@ -8,6 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
+
 from test_tiny_models import flux_inputs, run_comfy_flux, run_diffusers_flux
 from tiny_models import FLUX_COMFY, tiny_flux_pair, tiny_sd_pair
 
@@ -287,12 +288,7 @@ def test_high_rank_bf16_merge_matches_float64_reference(comfy_inproc):
 
 def test_saved_files_are_read_back_by_diffusers_and_peft(comfy_inproc, flux_setup, sd_setup, tmp_path):
     """Our Save LoRA output (format auto) loaded by diffusers' own LoRA loader reproduces the original adapter."""
-    from diffusers import (
-        FluxPipeline,
-        FluxTransformer2DModel,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import FluxPipeline, FluxTransformer2DModel, StableDiffusionPipeline, UNet2DConditionModel
 
     io = __import__(f"{comfy_inproc.pack.__name__}.analogy_core.lora_io", fromlist=["x"])
     # FLUX: peft keys with the transformer. prefix

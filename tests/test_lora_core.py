@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_models import FLUX_DIFFUSERS, SD_DIFFUSERS
 
 from analogy_core.files import TensorFileError, read_safetensors
 from analogy_core.layouts import flux_layout, standard_layout, unet_layout
 from analogy_core.lora import LoRA, LoRAError, LoRALayer
 from analogy_core.lora_formats import comfy_patch_keys, parse_state_dict, to_state_dict
 from analogy_core.lora_io import load_lora_file, save_lora_file
+from tiny_models import FLUX_DIFFUSERS, SD_DIFFUSERS
 
 GEN = torch.Generator().manual_seed(0)
 

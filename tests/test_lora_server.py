@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from tiny_models import randomize_
 
 from devtools.comfy_server import PromptFailed
+from tiny_models import randomize_
 
 pytestmark = pytest.mark.comfy
 

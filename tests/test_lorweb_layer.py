@@ -9,12 +9,7 @@ import torch
 from torch import nn
 
 from analogy_core.lorweb.basis import load_basis
-from analogy_core.lorweb.layer import (
-    LoRWeBLinear,
-    export_basis,
-    inject_lorweb,
-    set_query,
-)
+from analogy_core.lorweb.layer import LoRWeBLinear, export_basis, inject_lorweb, set_query
 
 
 def live_layer(seed=0, n=5, r=3, d=8, q=12, in_f=10, out_f=7):

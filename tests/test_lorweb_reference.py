@@ -115,7 +115,7 @@ def test_released_layout_basis_matches_the_official_maths(comfy_inproc, tmp_path
 
 def test_temperature_and_blend_follow_the_formula(comfy_inproc, tmp_path):
     """Coefficients from the node equal softmax(q Kᵀ / sqrt(d) / T); blending coefficients is linear."""
-    basis_mod = __import__(f"{comfy_inproc.pack.__name__}.analogy_core.basis", fromlist=["x"])
+    basis_mod = __import__(f"{comfy_inproc.pack.__name__}.analogy_core.lorweb.basis", fromlist=["x"])
     lorweb = __import__(f"{comfy_inproc.pack.__name__}.nodes.lorweb", fromlist=["x"])
     basis = basis_mod.random_basis({"transformer_blocks.0.attn.to_q": (8, 6)}, num_entries=N, rank=2, key_dim=D,
                                    query_dim=3 * EMB, seed=1)
@@ -149,7 +149,7 @@ def test_temperature_and_blend_follow_the_formula(comfy_inproc, tmp_path):
 
 
 def test_query_width_mismatch_is_explained(comfy_inproc):
-    basis_mod = __import__(f"{comfy_inproc.pack.__name__}.analogy_core.basis", fromlist=["x"])
+    basis_mod = __import__(f"{comfy_inproc.pack.__name__}.analogy_core.lorweb.basis", fromlist=["x"])
     analogy_mod = __import__(f"{comfy_inproc.pack.__name__}.analogy_core.analogy", fromlist=["x"])
     lorweb = __import__(f"{comfy_inproc.pack.__name__}.nodes.lorweb", fromlist=["x"])
     basis = basis_mod.random_basis({"transformer_blocks.0.attn.to_q": (8, 6)}, num_entries=4, rank=2, key_dim=8)
@@ -265,7 +265,7 @@ def test_config_yaml_is_found_or_given(comfy_inproc, tmp_path, monkeypatch, wher
 def test_mismatched_encoder_family_is_refused(comfy_inproc, tmp_path, monkeypatch):
     """A 768-d SigLIP2 basis has CLIP ViT-L/14's query width: only the recorded encoder tells them apart."""
     lorweb = __import__(f"{comfy_inproc.pack.__name__}.nodes.lorweb", fromlist=["x"])
-    basis_mod = __import__(f"{comfy_inproc.pack.__name__}.analogy_core.basis", fromlist=["x"])
+    basis_mod = __import__(f"{comfy_inproc.pack.__name__}.analogy_core.lorweb.basis", fromlist=["x"])
     model, _ = tiny_flux_pair(comfy_inproc.comfy, seed=3)
     released_layout(tmp_path, model, monkeypatch, lorweb,
                     official_config(external_query_model="google/siglip2-base-patch16-224"), where="beside")
@@ -305,7 +305,7 @@ def test_basis_and_lora_lists(comfy_inproc, tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
     lorweb = __import__(f"{comfy_inproc.pack.__name__}.nodes.lorweb", fromlist=["x"])
-    basis_mod = __import__(f"{comfy_inproc.pack.__name__}.analogy_core.basis", fromlist=["x"])
+    basis_mod = __import__(f"{comfy_inproc.pack.__name__}.analogy_core.lorweb.basis", fromlist=["x"])
     folders = {"lorweb": tmp_path / "lorweb", "loras": tmp_path / "loras"}
     for folder in folders.values():
         (folder / "sub").mkdir(parents=True)

@@ -16,12 +16,12 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+
+from devtools.workflow import ui_to_api
 from test_comfy_server import REPO
 from test_encode_analogy import TINY_CLIP
 from test_lorweb_reference import official_basis_file
 from tiny_models import FLUX_COMFY, randomize_, tiny_flux_pair
-
-from devtools.workflow import ui_to_api
 
 pytestmark = pytest.mark.comfy
 
@@ -29,10 +29,10 @@ pytestmark = pytest.mark.comfy
 @pytest.fixture(scope="module")
 def tiny_files(comfy, comfy_inproc):
     """Tiny FLUX, CLIP vision, TAEF1-style VAE and a LoRWeB basis (official layout) in the server's model folders."""
-    import comfy.taesd.taesd as taesd
+    from devtools.run_example import write_default_inputs
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from devtools.run_example import write_default_inputs
+    import comfy.taesd.taesd as taesd
 
     models = comfy.base_dir / "models"
     for folder in ("diffusion_models", "clip_vision", "vae", "lorweb"):

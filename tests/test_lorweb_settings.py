@@ -10,14 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from analogy_core import basis_files
 from analogy_core.analogy import AnalogyEmbedding, EncoderInfo
+from analogy_core.lorweb import files as basis_files
 from analogy_core.lorweb.basis import BasisError, random_basis
-from analogy_core.lorweb.files import (
-    find_basis_config,
-    is_basis_file,
-    load_basis_with_settings,
-)
+from analogy_core.lorweb.files import find_basis_config, is_basis_file, load_basis_with_settings
 from analogy_core.lorweb.settings import (
     OFFICIAL,
     LoRWeBSettings,

@@ -11,19 +11,14 @@ import math
 
 import pytest
 import torch
-from stub_backbone import StubBackbone, from_tokens, to_tokens
 from torch import nn
 
 from analogy_core.analogy import AnalogyEmbedding, EncoderInfo
 from analogy_core.lorweb.layer import LoRWeBLinear
 from training import flow
-from training.config import load_config
-from training.lorweb.task import (
-    drop_captions,
-    reverse_analogies,
-    sample_grid,
-    training_loss,
-)
+from training.lorweb.config import load_config
+from training.lorweb.task import drop_captions, reverse_analogies, sample_grid, training_loss
+from stub_backbone import StubBackbone, from_tokens, to_tokens
 
 S = 4          # panel side in pixels: the grid is 8 x 8
 EMBED = 3      # stub image-embedding width

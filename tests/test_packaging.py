@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 COMFY_MODULES = ("comfy", "folder_paths", "nodes", "server", "execution", "comfy_extras", "comfy_api")

@@ -9,14 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.regions.captions import (
-    PROPOSE,
-    TARGET,
-    clean,
-    load_chat,
-    parse_proposal,
-    run,
-)
+from training.regions.captions import PROPOSE, TARGET, clean, load_chat, parse_proposal, run
 
 
 def write_inputs(folder, lines):

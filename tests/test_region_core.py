@@ -10,36 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from analogy_core.files import TensorFileError, write_safetensors_atomic
-from analogy_core.regions import (
-    KIND,
-    SPEC_KEY,
-    LossWeights,
-    RegionError,
-    RegionPredictor,
-    RegionSpec,
-    attend,
-    blend,
-    clip_direction_loss,
-    clip_guidance_loss,
-    clip_loss,
-    clip_pixels,
-    clip_structure_loss,
-    composite_by_mask,
-    cosine_distance,
-    edit_mask,
-    feather,
-    grow,
-    iou,
-    load_region_predictor,
-    patch_targets,
-    probability_image,
-    region_bce,
-    region_masks,
-    region_metadata,
-    save_region_predictor,
-    self_similarity,
-    sem_align_loss,
-)
+from analogy_core.regions import (KIND, SPEC_KEY, LossWeights, RegionError, RegionPredictor, RegionSpec, attend, blend,
+                                  clip_direction_loss, clip_guidance_loss, clip_loss, clip_pixels, clip_structure_loss,
+                                  composite_by_mask, cosine_distance, edit_mask, feather, grow, iou, load_region_predictor,
+                                  patch_targets, probability_image, region_bce, region_masks, region_metadata,
+                                  save_region_predictor, self_similarity, sem_align_loss)
 
 D, GRID, TEXT, HIDDEN = 6, 3, 5, 4
 

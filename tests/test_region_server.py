@@ -94,7 +94,7 @@ def region_files(comfy, comfy_inproc, tiny_files, checkpoint):  # noqa: F811
     core = inproc_module(comfy_inproc, "analogy_core.regions")
     clip_vision = comfy_clip_vision(comfy_inproc, clip_path)
     t5 = core.InstructionEncoder.from_folder(models / "text_encoders" / T5_FOLDER)
-    encode_analogy = inproc_module(comfy_inproc, "nodes.lorweb").encode_with_comfy
+    encode_analogy = inproc_module(comfy_inproc, "nodes.analogy").encode_with_comfy
     pair = {r: load_png(comfy.base_dir / "input" / f"analogy_{r}.png").unsqueeze(0) for r in ("a", "a_prime")}
     images = {"text": load_png(comfy.base_dir / "input" / "region_b.png").unsqueeze(0),
               "analogy": load_png(comfy.base_dir / "input" / "analogy_b.png").unsqueeze(0)}

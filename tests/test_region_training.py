@@ -15,18 +15,14 @@ from PIL import Image
 from torch import nn
 
 from analogy_core.analogy import AnalogyEmbedding, EncoderInfo
-from analogy_core.regions import (
-    RegionPredictor,
-    RegionSpec,
-    VisionFeatures,
-    load_region_predictor,
-)
+from analogy_core.regions import RegionPredictor, RegionSpec, VisionFeatures, load_region_predictor
 from training.config import build_config
 from training.data.batching import ReadableItems, collate
 from training.data.readers import DataError, ItemError
 from training.regions.config import PRESETS, RegionConfig
-from training.regions.data import GroupedPairs, InstructionJsonl, WorldRegions
+from training.regions.data import GroupedPairs, InstructionJsonl
 from training.regions.task import analogy_loss, region_loss, text_loss
+from training.world.data import WorldRegions
 
 S, GRID, D, TEXT, HIDDEN = 4, 2, 6, 5, 3   # 4-px images, 2x2 patches of 2x2 px
 

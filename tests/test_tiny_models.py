@@ -1,6 +1,7 @@
 """The tiny ComfyUI twins compute what their diffusers originals compute (so later comparisons mean something)."""
 
 import torch
+
 from tiny_models import tiny_flux_pair, tiny_sd_pair
 
 

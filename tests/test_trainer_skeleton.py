@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from toy_task import ToyTask
 
 from analogy_core.files import read_safetensors
+from toy_task import ToyTask
 from training import checkpoints as ckpt
 from training import trainer
 from training.data.readers import DataError

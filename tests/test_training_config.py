@@ -2,7 +2,7 @@
 
 import pytest
 
-from training.config import TrainConfig, load_config
+from training.lorweb.config import TrainConfig, load_config
 
 
 def test_official_defaults():

@@ -11,9 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from training.data.analogies import Quads, Relation252K
-from training.data.batching import ReadableItems, collate
 from training.data.readers import DataError, ItemError, load_rgb, to_panel
+
+from training.data.analogies import Quads, Relation252K
+
+from training.data.batching import ReadableItems, collate
 
 
 def write_png(path, array):

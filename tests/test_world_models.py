@@ -10,10 +10,10 @@ import json
 
 import pytest
 import torch
-from world_fixtures import quick_bench, quick_world
 
-from training.world import evaluate as ev
 from training.world import scenes as world
+from training.world import evaluate as ev
+from world_fixtures import quick_bench, quick_world
 
 pytestmark = pytest.mark.slow
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from world_fixtures import quick_bench, quick_world
 
+from training.world import scenes as world
 from devtools.images import load_png, save_png
 from devtools.world_demo import FILES, b_prime_node, install_world_models, world_prompt
-from training.world import scenes as world
+from world_fixtures import quick_bench, quick_world
 
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 PANEL = world.REFERENCE_SIZE

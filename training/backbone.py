@@ -15,7 +15,18 @@ import math
 from dataclasses import dataclass
 
 import torch
+from diffusers import AutoencoderKL, FluxTransformer2DModel
 from torch import nn
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from analogy_core.encoders import ImageEncoder, load_image_encoder
 from training.model_specs import registered_loader
@@ -146,14 +157,20 @@ def _randomise(module: nn.Module, seed: int) -> None:
                 p.fill_(1.0)
 
 
-def load_backbone(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> Backbone:
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+def load_frozen_backbone(name: str, mixed_precision: str, seed: int, device) -> Backbone:
+    """The frozen FLUX backbone of a four-panel trainer in its training precision, with the VAE and text encoders on
+    ``device`` (the transformer, which carries the trained adapter, is moved by the trainer)."""
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+    backbone = load_backbone(name, dtype, seed)
+    for module in (backbone.vae, backbone.clip_text, backbone.t5):
+        module.to(device)
+    return backbone
 
+
+def load_backbone(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> Backbone:
     if registered := registered_loader("backbone", name):
         return registered(dtype=dtype)
     if name == "tiny":
-        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
         transformer = FluxTransformer2DModel(**TINY_TRANSFORMER)
         _randomise(transformer, seed)
         vae = AutoencoderKL(**TINY_VAE)
@@ -164,13 +181,6 @@ def load_backbone(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) 
         t5 = T5EncoderModel(T5Config(vocab_size=1000, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4))
         backbone = Backbone(transformer, vae, clip_text, t5, HashTokenizer(1000, 16), HashTokenizer(1000, 16), True)
     else:
-        from transformers import (
-            CLIPTextModel,
-            CLIPTokenizer,
-            T5EncoderModel,
-            T5TokenizerFast,
-        )
-
         kwargs = dict(local_files_only=True, torch_dtype=dtype)
         backbone = Backbone(
             FluxTransformer2DModel.from_pretrained(name, subfolder="transformer", **kwargs),
@@ -193,7 +203,6 @@ def load_query_encoder(name: str, seed: int = 0) -> ImageEncoder:
         return registered()
     if name != "tiny":
         return load_image_encoder(name)
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     model = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CLIP_VISION))
     _randomise(model, seed + 2)

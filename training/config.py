@@ -103,9 +103,21 @@ def build_config(config_cls: type[Config], presets: dict[str, dict[str, Any]], p
     return config
 
 
+class FourPanelSettings:
+    """What every four-panel trainer's config (LoRWeB, Edit Transfer; dataclasses that declare ``grid_resolution``,
+    ``panel_fit``, ``timestep_sampling`` and ``caption_dropout``) shares: the panel side and their validation."""
+
+    @property
+    def panel_resolution(self) -> int:
+        return self.grid_resolution // 2
+
+    def validate(self) -> None:
+        super().validate()
+        check_four_panel_settings(self)
+
+
 def check_four_panel_settings(cfg: CommonConfig) -> None:
-    """The settings every four-panel trainer shares (LoRWeB, Edit Transfer): the grid size, how panels are fitted, the
-    timestep sampling and the caption dropout."""
+    """The grid size, how panels are fitted, the timestep sampling and the caption dropout."""
     if cfg.grid_resolution % 32:
         raise ValueError(f"grid_resolution must be a multiple of 32 (two panels, each a whole number of 16-px "
                          f"FLUX patches), got {cfg.grid_resolution}")

@@ -24,8 +24,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from PIL import Image
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from training import checkpoints as ckpt
 from training.config import CommonConfig, build_config
@@ -94,8 +99,6 @@ class TrainingTask:
 
 def save_sample_image(pixels: torch.Tensor, folder: Path, step: int) -> Path:
     """``folder/step_NNNNNN.png`` from pixels [H, W, 3] in 0..1 (clamped): how every trainer writes its samples."""
-    from PIL import Image
-
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{step:06d}.png"
     Image.fromarray((pixels.detach().float().cpu().clamp(0, 1).numpy() * 255).round().astype("uint8")).save(path)
@@ -134,9 +137,6 @@ def config_from_args(task_cls: type[TrainingTask], args: argparse.Namespace) -> 
 
 
 def make_accelerator(cfg: CommonConfig, out: Path):
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
     report_to = cfg.report_to if cfg.report_to not in ("", "none") else None
     if report_to == "tensorboard":
         try:
@@ -153,7 +153,7 @@ def make_optimizer(cfg: CommonConfig, params: list[nn.Parameter], device: torch.
                   weight_decay=cfg.weight_decay)
     if cfg.use_8bit_adam and device.type == "cuda":
         try:
-            import bitsandbytes as bnb
+            import bitsandbytes as bnb  # optional dependency: 8-bit AdamW on CUDA only
 
             return bnb.optim.AdamW8bit(params, **kwargs)
         except ImportError:
@@ -208,7 +208,6 @@ def save_checkpoint(task: TrainingTask, model, optimizer, step: int) -> Path:
         if max(checksums) - min(checksums) > 1e-9 * max(1.0, abs(checksums[0])):
             raise RuntimeError(f"data-parallel ranks diverged at step {step}: parameter checksums {checksums}")
         tensors = {k: v.detach().cpu().contiguous() for k, v in task.trainable_state(unwrapped).items()}
-        from safetensors.torch import save_file
 
         save_file(tensors, str(tmp / ckpt.TRAINABLE_FILE), metadata={"step": str(step), "task": task.name})
         ckpt.save_optimizer(optimizer.state_dict(), tmp / ckpt.OPTIMIZER_FILE)
@@ -277,9 +276,6 @@ def run(task_cls: type[TrainingTask], argv=None) -> dict:
     """Parse the command line and train; returns a history dict (losses, skipped items, steps)."""
     args = parse_args(task_cls, argv)
     cfg = config_from_args(task_cls, args)
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, out)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from safetensors import safe_open
+
 from .basis import BasisError, LoRABasis, load_basis
 from .settings import METADATA_KEY, LoRWeBSettingsError, read_lorweb_config
 
@@ -36,8 +38,6 @@ def is_basis_file(path: str | os.PathLike) -> bool:
 
 
 def _read_is_basis(path: str) -> bool:
-    from safetensors import safe_open
-
     try:
         with safe_open(path, framework="pt") as handle:
             if (handle.metadata() or {}).get("analogy.kind") == "lorweb_basis":

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+import yaml
 
 from ..analogy import ENCODER_FAMILIES, AnalogyEmbedding, EncoderInfo
 
@@ -328,8 +329,6 @@ def parse_lorweb_config(document: Mapping[str, Any], path: str = "config.yaml") 
 
 def read_lorweb_config(path: str | os.PathLike) -> LoRWeBConfig:
     """Parse an official ``config.yaml`` (safe YAML: no Python objects are built)."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise LoRWeBSettingsError(f"LoRWeB config {path} does not exist")

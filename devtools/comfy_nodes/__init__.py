@@ -13,6 +13,8 @@ links it beside the pack; ``tests/comfy_test_nodes`` re-exports it for the tests
 import json
 
 import torch
+from safetensors import safe_open
+import tempfile
 
 
 class TestConditioning:
@@ -34,8 +36,6 @@ class TestConditioning:
 
 
 def _header(path):
-    from safetensors import safe_open
-
     with safe_open(path, "pt") as handle:
         return handle.metadata() or {}
 
@@ -47,16 +47,16 @@ class TestTinyFluxLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        import folder_paths
+        import folder_paths  # ComfyUI's own modules exist only inside a ComfyUI process
 
         return {"required": {"unet_name": (folder_paths.get_filename_list("diffusion_models"),)}}
 
     def load(self, unet_name):
-        import comfy.model_management
-        import comfy.model_patcher
-        import comfy.supported_models
-        import comfy.utils
-        import folder_paths
+        import comfy.model_management  # ComfyUI's own modules exist only inside a ComfyUI process
+        import comfy.model_patcher  # ComfyUI's own modules exist only inside a ComfyUI process
+        import comfy.supported_models  # ComfyUI's own modules exist only inside a ComfyUI process
+        import comfy.utils  # ComfyUI's own modules exist only inside a ComfyUI process
+        import folder_paths  # ComfyUI's own modules exist only inside a ComfyUI process
 
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         unet_config = json.loads(_header(path)["unet_config"])
@@ -74,7 +74,7 @@ class TestTinyFluxLoader:
 
 def _diffusers_flux_to_native(state: dict, unet_config: dict) -> dict:
     """diffusers FluxTransformer2DModel weights -> BFL names (fused q/k/v and linear1 assembled from slices)."""
-    import comfy.utils
+    import comfy.utils  # ComfyUI's own modules exist only inside a ComfyUI process
 
     native: dict = {}
     for key, target in comfy.utils.flux_to_diffusers(dict(unet_config)).items():
@@ -102,16 +102,14 @@ class TestTinyClipVisionLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        import folder_paths
+        import folder_paths  # ComfyUI's own modules exist only inside a ComfyUI process
 
         return {"required": {"clip_name": (folder_paths.get_filename_list("clip_vision"),)}}
 
     def load(self, clip_name):
-        import tempfile
-
-        import comfy.clip_vision
-        import comfy.utils
-        import folder_paths
+        import comfy.clip_vision  # ComfyUI's own modules exist only inside a ComfyUI process
+        import comfy.utils  # ComfyUI's own modules exist only inside a ComfyUI process
+        import folder_paths  # ComfyUI's own modules exist only inside a ComfyUI process
 
         path = folder_paths.get_full_path_or_raise("clip_vision", clip_name)
         with tempfile.TemporaryDirectory() as folder:
@@ -135,13 +133,13 @@ class ConditioningFile:
 
     @classmethod
     def INPUT_TYPES(cls):
-        import folder_paths
+        import folder_paths  # ComfyUI's own modules exist only inside a ComfyUI process
 
         return {"required": {"file_name": (folder_paths.get_filename_list("text_encoders"),)}}
 
     def load(self, file_name):
-        import comfy.utils
-        import folder_paths
+        import comfy.utils  # ComfyUI's own modules exist only inside a ComfyUI process
+        import folder_paths  # ComfyUI's own modules exist only inside a ComfyUI process
 
         tensors = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("text_encoders", file_name))
         if set(tensors) != {"context", "pooled"}:

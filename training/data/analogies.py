@@ -19,14 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from training.data.readers import (
-    MIN_IMAGE_SIDE,
-    ROLES,
-    DataError,
-    ItemError,
-    load_rgb,
-    to_panel,
-)
+from training.data.readers import MIN_IMAGE_SIDE, ROLES, DataError, ItemError, load_rgb, to_panel
 from training.data.synthetic import PROMPTS, TRANSFORMS, analogy_example
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,8 @@
-"""Before/after pairs for LoRA of Change training: MagicBrush parquet shards, JSONL or folder pairs, the analogy world.
-
-LoC trains on *paired* data only (the query B and target B′ are made from A and A′ by the trainer). Every reader
+"""Readers of before/after pairs (registered in :mod:`training.data.sources`): MagicBrush parquet shards, JSONL or
+folder pairs. LoRA of Change trains on *paired* data only (the query B and target B′ are made from A and A′ by the trainer). Every reader
 yields ``{"a": [S, S, 3], "a_prime": [S, S, 3], "prompt": str}`` (float 0..1; ``prompt`` is the edit instruction, ""
-when the data has none). Unreadable items raise :class:`~training.data.ItemError` naming the file (and row or line),
-which :class:`~training.data.ReadableItems` turns into counted skips, as for every trainer.
+when the data has none). Unreadable items raise :class:`~training.data.readers.ItemError` naming the file (and row
+or line), which :class:`~training.data.batching.ReadableItems` turns into counted skips, as for every trainer.
 
 ``data`` specs:
 
@@ -19,10 +18,8 @@ which :class:`~training.data.ReadableItems` turns into counted skips, as for eve
   ``prompt`` optional, also read as ``instruction``).
 * ``pairs:<folder>`` — ``<folder>/before/<name>.<ext>`` and ``<folder>/after/<name>.<ext>`` matched by file stem; an
   optional ``<folder>/after/<name>.txt`` holds the instruction.
-* ``world`` — pairs (A, A′) of the analogy world's training families on training scenes (``analogy_core.world``),
-  generated on the fly; prompts are the families' instructions when ``world_instructions`` is on, else "".
-  ``world:<options>`` takes the world data options of :mod:`training.world.data` (``families``, ``scenes``,
-  ``prompt``), e.g. ``world:families=invert+hflip,prompt=instruction``.
+
+The analogy world's pairs come from its own source (:mod:`training.world.data`).
 """
 
 from __future__ import annotations
@@ -48,7 +45,7 @@ class MagicBrush(Dataset):
     """MagicBrush parquet shards (see the module docstring for the column layout)."""
 
     def __init__(self, location: str | os.PathLike, resolution: int, fit: str = "stretch", split: str = "train"):
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # optional dependency: parquet (MagicBrush) data only
 
         self.resolution, self.fit = resolution, fit
         self.files = self._find(Path(location), split)
@@ -99,7 +96,7 @@ class MagicBrush(Dataset):
         pid = os.getpid()
         if self._cache is not None and self._cache[:2] == (pid, position):
             return self._cache[2]
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # optional dependency: parquet (MagicBrush) data only
 
         file_index, group = self.row_groups[position]
         path = self.files[file_index]

@@ -25,12 +25,7 @@ from typing import Any, Callable, Mapping
 
 from torch.utils.data import Dataset
 
-from training.data.analogies import (
-    FourPanelFolder,
-    Quads,
-    Relation252K,
-    SyntheticAnalogies,
-)
+from training.data.analogies import FourPanelFolder, Quads, Relation252K, SyntheticAnalogies
 from training.data.pairs import FolderPairs, JsonlPairs, MagicBrush
 from training.data.readers import ROLES
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from training.config import CommonConfig, check_four_panel_settings
+from training.config import CommonConfig, FourPanelSettings
 
 LORA_FILE = "edit_transfer_lora.safetensors"
 CONTEXTS = ("clean", "renoise")  # official sampler / ComfyUI's stock inpainting
 
 
 @dataclass
-class EditTransferConfig(CommonConfig):
+class EditTransferConfig(FourPanelSettings, CommonConfig):
     # a local diffusers folder of FLUX.1-dev (transformer/, vae/, text_encoder*/, tokenizer*/) or a cached model id;
     # "tiny" builds random small models (tests, smoke runs)
     backbone: str = "black-forest-labs/FLUX.1-dev"
@@ -31,12 +31,8 @@ class EditTransferConfig(CommonConfig):
     batch_size: int = 4
     max_steps: int = 6000
     learning_rate: float = 1e-4
-    adam_beta1: float = 0.9          # Adam (no weight decay), as the paper states
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    use_8bit_adam: bool = False
+    # optimiser: Adam without weight decay, as the paper states (CommonConfig's defaults: betas (0.9, 0.999), eps
+    # 1e-8, grad-norm clip 1.0, torch AdamW)
     mixed_precision: str = "bf16"
     gradient_checkpointing: bool = True
     sample_steps: int = 35           # official inference: 35 steps, guidance 1.0
@@ -44,13 +40,8 @@ class EditTransferConfig(CommonConfig):
     checkpoint_every: int = 500
     sample_every: int = 250
 
-    @property
-    def panel_resolution(self) -> int:
-        return self.grid_resolution // 2
-
     def validate(self) -> None:
         super().validate()
-        check_four_panel_settings(self)
         if not (isinstance(self.rank, int) and self.rank >= 1) or not self.lora_alpha > 0:
             raise ValueError(f"rank must be a positive integer and lora_alpha positive, got {self.rank}, "
                              f"{self.lora_alpha}")

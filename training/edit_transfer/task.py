@@ -30,6 +30,8 @@ import json
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from analogy_core import __version__
@@ -37,22 +39,11 @@ from analogy_core.edit_transfer import BLOCK_PREFIXES
 from analogy_core.lora import LoRA, LoRALayer
 from analogy_core.lora_io import save_lora_file
 from training import flow
-from training.backbone import Backbone, load_backbone, token_ids
+from training.backbone import Backbone, load_frozen_backbone, token_ids
 from training.config import without_local_path
-from training.edit_transfer.config import (
-    CONTEXTS,
-    LORA_FILE,
-    PRESETS,
-    EditTransferConfig,
-)
+from training.edit_transfer.config import CONTEXTS, LORA_FILE, PRESETS, EditTransferConfig
 from training.edit_transfer.data import make_edit_transfer_dataset
-from training.trainer import (
-    TrainingTask,
-    drop_captions,
-    run,
-    sample_pairs_image,
-    save_sample_image,
-)
+from training.trainer import TrainingTask, drop_captions, run, sample_pairs_image, save_sample_image
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the LoRA (peft on the frozen transformer)
@@ -71,8 +62,6 @@ def lora_targets(transformer: nn.Module) -> list[str]:
 def add_lora(transformer: nn.Module, rank: int, alpha: float, trainable_dtype: torch.dtype = torch.float32) -> None:
     """One ordinary peft LoRA (A: kaiming-uniform, B: zeros, scale alpha/rank) on :func:`lora_targets`; only its
     factors train (kept in ``trainable_dtype``, float32, under bf16 autocast)."""
-    from peft import LoraConfig
-
     transformer.requires_grad_(False)
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=lora_targets(transformer),
                                        init_lora_weights=True))
@@ -84,8 +73,6 @@ def add_lora(transformer: nn.Module, rank: int, alpha: float, trainable_dtype: t
 
 def export_lora(transformer: nn.Module, metadata: dict[str, str] | None = None) -> LoRA:
     """The trained adapter as the pack's LoRA (diffusers paths, family flux, scale alpha/rank)."""
-    from peft.tuners.lora import LoraLayer
-
     layers = {}
     for name, module in transformer.named_modules():
         if isinstance(module, LoraLayer) and "default" in module.lora_A:
@@ -219,10 +206,7 @@ class EditTransferTask(TrainingTask):
 
     def build(self) -> nn.Module:
         cfg = self.cfg
-        dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
-        self.backbone = load_backbone(cfg.backbone, dtype, cfg.seed)
-        for module in (self.backbone.vae, self.backbone.clip_text, self.backbone.t5):
-            module.to(self.device)
+        self.backbone = load_frozen_backbone(cfg.backbone, cfg.mixed_precision, cfg.seed, self.device)
         transformer = self.backbone.transformer
         add_lora(transformer, cfg.rank, cfg.lora_alpha)
         transformer.to(self.device)

@@ -20,7 +20,7 @@ class LoCConfig(CommonConfig):
     # "open_clip:<arch>:<weights.safetensors>", or "tiny". Use the CLIP vision model your ComfyUI workflow loads.
     image_encoder: str = "openai/clip-vit-large-patch14"
     output_dir: str = "outputs/loc"
-    # data: "magicbrush:<folder|file.parquet>", "pairs:<file.jsonl|folder>" or "world" (see training/pair_data.py)
+    # data: "magicbrush:<folder|file.parquet>", "pairs:<file.jsonl|folder>" or "world" (see training/loc/data.py)
     data: str = "magicbrush:data/MagicBrush"
     magicbrush_split: str = "train"
     world_instructions: bool = False

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from training.backbone import TINY_VAE, HashTokenizer, _randomise
 from training.model_specs import registered_loader
@@ -174,9 +176,6 @@ def ddim_sample(x0_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
 
 def tiny_ip2p(seed: int = 0) -> IP2PBackbone:
     """A random InstructPix2Pix-architecture backbone from small configs (8-channel UNet, 4-channel VAE)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     unet = UNet2DConditionModel(**TINY_UNET)
     _randomise(unet, seed)
     vae = AutoencoderKL(**dict(TINY_VAE, latent_channels=4, scaling_factor=0.5))
@@ -188,8 +187,6 @@ def tiny_ip2p(seed: int = 0) -> IP2PBackbone:
 
 def schedule(**config) -> torch.Tensor:
     """ᾱ_t (float64) of a DDPM scheduler config (SD1.5's when empty)."""
-    from diffusers import DDPMScheduler
-
     scheduler = DDPMScheduler(**{**SD_SCHEDULE, **config})
     return scheduler.alphas_cumprod.double()
 
@@ -202,9 +199,6 @@ def load_ip2p(name: str, dtype: torch.dtype = torch.float32, seed: int = 0,
         return tiny_ip2p(seed)
     if registered := registered_loader("ip2p", name):
         return registered(dtype=dtype, autoencoder=autoencoder)
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     kwargs = dict(local_files_only=True, torch_dtype=dtype)
     unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", **kwargs)
     if unet.config.in_channels != 8:

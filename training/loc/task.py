@@ -56,14 +56,7 @@ from training.backbone import load_query_encoder
 from training.config import without_local_path
 from training.loc.config import HYPERNETWORK_FILE, PRESETS, LoCConfig
 from training.loc.data import make_pair_dataset
-from training.loc.ip2p import (
-    IP2PBackbone,
-    add_noise,
-    ddim_sample,
-    load_ip2p,
-    to_epsilon,
-    to_x0,
-)
+from training.loc.ip2p import IP2PBackbone, add_noise, ddim_sample, load_ip2p, to_epsilon, to_x0
 from training.trainer import TrainingTask, run, save_sample_image
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.config import CommonConfig, build_config, check_four_panel_settings
+from training.config import CommonConfig, FourPanelSettings, build_config
 
 
 @dataclass
-class LoRWeBConfig(CommonConfig):
+class LoRWeBConfig(FourPanelSettings, CommonConfig):
     # backbone: a local diffusers folder of FLUX.1-Kontext (transformer/, vae/, text_encoder*/, tokenizer*/) or a
     # model id already in the local Hugging Face cache; "tiny" builds random small models (tests, smoke runs).
     backbone: str = "black-forest-labs/FLUX.1-Kontext-dev"
@@ -38,7 +38,7 @@ class LoRWeBConfig(CommonConfig):
     rank: int = 4
     key_dim: int = 128
     # mixing settings recorded in the basis (official released checkpoint: one head, softmax, query = CLIP ViT-L/14
-    # image embeds of a, a', b concatenated). See analogy_core.lorweb_settings.
+    # image embeds of a, a', b concatenated). See analogy_core.lorweb.settings.
     lora_heads: int = 1
     lora_softmax: bool = True        # False: tanh coefficients
     mixing_coeffs_type: str = "mean"
@@ -64,13 +64,8 @@ class LoRWeBConfig(CommonConfig):
     guidance: float = 1.0            # official: FLUX guidance embedding 1.0 during training
     sample_steps: int = 28
 
-    @property
-    def panel_resolution(self) -> int:
-        return self.grid_resolution // 2
-
     def validate(self) -> None:
         super().validate()
-        check_four_panel_settings(self)
         if self.caption_source not in ("a", "b"):
             raise ValueError(f"caption_source must be one of ('a', 'b'), got {self.caption_source!r}")
 

@@ -24,25 +24,14 @@ from torch import nn
 
 from analogy_core import __version__
 from analogy_core.encoders import ImageEncoder
-from analogy_core.lorweb.layer import (
-    export_basis,
-    inject_lorweb,
-    lorweb_layers,
-    set_query,
-)
+from analogy_core.lorweb.layer import export_basis, inject_lorweb, lorweb_layers, set_query
 from analogy_core.lorweb.settings import LoRWeBSettings
 from training import flow
-from training.backbone import Backbone, load_backbone, load_query_encoder, token_ids
+from training.backbone import Backbone, load_frozen_backbone, load_query_encoder, token_ids
 from training.config import without_local_path
 from training.lorweb.config import PRESETS, LoRWeBConfig
 from training.lorweb.data import make_dataset
-from training.trainer import (
-    TrainingTask,
-    drop_captions,
-    run,
-    sample_pairs_image,
-    save_sample_image,
-)
+from training.trainer import TrainingTask, drop_captions, run, sample_pairs_image, save_sample_image
 
 BASIS_FILE = "lorweb_basis.safetensors"
 
@@ -178,11 +167,8 @@ class LoRWeBTask(TrainingTask):
 
     def build(self) -> nn.Module:
         cfg = self.cfg
-        dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
-        self.backbone = load_backbone(cfg.backbone, dtype, cfg.seed)
+        self.backbone = load_frozen_backbone(cfg.backbone, cfg.mixed_precision, cfg.seed, self.device)
         self.query_encoder = load_query_encoder(cfg.query_encoder, cfg.seed).to(self.device)
-        for module in (self.backbone.vae, self.backbone.clip_text, self.backbone.t5):
-            module.to(self.device)
         transformer = self.backbone.transformer
         settings = mixing_settings(cfg, self.query_encoder)
         inject_lorweb(transformer, cfg.targets, num_entries=cfg.num_entries, rank=cfg.rank, key_dim=cfg.key_dim,

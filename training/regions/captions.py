@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from PIL import Image
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from training.regions.models import _local as resolve
 
@@ -90,8 +92,6 @@ def _local(spec: str) -> str:
 
 def load_chat(spec: str, max_new_tokens: int = 80) -> Callable[[str], str]:
     """A causal LM with a chat template, greedy decoding."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = _local(spec)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
@@ -108,9 +108,6 @@ def load_chat(spec: str, max_new_tokens: int = 80) -> Callable[[str], str]:
 
 def load_describer(spec: str, max_new_tokens: int = 60) -> Callable[[Path], str]:
     """An image-text-to-text model (e.g. Qwen2.5-VL) with its processor's chat template, greedy decoding."""
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     path = _local(spec)
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()

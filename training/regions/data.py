@@ -23,7 +23,7 @@ square, so the patch grid covers it exactly). Item keys:
 * ``pairs:<file>`` — lines ``{"a": before, "a_prime": after, "group": name}`` (``group`` defaults to the line's
   ``prompt``/``instruction``): pairs of one group show the same edit; each pair is a query once, with the next pair
   of its group as the exemplar (itself when the group has one pair).
-* ``world`` — the analogy world's *local* training families on training scenes (:mod:`analogy_core.world`). Item k
+* ``world`` — the analogy world's *local* training families on training scenes (:mod:`training.world.scenes`). Item k
   of family f uses example k's before/after pair (A, A′) as the query (its instruction and captions for text mode,
   its difference as the target) and example k+1's (A, A′) as the exemplar. B, B′ and B's mask are never read: they
   are the evaluation's (held-out scenes). ``world_editor`` says what X_edit is in text mode:
@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from training.data.readers import DataError, ItemError, load_rgb, to_panel
@@ -54,8 +55,6 @@ TEXT_KEYS = ("image", "instruction", "source_caption", "target_caption")
 def load_mask(path: Path, resolution: int) -> torch.Tensor:
     """A mask image (white = region; any mode, alpha ignored) → [S, S] float 0/1 (nearest resize, so it stays
     binary)."""
-    from PIL import Image
-
     try:
         with Image.open(path) as img:
             gray = img.convert("L").resize((resolution, resolution), Image.NEAREST)

@@ -12,6 +12,9 @@ import re
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 from analogy_core.regions import FrozenClip, InstructionEncoder
 from training.model_specs import registered_loader
@@ -35,9 +38,6 @@ def words_of(texts: list[str]) -> list[str]:
 def word_tokenizer(words: list[str]):
     """A lower-casing word-level tokenizer (transformers ``PreTrainedTokenizerFast``) over ``words``, ending every
     sequence with ``</s>``; unknown words become ``<unk>``."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {token: i for i, token in enumerate(SPECIAL)}
     for word in words:
         vocab.setdefault(word, len(vocab))
@@ -61,8 +61,6 @@ def _randomise(module: torch.nn.Module, seed: int) -> None:
 
 
 def tiny_clip(seed: int = 0, words: list[str] | None = None) -> FrozenClip:
-    from transformers import CLIPConfig, CLIPModel
-
     tokenizer = word_tokenizer(words or TINY_WORDS.split())
     text = dict(TINY_CLIP["text"], vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
@@ -73,8 +71,6 @@ def tiny_clip(seed: int = 0, words: list[str] | None = None) -> FrozenClip:
 
 
 def tiny_t5(seed: int = 0, words: list[str] | None = None, config: dict | None = None) -> InstructionEncoder:
-    from transformers import T5Config, T5EncoderModel
-
     tokenizer = word_tokenizer(words or TINY_WORDS.split())
     model = T5EncoderModel(T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                     eos_token_id=tokenizer.eos_token_id, **(config or TINY_T5)))
@@ -112,8 +108,6 @@ def _local(spec: str) -> str:
     if Path(spec).is_dir():
         return spec
     try:
-        from huggingface_hub import snapshot_download
-
         return snapshot_download(spec, local_files_only=True)
     except Exception as err:  # noqa: BLE001 - not cached / not a valid id
         raise FileNotFoundError(f"{spec!r} is neither a folder nor a model in the local Hugging Face cache (nothing "

@@ -22,14 +22,6 @@ commands do.
 """
 
 from training.world import data, loaders, models  # noqa: F401  (register the world's data source, loaders, models)
-from training.world.registry import (
-    WORLD_MODELS,
-    BuildContext,
-    World,
-    WorldModel,
-    build_world,
-    open_world,
-    register,
-)
+from training.world.registry import WORLD_MODELS, BuildContext, World, WorldModel, build_world, open_world, register
 
 __all__ = ["WORLD_MODELS", "BuildContext", "World", "WorldModel", "build_world", "open_world", "register"]

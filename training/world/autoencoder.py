@@ -22,6 +22,8 @@ import math
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderTiny
+from safetensors.torch import save_file
 from torch import nn
 
 from training.world import scenes as world
@@ -38,8 +40,6 @@ DEC_IN, DEC_UP_CONV, DEC_HEAD_END, DEC_COPY_CONVS, DEC_OUT = 0, 6, 10, (11, 16),
 
 
 def build_autoencoder(decoder_width: int, encoder_width: int = 16):
-    from diffusers import AutoencoderTiny
-
     if encoder_width < CELL_CHANNELS:
         raise ValueError(f"encoder width must hold the {CELL_CHANNELS} cell colours, got {encoder_width}")
     if decoder_width < CELL_CHANNELS + 3:
@@ -268,16 +268,12 @@ class CellCodec:
 
 
 def load_world_autoencoder(folder: str | Path) -> CellCodec:
-    from diffusers import AutoencoderTiny
-
     return CellCodec(AutoencoderTiny.from_pretrained(Path(folder), local_files_only=True))
 
 
 def build(ctx) -> dict:
     """World model ``autoencoder``: set the encoder, train the decoder, measure, set the latent normalisation the
     transformers train with, write the diffusers folder and ComfyUI's TAESD file."""
-    from safetensors.torch import save_file
-
     cfg = ctx.config
     ae = build_autoencoder(cfg["decoder_width"])
     initialise(ae, ctx.seed)

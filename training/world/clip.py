@@ -16,6 +16,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    AutoTokenizer,
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPVisionModelWithProjection,
+    PreTrainedTokenizerFast,
+)
 
 from analogy_core.analogy import CLIP_MEAN, CLIP_STD
 from training.world import scenes as world
@@ -29,9 +38,6 @@ VISION_FOLDER = "vision"  # the vision tower alone (CLIPVisionModelWithProjectio
 
 def make_tokenizer():
     """Word-level tokenizer over the world's vocabulary (a ``PreTrainedTokenizerFast``; no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {token: i for i, token in enumerate(SPECIALS)}
     for word in world.caption_words():
         vocab.setdefault(word, len(vocab))
@@ -44,8 +50,6 @@ def make_tokenizer():
 
 
 def make_model(cfg: dict, vocab_size: int, seed: int):
-    from transformers import CLIPConfig, CLIPModel
-
     torch.manual_seed(seed)
     config = CLIPConfig(
         text_config=dict(vocab_size=vocab_size, hidden_size=cfg["width"], intermediate_size=2 * cfg["width"],
@@ -61,8 +65,6 @@ def make_model(cfg: dict, vocab_size: int, seed: int):
 
 def resized_pool(images: torch.Tensor) -> torch.Tensor:
     """IMAGE batch -> the 224-px uint8 pictures CLIPImageProcessor normalises (its resize and crop, done once)."""
-    from transformers import CLIPImageProcessor
-
     processor = CLIPImageProcessor(do_resize=True, size={"shortest_edge": 224}, resample=3, do_center_crop=True,
                                    crop_size={"height": 224, "width": 224}, do_rescale=False, do_normalize=False)
     arrays = list((images.clamp(0, 1) * 255).round().to(torch.uint8).numpy())
@@ -135,8 +137,6 @@ def train_clip(cfg: dict, seed: int, folder: Path) -> dict:
 
 def vision_tower(model):
     """The CLIP's vision tower and projection as a ``CLIPVisionModelWithProjection`` (what query encoders load)."""
-    from transformers import CLIPVisionModelWithProjection
-
     vision = CLIPVisionModelWithProjection(model.config.vision_config)
     state = {k: v for k, v in model.state_dict().items() if k.startswith(("vision_model.", "visual_projection."))}
     missing, unexpected = vision.load_state_dict(state, strict=False)
@@ -147,7 +147,5 @@ def vision_tower(model):
 
 def load_world_clip(folder: str | Path):
     """(CLIPModel, tokenizer) from a world CLIP folder (local files only)."""
-    from transformers import AutoTokenizer, CLIPModel
-
     return (CLIPModel.from_pretrained(folder, local_files_only=True),
             AutoTokenizer.from_pretrained(folder, local_files_only=True))

@@ -129,7 +129,7 @@ class WorldRegions(Dataset):
         return self.scenes * len(self.families)
 
     def pair(self, family: str, k: int) -> dict:
-        """Example k's before/after pair (A, A′) with its scene and captions, drawn as analogy_core.world.example
+        """Example k's before/after pair (A, A′) with its scene and captions, drawn as training.world.scenes.example
         draws them (scene seed 2k) without rendering B and B′."""
         fam = self.world.get_family(family)
         scene = self.world.scene_for(fam, self.split, 2 * k)

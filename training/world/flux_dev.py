@@ -2,7 +2,7 @@
 size, text encoders and neutral conditioning), pretrained from scratch to draw and copy the world, knowing no edit.
 
 FLUX.1-dev has no reference-image input: Edit Transfer completes a four-panel composite by inpainting. Pretraining,
-on four-panel grids of world images (:func:`analogy_core.world.world_image`: plain scenes and global restyles, never
+on four-panel grids of world images (:func:`training.world.scenes.world_image`: plain scenes and global restyles, never
 an edit pair), with the flow matching of :mod:`training.flow`:
 
 * **copy by inpainting**: grids [A A; B B] of two independent images with noise on the bottom-right panel only and
@@ -22,15 +22,12 @@ import json
 import logging
 
 import torch
+from diffusers import FluxTransformer2DModel
+from safetensors.torch import save_file
 
 from training import flow
 from training.backbone import HashTokenizer
-from training.edit_transfer.task import (
-    EditTransferConfig,
-    panel_token_mask,
-    predict,
-    sample_composite,
-)
+from training.edit_transfer.task import EditTransferConfig, panel_token_mask, predict, sample_composite
 from training.world.autoencoder import load_world_autoencoder
 from training.world.evaluate import mae, reconstruct
 from training.world.flux_kontext import (
@@ -53,8 +50,6 @@ log = logging.getLogger(__name__)
 def write_text_encoders(folder, seed: int):
     """The world's random frozen text encoders and the neutral conditioning, saved as ``flux_kontext`` saves them;
     returns (text tokens, pooled) of the neutral prompt."""
-    from safetensors.torch import save_file
-
     clip, t5 = text_encoders(seed)
     clip.save_pretrained(folder / "text_encoder")
     t5.save_pretrained(folder / "text_encoder_2")
@@ -119,8 +114,6 @@ def copy_error(backbone, panel: int, count: int, steps: int, seed: int) -> dict:
 
 def build(ctx) -> dict:
     """World model ``flux_dev``: text encoders, neutral conditioning, the pretrained transformer."""
-    from diffusers import FluxTransformer2DModel
-
     cfg, folder = ctx.config, ctx.folder
     text, pooled = write_text_encoders(folder, ctx.seed + 21)
     torch.manual_seed(ctx.seed + 22)

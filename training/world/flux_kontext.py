@@ -19,7 +19,7 @@ matching of :mod:`training.flow` (x_t = (1 - t)·x0 + t·ε, target ε - x0):
 A separate unconditional-generation objective was tried and dropped: mixed in from the start it slowed the forming
 of the copy circuit (copy error 0.135 after 600 steps, against 0.024 with copying alone).
 
-The grids' images come from :func:`analogy_core.world.world_image` (plain scenes and global restyles, never an edit
+The grids' images come from :func:`training.world.scenes.world_image` (plain scenes and global restyles, never an edit
 pair), so any edit the backbone later shows comes from the method under test.
 
 Text: FLUX needs T5 tokens and a pooled CLIP vector. The world has no language model: the two text encoders are
@@ -39,6 +39,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from diffusers import FluxTransformer2DModel
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from training import flow
 from training.backbone import HashTokenizer, pack, token_ids
@@ -79,8 +82,6 @@ def comfy_unet_config(diffusers_config: dict) -> dict:
 
 def text_encoders(seed: int):
     """(CLIP text, T5 encoder): random, frozen, tiny; the world's stand-ins for FLUX's text encoders."""
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
     torch.manual_seed(seed)
     clip = CLIPTextModel(CLIPTextConfig(vocab_size=TEXT_VOCAB, hidden_size=TEXT_WIDTH, intermediate_size=64,
                                         num_hidden_layers=2, num_attention_heads=2,
@@ -167,9 +168,6 @@ def pretrain(transformer, panel_latents: torch.Tensor, conditioning: dict[str, t
 
 def build(ctx) -> dict:
     """World model ``flux_kontext``: text encoders, neutral conditioning, the pretrained transformer."""
-    from diffusers import FluxTransformer2DModel
-    from safetensors.torch import save_file
-
     cfg, folder = ctx.config, ctx.folder
     clip, t5 = text_encoders(ctx.seed + 11)
     clip.save_pretrained(folder / "text_encoder")

@@ -8,7 +8,7 @@ channels). DDPM with SD1.5's schedule (scaled-linear betas 0.00085..0.012 over 1
 SD2.x): measured on the quick world, the same UNet after 400 pretraining steps copies held-out images with a mean
 error of 0.052 with v-prediction and 0.307 with ε-prediction (autoencoder floor 0.017; DDIM, 10 steps) — a small
 ε-model has to cancel x_t against the condition to 1/√(1−ᾱ) precision at low noise. Pretraining, as the other world
-backbones are made, on world images (:func:`analogy_core.world.world_image`: plain scenes and global restyles, never
+backbones are made, on world images (:func:`training.world.scenes.world_image`: plain scenes and global restyles, never
 an edit pair):
 
 * **copy**: condition = the image itself, target = the same image: B′ = B, the base answer LoRA of Change edits;
@@ -22,7 +22,7 @@ a convention of this world backbone (SD1.5's InstructPix2Pix conditions on the u
 
 The folder it writes is a diffusers InstructPix2Pix folder without VAE (``unet/``, ``text_encoder/``,
 ``scheduler/``, ``hash_tokenizer.json``); the autoencoder is the world's (its sibling folder). ``load_ip2p`` in
-:mod:`training.ip2p` reads it as ``world:<world folder>``.
+:mod:`training.loc.ip2p` reads it as ``world:<world folder>``.
 
 The LoRA of Change settings on the world (``LOC_WORLD``) live here too, with the reasons for them.
 """
@@ -34,6 +34,8 @@ import logging
 from pathlib import Path
 
 import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from training.backbone import HashTokenizer
 from training.loc.ip2p import SD_SCHEDULE, add_noise, load_ip2p
@@ -65,8 +67,6 @@ def unet_config(cfg: dict) -> dict:
 
 def text_encoder(seed: int):
     """A random, frozen, tiny CLIP text encoder: the world's stand-in for SD1.5's CLIP-L (word-hash tokenizer)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     torch.manual_seed(seed)
     model = CLIPTextModel(CLIPTextConfig(vocab_size=TEXT_VOCAB, hidden_size=TEXT_WIDTH, intermediate_size=64,
                                          num_hidden_layers=2, num_attention_heads=2,
@@ -111,8 +111,6 @@ def copy_error(backbone, panel: int, count: int, steps: int, seed: int) -> dict:
 
 def build(ctx) -> dict:
     """World model ``instruct_pix2pix``: text encoder, scheduler, the pretrained UNet."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-
     cfg, folder = ctx.config, ctx.folder
     encoder = text_encoder(ctx.seed + 31)
     encoder.save_pretrained(folder / "text_encoder")

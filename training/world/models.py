@@ -7,14 +7,7 @@ and the models depending on it.
 
 from __future__ import annotations
 
-from training.world import (
-    autoencoder,
-    clip,
-    flux_dev,
-    flux_kontext,
-    instruct_pix2pix,
-    region_t5,
-)
+from training.world import autoencoder, clip, flux_dev, flux_kontext, instruct_pix2pix, region_t5
 from training.world.registry import WorldModel, register
 
 PANEL = 64  # world panel side in pixels: 16 x 16 cells, an 8 x 8 latent, 4 x 4 FLUX tokens

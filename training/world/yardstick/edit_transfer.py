@@ -23,6 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from diffusers import FluxPipeline
 
 from training.backbone import load_backbone
 from training.edit_transfer.task import EditTransferConfig, sample_composite
@@ -76,8 +77,6 @@ def trained_run(ctx, text_free: bool) -> tuple[Path, float]:
 def load_with_lora(world_root: Path, lora_file: Path):
     """The world's FLUX.1-dev-like backbone with the LoRA file loaded by diffusers' own loader (switch it off with
     ``transformer.disable_adapters()``)."""
-    from diffusers import FluxPipeline
-
     backbone = load_backbone(f"world:{Path(world_root) / 'flux_dev'}")
     backbone.transformer.load_lora_adapter(FluxPipeline.lora_state_dict(str(lora_file)), prefix="transformer",
                                            adapter_name="edit_transfer")

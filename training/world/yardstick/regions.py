@@ -12,13 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from analogy_core.regions import (
-    FrozenClip,
-    InstructionEncoder,
-    composite_by_mask,
-    iou,
-    load_region_predictor,
-)
+from analogy_core.regions import FrozenClip, InstructionEncoder, composite_by_mask, iou, load_region_predictor
 from training.regions.task import predict_analogy, predict_text
 from training.world import scenes as world
 from training.world.loaders import T5_FOLDER
