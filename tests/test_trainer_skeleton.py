@@ -182,3 +182,12 @@ def test_mostly_unreadable_data_is_refused_up_front(tmp_path):
     bad = ",".join(str(i) for i in range(64) if i % 8)  # 7 of 8 unreadable
     with pytest.raises(DataError, match="probed items are readable"):
         train(tmp_path / "run", "--set", f"unreadable={bad}")
+
+
+def test_the_summary_counts_distinct_unreadable_items(tmp_path, caplog):
+    """7 bad items met again and again over 3 epochs are 7 skipped items, not one per encounter (issue 19)."""
+    bad = [3, 10, 17, 24, 31, 45, 60]
+    with caplog.at_level(logging.WARNING):
+        history = train(tmp_path / "run", "--set", f"unreadable={','.join(map(str, bad))}", "--max-steps", "48")
+    assert history["skipped"] == 7 and history["skip_events"] > 7
+    assert "skipped 7 unreadable items and 0 bad index lines" in caplog.text

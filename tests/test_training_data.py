@@ -14,6 +14,8 @@ from PIL import Image
 from training.data.readers import DataError, ItemError, load_rgb, to_panel
 
 from training.data.analogies import Quads, Relation252K
+from training.data.pairs import JsonlPairs
+from training.regions.data import GroupedPairs, InstructionJsonl
 
 from training.data.batching import ReadableItems, collate
 
@@ -121,3 +123,56 @@ def test_relation252k_skips_broken_tasks_and_entries(tmp_path, caplog):
         data[0]
     with pytest.raises(ItemError, match="without a string img_name"):
         data[1]
+
+
+# -- bad lines of every JSONL reader are skipped and counted (issue 19: a nested line used to stop every trainer with
+# a RecursionError, one non-UTF-8 byte used to refuse the whole file) ------------------------------------------------
+
+NESTED = "[" * 100_000 + "]" * 100_000  # deeper than json's recursion limit
+
+
+def jsonl_readers(folder):
+    """(name, good record, open(index)) for every JSONL reader of the training package."""
+    for i in range(2):
+        write_png(folder / f"{i}.png", np.full((20, 24, 3), 90 * i))
+    quad = {"a": "0.png", "a_prime": "1.png", "b": "0.png", "b_prime": "1.png", "prompt": "p"}
+    text = {"image": "0.png", "instruction": "i", "source_caption": "s", "target_caption": "t"}
+    return [("quads", quad, lambda index: Quads(index, 16)),
+            ("pairs", {"a": "0.png", "a_prime": "1.png"}, lambda index: JsonlPairs(index, 16)),
+            ("region text", text, lambda index: InstructionJsonl(index, 16, need_edited=False)),
+            ("region pairs", {"a": "0.png", "a_prime": "1.png", "group": "g"}, lambda index: GroupedPairs(index, 16))]
+
+
+@pytest.mark.parametrize("which", range(4))
+def test_nested_and_non_utf8_lines_are_skipped_and_counted(tmp_path, which, caplog):
+    name, good, open_index = jsonl_readers(tmp_path)[which]
+    index = tmp_path / "index.jsonl"
+    index.write_bytes(b"\n".join([json.dumps(good).encode(), NESTED.encode(), b'{"a": "\xff\xfe.png"}',
+                                  json.dumps(good).encode(), b""]))
+    with caplog.at_level(logging.WARNING):
+        data = open_index(index)
+    assert len(data) == 2 and data.bad_lines == 2, name
+    assert "index.jsonl:2: JSON nested too deeply" in caplog.text
+    assert "index.jsonl:3: not UTF-8 text (byte 7 of the line)" in caplog.text
+    assert data[1] is not None  # the lines after the bad ones are read
+
+
+def test_a_nested_relation252k_labels_file_skips_its_task(tmp_path, caplog):
+    for task, labels in (("good", [{"img_name": "x.png", "edit_instruction": "e"}] * 2), ("deep", None)):
+        folder = tmp_path / task / "Group1"
+        folder.mkdir(parents=True)
+        write_png(folder / "x.png", np.zeros((16, 32, 3)))
+        (folder / "labels.json").write_text(json.dumps(labels) if labels else NESTED)
+    with caplog.at_level(logging.WARNING):
+        data = Relation252K(tmp_path, 8)
+    assert len(data) == 1 and "nested too deeply" in caplog.text and "deep" in caplog.text
+
+
+def test_the_pre_training_check_logs_what_it_found(quads, caplog):
+    folder, good, write_index = quads
+    index = write_index([json.dumps(good), json.dumps({**good, "a": "missing.png"}), json.dumps(good), "{bad"])
+    with caplog.at_level(logging.INFO):
+        errors = ReadableItems(Quads(index, 16)).probe()
+    assert len(errors) == 1
+    assert "data check: 1 of 3 probed items unreadable" in caplog.text and "missing.png" in caplog.text
+    assert "1 bad index lines skipped" in caplog.text

@@ -310,7 +310,9 @@ def run(task_cls: type[TrainingTask], argv=None) -> dict:
         accelerator.init_trackers(task.name, config={k: str(v) for k, v in cfg.to_dict().items()})
     log.info("%s, optimiser %s", task.summary(accelerator.unwrap_model(model)), type(optimizer.optimizer).__name__)
 
-    history: dict = {"losses": [], "grad_norms": [], "skipped": 0, "start_step": step}
+    history: dict = {"losses": [], "grad_norms": [], "skipped": 0, "skip_events": 0, "bad_lines": data.bad_lines,
+                     "start_step": step}
+    skipped_at: set[int] = set()
     progress = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, desc=task.name)
     batches = iter(loader)
     model.train()
@@ -318,7 +320,9 @@ def run(task_cls: type[TrainingTask], argv=None) -> dict:
         losses, norm = [], None
         for micro in range(cfg.gradient_accumulation_steps):
             batch = next(batches)
-            history["skipped"] += batch["skipped"]
+            history["skip_events"] += batch["skipped"]
+            skipped_at.update(batch["skipped_at"])
+            history["skipped"] = len(skipped_at)
             generator = step_generator(cfg, step * cfg.gradient_accumulation_steps + micro, accelerator.process_index)
             with accelerator.accumulate(model):
                 with accelerator.autocast():
@@ -345,8 +349,9 @@ def run(task_cls: type[TrainingTask], argv=None) -> dict:
             task.write_samples(unwrapped, sample_batch, step, out / "samples")
             unwrapped.train()
     progress.close()
-    if history["skipped"]:
-        log.warning("skipped %d unreadable items (see the warnings above for files and reasons)", history["skipped"])
+    if history["skipped"] or data.bad_lines:
+        log.warning("skipped %d unreadable items and %d bad index lines (see the warnings above for files and "
+                    "reasons)", history["skipped"], data.bad_lines)
     accelerator.end_training()
     if accelerator.is_main_process:
         losses = history["losses"]

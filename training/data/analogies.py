@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from training.data.readers import MIN_IMAGE_SIDE, ROLES, DataError, ItemError, load_rgb, to_panel
+from training.data.readers import MIN_IMAGE_SIDE, ROLES, DataError, ItemError, load_rgb, read_jsonl, to_panel
 from training.data.synthetic import PROMPTS, TRANSFORMS, analogy_example
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,11 @@ class Relation252K(Dataset):
     @staticmethod
     def _entries(labels: Path) -> list[dict]:
         try:
-            entries = json.loads(labels.read_text())
-        except (OSError, ValueError) as err:
+            entries = json.loads(labels.read_text(encoding="utf-8"))
+        except RecursionError:
+            log.warning("skipping task %s: labels.json is nested too deeply to read", labels.parent)
+            return []
+        except (OSError, ValueError) as err:  # ValueError: not JSON or not UTF-8
             log.warning("skipping task %s: labels.json unreadable (%s)", labels.parent, err)
             return []
         if not isinstance(entries, list):
@@ -88,33 +91,13 @@ class Quads(Dataset):
 
     def __init__(self, index: str | Path, resolution: int, fit: str = "stretch"):
         self.index, self.resolution, self.fit = Path(index), resolution, fit
-        try:
-            lines = self.index.read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as err:
-            raise DataError(f"{self.index}: cannot read the quads index ({err})") from None
-        self.records: list[tuple[int, dict]] = []
-        self.bad_lines = 0
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            problem = self._problem(line)
-            if problem:
-                self.bad_lines += 1
-                log.warning("skipping %s:%d: %s", self.index, number, problem)
-                continue
-            self.records.append((number, json.loads(line)))
+        self.records, self.bad_lines = read_jsonl(self.index, self._problem, "quads index")
         if not self.records:
             raise DataError(f"{self.index}: no usable record ({self.bad_lines} bad lines); each line must be "
                             '{"a": path, "a_prime": path, "b": path, "b_prime": path, "prompt": text}')
 
     @staticmethod
-    def _problem(line: str) -> str | None:
-        try:
-            record = json.loads(line)
-        except ValueError as err:
-            return f"not JSON ({err})"
-        if not isinstance(record, dict):
-            return f"expected a JSON object, got {type(record).__name__}"
+    def _problem(record: dict) -> str | None:
         missing = [k for k in ROLES if k not in record]
         if missing:
             return f"record lacks {missing}"

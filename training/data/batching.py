@@ -15,19 +15,22 @@ log = logging.getLogger(__name__)
 
 
 class ReadableItems(Dataset):
-    """Wraps a reader: item i is the first readable item at or after position i (wrapping around), with the number
-    of unreadable ones passed over in ``item["skipped"]``. Deterministic, so resumed runs see the same items."""
+    """Wraps a reader: item i is the first readable item at or after position i (wrapping around), with the
+    positions of the unreadable ones passed over in ``item["skipped_at"]`` (their number in ``item["skipped"]``).
+    Deterministic, so resumed runs see the same items. ``bad_lines`` counts the index lines the reader dropped when
+    it opened its index (JSONL formats), which never become items."""
 
     def __init__(self, dataset: Dataset, max_tries: int = 64):
         if len(dataset) == 0:
             raise DataError("the dataset is empty")
         self.dataset, self.max_tries = dataset, max_tries
+        self.bad_lines = int(getattr(dataset, "bad_lines", 0))
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
-        errors = []
+        errors, passed = [], []
         for offset in range(min(self.max_tries, len(self.dataset))):
             position = (index + offset) % len(self.dataset)
             try:
@@ -35,8 +38,9 @@ class ReadableItems(Dataset):
             except ItemError as err:
                 log.warning("skipping item %d: %s", position, err)
                 errors.append(str(err))
+                passed.append(position)
                 continue
-            return dict(item, skipped=len(errors))
+            return dict(item, skipped=len(errors), skipped_at=tuple(passed))
         raise DataError(f"{len(errors)} consecutive unreadable items from position {index}, e.g. {errors[:2]}")
 
     def probe(self, count: int = 32, minimum: int = 1) -> list[str]:
@@ -54,6 +58,9 @@ class ReadableItems(Dataset):
         if readable < minimum or readable * 2 < len(positions):
             raise DataError(f"only {readable} of {len(positions)} probed items are readable (need at least "
                             f"{minimum} and half); first problems: {errors[:3]}")
+        found = f"{len(errors)} of {len(positions)} probed items unreadable" + (f", e.g. {errors[0]}" if errors else "")
+        bad = f"; {self.bad_lines} bad index lines skipped" if self.bad_lines else ""
+        (log.warning if errors or self.bad_lines else log.info)("data check: %s%s", found, bad)
         return errors
 
     def first_items(self, count: int) -> list[dict]:
@@ -67,12 +74,14 @@ class ReadableItems(Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack a batch of readable items; ``skipped`` sums the unreadable ones passed over."""
+    """Stack a batch of readable items; ``skipped`` sums the unreadable ones passed over, ``skipped_at`` lists their
+    positions once each."""
     if not items:
         raise DataError("empty batch")
-    batch: dict = {"skipped": sum(item.get("skipped", 0) for item in items)}
+    batch: dict = {"skipped": sum(item.get("skipped", 0) for item in items),
+                   "skipped_at": sorted({p for item in items for p in item.get("skipped_at", ())})}
     for key in items[0]:
-        if key == "skipped":
+        if key in ("skipped", "skipped_at"):
             continue
         values = [item[key] for item in items]
         batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values

@@ -25,14 +25,13 @@ The analogy world's pairs come from its own source (:mod:`training.world.data`).
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import os
 from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from training.data.readers import DataError, ItemError, decode_rgb, load_rgb, to_panel
+from training.data.readers import DataError, ItemError, decode_rgb, load_rgb, read_jsonl, to_panel
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -131,35 +130,15 @@ class JsonlPairs(Dataset):
 
     def __init__(self, index: str | os.PathLike, resolution: int, fit: str = "stretch"):
         self.index, self.resolution, self.fit = Path(index), resolution, fit
-        try:
-            lines = self.index.read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as err:
-            raise DataError(f"{self.index}: cannot read the pairs index ({err})") from None
-        self.records: list[tuple[int, dict]] = []
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            record, problem = self._parse(line)
-            if problem:
-                log.warning("skipping %s:%d: %s", self.index, number, problem)
-                continue
-            self.records.append((number, record))
+        self.records, self.bad_lines = read_jsonl(self.index, self._problem, "pairs index")
         if not self.records:
             raise DataError(f'{self.index}: no usable record; each line must be {{"a": path, "a_prime": path, '
                             '"prompt": text}')
 
     @staticmethod
-    def _parse(line: str) -> tuple[dict, str | None]:
-        try:
-            record = json.loads(line)
-        except ValueError as err:
-            return {}, f"not JSON ({err})"
-        if not isinstance(record, dict):
-            return {}, f"expected a JSON object, got {type(record).__name__}"
+    def _problem(record: dict) -> str | None:
         bad = [k for k in ("a", "a_prime") if not isinstance(record.get(k), str)]
-        if bad:
-            return {}, f"record lacks string image paths {bad}"
-        return record, None
+        return f"record lacks string image paths {bad}" if bad else None
 
     def __len__(self) -> int:
         return len(self.records)

@@ -4,7 +4,10 @@ the panel fit. Every data source (:mod:`training.data.sources`) reads its files 
 from __future__ import annotations
 
 import io
+import json
+import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -12,6 +15,7 @@ from PIL import Image
 
 from analogy_core.composite import fit_into_panel
 
+log = logging.getLogger(__name__)
 ROLES = ("a", "a_prime", "b", "b_prime")
 MIN_IMAGE_SIDE = 8          # smaller images carry no usable content (and break resizing)
 PANEL_FITS = ("stretch", "center_crop")
@@ -56,3 +60,46 @@ def to_panel(image: torch.Tensor, size: int, fit: str = "stretch") -> torch.Tens
         raise ValueError(f"panel fit must be one of {PANEL_FITS}, got {fit!r}")
     panel, _ = fit_into_panel(image.unsqueeze(0), size, size, fit, 0.5)
     return panel[0]
+
+
+def read_jsonl(index: Path, check: Callable[[dict], str | None], what: str) -> tuple[list[tuple[int, dict]], int]:
+    """The usable records of a JSONL index as (line number, record), and how many lines were bad. A bad line (not
+    UTF-8, not JSON, nested too deeply to parse, not an object, or refused by ``check``) is logged with its line
+    number and skipped, like an unreadable image; only an unreadable file stops the dataset."""
+    try:
+        data = index.read_bytes()
+    except OSError as err:
+        raise DataError(f"{index}: cannot read the {what} ({err})") from None
+    records, bad = [], 0
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        record, problem = parse_record(raw)
+        problem = problem or check(record)
+        if problem:
+            bad += 1
+            log.warning("skipping %s:%d: %s", index, number, problem)
+            continue
+        records.append((number, record))
+    return records, bad
+
+
+def parse_record(raw: bytes) -> tuple[dict, str | None]:
+    """One JSON object from one line of bytes, or the reason it is not one."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return {}, f"not UTF-8 text (byte {err.start} of the line)"
+    return parse_json_object(text)
+
+
+def parse_json_object(text: str) -> tuple[dict, str | None]:
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        return {}, "JSON nested too deeply to read"
+    except ValueError as err:
+        return {}, f"not JSON ({err})"
+    if not isinstance(value, dict):
+        return {}, f"expected a JSON object, got {type(value).__name__}"
+    return value, None

@@ -36,7 +36,6 @@ square, so the patch grid covers it exactly). Item keys:
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -45,7 +44,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from training.data.readers import DataError, ItemError, load_rgb, to_panel
+from training.data.readers import DataError, ItemError, load_rgb, read_jsonl, to_panel
 from training.data.sources import Request, Source, open_source, register
 
 log = logging.getLogger(__name__)
@@ -66,34 +65,12 @@ def load_mask(path: Path, resolution: int) -> torch.Tensor:
     return torch.from_numpy((array > 127.5).astype(np.float32))
 
 
-def _read_jsonl(index: Path, check) -> list[tuple[int, dict]]:
-    try:
-        lines = index.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{index}: cannot read ({err})") from None
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as err:
-            log.warning("skipping %s:%d: not JSON (%s)", index, number, err)
-            continue
-        problem = check(record) if isinstance(record, dict) else f"expected a JSON object, got {type(record).__name__}"
-        if problem:
-            log.warning("skipping %s:%d: %s", index, number, problem)
-            continue
-        records.append((number, record))
-    return records
-
-
 class InstructionJsonl(Dataset):
     """Text-mode items from a JSONL file (see the module docstring)."""
 
     def __init__(self, index: str | Path, resolution: int, need_edited: bool):
         self.index, self.resolution, self.need_edited = Path(index), resolution, need_edited
-        self.records = _read_jsonl(self.index, self._problem)
+        self.records, self.bad_lines = read_jsonl(self.index, self._problem, "index")
         if not self.records:
             raise DataError(f'{self.index}: no usable record; each line must be {{"image": path, "instruction": '
                             'text, "source_caption": text, "target_caption": text[, "edited": path][, "mask": path]}')
@@ -141,7 +118,7 @@ class GroupedPairs(Dataset):
 
     def __init__(self, index: str | Path, resolution: int):
         self.index, self.resolution = Path(index), resolution
-        self.records = _read_jsonl(self.index, self._problem)
+        self.records, self.bad_lines = read_jsonl(self.index, self._problem, "index")
         if not self.records:
             raise DataError(f'{self.index}: no usable record; each line must be {{"a": path, "a_prime": path, '
                             '"group": name}')
