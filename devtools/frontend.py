@@ -53,14 +53,25 @@ def browser_unavailable() -> str | None:
 
 
 def open_workflows(url: str, workflows: list[Path], screenshots: Path | None = None, timeout: float = 600,
-                   size: tuple[int, int] = (1600, 1000)) -> dict[str, Any]:
-    """Load each workflow through ``app.loadGraphData`` in one browser; return the driver's report."""
+                   size: tuple[int, int] = (1600, 1000), place_files: list[Path] | None = None,
+                   help_nodes: list[str] | None = None) -> dict[str, Any]:
+    """Load each workflow through ``app.loadGraphData`` in one browser; return the driver's report.
+
+    ``place_files``: after the first pass the driver creates these (empty) files and loads every workflow again
+    (``report["reloaded"]``: the dialogs that opened). ``help_nodes``: node types whose help panel it opens
+    (``report["help"]``)."""
     with tempfile.TemporaryDirectory(prefix="frontend-report-") as tmp:
         out = Path(tmp) / "report.json"
         cmd = [shutil.which("node") or "node", str(DRIVER), "--url", url, "--out", str(out),
                "--width", str(size[0]), "--height", str(size[1])]
         if screenshots is not None:
             cmd += ["--screenshots", str(screenshots)]
+        if place_files:
+            listing = Path(tmp) / "place_files.json"
+            listing.write_text(json.dumps([str(p) for p in place_files]))
+            cmd += ["--place-files", str(listing)]
+        if help_nodes:
+            cmd += ["--help-nodes", ",".join(help_nodes)]
         done = subprocess.run(cmd + [str(p) for p in workflows], cwd=BROWSER_DIR, capture_output=True, text=True,
                               timeout=timeout)
         if done.returncode != 0 or not out.is_file():
@@ -111,6 +122,27 @@ def readme_model_files_for(readme: str, workflow_file: str) -> dict[str, str] | 
             if files:
                 return files
     return None
+
+
+# -- the missing-models dialog ----------------------------------------------------------------------------------------
+MISSING_MODELS_TITLE = "Missing Models"
+_DIALOG_ENTRY = re.compile(r"^(?P<directory>[\w.-]+) / (?P<name>\S+)", re.M)
+
+
+def missing_models_dialog(dialogs: list[str]) -> str | None:
+    """The text of the frontend's missing-models dialog among the open dialogs, or None when it is not open."""
+    found = [d for d in dialogs if MISSING_MODELS_TITLE in d]
+    return found[0] if found else None
+
+
+def missing_models_listed(dialog_text: str) -> set[tuple[str, str]]:
+    """(directory, file name) of every entry the missing-models dialog lists (its rows read ``directory / name``)."""
+    return {(m["directory"], m["name"]) for m in _DIALOG_ENTRY.finditer(dialog_text)}
+
+
+def other_dialogs(dialogs: list[str]) -> list[str]:
+    """Open dialogs other than the missing-models dialog."""
+    return [d for d in dialogs if MISSING_MODELS_TITLE not in d]
 
 
 # -- checks on one workflow's facts -----------------------------------------------------------------------------------

@@ -7,6 +7,13 @@ rendered (``node.getBounding()``, title bar included); every link attached at bo
 required input connected; every widget value valid, model files excepted, which must be exactly the files the README
 tells the user to download; and ``app.graphToPrompt()`` equal to our converter (``devtools/workflow.py``). A workflow
 added to the folder is covered without editing this file.
+
+The same browser session then checks what a first-time user meets: with no model files installed, the frontend's
+missing-models dialog lists exactly the workflow's downloadable files (``devtools/model_downloads.py``) with their
+folders and offers each download; with those files in place, loading every workflow again opens no dialog; and the
+help panel of every pack node renders its page (``web/docs/<NodeName>.md``: headings, pictures loaded). The server
+runs the pack under the folder name ``git clone`` gives it: the frontend finds a custom node's help pages under the
+folder name up to its first dot.
 """
 
 from __future__ import annotations
@@ -20,9 +27,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from devtools.frontend import (browser_unavailable, link_problems, missing_node_types, model_file_values,
-                               open_workflows, overlapping_nodes, readme_model_files, readme_model_files_for,
-                               widget_problems)
+from devtools.comfy_server import ComfyServer
+from devtools.frontend import (browser_unavailable, link_problems, missing_models_dialog, missing_models_listed,
+                               missing_node_types, model_file_values, open_workflows, other_dialogs,
+                               overlapping_nodes, readme_model_files, readme_model_files_for, widget_problems)
+from devtools.model_downloads import downloadable
 from devtools.workflow import _input_specs, _is_widget, ui_to_api
 
 pytestmark = pytest.mark.comfy
@@ -32,6 +41,8 @@ WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 README = (REPO / "README.md").read_text()
 THUMBNAIL_LIMIT = 100 * 1024
 LORWEB = "lorweb_kontext_analogy.json"
+CLONE_FOLDER = "comfyui-visual-analogy"  # what `git clone` names the pack's folder
+DOCS = REPO / "web" / "docs"
 
 
 def names(paths: list[Path]) -> list[str]:
@@ -111,21 +122,35 @@ def converted_workflows(object_info, tmp_path_factory) -> list[Path]:
     return sorted(folder.glob("*.json"))
 
 
+def pack_node_types(object_info: dict) -> list[str]:
+    return sorted(name for name, info in object_info.items() if info["python_module"].startswith("custom_nodes."))
+
+
+def downloads_in_place(models_dir: Path) -> list[Path]:
+    """Where every downloadable file of every example workflow goes under a ComfyUI ``models/`` folder."""
+    return sorted({models_dir / f.directory / f.name for path in WORKFLOWS for f in downloadable(path.name)})
+
+
 @pytest.fixture(scope="session")
-def frontend(request) -> dict:
-    """The driver's report for every example workflow plus the converted-widget workflows."""
+def frontend(request, tmp_path_factory) -> dict:
+    """The driver's report: every example workflow plus the converted-widget workflows opened with no model files
+    installed, every example opened again with its downloadable files in place, and every pack node's help panel."""
     why = browser_unavailable()
     if why:  # before the server starts
         pytest.skip(f"the frontend tests need Node.js and a Chromium: {why}")
     from devtools.run_example import write_default_inputs
 
-    comfy = request.getfixturevalue("comfy")
     converted_workflows = request.getfixturevalue("converted_workflows")
-    write_default_inputs(comfy.base_dir / "input")  # the images the examples load, so LoadImage's list holds them
-    started = time.monotonic()
-    report = open_workflows(comfy.url, WORKFLOWS + converted_workflows)
-    print(f"\n[frontend] {len(report['workflows'])} workflows in ComfyUI frontend {report['frontend_version']}: "
-          f"{time.monotonic() - started:.1f}s wall, driver timings {report['seconds']}")
+    base = tmp_path_factory.mktemp("frontend-base")
+    write_default_inputs(base / "input")  # the images the examples load, so LoadImage's list holds them
+    with ComfyServer(base, pack_name=CLONE_FOLDER) as server:
+        started = time.monotonic()
+        report = open_workflows(server.url, WORKFLOWS + converted_workflows,
+                                place_files=downloads_in_place(base / "models"),
+                                help_nodes=pack_node_types(server.object_info()))
+        report["model_folders"] = server.get("/models")
+    print(f"\n[frontend] {len(report['workflows'])} workflows, {len(report['help'])} help pages in ComfyUI frontend "
+          f"{report['frontend_version']}: {time.monotonic() - started:.1f}s wall, driver timings {report['seconds']}")
     return report
 
 
@@ -145,7 +170,7 @@ def test_no_missing_node_types(frontend, path):
     facts = facts_of(frontend, path)
     assert facts["nodes"], "the frontend shows no nodes"
     assert_none(missing_node_types(facts), f"(missing node types; dialogs: {facts['dialogs']})")
-    assert facts["dialogs"] == [], "a dialog opened while loading"
+    assert other_dialogs(facts["dialogs"]) == [], "a dialog other than the missing-models one opened while loading"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=names(WORKFLOWS))
@@ -204,6 +229,56 @@ def test_widgets_converted_to_inputs_match_graph_to_prompt(frontend, object_info
         assert width[1] == 0 and expected[width[0]]["inputs"] == {"value": 640}
     assert ui_to_api(json.loads(path.read_text()), object_info) == expected
     assert ui_to_api(facts["serialized"], object_info) == expected
+
+
+# -- a first-time user: missing models, help pages ---------------------------------------------------------------------
+@pytest.mark.parametrize("path", WORKFLOWS, ids=names(WORKFLOWS))
+def test_missing_models_dialog_lists_the_workflow_downloads(frontend, path):
+    """No model installed: the dialog lists exactly the workflow's downloadable files, each in its folder, each with
+    a download button (the frontend shows an error instead for a folder it does not know, a host or suffix it does
+    not allow)."""
+    dialog = missing_models_dialog(frontend["workflows"][path.stem]["dialogs"])
+    expected = {(f.directory, f.name) for f in downloadable(path.name)}
+    if not expected:
+        assert dialog is None, f"{path.name} needs no model, yet the dialog opened:\n{dialog}"
+        return
+    assert dialog is not None, f"{path.name}: no missing-models dialog (properties.models not read?)"
+    assert missing_models_listed(dialog) == expected
+    assert dialog.count("Download") == len(expected), dialog
+    for refusal in ("Invalid directory", "not allowed", "Only allowed suffixes"):
+        assert refusal not in dialog, dialog
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=names(WORKFLOWS))
+def test_no_dialog_once_the_files_are_in_place(frontend, path):
+    assert frontend["reloaded"][path.stem]["dialogs"] == []
+
+
+def test_pack_model_folders_are_registered(frontend):
+    """The frontend places a download only into a folder the server lists (GET /models)."""
+    assert {"lorweb", "loc", "regions"} <= set(frontend["model_folders"])
+
+
+def test_every_pack_node_has_a_help_page(frontend):
+    assert set(frontend["help"]) == {p.stem for p in DOCS.glob("*.md")}
+
+
+@pytest.mark.parametrize("node_type", sorted(p.stem for p in DOCS.glob("*.md")))
+def test_help_panel_renders_the_page(frontend, node_type):
+    """The node's help panel shows our page, not the frontend's fallback built from tooltips: its title, its
+    sections, and every picture loaded from the pack's web directory."""
+    shown = frontend["help"][node_type]
+    assert "error" not in shown, shown
+    assert not shown["fallback"], f"the help panel fell back to tooltips: {shown['text'][:300]}"
+    page = (DOCS / f"{node_type}.md").read_text()
+    title = page.splitlines()[0].removeprefix("# ")
+    assert shown["headings"][0] == f"h1 {title}"
+    assert {"h2 Inputs", "h2 Outputs"} <= set(shown["headings"])
+    pictures = page.count("![")
+    assert len(shown["images"]) == pictures
+    for image in shown["images"]:
+        assert image["loaded"], f"picture not loaded: {image['src']}"
+        assert image["src"].startswith(f"/extensions/{CLONE_FOLDER}/docs/")
 
 
 # -- without a browser ------------------------------------------------------------------------------------------------
