@@ -140,6 +140,17 @@ def missing_models_listed(dialog_text: str) -> set[tuple[str, str]]:
     return {(m["directory"], m["name"]) for m in _DIALOG_ENTRY.finditer(dialog_text)}
 
 
+def offered_downloads(facts: dict) -> set[tuple[str, str]]:
+    """(directory, file name) of the missing files the frontend offers to download after a load: the rows of its
+    missing-models dialog (frontends up to 1.3x), or the downloadable missing models of its Issues tab's store
+    (1.5x, ``missing_model_store``)."""
+    store = facts.get("missing_model_store")
+    if store is not None:
+        return {(c["directory"], c["name"]) for c in store if c["url"] and c["is_missing"] is not False}
+    dialog = missing_models_dialog(facts["dialogs"])
+    return missing_models_listed(dialog) if dialog else set()
+
+
 def other_dialogs(dialogs: list[str]) -> list[str]:
     """Open dialogs other than the missing-models dialog."""
     return [d for d in dialogs if MISSING_MODELS_TITLE not in d]
@@ -151,10 +162,21 @@ def _label(node: dict) -> str:
 
 
 def missing_node_types(facts: dict) -> list[str]:
-    """Node types the frontend could not create: its own list plus nodes whose type is not registered."""
+    """Node types the frontend could not create: its own list plus nodes whose type is not registered or that it
+    marks as broken (newer frontends also mark a loader whose model file is missing: that is not a missing type)."""
     missing = set(facts.get("missing_node_types") or [])
-    missing |= {n["type"] for n in facts["nodes"] if not n["registered"] or n["has_errors"]}
+    model_missing = {c["node_id"] for c in facts.get("missing_model_store") or [] if c.get("node_id")}
+    missing |= {n["type"] for n in facts["nodes"]
+                if not n["registered"] or (n["has_errors"] and str(n["id"]) not in model_missing)}
     return sorted(missing)
+
+
+def without_default_titles(prompt: dict, workflow: dict) -> dict:
+    """An API prompt without the ``_meta`` of nodes the workflow gives no title: the frontend fills those with its
+    own (newer ones: localised) display names, which are not part of what runs."""
+    titled = {str(n["id"]) for n in workflow.get("nodes", []) if n.get("title")}
+    return {key: node if key in titled else {k: v for k, v in node.items() if k != "_meta"}
+            for key, node in prompt.items()}
 
 
 def overlapping_nodes(facts: dict) -> list[str]:

@@ -39,6 +39,7 @@ class ModelFile:
     repository: str  # where it comes from, as the README names it
     source: str  # where the repository and file name were confirmed
     how: str = ""  # extra instructions for the README (renaming, companion files, how to make it)
+    companions: tuple[str, ...] = ()  # other files of the same repository the folder needs (a transformers folder)
 
     @property
     def saved_as(self) -> str:
@@ -111,7 +112,8 @@ FLAN_T5 = ModelFile(
     "the official repository's file list (https://huggingface.co/google/flan-t5-base/tree/main: model.safetensors, "
     "config.json, spiece.model, tokenizer.json, tokenizer_config.json, special_tokens_map.json)",
     "the whole transformers folder `flan-t5-base/`: put `model.safetensors` there together with `config.json`, "
-    "`spiece.model`, `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json` of the same repository")
+    "`spiece.model`, `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json` of the same repository",
+    ("config.json", "spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"))
 LOC_HYPERNETWORK = ModelFile(
     "loc_hypernetwork.safetensors", "loc", None, "yours", "no public weights exist (README, LoRA of Change)",
     "`python -m training.train_loc` writes it into its `output_dir`")

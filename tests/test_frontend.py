@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -28,9 +29,10 @@ import pytest
 from PIL import Image
 
 from devtools.comfy_server import ComfyServer
-from devtools.frontend import (browser_unavailable, link_problems, missing_models_dialog, missing_models_listed,
-                               missing_node_types, model_file_values, open_workflows, other_dialogs,
-                               overlapping_nodes, readme_model_files, readme_model_files_for, widget_problems)
+from devtools.frontend import (browser_unavailable, link_problems, missing_models_dialog, missing_node_types,
+                               model_file_values, offered_downloads, open_workflows, other_dialogs,
+                               overlapping_nodes, readme_model_files, readme_model_files_for, widget_problems,
+                               without_default_titles)
 from devtools.model_downloads import downloadable
 from devtools.workflow import _input_specs, _is_widget, ui_to_api
 
@@ -43,6 +45,11 @@ THUMBNAIL_LIMIT = 100 * 1024
 LORWEB = "lorweb_kontext_analogy.json"
 CLONE_FOLDER = "comfyui-visual-analogy"  # what `git clone` names the pack's folder
 DOCS = REPO / "web" / "docs"
+# The frontends the tests run in: the one ComfyUI 0.3.75 pins (comfyui-frontend-package 1.32.9, served by default),
+# and the newest on PyPI when this was written, which scripts/setup_env.sh installs into .venv/frontend-latest and the
+# server serves with --front-end-root.
+LATEST_FRONTEND = Path(sys.prefix) / "frontend-latest" / "comfyui_frontend_package" / "static"
+FRONTENDS = {"bundled": None, "latest": LATEST_FRONTEND}
 
 
 def names(paths: list[Path]) -> list[str]:
@@ -127,23 +134,30 @@ def pack_node_types(object_info: dict) -> list[str]:
 
 
 def downloads_in_place(models_dir: Path) -> list[Path]:
-    """Where every downloadable file of every example workflow goes under a ComfyUI ``models/`` folder."""
-    return sorted({models_dir / f.directory / f.name for path in WORKFLOWS for f in downloadable(path.name)})
+    """Where every downloadable file of every example workflow goes under a ComfyUI ``models/`` folder, with the
+    companion files a transformers folder needs (the T5 loader lists a folder only once its config.json is there)."""
+    files = {f for path in WORKFLOWS for f in downloadable(path.name)}
+    places = {models_dir / f.directory / f.name for f in files}
+    places |= {models_dir / f.directory / Path(f.name).parent / c for f in files for c in f.companions}
+    return sorted(places)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", params=sorted(FRONTENDS))
 def frontend(request, tmp_path_factory) -> dict:
     """The driver's report: every example workflow plus the converted-widget workflows opened with no model files
     installed, every example opened again with its downloadable files in place, and every pack node's help panel."""
     why = browser_unavailable()
     if why:  # before the server starts
         pytest.skip(f"the frontend tests need Node.js and a Chromium: {why}")
+    root = FRONTENDS[request.param]
+    if root is not None and not (root / "index.html").is_file():
+        pytest.skip(f"no {request.param} frontend at {root}: run `bash scripts/setup_env.sh`")
     from devtools.run_example import write_default_inputs
 
     converted_workflows = request.getfixturevalue("converted_workflows")
-    base = tmp_path_factory.mktemp("frontend-base")
+    base = tmp_path_factory.mktemp(f"frontend-{request.param}")
     write_default_inputs(base / "input")  # the images the examples load, so LoadImage's list holds them
-    with ComfyServer(base, pack_name=CLONE_FOLDER) as server:
+    with ComfyServer(base, pack_name=CLONE_FOLDER, front_end_root=root) as server:
         started = time.monotonic()
         report = open_workflows(server.url, WORKFLOWS + converted_workflows,
                                 place_files=downloads_in_place(base / "models"),
@@ -204,13 +218,14 @@ def test_widget_values_are_valid(frontend, comfy, path):
 @pytest.mark.parametrize("path", WORKFLOWS, ids=names(WORKFLOWS))
 def test_graph_to_prompt_equals_our_converter(frontend, object_info, path):
     facts = facts_of(frontend, path)
-    expected = facts["prompt"]
+    workflow = json.loads(path.read_text())
+    expected = without_default_titles(facts["prompt"], workflow)
     assert expected, "graphToPrompt gave an empty prompt"
-    assert ui_to_api(json.loads(path.read_text()), object_info) == expected
+    assert without_default_titles(ui_to_api(workflow, object_info), workflow) == expected
     # The frontend's own serialisations (newer form: every widget has an input slot; and graphToPrompt's compressed
     # form) convert to the same prompt.
-    assert ui_to_api(facts["serialized"], object_info) == expected
-    assert ui_to_api(facts["prompt_workflow"], object_info) == expected
+    assert without_default_titles(ui_to_api(facts["serialized"], object_info), workflow) == expected
+    assert without_default_titles(ui_to_api(facts["prompt_workflow"], object_info), workflow) == expected
 
 
 @pytest.mark.parametrize("form", ["_converted_widgets_legacy", "_converted_widgets_newer"])
@@ -227,31 +242,35 @@ def test_widgets_converted_to_inputs_match_graph_to_prompt(frontend, object_info
         steps, width = by_type["KSampler"]["steps"], by_type["AnalogyFourPanelComposite"]["width"]
         assert steps[1] == 0 and expected[steps[0]]["inputs"] == {"value": 12}
         assert width[1] == 0 and expected[width[0]]["inputs"] == {"value": 640}
-    assert ui_to_api(json.loads(path.read_text()), object_info) == expected
-    assert ui_to_api(facts["serialized"], object_info) == expected
+    workflow = json.loads(path.read_text())
+    expected = without_default_titles(expected, workflow)
+    assert without_default_titles(ui_to_api(workflow, object_info), workflow) == expected
+    assert without_default_titles(ui_to_api(facts["serialized"], object_info), workflow) == expected
 
 
 # -- a first-time user: missing models, help pages ---------------------------------------------------------------------
 @pytest.mark.parametrize("path", WORKFLOWS, ids=names(WORKFLOWS))
 def test_missing_models_dialog_lists_the_workflow_downloads(frontend, path):
-    """No model installed: the dialog lists exactly the workflow's downloadable files, each in its folder, each with
-    a download button (the frontend shows an error instead for a folder it does not know, a host or suffix it does
-    not allow)."""
-    dialog = missing_models_dialog(frontend["workflows"][path.stem]["dialogs"])
+    """No model installed: the frontend offers exactly the workflow's downloadable files, each in its folder. In
+    the dialog of 1.3x each has a download button (it shows an error instead for a folder it does not know, a host
+    or suffix it does not allow); 1.5x lists them in its Issues tab."""
+    facts = frontend["workflows"][path.stem]
     expected = {(f.directory, f.name) for f in downloadable(path.name)}
+    assert offered_downloads(facts) == expected
+    dialog = missing_models_dialog(facts["dialogs"])
+    if facts["missing_model_store"] is None and expected:  # the dialog of frontends up to 1.3x
+        assert dialog.count("Download") == len(expected), dialog
+        for refusal in ("Invalid directory", "not allowed", "Only allowed suffixes"):
+            assert refusal not in dialog, dialog
     if not expected:
         assert dialog is None, f"{path.name} needs no model, yet the dialog opened:\n{dialog}"
-        return
-    assert dialog is not None, f"{path.name}: no missing-models dialog (properties.models not read?)"
-    assert missing_models_listed(dialog) == expected
-    assert dialog.count("Download") == len(expected), dialog
-    for refusal in ("Invalid directory", "not allowed", "Only allowed suffixes"):
-        assert refusal not in dialog, dialog
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=names(WORKFLOWS))
-def test_no_dialog_once_the_files_are_in_place(frontend, path):
-    assert frontend["reloaded"][path.stem]["dialogs"] == []
+def test_no_download_offered_once_the_files_are_in_place(frontend, path):
+    reloaded = frontend["reloaded"][path.stem]
+    assert offered_downloads(reloaded) == set()
+    assert reloaded["dialogs"] == []
 
 
 def test_pack_model_folders_are_registered(frontend):

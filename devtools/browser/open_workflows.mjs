@@ -33,11 +33,14 @@ if (!opts.url || !opts.out) {
 }
 
 // Settings of a fresh user that would cover the canvas: the template browser opens on first start, the minimap and
-// the render statistics sit on top of the graph.
+// the render statistics sit on top of the graph. Newer frontends (1.5x) default to a redesigned node library without
+// the help panel of the classic one; the classic one is kept, so the same help panel is opened in every version (the
+// redesign's node info reads the same pages through the same NodeHelpService).
 const QUIET_SETTINGS = {
   "Comfy.TutorialCompleted": true,
   "Comfy.Minimap.Visible": false,
   "Comfy.Graph.CanvasInfo": false,
+  "Comfy.NodeLibrary.NewDesign": false,
 };
 
 async function launchBrowser() {
@@ -93,9 +96,11 @@ async function load(page, workflow, name) {
   await page.evaluate(() => new Promise((resolve) => requestAnimationFrame(() => requestAnimationFrame(resolve))));
 }
 
-/** Everything the checks need, read from the frontend's own objects. */
+/** Everything the checks need, read from the frontend's own objects. Ids and link lists are normalised: newer
+ * frontends (1.5x) hold numeric node ids as strings in links and slot link lists as reactive proxies. */
 async function describe(page) {
   return page.evaluate(async () => {
+    const asId = (v) => (typeof v === "string" && /^\d+$/.test(v) ? Number(v) : v);
     const graph = window.app.graph;
     const registered = window.LiteGraph.registered_node_types;
     const widgetOptions = (w) => {
@@ -108,7 +113,7 @@ async function describe(page) {
       return pick;
     };
     const nodes = graph.nodes.map((node) => ({
-      id: node.id,
+      id: asId(node.id),
       type: node.type,
       comfy_class: node.comfyClass ?? null,
       title: node.title,
@@ -120,14 +125,14 @@ async function describe(page) {
       inputs: (node.inputs ?? []).map((s) => ({
         name: s.name, type: s.type, link: s.link ?? null, widget: s.widget?.name ?? null,
       })),
-      outputs: (node.outputs ?? []).map((s) => ({ name: s.name, type: s.type, links: s.links ?? [] })),
+      outputs: (node.outputs ?? []).map((s) => ({ name: s.name, type: s.type, links: Array.from(s.links ?? []) })),
       widgets: (node.widgets ?? []).map((w) => ({
         name: w.name, type: w.type, value: w.value, options: widgetOptions(w),
       })),
     }));
     const linkList = graph.links instanceof Map ? [...graph.links.values()] : Object.values(graph.links ?? {});
     const links = linkList.filter(Boolean).map((l) => ({
-      id: l.id, origin_id: l.origin_id, origin_slot: l.origin_slot, target_id: l.target_id,
+      id: l.id, origin_id: asId(l.origin_id), origin_slot: l.origin_slot, target_id: asId(l.target_id),
       target_slot: l.target_slot, type: l.type,
     }));
     const { output, workflow: promptWorkflow } = await window.app.graphToPrompt();
@@ -160,9 +165,30 @@ async function screenshot(page, file) {
   await page.screenshot({ path: file, type: "png" });
 }
 
-/** The dialogs open after a load (the missing-models dialog among them), as their text. */
+/** The dialogs open after a load (the missing-models dialog of frontends up to 1.3x among them), as their text. */
 async function openDialogs(page) {
   return page.evaluate(() => [...document.querySelectorAll(".p-dialog")].map((d) => d.innerText.slice(0, 4000)));
+}
+
+/** Newer frontends (1.5x) list missing models in the Issues tab instead of a dialog: read its store once the
+ * frontend has finished checking the model folders. null when the frontend has no such store. */
+async function missingModelStore(page) {
+  const ready = () => {
+    const pinia = document.querySelector("#vue-app").__vue_app__.config.globalProperties.$pinia;
+    const store = pinia._s.get("missingModel");
+    return !store || !store.isRefreshingMissingModels;
+  };
+  await page.waitForFunction(ready, { timeout: 20000 }).catch(() => {});
+  await page.waitForNetworkIdle({ idleTime: 300, timeout: 10000 }).catch(() => {});
+  return page.evaluate(() => {
+    const pinia = document.querySelector("#vue-app").__vue_app__.config.globalProperties.$pinia;
+    const store = pinia._s.get("missingModel");
+    if (!store) return null;
+    return (store.missingModelCandidates ?? []).map((c) => ({
+      name: c.name, directory: c.directory ?? null, url: c.url ?? null, is_missing: c.isMissing ?? null,
+      node_id: c.nodeId == null ? null : String(c.nodeId),
+    }));
+  });
 }
 
 /** The frontend's Pinia stores (the node definitions, the help panel, the side bar). */
@@ -173,11 +199,15 @@ function stores() {
 
 /** Open a node type's help page the way the node library's help button does, and report what it rendered. */
 async function openHelp(page, nodeType) {
+  await page.evaluate((storesSource) => {  // the node library creates the help store (newer frontends: lazily)
+    const { sidebar } = new Function(`return (${storesSource})()`)();
+    if (sidebar.activeSidebarTabId !== "node-library") sidebar.toggleSidebarTab("node-library");
+  }, stores.toString());
+  await page.waitForFunction(new Function(`return Boolean((${stores.toString()})().help)`), { timeout: 20000 });
   await page.evaluate((nodeType, storesSource) => {
-    const { nodeDef, help, sidebar } = new Function(`return (${storesSource})()`)();
+    const { nodeDef, help } = new Function(`return (${storesSource})()`)();
     const def = nodeDef.nodeDefsByName[nodeType];
     if (!def) throw new Error(`no node definition ${nodeType}`);
-    if (sidebar.activeSidebarTabId !== "node-library") sidebar.toggleSidebarTab("node-library");
     help.closeHelp();
     help.openHelp(def);
   }, nodeType, stores.toString());
@@ -222,6 +252,7 @@ try {
     consoleErrors.length = 0;
     await load(page, JSON.parse(fs.readFileSync(file, "utf8")), name);
     const facts = await describe(page);
+    facts.missing_model_store = await missingModelStore(page);
     if (opts.screenshots) await screenshot(page, path.join(opts.screenshots, `${name}.png`));
     facts.console_errors = [...consoleErrors];
     report.workflows[name] = facts;
@@ -233,11 +264,13 @@ try {
       fs.mkdirSync(path.dirname(file), { recursive: true });
       fs.writeFileSync(file, "");
     }
+    // What the user does after downloading: refresh (the R key), so the loaders list the new files.
+    await page.evaluate(() => window.app.refreshComboInNodes());
     report.reloaded = {};
     for (const file of workflows) {
       const name = path.basename(file, ".json");
       await load(page, JSON.parse(fs.readFileSync(file, "utf8")), name);
-      report.reloaded[name] = { dialogs: await openDialogs(page) };
+      report.reloaded[name] = { dialogs: await openDialogs(page), missing_model_store: await missingModelStore(page) };
     }
     report.seconds.reloaded = (Date.now() - t0) / 1000;
   }
