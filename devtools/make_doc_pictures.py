@@ -1,12 +1,9 @@
 """Pictures for the node help pages (``web/docs/``), from real runs of the pack's nodes in a real ComfyUI.
 
-    .venv/bin/python -m devtools.make_doc_pictures             # Four-Panel Composite: both layouts (no model)
-    .venv/bin/python -m devtools.make_doc_pictures --heatmap   # + Mix LoRA Basis's heat map (the world demo's run)
+    .venv/bin/python -m devtools.make_doc_pictures
 
-The composite is the shipped ``four_panel_composite.json`` run on a held-out scene of the analogy world. The heat map
-is the coefficient output of Mix LoRA Basis in the shipped LoRWeB workflow run on the world's models, exactly as
-``devtools.world_demo`` runs it (run ``python -m devtools.world_demo --quick`` first: it builds the quick world and
-trains its LoRWeB basis; this reuses both). Pictures are PNGs of at most 60 KB.
+Four-Panel Composite: the shipped ``four_panel_composite.json`` run on a held-out scene of the analogy world, in both
+layouts. Pictures are PNGs of at most 60 KB (tests/test_node_docs.py).
 """
 
 from __future__ import annotations
@@ -16,7 +13,6 @@ import json
 import tempfile
 from pathlib import Path
 
-import torch
 from PIL import Image, ImageDraw
 
 from analogy_core import world as world_def
@@ -74,46 +70,10 @@ def four_panel_layouts(out: Path) -> Path:
     return out
 
 
-def lorweb_heatmap(out: Path, steps: int = 8, seed: int = 0) -> Path:
-    """Mix LoRA Basis's coefficient heat map from the LoRWeB example workflow run on the quick world's models."""
-    from training.world import build_world
-
-    from .world_demo import DEV_NODES, install_world_models, lorweb_run_folder, world_prompt
-
-    world = build_world(["autoencoder", "clip", "flux_kontext"], quick=True, seed=seed)
-    basis = lorweb_run_folder(world, True, seed) / "lorweb_basis.safetensors"
-    if not basis.is_file():
-        raise SystemExit(f"no trained world basis at {basis}: run `python -m devtools.world_demo --quick` first")
-    panel = world_def.REFERENCE_SIZE
-    base = Path(tempfile.mkdtemp(prefix="analogy-doc-heatmap-"))
-    install_world_models(world.root, basis, base / "models")
-    example = world_def.example(FAMILY, "heldout", INDEX, panel)
-    images = {role: f"world_{role}.png" for role in ("a", "a_prime", "b")}
-    for role, name in images.items():
-        save_png(getattr(example, role), base / "input" / name)
-    with ComfyServer(base, extra_nodes={"analogy_dev_nodes": DEV_NODES}) as server:
-        prompt = world_prompt(server.object_info(), images, panel, steps, seed)
-        mix = _node_id(prompt, "AnalogyMixLoRABasis")
-        preview = _consumer(prompt, mix, 1, "PreviewImage")
-        prompt[preview] = {"class_type": "SaveImage", "inputs": {"images": [mix, 1], "filename_prefix": "doc/heat"}}
-        history = server.run(prompt)
-        heat = Image.fromarray(to_uint8(load_png(server.output_files(history, preview)[0])))
-    scale = max(1, 480 // heat.width)
-    heat = heat.resize((heat.width * scale, heat.height * scale), Image.NEAREST)
-    labelled([heat], [f"{FAMILY}: layers (rows) x basis entries (columns)"]).save(out, optimize=True)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--heatmap", action="store_true", help="also Mix LoRA Basis's heat map (needs the world demo)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    made = [four_panel_layouts(DOCS / "AnalogyFourPanelComposite.png")]
-    if args.heatmap:
-        made.append(lorweb_heatmap(DOCS / "AnalogyMixLoRABasis.png"))
-    for path in made:
-        print(f"wrote {path} ({path.stat().st_size // 1024} KB)")
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    path = four_panel_layouts(DOCS / "AnalogyFourPanelComposite.png")
+    print(f"wrote {path} ({path.stat().st_size // 1024} KB)")
     return 0
 
 

@@ -6,7 +6,6 @@ a 2x2 grid where A -> A' (a blue disc turns red) is applied to B (a blue square)
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from PIL import Image, ImageDraw
 
