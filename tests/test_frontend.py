@@ -10,7 +10,8 @@ added to the folder is covered without editing this file.
 
 The same browser session then checks what a first-time user meets: with no model files installed, the frontend's
 missing-models dialog lists exactly the workflow's downloadable files (``devtools/model_downloads.py``) with their
-folders and offers each download; with those files in place, loading every workflow again opens no dialog; and the
+folders and offers each download; with those files in place (and the loaders refreshed), loading every workflow again
+offers no download; and the
 help panel of every pack node renders its page (``web/docs/<NodeName>.md``: headings, pictures loaded). The server
 runs the pack under the folder name ``git clone`` gives it: the frontend finds a custom node's help pages under the
 folder name up to its first dot.
