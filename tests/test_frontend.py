@@ -8,13 +8,13 @@ required input connected; every widget value valid, model files excepted, which 
 tells the user to download; and ``app.graphToPrompt()`` equal to our converter (``devtools/workflow.py``). A workflow
 added to the folder is covered without editing this file.
 
-The same browser session then checks what a first-time user meets: with no model files installed, the frontend's
-missing-models dialog lists exactly the workflow's downloadable files (``devtools/model_downloads.py``) with their
-folders and offers each download; with those files in place (and the loaders refreshed), loading every workflow again
-offers no download; and the
-help panel of every pack node renders its page (``web/docs/<NodeName>.md``: headings, pictures loaded). The server
-runs the pack under the folder name ``git clone`` gives it: the frontend finds a custom node's help pages under the
-folder name up to its first dot.
+The same browser session then checks what a first-time user meets: with no model files installed, the frontend
+offers exactly the workflow's downloadable files (``devtools/model_downloads.py``) with their folders (1.3x: the
+missing-models dialog, 1.5x: the Issues tab); with those files in place (and the loaders refreshed), loading every
+workflow again offers no download; and the help panel of every pack node renders its page
+(``web/docs/<NodeName>.md``: headings, pictures loaded). The server runs the pack under the folder name ``git clone``
+gives it: the frontend finds a custom node's help pages under the folder name up to its first dot. Every check runs
+in the frontend ComfyUI 0.3.75 pins and in the newest one (see ``FRONTENDS``).
 """
 
 from __future__ import annotations
