@@ -26,6 +26,7 @@ HF = "https://huggingface.co"
 # an error instead of a button.
 ALLOWED_URL_PREFIXES = ("https://civitai.com/", "https://huggingface.co/", "http://localhost:")
 ALLOWED_SUFFIXES = (".safetensors", ".sft")
+PACK_FOLDERS = ("lorweb", "loc", "regions")  # model folders the pack registers (nodes/), created on first start
 TEMPLATES = "ComfyUI's own template {} (comfyui-workflow-templates 0.7.25, the version ComfyUI 0.3.75 pins)"
 
 
@@ -158,7 +159,6 @@ def readme_table(workflow: str) -> str:
     return "\n".join(rows)
 
 
-PACK_FOLDERS = ("lorweb", "loc", "regions")  # registered by the pack (nodes/), created on first start
 MARKER = re.compile(r"(<!-- downloads:(?P<workflow>[\w.]+) -->\n)(?P<table>.*?)(\n<!-- /downloads -->)", re.S)
 
 
