@@ -69,11 +69,13 @@ class ComfyServer:
     """
 
     def __init__(self, base_dir: Path, pack_name: str = "comfyui-visual-analogy", pack_dir: Path = REPO_ROOT,
-                 port: int | None = None, extra_nodes: dict[str, Path] | None = None):
+                 port: int | None = None, extra_nodes: dict[str, Path] | None = None,
+                 front_end_root: Path | None = None):
         self.base_dir = Path(base_dir)
         self.pack_name = pack_name
         self.pack_dir = Path(pack_dir)
         self.extra_nodes = dict(extra_nodes or {})  # folder name -> path of further custom-node folders
+        self.front_end_root = front_end_root  # another frontend's static folder (ComfyUI's --front-end-root)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.base_dir / "comfyui.log"
@@ -97,6 +99,8 @@ class ComfyServer:
                "--base-directory", str(self.base_dir), "--database-url", "sqlite:///:memory:",
                "--disable-auto-launch", "--disable-api-nodes", "--disable-all-custom-nodes",
                "--whitelist-custom-nodes", self.pack_name, *self.extra_nodes]
+        if self.front_end_root is not None:
+            cmd += ["--front-end-root", str(self.front_end_root)]
         env = dict(os.environ, DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(cmd, cwd=root, stdout=self._log, stderr=subprocess.STDOUT, env=env,

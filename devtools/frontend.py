@@ -53,14 +53,25 @@ def browser_unavailable() -> str | None:
 
 
 def open_workflows(url: str, workflows: list[Path], screenshots: Path | None = None, timeout: float = 600,
-                   size: tuple[int, int] = (1600, 1000)) -> dict[str, Any]:
-    """Load each workflow through ``app.loadGraphData`` in one browser; return the driver's report."""
+                   size: tuple[int, int] = (1600, 1000), place_files: list[Path] | None = None,
+                   help_nodes: list[str] | None = None) -> dict[str, Any]:
+    """Load each workflow through ``app.loadGraphData`` in one browser; return the driver's report.
+
+    ``place_files``: after the first pass the driver creates these (empty) files and loads every workflow again
+    (``report["reloaded"]``: the dialogs that opened). ``help_nodes``: node types whose help panel it opens
+    (``report["help"]``)."""
     with tempfile.TemporaryDirectory(prefix="frontend-report-") as tmp:
         out = Path(tmp) / "report.json"
         cmd = [shutil.which("node") or "node", str(DRIVER), "--url", url, "--out", str(out),
                "--width", str(size[0]), "--height", str(size[1])]
         if screenshots is not None:
             cmd += ["--screenshots", str(screenshots)]
+        if place_files:
+            listing = Path(tmp) / "place_files.json"
+            listing.write_text(json.dumps([str(p) for p in place_files]))
+            cmd += ["--place-files", str(listing)]
+        if help_nodes:
+            cmd += ["--help-nodes", ",".join(help_nodes)]
         done = subprocess.run(cmd + [str(p) for p in workflows], cwd=BROWSER_DIR, capture_output=True, text=True,
                               timeout=timeout)
         if done.returncode != 0 or not out.is_file():
@@ -113,16 +124,59 @@ def readme_model_files_for(readme: str, workflow_file: str) -> dict[str, str] | 
     return None
 
 
+# -- the missing-models dialog ----------------------------------------------------------------------------------------
+MISSING_MODELS_TITLE = "Missing Models"
+_DIALOG_ENTRY = re.compile(r"^(?P<directory>[\w.-]+) / (?P<name>\S+)", re.M)
+
+
+def missing_models_dialog(dialogs: list[str]) -> str | None:
+    """The text of the frontend's missing-models dialog among the open dialogs, or None when it is not open."""
+    found = [d for d in dialogs if MISSING_MODELS_TITLE in d]
+    return found[0] if found else None
+
+
+def missing_models_listed(dialog_text: str) -> set[tuple[str, str]]:
+    """(directory, file name) of every entry the missing-models dialog lists (its rows read ``directory / name``)."""
+    return {(m["directory"], m["name"]) for m in _DIALOG_ENTRY.finditer(dialog_text)}
+
+
+def offered_downloads(facts: dict) -> set[tuple[str, str]]:
+    """(directory, file name) of the missing files the frontend offers to download after a load: the rows of its
+    missing-models dialog (frontends up to 1.3x), or the downloadable missing models of its Issues tab's store
+    (1.5x, ``missing_model_store``)."""
+    store = facts.get("missing_model_store")
+    if store is not None:
+        return {(c["directory"], c["name"]) for c in store if c["url"] and c["is_missing"] is not False}
+    dialog = missing_models_dialog(facts["dialogs"])
+    return missing_models_listed(dialog) if dialog else set()
+
+
+def other_dialogs(dialogs: list[str]) -> list[str]:
+    """Open dialogs other than the missing-models dialog."""
+    return [d for d in dialogs if MISSING_MODELS_TITLE not in d]
+
+
 # -- checks on one workflow's facts -----------------------------------------------------------------------------------
 def _label(node: dict) -> str:
     return f"#{node['id']} {node['title']!r} ({node['type']})"
 
 
 def missing_node_types(facts: dict) -> list[str]:
-    """Node types the frontend could not create: its own list plus nodes whose type is not registered."""
+    """Node types the frontend could not create: its own list plus nodes whose type is not registered or that it
+    marks as broken (newer frontends also mark a loader whose model file is missing: that is not a missing type)."""
     missing = set(facts.get("missing_node_types") or [])
-    missing |= {n["type"] for n in facts["nodes"] if not n["registered"] or n["has_errors"]}
+    model_missing = {c["node_id"] for c in facts.get("missing_model_store") or [] if c.get("node_id")}
+    missing |= {n["type"] for n in facts["nodes"]
+                if not n["registered"] or (n["has_errors"] and str(n["id"]) not in model_missing)}
     return sorted(missing)
+
+
+def without_default_titles(prompt: dict, workflow: dict) -> dict:
+    """An API prompt without the ``_meta`` of nodes the workflow gives no title: the frontend fills those with its
+    own (newer ones: localised) display names, which are not part of what runs."""
+    titled = {str(n["id"]) for n in workflow.get("nodes", []) if n.get("title")}
+    return {key: node if key in titled else {k: v for k, v in node.items() if k != "_meta"}
+            for key, node in prompt.items()}
 
 
 def overlapping_nodes(facts: dict) -> list[str]:

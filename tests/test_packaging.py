@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 COMFY_MODULES = ("comfy", "folder_paths", "nodes", "server", "execution", "comfy_extras", "comfy_api")
@@ -57,6 +60,47 @@ def test_node_requirements_cover_what_the_nodes_import():
 def test_comfy_registry_section():
     tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["comfy"]
     assert tool["PublisherId"] and tool["DisplayName"] and "Icon" in tool
+
+
+def test_registry_icon_is_shipped_in_the_repo():
+    """[tool.comfy] Icon is the raw URL of a file of this repository (main branch): a square PNG of at most
+    400 x 400 px, as the registry asks."""
+    from PIL import Image
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    repository = project["project"]["urls"]["Repository"].removeprefix("https://github.com/")
+    prefix = f"https://raw.githubusercontent.com/{repository}/main/"
+    icon = project["tool"]["comfy"]["Icon"]
+    assert icon.startswith(prefix), icon
+    path = REPO / icon.removeprefix(prefix)
+    assert path.is_file(), path
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width == image.height <= 400
+
+
+def run_comfy_validate(folder: Path) -> subprocess.CompletedProcess:
+    comfy = Path(sys.executable).parent / "comfy"
+    if not comfy.is_file():
+        pytest.fail("comfy-cli is not installed: run `bash scripts/setup_env.sh` (requirements/test.txt lists it)")
+    return subprocess.run([str(comfy), "--skip-prompt", "node", "validate"], cwd=folder, capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, DO_NOT_TRACK="1"))
+
+
+def test_comfy_node_validate_passes():
+    """What the registry runs before publishing (`comfy node validate`, offline): pyproject.toml parses with a
+    version, and ruff's security rules (exec, eval, several statements on a line) find nothing."""
+    done = run_comfy_validate(REPO)
+    said = done.stdout + done.stderr  # comfy-cli prints its verdicts through rich, to stderr when not a terminal
+    assert done.returncode == 0, said
+    assert "All validation checks passed" in said and "Security warnings" not in said, said
+
+
+def test_comfy_node_validate_catches_a_broken_pyproject(tmp_path):
+    """The check above can fail: without a project version it does."""
+    text = (REPO / "pyproject.toml").read_text()
+    (tmp_path / "pyproject.toml").write_text(text.replace('version = "0.1.0"\n', "", 1))
+    done = run_comfy_validate(tmp_path)
+    assert done.returncode != 0 and "version" in done.stdout + done.stderr
 
 
 def test_top_level_layout():

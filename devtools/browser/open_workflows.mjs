@@ -1,9 +1,13 @@
 // Open UI-format workflows in the ComfyUI frontend that a running server serves, the way a user does, and report
 // what the frontend made of them. One headless Chromium for all workflows.
 //
-//   node open_workflows.mjs --url http://127.0.0.1:8188 --out report.json [--screenshots DIR] a.json b.json ...
+//   node open_workflows.mjs --url http://127.0.0.1:8188 --out report.json [--screenshots DIR]
+//        [--place-files files.json] [--help-nodes A,B] a.json b.json ...
 //
-// The report is raw facts (node boxes, slots, widgets, links, graphToPrompt); devtools/frontend.py judges them.
+// The report is raw facts (node boxes, slots, widgets, links, graphToPrompt, the dialogs that opened);
+// devtools/frontend.py judges them. --place-files: after the first pass, create the (empty) files listed in the JSON
+// array, load every workflow again and report the dialogs that open then (report.reloaded). --help-nodes: open the
+// node help panel of each node type and report what it rendered (report.help).
 // The browser is the Chromium binary shipped inside @sparticuz/chromium (unpacked to /tmp on first use, nothing is
 // downloaded); CHROMIUM_PATH selects another Chromium instead (e.g. Debian's /usr/bin/chromium).
 import fs from "node:fs";
@@ -19,6 +23,8 @@ const { values: opts, positionals: workflows } = parseArgs({
     screenshots: { type: "string" },
     width: { type: "string", default: "1600" },
     height: { type: "string", default: "1000" },
+    "place-files": { type: "string" },
+    "help-nodes": { type: "string" },
   },
 });
 if (!opts.url || !opts.out) {
@@ -27,11 +33,14 @@ if (!opts.url || !opts.out) {
 }
 
 // Settings of a fresh user that would cover the canvas: the template browser opens on first start, the minimap and
-// the render statistics sit on top of the graph.
+// the render statistics sit on top of the graph. Newer frontends (1.5x) default to a redesigned node library without
+// the help panel of the classic one; the classic one is kept, so the same help panel is opened in every version (the
+// redesign's node info reads the same pages through the same NodeHelpService).
 const QUIET_SETTINGS = {
   "Comfy.TutorialCompleted": true,
   "Comfy.Minimap.Visible": false,
   "Comfy.Graph.CanvasInfo": false,
+  "Comfy.NodeLibrary.NewDesign": false,
 };
 
 async function launchBrowser() {
@@ -69,9 +78,15 @@ async function openFrontend(page, url) {
   });
 }
 
+/** Close the open dialogs and wait until they are gone from the page. */
+async function closeDialogs(page) {
+  for (let i = 0; i < 3 && (await page.$(".p-dialog")); i++) await page.keyboard.press("Escape");
+  await page.waitForFunction(() => !document.querySelector(".p-dialog"), { timeout: 10000 });
+}
+
 /** Load through the frontend's own path (what dropping a file or picking a template does). */
 async function load(page, workflow, name) {
-  for (let i = 0; i < 3 && (await page.$(".p-dialog")); i++) await page.keyboard.press("Escape");  // last one's
+  await closeDialogs(page);  // the last workflow's (a dialog still closing would swallow the next one's)
   await page.evaluate(async (workflow, name) => {
     window.__analogyMissing = null;
     await window.app.loadGraphData(workflow, true, true, name);
@@ -81,9 +96,11 @@ async function load(page, workflow, name) {
   await page.evaluate(() => new Promise((resolve) => requestAnimationFrame(() => requestAnimationFrame(resolve))));
 }
 
-/** Everything the checks need, read from the frontend's own objects. */
+/** Everything the checks need, read from the frontend's own objects. Ids and link lists are normalised: newer
+ * frontends (1.5x) hold numeric node ids as strings in links and slot link lists as reactive proxies. */
 async function describe(page) {
   return page.evaluate(async () => {
+    const asId = (v) => (typeof v === "string" && /^\d+$/.test(v) ? Number(v) : v);
     const graph = window.app.graph;
     const registered = window.LiteGraph.registered_node_types;
     const widgetOptions = (w) => {
@@ -96,7 +113,7 @@ async function describe(page) {
       return pick;
     };
     const nodes = graph.nodes.map((node) => ({
-      id: node.id,
+      id: asId(node.id),
       type: node.type,
       comfy_class: node.comfyClass ?? null,
       title: node.title,
@@ -108,18 +125,18 @@ async function describe(page) {
       inputs: (node.inputs ?? []).map((s) => ({
         name: s.name, type: s.type, link: s.link ?? null, widget: s.widget?.name ?? null,
       })),
-      outputs: (node.outputs ?? []).map((s) => ({ name: s.name, type: s.type, links: s.links ?? [] })),
+      outputs: (node.outputs ?? []).map((s) => ({ name: s.name, type: s.type, links: Array.from(s.links ?? []) })),
       widgets: (node.widgets ?? []).map((w) => ({
         name: w.name, type: w.type, value: w.value, options: widgetOptions(w),
       })),
     }));
     const linkList = graph.links instanceof Map ? [...graph.links.values()] : Object.values(graph.links ?? {});
     const links = linkList.filter(Boolean).map((l) => ({
-      id: l.id, origin_id: l.origin_id, origin_slot: l.origin_slot, target_id: l.target_id,
+      id: l.id, origin_id: asId(l.origin_id), origin_slot: l.origin_slot, target_id: asId(l.target_id),
       target_slot: l.target_slot, type: l.type,
     }));
     const { output, workflow: promptWorkflow } = await window.app.graphToPrompt();
-    const dialogs = [...document.querySelectorAll(".p-dialog")].map((d) => d.innerText.slice(0, 500));
+    const dialogs = [...document.querySelectorAll(".p-dialog")].map((d) => d.innerText.slice(0, 4000));
     return {
       missing_node_types: window.__analogyMissing,
       nodes, links, prompt: output, prompt_workflow: promptWorkflow,
@@ -132,6 +149,7 @@ async function describe(page) {
 const SCREENSHOT_CSS = ".p-buttongroup, .comfy-menu-hamburger, .p-toast { display: none !important; }";
 
 async function screenshot(page, file) {
+  await closeDialogs(page);  // the picture shows the graph, not the missing-models dialog of a fresh install
   await page.evaluate(async () => {
     const canvas = window.app.canvas;
     canvas.deselectAll?.();
@@ -145,6 +163,71 @@ async function screenshot(page, file) {
   });
   await new Promise((resolve) => setTimeout(resolve, 300));  // DOM widgets (text boxes) follow the canvas
   await page.screenshot({ path: file, type: "png" });
+}
+
+/** The dialogs open after a load (the missing-models dialog of frontends up to 1.3x among them), as their text. */
+async function openDialogs(page) {
+  return page.evaluate(() => [...document.querySelectorAll(".p-dialog")].map((d) => d.innerText.slice(0, 4000)));
+}
+
+/** Newer frontends (1.5x) list missing models in the Issues tab instead of a dialog: read its store once the
+ * frontend has finished checking the model folders. null when the frontend has no such store. */
+async function missingModelStore(page) {
+  const ready = () => {
+    const pinia = document.querySelector("#vue-app").__vue_app__.config.globalProperties.$pinia;
+    const store = pinia._s.get("missingModel");
+    return !store || !store.isRefreshingMissingModels;
+  };
+  await page.waitForFunction(ready, { timeout: 20000 }).catch(() => {});
+  await page.waitForNetworkIdle({ idleTime: 300, timeout: 10000 }).catch(() => {});
+  return page.evaluate(() => {
+    const pinia = document.querySelector("#vue-app").__vue_app__.config.globalProperties.$pinia;
+    const store = pinia._s.get("missingModel");
+    if (!store) return null;
+    return (store.missingModelCandidates ?? []).map((c) => ({
+      name: c.name, directory: c.directory ?? null, url: c.url ?? null, is_missing: c.isMissing ?? null,
+      node_id: c.nodeId == null ? null : String(c.nodeId),
+    }));
+  });
+}
+
+/** The frontend's Pinia stores (the node definitions, the help panel, the side bar). */
+function stores() {
+  const pinia = document.querySelector("#vue-app").__vue_app__.config.globalProperties.$pinia;
+  return { nodeDef: pinia._s.get("nodeDef"), help: pinia._s.get("nodeHelp"), sidebar: pinia._s.get("sidebarTab") };
+}
+
+/** Open a node type's help page the way the node library's help button does, and report what it rendered. */
+async function openHelp(page, nodeType) {
+  await page.evaluate((storesSource) => {  // the node library creates the help store (newer frontends: lazily)
+    const { sidebar } = new Function(`return (${storesSource})()`)();
+    if (sidebar.activeSidebarTabId !== "node-library") sidebar.toggleSidebarTab("node-library");
+  }, stores.toString());
+  await page.waitForFunction(new Function(`return Boolean((${stores.toString()})().help)`), { timeout: 20000 });
+  await page.evaluate((nodeType, storesSource) => {
+    const { nodeDef, help } = new Function(`return (${storesSource})()`)();
+    const def = nodeDef.nodeDefsByName[nodeType];
+    if (!def) throw new Error(`no node definition ${nodeType}`);
+    help.closeHelp();
+    help.openHelp(def);
+  }, nodeType, stores.toString());
+  await page.waitForFunction(() => {
+    const box = document.querySelector(".node-help-content");
+    return box && !box.querySelector(".p-progressspinner") && box.innerText.trim().length > 0;
+  }, { timeout: 20000 });
+  await page.waitForNetworkIdle({ idleTime: 200, timeout: 10000 }).catch(() => {});
+  return page.evaluate(async () => {
+    const box = document.querySelector(".node-help-content");
+    const images = [...box.querySelectorAll("img")];
+    await Promise.all(images.map((img) => (img.complete ? null : new Promise((r) => { img.onload = img.onerror = r; }))));
+    return {
+      fallback: Boolean(box.querySelector(".fallback-content")),
+      headings: [...box.querySelectorAll("h1, h2, h3")].map((h) => `${h.tagName.toLowerCase()} ${h.innerText.trim()}`),
+      images: images.map((img) => ({ src: img.getAttribute("src"), loaded: img.complete && img.naturalWidth > 0,
+                                     width: img.naturalWidth })),
+      text: box.innerText.slice(0, 2000),
+    };
+  });
 }
 
 const started = Date.now();
@@ -169,10 +252,38 @@ try {
     consoleErrors.length = 0;
     await load(page, JSON.parse(fs.readFileSync(file, "utf8")), name);
     const facts = await describe(page);
+    facts.missing_model_store = await missingModelStore(page);
     if (opts.screenshots) await screenshot(page, path.join(opts.screenshots, `${name}.png`));
     facts.console_errors = [...consoleErrors];
     report.workflows[name] = facts;
     report.seconds[name] = (Date.now() - t0) / 1000;
+  }
+  if (opts["place-files"]) {
+    const t0 = Date.now();
+    for (const file of JSON.parse(fs.readFileSync(opts["place-files"], "utf8"))) {
+      fs.mkdirSync(path.dirname(file), { recursive: true });
+      fs.writeFileSync(file, "");
+    }
+    // What the user does after downloading: refresh (the R key), so the loaders list the new files.
+    await page.evaluate(() => window.app.refreshComboInNodes());
+    report.reloaded = {};
+    for (const file of workflows) {
+      const name = path.basename(file, ".json");
+      await load(page, JSON.parse(fs.readFileSync(file, "utf8")), name);
+      report.reloaded[name] = { dialogs: await openDialogs(page), missing_model_store: await missingModelStore(page) };
+    }
+    report.seconds.reloaded = (Date.now() - t0) / 1000;
+  }
+  if (opts["help-nodes"]) {
+    const t0 = Date.now();
+    await closeDialogs(page);
+    report.help = {};
+    for (const nodeType of opts["help-nodes"].split(",").filter(Boolean)) {
+      consoleErrors.length = 0;
+      report.help[nodeType] = await openHelp(page, nodeType).catch((e) => ({ error: String(e).slice(0, 500) }));
+      report.help[nodeType].console_errors = [...consoleErrors];
+    }
+    report.seconds.help = (Date.now() - t0) / 1000;
   }
 } finally {
   await browser.close();
