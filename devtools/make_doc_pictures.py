@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from analogy_core import world as world_def
+from training.world import scenes as world_def
 
 from .comfy_server import REPO_ROOT, ComfyServer
 from .images import load_png, save_png, to_uint8
