@@ -20,7 +20,10 @@ import tempfile
 from pathlib import Path
 
 from .comfy_server import REPO_ROOT, ComfyServer
+from .frontend import browser_unavailable, open_workflows
+from .make_thumbnails import make_thumbnails
 from .model_downloads import models_metadata
+from .run_example import write_default_inputs
 from .workflow import _input_specs, _is_widget
 
 EXAMPLES_DIR = REPO_ROOT / "example_workflows"
@@ -339,8 +342,6 @@ def write(examples: dict, object_info: dict, heights: dict[str, dict[int, int]] 
 
 def measured_heights(server: ComfyServer, paths: list[Path]) -> dict[str, dict[int, int]]:
     """Each node's body height as the frontend renders it (getBounding minus the title bar)."""
-    from .frontend import open_workflows
-
     report = open_workflows(server.url, paths)
     return {f"{stem}.json": {node["id"]: int(node["bounding"][3]) - TITLE_HEIGHT for node in facts["nodes"]}
             for stem, facts in report["workflows"].items()}
@@ -350,9 +351,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-browser", action="store_true", help="estimated sizes only; no thumbnails")
     args = parser.parse_args(argv)
-    from .frontend import browser_unavailable
-    from .run_example import write_default_inputs
-
     why = None if args.no_browser else browser_unavailable()
     if why:
         print(f"no browser ({why}): writing JSON with estimated sizes, thumbnails not refreshed")
@@ -363,7 +361,6 @@ def main(argv: list[str] | None = None) -> int:
         paths = write(EXAMPLES, info)
         if not (args.no_browser or why):
             paths = write(EXAMPLES, info, measured_heights(server, paths))
-            from .make_thumbnails import make_thumbnails
 
             make_thumbnails(server, paths)
     for path in paths:

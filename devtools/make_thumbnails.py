@@ -19,6 +19,7 @@ from PIL import Image
 
 from .comfy_server import ComfyServer
 from .frontend import browser_unavailable, open_workflows
+from .run_example import write_default_inputs
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "example_workflows"
 VIEWPORT = (2000, 1375)   # browser window the graph is fitted into
@@ -61,7 +62,6 @@ def main() -> int:
     if why:
         print(f"cannot make thumbnails: {why}", file=sys.stderr)
         return 1
-    from .run_example import write_default_inputs
 
     base = Path(tempfile.mkdtemp(prefix="analogy-thumbnails-"))
     write_default_inputs(base / "input")  # the images the examples load, shown in their LoadImage previews
