@@ -77,7 +77,8 @@ class ModelLayout:
         if name in self._native_underscored:
             return self._native_underscored[name], True
         if name.endswith("_linear1_qkv") and name[: -len("_qkv")] in self._native_underscored:
-            return self._native_underscored[name[: -len("_qkv")]] + "_qkv", True
+            path = self._native_underscored[name[: -len("_qkv")]] + "_qkv"
+            return (path, True) if self.native_parts(path) else None  # FLUX.1 only: FLUX.2's linear1 is one layer
         return None
 
     def has_native(self, native_path: str) -> bool:
