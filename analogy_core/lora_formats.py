@@ -265,7 +265,7 @@ def family_hint(metadata: dict[str, str]) -> str | None:
 # Width-flexible layouts: a DiT LoRA is read against the layout its own shapes imply (any hidden and MLP width, any
 # block count); whether it fits a model is decided at Apply against that model's actual weights.
 
-_BLOCK_INDEX = re.compile(r"^(single_transformer_blocks|transformer_blocks|double_blocks|single_blocks)[._](\d+)[._]")
+_BLOCK_INDEX = re.compile(r"^(single_transformer_blocks|transformer_blocks|double_blocks|single_blocks)([._])\d+([._])")
 _OUTER_DIMS = {  # diffusers path -> (FluxDims field, 0 = out / 1 = in)
     "x_embedder": ("in_channels", 1), "img_in": ("in_channels", 1), "context_embedder": ("context", 1),
     "txt_in": ("context", 1), "proj_out": ("out_channels", 0), "time_text_embed.text_embedder.linear_1": ("pooled", 1),
@@ -277,10 +277,11 @@ def _block_counts(entries: list[Entry]) -> tuple[int, int]:
     for name, _, _ in entries:
         match = _BLOCK_INDEX.match(name)
         if match:
+            index = int(name[len(match[1]) + 1: match.end() - 1])
             if match[1].startswith("single"):
-                single = max(single, int(match[2]) + 1)
+                single = max(single, index + 1)
             else:
-                double = max(double, int(match[2]) + 1)
+                double = max(double, index + 1)
     return double, single
 
 
@@ -311,20 +312,28 @@ def _width_candidates(entries: list[Entry], standard: FluxDims) -> list[tuple[in
     return pairs
 
 
+MAX_BLOCKS = 512  # per kind; published models have at most 60: an index beyond is a damaged name, not a model
+
+
 def infer_layout(family: str, entries: list[Entry]) -> ModelLayout | None:
     """The layout of ``family`` (flux, flux2, qwen_image) that the LoRA's names and shapes imply, or None when its
-    names are not this family's or its shapes are not self-consistent (e.g. q and k of different widths)."""
+    names are not this family's or its shapes are not self-consistent (e.g. q and k of different widths). Block 0
+    stands for every block while the widths are searched, so the search stays small for any LoRA."""
     spec = TRANSFORMER_FAMILIES[family]
     double, single = _block_counts(entries)
-    probe = spec.build(replace(spec.dims, double=double, single=single))
-    if any(_resolve(name, underscored, probe) is None for name, underscored, _ in entries):
+    if max(double, single) > MAX_BLOCKS:
         return None
-    outer = _outer_dims(probe, entries)
-    for hidden, mlp in _width_candidates(entries, spec.dims):
-        dims = replace(spec.dims, hidden=hidden, mlp_hidden=mlp, double=double, single=single, **outer)
-        layout = spec.build(dims)
-        if _fits(layout, entries):
-            return layout
+    generic = list(dict.fromkeys((_BLOCK_INDEX.sub(r"\g<1>\g<2>0\g<3>", name), u, shape)
+                                 for name, u, shape in entries))
+    small = replace(spec.dims, double=min(double, 1), single=min(single, 1))
+    probe = spec.build(small)
+    if any(_resolve(name, underscored, probe) is None for name, underscored, _ in generic):
+        return None
+    outer = _outer_dims(probe, generic)
+    for hidden, mlp in _width_candidates(generic, spec.dims):
+        dims = replace(small, hidden=hidden, mlp_hidden=mlp, **outer)
+        if _fits(spec.build(dims), generic):
+            return spec.build(replace(dims, double=double, single=single))
     return None
 
 
