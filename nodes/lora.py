@@ -138,7 +138,8 @@ class ApplyLoRAToModel:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The diffusion model to patch (SD1.5, SDXL, FLUX.1, FLUX.2 or Qwen-Image)."}),
+            "model": ("MODEL", {"tooltip": "The diffusion model to patch (SD1.5, SDXL, FLUX.1, FLUX.2 or "
+                                           "Qwen-Image)."}),
             "lora": (LORA_TYPE, {"tooltip": "A LoRA from Load LoRA, Mix LoRA Basis or Generate LoRA."}),
             "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
                                    "tooltip": "Multiplier of the update; negative reverses it (-1 = LoRA Reverse)."}),

@@ -292,7 +292,8 @@ def _built(comfy, cls, config):
 def test_flux2_key_map_of_this_host(comfy_inproc):
     """The FLUX.2 names this host's key map lacks are one of the known sets (the pack applies them through the BFL
     weights, whose generic ``diffusion_model.<name>`` / ``lora_unet_<name>`` keys every host maps); a new host that
-    maps more (or fewer) names fails here by name. Where both map a name, they agree (tests/test_lora_new_editors.py)."""
+    maps more (or fewer) names fails here by name. Where both map a name, they agree
+    (tests/test_lora_new_editors.py)."""
     import re
 
     from tiny_models import FLUX2_COMFY
@@ -323,7 +324,8 @@ def test_qwen_image_key_map_of_this_host(comfy_inproc, compat):
 
     comfy = comfy_inproc.comfy
     model = _built(comfy, comfy.supported_models.QwenImage, QWEN_COMFY)
-    assert type(model) is comfy.model_base.QwenImage and compat.model_family(SimpleNamespace(model=model)) == "qwen_image"
+    assert type(model) is comfy.model_base.QwenImage
+    assert compat.model_family(SimpleNamespace(model=model)) == "qwen_image"
     key_map = comfy.lora.model_lora_keys_unet(model, {})
     layouts = importlib.import_module(f"{comfy_inproc.pack.__name__}.analogy_core.layouts")
     layout = layouts.qwen_image_layout(**{k: v for k, v in QWEN_COMFY.items() if k != "image_model"})

@@ -78,11 +78,12 @@ SETUPS = {
     "qwen_image": dict(loader={"class_type": "UNETLoader", "inputs": {"weight_dtype": "default"}},
                        latent={"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64,
                                                                               "batch_size": 1}},
-                       width=3584, layers=QWEN_LAYERS, form="kohya"),
+                       width=3584, pooled=0, layers=QWEN_LAYERS, form="kohya"),
     "flux2": dict(loader={"class_type": "AnalogyTestTinyFluxLoader", "inputs": {}},
                   latent={"class_type": "EmptyFlux2LatentImage", "inputs": {"width": 64, "height": 64,
                                                                            "batch_size": 1}},
-                  width=FLUX2_SERVER["context_in_dim"], layers=FLUX2_LAYERS, form="aitoolkit"),
+                  width=FLUX2_SERVER["context_in_dim"], pooled=8, layers=FLUX2_LAYERS, form="aitoolkit"),
+    # (FLUX.2 has no pooled input, but ComfyUI 0.3.75's Flux.encode_adm, which Flux2 inherits, reads one)
 }
 
 
@@ -100,8 +101,10 @@ def prompt(family: str, unet: str, model_nodes: dict, model_ref: list, prefix: s
     setup = SETUPS[family]
     nodes = {
         "1": {**setup["loader"], "inputs": {**setup["loader"]["inputs"], "unet_name": unet}},
-        "2": {"class_type": "AnalogyTestConditioning", "inputs": {"seed": 1, "tokens": 8, "width": setup["width"]}},
-        "3": {"class_type": "AnalogyTestConditioning", "inputs": {"seed": 2, "tokens": 8, "width": setup["width"]}},
+        "2": {"class_type": "AnalogyTestConditioning", "inputs": {"seed": 1, "tokens": 8, "width": setup["width"],
+                                                                  "pooled_width": setup["pooled"]}},
+        "3": {"class_type": "AnalogyTestConditioning", "inputs": {"seed": 2, "tokens": 8, "width": setup["width"],
+                                                                  "pooled_width": setup["pooled"]}},
         "4": setup["latent"],
         "7": {"class_type": "KSampler", "inputs": {
             "model": model_ref, "seed": 3, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
@@ -160,7 +163,8 @@ def test_a_flux1_lora_is_refused_on_flux2_and_qwen_image(comfy, files):
     from devtools.comfy_server import PromptFailed
 
     path = "transformer.single_transformer_blocks.0.proj_mlp"
-    save_file({f"{path}.lora_A.weight": torch.ones(2, 3072), f"{path}.lora_B.weight": torch.ones(12288, 2)},
+    save_file({f"{path}.lora_A.weight": torch.full((2, 3072), 0.01),
+               f"{path}.lora_B.weight": torch.full((12288, 2), 0.01)},
               comfy.base_dir / "models" / "loras" / "editors" / "flux1.safetensors")
     for family in ("qwen_image", "flux2"):
         with pytest.raises(PromptFailed, match=f"this LoRA is for flux but the model is {family}"):
