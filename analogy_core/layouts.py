@@ -77,7 +77,8 @@ class ModelLayout:
         if name in self._native_underscored:
             return self._native_underscored[name], True
         if name.endswith("_linear1_qkv") and name[: -len("_qkv")] in self._native_underscored:
-            return self._native_underscored[name[: -len("_qkv")]] + "_qkv", True
+            path = self._native_underscored[name[: -len("_qkv")]] + "_qkv"
+            return (path, True) if self.native_parts(path) else None  # FLUX.1 only: FLUX.2's linear1 is one layer
         return None
 
     def has_native(self, native_path: str) -> bool:
@@ -152,37 +153,168 @@ def flux_layout(num_layers: int = 19, num_single_layers: int = 38, attention_hea
                 out_channels: int | None = None, **_ignored) -> ModelLayout:
     """Layout of a FluxTransformer2DModel with the given (diffusers) config."""
     h = attention_head_dim * num_attention_heads
-    m = int(h * mlp_ratio)
-    double, single = flux_block_layers(h, m)
+    dims = FluxDims(h, int(h * mlp_ratio), num_layers, num_single_layers, in_channels, joint_attention_dim,
+                    out_channels or in_channels, pooled_projection_dim, guidance_embeds)
+    return flux_layout_from_dims(dims)
+
+
+@dataclass(frozen=True)
+class FluxDims:
+    """What a FLUX-like layout depends on: widths, block counts and the global layers' outer widths."""
+
+    hidden: int
+    mlp_hidden: int
+    double: int
+    single: int
+    in_channels: int
+    context: int
+    out_channels: int
+    pooled: int = 768
+    guidance: bool = True
+
+
+def _add_blocks(shapes: dict, native: dict, kind: str, native_kind: str, count: int,
+                layers: dict[str, tuple[int, int]], table: dict[str, tuple[str, int | None]], h: int) -> None:
+    for n in range(count):
+        for suffix, shape in layers.items():
+            path = f"{kind}.{n}.{suffix}"
+            shapes[path] = shape
+            native_suffix, index = table[suffix]
+            offset = None if index is None else index * h
+            size = None if index is None else shape[0]
+            native[path] = NativeTarget(f"{native_kind}.{n}.{native_suffix}", offset, size)
+
+
+def _add_globals(shapes: dict, native: dict, layers: dict[str, tuple[int, int]], names: dict[str, str]) -> None:
+    for path, shape in layers.items():
+        shapes[path] = shape
+        native[path] = NativeTarget(names[path])
+
+
+def flux_layout_from_dims(d: FluxDims) -> ModelLayout:
+    """FLUX.1 layout for any widths and block counts (pruned and distilled variants included)."""
+    h = d.hidden
+    double, single = flux_block_layers(h, d.mlp_hidden)
     shapes: dict[str, tuple[int, ...]] = {}
     native: dict[str, NativeTarget] = {}
-    for kind, count, layers, table in (("transformer_blocks", num_layers, double, _FLUX_DOUBLE_NATIVE),
-                                       ("single_transformer_blocks", num_single_layers, single, _FLUX_SINGLE_NATIVE)):
-        native_prefix = "double_blocks" if kind == "transformer_blocks" else "single_blocks"
-        for n in range(count):
-            for suffix, shape in layers.items():
-                path = f"{kind}.{n}.{suffix}"
-                shapes[path] = shape
-                native_suffix, index = table[suffix]
-                offset = None if index is None else index * h
-                size = None if index is None else shape[0]
-                native[path] = NativeTarget(f"{native_prefix}.{n}.{native_suffix}", offset, size)
+    _add_blocks(shapes, native, "transformer_blocks", "double_blocks", d.double, double, _FLUX_DOUBLE_NATIVE, h)
+    _add_blocks(shapes, native, "single_transformer_blocks", "single_blocks", d.single, single, _FLUX_SINGLE_NATIVE, h)
     globals_ = {
-        "x_embedder": (h, in_channels), "context_embedder": (h, joint_attention_dim),
-        "proj_out": (out_channels or in_channels, h),
+        "x_embedder": (h, d.in_channels), "context_embedder": (h, d.context), "proj_out": (d.out_channels, h),
         "time_text_embed.timestep_embedder.linear_1": (h, 256), "time_text_embed.timestep_embedder.linear_2": (h, h),
-        "time_text_embed.text_embedder.linear_1": (h, pooled_projection_dim),
-        "time_text_embed.text_embedder.linear_2": (h, h),
+        "time_text_embed.text_embedder.linear_1": (h, d.pooled), "time_text_embed.text_embedder.linear_2": (h, h),
     }
-    if guidance_embeds:
+    if d.guidance:
         globals_["time_text_embed.guidance_embedder.linear_1"] = (h, 256)
         globals_["time_text_embed.guidance_embedder.linear_2"] = (h, h)
-    for path, shape in globals_.items():
-        shapes[path] = shape
-        native[path] = NativeTarget(_FLUX_GLOBAL_NATIVE[path])
+    _add_globals(shapes, native, globals_, _FLUX_GLOBAL_NATIVE)
     shapes["norm_out.linear"] = (2 * h, h)
     native["norm_out.linear"] = NativeTarget("final_layer.adaLN_modulation.1", swap_halves=True)
     return ModelLayout("flux", shapes, native)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FLUX.2 (dev and the klein models): diffusers Flux2Transformer2DModel <-> BFL names (ComfyUI's comfy.ldm.flux with
+# global modulation). Double blocks keep FLUX.1's fused q/k/v and a SwiGLU MLP whose first linear is [2m, h]; a single
+# block's linear1 is one diffusers layer (attn.to_qkv_mlp_proj, [3h + 2m, h]) and linear2 is attn.to_out. The
+# modulation layers are shared by all blocks.
+
+FLUX2_CONFIG = dict(num_layers=8, num_single_layers=48, attention_head_dim=128, num_attention_heads=48,
+                    in_channels=128, joint_attention_dim=15360, mlp_ratio=3.0, guidance_embeds=True)
+_FLUX2_DOUBLE_NATIVE = {**{k: v for k, v in _FLUX_DOUBLE_NATIVE.items() if not k.startswith(("ff", "norm1"))},
+                        "ff.linear_in": ("img_mlp.0", None), "ff.linear_out": ("img_mlp.2", None),
+                        "ff_context.linear_in": ("txt_mlp.0", None), "ff_context.linear_out": ("txt_mlp.2", None)}
+_FLUX2_SINGLE_NATIVE = {"attn.to_qkv_mlp_proj": ("linear1", None), "attn.to_out": ("linear2", None)}
+_FLUX2_GLOBAL_NATIVE = {
+    "x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+    "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+    "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+    "single_stream_modulation.linear": "single_stream_modulation.lin",
+}
+
+
+def flux2_block_layers(h: int, m: int) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
+    """Linear layers of one FLUX.2 double and single block (diffusers suffix -> [out, in]); m = MLP hidden width."""
+    double = {k: v for k, v in flux_block_layers(h, m)[0].items() if not k.startswith(("ff", "norm1"))}
+    double.update({"ff.linear_in": (2 * m, h), "ff.linear_out": (h, m),
+                   "ff_context.linear_in": (2 * m, h), "ff_context.linear_out": (h, m)})
+    single = {"attn.to_qkv_mlp_proj": (3 * h + 2 * m, h), "attn.to_out": (h, h + m)}
+    return double, single
+
+
+def flux2_layout(num_layers: int = 8, num_single_layers: int = 48, attention_head_dim: int = 128,
+                 num_attention_heads: int = 48, in_channels: int = 128, joint_attention_dim: int = 15360,
+                 mlp_ratio: float = 3.0, out_channels: int | None = None, guidance_embeds: bool = True,
+                 **_ignored) -> ModelLayout:
+    """Layout of a diffusers Flux2Transformer2DModel with the given config."""
+    h = attention_head_dim * num_attention_heads
+    return flux2_layout_from_dims(FluxDims(h, int(h * mlp_ratio), num_layers, num_single_layers, in_channels,
+                                           joint_attention_dim, out_channels or in_channels, 0, guidance_embeds))
+
+
+def flux2_layout_from_dims(d: FluxDims) -> ModelLayout:
+    h = d.hidden
+    double, single = flux2_block_layers(h, d.mlp_hidden)
+    shapes: dict[str, tuple[int, ...]] = {}
+    native: dict[str, NativeTarget] = {}
+    _add_blocks(shapes, native, "transformer_blocks", "double_blocks", d.double, double, _FLUX2_DOUBLE_NATIVE, h)
+    _add_blocks(shapes, native, "single_transformer_blocks", "single_blocks", d.single, single,
+                _FLUX2_SINGLE_NATIVE, h)
+    globals_ = {
+        "x_embedder": (h, d.in_channels), "context_embedder": (h, d.context), "proj_out": (d.out_channels, h),
+        "time_guidance_embed.timestep_embedder.linear_1": (h, 256),
+        "time_guidance_embed.timestep_embedder.linear_2": (h, h),
+        "double_stream_modulation_img.linear": (6 * h, h), "double_stream_modulation_txt.linear": (6 * h, h),
+        "single_stream_modulation.linear": (3 * h, h),
+    }
+    if d.guidance:
+        globals_["time_guidance_embed.guidance_embedder.linear_1"] = (h, 256)
+        globals_["time_guidance_embed.guidance_embedder.linear_2"] = (h, h)
+    _add_globals(shapes, native, globals_, _FLUX2_GLOBAL_NATIVE)
+    shapes["norm_out.linear"] = (2 * h, h)
+    native["norm_out.linear"] = NativeTarget("final_layer.adaLN_modulation.1", swap_halves=True)
+    return ModelLayout("flux2", shapes, native)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Qwen-Image and Qwen-Image-Edit (one architecture): ComfyUI's comfy.ldm.qwen_image uses diffusers'
+# QwenImageTransformer2DModel module names, so every layer's native name is its diffusers path.
+
+QWEN_IMAGE_CONFIG = dict(num_layers=60, attention_head_dim=128, num_attention_heads=24, in_channels=64,
+                         out_channels=16, patch_size=2, joint_attention_dim=3584)
+
+
+def qwen_block_layers(h: int, m: int) -> dict[str, tuple[int, int]]:
+    attention = {f"attn.{name}": (h, h) for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj",
+                                                      "add_v_proj", "to_out.0", "to_add_out")}
+    stream = {}
+    for side in ("img", "txt"):
+        stream.update({f"{side}_mod.1": (6 * h, h), f"{side}_mlp.net.0.proj": (m, h), f"{side}_mlp.net.2": (h, m)})
+    return {**attention, **stream}
+
+
+def qwen_image_layout(num_layers: int = 60, attention_head_dim: int = 128, num_attention_heads: int = 24,
+                      in_channels: int = 64, out_channels: int | None = 16, patch_size: int = 2,
+                      joint_attention_dim: int = 3584, **_ignored) -> ModelLayout:
+    """Layout of a diffusers QwenImageTransformer2DModel with the given config."""
+    h = attention_head_dim * num_attention_heads
+    out = patch_size * patch_size * (out_channels or in_channels)
+    return qwen_layout_from_dims(FluxDims(h, 4 * h, num_layers, 0, in_channels, joint_attention_dim, out, 0, False))
+
+
+def qwen_layout_from_dims(d: FluxDims) -> ModelLayout:
+    h = d.hidden
+    shapes: dict[str, tuple[int, ...]] = {}
+    for n in range(d.double):
+        shapes.update({f"transformer_blocks.{n}.{k}": v for k, v in qwen_block_layers(h, d.mlp_hidden).items()})
+    shapes.update({"img_in": (h, d.in_channels), "txt_in": (h, d.context), "proj_out": (d.out_channels, h),
+                   "time_text_embed.timestep_embedder.linear_1": (h, 256),
+                   "time_text_embed.timestep_embedder.linear_2": (h, h), "norm_out.linear": (2 * h, h)})
+    return ModelLayout("qwen_image", shapes, {path: NativeTarget(path) for path in shapes})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -271,21 +403,73 @@ def diffusers_to_ldm_path(path: str, config: dict) -> str | None:
 
 @lru_cache(maxsize=None)
 def standard_layout(family: str) -> ModelLayout:
-    """The layout of the full-size public model of a family (``sd15``, ``sdxl`` or ``flux``)."""
-    if family == "flux":
-        return flux_layout(**FLUX_CONFIG)
+    """The layout of the full-size public model of a family (sd15, sdxl, flux = FLUX.1, flux2 = FLUX.2 dev,
+    qwen_image = Qwen-Image / Qwen-Image-Edit)."""
+    if family in TRANSFORMER_FAMILIES:
+        return TRANSFORMER_FAMILIES[family].build(TRANSFORMER_FAMILIES[family].dims)
     if family == "sd15":
         return unet_layout(SD15_UNET_CONFIG, "sd15")
     if family == "sdxl":
         return unet_layout(SDXL_UNET_CONFIG, "sdxl")
-    raise ValueError(f"no standard layout for family {family!r}; expected sd15, sdxl or flux")
+    raise ValueError(f"no standard layout for family {family!r}; expected sd15, sdxl, flux, flux2 or qwen_image")
+
+
+@dataclass(frozen=True)
+class TransformerFamily:
+    """A DiT family whose layout is a function of a few widths: the published model's dims and the builder, so a
+    LoRA of any width (FLUX.2 dev or klein, pruned or distilled variants) gets the layout its own shapes imply."""
+
+    name: str
+    title: str
+    dims: FluxDims
+    build: object  # FluxDims -> ModelLayout
+
+    @property
+    def mlp_ratio(self) -> float:
+        return self.dims.mlp_hidden / self.dims.hidden
+
+
+def _dims(config: dict, family: str) -> FluxDims:
+    layout = {"flux": flux_layout, "flux2": flux2_layout, "qwen_image": qwen_image_layout}[family](**config)
+    return layout_dims(layout)
+
+
+def layout_dims(layout: ModelLayout) -> FluxDims:
+    """The widths and block counts of a FLUX-like or Qwen-Image layout (read back from its shapes)."""
+    shapes = layout.shapes
+    h = shapes["proj_out"][1]
+    mlp_keys = {"flux": ("transformer_blocks.0.ff.net.2", "single_transformer_blocks.0.proj_out"),
+                "flux2": ("transformer_blocks.0.ff.linear_out", "single_transformer_blocks.0.attn.to_out"),
+                "qwen_image": ("transformer_blocks.0.img_mlp.net.2",)}[layout.family]
+    found = [shapes[k][1] - (h if k.startswith("single") else 0) for k in mlp_keys if k in shapes]
+    m = found[0] if found else h * (3 if layout.family == "flux2" else 4)
+    double = len({p.split(".")[1] for p in shapes if p.startswith("transformer_blocks.")})
+    single = len({p.split(".")[1] for p in shapes if p.startswith("single_transformer_blocks.")})
+    inp = shapes.get("x_embedder", shapes.get("img_in"))[1]
+    context = shapes.get("context_embedder", shapes.get("txt_in"))[1]
+    pooled = shapes.get("time_text_embed.text_embedder.linear_1", (0, 0))[1]
+    guidance = any("guidance_embedder" in p for p in shapes)
+    return FluxDims(h, m, double, single, inp, context, shapes["proj_out"][0], pooled, guidance)
+
+
+TRANSFORMER_FAMILIES: dict[str, TransformerFamily] = {
+    "flux": TransformerFamily("flux", "FLUX.1", _dims(FLUX_CONFIG, "flux"), flux_layout_from_dims),
+    "flux2": TransformerFamily("flux2", "FLUX.2", _dims(FLUX2_CONFIG, "flux2"), flux2_layout_from_dims),
+    "qwen_image": TransformerFamily("qwen_image", "Qwen-Image", _dims(QWEN_IMAGE_CONFIG, "qwen_image"),
+                                    qwen_layout_from_dims),
+}
 
 
 def layout_of_diffusers_model(model) -> ModelLayout:
-    """Layout of an instantiated diffusers UNet2DConditionModel or FluxTransformer2DModel."""
+    """Layout of an instantiated diffusers UNet2DConditionModel, FluxTransformer2DModel, Flux2Transformer2DModel or
+    QwenImageTransformer2DModel."""
     config = dict(model.config)
     name = type(model).__name__
+    if name.startswith("Flux2"):
+        return flux2_layout(**config)
     if name.startswith("Flux"):
         return flux_layout(**config)
+    if name.startswith("QwenImage"):
+        return qwen_image_layout(**config)
     family = "sdxl" if config.get("addition_embed_type") == "text_time" else "sd15"
     return unet_layout({k: v for k, v in config.items() if not k.startswith("_")}, family)

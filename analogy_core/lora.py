@@ -17,7 +17,7 @@ from typing import Iterable
 
 import torch
 
-FAMILIES = ("sd15", "sdxl", "flux", "unknown")
+FAMILIES = ("sd15", "sdxl", "flux", "flux2", "qwen_image", "unknown")  # flux = FLUX.1, flux2 = FLUX.2
 FITS_KEY = "analogy.fits"  # metadata: every family a LoRA fits where its file cannot tell (e.g. "sd15,sdxl")
 SOURCES = ("file", "mixed", "generated", "trained")
 

@@ -17,14 +17,15 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from . import __version__
 from .files import as_float, check_low_rank_norm, json_metadata
-from .layouts import ModelLayout, standard_layout, swap_row_halves
-from .lora import FITS_KEY, LoRA, LoRAError, LoRALayer
+from .layouts import (TRANSFORMER_FAMILIES, FluxDims, ModelLayout, layout_dims, standard_layout,
+                      swap_row_halves)
+from .lora import FAMILIES, FITS_KEY, LoRA, LoRAError, LoRALayer
 
 # suffix -> role. Longest first so ".lora_A.default.weight" wins over shorter look-alikes.
 _ROLE_SUFFIXES = (
@@ -52,7 +53,7 @@ _TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "te
                           "te.", "te1.", "te2.", "text_encoders.")
 _DOTTED_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.")
 _UNDERSCORE_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_")
-SAVE_FORMATS = ("auto", "peft", "kohya", "comfyui")
+SAVE_FORMATS = ("auto", "peft", "kohya", "comfyui")  # auto may also pick "native_peft" (FLUX.2)
 
 
 @dataclass
@@ -226,44 +227,162 @@ def _resolve(name: str, underscored: bool, layout: ModelLayout) -> tuple[str, bo
     return None
 
 
-def _fits(layout: ModelLayout, names: list[tuple[str, bool]], groups: dict, keys: list[str]) -> bool:
-    for (name, underscored), key in zip(names, keys):
+Entry = tuple[str, bool, tuple[int, int]]  # (name, underscored, (out, in) of the LoRA's update)
+
+
+def _entries(names: list[tuple[str, bool]], groups: dict, keys: list[str]) -> list[Entry]:
+    return [(name, underscored, (groups[key]["up"].shape[0], groups[key]["down"].shape[1]))
+            for (name, underscored), key in zip(names, keys)]
+
+
+def _fits(layout: ModelLayout, entries: list[Entry]) -> bool:
+    for name, underscored, shape in entries:
         found = _resolve(name, underscored, layout)
         if found is None:
             return False
         path, native = found
-        shape = layout.native_shape(path) if native else layout.shapes[path]
-        down, up = groups[key]["down"], groups[key]["up"]
-        if (up.shape[0], down.shape[1]) != shape[:2]:
+        expected = layout.native_shape(path) if native else layout.shapes[path]
+        if shape != tuple(expected[:2]):
             return False
     return True
 
 
 def family_hint(metadata: dict[str, str]) -> str | None:
     """The base model a file's header names: ours, kohya's ``ss_base_model_version`` or ``modelspec.architecture``."""
-    if metadata.get("analogy.family") in ("sd15", "sdxl", "flux"):
+    if metadata.get("analogy.family") in FAMILIES and metadata["analogy.family"] != "unknown":
         return metadata["analogy.family"]
     text = f"{metadata.get('modelspec.architecture', '')} {metadata.get('ss_base_model_version', '')}".lower()
-    for needle, family in (("flux", "flux"), ("xl", "sdxl"), ("sd_v1", "sd15"), ("stable-diffusion-v1", "sd15")):
+    needles = (("flux.2", "flux2"), ("flux-2", "flux2"), ("flux_2", "flux2"), ("flux2", "flux2"), ("klein", "flux2"),
+               ("qwen", "qwen_image"), ("flux", "flux"), ("xl", "sdxl"), ("sd_v1", "sd15"),
+               ("stable-diffusion-v1", "sd15"))
+    for needle, family in needles:
         if needle in text:
             return family
     return None
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Width-flexible layouts: a DiT LoRA is read against the layout its own shapes imply (any hidden and MLP width, any
+# block count); whether it fits a model is decided at Apply against that model's actual weights.
+
+_BLOCK_INDEX = re.compile(r"^(single_transformer_blocks|transformer_blocks|double_blocks|single_blocks)([._])\d+([._])")
+_OUTER_DIMS = {  # diffusers path -> (FluxDims field, 0 = out / 1 = in)
+    "x_embedder": ("in_channels", 1), "img_in": ("in_channels", 1), "context_embedder": ("context", 1),
+    "txt_in": ("context", 1), "proj_out": ("out_channels", 0), "time_text_embed.text_embedder.linear_1": ("pooled", 1),
+}
+
+
+def _block_counts(entries: list[Entry]) -> tuple[int, int]:
+    double = single = 0
+    for name, _, _ in entries:
+        match = _BLOCK_INDEX.match(name)
+        if match:
+            index = int(name[len(match[1]) + 1: match.end() - 1])
+            if match[1].startswith("single"):
+                single = max(single, index + 1)
+            else:
+                double = max(double, index + 1)
+    return double, single
+
+
+def _outer_dims(layout: ModelLayout, entries: list[Entry]) -> dict[str, int]:
+    """in_channels, context, out_channels and pooled widths read from the LoRA's global layers, where it has any."""
+    dims = {}
+    for name, underscored, shape in entries:
+        path, native = _resolve(name, underscored, layout)
+        if native:
+            path = layout.native_parts(path)[0][0]
+        if path in _OUTER_DIMS:
+            field, side = _OUTER_DIMS[path]
+            dims[field] = shape[side]
+    return dims
+
+
+def _width_candidates(entries: list[Entry], standard: FluxDims) -> list[tuple[int, int]]:
+    """(hidden, mlp hidden) pairs worth trying, the published model's ratio first."""
+    ratio = standard.mlp_hidden / standard.hidden
+    seen = {d for _, _, shape in entries for d in shape}
+    hiddens = sorted(seen, key=lambda h: (h != standard.hidden, h))
+    pairs = []
+    for h in hiddens:
+        derived = {int(h * ratio)} | seen | {d - h for d in seen} | {d - 3 * h for d in seen}
+        derived |= {(d - 3 * h) // 2 for d in seen} | {d // 2 for d in seen}
+        for m in sorted((m for m in derived if m > 0), key=lambda m: (m != int(h * ratio), m)):
+            pairs.append((h, m))
+    return pairs
+
+
+MAX_BLOCKS = 512  # per kind; published models have at most 60: an index beyond is a damaged name, not a model
+
+
+def infer_layout(family: str, entries: list[Entry]) -> ModelLayout | None:
+    """The layout of ``family`` (flux, flux2, qwen_image) that the LoRA's names and shapes imply, or None when its
+    names are not this family's or its shapes are not self-consistent (e.g. q and k of different widths). Block 0
+    stands for every block while the widths are searched, so the search stays small for any LoRA."""
+    spec = TRANSFORMER_FAMILIES[family]
+    double, single = _block_counts(entries)
+    if max(double, single) > MAX_BLOCKS:
+        return None
+    generic = list(dict.fromkeys((_BLOCK_INDEX.sub(r"\g<1>\g<2>0\g<3>", name), u, shape)
+                                 for name, u, shape in entries))
+    small = replace(spec.dims, double=min(double, 1), single=min(single, 1))
+    probe = spec.build(small)
+    if any(_resolve(name, underscored, probe) is None for name, underscored, _ in generic):
+        return None
+    outer = _outer_dims(probe, generic)
+    for hidden, mlp in _width_candidates(generic, spec.dims):
+        dims = replace(small, hidden=hidden, mlp_hidden=mlp, **outer)
+        if _fits(spec.build(dims), generic):
+            return spec.build(replace(dims, double=double, single=single))
+    return None
+
+
+def _is_published(layout: ModelLayout) -> bool:
+    """Widths and block counts within the published model of the layout's family."""
+    if layout.family not in TRANSFORMER_FAMILIES:
+        return True
+    dims, standard = layout_dims(layout), TRANSFORMER_FAMILIES[layout.family].dims
+    return ((dims.hidden, dims.mlp_hidden) == (standard.hidden, standard.mlp_hidden)
+            and dims.double <= standard.double and dims.single <= standard.single)
+
+
+def layout_for_lora(lora: LoRA) -> ModelLayout:
+    """The layout a LoRA's own layers imply for its family (for native names of any width); SD UNets: standard."""
+    if lora.family not in TRANSFORMER_FAMILIES:
+        return standard_layout(lora.family)
+    entries = [(path, False, (layer.out_features, layer.in_features)) for path, layer in lora.layers.items()]
+    layout = infer_layout(lora.family, entries)
+    if layout is None:
+        raise LoRAError(f"the LoRA's layers are not a consistent {TRANSFORMER_FAMILIES[lora.family].title} layout "
+                        f"(names or shapes), e.g. {sorted(lora.layers)[:3]}")
+    return layout
+
+
 def detect_layouts(names: list[tuple[str, bool]], groups: dict, keys: list[str],
                    hint: str | None) -> list[ModelLayout]:
-    """Every standard layout the LoRA's names and shapes fit, the header's family first. A LoRA touching only layers
-    that SD1.5 and SDXL share (same names and shapes) fits both."""
-    order = ["flux", "sd15", "sdxl"]
-    if hint in order:
-        order.remove(hint)
-        order.insert(0, hint)
-    fitting = [layout for layout in map(standard_layout, order) if _fits(layout, names, groups, keys)]
+    """Every layout the LoRA's names and shapes fit, the header's family first, then layouts of the published size.
+    DiT families (FLUX.1, FLUX.2, Qwen-Image) are read at the widths the file implies; SD UNets against the standard
+    tables. A LoRA touching only layers several families share (SD1.5/SDXL attention; the double blocks' attention of
+    FLUX.1, FLUX.2 and Qwen-Image) fits each of them."""
+    entries = _entries(names, groups, keys)
+    fitting = [layout for family in TRANSFORMER_FAMILIES if (layout := infer_layout(family, entries)) is not None]
+    fitting += [layout for layout in map(standard_layout, ("sd15", "sdxl")) if _fits(layout, entries)]
     if not fitting:
         sample = [n for n, _ in names[:3]]
-        raise LoRAError(f"the LoRA's layers do not match SD1.5, SDXL or FLUX (names or shapes differ), e.g. {sample}; "
-                        "pass the model layout explicitly for other backbones")
-    return fitting
+        raise LoRAError(f"the LoRA's layers do not match SD1.5, SDXL, FLUX.1, FLUX.2 or Qwen-Image (names or "
+                        f"shapes), e.g. {sample}; pass the model layout explicitly for other backbones")
+    order = ["flux", "sd15", "sdxl", "qwen_image", "flux2"]
+    return sorted(fitting, key=lambda layout: (layout.family != hint, not _is_published(layout),
+                                               not _has_published_ratio(layout), order.index(layout.family)))
+
+
+def _has_published_ratio(layout: ModelLayout) -> bool:
+    """MLP width / hidden width as in the family's published model (4 for FLUX.1 and Qwen-Image, 3 for FLUX.2)."""
+    if layout.family not in TRANSFORMER_FAMILIES:
+        return True
+    dims = layout_dims(layout)
+    return dims.mlp_hidden * TRANSFORMER_FAMILIES[layout.family].dims.hidden == \
+        dims.hidden * TRANSFORMER_FAMILIES[layout.family].dims.mlp_hidden
 
 
 def parse_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
@@ -391,49 +510,72 @@ def _metadata(lora: LoRA, key_format: str) -> dict[str, str]:
     return meta
 
 
+def auto_format(family: str) -> str:
+    """The key format ComfyUI's stock LoraLoader (0.3.75 and newer), diffusers and peft all read for a family:
+    kohya names for SD UNets; ``transformer.``-prefixed peft names for FLUX.1 and Qwen-Image; for FLUX.2 the BFL names
+    with peft suffixes that ai-toolkit writes (``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight``), since
+    ComfyUI 0.3.75 maps no diffusers name of FLUX.2's MLPs and single blocks."""
+    return {"flux": "peft", "qwen_image": "peft", "unknown": "peft", "flux2": "native_peft"}.get(family, "kohya")
+
+
 def to_state_dict(lora: LoRA, key_format: str = "auto", layout: ModelLayout | None = None
                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Serialise to (tensors, header metadata) in one of :data:`SAVE_FORMATS`."""
+    """Serialise to (tensors, header metadata) in one of :data:`SAVE_FORMATS`. Native names (kohya, comfyui, FLUX.2's
+    auto) follow ``layout`` or else the layout the LoRA's own shapes imply."""
     if key_format not in SAVE_FORMATS:
         raise LoRAError(f"key format must be one of {SAVE_FORMATS}, got {key_format!r}")
     if not lora.layers:
         raise LoRAError("the LoRA has no layers")
     if key_format == "auto":
-        key_format = "peft" if lora.family in ("flux", "unknown") else "kohya"
+        key_format = auto_format(lora.family)
     if lora.family == "unknown" and key_format != "peft":
         raise LoRAError("a LoRA of unknown model family can only be saved in the peft format")
-    tensors: dict[str, torch.Tensor] = {}
     meta = _metadata(lora, key_format)
     if key_format == "peft":
-        prefix = "transformer." if lora.family == "flux" else "unet." if lora.family in ("sd15", "sdxl") else ""
-        rank_pattern = {}
-        top_rank = max(lora.ranks)
-        for path, layer in lora.layers.items():
-            layer = layer.folded()  # alpha == r everywhere: readers that ignore alpha still get the right scale
-            tensors[f"{prefix}{path}.lora_A.weight"] = layer.down
-            tensors[f"{prefix}{path}.lora_B.weight"] = layer.up
-            if layer.rank != top_rank:
-                rank_pattern[path] = layer.rank
-        meta["lora_adapter_metadata"] = json.dumps({
-            "r": top_rank, "lora_alpha": top_rank, "rank_pattern": rank_pattern, "alpha_pattern": dict(rank_pattern),
-            "target_modules": sorted(lora.layers), "peft_type": "LORA",
-        })
-        return tensors, meta
-    layout = layout or standard_layout(lora.family)
+        return _peft_tensors(lora, meta), meta
+    layout = layout or layout_for_lora(lora)
     if key_format == "kohya":
-        layers = _fused_native(lora, layout) if lora.family == "flux" else lora.layers
-        for path, layer in layers.items():
-            base = "lora_unet_" + path.replace(".", "_")
+        layers = lora.layers if lora.family in ("sd15", "sdxl") else _fused_native(lora, layout)
+        return _native_tensors(layers, "lora_unet_", "_", alpha=True), meta
+    layers = _fused_native(lora, layout)
+    if key_format == "native_peft":
+        return _native_tensors(layers, "diffusion_model.", ".", alpha=False), meta
+    return _native_tensors(layers, "diffusion_model.", ".", alpha=True), meta  # comfyui
+
+
+def _peft_tensors(lora: LoRA, meta: dict[str, str]) -> dict[str, torch.Tensor]:
+    """diffusers/peft names, scale folded (alpha == r), the peft config in the header as diffusers writes it."""
+    prefix = "unet." if lora.family in ("sd15", "sdxl") else "" if lora.family == "unknown" else "transformer."
+    tensors, rank_pattern = {}, {}
+    top_rank = max(lora.ranks)
+    for path, layer in lora.layers.items():
+        layer = layer.folded()  # alpha == r everywhere: readers that ignore alpha still get the right scale
+        tensors[f"{prefix}{path}.lora_A.weight"] = layer.down
+        tensors[f"{prefix}{path}.lora_B.weight"] = layer.up
+        if layer.rank != top_rank:
+            rank_pattern[path] = layer.rank
+    meta["lora_adapter_metadata"] = json.dumps({
+        "r": top_rank, "lora_alpha": top_rank, "rank_pattern": rank_pattern, "alpha_pattern": dict(rank_pattern),
+        "target_modules": sorted(lora.layers), "peft_type": "LORA",
+    })
+    return tensors
+
+
+def _native_tensors(layers: dict[str, LoRALayer], prefix: str, separator: str, alpha: bool
+                    ) -> dict[str, torch.Tensor]:
+    """``<prefix><path>`` with kohya suffixes and ``.alpha`` (``alpha``), or peft suffixes with the scale folded."""
+    tensors = {}
+    for path, layer in layers.items():
+        base = prefix + path.replace(".", separator)
+        if alpha:
             tensors[f"{base}.lora_down.weight"] = layer.down
             tensors[f"{base}.lora_up.weight"] = layer.up
             tensors[f"{base}.alpha"] = torch.tensor(float(layer.scale * layer.rank))
-        return tensors, meta
-    for native_path, layer in _fused_native(lora, layout).items():  # comfyui
-        base = f"diffusion_model.{native_path}"
-        tensors[f"{base}.lora_down.weight"] = layer.down
-        tensors[f"{base}.lora_up.weight"] = layer.up
-        tensors[f"{base}.alpha"] = torch.tensor(float(layer.scale * layer.rank))
-    return tensors, meta
+        else:
+            layer = layer.folded()
+            tensors[f"{base}.lora_A.weight"] = layer.down
+            tensors[f"{base}.lora_B.weight"] = layer.up
+    return tensors
 
 
 def comfy_patch_keys(lora: LoRA, layout: ModelLayout) -> dict[str, str | tuple]:

@@ -59,8 +59,9 @@ def clip_vision_model_type(clip_vision) -> str:
 
 
 def model_family(model_patcher) -> str:
-    """sd15 / sdxl / flux (FLUX.1: dev, schnell, Fill, Kontext) for a ComfyUI MODEL; any other model is named after
-    its class (flux2, chroma, hidream, sd20, ...) so LoRAs for those three families are refused there.
+    """sd15 / sdxl / flux (FLUX.1: dev, schnell, Fill, Kontext) / flux2 (FLUX.2 dev and klein) / qwen_image
+    (Qwen-Image, Qwen-Image-Edit) for a ComfyUI MODEL; any other model is named after its class (chroma, hidream,
+    sd20, ...) so LoRAs for the pack's families are refused there.
 
     ComfyUI derives Flux2, Chroma, ChromaRadiance and (in newer hosts) LongCatImage from ``model_base.Flux``, so an
     isinstance test would take them for FLUX.1; every FLUX.1 variant is built as ``model_base.Flux`` itself."""
@@ -76,6 +77,9 @@ def model_family(model_patcher) -> str:
         return "sdxl"
     if config_name.startswith("sd15"):  # SD15, SD15_instructpix2pix
         return "sd15"
+    qwen = getattr(comfy.model_base, "QwenImage", None)
+    if qwen is not None and type(base) is qwen:  # Qwen-Image and Qwen-Image-Edit (2509, 2511): one class
+        return "qwen_image"
     if type(base) is not getattr(comfy.model_base, "BaseModel", None) and isinstance(base, torch.nn.Module):
         return type(base).__name__.lower()
     return config_name or "unknown"

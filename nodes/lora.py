@@ -18,8 +18,9 @@ MODES = ("merge", "runtime")
 
 
 class LoadLoRA:
-    DESCRIPTION = ("Reads a LoRA file from models/loras in any common format (diffusers/PEFT, kohya, ComfyUI; FLUX, "
-                   "SD1.5, SDXL), including PEFT-format SD1.5 files that ComfyUI's own loader cannot map. Only "
+    DESCRIPTION = ("Reads a LoRA file from models/loras in any common format (diffusers/PEFT, kohya/musubi, "
+                   "ai-toolkit, ComfyUI; SD1.5, SDXL, FLUX.1, FLUX.2 dev/klein, Qwen-Image/-Edit) at the widths its "
+                   "own shapes imply, including PEFT-format SD1.5 files that ComfyUI's own loader cannot map. Only "
                    ".safetensors files are read (pickle formats are refused).")
     CATEGORY = f"{CATEGORY}/lora"
     FUNCTION = "load"
@@ -64,8 +65,9 @@ class SaveLoRA:
                                                       "appended unless overwrite is on."}),
             "key_format": (list(SAVE_FORMATS), {
                 "default": "auto",
-                "tooltip": "auto: kohya keys for SD1.5/SDXL, diffusers/peft keys for FLUX (what ComfyUI, diffusers "
-                           "and peft all read). peft, kohya, comfyui: force one naming.",
+                "tooltip": "auto: kohya keys for SD1.5/SDXL, diffusers/peft keys for FLUX.1 and Qwen-Image, "
+                           "ai-toolkit's BFL names for FLUX.2 (what ComfyUI, diffusers and peft all read). peft, "
+                           "kohya, comfyui: force one naming.",
             }),
             "overwrite": ("BOOLEAN", {"default": False,
                                       "tooltip": "Write exactly <prefix>.safetensors, replacing an existing file."}),
@@ -125,7 +127,8 @@ class ApplyLoRAToModel:
     DESCRIPTION = ("Applies a LoRA to a diffusion model (on a clone; the input model is untouched). merge patches "
                    "the weights through ComfyUI's own LoRA mechanism; runtime adds the low-rank update in the forward "
                    "pass (for fp8/quantised bases, and to switch LoRAs without re-merging). Fails if LoRA layers match "
-                   "nothing in the model, unless allow_partial is on.")
+                   "nothing in the model (unless allow_partial is on) or do not fit its weights' shapes (naming the "
+                   "layer).")
     CATEGORY = f"{CATEGORY}/lora"
     FUNCTION = "apply"
     RETURN_TYPES = ("MODEL", "STRING")
@@ -135,7 +138,8 @@ class ApplyLoRAToModel:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The diffusion model to patch (SD1.5, SDXL or FLUX family)."}),
+            "model": ("MODEL", {"tooltip": "The diffusion model to patch (SD1.5, SDXL, FLUX.1, FLUX.2 or "
+                                           "Qwen-Image)."}),
             "lora": (LORA_TYPE, {"tooltip": "A LoRA from Load LoRA, Mix LoRA Basis or Generate LoRA."}),
             "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
                                    "tooltip": "Multiplier of the update; negative reverses it (-1 = LoRA Reverse)."}),

@@ -28,14 +28,16 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.utils
 
+from ..analogy_core.layouts import TRANSFORMER_FAMILIES
 from ..analogy_core.lora import LoRA, LoRAError, LoRALayer
+from ..analogy_core.lora_formats import comfy_patch_keys, layout_for_lora
 from . import comfy_compat
 
 log = logging.getLogger(__name__)
 RUNTIME_WRAPPER_KEY = "analogy_runtime_lora"
 
 
-model_family = comfy_compat.model_family  # sd15 / sdxl / flux (FLUX.1), or the class name of any other model
+model_family = comfy_compat.model_family  # sd15 / sdxl / flux (FLUX.1) / flux2 / qwen_image, or a class name
 
 
 def _candidates(path: str) -> tuple[str, ...]:
@@ -45,21 +47,33 @@ def _candidates(path: str) -> tuple[str, ...]:
 
 
 def match_targets(lora: LoRA, model_patcher) -> tuple[dict[str, object], list[str]]:
-    """({lora path: ComfyUI patch key}, [unmatched lora paths]) using ComfyUI's own key map for this model."""
+    """({lora path: ComfyUI patch key}, [unmatched lora paths]) using ComfyUI's own key map for this model; layers
+    that map lacks (FLUX.2's MLPs, single blocks and shared modulations in ComfyUI 0.3.75) go to their BFL/native
+    weight through the pack's layout of the LoRA's own family, which the contract tests check against newer hosts'
+    maps."""
     key_map = comfy.lora.model_lora_keys_unet(model_patcher.model, {})
     state_keys = set(model_patcher.model.state_dict().keys())
+    native = _native_keys(lora)
     matched, unmatched = {}, []
-    for path, layer in lora.layers.items():
-        for name in _candidates(path):
-            target = key_map.get(name)
-            if target is None:
-                continue
-            if _unpack(target)[0] in state_keys:
-                matched[path] = target
-                break
-        else:
+    for path in lora.layers:
+        targets = [key_map.get(name) for name in _candidates(path)] + [native.get(path)]
+        target = next((t for t in targets if t is not None and _unpack(t)[0] in state_keys), None)
+        if target is None:
             unmatched.append(path)
+        else:
+            matched[path] = target
     return matched, unmatched
+
+
+def _native_keys(lora: LoRA) -> dict[str, object]:
+    """Patch keys from the pack's own layout for DiT families whose native names ComfyUI uses (FLUX.1, FLUX.2,
+    Qwen-Image); nothing for SD UNets and LoRAs of unknown family (ComfyUI's key map covers those)."""
+    if lora.family not in TRANSFORMER_FAMILIES:
+        return {}
+    try:
+        return comfy_patch_keys(lora, layout_for_lora(lora))
+    except LoRAError:  # not a consistent layout of its family (e.g. a hand-made LoRA): ComfyUI's map only
+        return {}
 
 
 def check_compatible(lora: LoRA, model_patcher, allow_partial: bool) -> tuple[dict[str, object], str]:
@@ -102,14 +116,20 @@ def _row_permutation(function, rows: int) -> torch.Tensor:
 
 
 def _check_shapes(lora: LoRA, matched: dict[str, object], model_patcher) -> None:
+    """Every matched layer against the model's actual weight (its row slice for fused weights): a LoRA of another
+    width of the same family (FLUX.2 dev vs klein, a pruned variant) is refused here, naming the layer."""
+    wrong = []
     for path, target in matched.items():
         key, slice_, _ = _unpack(target)
         weight_shape = tuple(comfy.utils.get_attr(model_patcher.model, key).shape)
         layer = lora.layers[path]
         out_features = slice_[2] if slice_ else weight_shape[0]
         if (layer.out_features, layer.in_features) != (out_features, weight_shape[1]):
-            raise LoRAError(f"{path}: LoRA is [{layer.out_features} x {layer.in_features}] but the model's layer "
-                            f"{key} is [{out_features} x {weight_shape[1]}]")
+            wrong.append(f"{path}: LoRA is [{layer.out_features} x {layer.in_features}] but the model's layer "
+                         f"{key} is [{out_features} x {weight_shape[1]}]")
+    if wrong:
+        more = f" ({len(wrong)} of {len(matched)} layers do not fit this model)" if len(wrong) > 1 else ""
+        raise LoRAError(wrong[0] + more)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -267,6 +267,77 @@ def test_compute_dtype(compat, comfy_inproc, sd):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# FLUX.2 and Qwen-Image: the key maps the pack relies on, and what this host's map lacks
+
+# diffusers FLUX.2 names ComfyUI's key map does not know, per host (read from the sources): 0.3.75 maps FLUX.2 through
+# FLUX.1's flux_to_diffusers; 0.38 adds ff.linear_in/linear_out and the single blocks' to_qkv_mlp_proj / to_out.
+FLUX2_UNMAPPED = {
+    "0.3.75": {"transformer_blocks.N.ff.linear_in", "transformer_blocks.N.ff.linear_out",
+               "transformer_blocks.N.ff_context.linear_in", "transformer_blocks.N.ff_context.linear_out",
+               "single_transformer_blocks.N.attn.to_qkv_mlp_proj", "single_transformer_blocks.N.attn.to_out",
+               "double_stream_modulation_img.linear", "double_stream_modulation_txt.linear",
+               "single_stream_modulation.linear", "time_guidance_embed.timestep_embedder.linear_1",
+               "time_guidance_embed.timestep_embedder.linear_2", "time_guidance_embed.guidance_embedder.linear_1",
+               "time_guidance_embed.guidance_embedder.linear_2"},
+}
+FLUX2_UNMAPPED["0.38"] = {k for k in FLUX2_UNMAPPED["0.3.75"] if not k.startswith(("transformer_blocks", "single"))}
+
+
+def _built(comfy, cls, config):
+    model_config = cls(dict(config))
+    model_config.set_inference_dtype(torch.float32, None)
+    return model_config.get_model({})
+
+
+def test_flux2_key_map_of_this_host(comfy_inproc):
+    """The FLUX.2 names this host's key map lacks are one of the known sets (the pack applies them through the BFL
+    weights, whose generic ``diffusion_model.<name>`` / ``lora_unet_<name>`` keys every host maps); a new host that
+    maps more (or fewer) names fails here by name. Where both map a name, they agree
+    (tests/test_lora_new_editors.py)."""
+    import re
+
+    from tiny_models import FLUX2_COMFY
+
+    comfy = comfy_inproc.comfy
+    model = _built(comfy, comfy.supported_models.Flux2, FLUX2_COMFY)
+    assert isinstance(model, comfy.model_base.Flux2) and isinstance(model, comfy.model_base.Flux)
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    state = set(model.state_dict())
+    layouts = importlib.import_module(f"{comfy_inproc.pack.__name__}.analogy_core.layouts")
+    layout = layouts.flux2_layout_from_dims(layouts.FluxDims(32, 96, 2, 2, 16, 24, 16, 0, True))
+    unmapped = set()
+    for path in layout.shapes:
+        target = key_map.get("transformer." + path)
+        if target is None or (target if isinstance(target, str) else target[0]) not in state:
+            unmapped.add(re.sub(r"blocks\.\d+\.", "blocks.N.", path))
+    assert unmapped in FLUX2_UNMAPPED.values(), sorted(unmapped)
+    for native in ("double_blocks.0.img_mlp.0", "single_blocks.1.linear1", "double_stream_modulation_img.lin"):
+        key = f"diffusion_model.{native}.weight"
+        assert key in state and key_map[f"diffusion_model.{native}"] == key
+        assert key_map["lora_unet_" + native.replace(".", "_")] == key
+
+
+def test_qwen_image_key_map_of_this_host(comfy_inproc, compat):
+    """ComfyUI's Qwen-Image uses diffusers' module names: every linear is mapped from its diffusers name with and
+    without ``transformer.``, from ``diffusion_model.<name>`` and kohya's ``lora_unet_<name_>``."""
+    from tiny_models import QWEN_COMFY
+
+    comfy = comfy_inproc.comfy
+    model = _built(comfy, comfy.supported_models.QwenImage, QWEN_COMFY)
+    assert type(model) is comfy.model_base.QwenImage
+    assert compat.model_family(SimpleNamespace(model=model)) == "qwen_image"
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    layouts = importlib.import_module(f"{comfy_inproc.pack.__name__}.analogy_core.layouts")
+    layout = layouts.qwen_image_layout(**{k: v for k, v in QWEN_COMFY.items() if k != "image_model"})
+    state = model.state_dict()
+    for path, shape in layout.shapes.items():
+        key = f"diffusion_model.{path}.weight"
+        assert tuple(state[key].shape) == shape, path
+        for name in (path, "transformer." + path, "diffusion_model." + path, "lora_unet_" + path.replace(".", "_")):
+            assert key_map[name] == key, name
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # CLIP vision
 
 

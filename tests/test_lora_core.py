@@ -222,7 +222,7 @@ def test_family_is_detected_from_names_and_shapes():
      "only holds text-encoder layers"),
     ({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(2, 999),
       "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.ones(320, 2)},
-     "do not match SD1.5, SDXL or FLUX"),
+     "do not match SD1.5, SDXL, FLUX.1, FLUX.2 or Qwen-Image"),
 ])
 def test_bad_state_dicts_get_clear_errors(tensors, message):
     with pytest.raises(LoRAError, match=message):
@@ -269,10 +269,16 @@ def test_save_gives_one_dtype_per_file(tmp_path, tiny_flux):
     assert_same_updates(mixed, load_lora_file(tmp_path / "mixed.safetensors", tiny_flux).lora)
 
 
-def test_native_formats_refuse_layers_that_do_not_fit_the_layout(tiny_flux):
-    lora = random_lora(tiny_flux, paths=["single_transformer_blocks.0.attn.to_q"])
-    with pytest.raises(LoRAError, match=r"\[32 x 32\] does not fit the flux layer \[3072 x 3072\]"):
-        to_state_dict(lora, "kohya")  # no layout given: the standard FLUX.1 one
+def test_native_formats_follow_the_loras_own_widths(tiny_flux):
+    """No layout given: native names (kohya, comfyui) are written at the widths the LoRA implies, not FLUX.1's
+    published 3072, and read back to the same updates."""
+    single = [f"single_transformer_blocks.0.{p}" for p in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")]
+    lora = random_lora(tiny_flux, paths=single + ["transformer_blocks.1.attn.to_add_out"])
+    for key_format in ("kohya", "comfyui"):
+        tensors, meta = to_state_dict(lora, key_format)
+        assert tensors["lora_unet_single_blocks_0_linear1.lora_up.weight" if key_format == "kohya" else
+                       "diffusion_model.single_blocks.0.linear1.lora_up.weight"].shape[0] == 3 * 32 + 128
+        assert_same_updates(lora, parse_state_dict(tensors, meta).lora)
     assert to_state_dict(lora, "kohya", tiny_flux)[0]
 
 

@@ -89,3 +89,93 @@ def tiny_flux_pair(comfy, seed: int = 0):
             state[bfl_key] = full = grown
         full.narrow(dim, offset, size).copy_(value)
     return model, comfy_model(comfy, comfy.supported_models.Flux, FLUX_COMFY, state)
+
+
+# FLUX.2 (dev / klein structure: shared modulations, SwiGLU MLPs, fused single blocks) and Qwen-Image(-Edit), tiny.
+FLUX2_DIFFUSERS = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                       num_attention_heads=2, joint_attention_dim=24, mlp_ratio=3.0, axes_dims_rope=(4, 4, 4, 4),
+                       rope_theta=2000, guidance_embeds=True)
+FLUX2_COMFY = dict(image_model="flux2", in_channels=16, out_channels=16, vec_in_dim=None, context_in_dim=24,
+                   hidden_size=32, mlp_ratio=3.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[4, 4, 4, 4],
+                   theta=2000, patch_size=1, qkv_bias=False, guidance_embed=True, global_modulation=True,
+                   mlp_silu_act=True, ops_bias=False, default_ref_method="index", ref_index_scale=10.0)
+QWEN_DIFFUSERS = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                      num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6))
+QWEN_COMFY = dict(image_model="qwen_image", **QWEN_DIFFUSERS)
+
+# diffusers Flux2Transformer2DModel -> BFL (ComfyUI) names, written out here independently of the pack's tables
+_FLUX2_RENAMES = (
+    (r"time_guidance_embed\.timestep_embedder\.linear_1", "time_in.in_layer"),
+    (r"time_guidance_embed\.timestep_embedder\.linear_2", "time_in.out_layer"),
+    (r"time_guidance_embed\.guidance_embedder\.linear_1", "guidance_in.in_layer"),
+    (r"time_guidance_embed\.guidance_embedder\.linear_2", "guidance_in.out_layer"),
+    (r"(double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation)\.linear", r"\1.lin"),
+    (r"x_embedder", "img_in"), (r"context_embedder", "txt_in"), (r"proj_out", "final_layer.linear"),
+    (r"transformer_blocks\.(\d+)\.attn\.norm_q\.weight", r"double_blocks.\1.img_attn.norm.query_norm.scale"),
+    (r"transformer_blocks\.(\d+)\.attn\.norm_k\.weight", r"double_blocks.\1.img_attn.norm.key_norm.scale"),
+    (r"transformer_blocks\.(\d+)\.attn\.norm_added_q\.weight", r"double_blocks.\1.txt_attn.norm.query_norm.scale"),
+    (r"transformer_blocks\.(\d+)\.attn\.norm_added_k\.weight", r"double_blocks.\1.txt_attn.norm.key_norm.scale"),
+    (r"transformer_blocks\.(\d+)\.attn\.to_out\.0", r"double_blocks.\1.img_attn.proj"),
+    (r"transformer_blocks\.(\d+)\.attn\.to_add_out", r"double_blocks.\1.txt_attn.proj"),
+    (r"transformer_blocks\.(\d+)\.ff\.linear_in", r"double_blocks.\1.img_mlp.0"),
+    (r"transformer_blocks\.(\d+)\.ff\.linear_out", r"double_blocks.\1.img_mlp.2"),
+    (r"transformer_blocks\.(\d+)\.ff_context\.linear_in", r"double_blocks.\1.txt_mlp.0"),
+    (r"transformer_blocks\.(\d+)\.ff_context\.linear_out", r"double_blocks.\1.txt_mlp.2"),
+)
+_FLUX2_SINGLE_RENAMES = (
+    (r"single_transformer_blocks\.(\d+)\.attn\.to_qkv_mlp_proj", r"single_blocks.\1.linear1"),
+    (r"single_transformer_blocks\.(\d+)\.attn\.to_out", r"single_blocks.\1.linear2"),
+    (r"single_transformer_blocks\.(\d+)\.attn\.norm_q\.weight", r"single_blocks.\1.norm.query_norm.scale"),
+    (r"single_transformer_blocks\.(\d+)\.attn\.norm_k\.weight", r"single_blocks.\1.norm.key_norm.scale"),
+)
+_FLUX2_QKV = {"to_q": ("img", 0), "to_k": ("img", 1), "to_v": ("img", 2),
+              "add_q_proj": ("txt", 0), "add_k_proj": ("txt", 1), "add_v_proj": ("txt", 2)}
+
+
+def flux2_native_state(state: dict) -> dict:
+    """diffusers FLUX.2 weights in BFL names: q/k/v stacked into qkv, norm_out's (scale, shift) as (shift, scale)."""
+    import re
+
+    native, qkv = {}, {}
+    for key, value in state.items():
+        match = re.fullmatch(r"transformer_blocks\.(\d+)\.attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj)"
+                             r"\.weight", key)
+        if match:
+            side, index = _FLUX2_QKV[match[2]]
+            qkv.setdefault(f"double_blocks.{match[1]}.{side}_attn.qkv.weight", {})[index] = value
+            continue
+        if key == "norm_out.linear.weight":
+            scale, shift = value.chunk(2)
+            native["final_layer.adaLN_modulation.1.weight"] = torch.cat([shift, scale])
+            continue
+        renamed = key
+        for pattern, target in (_FLUX2_SINGLE_RENAMES if key.startswith("single_transformer") else _FLUX2_RENAMES):
+            renamed, count = re.subn(rf"^{pattern}", target, renamed)
+            if count:
+                break
+        assert renamed != key, key
+        native[renamed] = value
+    for key, parts in qkv.items():
+        native[key] = torch.cat([parts[i] for i in range(3)])
+    return native
+
+
+def tiny_flux2_pair(comfy, seed: int = 0):
+    """(diffusers Flux2Transformer2DModel, ComfyUI Flux2 ModelPatcher) with the same weights."""
+    from diffusers import Flux2Transformer2DModel
+
+    model = Flux2Transformer2DModel(**FLUX2_DIFFUSERS).eval()
+    randomize_(model, seed)
+    state = flux2_native_state({k: v.clone() for k, v in model.state_dict().items()})
+    return model, comfy_model(comfy, comfy.supported_models.Flux2, FLUX2_COMFY, state)
+
+
+def tiny_qwen_pair(comfy, seed: int = 0):
+    """(diffusers QwenImageTransformer2DModel, ComfyUI QwenImage ModelPatcher) with the same weights (ComfyUI uses
+    diffusers' module names for this model)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    model = QwenImageTransformer2DModel(**QWEN_DIFFUSERS).eval()
+    randomize_(model, seed)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return model, comfy_model(comfy, comfy.supported_models.QwenImage, QWEN_COMFY, state)

@@ -60,7 +60,9 @@ class TestTinyFluxLoader:
 
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         unet_config = json.loads(_header(path)["unet_config"])
-        config = comfy.supported_models.Flux(dict(unet_config))
+        # FLUX.1, or FLUX.2 (whose detector in ComfyUI 0.3.75 fixes 48 heads of 128, i.e. the full width)
+        cls = comfy.supported_models.Flux2 if unet_config.get("image_model") == "flux2" else comfy.supported_models.Flux
+        config = cls(dict(unet_config))
         config.set_inference_dtype(torch.float32, None)
         state = comfy.utils.load_torch_file(path)
         if "x_embedder.weight" in state:  # diffusers names: convert with ComfyUI's own key map
