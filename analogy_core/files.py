@@ -153,6 +153,15 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     return tf.tensors, tf.metadata
 
 
+def probe_header(path: str | os.PathLike) -> TensorHeader | None:
+    """The checked header of a file when it is a readable safetensors file, else None: for listings that sort files
+    by what their header says (a probe never raises; loading the file reports what is wrong with it)."""
+    try:
+        return read_header(path)
+    except (TensorFileError, OSError):
+        return None
+
+
 def read_header(path: str | os.PathLike, kind: str = "tensor file", *,
                 max_header_bytes: int = MAX_HEADER_BYTES) -> TensorHeader:
     """Read and check only the header (bounded read): every declared dtype, shape and offset against the file."""

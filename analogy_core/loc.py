@@ -48,12 +48,11 @@ from dataclasses import dataclass, replace
 from typing import Iterator, Mapping
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from .analogy import ENCODER_FAMILIES, AnalogyEmbedding, EncoderInfo
 from .files import (FLOAT_DTYPES, MAX_UPDATE_NORM, json_metadata, load_checked_module, low_rank_norm, naming_file,
-                    read_tensor_file, write_safetensors_atomic)
+                    probe_header, read_tensor_file, write_safetensors_atomic)
 from .layouts import ModelLayout
 from .lora import FAMILIES, LoRA, LoRALayer
 
@@ -509,9 +508,6 @@ def _describe_other(kind: str | None, tensors: Mapping[str, torch.Tensor]) -> st
 
 def is_hypernetwork_file(path: str | os.PathLike) -> bool:
     """Whether a file's header says it is a LoRA of Change hypernetwork (header only; unreadable files are not)."""
-    try:
-        with safe_open(os.fspath(path), framework="pt") as handle:
-            return (handle.metadata() or {}).get("analogy.kind") == KIND
-    except Exception:  # noqa: BLE001 - anything unreadable is simply not one
-        return False
+    header = probe_header(path)
+    return header is not None and header.metadata.get("analogy.kind") == KIND
 

@@ -47,13 +47,12 @@ from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
 
 import torch
-from safetensors import safe_open
 import torch.nn.functional as F
 from torch import nn
 
 from .analogy import CLIP_MEAN, CLIP_STD, AnalogyEmbedding, EncoderInfo
 from .encoders import ImageEncoder
-from .files import (FLOAT_DTYPES, json_metadata, load_checked_module, naming_file, read_tensor_file,
+from .files import (FLOAT_DTYPES, json_metadata, load_checked_module, naming_file, probe_header, read_tensor_file,
                     write_safetensors_atomic)
 
 KIND = "region_predictor"
@@ -653,11 +652,8 @@ def load_region_predictor(path: str | os.PathLike) -> RegionPredictor:
 
 def is_region_file(path: str | os.PathLike) -> bool:
     """Whether a file's header says it is a region predictor (header only; unreadable files are not)."""
-    try:
-        with safe_open(os.fspath(path), framework="pt") as handle:
-            return (handle.metadata() or {}).get("analogy.kind") == KIND
-    except Exception:  # noqa: BLE001 - anything unreadable is simply not one
-        return False
+    header = probe_header(path)
+    return header is not None and header.metadata.get("analogy.kind") == KIND
 
 
 def check_encoder(spec: RegionSpec, info: EncoderInfo, what: str = "CLIP_VISION") -> None:

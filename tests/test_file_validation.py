@@ -335,3 +335,26 @@ def test_atomic_write_leaves_no_temp_and_finds_stale_ones(tmp_path):
     stale.write_bytes(b"partial")
     (tmp_path / ".other.safetensors.0123456789abcdef.tmp").write_bytes(b"x")
     assert stale_temp_files(path) == [stale]
+
+
+def test_header_probes_go_through_the_checked_layer_and_never_raise(tmp_path):
+    """Listing a folder asks three loaders "is this yours?" (basis, hypernetwork, region model): one checked header
+    read (analogy_core.files.probe_header) answers, and no file, however broken, makes a listing raise."""
+    from analogy_core.files import probe_header
+    from analogy_core.loc import is_hypernetwork_file
+    from analogy_core.lorweb.files import is_basis_file
+    from analogy_core.regions import is_region_file
+
+    mine = tmp_path / "mine.safetensors"
+    save_file({"w": torch.ones(2)}, str(mine), metadata={"analogy.kind": "region_predictor"})
+    assert probe_header(mine).metadata["analogy.kind"] == "region_predictor" and list(probe_header(mine).entries) == ["w"]
+    assert is_region_file(mine) and not is_hypernetwork_file(mine) and not is_basis_file(mine)
+    header = save_bytes({"w": torch.ones(2)})
+    broken = {"garbage.safetensors": b"\x00" * 3, "truncated.safetensors": header[:-4],
+              "lying.safetensors": struct.pack("<Q", 10**12) + b"{}", "pickle.ckpt": b"\x80\x04K\x01.",
+              "not_json.safetensors": struct.pack("<Q", 4) + b"{{{{"}
+    for name, data in broken.items():
+        (tmp_path / name).write_bytes(data)
+    for path in [*(tmp_path / name for name in broken), tmp_path / "missing.safetensors", tmp_path]:
+        assert probe_header(path) is None, path.name
+        assert not (is_region_file(path) or is_hypernetwork_file(path) or is_basis_file(path)), path.name

@@ -13,8 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from safetensors import safe_open
-
+from ..files import probe_header
 from .basis import BasisError, LoRABasis, load_basis
 from .settings import METADATA_KEY, LoRWeBSettingsError, read_lorweb_config
 
@@ -38,13 +37,11 @@ def is_basis_file(path: str | os.PathLike) -> bool:
 
 
 def _read_is_basis(path: str) -> bool:
-    try:
-        with safe_open(path, framework="pt") as handle:
-            if (handle.metadata() or {}).get("analogy.kind") == "lorweb_basis":
-                return True
-            return any(k.endswith(BASIS_KEY_SUFFIXES) for k in handle.keys())
-    except Exception:  # not a safetensors file, truncated header, ...: not something Load LoRA Basis can read
+    header = probe_header(path)
+    if header is None:  # not a readable safetensors file: not something Load LoRA Basis can read
         return False
+    return header.metadata.get("analogy.kind") == "lorweb_basis" or any(
+        k.endswith(BASIS_KEY_SUFFIXES) for k in header.entries)
 
 
 def find_basis_config(basis_path: str | os.PathLike) -> Path | None:
