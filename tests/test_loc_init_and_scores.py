@@ -152,3 +152,25 @@ def test_the_image_encoder_trains_in_its_own_group_when_asked(tmp_path):
     task.export(model, tmp_path / "loc_hypernetwork.safetensors", 1)
     with safe_open(str(tmp_path / ENCODER_FILE), "pt") as handle:
         assert set(handle.keys()) == set(model.encoder.state_dict())
+
+
+def test_the_loc_rows_exchange_figures(world_tokens):
+    """The yardstick's per-family figures on stand-in examples: self-inverse families are out of the claim, and the
+    init figures exist once U_B is random (a fresh H's LoRA is zero)."""
+    from types import SimpleNamespace
+
+    from training.backbone import load_query_encoder
+    from training.world.yardstick.loc import SELF_INVERSE, direction_figures, with_random_u_b
+
+    config = world_tokens[0]
+    encoder = load_query_encoder("tiny", seed=0)
+    gen = torch.Generator().manual_seed(0)
+    def item():
+        return SimpleNamespace(a=torch.rand(32, 32, 3, generator=gen), a_prime=torch.rand(32, 32, 3, generator=gen))
+    examples = {f: [item(), item()] for f in ("invert", "grayscale", "recolour_red_blue", "vflip")}
+    figures = direction_figures(with_random_u_b(build_hypernetwork(config, seed=0), 0), encoder, examples, "_init")
+    gaps = figures["consistency_gap_by_family_init"]
+    assert set(gaps) == set(examples) and all(math.isfinite(v) for v in gaps.values())
+    claim = [f for f in ("grayscale", "recolour_red_blue") if f not in SELF_INVERSE]
+    assert figures["consistency_gap_claim_init"] == pytest.approx(sum(gaps[f] for f in claim) / len(claim), abs=1e-4)
+    assert -1 <= figures["direction_cosine_init"] <= 1
