@@ -5,7 +5,8 @@ exports, what samples it draws — and :func:`run` does the rest the same way fo
 
 - config: the task's dataclass, ``--preset``, ``--config file.yaml``, ``--set key=value``;
 - Accelerate: mixed precision, gradient accumulation, several processes (DDP), trackers (TensorBoard, …);
-- an optimiser over the trainable parameters only (AdamW, or 8-bit AdamW on CUDA), global grad-norm clipping;
+- an optimiser over the trainable parameters only (AdamW, or 8-bit AdamW on CUDA; a task may give parameter groups
+  their own learning rate), global grad-norm clipping, and a per-step hook (``after_step``, e.g. an EMA);
 - batches as a pure function of (seed, step, rank), so resuming and sharding are exact; unreadable items skipped
   and counted, never an empty batch;
 - checkpoints (``checkpoints/step_N``: safetensors + JSON, atomic, hashed) and ``--resume`` from the newest intact
