@@ -15,6 +15,7 @@ by nearest-neighbour sampling.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,21 @@ BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
 
 class EditTransferError(ValueError):
     """Bad input for the Edit Transfer context; the message says what was expected and what came."""
+
+
+def encode_panels(image: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor],
+                  multiple: int = 1) -> torch.Tensor:
+    """The official inference's VAE encoding of a four-panel composite: each quadrant of IMAGE [B, H, W, C] encoded
+    on its own by ``encode`` (IMAGE -> latent [B, c, h, w]) and the latents tiled [[TL, TR], [BL, BR]] into
+    [B, c, 2h, 2w] (the authors' pipeline, ``_encode_vae_image2``). Encoding the whole composite instead lets the
+    latents near the seams see the neighbouring panel. ``multiple``: the panel sides must be multiples of it (the
+    VAE's factor, so the tiles meet exactly)."""
+    if image.ndim != 4 or image.shape[1] % (2 * multiple) or image.shape[2] % (2 * multiple):
+        raise EditTransferError(f"expected a composite IMAGE [batch, height, width, channels] whose panels are "
+                                f"multiples of {multiple} pixels, got {tuple(image.shape)}")
+    h, w = image.shape[1] // 2, image.shape[2] // 2
+    parts = [encode(image[:, r * h:(r + 1) * h, c * w:(c + 1) * w]) for r in (0, 1) for c in (0, 1)]
+    return torch.cat([torch.cat(parts[:2], dim=-1), torch.cat(parts[2:], dim=-1)], dim=-2)
 
 
 def edit_transfer_targets(layout: ModelLayout) -> list[str]:

@@ -60,6 +60,7 @@ KIND = "loc_hypernetwork"              # analogy.kind of a hypernetwork file
 CONFIG_KEY = "analogy.loc"             # the architecture, targets and encoder identity as JSON
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 DIRECTIONS = ("forward", "reverse", "swapped")
+QUERY_INIT_STD = 0.02     # the learned queries' initial scale (small: the pair, not the query, drives D at first)
 MAX_PARAMETER_VALUE = 1e4  # largest |weight| accepted in a hypernetwork file (trained values are of order 1)
 _ATTENTION = re.compile(r"(.+\.attn[12])\.(to_q|to_k|to_v|to_out\.0)")
 # bounds a config read from a file must respect before anything is built (a hostile header cannot make us allocate)
@@ -287,11 +288,17 @@ class LoRAHypernetwork(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Queries ~ N(0, 1) (as nn.Embedding); P and D keep torch's defaults; heads as eq. 11: the U_A part drawn
-        at LoRA's usual scale, the U_B part and all head biases zero (a fresh H generates an exactly zero LoRA)."""
+        """So that a fresh H's U_A depends on (A, A′) from the first step: queries ~ N(0, QUERY_INIT_STD²) and zero
+        biases in P and D's feed-forwards (with queries ~ N(0, 1) and torch's default biases, the input-independent
+        part dominated the decoder's residual stream and ~80-87 % of the first U_A was the same for every pair; see
+        :func:`input_dependence`). D's weights keep torch's defaults. Heads as eq. 11: the U_A part drawn at LoRA's
+        usual scale, the U_B part and all head biases zero (a fresh H generates an exactly zero LoRA)."""
         if self.queries.is_meta:
             return
-        nn.init.normal_(self.queries)
+        nn.init.normal_(self.queries, std=QUERY_INIT_STD)
+        feed_forwards = [m for layer in self.decoder.layers for m in (layer.linear1, layer.linear2)]
+        for module in (self.fuse, *feed_forwards):
+            nn.init.zeros_(module.bias)
         r, width = self.config.rank, self.config.width
         with torch.no_grad():
             for target, head in zip(self.config.targets, self.heads):
@@ -400,6 +407,45 @@ def consistency_gap(hypernetwork: LoRAHypernetwork, tokens_a: torch.Tensor,
     forward = hypernetwork(tokens_a, tokens_a_prime)
     swapped = hypernetwork(tokens_a_prime, tokens_a)
     return forward.update_norm(swapped) / forward.update_norm()
+
+
+@torch.no_grad()
+def exchange_scores(hypernetwork: LoRAHypernetwork, tokens_a: torch.Tensor,
+                    tokens_a_prime: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per sample, how H(A′, A) relates to H(A, A′) (ΔW of every layer materialised, float32; for evaluation):
+
+    * ``gap`` — ‖H(A, A′) + H(A′, A)‖ / ‖H(A, A′)‖ (as :func:`consistency_gap`);
+    * ``cosine`` — the cosine of H(A′, A) − H̄ with −(H(A, A′) − H̄), H̄ the mean LoRA of the batch's 2B generated
+      LoRAs (both orders). 1 when exchanging exactly negates the input-dependent part, about −1 when H ignores the
+      order, 0 when the two are unrelated. Both are invariant to the LoRAs' overall scale."""
+    forward = hypernetwork(tokens_a, tokens_a_prime)
+    swapped = hypernetwork(tokens_a_prime, tokens_a)
+    dot = torch.zeros(forward.batch_size)
+    norm_x, norm_y, norm_f, norm_sum = (torch.zeros_like(dot) for _ in range(4))
+    for path in forward.layers:
+        delta_f, delta_s = _delta(forward, path), _delta(swapped, path)
+        mean = torch.cat([delta_f, delta_s]).mean(dim=0, keepdim=True)
+        x, y = (delta_s - mean).flatten(1), -(delta_f - mean).flatten(1)
+        dot += (x * y).sum(1)
+        norm_x, norm_y = norm_x + x.square().sum(1), norm_y + y.square().sum(1)
+        norm_f, norm_sum = norm_f + delta_f.square().flatten(1).sum(1), \
+            norm_sum + (delta_f + delta_s).square().flatten(1).sum(1)
+    return {"gap": norm_sum.sqrt() / norm_f.sqrt(), "cosine": dot / (norm_x * norm_y).sqrt()}
+
+
+def _delta(factors: LoRAFactors, path: str) -> torch.Tensor:
+    """ΔW [B, out, in] of one projection for every sample (scale included)."""
+    down, up = factors.layers[path]
+    return (up.float() @ down.float()).cpu() * factors.scale.float().cpu().view(-1, 1, 1)
+
+
+@torch.no_grad()
+def input_dependence(hypernetwork: LoRAHypernetwork, tokens_a: torch.Tensor, tokens_a_prime: torch.Tensor) -> float:
+    """The fraction of the generated U_A's second moment that varies across the batch's pairs:
+    Σ_b ‖U_A,b − mean_b U_A‖² / Σ_b ‖U_A,b‖² (0: one LoRA direction for every input, → 1: all input-driven)."""
+    factors = hypernetwork(tokens_a, tokens_a_prime)
+    downs = torch.cat([down.float().flatten(1) for down, _ in factors.layers.values()], dim=1)
+    return float((downs - downs.mean(dim=0)).square().sum() / downs.square().sum())
 
 
 def check_encoder(config: HypernetworkConfig, analogy: AnalogyEmbedding) -> None:

@@ -13,9 +13,11 @@ reshaped to the patch grid and upsampled to the image. "Multi-scale" in the pape
 free per-patch map whose extent follows the edit and the object (Figure 2), instead of LearnRegion's boxes of a few
 fixed sizes; there is no feature pyramid. The attention blocks are single-head with √d scaling and no
 normalisation, as the equations are written; ``residual`` (not in the paper) adds each block's input to its output,
-F_Editedimg = F_img + CrossAttn, F_imgRegion = F_Editedimg + SelfAttn. Without it the two softmax averages leave
-little per-patch information at initialisation, and on the analogy world the paper's form did not learn where the
-residual form did (see the README); ``positions`` (not in the paper) adds a learned vector per patch to F_img (and
+F_Editedimg = F_img + CrossAttn, F_imgRegion = F_Editedimg + SelfAttn. With torch's default init and CLIP/T5 feature
+scales the attention scores barely vary, so both softmaxes average and the paper's form has little per-patch
+information; :meth:`RegionPredictor.calibrate_attention` (the trainer's default, at the first step of a fresh run)
+scales W_Q, W_K so the scores have unit standard deviation.
+``positions`` (not in the paper) adds a learned vector per patch to F_img (and
 per token to an analogy condition), which the world's "add a square at the top left" needed. Checkpoints record
 which form they use.
 
@@ -44,7 +46,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -204,6 +206,31 @@ class SingleHeadAttention(nn.Module):
         return attend(self.q(queries), self.k(context), self.v(context), context_mask)
 
 
+def attention_scores(attention: "SingleHeadAttention", queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """Q Kᵀ / √d of one attention block, [B, N, M] (before the softmax)."""
+    query = attention.q(queries)
+    return query @ attention.k(context).transpose(-1, -2) / math.sqrt(query.shape[-1])
+
+
+def _rescale_scores(attention: "SingleHeadAttention", queries: torch.Tensor, context: torch.Tensor,
+                    mask: torch.Tensor | None, reduce) -> float:
+    scores = attention_scores(attention, queries, context)
+    if mask is not None:
+        scores = scores[mask[:, None, :].expand_as(scores).bool()]
+    std = reduce(scores.float().std().reshape(1)).clamp_min(1e-20)
+    factor = float(std) ** -0.5
+    attention.q.weight.mul_(factor)
+    attention.k.weight.mul_(factor)
+    return float(std)
+
+
+def straight_through(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """The binary mask inference uses, (probs > threshold), in the forward pass, with the gradient of ``probs``
+    (straight-through estimator): hard + probs − stop_gradient(probs)."""
+    hard = (probs > threshold).to(probs.dtype)
+    return hard + probs - probs.detach()
+
+
 class Condition(NamedTuple):
     tokens: torch.Tensor               # [B, M, d]
     mask: torch.Tensor | None = None   # [B, M] True = real token
@@ -215,7 +242,7 @@ class RegionOutput(NamedTuple):
     logits: torch.Tensor     # [B, N]
     probs: torch.Tensor      # P_region [B, N]
     sem_edited: torch.Tensor | None = None     # f_sem(F_Editedimg) [B, d] (training)
-    sem_original: torch.Tensor | None = None   # f_sem(F_img) [B, d]
+    sem_original: torch.Tensor | None = None   # f_sem(F_img) [B, d], F_img without learned positions (eq. 5)
 
 
 class RegionPredictor(nn.Module):
@@ -294,7 +321,7 @@ class RegionPredictor(nn.Module):
             mask = mask.expand(patches.shape[0], -1) if mask is not None else None
         elif tokens.shape[0] != patches.shape[0]:
             raise RegionError(f"{patches.shape[0]} images but {tokens.shape[0]} conditions")
-        patches = patches.float()
+        raw = patches = patches.float()
         if self.spec.positions:
             patches = patches + self.position
         edited = self.cross(patches, tokens, mask)                             # eq. 1
@@ -304,8 +331,24 @@ class RegionPredictor(nn.Module):
         if self.spec.residual:
             region = edited + region
         logits = self.head(region).squeeze(-1)                                 # eq. 3 (before the sigmoid)
-        sem = (self.f_sem(edited), self.f_sem(patches)) if semantic else (None, None)
+        # eq. 5 reads F_img itself: the raw CLIP patches, without the learned positions
+        sem = (self.f_sem(edited), self.f_sem(raw)) if semantic else (None, None)
         return RegionOutput(edited, region, logits, torch.sigmoid(logits), *sem)
+
+    @torch.no_grad()
+    def calibrate_attention(self, patches: torch.Tensor, kind: str, first: torch.Tensor,
+                            second: torch.Tensor | None = None,
+                            reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict[str, float]:
+        """Scale W_Q and W_K of the cross- and then the self-attention (each by std^−½) so that their scores on this
+        batch have unit standard deviation; returns the stds before. With torch's default init and CLIP/T5 feature
+        scales the scores barely vary across patches and both softmaxes average. ``reduce`` averages the measured
+        stds across data-parallel ranks (so every rank scales alike)."""
+        tokens, mask = self.condition(kind, first, second)
+        x = patches.float() + (self.position if self.spec.positions else 0)
+        before = {"cross": _rescale_scores(self.cross, x, tokens, mask, reduce)}
+        edited = self.cross(x, tokens, mask) + (x if self.spec.residual else 0)
+        before["self"] = _rescale_scores(self.self_attn, edited, edited, None, reduce)
+        return before
 
     def inference_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything but f_sem (the paper removes it at inference)."""

@@ -210,7 +210,8 @@ EDIT_TRANSFER_PROMPT = ("A four-panel image: the top row shows a person before a
 EDIT_TRANSFER_NOTE = (
     "Edit Transfer on FLUX.1-dev: A -> A' applied to B by completing the four-panel composite [A A'; B ?].\n\n"
     + DOWNLOADS_NOTE + "\n\nEdit Transfer Context keeps A, A' and B "
-    "clean at every step, as the official sampler does (stock inpainting re-noises them). Official settings: 512-px "
+    "clean at every step, as the official sampler does (stock inpainting re-noises them); VAE Encode Panels encodes "
+    "each panel on its own, as the official inference does. Official settings: 512-px "
     "panels (1024-px composite), guidance 1.0, 35 steps. The prompt may describe the change, or stay empty for a "
     "text-free LoRA.")
 EDIT_TRANSFER = {
@@ -226,7 +227,7 @@ EDIT_TRANSFER = {
     8: ("AnalogyFourPanelComposite", {"a": [5, 0], "a_prime": [6, 0], "b": [7, 0], "layout": "edit_transfer",
                                       "panel_size": "custom", "width": 512, "height": 512, "fit": "center_crop",
                                       "snap": "multiple_of_16", "fill": 0.5}, (1, 0), None),
-    9: ("VAEEncode", {"pixels": [8, 0], "vae": [3, 0]}, (2, 0), None),
+    9: ("AnalogyEncodePanels", {"pixels": [8, 0], "vae": [3, 0]}, (2, 0), None),
     11: ("AnalogyEditTransferContext", {"model": [1, 0], "latent": [9, 0], "mask": [8, 1]}, (2, 0), None),
     4: ("LoraLoaderModelOnly", {"model": [11, 0], "lora_name": "edit_transfer.safetensors", "strength_model": 1.0},
         (2, 0), "Edit Transfer LoRA"),

@@ -16,7 +16,7 @@ import torch
 
 import comfy.patcher_extension
 
-from ..analogy_core.edit_transfer import CleanContext, EditTransferError
+from ..analogy_core.edit_transfer import CleanContext, EditTransferError, encode_panels
 from .common import CATEGORY
 
 WRAPPER_KEY = "analogy_edit_transfer_context"
@@ -87,5 +87,31 @@ class EditTransferContext:
         return (patched,)
 
 
-NODE_CLASS_MAPPINGS = {"AnalogyEditTransferContext": EditTransferContext}
-NODE_DISPLAY_NAME_MAPPINGS = {"AnalogyEditTransferContext": "Edit Transfer Context"}
+class EncodePanels:
+    DESCRIPTION = (
+        "VAE-encodes a four-panel composite the way the official Edit Transfer inference does: each panel on its own, "
+        "the four latents tiled. (VAE Encode on the whole composite lets the latents near the seams see the "
+        "neighbouring panel.) Use it where VAE Encode would take the composite.")
+    CATEGORY = f"{CATEGORY}/edit_transfer"
+    FUNCTION = "encode"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("The composite's latent: the four panels' latents tiled [A A'; B ?].",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "pixels": ("IMAGE", {"tooltip": "The four-panel composite (Four-Panel Composite's image)."}),
+            "vae": ("VAE", {"tooltip": "The FLUX VAE."}),
+        }}
+
+    def encode(self, pixels, vae):
+        ratio = getattr(vae, "downscale_ratio", 8)
+        factor = ratio if isinstance(ratio, int) and ratio > 0 else 8
+        return ({"samples": encode_panels(pixels, lambda panel: vae.encode(panel[..., :3]), factor)},)
+
+
+NODE_CLASS_MAPPINGS = {"AnalogyEditTransferContext": EditTransferContext,
+                       "AnalogyEncodePanels": EncodePanels}
+NODE_DISPLAY_NAME_MAPPINGS = {"AnalogyEditTransferContext": "Edit Transfer Context",
+                              "AnalogyEncodePanels": "VAE Encode Panels (Edit Transfer)"}

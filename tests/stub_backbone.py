@@ -30,6 +30,7 @@ class StubBackbone:
     def decode_tokens(self, tokens, height, width):
         return (from_tokens(tokens, height, width) + 1) / 2
 
-    def encode_prompts(self, prompts, device):
+    def encode_prompts(self, prompts, device, t5_length=None):
+        self.t5_length = t5_length
         lengths = torch.tensor([float(len(p)) for p in prompts])
         return lengths.view(-1, 1, 1).expand(-1, 2, 5).clone(), (lengths * 0.5).view(-1, 1).expand(-1, 4).clone()

@@ -33,6 +33,7 @@ PACK_NODES = {
     "AnalogyPredictEditRegion": ("Predict Edit Region", "analogy/regions"),
     "AnalogyCompositeByRegion": ("Composite By Region", "analogy/regions"),
     "AnalogyEditTransferContext": ("Edit Transfer Context", "analogy/edit_transfer"),
+    "AnalogyEncodePanels": ("VAE Encode Panels (Edit Transfer)", "analogy/edit_transfer"),
 }
 # Files the example workflows name. Empty stand-ins let the server's enum lists (file names) validate them;
 # the workflows that need real weights are validated, not run.

@@ -64,7 +64,7 @@ def example_prompt(comfy) -> dict[str, dict]:
     prompt[by_type["AnalogyFourPanelComposite"]]["inputs"].update(width=PANEL, height=PANEL)
     prompt[by_type["KSampler"]]["inputs"].update(steps=3, seed=11)
     # test-only: the composite's latent and the sampled latent, to compare their context panels
-    prompt["900"] = {"class_type": "SaveLatent", "inputs": {"samples": [by_type["VAEEncode"], 0],
+    prompt["900"] = {"class_type": "SaveLatent", "inputs": {"samples": [by_type["AnalogyEncodePanels"], 0],
                                                             "filename_prefix": "composite_latent"}}
     prompt["901"] = {"class_type": "SaveLatent", "inputs": {"samples": [by_type["KSampler"], 0],
                                                             "filename_prefix": "sampled_latent"}}

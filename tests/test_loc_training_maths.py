@@ -24,7 +24,8 @@ from training.backbone import HashTokenizer
 from training.config import build_config
 from training.loc.data import make_pair_dataset
 from training.loc.ip2p import IP2PBackbone, schedule
-from training.loc.task import PRESETS, LoCConfig, exchange_pairs, paired_quads, term_prompts, training_loss
+from training.loc.task import (PRESETS, LoCConfig, exchange_pairs, loss_weights, paired_quads, term_prompts,
+                                training_loss)
 
 S, C, D, TEXT = 4, 3, 8, 6          # image side, latent channels, UNet width, text width
 SCALING = 0.5
@@ -148,8 +149,8 @@ def expected_loss(hypernetwork, backbone: IP2PBackbone, batch: dict, cfg: LoCCon
     b_prime = torch.stack([x.flip(1) if f else x for x, f in zip(a_prime, flip)])
     keep = torch.rand(2 * n, generator=gen) >= cfg.text_dropout
     forward_text = [not x if text_to == "matching" else True for x in exchanged.tolist()]
-    texts = [[p if (forward_text[i] if k == 0 else not forward_text[i]) and keep[k * n + i] else ""
-              for i, p in enumerate(batch["prompt"])] for k in range(2)]
+    texts = [[p if (forward_text[i] if k == 0 else not forward_text[i]) and keep[k * n + i]
+              and cfg.text_conditioning else "" for i, p in enumerate(batch["prompt"])] for k in range(2)]
     factors = hypernetwork(StubEncoder.tokens(a), StubEncoder.tokens(a_prime))
     terms = 2 if cfg.lora_reverse else 1
     t = torch.randint(0, 1000, (terms * n,), generator=gen)
@@ -174,16 +175,20 @@ def expected_loss(hypernetwork, backbone: IP2PBackbone, batch: dict, cfg: LoCCon
             ids = HashTokenizer(50, 4)([texts[k][i]])
             out = stub_math(linear, torch.cat([x_t, mode(condition)], dim=1), t[k * n + i: k * n + i + 1],
                             backbone.text_encoder.table[ids])
+            x0_error = ((x_t - (1 - ab).sqrt() * out) / ab.sqrt() - x0) ** 2   # eqs. 6-7 as written
             if cfg.loss_space == "x0":
-                errors.append(((x_t - (1 - ab).sqrt() * out) / ab.sqrt() - x0) ** 2)
+                errors.append(x0_error)
+            elif cfg.loss_space == "x0_clamped":  # x0 error with its weight (1-ᾱ)/ᾱ over ε clamped
+                errors.append(x0_error * min(1.0, cfg.x0_weight_max * ab / (1 - ab)))
             else:
                 errors.append((out - noise[k * n + i]) ** 2)
         total = total + torch.cat(errors).mean()
     return total
 
 
-@pytest.mark.parametrize("overrides", [{}, {"loss_space": "epsilon"}, {"random_exchange": False},
-                                       {"lora_reverse": False}, {"text_dropout": 0.5}])
+@pytest.mark.parametrize("overrides", [{}, {"loss_space": "x0"}, {"loss_space": "x0_clamped"},
+                                       {"random_exchange": False}, {"lora_reverse": False},
+                                       {"text_conditioning": True, "text_dropout": 0.5}])
 def test_loss_equals_the_written_out_eqs_6_and_7(overrides):
     cfg = cfg_for(**{"text_dropout": 0.0, **overrides})
     backbone, batch = stub_backbone(), batch_of()
@@ -201,8 +206,49 @@ def test_loss_equals_the_written_out_eqs_6_and_7(overrides):
             assert not torch.allclose(got, wrong, rtol=1e-3), mutation
 
 
+def test_the_loss_spaces_differ_and_epsilon_is_the_default():
+    """The three loss spaces give three different losses on the same draws (so each comparison above is real)."""
+    assert LoCConfig().loss_space == "epsilon" and not LoCConfig().text_conditioning
+    backbone, batch = stub_backbone(), batch_of()
+    hypernetwork = hypernetwork_for(backbone.unet)
+    losses = [training_loss(hypernetwork, backbone, StubEncoder(), batch, cfg_for(loss_space=space),
+                            torch.Generator().manual_seed(7), "cpu").item()
+              for space in ("epsilon", "x0", "x0_clamped")]
+    assert len({round(v, 6) for v in losses}) == 3, losses
+
+
+def test_per_timestep_weights_against_the_written_out_formula():
+    """x0: (1 − ᾱ_t)/ᾱ_t with ᾱ from SD's scaled-linear betas written out here (214 at t = 999, t ≥ 500 carrying
+    98 % of the weight); x0_clamped: the same clamped at x0_weight_max; epsilon: 1."""
+    betas = [(0.00085 ** 0.5 + (0.012 ** 0.5 - 0.00085 ** 0.5) * i / 999) ** 2 for i in range(1000)]
+    alpha_bar, product = [], 1.0
+    for beta in betas:
+        product *= 1 - beta
+        alpha_bar.append(product)
+    written = [(1 - a) / a for a in alpha_bar]
+    assert 210 < written[999] < 218 and sum(written[500:]) / sum(written) > 0.97
+    ab = torch.tensor(alpha_bar, dtype=torch.float64)
+    torch.testing.assert_close(ALPHAS.double(), ab, rtol=1e-5, atol=1e-7)  # the schedule is float32
+    torch.testing.assert_close(loss_weights(ab, "x0"), torch.tensor(written, dtype=torch.float64))
+    torch.testing.assert_close(loss_weights(ab, "x0_clamped", 5.0),
+                               torch.tensor([min(w, 5.0) for w in written], dtype=torch.float64))
+    assert torch.equal(loss_weights(ab, "epsilon"), torch.ones(1000, dtype=torch.float64))
+    assert float(loss_weights(ab, "x0_clamped", 5.0).max()) == 5.0
+
+
+def test_no_text_by_default():
+    """Eqs. 6-8 have no text: by default the instruction does not reach the loss; with text_conditioning it does."""
+    backbone = stub_backbone()
+    hypernetwork = hypernetwork_for(backbone.unet)
+    for text, reaches in ((False, False), (True, True)):
+        cfg = cfg_for(text_dropout=0.0, random_exchange=False, text_conditioning=text)
+        values = [training_loss(hypernetwork, backbone, StubEncoder(), batch_of() | {"prompt": prompts}, cfg,
+                                torch.Generator().manual_seed(1), "cpu") for prompts in (["", "", ""], ["x y"] * 3)]
+        assert bool(not torch.isclose(*values)) == reaches, (text, values)
+
+
 def test_the_instruction_goes_to_the_term_of_its_direction():
-    cfg = cfg_for(text_dropout=0.0)
+    cfg = cfg_for(text_dropout=0.0, text_conditioning=True)
     backbone, batch = stub_backbone(), batch_of()
     hypernetwork = hypernetwork_for(backbone.unet)
     gen_seed = 0  # a seed with both exchanged and kept samples
@@ -217,7 +263,7 @@ def test_the_instruction_goes_to_the_term_of_its_direction():
 
 def test_every_input_reaches_the_loss():
     """A, A′ and the prompt each change the loss (so the comparisons above are not void)."""
-    cfg = cfg_for(text_dropout=0.0, random_exchange=False)
+    cfg = cfg_for(text_dropout=0.0, random_exchange=False, text_conditioning=True)
     backbone = stub_backbone()
     hypernetwork = hypernetwork_for(backbone.unet)
 

@@ -60,7 +60,9 @@ def mlp(layers, x):
 
 def written_out(net: RegionPredictor, patches, condition, mask=None):
     """Eqs. 1-3 with explicit matrices (no nn.Module call), and f_sem of both feature sets; with ``residual`` each
-    attention's input is added to its output, with ``positions`` the learned position vectors to the patches."""
+    attention's input is added to its output, with ``positions`` the learned position vectors to the patches; f_sem
+    of eq. 5 reads the raw patches F_img."""
+    raw = patches
     if net.spec.positions:
         patches = patches + net.position
     wq, wk, wv = (getattr(net.cross, n).weight.T for n in "qkv")
@@ -76,7 +78,7 @@ def written_out(net: RegionPredictor, patches, condition, mask=None):
         region = edited + region
     probs = 1 / (1 + torch.exp(-mlp(net.head, region).squeeze(-1)))                   # P_region
     sem = lambda f: mlp(net.f_sem.net, f).mean(dim=1)                                # noqa: E731
-    return edited, region, probs, sem(edited), sem(patches)
+    return edited, region, probs, sem(edited), sem(raw)
 
 
 @pytest.mark.parametrize("residual,positions", [(False, False), (True, False), (True, True)])

@@ -57,6 +57,19 @@ class HashTokenizer:
         return ids
 
 
+def t5_token_ids(tokenizer, prompts: list[str], length: int | None = None) -> torch.Tensor:
+    """T5 ids [B, L] of FLUX's text. ``None``: padded and truncated to 512 (diffusers' and ai-toolkit's FLUX.1
+    default). An int: ComfyUI's FLUX tokenisation (comfy/text_encoders/flux.py: T5 ``min_length=256``, no
+    truncation) — every prompt whole, padded with the pad id to max(``length``, the longest prompt). FLUX attends
+    to the padding tokens (no mask), so the padded length changes what the transformer reads."""
+    if length is None:
+        return tokenizer(prompts, padding="max_length", max_length=512, truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer(prompts, padding="longest", truncation=False, return_tensors="pt").input_ids
+    if ids.shape[1] < length:
+        ids = torch.nn.functional.pad(ids, (0, length - ids.shape[1]), value=tokenizer.pad_token_id)
+    return ids
+
+
 @dataclass
 class Backbone:
     transformer: nn.Module
@@ -81,15 +94,15 @@ class Backbone:
 
     # -- text ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(T5 token embeddings [B, T, D], pooled CLIP-L [B, P]) as FLUX expects."""
+    def encode_prompts(self, prompts: list[str], device,
+                       t5_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T5 token embeddings [B, T, D], pooled CLIP-L [B, P]) as FLUX expects; T5 ids as :func:`t5_token_ids`."""
         if self.tiny:
             clip_ids, t5_ids = self.clip_tokenizer(prompts), self.t5_tokenizer(prompts)
         else:
             clip_ids = self.clip_tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
                                            return_tensors="pt").input_ids
-            t5_ids = self.t5_tokenizer(prompts, padding="max_length", max_length=512, truncation=True,
-                                       return_tensors="pt").input_ids
+            t5_ids = t5_token_ids(self.t5_tokenizer, prompts, t5_length)
         pooled = self.clip_text(clip_ids.to(device)).pooler_output
         tokens = self.t5(t5_ids.to(device))[0]
         return tokens, pooled

@@ -5,7 +5,8 @@ exports, what samples it draws — and :func:`run` does the rest the same way fo
 
 - config: the task's dataclass, ``--preset``, ``--config file.yaml``, ``--set key=value``;
 - Accelerate: mixed precision, gradient accumulation, several processes (DDP), trackers (TensorBoard, …);
-- an optimiser over the trainable parameters only (AdamW, or 8-bit AdamW on CUDA), global grad-norm clipping;
+- an optimiser over the trainable parameters only (AdamW, or 8-bit AdamW on CUDA; a task may give parameter groups
+  their own learning rate), global grad-norm clipping, and a per-step hook (``after_step``, e.g. an EMA);
 - batches as a pure function of (seed, step, rank), so resuming and sharding are exact; unreadable items skipped
   and counted, never an empty batch;
 - checkpoints (``checkpoints/step_N``: safetensors + JSON, atomic, hashed) and ``--resume`` from the newest intact
@@ -79,6 +80,14 @@ class TrainingTask:
         count = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return f"{self.name}: {count / 1e6:.2f}M trainable parameters"
 
+    def after_step(self, model: nn.Module) -> None:
+        """Optional: called with the unwrapped model after every optimiser step (e.g. to update an EMA)."""
+
+    def optimizer_groups(self, model: nn.Module) -> list[dict] | None:
+        """Optional: AdamW parameter groups with their own options (e.g. ``lr``) covering every trainable parameter;
+        None (the default): one group at the config's learning rate."""
+        return None
+
     # -- checkpoint state (defaults: every parameter with requires_grad) ---------------------------------------------
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
@@ -148,7 +157,8 @@ def make_accelerator(cfg: CommonConfig, out: Path):
                        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
 
 
-def make_optimizer(cfg: CommonConfig, params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(cfg: CommonConfig, params: list[nn.Parameter] | list[dict],
+                   device: torch.device) -> torch.optim.Optimizer:
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                   weight_decay=cfg.weight_decay)
     if cfg.use_8bit_adam and device.type == "cuda":
@@ -292,7 +302,7 @@ def run(task_cls: type[TrainingTask], argv=None) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise RuntimeError(f"{task.name}: build() returned a module without trainable parameters")
-    optimizer = make_optimizer(cfg, trainable, accelerator.device)
+    optimizer = make_optimizer(cfg, task.optimizer_groups(model) or trainable, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     step = resume(task, model, optimizer, args.resume) if args.resume else 0
@@ -333,6 +343,7 @@ def run(task_cls: type[TrainingTask], argv=None) -> dict:
                 norm = optimizer_step(accelerator, loss, trainable, optimizer, cfg.max_grad_norm)
             losses.append(loss.detach())
         step += 1
+        task.after_step(accelerator.unwrap_model(model))
         mean_loss = accelerator.gather(torch.stack(losses).mean().reshape(1)).mean().item()
         history["losses"].append(mean_loss)
         history["grad_norms"].append(norm)

@@ -24,15 +24,28 @@ class EditTransferConfig(FourPanelSettings, CommonConfig):
     panel_fit: str = "stretch"       # how a panel (or an official composite) of another aspect ratio is made square
     rank: int = 16                   # official: linear 16, linear_alpha 16
     lora_alpha: float = 16.0
-    text_free: bool = False          # EditTransfer++: every training prompt empty
+    # EditTransfer++'s text-decoupled stage only (every training prompt empty); its best-worst contrastive refinement
+    # and condition compression are not implemented
+    text_free: bool = False
     caption_dropout: float = 0.05    # official: caption_dropout_rate 0.05 (ignored when text_free)
     timestep_sampling: str = "logit_normal"  # official: ai-toolkit's "sigmoid" = sigmoid(N(0, 1)), unweighted
     guidance: float = 1.0            # FLUX.1-dev guidance embedding while training (ai-toolkit: 1.0)
+    # T5 tokens of the prompt, padded to at least this many (no truncation): 256 is what ComfyUI feeds FLUX
+    # (comfy/text_encoders/flux.py, T5 min_length 256), so the LoRA trains on the text length it meets there; FLUX
+    # attends to the padding (no mask). 512: the official training's padding (ai-toolkit, max_sequence_length 512).
+    t5_length: int = 256
     batch_size: int = 4
     max_steps: int = 6000
     learning_rate: float = 1e-4
-    # optimiser: Adam without weight decay, as the paper states (CommonConfig's defaults: betas (0.9, 0.999), eps
-    # 1e-8, grad-norm clip 1.0, torch AdamW)
+    # optimiser as the released config trains (ai-toolkit "adamw8bit": bitsandbytes AdamW8bit with eps 1e-6 and its
+    # default weight decay 0.01, betas (0.9, 0.999)); 8-bit on CUDA with bitsandbytes, else torch AdamW; grad-norm
+    # clip 1.0. The paper's text says Adam; the released config is what trained the released file.
+    adam_epsilon: float = 1e-6
+    weight_decay: float = 0.01
+    use_8bit_adam: bool = True
+    # EMA of the LoRA weights after every step, as the released config (ema_decay 0.99): the exported file and the
+    # samples hold the averaged weights; 0 switches it off (the raw weights are exported).
+    ema_decay: float = 0.99
     mixed_precision: str = "bf16"
     gradient_checkpointing: bool = True
     sample_steps: int = 35           # official inference: 35 steps, guidance 1.0
@@ -42,6 +55,10 @@ class EditTransferConfig(FourPanelSettings, CommonConfig):
 
     def validate(self) -> None:
         super().validate()
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
+        if not (isinstance(self.t5_length, int) and 1 <= self.t5_length <= 4096):
+            raise ValueError(f"t5_length must be an integer in 1..4096, got {self.t5_length!r}")
         if not (isinstance(self.rank, int) and self.rank >= 1) or not self.lora_alpha > 0:
             raise ValueError(f"rank must be a positive integer and lora_alpha positive, got {self.rank}, "
                              f"{self.lora_alpha}")

@@ -12,11 +12,14 @@ every linear layer of its double and single blocks, like the released file) pred
 is taken on the bottom-right panel only. Official recipe (paper §4.1 and the released config/edit_transfer.yml): rank
 16, alpha 16, lr 1e-4, batch 4, 6,000 steps, 1024-px composites of 512-px panels, caption dropout 0.05, timesteps
 t = sigmoid(n), n ~ N(0, 1) (ai-toolkit's default "sigmoid" timestep type), guidance embedding 1.0, bf16, gradient
-checkpointing, grad-norm clip 1.0. Optimiser: Adam as the paper states (the released config uses 8-bit AdamW with an
-EMA of decay 0.99, neither of which this trainer reproduces).
+checkpointing, grad-norm clip 1.0; the released config's optimiser (8-bit AdamW, eps 1e-6, weight decay 0.01; torch
+AdamW where bitsandbytes or CUDA is missing) and EMA of the LoRA weights (decay 0.99, :mod:`training.ema`): the
+exported file holds the EMA weights, checkpoints hold both, ``--resume`` restores both. T5 prompts are padded to 256
+tokens as ComfyUI feeds FLUX (``t5_length``; the official training pads to 512).
 
-``text_free`` (EditTransfer++, same authors, 2026): no text during fine-tuning — every prompt is empty — so the LoRA
-must read the transformation from the image pair; at inference text stays optional.
+``text_free`` is EditTransfer++'s text-decoupled stage only (same authors, 2026): no text during fine-tuning — every
+prompt is empty — so the LoRA must read the transformation from the image pair; at inference a prompt may still be
+given. EditTransfer++'s best-worst contrastive refinement and condition compression are not implemented.
 
 Outputs in ``output_dir``: ``edit_transfer_lora.safetensors`` (an ordinary LoRA: PEFT keys
 ``transformer.<path>.lora_A/B.weight`` with the peft config in the header, which ComfyUI's LoraLoader, diffusers and
@@ -27,6 +30,7 @@ to the sampled one), ``logs/`` (TensorBoard).
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -38,11 +42,14 @@ from analogy_core import __version__
 from analogy_core.edit_transfer import BLOCK_PREFIXES
 from analogy_core.lora import LoRA, LoRALayer
 from analogy_core.lora_io import save_lora_file
+from training import checkpoints as ckpt
 from training import flow
 from training.backbone import Backbone, load_frozen_backbone, token_ids
 from training.config import without_local_path
 from training.edit_transfer.config import CONTEXTS, LORA_FILE, PRESETS, EditTransferConfig
 from training.edit_transfer.data import make_edit_transfer_dataset
+from training.ema import PREFIX as EMA_PREFIX
+from training.ema import ParameterEMA
 from training.trainer import TrainingTask, drop_captions, run, sample_pairs_image, save_sample_image
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -135,7 +142,7 @@ def training_loss(transformer, backbone: Backbone, batch: dict, cfg: EditTransfe
     """One micro-batch of the Edit Transfer objective. Random draws, in order: caption dropout (unless text-free),
     timesteps, noise."""
     x0 = backbone.encode_images(four_panels(batch)).to(device)
-    text, pooled = backbone.encode_prompts(training_prompts(batch, cfg, generator), device)
+    text, pooled = backbone.encode_prompts(training_prompts(batch, cfg, generator), device, cfg.t5_length)
     t, weight = flow.sample_timesteps(cfg.timestep_sampling, x0.shape[0], generator)
     noise = torch.randn(x0.shape, generator=generator).to(device, x0.dtype)
     mask = panel_token_mask(cfg.grid_resolution // backbone.vae_factor).to(device)
@@ -158,7 +165,7 @@ def sample_composite(transformer, backbone: Backbone, batch: dict, cfg: EditTran
     clean = backbone.encode_images(four_panels(batch, bottom_right="grey")).to(device)
     if prompts is None:
         prompts = [""] * len(batch["prompt"]) if cfg.text_free else list(batch["prompt"])
-    text, pooled = backbone.encode_prompts(prompts, device)
+    text, pooled = backbone.encode_prompts(prompts, device, cfg.t5_length)
     gen = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
     noise = torch.randn(clean.shape, generator=gen).to(device, clean.dtype)
     mask = panel_token_mask(cfg.grid_resolution // backbone.vae_factor).to(device, clean.dtype)
@@ -212,7 +219,29 @@ class EditTransferTask(TrainingTask):
         transformer.to(self.device)
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
+        self.ema = ParameterEMA(transformer, cfg.ema_decay) if cfg.ema_decay > 0 else None
         return transformer
+
+    def after_step(self, model) -> None:
+        if self.ema is not None:
+            self.ema.update(model)
+
+    def trainable_state(self, model) -> dict[str, torch.Tensor]:
+        state = super().trainable_state(model)
+        return {**state, **self.ema.state_dict()} if self.ema is not None else state
+
+    def load_trainable_state(self, model, tensors: dict[str, torch.Tensor]) -> None:
+        raw = {k: v for k, v in tensors.items() if not k.startswith(EMA_PREFIX)}
+        super().load_trainable_state(model, raw)
+        if self.ema is not None:
+            try:
+                self.ema.load_state_dict(tensors)
+            except ValueError as err:
+                raise ckpt.CheckpointError(str(err)) from None
+
+    def averaged(self, model):
+        """The EMA weights in the model while exporting or sampling (the raw ones when there is no EMA)."""
+        return self.ema.applied(model) if self.ema is not None else nullcontext()
 
     def dataset(self):
         return make_edit_transfer_dataset(self.cfg.data, self.cfg.panel_resolution, self.cfg.panel_fit)
@@ -221,7 +250,8 @@ class EditTransferTask(TrainingTask):
         return training_loss(model, self.backbone, batch, self.cfg, generator, self.device)
 
     def export(self, model, path: Path, step: int) -> None:
-        save_lora_file(export_lora(model, lora_metadata(self.cfg, step)), path)
+        with self.averaged(model):
+            save_lora_file(export_lora(model, lora_metadata(self.cfg, step)), path)
 
     def summary(self, model) -> str:
         count = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -230,7 +260,8 @@ class EditTransferTask(TrainingTask):
                 f"{self.cfg.lora_alpha:g}, {text}: {count / 1e6:.2f}M trainable parameters")
 
     def write_samples(self, model, batch, step: int, folder: Path) -> None:
-        generated = sample_composite(model, self.backbone, batch, self.cfg, self.device).float().cpu()
+        with self.averaged(model):
+            generated = sample_composite(model, self.backbone, batch, self.cfg, self.device).float().cpu()
         save_sample_image(sample_pairs_image(four_panels(batch), generated), folder, step)
 
 

@@ -8,7 +8,8 @@ from typing import Any
 from training.config import CommonConfig
 
 HYPERNETWORK_FILE = "loc_hypernetwork.safetensors"
-LOSS_SPACES = ("x0", "epsilon")
+ENCODER_FILE = "loc_image_encoder.safetensors"   # written only when the image encoder trains
+LOSS_SPACES = ("epsilon", "x0", "x0_clamped")
 
 
 @dataclass
@@ -33,12 +34,27 @@ class LoCConfig(CommonConfig):
     heads: int = 8
     ffn: int = 2048
     # objective
-    loss_space: str = "x0"                # "x0": eqs. 6-7 as written (x0 prediction); "epsilon": ε-MSE
+    # Eqs. 6-7 are written in clean-image space; on an ε-prediction UNet that weights each step's ε-MSE by
+    # (1 − ᾱ)/ᾱ (214 at t = 999; steps t ≥ 500 carry 98 % of the weight). Default "epsilon": the ε-MSE, weight 1 at
+    # every step (bounded; the usual SD objective). "x0": the literal eqs. 6-7. "x0_clamped": the x0 form with the
+    # per-step weight clamped at x0_weight_max (min((1 − ᾱ)/ᾱ, max) · ε-MSE).
+    loss_space: str = "epsilon"
+    x0_weight_max: float = 5.0
     lora_reverse: bool = True             # eq. 7 (off: eq. 6 only, the paper's ablation without LoRA Reverse)
     random_exchange: bool = True          # (A, A′) -> (A′, A) with exchange_probability
     exchange_probability: float = 0.5
     flip_probability: float = 0.5         # B, B′ = horizontal flips of A, A′ with this probability
-    text_dropout: float = 0.05            # instruction -> "" (for classifier-free guidance at inference)
+    # Eqs. 6-8 have no text: the LoRA must carry the edit, so by default every prompt is "" (as at inference, where
+    # the example workflow runs with an empty prompt). True: the data's instruction conditions the term that edits in
+    # its direction (our earlier variant; InstructPix2Pix can then do the edit from the text and H learns less).
+    text_conditioning: bool = False
+    text_dropout: float = 0.05            # with text_conditioning: instruction -> "" (classifier-free guidance)
+    # E trainable: the paper optimises all of H, its encoder E included. 0 (default): E frozen, because the ANALOGY a
+    # user feeds the hypernetwork comes from the CLIP vision model loaded in ComfyUI (Encode Analogy), so a trained
+    # file works with that stock model; a trained E would have to ship and be loaded instead (written next to the
+    # hypernetwork as loc_image_encoder.safetensors, transformers keys, which ComfyUI's Load CLIP Vision reads).
+    # > 0: E trains at this rate (e.g. 1e-6, a tenth of H's paper rate; transformers encoders only).
+    image_encoder_learning_rate: float = 0.0
     init_from: str = ""                   # two-stage training: a hypernetwork file or checkpoint folder
     sample_steps: int = 20                # DDIM steps of the sample images
     # optimisation (paper: AdamW, lr 1e-5, batch 96 on 8 GPUs, 80 epochs, 512 px)
@@ -53,6 +69,10 @@ class LoCConfig(CommonConfig):
         super().validate()
         if self.loss_space not in LOSS_SPACES:
             raise ValueError(f"loss_space must be one of {LOSS_SPACES}, got {self.loss_space!r}")
+        if not self.image_encoder_learning_rate >= 0:
+            raise ValueError(f"image_encoder_learning_rate must be >= 0, got {self.image_encoder_learning_rate}")
+        if not self.x0_weight_max > 0:
+            raise ValueError(f"x0_weight_max must be positive, got {self.x0_weight_max}")
         if self.image_fit not in ("stretch", "center_crop"):
             raise ValueError(f"image_fit must be stretch or center_crop, got {self.image_fit!r}")
         for key in ("exchange_probability", "flip_probability", "text_dropout"):

@@ -13,14 +13,17 @@ per sample, denoises
     eq. (6):  B′ conditioned on B  with +H(A, A′)
     eq. (7):  B  conditioned on B′ with −H(A, A′)   (LoRA Reverse)
 
-each at its own timestep and noise, and the loss is ‖x0 − Θ(x_t, t, cond, ±H)‖² (Θ = the x0 prediction, as the
-paper writes it; ``loss_space: epsilon`` uses the usual ε-MSE instead), summed over the two terms. Both terms run in
-one UNet call (a batch of 2B with LoRAs [+H; −H]). Only H trains; the UNet, VAE, text encoder and image encoder are
+each at its own timestep and noise, summed over the two terms. The paper writes the loss as ‖x0 − Θ(x_t, t, cond,
+±H)‖² (Θ = the x0 prediction); since x0 − x̂0 = √((1−ᾱ)/ᾱ)·(ε̂ − ε) for any parametrisation, each term is computed as
+a per-sample weight w(t) times the ε-MSE (:func:`loss_weights`): w = 1 (``loss_space: epsilon``, the default: bounded),
+(1−ᾱ)/ᾱ (``x0``, the literal eqs. 6-7) or min((1−ᾱ)/ᾱ, ``x0_weight_max``) (``x0_clamped``). Both terms run in one
+UNet call (a batch of 2B with LoRAs [+H; −H]). Only H trains; the UNet, VAE, text encoder and image encoder are
 frozen.
 
-The instruction text (MagicBrush's ``instruction``; "" when the data has none) describes A → A′, so it conditions
-only the term that edits in that direction (eq. 6 of a sample kept as is, eq. 7 of an exchanged one); the other term
-gets "". Each text is dropped to "" with probability ``text_dropout`` (classifier-free guidance at inference).
+Text: eqs. 6-8 have none, so by default every prompt is "". With ``text_conditioning`` the instruction
+(MagicBrush's ``instruction``) describes A → A′ and conditions only the term that edits in that direction (eq. 6 of a
+sample kept as is, eq. 7 of an exchanged one); the other term gets "", and each text is dropped to "" with
+probability ``text_dropout``. The random draws are the same with and without text.
 
 Outputs in ``output_dir``: ``loc_hypernetwork.safetensors`` (what Load LoRA Hypernetwork reads),
 ``checkpoints/step_N`` (for --resume), ``samples/step_N.png`` (A | A′ | B | B′ = H(A, A′) on B | −H(A, A′) on A′),
@@ -38,8 +41,9 @@ import torch
 from torch import nn
 
 from analogy_core import __version__
+from analogy_core.analogy import batch_roles, split_roles
 from analogy_core.encoders import ImageEncoder
-from analogy_core.files import check_state_dict, read_safetensors
+from analogy_core.files import check_state_dict, read_safetensors, write_safetensors_atomic
 from analogy_core.layouts import layout_of_diffusers_model
 from analogy_core.loc import (
     HypernetworkConfig,
@@ -54,9 +58,9 @@ from analogy_core.loc import (
 )
 from training.backbone import load_query_encoder
 from training.config import without_local_path
-from training.loc.config import HYPERNETWORK_FILE, PRESETS, LoCConfig
+from training.loc.config import ENCODER_FILE, HYPERNETWORK_FILE, PRESETS, LoCConfig
 from training.loc.data import make_pair_dataset
-from training.loc.ip2p import IP2PBackbone, add_noise, ddim_sample, load_ip2p, to_epsilon, to_x0
+from training.loc.ip2p import IP2PBackbone, add_noise, ddim_sample, load_ip2p, to_epsilon
 from training.trainer import TrainingTask, run, save_sample_image
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -92,10 +96,51 @@ def term_prompts(prompts: list[str], exchanged: torch.Tensor, dropout: float,
             [p if bool(k) else "" for p, k in zip(reverse, keep[n:])])
 
 
+def loss_weights(alpha_bar: torch.Tensor, loss_space: str, x0_weight_max: float = 5.0) -> torch.Tensor:
+    """Per-sample weight of the ε-MSE: 1 (``epsilon``), (1 − ᾱ)/ᾱ (``x0``: ‖x0 − x̂0‖² = (1 − ᾱ)/ᾱ · ‖ε − ε̂‖²) or
+    that clamped at ``x0_weight_max`` (``x0_clamped``)."""
+    if loss_space == "epsilon":
+        return torch.ones_like(alpha_bar)
+    x0_weight = (1 - alpha_bar) / alpha_bar
+    if loss_space == "x0":
+        return x0_weight
+    if loss_space == "x0_clamped":
+        return x0_weight.clamp(max=x0_weight_max)
+    raise ValueError(f"unknown loss_space {loss_space!r}")
+
+
 def encode_pair(encoder: ImageEncoder, a: torch.Tensor, a_prime: torch.Tensor, device) -> tuple[torch.Tensor, ...]:
     """Patch tokens [B, T, W] of A and A′ (frozen encoder, one batched pass)."""
     embedding = encoder.encode(a, a_prime)
     return embedding.patch_tokens["a"].to(device), embedding.patch_tokens["a_prime"].to(device)
+
+
+class HypernetworkAndEncoder(nn.Module):
+    """H and a trainable image encoder E as one module (``image_encoder_learning_rate`` > 0): images in, LoRAs out,
+    with gradients through E (transformers CLIP vision models; the same preprocessing and tokens as Encode Analogy)."""
+
+    def __init__(self, hypernetwork: LoRAHypernetwork, encoder: nn.Module):
+        super().__init__()
+        self.hypernetwork, self.encoder = hypernetwork, encoder
+
+    def forward(self, a: torch.Tensor, a_prime: torch.Tensor) -> LoRAFactors:
+        pixels, spans = batch_roles({"a": a, "a_prime": a_prime}, self.encoder.config.image_size)
+        param = next(self.encoder.parameters())
+        hidden = self.encoder(pixel_values=pixels.to(param.device, param.dtype), output_hidden_states=True)
+        tokens = split_roles(hidden.hidden_states[-2].float(), spans)
+        return self.hypernetwork(tokens["a"], tokens["a_prime"])
+
+
+def hypernetwork_of(model: nn.Module) -> LoRAHypernetwork:
+    return model.hypernetwork if isinstance(model, HypernetworkAndEncoder) else model
+
+
+def generate_factors(model: nn.Module, encoder: ImageEncoder, a: torch.Tensor, a_prime: torch.Tensor,
+                     device) -> LoRAFactors:
+    """H(A, A′) per sample: from frozen encoder tokens, or through E when ``model`` trains E too."""
+    if isinstance(getattr(model, "module", model), HypernetworkAndEncoder):
+        return model(a, a_prime)
+    return model(*encode_pair(encoder, a, a_prime, device))
 
 
 def training_loss(hypernetwork: nn.Module, backbone: IP2PBackbone, encoder: ImageEncoder, batch: dict,
@@ -108,8 +153,10 @@ def training_loss(hypernetwork: nn.Module, backbone: IP2PBackbone, encoder: Imag
         batch, exchanged = exchange_pairs(batch, generator, cfg.exchange_probability)
     quad = paired_quads(batch, generator, cfg.flip_probability)
     prompts = list(batch.get("prompt") or [""] * len(batch["a"]))
+    if not cfg.text_conditioning:
+        prompts = [""] * len(prompts)
     text_6, text_7 = term_prompts(prompts, exchanged, cfg.text_dropout, generator)
-    factors = hypernetwork(*encode_pair(encoder, quad["a"], quad["a_prime"], device))
+    factors = generate_factors(hypernetwork, encoder, quad["a"], quad["a_prime"], device)
     n = len(quad["b"])
     latents, conditions = backbone.encode_images(torch.cat([quad["b"], quad["b_prime"]]))
     (z_b, z_bp), (cond_b, cond_bp) = latents.split(n), conditions.split(n)
@@ -125,12 +172,10 @@ def training_loss(hypernetwork: nn.Module, backbone: IP2PBackbone, encoder: Imag
     x_t = add_noise(x0, noise, alpha_bar)
     with batched_lora(backbone.unet, loras):
         output = backbone.unet_output(x_t, condition, t.to(x0.device), text)
-    if cfg.loss_space == "x0":
-        pred, target = to_x0(output.float(), x_t.float(), alpha_bar.float(), backbone.prediction_type), x0.float()
-    else:
-        pred, target = to_epsilon(output.float(), x_t.float(), alpha_bar.float(), backbone.prediction_type), \
-            noise.float()
-    per_term = [((pred[k * n:(k + 1) * n] - target[k * n:(k + 1) * n]) ** 2).mean() for k in range(terms)]
+    pred = to_epsilon(output.float(), x_t.float(), alpha_bar.float(), backbone.prediction_type)
+    weights = loss_weights(alpha_bar.float().flatten(), cfg.loss_space, cfg.x0_weight_max)
+    per_sample = ((pred - noise.float()) ** 2).flatten(1).mean(dim=1) * weights
+    per_term = [per_sample[k * n:(k + 1) * n].mean() for k in range(terms)]
     if parts is not None:
         parts.update({f"eq{6 + k}": v.detach() for k, v in enumerate(per_term)})
     return sum(per_term)
@@ -216,7 +261,18 @@ class LoCTask(TrainingTask):
         hypernetwork = build_hypernetwork(hypernetwork_config(cfg, self.backbone, self.encoder), seed=cfg.seed)
         if cfg.init_from:
             hypernetwork.load_state_dict(initial_weights(cfg.init_from, hypernetwork))
+        if cfg.image_encoder_learning_rate > 0:
+            if self.encoder.kind != "transformers":
+                raise ValueError("image_encoder_learning_rate > 0 needs a transformers CLIP vision encoder")
+            encoder = self.encoder.model.requires_grad_(True)  # the same module samples read through self.encoder
+            return HypernetworkAndEncoder(hypernetwork, encoder).to(self.device)
         return hypernetwork.to(self.device)
+
+    def optimizer_groups(self, model):
+        if not isinstance(model, HypernetworkAndEncoder):
+            return None
+        return [{"params": list(model.hypernetwork.parameters())},
+                {"params": list(model.encoder.parameters()), "lr": self.cfg.image_encoder_learning_rate}]
 
     def dataset(self):
         cfg = self.cfg
@@ -228,17 +284,22 @@ class LoCTask(TrainingTask):
 
     def export(self, model, path: Path, step: int) -> None:
         cfg = self.cfg
-        save_hypernetwork(model, path, {"analogy.backbone": without_local_path(cfg.backbone),
+        if isinstance(model, HypernetworkAndEncoder):
+            state = {k: v.detach().float().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
+            write_safetensors_atomic(state, path.with_name(ENCODER_FILE), {"analogy.kind": "loc_image_encoder",
+                                                                          "analogy.step": str(step)})
+        save_hypernetwork(hypernetwork_of(model), path, {"analogy.backbone": without_local_path(cfg.backbone),
                                         "analogy.encoder_spec": without_local_path(cfg.image_encoder),
                                         "analogy.step": str(step), "analogy.pack_version": __version__,
                                         "analogy.config": json.dumps(shareable_config(cfg))})
 
     def summary(self, model) -> str:
         count = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        return f"{model.config.describe()}; {count / 1e6:.2f}M trainable parameters"
+        return f"{hypernetwork_of(model).config.describe()}; {count / 1e6:.2f}M trainable parameters"
 
     def write_samples(self, model, batch, step: int, folder: Path) -> None:
-        rows = sample_rows(model, self.backbone, self.encoder, batch, self.cfg.sample_steps, self.cfg.seed)
+        rows = sample_rows(hypernetwork_of(model), self.backbone, self.encoder, batch, self.cfg.sample_steps,
+                           self.cfg.seed)
         save_sample_image(torch.cat(list(rows), dim=0), folder, step)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from training.config import CommonConfig
 
 MODES = ("text", "analogy", "both")
+ATTENTION_INITS = ("calibrated", "torch")
 
 
 @dataclass
@@ -28,12 +29,20 @@ class RegionConfig(CommonConfig):
     instruction_encoder: str = "google/flan-t5-base"  # T5 encoder for the instruction tokens (paper)
     resolution: int = 224              # training images are resized to this square (the CLIP input is square)
     hidden: int = 0                    # token-wise MLP / f_sem width; 0 = d
+    # The defaults are the pack's form (preset "pack"); preset "paper" switches both off (the paper's equations).
     # F_Editedimg = F_img + CrossAttn(...), F_imgRegion = F_Editedimg + SelfAttn(...): residual connections the
-    # paper's equations 1-2 do not have; false trains the paper's exact form (which did not learn on the world)
+    # paper's equations 1-2 do not have
     residual: bool = True
     # a learned vector per patch added to F_img (and per ANALOGY token): not in the paper; the world's "add a square
-    # at the top left" was not learnt without it
+    # at the top left" was not learnt without it (f_sem of eq. 5 always reads the raw patches)
     positions: bool = True
+    # "calibrated": at the first step of a fresh run, W_Q and W_K of both attentions are scaled so their scores on
+    # that batch have unit std (torch's default init leaves them nearly constant: the softmaxes average); "torch":
+    # torch's default init only
+    attention_init: str = "calibrated"
+    # train on the mask inference uses: the blend of eq. 7 takes (P_region > threshold) in the forward pass with the
+    # soft mask's gradient (straight-through); false: the soft mask (the paper)
+    straight_through: bool = False
     # loss weights (eq. 11: α·L_semAlign + β·L_CLIP; eq. 10: λg, λd, λs). Not published; LearnRegion uses 1 for its
     # three CLIP terms with a *mean* structure loss; eq. 9 sums the squares of an N×N matrix, so λs ~ 1/N² matches it.
     alpha: float = 1.0
@@ -70,12 +79,17 @@ class RegionConfig(CommonConfig):
             raise ValueError("diff_tolerance must be in [0, 1) and threshold in (0, 1)")
         if not isinstance(self.threads, int) or self.threads < 0:
             raise ValueError(f"threads must be an integer >= 0, got {self.threads!r}")
+        if self.attention_init not in ATTENTION_INITS:
+            raise ValueError(f"attention_init must be one of {ATTENTION_INITS}, got {self.attention_init!r}")
         if self.mode == "both" and self.data != "world":
             raise ValueError("mode both needs data that has instructions and pairs for every item: data=world")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {},
+    # the paper's form: equations 1-2 without residual connections, no learned positions
+    "paper": dict(residual=False, positions=False),
+    # the pack's form (the config's defaults): residual connections and learned positions
+    "pack": {},
     # The analogy world on a CPU in a few minutes: the world's CLIP and instruction encoder, both modes.
     "tiny": dict(data="world", mode="both", clip="world", instruction_encoder="world", resolution=64, batch_size=16,
                  max_steps=300, learning_rate=2e-3, weight_decay=0.0, lambda_s=1.0 / 64 ** 2, num_workers=0,

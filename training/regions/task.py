@@ -1,8 +1,10 @@
 """Train the multi-scale learnable region predictor (Predict Edit Region's checkpoint) with Accelerate.
 
     python -m training.train_region --preset tiny                      # the analogy world on a CPU, a few minutes
-    python -m training.train_region --set data=jsonl:my/train.jsonl --set clip=/models/clip-vit-large-patch14 \\
-        --set instruction_encoder=/models/flan-t5-base                 # the paper's setting (text mode)
+    python -m training.train_region --preset paper --set data=jsonl:my/train.jsonl \\
+        --set clip=/models/clip-vit-large-patch14 --set instruction_encoder=/models/flan-t5-base
+                                                                       # the paper's form (text mode, eqs. 1-3)
+    python -m training.train_region --preset pack ...                  # the pack's form (residual + positions)
     python -m training.train_region --set mode=analogy --set data=pairs:my/pairs.jsonl
     python -m training.train_region --preset tiny --resume             # continue from the newest intact checkpoint
 
@@ -20,6 +22,7 @@ Outputs in ``output_dir``: ``region_predictor.safetensors`` (the file Load Regio
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from analogy_core.regions import (
     RegionSpec,
     VisionFeatures,
     blend,
+    straight_through,
     clip_loss,
     edit_mask,
     iou,
@@ -50,6 +54,9 @@ from training.regions.models import load_clip, load_instruction_encoder
 from training.trainer import TrainingTask, run, save_sample_image
 
 ARTIFACT = "region_predictor.safetensors"
+
+
+log = logging.getLogger(__name__)
 
 
 def uses_text(cfg: RegionConfig) -> bool:
@@ -96,6 +103,8 @@ def text_loss(model, clip: FrozenClip, encoder: InstructionEncoder, batch: dict,
         parts.update(sem_parts, sem_align=sem)
     if cfg.beta > 0:
         mask = probability_image(out.probs, clip.grid, x.shape[1], x.shape[2])
+        if cfg.straight_through:
+            mask = straight_through(mask, cfg.threshold)
         x_res = blend(mask, batch["edited"].to(device), x)
         result = clip.vision(x_res)                               # I_res, F_res: gradients reach the mask
         clip_total, clip_parts = clip_loss(loss_weights(cfg), result.embeds, original.embeds, original.patches,
@@ -200,7 +209,30 @@ class RegionTask(TrainingTask):
             if uses_text(cfg) else None
         torch.manual_seed(cfg.seed)
         model = RegionPredictor(region_spec(cfg, self.clip, self.encoder), with_sem=uses_text(cfg))
+        self.calibrated = cfg.attention_init != "calibrated"
         return model.to(self.device)
+
+    def load_trainable_state(self, model, tensors) -> None:
+        super().load_trainable_state(model, tensors)
+        self.calibrated = True  # a resumed run's weights were calibrated when it started
+
+    def calibrate(self, model, batch) -> None:
+        """:meth:`RegionPredictor.calibrate_attention` on the first batch (text condition when the mode has one)."""
+        device, cfg = self.clip.device, self.cfg
+        with torch.no_grad():
+            if uses_text(cfg):
+                patches = self.clip.vision(batch["image"].to(device)).patches
+                tokens, token_mask = self.encoder.encode(batch["instruction"])
+                condition = ("text", tokens.to(device), token_mask.to(device))
+            else:
+                patches = self.clip.vision(batch["x"].to(device)).patches
+                exemplar = self.clip.analogy(batch["a"], batch["a_prime"])
+                condition = ("analogy", exemplar.patch_tokens["a"].to(device),
+                             exemplar.patch_tokens["a_prime"].to(device))
+        before = self.accelerator.unwrap_model(model).calibrate_attention(
+            patches, *condition, reduce=lambda t: self.accelerator.reduce(t.to(device), "mean"))
+        log.info("attention scores' std before calibration: cross %.3g, self %.3g", before["cross"], before["self"])
+        self.calibrated = True
 
     def dataset(self):
         cfg = self.cfg
@@ -208,6 +240,8 @@ class RegionTask(TrainingTask):
                                    world_editor=cfg.world_editor, world_scenes=cfg.world_scenes)
 
     def loss(self, model, batch, generator):
+        if not self.calibrated:
+            self.calibrate(model, batch)
         return region_loss(model, self.clip, self.encoder, batch, self.cfg)[0]
 
     def export(self, model, path: Path, step: int) -> None:

@@ -14,6 +14,15 @@ the same sampler without the LoRA. ``extra`` holds:
   training and at an early checkpoint (``_early``, after ``EARLY`` of the steps), for the run with random exchange
   (the default) and a run without it (``_no_exchange``; same steps and seed). At initialisation the gap is undefined:
   eq. 11 makes H(A, A′) exactly zero (``consistency_gap_init`` is null for that reason);
+* per family (``*_by_family``, every family) and as a claim (``consistency_gap_claim*``, ``direction_cosine*``: mean
+  over the training families that are not self-inverse): the gap, and the direction-aware ``direction_cosine`` —
+  the cosine of H(A′, A) − H̄ with −(H(A, A′) − H̄), H̄ the mean generated LoRA (:func:`~analogy_core.loc.
+  exchange_scores`). A self-inverse edit (``SELF_INVERSE``: invert, hflip, vflip; f(f(x)) = x) is its own inverse,
+  so its LoRA can rightly satisfy H(A′, A) = H(A, A′) (gap 2): those families are left out of the claim. At
+  initialisation both are undefined (zero LoRA); ``*_init`` gives them for the fresh H with its zero U_B half
+  replaced by random values (both scores are scale-invariant): the chance level a trained H is compared with;
+* ``input_dependence_init`` / ``input_dependence`` — the fraction of the generated U_A that varies with (A, A′)
+  (:func:`~analogy_core.loc.input_dependence`) for the fresh H and after training;
 * ``reverse_*`` — LoRA Reverse undoing the edit: −H(A, A′) applied with the true B′ as the condition, against B
   (``reverse_error_<split>``), next to doing nothing (``reverse_no_edit_<split>`` = |B′ − B|);
 * the no-exchange run's own B′ error ratio, training time and losses.
@@ -28,7 +37,8 @@ from pathlib import Path
 import torch
 
 from analogy_core.files import check_state_dict, read_safetensors
-from analogy_core.loc import HypernetworkError, consistency_gap, load_hypernetwork
+from analogy_core.loc import (HypernetworkError, build_hypernetwork, consistency_gap, exchange_scores,
+                              input_dependence, load_hypernetwork)
 from training import checkpoints as ckpt
 from training.backbone import load_query_encoder
 from training.loc.ip2p import load_ip2p
@@ -40,15 +50,16 @@ from training.world.yardstick.common import MethodOutput, losses_from_log
 
 PANEL = 64
 EARLY = 0.1
+SELF_INVERSE = ("invert", "hflip", "vflip")  # world families with f(f(x)) = x (channel_swap is a 3-cycle)
 # Why these values: 64-px panels (the world's panel); H as the paper (M = 6 decoder blocks, 8 heads) at width 128
 # instead of 512 (the world's tokens are 64-d and its UNet 64/128 wide; 512 would make H 6x the backbone on 2 CPU
-# cores), rank 4 (the pack's default); paired world data with the neutral prompt (no text: the edit can only come from
-# the pair); eqs. 6-7 in x0 space as the paper writes them; AdamW at 1e-3 in float32 (the paper's 1e-5 is for a
-# 435M-parameter H at batch 96); DDIM with 20 steps for samples and evaluation.
+# cores), rank 4 (the pack's default); paired world data with no text (the trainer's default: the edit can only come
+# from the pair); the trainer's default loss (eqs. 6-7 as ε-MSE, bounded weights); AdamW at 1e-3 in float32 (the
+# paper's 1e-5 is for a 435M-parameter H at batch 96); DDIM with 20 steps for samples and evaluation.
 LOC_WORLD: dict[str, object] = dict(
     data="world", resolution=PANEL, rank=4, width=128, blocks=6, heads=8, ffn=512, batch_size=8, max_steps=1500,
     learning_rate=1e-3, weight_decay=0.0, mixed_precision="no", gradient_checkpointing=False, text_dropout=0.0,
-    loss_space="x0", num_workers=0, checkpoint_every=150, keep_checkpoints=100, sample_every=1500, sample_steps=20,
+    num_workers=0, checkpoint_every=150, keep_checkpoints=100, sample_every=1500, sample_steps=20,
     log_every=50, report_to="none")
 LOC_WORLD_QUICK: dict[str, object] = {**LOC_WORLD, "max_steps": 300, "checkpoint_every": 30, "sample_every": 300}
 
@@ -95,6 +106,28 @@ def mean_gap(hypernetwork, encoder, examples: dict[str, list], families: list[st
     return None if torch.isnan(gaps).any() else round(float(gaps.mean()), 4)
 
 
+def direction_figures(hypernetwork, encoder, examples: dict[str, list], tag: str) -> dict[str, object]:
+    """Per-family gap and direction cosine, and their means over the training families that are not self-inverse."""
+    by_family = {f: exchange_scores(hypernetwork, *tokens(encoder, items)) for f, items in examples.items()}
+    claim = [f for f in examples if world.get_family(f).split == "train" and f not in SELF_INVERSE]
+    out: dict[str, object] = {}
+    for key, name in (("gap", "consistency_gap"), ("cosine", "direction_cosine")):
+        values = {f: float(scores[key].mean()) for f, scores in by_family.items()}
+        out[f"{name}_by_family{tag}"] = {f: round(v, 4) for f, v in values.items()}
+        out[f"{'consistency_gap_claim' if key == 'gap' else name}{tag}"] = round(
+            sum(values[f] for f in claim) / len(claim), 4)
+    return out
+
+
+def with_random_u_b(hypernetwork, seed: int):
+    """The fresh H with its zero U_B half replaced by N(0, 1) values (where both exchange scores are defined)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, view in hypernetwork.u_b_parameters():
+            view.copy_(torch.randn(view.shape, generator=gen))
+    return hypernetwork.eval()
+
+
 def run_loc(ctx):
     """The ``loc`` method of ``bench.analogy_world``: train (with and without random exchange), then measure."""
     settings = loc_settings(ctx.world.root, ctx.quick)
@@ -132,6 +165,14 @@ def run_loc(ctx):
         losses = losses_from_log(out / "train.log")
         if losses:
             extra[f"loss_first_step{tag}"], extra[f"loss_last_step{tag}"] = losses
+        extra.update(direction_figures(final, encoder, ctx.examples, tag))
+        extra.update(direction_figures(early, encoder, ctx.examples, f"_early{tag}"))
+    fresh = build_hypernetwork(hypernetwork.config, seed=ctx.seed)
+    train_items = {f: ctx.examples[f] for f in train_families}
+    all_tokens = [torch.cat(t) for t in zip(*(tokens(encoder, items) for items in train_items.values()))]
+    extra["input_dependence_init"] = round(input_dependence(fresh.eval(), *all_tokens), 4)
+    extra["input_dependence"] = round(input_dependence(hypernetwork, *all_tokens), 4)
+    extra.update(direction_figures(with_random_u_b(fresh, ctx.seed), encoder, ctx.examples, "_init"))
     no_exchange = load_hypernetwork_state(runs["_no_exchange"] / "loc_hypernetwork.safetensors", None)
     other = b_primes(no_exchange)
     for split in ("train", "heldout"):

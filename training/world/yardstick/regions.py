@@ -60,6 +60,12 @@ REGION_WORLD_QUICK: dict[str, object] = {**REGION_WORLD, "max_steps": 100, "chec
                                          "sample_every": 100}
 
 
+# (name, mode, form): the pack's form in each mode, and the paper's form (no residual connections, no learned
+# positions) in text mode with the paper's losses
+RUNS: tuple[tuple[str, str, dict], ...] = (("text", "text", {}), ("analogy", "analogy", {}),
+                                           ("text_paper", "text", {"residual": False, "positions": False}))
+
+
 def region_settings(world_folder: str, quick: bool = False) -> dict[str, object]:
     spec = f"world:{world_folder}"
     return {"clip": spec, "instruction_encoder": spec, **(REGION_WORLD_QUICK if quick else REGION_WORLD)}
@@ -120,22 +126,22 @@ def run_bench_row(ctx, lorweb_output=None):
     after: dict[str, dict[str, float]] = {f: {} for f in local}
     before: dict[str, dict[str, float]] = {f: {} for f in local}
     models = {}
-    for mode in ("text", "analogy"):  # one model per mode: trained jointly, analogy mode learnt far more slowly
-        run = {**settings, "mode": mode}
-        train_region({**run, "learning_rate": 0.0}, ctx.folder / f"{mode}_init", 1)
-        extra[f"train_seconds_{mode}"] = round(train_region(run, ctx.folder / mode, steps), 1)
-        models[mode] = load_region_predictor(ctx.folder / mode / "region_predictor.safetensors")
-        initial = load_region_predictor(ctx.folder / f"{mode}_init" / "region_predictor.safetensors")
-        for target, model in ((after, models[mode]), (before, initial)):
+    for name, mode, form in RUNS:  # one model per mode: trained jointly, analogy mode learnt far more slowly
+        run = {**settings, "mode": mode, **form}
+        train_region({**run, "learning_rate": 0.0}, ctx.folder / f"{name}_init", 1)
+        extra[f"train_seconds_{name}"] = round(train_region(run, ctx.folder / name, steps), 1)
+        models[name] = load_region_predictor(ctx.folder / name / "region_predictor.safetensors")
+        initial = load_region_predictor(ctx.folder / f"{name}_init" / "region_predictor.safetensors")
+        for target, model in ((after, models[name]), (before, initial)):
             for family, scores in world_iou(model, clip, encoder, local, count, size, threshold).items():
-                target[family].update(scores)
-        losses = losses_from_log(ctx.folder / mode / "train.log")
+                target[family].update({name: scores[mode]})
+        losses = losses_from_log(ctx.folder / name / "train.log")
         if losses:
-            extra[f"loss_first_step_{mode}"], extra[f"loss_last_step_{mode}"] = losses
+            extra[f"loss_first_step_{name}"], extra[f"loss_last_step_{name}"] = losses
     for split in ("train", "heldout"):
         names = [f for f in local if world.get_family(f).split == split]
         suffix = "" if split == "train" else "_heldout_families"
-        for mode in ("text", "analogy"):
+        for mode, _, _ in RUNS:
             extra[f"iou_{mode}{suffix}"] = mean(after[f][mode] for f in names)
             extra[f"iou_{mode}_start{suffix}"] = mean(before[f][mode] for f in names)
     extra["iou_per_family"] = {f: {m: round(v, 4) for m, v in after[f].items()} for f in local}
