@@ -1,6 +1,6 @@
 """Issue 19, loaders: every crash class found by mutating files of the newer loaders (Load LoRA Hypernetwork, Load
-Region Model), and every meaningless file they accepted, ends in the pack's own error naming the file and what is
-wrong. Each test here failed (crash or acceptance) before the fix."""
+Region Model) and by sweeping the header configs of all of them, and every meaningless file they accepted, ends in
+the pack's own error naming the file and what is wrong. Each test here failed (crash or acceptance) before the fix."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save_file
 
+from analogy_core.basis import BasisError, load_basis
 from analogy_core.loc import HypernetworkError, load_hypernetwork
+from analogy_core.lora import LoRAError
+from analogy_core.lora_io import load_lora_file
 from analogy_core.regions import RegionError, load_region_predictor
-from loader_cases import hypernetwork_samples, region_samples
+from loader_cases import basis_samples, hypernetwork_samples, lora_samples, region_samples
 
 
 def write(path: Path, tensors: dict, metadata: dict) -> Path:
@@ -65,3 +68,33 @@ def test_region_encoder_family_of_another_type_is_refused(tmp_path):
     path = write(tmp_path / "r.safetensors", *sample)
     with pytest.raises(RegionError, match=r"^r\.safetensors: region spec encoder\.family must be one of"):
         load_region_predictor(path)
+
+
+# -- Load LoRA Basis and Load LoRA (configs in their headers, found by the same field sweep) --------------------------
+
+
+@pytest.mark.parametrize("family", [["clip"], {"clip": 1}], ids=["list", "object"])
+def test_basis_settings_encoder_family_of_another_type_is_refused(tmp_path, family):
+    """Was TypeError (membership test of an unhashable value)."""
+    sample = with_config(basis_samples()[0], "analogy.lorweb_settings", lambda c: c.update(encoder_family=family))
+    path = write(tmp_path / "b.safetensors", *sample)
+    with pytest.raises(BasisError, match=r"^b\.safetensors: encoder_family must be one of .*, got a JSON "):
+        load_basis(path)
+
+
+def test_basis_settings_that_do_not_fit_its_widths_are_refused_at_load(tmp_path):
+    """Was accepted, then failed at the first mix (lora_heads must divide the key width)."""
+    sample = with_config(basis_samples()[0], "analogy.lorweb_settings", lambda c: c.update(lora_heads=3))
+    path = write(tmp_path / "b.safetensors", *sample)
+    with pytest.raises(BasisError, match=r"^b\.safetensors: lora_heads=3 does not divide the basis' key width 8"):
+        load_basis(path)
+
+
+@pytest.mark.parametrize("field", ["r", "lora_alpha"])
+def test_peft_metadata_holding_a_huge_integer_is_refused(tmp_path, field):
+    """Was OverflowError (an integer of 400 digits converted to float)."""
+    tensors, metadata = next(s for s in lora_samples() if "lora_adapter_metadata" in s[1])
+    sample = with_config((tensors, metadata), "lora_adapter_metadata", lambda c: c.update({field: 10**400}))
+    path = write(tmp_path / "l.safetensors", *sample)
+    with pytest.raises(LoRAError, match=rf"^l\.safetensors: lora_adapter_metadata: {field} is a huge integer"):
+        load_lora_file(path)
