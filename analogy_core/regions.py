@@ -53,6 +53,7 @@ from torch import nn
 from .analogy import CLIP_MEAN, CLIP_STD, ENCODER_FAMILIES, AnalogyEmbedding, EncoderInfo
 from .files import (FLOAT_DTYPES, json_metadata, load_checked_module, naming_file, read_tensor_file, show_value,
                     write_safetensors_atomic)
+from .t5_folder import load_t5_folder
 
 KIND = "region_predictor"
 SPEC_KEY = "analogy.region_spec"
@@ -595,23 +596,12 @@ class InstructionEncoder:
 
     @staticmethod
     def from_folder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> "InstructionEncoder":
-        """A local T5 folder (config.json, model.safetensors, tokenizer files) such as google/flan-t5-base saved with
-        ``save_pretrained``. Nothing is downloaded; pickle weights (pytorch_model.bin) are refused."""
-        from transformers import AutoTokenizer, T5EncoderModel
-
+        """A local T5 folder (config.json, model.safetensors, tokenizer.json) such as google/flan-t5-base saved with
+        ``save_pretrained``, read strictly (:mod:`.t5_folder`): every problem is a RegionError naming the file.
+        Nothing is downloaded; pickle weights (pytorch_model.bin) are refused."""
         folder = Path(path)
-        if not (folder / "config.json").is_file():
-            raise RegionError(f"{folder} is not a transformers T5 folder (no config.json)")
-        if not any(folder.glob("*.safetensors")):
-            raise RegionError(f"{folder} holds no .safetensors weights (pickle files such as pytorch_model.bin are "
-                              "not loaded; convert them with transformers' save_pretrained)")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-            model = T5EncoderModel.from_pretrained(folder, local_files_only=True, use_safetensors=True,
-                                                   dtype=dtype)
-        except (OSError, ValueError) as err:
-            raise RegionError(f"{folder.name}: cannot load a T5 encoder and tokenizer from it ({err})") from None
-        return InstructionEncoder(model, tokenizer, folder.name)
+        model, tokenizer = load_t5_folder(folder, RegionError)
+        return InstructionEncoder(model.to(dtype), tokenizer, folder.name)
 
     @property
     def width(self) -> int:
