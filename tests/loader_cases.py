@@ -6,7 +6,8 @@ To put a new loader under the fuzz test, append one :class:`LoaderCase` to :data
   test serialises and mutates them thousands of times);
 - ``load``: the public loader, called with a path;
 - ``errors``: the pack's error classes it may raise (a failure must be one of these, naming the file);
-- ``check``: invariants a successful load must satisfy (finite, bounded, usable), asserted on every success.
+- ``check``: invariants a successful load must satisfy (finite, bounded, usable), asserted on every success;
+- ``configs``: header metadata keys that hold a JSON config, which the fuzz test also sweeps field by field.
 
 The T5 folder of Load Instruction Encoder is a folder, not one file: :func:`save_t5_folder` writes a tiny valid one
 and :func:`check_t5` checks a loaded encoder (tests/test_fuzz_loaders.py sweeps its files).
@@ -43,6 +44,7 @@ class LoaderCase:
     load: Callable[[Path], object]
     errors: tuple[type[ValueError], ...]
     check: Callable[[object], None] = field(default=lambda result: None)
+    configs: tuple[str, ...] = ()
 
 
 # -- LoRA files in every key format the reader supports ---------------------------------------------------------------
@@ -128,8 +130,10 @@ def check_basis(basis: LoRABasis) -> None:
 
 
 LOADER_CASES: list[LoaderCase] = [
-    LoaderCase("lora", lambda: list(lora_samples()), load_lora_file, (TensorFileError, LoRAError), check_lora),
-    LoaderCase("basis", lambda: list(basis_samples()), load_basis, (TensorFileError, BasisError), check_basis),
+    LoaderCase("lora", lambda: list(lora_samples()), load_lora_file, (TensorFileError, LoRAError), check_lora,
+               ("lora_adapter_metadata",)),
+    LoaderCase("basis", lambda: list(basis_samples()), load_basis, (TensorFileError, BasisError), check_basis,
+               ("analogy.lorweb_settings",)),
 ]
 
 
@@ -171,7 +175,7 @@ def check_hypernetwork(hypernetwork: LoRAHypernetwork) -> None:
 
 
 LOADER_CASES.append(LoaderCase("loc_hypernetwork", lambda: list(hypernetwork_samples()), load_hypernetwork,
-                               (TensorFileError, HypernetworkError), check_hypernetwork))
+                               (TensorFileError, HypernetworkError), check_hypernetwork, ("analogy.loc",)))
 
 
 # -- region predictor (Predict Edit Region's checkpoint) ---------------------------------------------------------------
@@ -207,7 +211,7 @@ def check_region(model: regions.RegionPredictor) -> None:
 
 
 LOADER_CASES.append(LoaderCase("region_predictor", lambda: list(region_samples()), regions.load_region_predictor,
-                               (TensorFileError, regions.RegionError), check_region))
+                               (TensorFileError, regions.RegionError), check_region, (regions.SPEC_KEY,)))
 
 
 # -- T5 folder (Load Instruction Encoder) --------------------------------------------------------------------------
