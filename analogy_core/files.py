@@ -121,11 +121,13 @@ class TensorFile:
 
 def read_tensor_file(path: str | os.PathLike, kind: str = "tensor file", *,
                      dtypes: Collection[str] = FLOAT_DTYPES, max_header_bytes: int = MAX_HEADER_BYTES,
-                     finite: bool = True) -> TensorFile:
+                     finite: bool = True, keys: Callable[[str], bool] | None = None) -> TensorFile:
     """Check and load every tensor (on CPU) and the header metadata of a .safetensors file.
 
     ``dtypes``: the safetensors dtype names the caller accepts (others are refused by name). ``finite``: refuse
-    floating-point tensors holding NaN or Inf (loaders that check values themselves may pass False).
+    floating-point tensors holding NaN or Inf (loaders that check values themselves may pass False). ``keys``: load
+    only the tensors whose key it accepts (the whole header is still checked, and ``stored_dtypes`` lists every key),
+    e.g. a T5 encoder out of a full encoder-decoder checkpoint.
     Raises :class:`TensorFileError` (message starts with the file name) for anything wrong with the file.
     """
     path = Path(path)
@@ -134,9 +136,10 @@ def read_tensor_file(path: str | os.PathLike, kind: str = "tensor file", *,
         if info.dtype not in dtypes:
             allowed = ", ".join(sorted(dtypes))
             raise _fail(path, f"tensor {key[:200]!r} is stored as {info.dtype}; a {kind} must hold {allowed} tensors")
-    tensors = _load(path, header)
-    for key, info in header.entries.items():
-        if info.dtype in FLOAT8_DTYPES:
+    wanted = [key for key in header.entries if keys is None or keys(key)]
+    tensors = _load(path, wanted)
+    for key in wanted:
+        if header.entries[key].dtype in FLOAT8_DTYPES:
             tensors[key] = tensors[key].to(FLOAT8_UPCAST)
     if finite:
         try:
@@ -210,19 +213,57 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _parse_json(path: Path, raw: bytes) -> object:
+def _parse_json(path: Path, raw: bytes, what: str = "safetensors header") -> object:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise _fail(path, "corrupt safetensors header (not UTF-8 text)") from None
+        raise _fail(path, f"corrupt {what} (not UTF-8 text)") from None
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
     except _DuplicateKey as err:
-        raise _fail(path, f"corrupt safetensors header (key {str(err)!r} appears twice)") from None
+        raise _fail(path, f"corrupt {what} (key {str(err)[:200]!r} appears twice)") from None
     except RecursionError:
-        raise _fail(path, "corrupt safetensors header (JSON nested far deeper than the format uses)") from None
+        raise _fail(path, f"corrupt {what} (JSON nested far deeper than the format uses)") from None
     except ValueError as err:  # JSONDecodeError, oversized integer literals
-        raise _fail(path, f"corrupt safetensors header (not JSON: {str(err)[:120]})") from None
+        raise _fail(path, f"corrupt {what} (not JSON: {str(err)[:120]})") from None
+
+
+MAX_JSON_BYTES = 16 * 2**20
+"""Default bound on a JSON side file (config.json, tokenizer_config.json, ...): real ones are bytes to a few MB."""
+
+
+def read_json_file(path: str | os.PathLike, *, name: str | None = None, max_bytes: int = MAX_JSON_BYTES,
+                   error: type[ValueError] = TensorFileError) -> object:
+    """A JSON file parsed as strictly as a safetensors header (UTF-8, no NaN/Infinity, no duplicate keys, no deep
+    nesting), read only up to ``max_bytes``. Every problem is an ``error`` whose message starts with ``name`` (default:
+    the file name). The value may be of any JSON type: callers check its fields."""
+    path = Path(path)
+    name = name or path.name
+    if not path.is_file():
+        raise error(f"{name}: no such file")
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(max_bytes + 1)
+    except OSError as err:
+        raise error(f"{name}: cannot be read ({err.strerror or err})") from None
+    if len(raw) > max_bytes:
+        raise error(f"{name}: more than the {max_bytes} bytes accepted for this JSON file")
+    try:
+        return _parse_json(path, raw, "JSON")
+    except TensorFileError as err:
+        raise error(f"{name}: {str(err)[len(path.name) + 2:]}") from None
+
+
+def show_value(value: object, limit: int = 40) -> str:
+    """A JSON value for an error message, short whatever it holds: no repr of deep nesting (RecursionError) or of a
+    10**400 integer (Python refuses str() beyond 4300 digits)."""
+    if isinstance(value, (dict, list)):
+        return f"a JSON {_json_type(value)} of {len(value)} item{'s' if len(value) != 1 else ''}"
+    if type(value) is int and abs(value) > 10**12:
+        return "a huge integer"
+    if isinstance(value, str):
+        return repr(value[:limit] + ("..." if len(value) > limit else ""))
+    return "null" if value is None else repr(value)[:limit]
 
 
 def _check_metadata(path: Path, metadata: object) -> dict[str, str]:
@@ -293,10 +334,10 @@ def _json_type(value: object) -> str:
             type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def _load(path: Path, header: TensorHeader) -> dict[str, torch.Tensor]:
+def _load(path: Path, keys: Collection[str]) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return {key: handle.get_tensor(key) for key in header.entries}
+            return {key: handle.get_tensor(key) for key in keys}
     except MemoryError:
         raise _fail(path, f"not enough memory to load {path.stat().st_size} bytes of tensors") from None
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:  # e.g. the file changed after the check
@@ -373,14 +414,17 @@ def check_state_dict(tensors: Mapping[str, torch.Tensor], reference: Mapping[str
     ``reference`` (e.g. ``module.state_dict()``), floating point where the reference is, finite, cast to the
     reference's dtype."""
     require_keys(tensors, set(reference) - set(allow_missing), optional=reference.keys(), error=error)
-    out = {}
+    out: dict[str, torch.Tensor] = {}
+    cast: dict[int, torch.Tensor] = {}  # one tensor under two names (tied weights) stays one tensor
     for key, tensor in tensors.items():
         want = reference[key]
         if tuple(tensor.shape) != tuple(want.shape):
             raise error(f"tensor {key!r} has shape {list(tensor.shape)}, expected {list(want.shape)}")
         if want.is_floating_point() != tensor.is_floating_point():
             raise error(f"tensor {key!r} is {tensor.dtype}, expected {want.dtype}")
-        out[key] = tensor.to(want.dtype)
+        if id(tensor) not in cast:
+            cast[id(tensor)] = tensor.to(want.dtype)
+        out[key] = cast[id(tensor)]
     check_finite(out, error=error)
     return out
 
@@ -403,15 +447,17 @@ def check_finite(tensors: Mapping[str, torch.Tensor], *, max_abs: float | None =
 
 def load_checked_module(build: Callable[[], "torch.nn.Module"], tensors: Mapping[str, torch.Tensor], *,
                         max_abs: float, error: type[ValueError] = TensorFileError) -> "torch.nn.Module":
-    """The module ``build()`` makes, with ``tensors`` as its weights, in eval mode and frozen: built on the meta device
-    first, so nothing is allocated before every tensor has been checked against it (keys, shapes, dtypes, finite,
-    within ±max_abs)."""
+    """The module ``build()`` makes, with ``tensors`` as its weights, in eval mode and frozen: built on the meta device,
+    so nothing is allocated before every tensor has been checked against it (keys, shapes, dtypes, finite, within
+    ±max_abs); the checked tensors then become its parameters (``assign``: no second copy, nothing left random)."""
     with torch.device("meta"):
         model = build()
     state = check_state_dict(tensors, model.state_dict(), error=error)
     check_finite(state, max_abs=max_abs, error=error)
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=True)
+    unset = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if unset:  # a buffer the module computes itself: such a module cannot be built this way (a bug, not the file)
+        raise RuntimeError(f"{type(model).__name__} has tensors no file provides: {unset[:3]}")
     return model.eval().requires_grad_(False)
 
 

@@ -52,7 +52,7 @@ from torch import nn
 
 from .analogy import ENCODER_FAMILIES, AnalogyEmbedding, EncoderInfo
 from .files import (FLOAT_DTYPES, MAX_UPDATE_NORM, json_metadata, load_checked_module, low_rank_norm, naming_file,
-                    probe_header, read_tensor_file, write_safetensors_atomic)
+                    probe_header, read_tensor_file, show_value, write_safetensors_atomic)
 from .layouts import ModelLayout
 from .lora import FAMILIES, LoRA, LoRALayer
 
@@ -63,6 +63,7 @@ DIRECTIONS = ("forward", "reverse", "swapped")
 QUERY_INIT_STD = 0.02     # the learned queries' initial scale (small: the pair, not the query, drives D at first)
 MAX_PARAMETER_VALUE = 1e4  # largest |weight| accepted in a hypernetwork file (trained values are of order 1)
 _ATTENTION = re.compile(r"(.+\.attn[12])\.(to_q|to_k|to_v|to_out\.0)")
+_TARGET_PATH = re.compile(r"\w+(\.\w+)*\.attn[12]", re.ASCII)  # a UNet module path, as attention_targets finds them
 # bounds a config read from a file must respect before anything is built (a hostile header cannot make us allocate)
 _LIMITS = {"width": 8192, "blocks": 64, "heads": 256, "rank": 1024, "ffn": 65536, "token_width": 65536,
            "targets": 4096, "features": 65536}
@@ -134,16 +135,16 @@ class HypernetworkConfig:
         for key in ("token_width", "width", "blocks", "heads", "rank", "ffn"):
             value = getattr(self, key)
             if type(value) is not int or not 1 <= value <= _LIMITS[key]:
-                raise HypernetworkError(f"{key} must be an integer in 1..{_LIMITS[key]}, got {value!r}")
+                raise HypernetworkError(f"{key} must be an integer in 1..{_LIMITS[key]}, got {show_value(value)}")
         if self.width % self.heads:
             raise HypernetworkError(f"width {self.width} is not divisible by heads {self.heads}")
         if not 1 <= len(self.targets) <= _LIMITS["targets"]:
             raise HypernetworkError(f"a hypernetwork needs 1..{_LIMITS['targets']} target layers, got "
                                     f"{len(self.targets)}")
-        if self.family not in FAMILIES:
-            raise HypernetworkError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if not (isinstance(self.family, str) and self.family in FAMILIES):
+            raise HypernetworkError(f"family must be one of {FAMILIES}, got {show_value(self.family)}")
         if self.token_count is not None and (type(self.token_count) is not int or not 1 <= self.token_count <= 10**6):
-            raise HypernetworkError(f"token_count must be a positive integer, got {self.token_count!r}")
+            raise HypernetworkError(f"token_count must be an integer in 1..{10**6}, got {show_value(self.token_count)}")
         if self.encoder is not None and self.encoder.hidden_dim != self.token_width:
             raise HypernetworkError(f"the recorded encoder has {self.encoder.hidden_dim}-d tokens but token_width is "
                                     f"{self.token_width}")
@@ -167,8 +168,9 @@ class HypernetworkConfig:
         """Parse what :meth:`to_json` wrote; any deviation is a HypernetworkError (the file is untrusted)."""
         if not isinstance(value, Mapping):
             raise HypernetworkError("the hypernetwork config is not a JSON object")
-        if value.get("format") != 1:
-            raise HypernetworkError(f"unknown hypernetwork config format {value.get('format')!r} (this pack reads 1)")
+        if type(value.get("format")) is not int or value["format"] != 1:
+            raise HypernetworkError(f"unknown hypernetwork config format {show_value(value.get('format'))} (this pack "
+                                    "reads 1)")
         targets = _parse_targets(value.get("targets"))
         encoder = _parse_encoder(value.get("encoder"))
         kwargs = {}
@@ -190,14 +192,17 @@ def _parse_targets(raw) -> tuple[AttentionTarget, ...]:
         raise HypernetworkError("the hypernetwork config's targets must be a non-empty list of [path, shapes]")
     targets, seen = [], set()
     for entry in raw:
-        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) and entry[0]
-                and isinstance(entry[1], list) and len(entry[1]) == len(PROJECTIONS)):
-            raise HypernetworkError(f"bad target entry {str(entry)[:80]}: expected [path, [[out, in] x 4]]")
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], list)
+                and len(entry[1]) == len(PROJECTIONS)):
+            raise HypernetworkError(f"bad target entry {show_value(entry)}: expected [path, [[out, in] x 4]]")
+        if not (isinstance(entry[0], str) and len(entry[0]) <= 300 and _TARGET_PATH.fullmatch(entry[0])):
+            raise HypernetworkError(f"target {show_value(entry[0])} is not the path of an attention layer "
+                                    "(…attn1 or …attn2)")
         shapes = []
         for shape in entry[1]:
             if not (isinstance(shape, list) and len(shape) == 2
                     and all(type(d) is int and 1 <= d <= _LIMITS["features"] for d in shape)):
-                raise HypernetworkError(f"target {entry[0][:80]!r}: shape {str(shape)[:40]} is not [out, in] of "
+                raise HypernetworkError(f"target {entry[0][:80]!r}: shape {show_value(shape)} is not [out, in] of "
                                         f"positive ints up to {_LIMITS['features']}")
             shapes.append((shape[0], shape[1]))
         if entry[0] in seen:
@@ -213,10 +218,15 @@ def _parse_encoder(raw) -> EncoderInfo | None:
     keys = ("name", "family", "embed_dim", "hidden_dim", "image_size", "patch_size", "num_layers")
     if not isinstance(raw, Mapping) or set(raw) != set(keys):
         raise HypernetworkError(f"the recorded encoder must be an object with exactly {', '.join(keys)}")
-    if not isinstance(raw["name"], str) or raw["family"] not in ENCODER_FAMILIES:
-        raise HypernetworkError(f"the recorded encoder's name/family are invalid: {str(raw)[:120]}")
-    if not all(type(raw[k]) is int and -1 <= raw[k] <= 10**6 for k in keys[2:]):
-        raise HypernetworkError(f"the recorded encoder's sizes must be integers: {str(raw)[:120]}")
+    if not (isinstance(raw["name"], str) and 0 < len(raw["name"]) <= 300):
+        raise HypernetworkError(f"the recorded encoder's name is {show_value(raw['name'])}, expected a model name")
+    if not (isinstance(raw["family"], str) and raw["family"] in ENCODER_FAMILIES):
+        raise HypernetworkError(f"the recorded encoder's family is {show_value(raw['family'])}, expected one of "
+                                f"{', '.join(ENCODER_FAMILIES)}")
+    for key in keys[2:]:
+        if not (type(raw[key]) is int and -1 <= raw[key] <= 10**6):
+            raise HypernetworkError(f"the recorded encoder's {key} is {show_value(raw[key])}, expected an integer "
+                                    f"in -1..{10**6}")
     return EncoderInfo(raw["name"], raw["embed_dim"], raw["hidden_dim"], raw["image_size"], raw["patch_size"],
                        raw["num_layers"], raw["family"])
 
@@ -537,7 +547,8 @@ def load_hypernetwork(path: str | os.PathLike) -> LoRAHypernetwork:
         if raw is None:
             raise HypernetworkError(f"the header has no {CONFIG_KEY!r} config (architecture and targets)")
         config = HypernetworkConfig.from_json(raw)
-        return load_checked_module(lambda: LoRAHypernetwork(config), tf.tensors, max_abs=MAX_PARAMETER_VALUE, error=HypernetworkError)
+        return load_checked_module(lambda: LoRAHypernetwork(config), tf.tensors, max_abs=MAX_PARAMETER_VALUE,
+                                   error=HypernetworkError)
 
 
 def _describe_other(kind: str | None, tensors: Mapping[str, torch.Tensor]) -> str:

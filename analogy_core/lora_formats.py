@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from . import __version__
-from .files import as_float, check_low_rank_norm, json_metadata
+from .files import as_float, check_low_rank_norm, json_metadata, show_value
 from .layouts import (TRANSFORMER_FAMILIES, FluxDims, ModelLayout, layout_dims, standard_layout,
                       swap_row_halves)
 from .lora import FAMILIES, FITS_KEY, LoRA, LoRAError, LoRALayer
@@ -154,11 +154,12 @@ def _check_peft_config(config: dict) -> dict:
     """Types and values of the fields this reader uses; refuse what would otherwise fail later or mean nothing."""
     alpha, r = config.get("lora_alpha"), config.get("r")
     if alpha is not None and not _is_number(alpha):
-        raise LoRAError(f"lora_adapter_metadata: lora_alpha is {alpha!r:.40}, expected a number")
-    if r is not None and not (type(r) is int and r >= 1):
-        raise LoRAError(f"lora_adapter_metadata: r is {r!r:.40}, expected a positive integer")
+        raise LoRAError(f"lora_adapter_metadata: lora_alpha is {show_value(alpha)}, expected a number")
+    if r is not None and not _is_rank(r):
+        raise LoRAError(f"lora_adapter_metadata: r is {show_value(r)}, expected a positive integer up to "
+                        f"{MAX_PEFT_RANK}")
     for field, check, expected in (("alpha_pattern", _is_number, "a number"),
-                                   ("rank_pattern", lambda v: type(v) is int and v >= 1, "a positive integer")):
+                                   ("rank_pattern", _is_rank, f"a positive integer up to {MAX_PEFT_RANK}")):
         patterns = config.get(field)
         if patterns is None:
             continue
@@ -169,13 +170,23 @@ def _check_peft_config(config: dict) -> dict:
                 raise LoRAError(f"lora_adapter_metadata: {field} key {pattern[:80]!r} is not a module name (regular "
                                 "expressions beyond one '.*' or '\\d+' are not evaluated)")
             if not check(value):
-                raise LoRAError(f"lora_adapter_metadata: {field}[{pattern[:80]!r}] is {value!r:.40}, expected "
-                                f"{expected}")
+                raise LoRAError(f"lora_adapter_metadata: {field}[{pattern[:80]!r}] is {show_value(value)}, "
+                                f"expected {expected}")
     return config
 
 
+MAX_PEFT_RANK = 2**16
+
+
 def _is_number(value: object) -> bool:
-    return type(value) in (int, float) and math.isfinite(value)
+    """A finite JSON number that converts to float (an integer of 400 digits does not: OverflowError)."""
+    if type(value) is int:
+        return abs(value) <= 10**300
+    return type(value) is float and math.isfinite(value)
+
+
+def _is_rank(value: object) -> bool:
+    return type(value) is int and 1 <= value <= MAX_PEFT_RANK
 
 
 def peft_config_from_metadata(metadata: dict[str, str]) -> dict | None:

@@ -52,16 +52,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .analogy import CLIP_MEAN, CLIP_STD, AnalogyEmbedding, EncoderInfo
+from .analogy import CLIP_MEAN, CLIP_STD, ENCODER_FAMILIES, AnalogyEmbedding, EncoderInfo
 from .encoders import ImageEncoder
 from .files import (FLOAT_DTYPES, json_metadata, load_checked_module, naming_file, probe_header, read_tensor_file,
-                    write_safetensors_atomic)
+                    show_value, write_safetensors_atomic)
+from .t5_folder import load_t5_folder
 
 KIND = "region_predictor"
 SPEC_KEY = "analogy.region_spec"
 MODES = ("text", "analogy")
 MAX_PARAMETER_VALUE = 1e4   # trained weights are O(1); beyond this a file is damaged or hostile
 _LIMITS = {"dim": 8192, "grid": 256, "image_size": 4096, "width": 16384, "hidden": 16384}
+_PIXEL_STAT = 100.0  # bound on |mean| and on std, 1/bound the least std (CLIP's are ~0.4 and ~0.27 on 0..1 pixels)
 
 
 class RegionError(ValueError):
@@ -98,18 +100,21 @@ class RegionSpec:
         _check_int("hidden", self.hidden, 0, _LIMITS["hidden"])
         if not (self.text_dim or self.analogy_dim):
             raise RegionError("a region predictor needs a text or an analogy condition (text_dim or analogy_dim)")
-        for name in ("mean", "std"):
+        for name, low, high in (("mean", -_PIXEL_STAT, _PIXEL_STAT), ("std", 1 / _PIXEL_STAT, _PIXEL_STAT)):
             value = getattr(self, name)
+            # exact comparisons: a huge JSON integer is out of range, never converted to float (OverflowError)
             if not (isinstance(value, (tuple, list)) and len(value) == 3
-                    and all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)):
-                raise RegionError(f"region spec {name} must be three finite numbers, got {str(value)[:60]}")
-            if name == "std" and min(value) <= 0:
-                raise RegionError(f"region spec std must be positive, got {value}")
+                    and all(type(v) in (int, float) and low <= v <= high for v in value)):
+                raise RegionError(f"region spec {name} must be three numbers in [{low:g}, {high:g}] (one per colour "
+                                  f"channel), got {_short(value)}")
         for name in ("residual", "positions"):
             if not isinstance(getattr(self, name), bool):
-                raise RegionError(f"region spec {name} must be true or false, got {str(getattr(self, name))[:20]}")
-        if not isinstance(self.encoder, dict) or not isinstance(self.instruction_encoder, str):
-            raise RegionError("region spec encoder must be an object and instruction_encoder a string")
+                raise RegionError(f"region spec {name} must be true or false, got {show_value(getattr(self, name))}")
+        if self.encoder != {}:
+            _check_encoder(self.encoder)
+        if not (isinstance(self.instruction_encoder, str) and len(self.instruction_encoder) <= 300):
+            raise RegionError(f"region spec instruction_encoder must be a name, got "
+                              f"{show_value(self.instruction_encoder)}")
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -136,19 +141,16 @@ class RegionSpec:
         """Parse :meth:`to_json`'s output; any deviation is a RegionError (files are untrusted)."""
         if not isinstance(value, Mapping):
             raise RegionError("the region spec is not a JSON object")
-        if value.get("format") != 1:
-            raise RegionError(f"unknown region spec format {value.get('format')!r} (this pack reads 1)")
+        if type(value.get("format")) is not int or value["format"] != 1:
+            raise RegionError(f"unknown region spec format {show_value(value.get('format'))} (this pack reads 1)")
         known = {f for f in RegionSpec.__dataclass_fields__}
         unknown = sorted(set(value) - known - {"format"})
         if unknown:
-            raise RegionError(f"the region spec has unknown keys {unknown[:3]}")
+            raise RegionError(f"the region spec has unknown keys {[k[:40] for k in unknown[:3]]}")
         kwargs = {k: value[k] for k in known if k in value}
         for key in ("mean", "std"):
             if key in kwargs:
                 kwargs[key] = tuple(kwargs[key]) if isinstance(kwargs[key], list) else kwargs[key]
-        encoder = kwargs.get("encoder", {})
-        if encoder:
-            _check_encoder(encoder)
         try:
             return RegionSpec(**kwargs)
         except TypeError as err:
@@ -166,18 +168,34 @@ class RegionSpec:
 
 def _check_int(name: str, value, low: int, high: int) -> None:
     if type(value) is not int or not low <= value <= high:
-        raise RegionError(f"region spec {name} must be an integer in [{low}, {high}], got {str(value)[:40]}")
+        raise RegionError(f"region spec {name} must be an integer in [{low}, {high}], got {show_value(value)}")
+
+
+def _short(value) -> str:
+    if isinstance(value, (list, tuple)) and len(value) <= 3:
+        return "[" + ", ".join(show_value(v) for v in value) + "]"
+    return show_value(value)
+
+
+_ENCODER_SIZES = ("embed_dim", "hidden_dim", "image_size", "patch_size", "num_layers")
 
 
 def _check_encoder(encoder) -> None:
+    """The CLIP vision identity a spec records: exactly EncoderInfo's fields, sizes in range, a known family."""
     if not isinstance(encoder, dict):
-        raise RegionError("region spec encoder must be an object")
-    for key in ("embed_dim", "hidden_dim", "image_size", "patch_size", "num_layers"):
-        if type(encoder.get(key)) is not int:
-            raise RegionError(f"region spec encoder.{key} must be an integer")
-    for key in ("name", "family"):
-        if not isinstance(encoder.get(key), str):
-            raise RegionError(f"region spec encoder.{key} must be a string")
+        raise RegionError(f"region spec encoder must be an object, got {show_value(encoder)}")
+    fields = {*_ENCODER_SIZES, "name", "family"}
+    if set(encoder) != fields:
+        raise RegionError(f"region spec encoder must have exactly the fields {', '.join(sorted(fields))}")
+    for key in _ENCODER_SIZES:
+        if not (type(encoder[key]) is int and -1 <= encoder[key] <= 10**6):
+            raise RegionError(f"region spec encoder.{key} must be an integer in -1..{10**6}, got "
+                              f"{show_value(encoder[key])}")
+    if not (isinstance(encoder["name"], str) and 0 < len(encoder["name"]) <= 300):
+        raise RegionError(f"region spec encoder.name must be a model name, got {show_value(encoder['name'])}")
+    if not (isinstance(encoder["family"], str) and encoder["family"] in ENCODER_FAMILIES):
+        raise RegionError(f"region spec encoder.family must be one of {', '.join(ENCODER_FAMILIES)}, got "
+                          f"{show_value(encoder['family'])}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -622,24 +640,12 @@ class InstructionEncoder:
 
     @staticmethod
     def from_folder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> "InstructionEncoder":
-        """A local T5 folder (config.json, model.safetensors, tokenizer files) such as google/flan-t5-base saved with
-        ``save_pretrained``. Nothing is downloaded; pickle weights (pytorch_model.bin) are refused."""
-        # heavy: imported when a model is built, not at ComfyUI start-up
-        from transformers import AutoTokenizer, T5EncoderModel
-
+        """A local T5 folder (config.json, model.safetensors, tokenizer.json) such as google/flan-t5-base saved with
+        ``save_pretrained``, read strictly (:mod:`.t5_folder`): every problem is a RegionError naming the file.
+        Nothing is downloaded; pickle weights (pytorch_model.bin) are refused."""
         folder = Path(path)
-        if not (folder / "config.json").is_file():
-            raise RegionError(f"{folder} is not a transformers T5 folder (no config.json)")
-        if not any(folder.glob("*.safetensors")):
-            raise RegionError(f"{folder} holds no .safetensors weights (pickle files such as pytorch_model.bin are "
-                              "not loaded; convert them with transformers' save_pretrained)")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-            model = T5EncoderModel.from_pretrained(folder, local_files_only=True, use_safetensors=True,
-                                                   dtype=dtype)
-        except (OSError, ValueError) as err:
-            raise RegionError(f"{folder.name}: cannot load a T5 encoder and tokenizer from it ({err})") from None
-        return InstructionEncoder(model, tokenizer, folder.name)
+        model, tokenizer = load_t5_folder(folder, RegionError)
+        return InstructionEncoder(model.to(dtype), tokenizer, folder.name)
 
     @property
     def width(self) -> int:
@@ -690,7 +696,8 @@ def load_region_predictor(path: str | os.PathLike) -> RegionPredictor:
         if raw is None:
             raise RegionError(f"the header has no {SPEC_KEY!r} (sizes and encoders)")
         spec = RegionSpec.from_json(raw)
-        return load_checked_module(lambda: RegionPredictor(spec), tf.tensors, max_abs=MAX_PARAMETER_VALUE, error=RegionError)
+        return load_checked_module(lambda: RegionPredictor(spec), tf.tensors, max_abs=MAX_PARAMETER_VALUE,
+                                   error=RegionError)
 
 
 def is_region_file(path: str | os.PathLike) -> bool:

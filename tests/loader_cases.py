@@ -6,7 +6,11 @@ To put a new loader under the fuzz test, append one :class:`LoaderCase` to :data
   test serialises and mutates them thousands of times);
 - ``load``: the public loader, called with a path;
 - ``errors``: the pack's error classes it may raise (a failure must be one of these, naming the file);
-- ``check``: invariants a successful load must satisfy (finite, bounded, usable), asserted on every success.
+- ``check``: invariants a successful load must satisfy (finite, bounded, usable), asserted on every success;
+- ``configs``: header metadata keys that hold a JSON config, which the fuzz test also sweeps field by field.
+
+The T5 folder of Load Instruction Encoder is a folder, not one file: :func:`save_t5_folder` writes a tiny valid one
+and :func:`check_t5` checks a loaded encoder (tests/test_fuzz_loaders.py sweeps its files).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class LoaderCase:
     load: Callable[[Path], object]
     errors: tuple[type[ValueError], ...]
     check: Callable[[object], None] = field(default=lambda result: None)
+    configs: tuple[str, ...] = ()
 
 
 # -- LoRA files in every key format the reader supports ---------------------------------------------------------------
@@ -125,8 +130,10 @@ def check_basis(basis: LoRABasis) -> None:
 
 
 LOADER_CASES: list[LoaderCase] = [
-    LoaderCase("lora", lambda: list(lora_samples()), load_lora_file, (TensorFileError, LoRAError), check_lora),
-    LoaderCase("basis", lambda: list(basis_samples()), load_basis, (TensorFileError, BasisError), check_basis),
+    LoaderCase("lora", lambda: list(lora_samples()), load_lora_file, (TensorFileError, LoRAError), check_lora,
+               ("lora_adapter_metadata",)),
+    LoaderCase("basis", lambda: list(basis_samples()), load_basis, (TensorFileError, BasisError), check_basis,
+               ("analogy.lorweb_settings",)),
 ]
 
 
@@ -168,7 +175,7 @@ def check_hypernetwork(hypernetwork: LoRAHypernetwork) -> None:
 
 
 LOADER_CASES.append(LoaderCase("loc_hypernetwork", lambda: list(hypernetwork_samples()), load_hypernetwork,
-                               (TensorFileError, HypernetworkError), check_hypernetwork))
+                               (TensorFileError, HypernetworkError), check_hypernetwork, ("analogy.loc",)))
 
 
 # -- region predictor (Predict Edit Region's checkpoint) ---------------------------------------------------------------
@@ -204,4 +211,49 @@ def check_region(model: regions.RegionPredictor) -> None:
 
 
 LOADER_CASES.append(LoaderCase("region_predictor", lambda: list(region_samples()), regions.load_region_predictor,
-                               (TensorFileError, regions.RegionError), check_region))
+                               (TensorFileError, regions.RegionError), check_region, (regions.SPEC_KEY,)))
+
+
+# -- T5 folder (Load Instruction Encoder) --------------------------------------------------------------------------
+
+T5_SIZES = dict(d_model=16, d_kv=4, d_ff=24, num_layers=1, num_heads=2, relative_attention_num_buckets=8,
+                relative_attention_max_distance=16, feed_forward_proj="gated-gelu", dropout_rate=0.0)
+T5_WORDS = "make it the cup on left right top red blue green add remove a cat hat".split()
+T5_TEXTS = ("make the cup red", "add a hat on the left cat")
+
+
+def t5_tokenizer(words: tuple[str, ...] | list[str] = T5_WORDS, extra_ids: int = 2):
+    """A T5 tokenizer (transformers' own class: Unigram pieces, ``</s>`` appended, <pad>=0 </s>=1 <unk>=2)."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + w, -1.0 - i / 100) for i, w in enumerate(words)]
+    return T5Tokenizer(vocab=pieces, extra_ids=extra_ids)
+
+
+def t5_model(vocab_size: int, seed: int = 0, **sizes):
+    """A random T5 encoder whose features vary from token to token (transformers' init, seeded)."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, **{**T5_SIZES, **sizes})
+    return T5EncoderModel(config).eval()
+
+
+def save_t5_folder(folder: Path, seed: int = 0, tokenizer=None, **sizes) -> Path:
+    """A tiny T5 folder as save_pretrained writes one (config.json, model.safetensors, tokenizer files)."""
+    tokenizer = tokenizer or t5_tokenizer()
+    folder.mkdir(parents=True, exist_ok=True)
+    t5_model(len(tokenizer), seed, **sizes).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def check_t5(encoder: "regions.InstructionEncoder") -> None:
+    """A loaded encoder is usable: finite features of the right width that depend on the words."""
+    features, mask = encoder.encode(list(T5_TEXTS))
+    assert features.shape[0] == 2 and features.shape[-1] == encoder.width and mask.shape == features.shape[:2]
+    assert torch.isfinite(features).all()
+    first, second = features[0, mask[0]], features[1, mask[1]]
+    assert (first[0] - first[1]).abs().max() > 0, "features do not vary over tokens"
+    assert (first[0] - second[0]).abs().max() > 0, "features do not depend on the words"

@@ -1,29 +1,37 @@
-"""Property-based fuzz test of every tensor-file loader (tests/loader_cases.py): valid files mutated at the tensor,
-header-JSON and byte level must either load into something usable or fail with one of the pack's errors naming the
-file; never a Python/torch exception.
+"""Property-based fuzz test of every tensor-file loader (tests/loader_cases.py) and of the T5 folder: valid files
+mutated at the tensor, header-JSON and byte level, and every field of each loader's JSON config (header configs,
+config.json, tokenizer files) set to odd values or deleted, must either load into something usable or fail with one
+of the pack's errors naming the file; never a Python/torch/transformers exception.
 
-``FUZZ_EXAMPLES`` sets the count per loader; by default 3000 mutated files are shared among the loaders (at least
-500 each), about a minute on 2 cores. ``FUZZ_RANDOM=1`` draws new examples instead of the fixed (derandomised)
-sequence the suite uses.
+Budgets (the defaults keep the file under a minute of CPU on 2 cores, about 20 s of it importing diffusers and
+transformers): ``FUZZ_EXAMPLES`` mutated files per loader (800 shared among the loaders, at least 200 each; 3000
+before the sweeps came); ``FUZZ_SWEEP_KINDS`` / ``FUZZ_T5_SWEEP_KINDS`` kinds of odd value (null, list, object,
+huge integer, NaN-ish string, deep JSON, ...) each config field gets besides being deleted and set to plausible
+neighbours (all 10 / 4), ``FUZZ_SWEEP_ALL=1`` every odd value on every field; ``FUZZ_T5_EXAMPLES`` mutated T5
+weight files (60). ``FUZZ_RANDOM=1`` draws new examples instead of the fixed (derandomised) sequence.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import struct
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as save_bytes
 
-from loader_cases import LOADER_CASES, LoaderCase
+from analogy_core.regions import InstructionEncoder, RegionError
+from loader_cases import LOADER_CASES, LoaderCase, check_t5, save_t5_folder
 
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", max(500, 3000 // len(LOADER_CASES))))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", max(200, 800 // len(LOADER_CASES))))
 FILE_NAME = "fuzzed file.safetensors"
 
 FILL_VALUES = (float("nan"), float("inf"), float("-inf"), 1e20, -1e30, 3e38, 65504.0, 0.0, 1e-40, -1.0)
@@ -259,3 +267,224 @@ def test_mutated_files_load_or_fail_with_a_pack_error(case, tmp_path_factory, on
         print(f"  {count:6d}  {reason}")
     # the mutations reach both outcomes: a fuzzer that only produced unreadable files would prove little
     assert outcomes["loaded"] > 0.02 * EXAMPLES and outcomes["refused"] > 0.3 * EXAMPLES, outcomes
+
+
+# -- field-by-field sweeps of the JSON configs (headers, config.json, tokenizer files) --------------------------------
+
+
+class Raw(str):
+    """JSON text put into a document verbatim: what json.dumps cannot write (1e400, NaN, deep nesting)."""
+
+
+DELETE = object()
+ODD_KINDS: dict[str, tuple] = {  # what a field of a config gets instead of its value, by kind (first: always)
+    "null": (None,),
+    "boolean": (True, False),
+    "negative": (-1, -0.0, -2**63),
+    "huge integer": (10**400, 2**63, -10**400, 2**31),
+    "edge number": (Raw("1e400"), 0, 1e308, 0.5, Raw("-1e400"), 1),
+    "string": ("x", "", "\u00e9" * 3),
+    "NaN-ish string": ("NaN", "Infinity", "-1", "1e30"),
+    "list": (["clip"], [], [1, 2], [None]),
+    "object": ({"a": None}, {}, {"": [[]]}),
+    "deep or unparsable": (Raw("[" * 100_000 + "]" * 100_000), Raw("[" * 500 + "]" * 500), Raw("NaN"),
+                           Raw("1" * 5000)),
+}
+EXTRA_ODD = [v for values in ODD_KINDS.values() for v in values[1:]]  # one of these per field, in turn
+SWEEP_KINDS = int(os.environ.get("FUZZ_SWEEP_KINDS", len(ODD_KINDS)))  # kinds of odd value per field; the T5 folder
+T5_SWEEP_KINDS = int(os.environ.get("FUZZ_T5_SWEEP_KINDS", 4))         # takes fewer, in turn
+SWEEP_ALL = bool(os.environ.get("FUZZ_SWEEP_ALL"))  # every value of every kind on every field (slow)
+
+
+def dumps(document) -> str:
+    raws: dict[str, str] = {}
+
+    def swap(value):
+        if isinstance(value, Raw):
+            marker = f"@@raw{len(raws)}@@"
+            raws[json.dumps(marker)] = str(value)
+            return marker
+        if isinstance(value, dict):
+            return {k: swap(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [swap(v) for v in value]
+        return value
+
+    text = json.dumps(swap(document))
+    for marker, raw in raws.items():
+        text = text.replace(marker, raw)
+    return text
+
+
+def field_paths(document, prefix: tuple = (), depth: int = 8) -> list[tuple]:
+    """Every field (object key; the first item of a list: the others have its structure) down to ``depth``."""
+    if isinstance(document, dict):
+        children = list(document.items())
+    elif isinstance(document, list) and document:
+        children = [(0, document[0])]
+    else:
+        return []
+    paths = []
+    for key, value in children:
+        paths.append((*prefix, key))
+        if depth > 1:
+            paths += field_paths(value, (*prefix, key), depth - 1)
+    return paths
+
+
+def replaced(document, path: tuple, value):
+    """A copy of ``document`` with the field at ``path`` set to ``value`` (or deleted: DELETE)."""
+    copy = json.loads(json.dumps(document))
+    parent = copy
+    for key in path[:-1]:
+        parent = parent[key]
+    if value is DELETE:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    return copy
+
+
+def neighbours(value) -> list:
+    """Plausible values of the same type next to ``value`` (a size off by one, a name misspelt)."""
+    if isinstance(value, bool):
+        return [not value]
+    if isinstance(value, int):
+        return [value + 1, value - 1, 2 * value, -value]
+    if isinstance(value, float):
+        return [value * 2, -value, 0.0]
+    if isinstance(value, str):
+        return [value + "x", value.upper(), ""]
+    if isinstance(value, list):
+        return [[], value[:-1], value + value[-1:]]
+    return [{}]
+
+
+def sweep(document, kinds: int = len(ODD_KINDS), depth: int = 8):
+    """(label, document) for every field of ``document`` deleted, set to its neighbours and to odd values: the first
+    value of ``kinds`` kinds of ODD_KINDS (taken in turn from field to field when fewer than all) and one of the other
+    values in turn, or every value with FUZZ_SWEEP_ALL."""
+    names = list(ODD_KINDS)
+    for turn, path in enumerate(field_paths(document, depth=depth)):
+        value = functools.reduce(lambda node, key: node[key], path, document)
+        if SWEEP_ALL:
+            odd = [v for values in ODD_KINDS.values() for v in values]
+        else:
+            chosen = [names[(turn * kinds + i) % len(names)] for i in range(min(kinds, len(names)))]
+            odd = [ODD_KINDS[k][0] for k in chosen] + [EXTRA_ODD[turn % len(EXTRA_ODD)]]
+        for new in (DELETE, *neighbours(value), *odd):
+            label = "deleted" if new is DELETE else show(new)
+            yield f"{'.'.join(map(str, path))} = {label}", replaced(document, path, new)
+
+
+def show(value) -> str:
+    text = str(value) if isinstance(value, Raw) else repr(value) if not isinstance(value, int) or abs(value) < 10**20 \
+        else "<huge int>"
+    return text[:30] + ("..." if len(text) > 30 else "")
+
+
+def sweep_outcomes(cases, attempt) -> Counter:
+    """Run ``attempt(document)`` -> 'loaded'/'refused' for each (label, document); every other outcome (a crash, an
+    unnamed error, a check failing) is collected and reported together."""
+    outcomes: Counter[str] = Counter()
+    failures = []
+    for label, document in cases:
+        try:
+            outcomes[attempt(document)] += 1
+        except Exception as err:  # noqa: BLE001 - the failures are the test's finding
+            failures.append(f"{label}: {type(err).__name__}: {str(err)[:160]}")
+    assert not failures, f"{len(failures)} cases neither loaded nor failed with the pack's error:\n" + "\n".join(
+        failures[:25])
+    return outcomes
+
+
+@pytest.mark.parametrize("case", [c for c in LOADER_CASES if c.configs], ids=lambda c: c.name)
+def test_every_config_field_odd_or_missing_loads_or_fails_with_a_pack_error(case, tmp_path, one_thread):
+    """Each field of the method's header config (e.g. encoder.family, mean, targets[0][1]) set to odd values or
+    deleted, and each header metadata string replaced or deleted: a usable load or the loader's own error."""
+    path = tmp_path / FILE_NAME
+    outcomes: Counter[str] = Counter()
+
+    def attempt(tensors, metadata):
+        path.write_bytes(serialise(tensors, metadata))
+        return load_outcome(case, path)
+
+    swept: set[str] = set()
+    for tensors, metadata in case.samples():  # each config and metadata key swept in the first sample holding it
+        for key in (k for k in case.configs if k in metadata and k not in swept):
+            cases = sweep(json.loads(metadata[key]), SWEEP_KINDS)
+            outcomes += sweep_outcomes(cases, lambda doc: attempt(tensors, {**metadata, key: dumps(doc)}))
+        strings = {k: v for k, v in metadata.items() if k not in swept}
+        cases = ((label, {**metadata, **meta}) for label, meta in sweep(strings, SWEEP_KINDS, depth=1))
+        outcomes += sweep_outcomes(cases, lambda meta: attempt(tensors, {
+            k: v if isinstance(v, str) else dumps(v) for k, v in meta.items()}))
+        swept |= metadata.keys()
+    print(f"\n{case.name}: {sum(outcomes.values())} swept headers, {dict(outcomes)}")
+    assert outcomes["loaded"] > 0 and outcomes["refused"] > 0, outcomes
+
+
+# -- the T5 folder of Load Instruction Encoder ---------------------------------------------------------------------
+
+T5_EXAMPLES = int(os.environ.get("FUZZ_T5_EXAMPLES", 60))  # mutated weight files
+
+
+@pytest.fixture(scope="module")
+def t5_files(tmp_path_factory) -> dict[str, bytes]:
+    folder = save_t5_folder(tmp_path_factory.mktemp("t5") / "t5", seed=1)
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def t5_outcome(folder: Path, files: dict[str, bytes]) -> str:
+    """Write ``files`` as the folder, load it: 'loaded' (and usable) or 'refused' (RegionError naming the folder)."""
+    for old in folder.iterdir():
+        old.unlink()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    try:
+        encoder = InstructionEncoder.from_folder(folder)
+    except RegionError as err:
+        assert str(err).startswith(f"{folder.name}/") or str(err).startswith(f"{folder.name}: "), err
+        return "refused"
+    check_t5(encoder)
+    return "loaded"
+
+
+@pytest.mark.parametrize("name,depth", [("config.json", 8), ("tokenizer_config.json", 8), ("tokenizer.json", 3)])
+def test_t5_folder_json_fields_odd_or_missing(t5_files, tmp_path, one_thread, name, depth):
+    """Each field of config.json and of the tokenizer files set to odd values or deleted (the tokenizer's vocabulary,
+    merges and templates to 3 levels): a usable encoder or RegionError naming the folder."""
+    folder = tmp_path / "t5"
+    folder.mkdir()
+    document = json.loads(t5_files[name])
+    cases = sweep(document, T5_SWEEP_KINDS, depth)
+    outcomes = sweep_outcomes(cases, lambda doc: t5_outcome(folder, {**t5_files, name: dumps(doc).encode()}))
+    print(f"\n{name}: {sum(outcomes.values())} swept files, {dict(outcomes)}")
+    assert outcomes["loaded"] > 0 and outcomes["refused"] > 0, outcomes
+
+
+def test_t5_folder_mutated_weights_and_missing_files(t5_files, tmp_path, one_thread):
+    """model.safetensors mutated at the tensor, header and byte level (as the loaders above), and each file of the
+    folder missing: a usable encoder or RegionError naming the folder and file."""
+    folder = tmp_path / "t5"
+    folder.mkdir()
+    for name in t5_files:  # without its tokenizer_config.json, a folder is read with T5's tokenizer class
+        outcome = t5_outcome(folder, {k: v for k, v in t5_files.items() if k != name})
+        assert outcome == "refused" or name == "tokenizer_config.json", name
+    weights = load_file_bytes(t5_files["model.safetensors"])
+    case = LoaderCase("t5_weights", lambda: [weights], None, ())
+    outcomes: Counter[str] = Counter()
+
+    @settings(max_examples=T5_EXAMPLES, deadline=None, database=None, derandomize=not os.environ.get("FUZZ_RANDOM"),
+              suppress_health_check=list(HealthCheck), print_blob=True)
+    @given(st.data())
+    def run(data):
+        outcomes[t5_outcome(folder, {**t5_files, "model.safetensors": fuzzed_file(data.draw, case)})] += 1
+
+    run()
+    print(f"\nT5 weights: {sum(outcomes.values())} mutated files, {dict(outcomes)}")
+    assert outcomes["loaded"] > 0.02 * T5_EXAMPLES and outcomes["refused"] > 0.3 * T5_EXAMPLES, outcomes
+
+
+def load_file_bytes(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    header, _ = split(blob)
+    return safetensors_load(blob), header.get("__metadata__", {})

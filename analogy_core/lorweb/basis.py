@@ -263,7 +263,10 @@ def load_basis(path) -> LoRABasis:
     with naming_file(path, BasisError):
         json_metadata(tf.metadata, METADATA_KEY, error=BasisError)  # structure first; then its meaning:
         basis = basis_from_state_dict(tf.tensors, tf.metadata)
-        basis.settings  # noqa: B018 (settings recorded in the header are checked at load, not at first mix)
+        try:  # settings recorded in the header are checked at load (also against the shapes), not at first mix
+            basis.settings.check_shapes(basis.key_dim, basis.query_dim)
+        except LoRWeBSettingsError as err:
+            raise BasisError(str(err)) from None
         return basis
 
 

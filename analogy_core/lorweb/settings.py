@@ -32,10 +32,12 @@ import torch
 import yaml
 
 from ..analogy import ENCODER_FAMILIES, AnalogyEmbedding, EncoderInfo
+from ..files import show_value
 
 METADATA_KEY = "analogy.lorweb_settings"
 LEGACY_ENCODER_KEY = "analogy.encoder"  # the encoder name the first trainer recorded
 DEFAULT_SOURCE = "official defaults"
+MAX_HEADS = 4096  # lora_heads must divide the key width (128 in the released basis)
 
 # canonical query mode -> (roles it reads, query width in image embeddings)
 QUERY_MODES: dict[str, tuple[tuple[str, ...], int]] = {
@@ -69,9 +71,9 @@ def canonical_query_mode(mode: str) -> str:
         return mode
     supported = ", ".join(list(QUERY_MODES) + list(QUERY_MODE_ALIASES))
     if mode in UNSUPPORTED_QUERY_MODES:
-        raise LoRWeBSettingsError(f"query_mode {mode!r} (a query from {UNSUPPORTED_QUERY_MODES[mode]}) is not "
-                                  f"supported; supported: {supported}")
-    raise LoRWeBSettingsError(f"unknown query_mode {mode!r}; supported: {supported}")
+        raise LoRWeBSettingsError(f"query_mode {show_value(mode)} (a query from {UNSUPPORTED_QUERY_MODES[mode]}) is "
+                                  f"not supported; supported: {supported}")
+    raise LoRWeBSettingsError(f"unknown query_mode {show_value(mode)}; supported: {supported}")
 
 
 def query_width(mode: str, embed_dim: int) -> int:
@@ -98,8 +100,9 @@ def query_model_identity(model_id: str) -> tuple[str, str | None, int | None]:
     for needle, family in (("siglip2", "siglip2"), ("siglip", "siglip"), ("dinov2", "dinov2"), ("clip", "clip")):
         if needle in lowered:
             return family, None, None
-    raise LoRWeBSettingsError(f"external_query_model {model_id!r}: cannot tell which image-encoder family this is "
-                              f"(expected a CLIP, SigLIP, SigLIP2 or DINOv2 model, e.g. openai/clip-vit-large-patch14)")
+    raise LoRWeBSettingsError(f"external_query_model {show_value(model_id)}: cannot tell which image-encoder family "
+                              "this is (expected a CLIP, SigLIP, SigLIP2 or DINOv2 model, e.g. "
+                              "openai/clip-vit-large-patch14)")
 
 
 def mixing_coefficients(projected: torch.Tensor, keys: torch.Tensor, settings: "LoRWeBSettings",
@@ -142,11 +145,15 @@ class LoRWeBSettings:
     source: str = field(default=DEFAULT_SOURCE, compare=False)
 
     def __post_init__(self):
-        def fail(name, expected):
-            raise LoRWeBSettingsError(f"{name} must be {expected}, got {getattr(self, name)!r} ({self.source})")
+        if not isinstance(self.source, str):
+            raise LoRWeBSettingsError(f"source must be a string, got {show_value(self.source)}")
 
-        if isinstance(self.lora_heads, bool) or not isinstance(self.lora_heads, int) or self.lora_heads < 1:
-            fail("lora_heads", "a positive integer")
+        def fail(name, expected):
+            raise LoRWeBSettingsError(f"{name} must be {expected}, got {show_value(getattr(self, name))} "
+                                      f"({self.source})")
+
+        if type(self.lora_heads) is not int or not 1 <= self.lora_heads <= MAX_HEADS:
+            fail("lora_heads", f"a positive integer up to {MAX_HEADS}")
         if isinstance(self.lora_softmax, str) and self.lora_softmax.lower() in ("true", "false"):
             object.__setattr__(self, "lora_softmax", self.lora_softmax.lower() == "true")  # run.py's CLI spelling
         if not isinstance(self.lora_softmax, bool):
@@ -157,20 +164,28 @@ class LoRWeBSettings:
             fail("pooling_type", "'avg' or 'max'")
         if self.query_projection_type != "linear":
             raise LoRWeBSettingsError(
-                f"query_projection_type {self.query_projection_type!r} is not supported: only 'linear' (the "
-                f"att_lora_to_q matrix every basis file holds) is ({self.source})")
+                f"query_projection_type {show_value(self.query_projection_type)} is not supported: only 'linear' "
+                f"(the att_lora_to_q matrix every basis file holds) is ({self.source})")
         if self.external_query is not True:
-            raise LoRWeBSettingsError(f"external_query={self.external_query!r} (a query pooled from each layer's own "
-                                      f"input) is not supported: only true, a query from an image encoder, is "
-                                      f"({self.source})")
+            raise LoRWeBSettingsError(f"external_query={show_value(self.external_query)} (a query pooled from each "
+                                      f"layer's own input) is not supported: only true, a query from an image "
+                                      f"encoder, is ({self.source})")
+        for name in ("query_mode", "external_query_model"):
+            if not isinstance(getattr(self, name), str):
+                fail(name, "a name (a string)")
         try:
-            object.__setattr__(self, "query_mode", canonical_query_mode(str(self.query_mode)))
+            object.__setattr__(self, "query_mode", canonical_query_mode(self.query_mode))
         except LoRWeBSettingsError as err:
             raise LoRWeBSettingsError(f"{err} ({self.source})") from None
         if self.encoder_family is None:
-            object.__setattr__(self, "encoder_family", query_model_identity(str(self.external_query_model))[0])
-        if self.encoder_family not in ENCODER_FAMILIES:
+            object.__setattr__(self, "encoder_family", query_model_identity(self.external_query_model)[0])
+        if not (isinstance(self.encoder_family, str) and self.encoder_family in ENCODER_FAMILIES):
             fail("encoder_family", f"one of {', '.join(ENCODER_FAMILIES)}")
+        if self.encoder_name is not None and not (isinstance(self.encoder_name, str) and len(self.encoder_name) <= 300):
+            fail("encoder_name", "a model name or null")
+        if self.encoder_embed_dim is not None and not (type(self.encoder_embed_dim) is int
+                                                       and 1 <= self.encoder_embed_dim <= 10**6):
+            fail("encoder_embed_dim", f"an integer in 1..{10**6} or null")
 
     # -- construction ---------------------------------------------------------------------------------------------
     @classmethod
