@@ -42,8 +42,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
-from training.world import build_world
-from training.world import metrics
+from training.world import build_world, metrics
 from training.world import scenes as world_def
 from training.world.data import family_list
 from training.world.flux_kontext import CONDITIONING_FILE, comfy_unet_config

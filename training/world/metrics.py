@@ -22,10 +22,13 @@ Per family, over all its held-out scenes (cells pooled: a cell is a cell, whiche
 * ``kept_cells``: right cells among the kept ones (doing nothing scores 1; ``None`` for a family that changes every
   cell, e.g. ``invert``).
 
-Doing nothing scores exactly 0 and 1 because :data:`TOLERANCE` is below the smallest change any family makes to a
-cell (0.041: the ``slate`` background under ``grayscale``). Nothing here depends on the world's version beyond the
-cell grid read from :mod:`training.world.scenes` at call time, so a world with other cells, or a ceiling run, scores
-with the same functions.
+Doing nothing scores exactly 0 and 1, and a right cell is always nearer the true colour than the colour the cell
+had in B, because :data:`TOLERANCE` is below half the smallest change any family makes to a cell (0.041: the ``slate``
+background under ``grayscale``), and so below half the gap of the nearest distinct scene colours (0.16). The world
+autoencoder's round trip of the truth (the ``floor``) is scored like any B′: it is not cell-exact everywhere (README,
+"The cell metric"), so its figures are the best a method decoding through it can expect. Nothing here depends on the
+world's version beyond the cell grid read from :mod:`training.world.scenes` at call time, so a world with other cells,
+or a ceiling run, scores with the same functions.
 """
 
 from __future__ import annotations
@@ -34,11 +37,12 @@ import torch
 
 from training.world import scenes as world
 
-# Largest channel difference (0..1) at which a cell counts as right. Chosen once from measurements (README, "The
-# analogy world: the yardstick" → "The cell metric"): above every cell error of the world autoencoder's round trips
-# of the true B′ (largest 0.0XX), below the smallest change any family makes to a cell (0.041), and so far below the
-# nearest pair of distinct colours of the world's palette (0.16, navy and forest).
-TOLERANCE = 0.03
+# Largest channel difference (0..1) at which a cell counts as right, chosen once (README, "The cell metric"): below
+# half the smallest change any family makes to a cell (0.0414), so a right cell is nearer the truth than B's colour
+# and doing nothing never passes a changed cell. The world autoencoder's round trips are measured against it, not it
+# against them (the quick world's decoder misses it on object colours and at two-colour latent cells: its floor is
+# reported).
+TOLERANCE = 0.02
 CHANGE_EPS = 1e-3  # cells of the exact renderings whose colours differ by more than this are changed (real changes
 #                    are >= 0.041; this only absorbs float rounding and 8-bit quantisation of both images)
 
@@ -126,7 +130,8 @@ def palette_gaps() -> dict[str, object]:
 def round_trip_evidence(reconstruct, count: int = 16, split: str = "heldout") -> dict[str, object]:
     """Cell errors of ``reconstruct`` (IMAGE -> IMAGE, e.g. the world autoencoder's round trip) on the true B′ of
     ``count`` scenes of every family, and the smallest change each family makes to a cell."""
-    from training.world import evaluate as ev  # evaluate imports the training stack; the metric itself does not
+    # evaluate imports the training stack; the metric itself does not
+    from training.world import evaluate as ev
 
     errors, per_family = [], {}
     for family in world.families("all"):
@@ -145,8 +150,8 @@ def round_trip_evidence(reconstruct, count: int = 16, split: str = "heldout") ->
 
 def main(argv: list[str] | None = None) -> dict:
     import argparse
-    from pathlib import Path
     import json
+    from pathlib import Path
 
     from training.world import build_world
     from training.world.autoencoder import load_world_autoencoder

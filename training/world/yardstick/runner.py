@@ -53,9 +53,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from analogy_core.analogy import to_uint8_images
-from training.world import build_world
+from training.world import build_world, metrics
 from training.world import evaluate as ev
-from training.world import metrics
 from training.world import scenes as world_def
 from training.world.yardstick import edit_transfer, loc, lorweb, regions
 from training.world.yardstick.common import Method, MethodContext, MethodOutput
