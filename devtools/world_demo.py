@@ -10,7 +10,9 @@
    ``outputs/lorweb_world/<key>`` (the key hashes the world models and the settings);
 3. runs ``example_workflows/lorweb_kontext_analogy.json`` in a real ComfyUI with the world's models swapped in for the
    downloads, on a held-out scene of each family, and writes ``outputs/world_demo.png``: one row per family,
-   A | A′ | B | B′ (ours) | B′ (truth), with the error of our B′ and of doing nothing.
+   A | A′ | B | B′ (ours) | B′ (truth), with the error of our B′ and of doing nothing, and the fractions of the
+   cells the edit changes and keeps that our B′ puts right (:mod:`training.world.metrics`; doing nothing scores 0
+   and 1, ``-`` where the edit keeps no cell).
 
 What is swapped in the workflow (everything else runs as shipped: LoadImage x3, Four-Panel Composite, VAEEncode,
 ReferenceLatent, FluxGuidance, Encode Analogy, Load/Mix LoRA Basis, Apply LoRA, KSampler, VAEDecode, Extract Panel,
@@ -40,7 +42,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
-from training.world import build_world
+from training.world import build_world, metrics
 from training.world import scenes as world_def
 from training.world.data import family_list
 from training.world.flux_kontext import CONDITIONING_FILE, comfy_unet_config
@@ -125,7 +127,7 @@ def labelled_rows(rows: list[torch.Tensor], labels: list[str], panel: int, width
 
 
 def run_demo(world_folder: Path, basis: Path, out: Path, families: list[str], index: int, steps: int, seed: int,
-             keep: bool = False) -> dict[str, float]:
+             keep: bool = False) -> dict[str, dict]:
     panel = world_def.REFERENCE_SIZE
     base = Path(tempfile.mkdtemp(prefix="analogy-world-demo-"))
     install_world_models(world_folder, basis, base / "models")
@@ -133,7 +135,7 @@ def run_demo(world_folder: Path, basis: Path, out: Path, families: list[str], in
     for family, ex in examples.items():
         for role in ("a", "a_prime", "b"):
             save_png(getattr(ex, role), base / "input" / f"world_{family}_{role}.png")
-    errors, rows, labels = {}, [], []
+    figures, rows, labels = {}, [], []
     started = time.monotonic()
     with ComfyServer(base, extra_nodes={"analogy_dev_nodes": DEV_NODES}) as server:
         info = server.object_info()
@@ -147,12 +149,16 @@ def run_demo(world_folder: Path, basis: Path, out: Path, families: list[str], in
             history = server.run(prompt)
             ours = load_png(server.output_files(history, node)[0])
             truth = load_png(save_png(ex.b_prime, base / "truth.png"))  # the 8-bit truth, as ComfyUI sees images
-            errors[family] = float((ours - truth).abs().mean())
+            error = float((ours - truth).abs().mean())
             no_edit = float((load_png(save_png(ex.b, base / "b.png")) - truth).abs().mean())
+            cells = metrics.cell_scores(ours, ex.b_prime, ex.b)  # changed/kept cells from the exact B and B′
+            figures[family] = {"error": error, "no_edit": no_edit, **cells}
             split = world_def.get_family(family).split
-            print(f"{family:26s} ({split:7s}) error {errors[family]:.4f}   no edit {no_edit:.4f}")
+            print(f"{family:26s} ({split:7s}) error {error:.4f}   no edit {no_edit:.4f}   "
+                  f"cells {metrics.format_scores(cells)}")
             rows.append(torch.cat([ex.a, ex.a_prime, ex.b, ours, ex.b_prime], dim=1))
-            labels.append(f"{family}\n({split} family)\nerror {errors[family]:.3f}\nno edit {no_edit:.3f}")
+            labels.append(f"{family}\n({split} family)\nerror {error:.3f} (no edit {no_edit:.3f})\n"
+                          f"cells: {metrics.format_scores(cells)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     labelled_rows(rows, labels, panel).save(out)
     print(f"ran {WORKFLOW.name} in the real ComfyUI for {len(examples)} held-out scenes "
@@ -161,7 +167,7 @@ def run_demo(world_folder: Path, basis: Path, out: Path, families: list[str], in
         print(f"server directory kept at {base}")
     else:
         shutil.rmtree(base, ignore_errors=True)
-    return errors
+    return figures
 
 
 def lorweb_run_folder(world, quick: bool, seed: int) -> Path:

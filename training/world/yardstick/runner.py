@@ -2,10 +2,36 @@
 row, measure B′ on held-out scenes of every family (training and held-out families).
 
 Per family (mean absolute pixel error of B′ against the true B′, 0..1 units): the method, no edit (B′ = B), the
-base backbone without the method, and the autoencoder floor (reconstruction of the true B′). Method-specific figures
-go in ``extra`` (LoRWeB: ``routing_gap`` = within- minus across-family centred cosine similarity of the basis
-coefficients, on training families, after training and at initialisation). Writes a table, a JSON file (the stable
-interface below), and a picture grid per method (rows: families; columns A, A′, B, true B′, the method's B′).
+base backbone without the method, and the autoencoder floor (reconstruction of the true B′). And the same four at the
+world's own resolution (:mod:`training.world.metrics`): the fraction of the cells the edit changes that B′ puts right
+(``edited_cells``) and of the cells it keeps (``kept_cells``; ``None`` for a family that changes every cell), a cell
+being right when the colour of its centre is within :data:`~training.world.metrics.TOLERANCE` of the truth's.
+Method-specific figures go in ``extra`` (LoRWeB: ``routing_gap`` = within- minus across-family centred cosine
+similarity of the basis coefficients, on training families, after training and at initialisation). Writes a table, a
+JSON file (the stable interface below), and a picture grid per method (rows: families; columns A, A′, B, true B′,
+the method's B′; each row labelled with both errors and both cell fractions).
+
+The JSON (stable: keys are added, never removed or renamed)::
+
+    {"seed", "quick", "seconds", "methods": {name: {
+        "families": {family: {
+            "split": "train" | "heldout",
+            "error", "no_edit", "base", "floor": mean absolute pixel error of B′ (method, B, base, reconstruction),
+            "error_over_no_edit", "base_over_no_edit": the two ratios of this family,
+            "edited_cells", "kept_cells": the method's cell fractions (float, or null where there is no such cell),
+            "no_edit_cells", "base_cells", "floor_cells": {"edited_cells", "kept_cells"} of B, the base, the floor}},
+        "extra": {
+            "mean_error_over_no_edit_<split>", "mean_base_over_no_edit_<split>": the mean over the split's families
+                of the per-family ratio (each family weighs the same),
+            "error_over_no_edit_of_means_<split>", "base_over_no_edit_of_means_<split>": the mean error over the
+                mean no-edit error (the ratio of means, dominated by the families with large errors such as invert),
+            "mean_edited_cells_<split>", "mean_kept_cells_<split>": the method's cell fractions averaged over the
+                split's families (kept: over the families that keep cells),
+            "mean_base_edited_cells_<split>", "mean_base_kept_cells_<split>": the same for the base,
+            ... method-specific figures}}}}
+
+``<split>`` is ``train`` (training families) or ``heldout`` (held-out families); every figure is measured on
+held-out scenes.
 
 Adding a method: write its row ``run(ctx: MethodContext) -> MethodOutput`` in ``training/world/yardstick/<method>.py``
 (train its preset with its trainer in a subprocess on ``ctx.world``, then produce B′ and the base's B′ for
@@ -27,7 +53,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from analogy_core.analogy import to_uint8_images
-from training.world import build_world
+from training.world import build_world, metrics
 from training.world import evaluate as ev
 from training.world import scenes as world_def
 from training.world.yardstick import edit_transfer, loc, lorweb, regions
@@ -75,26 +101,51 @@ METHODS: dict[str, Method] = {m.name: m for m in _METHODS}
 def measure(ctx: MethodContext, output: MethodOutput) -> dict:
     families = {}
     for family, items in ctx.examples.items():
-        truth = ev.stack(items, "b_prime")
-        families[family] = {
-            "split": world_def.get_family(family).split,
-            "error": round(float(ev.mae(output.b_prime[family], truth).mean()), 5),
-            "no_edit": round(float(ev.mae(ev.stack(items, "b"), truth).mean()), 5),
-            "base": round(float(ev.mae(output.base[family], truth).mean()), 5),
-            "floor": round(float(ev.mae(output.reconstruct(truth), truth).mean()), 5)}
+        truth, b = ev.stack(items, "b_prime"), ev.stack(items, "b")
+        floor = output.reconstruct(truth)
+        row = {"split": world_def.get_family(family).split,
+               "error": round(float(ev.mae(output.b_prime[family], truth).mean()), 5),
+               "no_edit": round(float(ev.mae(b, truth).mean()), 5),
+               "base": round(float(ev.mae(output.base[family], truth).mean()), 5),
+               "floor": round(float(ev.mae(floor, truth).mean()), 5)}
+        row["error_over_no_edit"] = round(row["error"] / row["no_edit"], 4)
+        row["base_over_no_edit"] = round(row["base"] / row["no_edit"], 4)
+        row.update(metrics.cell_scores(output.b_prime[family], truth, b))
+        for name, images in (("no_edit", b), ("base", output.base[family]), ("floor", floor)):
+            row[f"{name}_cells"] = metrics.cell_scores(images, truth, b)
+        families[family] = row
     extra = dict(output.extra)
-    for split in ("train", "heldout"):
-        rows = [r for r in families.values() if r["split"] == split]
-        if rows:
-            extra[f"mean_error_over_no_edit_{split}"] = round(sum(r["error"] / r["no_edit"] for r in rows) / len(rows),
-                                                              4)
-            extra[f"mean_base_over_no_edit_{split}"] = round(sum(r["base"] / r["no_edit"] for r in rows) / len(rows),
-                                                             4)
+    extra.update(split_means(families))
     return {"families": families, "extra": extra}
 
 
+def split_means(families: dict[str, dict]) -> dict[str, float | None]:
+    """The ``extra`` figures over the families of each split (see the module docstring)."""
+    out: dict[str, float | None] = {}
+
+    def mean(values: list) -> float | None:
+        values = [v for v in values if v is not None]
+        return round(sum(values) / len(values), 4) if values else None
+
+    for split in ("train", "heldout"):
+        rows = [r for r in families.values() if r["split"] == split]
+        if not rows:
+            continue
+        out[f"mean_error_over_no_edit_{split}"] = mean([r["error"] / r["no_edit"] for r in rows])
+        out[f"mean_base_over_no_edit_{split}"] = mean([r["base"] / r["no_edit"] for r in rows])
+        no_edit = sum(r["no_edit"] for r in rows)
+        out[f"error_over_no_edit_of_means_{split}"] = round(sum(r["error"] for r in rows) / no_edit, 4)
+        out[f"base_over_no_edit_of_means_{split}"] = round(sum(r["base"] for r in rows) / no_edit, 4)
+        out[f"mean_edited_cells_{split}"] = mean([r["edited_cells"] for r in rows])
+        out[f"mean_kept_cells_{split}"] = mean([r["kept_cells"] for r in rows])
+        out[f"mean_base_edited_cells_{split}"] = mean([r["base_cells"]["edited_cells"] for r in rows])
+        out[f"mean_base_kept_cells_{split}"] = mean([r["base_cells"]["kept_cells"] for r in rows])
+    return out
+
+
 def picture(ctx: MethodContext, output: MethodOutput, result: dict, path: Path) -> Path:
-    """Rows = families (first example); columns A, A′, B, true B′, the method's B′; a label strip on the left."""
+    """Rows = families (first example); columns A, A′, B, true B′, the method's B′; a label strip on the left with the
+    family's figures over all its held-out scenes (errors, and the cell fractions of the method and of its base)."""
     rows = []
     for family, items in ctx.examples.items():
         ex = items[0]
@@ -106,22 +157,33 @@ def picture(ctx: MethodContext, output: MethodOutput, result: dict, path: Path) 
     draw = ImageDraw.Draw(canvas)
     for i, family in enumerate(ctx.examples):
         r = result["families"][family]
-        draw.text((4, i * panel + 4), f"{family}\n({r['split']})\nerror {r['error']:.3f}\nno edit {r['no_edit']:.3f}",
+        draw.text((4, i * panel + 2), f"{family} ({r['split']})\nerror {r['error']:.3f} no edit {r['no_edit']:.3f}\n"
+                  f"cells {metrics.format_scores(r)}\nbase: {metrics.format_scores(r['base_cells'])}",
                   fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
 
 
+def _fraction(value: float | None) -> str:
+    return f"{'-':>6s}" if value is None else f"{value:6.3f}"
+
+
 def print_table(results: dict) -> None:
     print(f"{'method':8s} {'family':24s} {'split':8s} {'error':>7s} {'no_edit':>8s} {'base':>7s} {'floor':>7s} "
-          f"{'err/no_edit':>11s}")
+          f"{'err/no_edit':>11s} {'edited':>6s} {'kept':>6s} {'b.edit':>6s} {'b.kept':>6s} {'f.edit':>6s} "
+          f"{'f.kept':>6s}")
     for method, result in results.items():
         for family, r in result["families"].items():
+            cells = " ".join(_fraction(v) for v in (r["edited_cells"], r["kept_cells"],
+                                                   r["base_cells"]["edited_cells"], r["base_cells"]["kept_cells"],
+                                                   r["floor_cells"]["edited_cells"], r["floor_cells"]["kept_cells"]))
             print(f"{method:8s} {family:24s} {r['split']:8s} {r['error']:7.4f} {r['no_edit']:8.4f} {r['base']:7.4f} "
-                  f"{r['floor']:7.4f} {r['error'] / r['no_edit']:11.3f}")
+                  f"{r['floor']:7.4f} {r['error'] / r['no_edit']:11.3f} {cells}")
         for key, value in result["extra"].items():
             print(f"{method:8s} extra {key} = {value}")
+    print(f"cells: edited / kept = fraction of the cells the edit changes / keeps that are right (cell centre within "
+          f"{metrics.TOLERANCE} of the truth); b. = base, f. = autoencoder floor; no edit scores 0 / 1")
 
 
 def main(argv: list[str] | None = None) -> dict:

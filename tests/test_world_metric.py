@@ -1,0 +1,227 @@
+"""The analogy world's cell metric (training/world/metrics.py) on hand-made cases, and the yardstick's use of it.
+
+Everything here is exact and deterministic (world scenes are pure functions of family, split and index); only the
+autoencoder round-trip tests need the quick world (seed 0, the session's, built once: tests/world_fixtures.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.world import evaluate as ev
+from training.world import metrics
+from training.world import scenes as world
+
+CELL = world.CELL
+N = world.REFERENCE_SIZE // world.CELL
+T = metrics.TOLERANCE
+
+
+def batch(family: str, count: int = 3):
+    items = ev.examples(family, count, world.REFERENCE_SIZE)
+    return ev.stack(items, "b"), ev.stack(items, "b_prime")
+
+
+def set_cell(images: torch.Tensor, index: int, row: int, col: int, colour) -> torch.Tensor:
+    out = images.clone()
+    out[index, row * CELL:(row + 1) * CELL, col * CELL:(col + 1) * CELL] = torch.tensor(colour, dtype=out.dtype)
+    return out
+
+
+@pytest.mark.parametrize("family", ["grayscale", "hflip", "recolour_red_blue", "add_square_top_left",
+                                    "remove_squares"])
+def test_no_edit_scores_0_and_1_and_the_truth_1_and_1(family):
+    b, truth = batch(family)
+    assert metrics.cell_scores(b, truth, b) == {"edited_cells": 0.0, "kept_cells": 1.0}
+    assert metrics.cell_scores(truth, truth, b) == {"edited_cells": 1.0, "kept_cells": 1.0}
+
+
+def test_a_family_that_changes_every_cell_has_no_kept_score():
+    b, truth = batch("invert")
+    assert metrics.changed_cells(b, truth).all()
+    assert metrics.cell_scores(b, truth, b) == {"edited_cells": 0.0, "kept_cells": None}
+    assert metrics.cell_scores(truth, truth, b) == {"edited_cells": 1.0, "kept_cells": None}
+
+
+def test_no_changed_cell_gives_no_edited_score():
+    b, _ = batch("hflip", 1)
+    assert metrics.cell_scores(b, b, b) == {"edited_cells": None, "kept_cells": 1.0}
+
+
+def test_changed_cells_are_the_edit_mask_of_local_families():
+    for family in world.families("all"):
+        items = ev.examples(family, 4, world.REFERENCE_SIZE)
+        if items[0].kind != "local":
+            continue
+        masks = torch.stack([ex.mask for ex in items]).reshape(len(items), N, CELL, N, CELL).any(4).any(2)
+        assert torch.equal(metrics.changed_cells(ev.stack(items, "b"), ev.stack(items, "b_prime")), masks), family
+
+
+def test_global_families_keep_the_cells_they_map_to_themselves():
+    """``grayscale`` keeps white cells; ``hflip`` keeps the cells whose mirror has their colour."""
+    b, truth = batch("grayscale", 4)
+    white = (metrics.cell_colours(b) == 1.0).all(dim=-1)
+    assert white.any() and torch.equal(~metrics.changed_cells(b, truth), white)
+    b, truth = batch("hflip", 4)
+    colours = metrics.cell_colours(b)
+    same = (colours == colours.flip(2)).all(dim=-1)
+    assert torch.equal(~metrics.changed_cells(b, truth), same)
+
+
+def test_one_wrong_cell_counts_once():
+    b, truth = batch("recolour_red_blue")
+    changed = metrics.changed_cells(b, truth)
+    counts = metrics.cell_counts(truth, truth, b)
+    # one wrong changed cell (left as it was in B): exactly one fewer right, out of the same total
+    i, r, c = (int(v) for v in changed.nonzero()[0])
+    wrong = set_cell(truth, i, r, c, b[i, r * CELL, c * CELL].tolist())
+    got = metrics.cell_counts(wrong, truth, b)
+    assert got == {**counts, "edited_right": counts["edited_total"] - 1}
+    scores = metrics.cell_scores(wrong, truth, b, digits=None)
+    assert scores["edited_cells"] == pytest.approx(1 - 1 / counts["edited_total"], abs=1e-12)
+    assert scores["kept_cells"] == 1.0
+    # one wrong kept cell (drawn in another colour): exactly 1/N of the kept cells
+    i, r, c = (int(v) for v in (~changed).nonzero()[0])
+    colour = truth[i, r * CELL, c * CELL]
+    wrong = set_cell(truth, i, r, c, (1.0 - colour).tolist())
+    scores = metrics.cell_scores(wrong, truth, b, digits=None)
+    assert scores["edited_cells"] == 1.0
+    assert scores["kept_cells"] == pytest.approx(1 - 1 / counts["kept_total"], abs=1e-12)
+
+
+def test_the_tolerance_boundary():
+    """A cell off by T - eps in one channel is right, by T + eps wrong; the largest channel decides, not the mean."""
+    b, truth = batch("invert", 1)
+    eps = 1e-3
+    colour = truth[0, 0, 0]
+    for sign in (1.0, -1.0):
+        for channel in range(3):
+            for offset, right in ((T - eps, True), (T + eps, False)):
+                shifted = colour.clone()
+                shifted[channel] += sign * offset
+                scored = metrics.cell_counts(set_cell(truth, 0, 0, 0, shifted.tolist()), truth, b)
+                assert scored["edited_right"] == scored["edited_total"] - (0 if right else 1), (sign, channel, offset)
+    # all three channels just inside: still right (max, not sum)
+    inside = set_cell(truth, 0, 0, 0, (colour + (T - eps)).tolist())
+    assert metrics.cell_scores(inside, truth, b)["edited_cells"] == 1.0
+
+
+def test_the_tolerance_separates_the_palette_and_every_change():
+    """T is below half the gap of the nearest pair of distinct scene colours and below half of every change a family
+    makes to a cell (so doing nothing is never right on a changed cell, and a right cell is nearer the truth)."""
+    palette = torch.tensor(list(world.COLOURS.values()) + list(world.BACKGROUNDS.values()))
+    gaps = (palette[:, None] - palette[None]).abs().amax(-1)
+    assert gaps[~torch.eye(len(palette), dtype=torch.bool)].min() > 2 * T
+    assert metrics.palette_gaps()["nearest_palette_gap"] == pytest.approx(0.16)
+    for family in world.families("all"):
+        b, truth = batch(family, 8)
+        error = metrics.cell_error(b, truth)
+        changed = metrics.changed_cells(b, truth)
+        assert error[changed].min() > 2 * T, family  # a right cell is nearer the truth than B's colour
+
+
+def test_only_the_central_half_of_a_cell_counts():
+    """A cell's border pixels (1 px of a 4-px cell) do not decide it; its centre (the inner 2 x 2) does."""
+    b, truth = batch("hflip", 1)
+    counts = metrics.cell_counts(truth, truth, b)
+    _, r, c = (int(v) for v in (~metrics.changed_cells(b, truth)).nonzero()[0])
+    y, x = r * CELL, c * CELL
+    border = truth.clone()
+    border[0, y:y + CELL, x:x + CELL] = 1.0 - border[0, y:y + CELL, x:x + CELL]
+    border[0, y + 1:y + CELL - 1, x + 1:x + CELL - 1] = truth[0, y + 1:y + CELL - 1, x + 1:x + CELL - 1]
+    assert metrics.cell_counts(border, truth, b) == counts
+    centre = truth.clone()
+    centre[0, y + 1:y + CELL - 1, x + 1:x + CELL - 1] = 1.0 - centre[0, y + 1:y + CELL - 1, x + 1:x + CELL - 1]
+    assert metrics.cell_counts(centre, truth, b) == {**counts, "kept_right": counts["kept_right"] - 1}
+
+
+def test_cell_colours_shapes_and_other_grids():
+    images = torch.rand(2, 64, 64, 3)
+    assert metrics.cell_colours(images).shape == (2, N, N, 3)
+    assert metrics.cell_colours(images[0]).shape == (1, N, N, 3)
+    # a coarser grid (as a world with larger cells would use): 8 x 8 cells of 8 px, central 4 x 4
+    flat = torch.zeros(1, 64, 64, 3)
+    flat[0, 2:6, 2:6] = 1.0
+    assert metrics.cell_colours(flat, cells=8)[0, 0, 0].tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError):
+        metrics.cell_colours(torch.rand(1, 60, 64, 3))
+    with pytest.raises(ValueError):
+        metrics.cell_colours(torch.rand(1, 60, 60, 3))
+
+
+def test_the_yardstick_reports_the_cells_and_both_ratios():
+    """``measure`` on a made-up method (B′ = truth on one family, B elsewhere): the JSON keys, the cell figures of no
+    edit, base and floor, and the per-split means."""
+    from training.world.yardstick.common import MethodContext, MethodOutput
+    from training.world.yardstick.runner import measure, print_table
+
+    examples = {f: ev.examples(f, 2, world.REFERENCE_SIZE) for f in ("invert", "hflip", "vflip")}
+    b_prime = {f: ev.stack(items, "b_prime" if f == "hflip" else "b") for f, items in examples.items()}
+    base = {f: ev.stack(items, "b") for f, items in examples.items()}
+    ctx = MethodContext(world=None, seed=0, quick=True, folder=None, examples=examples)
+    result = measure(ctx, MethodOutput(b_prime, base, lambda x: x.clone(), {"own": 1}))
+    rows = result["families"]
+    assert rows["hflip"]["edited_cells"] == 1.0 and rows["hflip"]["kept_cells"] == 1.0
+    assert rows["invert"]["edited_cells"] == 0.0 and rows["invert"]["kept_cells"] is None
+    for family, row in rows.items():
+        assert {"split", "error", "no_edit", "base", "floor", "error_over_no_edit", "base_over_no_edit",
+                "edited_cells", "kept_cells", "no_edit_cells", "base_cells", "floor_cells"} <= set(row)
+        assert row["no_edit_cells"] == {"edited_cells": 0.0, "kept_cells": None if family == "invert" else 1.0}
+        assert row["base_cells"] == row["no_edit_cells"]
+        assert row["floor_cells"] == {"edited_cells": 1.0, "kept_cells": None if family == "invert" else 1.0}
+    extra = result["extra"]
+    assert extra["own"] == 1
+    assert extra["mean_edited_cells_train"] == 0.5 and extra["mean_kept_cells_train"] == 1.0
+    assert extra["mean_edited_cells_heldout"] == 0.0 and extra["mean_kept_cells_heldout"] == 1.0
+    assert extra["mean_base_edited_cells_train"] == 0.0
+    train = [rows["invert"], rows["hflip"]]
+    assert extra["mean_error_over_no_edit_train"] == pytest.approx(
+        sum(r["error"] / r["no_edit"] for r in train) / 2, abs=1e-4)
+    assert extra["error_over_no_edit_of_means_train"] == pytest.approx(
+        sum(r["error"] for r in train) / sum(r["no_edit"] for r in train), abs=1e-4)
+    assert extra["mean_error_over_no_edit_train"] == pytest.approx(0.5, abs=1e-4)  # (1 + 0) / 2
+    print_table({"made_up": result})  # prints; None shows as "-"
+
+
+def round_trips(family: str, count: int):
+    """(B, true B′, the quick world autoencoder's round trip of the true B′, clamped as the backbones decode)."""
+    from world_fixtures import quick_world
+
+    from training.world.autoencoder import load_world_autoencoder
+
+    codec = load_world_autoencoder(quick_world().path("autoencoder"))
+    items = ev.examples(family, count, world.REFERENCE_SIZE)
+    b, truth = ev.stack(items, "b"), ev.stack(items, "b_prime")
+    pixels = codec.decode(codec.encode(truth.permute(0, 3, 1, 2) * 2 - 1))
+    return b, truth, ((pixels + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="the quick world's autoencoder is not cell-exact at T = 0.02 (README, 'The "
+                   "cell metric': on 16 held-out scenes per family its cell errors have median 0.003 but 14 % of "
+                   "cells above 0.03, up to 0.41; object colours have median 0.02); strict, so a world whose "
+                   "autoencoder passes makes this fail and the marker is removed")
+def test_autoencoder_round_trip_of_the_truth_passes():
+    """The world autoencoder's reconstruction of every family's true B′ puts every cell right (the floor scores 1 and
+    1)."""
+    for family in world.families("all"):
+        b, truth, round_trip = round_trips(family, 8)
+        scores = metrics.cell_scores(round_trip, truth, b)
+        assert scores["edited_cells"] == 1.0, (family, scores)
+        assert scores["kept_cells"] in (1.0, None), (family, scores)
+
+
+@pytest.mark.slow
+def test_autoencoder_round_trip_is_the_floor_the_yardstick_reports():
+    """What the quick world's round trip does score (seed 0, 8 held-out scenes per family; measured at T = 0.02 on
+    16 scenes: edited 0.37-1.00, `add_square_top_left` lowest; kept 0.63-0.87): far above doing nothing on the
+    changed cells, and most kept cells right. Asserted well inside those figures; the yardstick's ``floor_cells`` is
+    this score."""
+    for family in world.families("all"):
+        b, truth, round_trip = round_trips(family, 8)
+        scores = metrics.cell_scores(round_trip, truth, b)
+        assert scores["edited_cells"] > 0.25, (family, scores)
+        assert scores["kept_cells"] is None or scores["kept_cells"] > 0.5, (family, scores)
+        # the cells it gets wrong are wrong by the decoder's error, which the pixel error sees too
+        assert float(ev.mae(round_trip, truth).mean()) < 0.03, family
