@@ -33,9 +33,16 @@ or a ceiling run, scores with the same functions.
 
 from __future__ import annotations
 
+import argparse
+import json
+from pathlib import Path
+
 import torch
 
+from training.world import build_world
+from training.world import evaluate as ev
 from training.world import scenes as world
+from training.world.autoencoder import load_world_autoencoder
 
 # Largest channel difference (0..1) at which a cell counts as right, chosen once (README, "The cell metric"): below
 # half the smallest change any family makes to a cell (0.0414), so a right cell is nearer the truth than B's colour
@@ -130,8 +137,6 @@ def palette_gaps() -> dict[str, object]:
 def round_trip_evidence(reconstruct, count: int = 16, split: str = "heldout") -> dict[str, object]:
     """Cell errors of ``reconstruct`` (IMAGE -> IMAGE, e.g. the world autoencoder's round trip) on the true B′ of
     ``count`` scenes of every family, and the smallest change each family makes to a cell."""
-    # evaluate imports the training stack; the metric itself does not
-    from training.world import evaluate as ev
 
     errors, per_family = [], {}
     for family in world.families("all"):
@@ -149,13 +154,6 @@ def round_trip_evidence(reconstruct, count: int = 16, split: str = "heldout") ->
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import argparse
-    import json
-    from pathlib import Path
-
-    from training.world import build_world
-    from training.world.autoencoder import load_world_autoencoder
-
     parser = argparse.ArgumentParser(description="the evidence for the cell metric's tolerance")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
