@@ -52,13 +52,49 @@ async function launchBrowser() {
     executablePath = await chromium.executablePath();
     args = [...new Set([...chromium.args.filter((a) => a !== "--single-process"), ...args])];
   }
+  // ANALOGY_FRONTEND_GC_STRESS=1: collect garbage in the page every few milliseconds, to surface promises that only
+  // settle when the collector happens to run late (CI's "Promise was collected").
+  if (process.env.ANALOGY_FRONTEND_GC_STRESS) args.push("--js-flags=--expose-gc");
   return puppeteer.launch({
     executablePath, args, headless: "shell",
     defaultViewport: { width: Number(opts.width), height: Number(opts.height) },
   });
 }
 
+/** Page side: ``hold(promise, ms, fallback)`` settles as ``promise`` does, or after ``ms`` with ``fallback`` (an error
+ * when none is given). Its timer keeps the awaited chain reachable: Chromium collects a pending promise nothing else
+ * references (an image's onload on a replaced element, a frame callback) and puppeteer then fails the whole run with
+ * "Promise was collected" (seen once on a loaded CI machine). */
+function installHold() {
+  window.__analogyHold = (promise, ms = 60000, ...fallback) => new Promise((resolve, reject) => {
+    const timer = setTimeout(() => (fallback.length ? resolve(fallback[0])
+      : reject(new Error(`the page did not answer in ${ms} ms`))), ms);
+    Promise.resolve(promise).then((v) => { clearTimeout(timer); resolve(v); },
+                                  (e) => { clearTimeout(timer); reject(e); });
+  });
+  window.__analogyFrames = () => window.__analogyHold(
+    new Promise((resolve) => requestAnimationFrame(() => requestAnimationFrame(resolve))), 2000, null);
+}
+
+/** One step of the run, named in its error. A step Chromium cut short with "Promise was collected" (a protocol
+ * race under memory pressure, not an answer of the frontend) runs again, twice at most; every step is idempotent. */
+async function step(name, run) {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await run();
+    } catch (e) {
+      if (attempt < 3 && String(e).includes("Promise was collected")) {
+        console.error(`${name}: ${e.message}; running the step again`);
+        continue;
+      }
+      e.message = `${name}: ${e.message}`;
+      throw e;
+    }
+  }
+}
+
 async function openFrontend(page, url) {
+  await page.evaluateOnNewDocument(installHold);
   const put = await fetch(`${url}/api/settings`, { method: "POST", body: JSON.stringify(QUIET_SETTINGS) });
   if (!put.ok) throw new Error(`POST /api/settings answered ${put.status}`);
   await page.goto(url, { waitUntil: "networkidle0", timeout: 120000 });
@@ -89,11 +125,11 @@ async function load(page, workflow, name) {
   await closeDialogs(page);  // the last workflow's (a dialog still closing would swallow the next one's)
   await page.evaluate(async (workflow, name) => {
     window.__analogyMissing = null;
-    await window.app.loadGraphData(workflow, true, true, name);
+    await window.__analogyHold(window.app.loadGraphData(workflow, true, true, name));
   }, workflow, name);
   // Image previews (LoadImage) arrive over HTTP and may resize their nodes; describe the settled graph.
   await page.waitForNetworkIdle({ idleTime: 200, timeout: 30000 }).catch(() => {});
-  await page.evaluate(() => new Promise((resolve) => requestAnimationFrame(() => requestAnimationFrame(resolve))));
+  await page.evaluate(() => window.__analogyFrames());
 }
 
 /** Everything the checks need, read from the frontend's own objects. Ids and link lists are normalised: newer
@@ -135,7 +171,7 @@ async function describe(page) {
       id: l.id, origin_id: asId(l.origin_id), origin_slot: l.origin_slot, target_id: asId(l.target_id),
       target_slot: l.target_slot, type: l.type,
     }));
-    const { output, workflow: promptWorkflow } = await window.app.graphToPrompt();
+    const { output, workflow: promptWorkflow } = await window.__analogyHold(window.app.graphToPrompt());
     const dialogs = [...document.querySelectorAll(".p-dialog")].map((d) => d.innerText.slice(0, 4000));
     return {
       missing_node_types: window.__analogyMissing,
@@ -159,7 +195,7 @@ async function screenshot(page, file) {
     const right = Math.max(...boxes.map((b) => b[0] + b[2])), bottom = Math.max(...boxes.map((b) => b[1] + b[3]));
     canvas.ds.fitToBounds([left, top, right - left, bottom - top], { zoom: 0.96 });
     canvas.setDirty(true, true);
-    await new Promise((resolve) => requestAnimationFrame(() => requestAnimationFrame(resolve)));
+    await window.__analogyFrames();
   });
   await new Promise((resolve) => setTimeout(resolve, 300));  // DOM widgets (text boxes) follow the canvas
   await page.screenshot({ path: file, type: "png" });
@@ -219,7 +255,8 @@ async function openHelp(page, nodeType) {
   return page.evaluate(async () => {
     const box = document.querySelector(".node-help-content");
     const images = [...box.querySelectorAll("img")];
-    await Promise.all(images.map((img) => (img.complete ? null : new Promise((r) => { img.onload = img.onerror = r; }))));
+    const settled = (img) => (img.complete ? null : new Promise((r) => { img.onload = img.onerror = r; }));
+    await window.__analogyHold(Promise.all(images.map(settled)), 20000, null);  // unloaded pictures are reported
     return {
       fallback: Boolean(box.querySelector(".fallback-content")),
       headings: [...box.querySelectorAll("h1, h2, h3")].map((h) => `${h.tagName.toLowerCase()} ${h.innerText.trim()}`),
@@ -238,7 +275,10 @@ try {
   const consoleErrors = [];
   page.on("console", (m) => m.type() === "error" && consoleErrors.push(m.text().slice(0, 300)));
   page.on("pageerror", (e) => consoleErrors.push(`pageerror: ${String(e).slice(0, 300)}`));
-  await openFrontend(page, opts.url);
+  if (process.env.ANALOGY_FRONTEND_GC_STRESS) {
+    await page.evaluateOnNewDocument(() => setInterval(() => window.gc?.(), Number(window.__gcEvery ?? 250)));
+  }
+  await step("open the frontend", () => openFrontend(page, opts.url));
   report.frontend_version = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
   report.seconds.open_frontend = (Date.now() - started) / 1000;
   if (opts.screenshots) {
@@ -250,10 +290,16 @@ try {
     const t0 = Date.now();
     const name = path.basename(file, ".json");
     consoleErrors.length = 0;
-    await load(page, JSON.parse(fs.readFileSync(file, "utf8")), name);
-    const facts = await describe(page);
-    facts.missing_model_store = await missingModelStore(page);
-    if (opts.screenshots) await screenshot(page, path.join(opts.screenshots, `${name}.png`));
+    const workflow = JSON.parse(fs.readFileSync(file, "utf8"));
+    const facts = await step(`open ${name}`, async () => {
+      await load(page, workflow, name);
+      return describe(page);
+    });
+    facts.missing_model_store = await step(`missing models of ${name}`, () => missingModelStore(page));
+    if (opts.screenshots) {
+      const file = path.join(opts.screenshots, `${name}.png`);
+      await step(`screenshot of ${name}`, () => screenshot(page, file));
+    }
     facts.console_errors = [...consoleErrors];
     report.workflows[name] = facts;
     report.seconds[name] = (Date.now() - t0) / 1000;
@@ -269,8 +315,11 @@ try {
     report.reloaded = {};
     for (const file of workflows) {
       const name = path.basename(file, ".json");
-      await load(page, JSON.parse(fs.readFileSync(file, "utf8")), name);
-      report.reloaded[name] = { dialogs: await openDialogs(page), missing_model_store: await missingModelStore(page) };
+      const workflow = JSON.parse(fs.readFileSync(file, "utf8"));
+      report.reloaded[name] = await step(`reopen ${name}`, async () => {
+        await load(page, workflow, name);
+        return { dialogs: await openDialogs(page), missing_model_store: await missingModelStore(page) };
+      });
     }
     report.seconds.reloaded = (Date.now() - t0) / 1000;
   }
@@ -280,7 +329,8 @@ try {
     report.help = {};
     for (const nodeType of opts["help-nodes"].split(",").filter(Boolean)) {
       consoleErrors.length = 0;
-      report.help[nodeType] = await openHelp(page, nodeType).catch((e) => ({ error: String(e).slice(0, 500) }));
+      report.help[nodeType] = await step(`help of ${nodeType}`, () => openHelp(page, nodeType))
+        .catch((e) => ({ error: String(e).slice(0, 500) }));
       report.help[nodeType].console_errors = [...consoleErrors];
     }
     report.seconds.help = (Date.now() - t0) / 1000;
