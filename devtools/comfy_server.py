@@ -163,7 +163,12 @@ class ComfyServer:
         return self.get("/object_info")
 
     def queue(self, prompt: dict) -> str:
-        return self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})["prompt_id"]
+        """Queue ``prompt``; its id. ComfyUI runs a prompt in which some outputs failed validation with the others
+        (HTTP 200 and ``node_errors``): that is refused here, so a check never reads a half-run prompt."""
+        answer = self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})
+        if answer.get("node_errors"):
+            raise PromptRejected(200, {"error": "outputs dropped: their inputs failed validation", **answer})
+        return answer["prompt_id"]
 
     def wait(self, prompt_id: str, timeout: float = 600.0) -> dict:
         """Poll /history until the prompt ends; return its history entry (raise PromptFailed on error)."""

@@ -67,7 +67,16 @@ def install_world_models(world_folder: Path, basis: Path, models: Path) -> None:
     (models / "diffusion_models").mkdir(parents=True, exist_ok=True)
     save_file(weights, models / "diffusion_models" / FILES["flux"],
               metadata={"unet_config": json.dumps(comfy_unet_config(config))})
+    install_world_clip_vision(world_folder, models)
+    for folder, source, name in (("vae", world_folder / "autoencoder" / "world_taesd.safetensors", FILES["vae"]),
+                                 ("text_encoders", flux / CONDITIONING_FILE, FILES["conditioning"]),
+                                 ("lorweb", basis, FILES["basis"])):
+        (models / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, models / folder / name)
 
+
+def install_world_clip_vision(world_folder: Path, models: Path) -> None:
+    """The world CLIP's vision tower as ``models/clip_vision/<FILES["clip"]>`` (the dev loader's header format)."""
     clip_config = json.loads((world_folder / "clip" / "config.json").read_text())["vision_config"]
     clip = load_file(world_folder / "clip" / "model.safetensors")
     vision = {k: v for k, v in clip.items() if k.startswith(("vision_model.", "visual_projection."))}
@@ -77,12 +86,6 @@ def install_world_models(world_folder: Path, basis: Path, models: Path) -> None:
     header.update(model_type="clip_vision_model", num_channels=3)
     (models / "clip_vision").mkdir(parents=True, exist_ok=True)
     save_file(vision, models / "clip_vision" / FILES["clip"], metadata={"clip_config": json.dumps(header)})
-
-    for folder, source, name in (("vae", world_folder / "autoencoder" / "world_taesd.safetensors", FILES["vae"]),
-                                 ("text_encoders", flux / CONDITIONING_FILE, FILES["conditioning"]),
-                                 ("lorweb", basis, FILES["basis"])):
-        (models / folder).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, models / folder / name)
 
 
 def world_prompt(object_info: dict, images: dict[str, str], panel: int, steps: int, seed: int) -> dict:
