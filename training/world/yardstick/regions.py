@@ -60,10 +60,12 @@ REGION_WORLD_QUICK: dict[str, object] = {**REGION_WORLD, "max_steps": 100, "chec
                                          "sample_every": 100}
 
 
-# (name, mode, form): the pack's form in each mode, and the paper's form (no residual connections, no learned
-# positions) in text mode with the paper's losses
+# (name, mode, form): the pack's form in each mode, the paper's form (no residual connections, no learned
+# positions) in text mode with the paper's losses, and the pack's text form trained on the binarised mask inference
+# uses (straight-through gradient)
 RUNS: tuple[tuple[str, str, dict], ...] = (("text", "text", {}), ("analogy", "analogy", {}),
-                                           ("text_paper", "text", {"residual": False, "positions": False}))
+                                           ("text_paper", "text", {"residual": False, "positions": False}),
+                                           ("text_straight_through", "text", {"straight_through": True}))
 
 
 def region_settings(world_folder: str, quick: bool = False) -> dict[str, object]:

@@ -1,0 +1,90 @@
+"""The region predictor's forms and training options on the analogy world, each trained at the regions row's full
+setting (600 steps) and measured as the row measures it: IoU of the binary region (threshold 0.5) with B's true
+edit mask on held-out scenes of the local families, at initialisation and after training.
+
+    .venv/bin/python -m bench.region_forms                   # the quick world (built or reused), seed 0
+    .venv/bin/python -m bench.region_forms --full-world      # the full world
+    .venv/bin/python -m bench.region_forms --runs text,text_straight_through --json out.json
+
+The runs are the regions row's (``training.world.yardstick.regions.RUNS``): ``text`` and ``analogy`` (the pack's
+form), ``text_paper`` (the paper's form and losses), ``text_straight_through`` (the pack's text form trained on the
+binarised mask). The row itself (``bench.analogy_world --methods regions``) trains them for 100 steps on the quick
+world, too few to tell the forms apart; this command keeps the row's code and changes only the world and the steps.
+Runs are kept under ``--out`` and reused when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from analogy_core.regions import FrozenClip, InstructionEncoder, load_region_predictor
+from training.world import build_world
+from training.world import scenes as world
+from training.world.loaders import T5_FOLDER
+from training.world.yardstick.common import losses_from_log
+from training.world.yardstick.regions import REGION_WORLD, RUNS, mean, region_settings, train_region, world_iou
+
+REPO = Path(__file__).resolve().parent.parent
+CHECKPOINT = "region_predictor.safetensors"
+
+
+def trained(settings: dict, folder: Path, steps: int) -> float:
+    """Train into ``folder`` unless a complete run is there; the seconds it took (0 when reused)."""
+    if (folder / CHECKPOINT).is_file():
+        return 0.0
+    return train_region(settings, folder, steps)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full-world", action="store_true", help="the full world instead of the quick one")
+    parser.add_argument("--seed", type=int, default=0, help="world and training seed")
+    parser.add_argument("--steps", type=int, default=int(REGION_WORLD["max_steps"]), help="training steps per run")
+    parser.add_argument("--examples", type=int, default=16, help="held-out scenes per family")
+    parser.add_argument("--runs", default=",".join(name for name, _, _ in RUNS), help="comma-separated run names")
+    parser.add_argument("--out", type=Path, help="run folder (default outputs/bench_region_forms_<world>_s<seed>)")
+    parser.add_argument("--json", type=Path, help="write the figures here too")
+    args = parser.parse_args(argv)
+    chosen = {name: (mode, form) for name, mode, form in RUNS if name in args.runs.split(",")}
+    quick = not args.full_world
+    out = args.out or REPO / "outputs" / f"bench_region_forms_{'quick' if quick else 'full'}_s{args.seed}"
+
+    built = build_world(["clip", T5_FOLDER], quick=quick, seed=args.seed)
+    clip, encoder = FrozenClip.from_folder(built.path("clip")), InstructionEncoder.from_folder(built.path(T5_FOLDER))
+    local = [f for f in world.families("all") if world.get_family(f).kind == "local"]
+    splits = {split: [f for f in local if world.get_family(f).split == split] for split in ("train", "heldout")}
+    size = world.REFERENCE_SIZE
+    report: dict = {"world": str(built.root), "seed": args.seed, "steps": args.steps, "examples": args.examples,
+                    "runs": {}}
+    for name, (mode, form) in chosen.items():
+        settings = {**region_settings(str(built.root)), "mode": mode, "seed": args.seed, **form}
+        trained(settings | {"learning_rate": 0.0}, out / f"{name}_init", 1)
+        seconds = trained(settings, out / name, args.steps)
+        figures: dict = {"mode": mode, "form": form, "train_seconds": round(seconds, 1)}
+        for tag, folder in (("start", out / f"{name}_init"), ("end", out / name)):
+            model = load_region_predictor(folder / CHECKPOINT)
+            scores = world_iou(model, clip, encoder, local, args.examples, size)
+            figures[f"iou_per_family_{tag}"] = {f: round(scores[f][mode], 4) for f in local}
+            for split, names in splits.items():
+                figures[f"iou_{split}_families_{tag}"] = mean(scores[f][mode] for f in names)
+        if losses := losses_from_log(out / name / "train.log"):
+            figures["loss_first_step"], figures["loss_last_step"] = losses
+        report["runs"][name] = figures
+        print(f"{name:24s} IoU training families {figures['iou_train_families_start']:.3f} -> "
+              f"{figures['iou_train_families_end']:.3f}, held-out families {figures['iou_heldout_families_start']:.3f}"
+              f" -> {figures['iou_heldout_families_end']:.3f}  (trained in {seconds:.0f} s)", flush=True)
+    text = json.dumps(report, indent=1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "region_forms.json").write_text(text)
+    if args.json:
+        args.json.write_text(text)
+    return report
+
+
+if __name__ == "__main__":
+    started = time.monotonic()
+    main()
+    print(f"total {time.monotonic() - started:.0f} s")
