@@ -18,7 +18,8 @@ from tiny_models import tiny_flux2_pair, tiny_qwen_pair
 from analogy_core.layouts import layout_of_diffusers_model
 from analogy_core.lorweb.basis import basis_targets, load_basis
 from training.backbone import load_query_encoder
-from training.editors import load_editor
+from training.editors import backbone_family, load_editor
+from training.lorweb.config import load_config
 from training.lorweb.task import main as train_lorweb
 
 GRID = 64
@@ -155,3 +156,12 @@ def test_load_mix_apply_on_its_family_and_refused_on_the_other(trained, comfy_in
     _, foreign = pairs[other](comfy_inproc.comfy, seed=62)
     with pytest.raises(ValueError, match=f"this LoRA is for {family} but the model is {other}"):
         comfy_inproc.nodes.ApplyLoRAToModel().apply(foreign, lora, 1.0, "merge", False)
+
+
+def test_the_gpu_presets_validate_and_train_for_their_family():
+    expected = {"flux2_klein_24gb": "flux2", "flux2_klein_80gb": "flux2", "qwen_image_edit_80gb": "qwen_image"}
+    for preset, family in expected.items():
+        cfg = load_config(preset)
+        assert backbone_family(cfg.backbone) == family
+        assert cfg.batch_size * cfg.gradient_accumulation_steps == 6, "the official effective batch"
+        assert (cfg.mixed_precision, cfg.use_8bit_adam, cfg.gradient_checkpointing) == ("bf16", True, True)
