@@ -105,6 +105,11 @@ class EditorBackbone:
         raise NotImplementedError
 
 
+def _config(transformer):
+    """The diffusers config of a transformer, also when Accelerate wrapped it (DDP's ``.module``)."""
+    return getattr(transformer, "module", transformer).config
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # FLUX.2
 
@@ -164,8 +169,7 @@ class Flux2Backbone(EditorBackbone):
 
     def predict(self, transformer, x_t, reference, t, text, mask, guidance, grid_size: int) -> torch.Tensor:
         img_ids, txt_ids = self.position_ids(grid_size, text.shape[1], x_t.device)
-        config = getattr(transformer, "config", None)
-        use_guidance = config is None or config.guidance_embeds
+        use_guidance = _config(transformer).guidance_embeds
         out = transformer(hidden_states=torch.cat([x_t, reference], dim=1), encoder_hidden_states=text, timestep=t,
                           img_ids=img_ids, txt_ids=txt_ids, guidance=guidance if use_guidance else None,
                           return_dict=False)[0]
@@ -218,8 +222,7 @@ class QwenImageEditBackbone(EditorBackbone):
         return [[(1, side, side), (1, side, side)]] * batch
 
     def predict(self, transformer, x_t, reference, t, text, mask, guidance, grid_size: int) -> torch.Tensor:
-        config = getattr(transformer, "config", None)
-        use_guidance = config is not None and getattr(config, "guidance_embeds", False)
+        use_guidance = getattr(_config(transformer), "guidance_embeds", False)
         if mask is None:
             mask = torch.ones(text.shape[:2], device=text.device, dtype=torch.long)
         out = transformer(hidden_states=torch.cat([x_t, reference], dim=1), encoder_hidden_states=text,
