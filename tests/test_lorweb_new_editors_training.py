@@ -12,13 +12,13 @@ import torch
 from diffusers import Flux2KleinPipeline, QwenImageEditPlusPipeline
 from safetensors.torch import load_file
 from test_lora_comfy import rel_err
-from test_lora_new_editors import RUNNERS, comfy_out
+from test_lora_new_editors import RUNNERS, _pack, comfy_out
 from tiny_models import tiny_flux2_pair, tiny_qwen_pair
 
 from analogy_core.layouts import layout_of_diffusers_model
 from analogy_core.lorweb.basis import basis_targets, load_basis
 from training.backbone import load_query_encoder
-from training.editors import backbone_family, load_editor
+from training.editors import Flux2Backbone, QwenImageEditBackbone, backbone_family, load_editor
 from training.lorweb.config import load_config
 from training.lorweb.task import main as train_lorweb
 
@@ -165,3 +165,42 @@ def test_the_gpu_presets_validate_and_train_for_their_family():
         assert backbone_family(cfg.backbone) == family
         assert cfg.batch_size * cfg.gradient_accumulation_steps == 6, "the official effective batch"
         assert (cfg.mixed_precision, cfg.use_8bit_adam, cfg.gradient_checkpointing) == ("bf16", True, True)
+
+
+@pytest.mark.parametrize("family", ["flux2", "qwen_image"])
+def test_the_training_forward_is_comfyuis_reference_conditioning(comfy_inproc, family):
+    """What the trainer computes with the grid as reference (diffusers) equals ComfyUI's own model given the grid's
+    latent as ``ref_latents`` (what ReferenceLatent feeds FLUX.2 and TextEncodeQwenImageEditPlus feeds Qwen-Image-Edit),
+    on the tiny twins: so a basis trained here sees at inference the conditioning it was trained with."""
+    pairs = {"flux2": tiny_flux2_pair, "qwen_image": tiny_qwen_pair}
+    model, patcher = pairs[family](comfy_inproc.comfy, seed=71)
+    comfy_model = patcher.model.diffusion_model
+    gen = torch.Generator().manual_seed(72)
+    batch, side = 2, 4  # tokens per grid side (square: see qwen_inputs in test_lora_new_editors)
+    t, text = torch.tensor([0.3, 0.8]), torch.randn(batch, 5, 24, generator=gen)
+    if family == "flux2":
+        backbone = Flux2Backbone(model, load_editor("flux2:tiny").vae, None)
+        x_t, ref = (torch.randn(batch, side * side, 16, generator=gen) for _ in range(2))
+        guidance = torch.tensor([2.5, 2.5])
+
+        def image(tokens):  # ComfyUI's FLUX.2 latent: the packed channels, one token per latent pixel
+            return tokens.transpose(1, 2).reshape(batch, 16, side, side)
+
+        def comfy(refs):
+            with torch.no_grad():
+                out = comfy_model(image(x_t), t, text, guidance=guidance, ref_latents=refs)
+            return out.reshape(batch, 16, -1).transpose(1, 2)
+    else:
+        backbone = QwenImageEditBackbone(model, load_editor("qwen_image_edit:tiny").vae, None)
+        x_lat, ref_lat = (torch.randn(batch, 4, 1, 2 * side, 2 * side, generator=gen) for _ in range(2))
+        x_t, ref, guidance = _pack(x_lat), _pack(ref_lat), None
+
+        def comfy(refs):
+            with torch.no_grad():
+                return _pack(comfy_model(x_lat, t, text, ref_latents=refs))
+    grid = side * backbone.vae_factor
+    with torch.no_grad():
+        ours = backbone.predict(model, x_t, ref, t, text, None, guidance, grid)
+    theirs = comfy([image(ref)] if family == "flux2" else [ref_lat])
+    assert rel_err(comfy(None), theirs) > 0.01, "the reference changes ComfyUI's output"
+    assert rel_err(ours, theirs) <= 1e-5, rel_err(ours, theirs)
