@@ -198,9 +198,11 @@ def test_the_training_forward_is_comfyuis_reference_conditioning(comfy_inproc, f
         def comfy(refs):
             with torch.no_grad():
                 return _pack(comfy_model(x_lat, t, text, ref_latents=refs))
-    grid = side * backbone.vae_factor
+    grid = side * backbone.token_pixels
     with torch.no_grad():
         ours = backbone.predict(model, x_t, ref, t, text, None, guidance, grid)
-    theirs = comfy([image(ref)] if family == "flux2" else [ref_lat])
-    assert rel_err(comfy(None), theirs) > 0.01, "the reference changes ComfyUI's output"
+        alone = backbone.predict(model, x_t, None, t, text, None, guidance, grid)  # Edit Transfer's single image
+    theirs, theirs_alone = comfy([image(ref)] if family == "flux2" else [ref_lat]), comfy(None)
+    assert rel_err(theirs_alone, theirs) > 0.01, "the reference changes ComfyUI's output"
     assert rel_err(ours, theirs) <= 1e-5, rel_err(ours, theirs)
+    assert rel_err(alone, theirs_alone) <= 1e-5, rel_err(alone, theirs_alone)

@@ -88,10 +88,15 @@ class EditorBackbone:
         param = next(self.vae.parameters())
         return images.permute(0, 3, 1, 2).to(param.device, param.dtype) * 2 - 1
 
+    @property
+    def token_pixels(self) -> int:
+        """Pixels per latent token side: the VAE's downsampling, then the 2x2 patchify / packing."""
+        return 2 * self.vae_factor
+
     # implemented per editor
     @property
     def vae_factor(self) -> int:
-        """Pixels per latent token side."""
+        """Pixels per latent pixel (before the 2x2 packing), as :attr:`training.backbone.Backbone.vae_factor`."""
         raise NotImplementedError
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -101,8 +106,13 @@ class EditorBackbone:
         raise NotImplementedError
 
     def predict(self, transformer, x_t, reference, t, text, mask, guidance, grid_size: int) -> torch.Tensor:
-        """Velocity for the target tokens ``x_t`` with the reference grid's tokens given as the editor takes them."""
+        """Velocity for the target tokens ``x_t`` with the reference grid's tokens given as the editor takes them
+        (``reference`` None: the target alone, as for Edit Transfer's single four-panel image)."""
         raise NotImplementedError
+
+    @staticmethod
+    def _with_reference(x_t: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+        return x_t if reference is None else torch.cat([x_t, reference], dim=1)
 
 
 def _config(transformer):
@@ -130,7 +140,7 @@ class Flux2Backbone(EditorBackbone):
 
     @property
     def vae_factor(self) -> int:
-        return 2 ** len(self.vae.config.block_out_channels)  # the VAE's downsampling, then the 2x2 patchify
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def _bn(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bn = self.vae.bn
@@ -150,7 +160,7 @@ class Flux2Backbone(EditorBackbone):
 
     @torch.no_grad()
     def decode_tokens(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        f = self.vae_factor
+        f = self.token_pixels
         b, _, d = tokens.shape
         latents = tokens.permute(0, 2, 1).reshape(b, d, height // f, width // f)
         mean, std = self._bn(latents)
@@ -162,15 +172,16 @@ class Flux2Backbone(EditorBackbone):
         pixels = self.vae.decode(latents.to(param.dtype)).sample
         return ((pixels.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
 
-    def position_ids(self, grid_size: int, text_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        side = grid_size // self.vae_factor
-        img_ids = torch.cat([flux2_image_ids(side, side, 0), flux2_image_ids(side, side, FLUX2_REFERENCE_T)])
-        return img_ids.to(device), flux2_text_ids(text_tokens).to(device)
+    def position_ids(self, grid_size: int, text_tokens: int, device,
+                     reference: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        side = grid_size // self.token_pixels
+        parts = [flux2_image_ids(side, side, 0)] + ([flux2_image_ids(side, side, FLUX2_REFERENCE_T)] if reference else [])
+        return torch.cat(parts).to(device), flux2_text_ids(text_tokens).to(device)
 
     def predict(self, transformer, x_t, reference, t, text, mask, guidance, grid_size: int) -> torch.Tensor:
-        img_ids, txt_ids = self.position_ids(grid_size, text.shape[1], x_t.device)
+        img_ids, txt_ids = self.position_ids(grid_size, text.shape[1], x_t.device, reference is not None)
         use_guidance = _config(transformer).guidance_embeds
-        out = transformer(hidden_states=torch.cat([x_t, reference], dim=1), encoder_hidden_states=text, timestep=t,
+        out = transformer(hidden_states=self._with_reference(x_t, reference), encoder_hidden_states=text, timestep=t,
                           img_ids=img_ids, txt_ids=txt_ids, guidance=guidance if use_guidance else None,
                           return_dict=False)[0]
         return out[:, : x_t.shape[1]]
@@ -186,7 +197,7 @@ class QwenImageEditBackbone(EditorBackbone):
 
     @property
     def vae_factor(self) -> int:
-        return 2 ** (len(self.vae.temperal_downsample) + 1)  # the VAE's spatial downsampling, then 2x2 packing
+        return 2 ** len(self.vae.temperal_downsample)  # one spatial downsampling per stage
 
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, self.vae.config.z_dim, 1, 1, 1)
@@ -207,7 +218,7 @@ class QwenImageEditBackbone(EditorBackbone):
 
     @torch.no_grad()
     def decode_tokens(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        f = self.vae_factor
+        f = self.token_pixels
         b, _, d = tokens.shape
         h, w = height // f, width // f
         latents = tokens.view(b, h, w, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, 1, 2 * h, 2 * w)
@@ -216,18 +227,18 @@ class QwenImageEditBackbone(EditorBackbone):
         pixels = self.vae.decode((latents * std + mean).to(param.dtype)).sample[:, :, 0]
         return ((pixels.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
 
-    def img_shapes(self, grid_size: int, batch: int) -> list[list[tuple[int, int, int]]]:
+    def img_shapes(self, grid_size: int, batch: int, reference: bool = True) -> list[list[tuple[int, int, int]]]:
         """Target then input image, per sample, in tokens (QwenImageEditPlusPipeline.__call__)."""
-        side = grid_size // self.vae_factor
-        return [[(1, side, side), (1, side, side)]] * batch
+        side = grid_size // self.token_pixels
+        return [[(1, side, side)] * (2 if reference else 1)] * batch
 
     def predict(self, transformer, x_t, reference, t, text, mask, guidance, grid_size: int) -> torch.Tensor:
         use_guidance = getattr(_config(transformer), "guidance_embeds", False)
         if mask is None:
             mask = torch.ones(text.shape[:2], device=text.device, dtype=torch.long)
-        out = transformer(hidden_states=torch.cat([x_t, reference], dim=1), encoder_hidden_states=text,
+        out = transformer(hidden_states=self._with_reference(x_t, reference), encoder_hidden_states=text,
                           encoder_hidden_states_mask=mask, timestep=t,
-                          img_shapes=self.img_shapes(grid_size, x_t.shape[0]),
+                          img_shapes=self.img_shapes(grid_size, x_t.shape[0], reference is not None),
                           guidance=guidance if use_guidance else None, return_dict=False)[0]
         return out[:, : x_t.shape[1]]
 
