@@ -131,6 +131,8 @@ def parse_args(task_cls: type[TrainingTask], argv=None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
     parser.add_argument("--output-dir", help="shortcut for --set output_dir=...")
     parser.add_argument("--max-steps", type=int, help="shortcut for --set max_steps=...")
+    parser.add_argument("--backbone", help="shortcut for --set backbone=... (trainers with a backbone; e.g. LoRWeB's "
+                                           "flux2:<folder>, qwen_image_edit:<folder>, flux2:tiny)")
     parser.add_argument("--resume", nargs="?", const="latest",
                         help="resume from the newest intact checkpoint ('latest') or a given checkpoint folder")
     return parser.parse_args(argv)
@@ -142,6 +144,8 @@ def config_from_args(task_cls: type[TrainingTask], args: argparse.Namespace) -> 
         overrides.append(f"output_dir={args.output_dir}")
     if args.max_steps is not None:
         overrides.append(f"max_steps={args.max_steps}")
+    if args.backbone:
+        overrides.append(f"backbone={args.backbone}")
     return build_config(task_cls.config_cls, task_cls.presets, args.preset, args.config, overrides)
 
 

@@ -28,8 +28,9 @@ import torch
 
 from ..files import (FLOAT_DTYPES, MAX_UPDATE_NORM, as_float, check_low_rank_norm, json_metadata, naming_file,
                     read_tensor_file, write_safetensors_atomic)
-from ..layouts import standard_layout
-from ..lora import FAMILIES, LoRA, LoRALayer
+from ..layouts import TRANSFORMER_FAMILIES, ModelLayout
+from ..lora import FAMILIES, FITS_KEY, LoRA, LoRALayer
+from ..lora_formats import infer_layout
 from .settings import METADATA_KEY, OFFICIAL, LoRWeBSettings, LoRWeBSettingsError
 
 BASIS_SUFFIXES = {"lora_A": "A", "lora_B": "B", "lora_keys": "keys", "att_lora_to_q.weight": "to_q"}
@@ -145,6 +146,8 @@ class LoRABasis:
             c = coefficients[path]
             layers[path] = layer.mixed(c[sample] if c.ndim == 2 else c)
         meta = {"analogy.basis_entries": str(self.num_entries), "analogy.basis_rank": str(self.rank)}
+        if FITS_KEY in self.metadata:  # a basis of layers several families share: its mix fits each of them
+            meta[FITS_KEY] = self.metadata[FITS_KEY]
         return LoRA(layers, family=self.family, source="mixed", metadata=meta)
 
     # -- files ----------------------------------------------------------------------------------------------------
@@ -204,9 +207,11 @@ def basis_from_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, 
             raise BasisError(f"{path}: N={layer.num_entries}, r={layer.rank}, d={layer.key_dim}, "
                              f"Q={layer.query_dim} differ from the other layers' N={first.num_entries}, "
                              f"r={first.rank}, d={first.key_dim}, Q={first.query_dim}")
-    family = metadata.get("analogy.family") or _guess_family(layers)
-    if family not in FAMILIES:
-        raise BasisError(f"the header's analogy.family {family[:40]!r} is not one of {FAMILIES}")
+    family, fits = _family(layers, metadata.get("analogy.family") or None)
+    if len(fits) > 1:
+        metadata[FITS_KEY] = ",".join(fits)
+    else:
+        metadata.pop(FITS_KEY, None)
     return LoRABasis(layers, family=family, metadata=metadata)
 
 
@@ -245,15 +250,43 @@ def _check_layer(base: str, layer: BasisLayer) -> BasisLayer:
     return BasisLayer(A, B, keys, to_q)
 
 
-def _guess_family(layers: dict[str, BasisLayer]) -> str:
-    flux = standard_layout("flux")
-    known = [p for p in layers if p in flux.shapes]
-    if known and len(known) == len(layers) and all(
-            (layers[p].B.shape[2], layers[p].A.shape[1]) == flux.shapes[p] for p in known):
-        return "flux"
-    if all(p.startswith(("transformer_blocks.", "single_transformer_blocks.")) for p in layers):
-        return "flux"  # a FLUX-architecture basis at other widths (tests, research variants)
-    return "unknown"
+BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
+
+
+def basis_targets(layout: ModelLayout) -> dict[str, tuple[int, ...]]:
+    """What a LoRWeB basis targets on a model of ``layout``: every linear of its transformer blocks (as the released
+    basis does on FLUX.1-Kontext), {diffusers path: [out, in]}. FLUX.2's shared modulation layers, the embedders and
+    the final layer sit outside the blocks and are not targeted."""
+    return {path: shape for path, shape in layout.shapes.items() if path.startswith(BLOCK_PREFIXES)}
+
+
+def basis_families(layers: dict[str, BasisLayer]) -> tuple[str, ...]:
+    """The DiT families (flux, flux2, qwen_image) whose layout the basis' layer names and shapes fit, at the widths
+    they imply. Several when the basis only targets layers they share (the double blocks' attention)."""
+    entries = [(path, False, (layer.B.shape[2], layer.A.shape[1])) for path, layer in layers.items()]
+    return tuple(family for family in TRANSFORMER_FAMILIES if infer_layout(family, entries) is not None)
+
+
+def _family(layers: dict[str, BasisLayer], header: str | None) -> tuple[str, tuple[str, ...]]:
+    """(family, every family it fits): the header's, checked against the layers, else the one its layers imply
+    (FLUX.1 first: the released basis has no header). Layers that fit no published architecture (research variants
+    at odd shapes) keep the header's family, else FLUX.1 for FLUX-style block names."""
+    fits = basis_families(layers)
+    if header is not None:
+        if header not in FAMILIES:
+            raise BasisError(f"the header's analogy.family {header[:40]!r} is not one of {FAMILIES}")
+        if fits and header not in fits:
+            titles = " or ".join(TRANSFORMER_FAMILIES[f].title for f in fits)
+            title = TRANSFORMER_FAMILIES[header].title if header in TRANSFORMER_FAMILIES else header
+            example = next((p for p in layers if "single" in p or "mlp" in p or "ff" in p), next(iter(layers)))
+            raise BasisError(f"the header says this basis is for {title} ({header}) but its layers are {titles}'s "
+                             f"({' or '.join(fits)}; e.g. {example}); it is a basis for another model family")
+        return header, fits or (header,)
+    if fits:
+        return fits[0], fits
+    if all(p.startswith(BLOCK_PREFIXES) for p in layers):
+        return "flux", ("flux",)  # a FLUX-architecture basis at other widths (tests, research variants)
+    return "unknown", ("unknown",)
 
 
 def load_basis(path) -> LoRABasis:

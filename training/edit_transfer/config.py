@@ -14,7 +14,7 @@ CONTEXTS = ("clean", "renoise")  # official sampler / ComfyUI's stock inpainting
 @dataclass
 class EditTransferConfig(FourPanelSettings, CommonConfig):
     # a local diffusers folder of FLUX.1-dev (transformer/, vae/, text_encoder*/, tokenizer*/) or a cached model id;
-    # "tiny" builds random small models (tests, smoke runs)
+    # "tiny" builds random small models (tests, smoke runs); "flux2:<folder or id>" (or "flux2:tiny") trains on FLUX.2
     backbone: str = "black-forest-labs/FLUX.1-dev"
     output_dir: str = "outputs/edit_transfer"
     # folder:<dir> (official: four-panel images + same-named .txt), quads:<file.jsonl>, relation252k:<dir>, world,
@@ -59,6 +59,9 @@ class EditTransferConfig(FourPanelSettings, CommonConfig):
             raise ValueError(f"ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
         if not (isinstance(self.t5_length, int) and 1 <= self.t5_length <= 4096):
             raise ValueError(f"t5_length must be an integer in 1..4096, got {self.t5_length!r}")
+        if self.backbone.partition(":")[0] == "qwen_image_edit":
+            raise ValueError("Edit Transfer trains on FLUX.1-dev (as published) or FLUX.2 (backbone flux2:<folder>); "
+                             "Qwen-Image-Edit takes its input images as references, not as one four-panel canvas")
         if not (isinstance(self.rank, int) and self.rank >= 1) or not self.lora_alpha > 0:
             raise ValueError(f"rank must be a positive integer and lora_alpha positive, got {self.rank}, "
                              f"{self.lora_alpha}")

@@ -1,6 +1,7 @@
-"""Train an Edit Transfer LoRA on FLUX.1-dev with Accelerate (Chen et al., 2025, "Edit Transfer").
+"""Train an Edit Transfer LoRA on FLUX.1-dev (or FLUX.2) with Accelerate (Chen et al., 2025, "Edit Transfer").
 
     python -m training.train_edit_transfer --preset tiny                     # CPU smoke run, under a minute
+    python -m training.train_edit_transfer --preset tiny --backbone flux2:tiny   # the same on a tiny FLUX.2
     python -m training.train_edit_transfer --set data=folder:data/edit_transfer   # the official recipe
     python -m training.train_edit_transfer --set text_free=true ...          # EditTransfer++: no text while training
     accelerate launch -m training.train_edit_transfer --config my.yaml       # several GPUs
@@ -20,6 +21,10 @@ tokens as ComfyUI feeds FLUX (``t5_length``; the official training pads to 512).
 ``text_free`` is EditTransfer++'s text-decoupled stage only (same authors, 2026): no text during fine-tuning — every
 prompt is empty — so the LoRA must read the transformation from the image pair; at inference a prompt may still be
 given. EditTransfer++'s best-worst contrastive refinement and condition compression are not implemented.
+
+On FLUX.2 (``backbone: flux2:<folder>``, :mod:`training.editors`) the composite is the one image the transformer
+denoises (position ids T = 0, no reference image), with the same objective; the LoRA covers every linear of FLUX.2's
+blocks and is saved under the BFL names ComfyUI's stock loader maps (Save LoRA's ``auto`` for FLUX.2).
 
 Outputs in ``output_dir``: ``edit_transfer_lora.safetensors`` (an ordinary LoRA: PEFT keys
 ``transformer.<path>.lora_A/B.weight`` with the peft config in the header, which ComfyUI's LoraLoader, diffusers and
@@ -44,10 +49,11 @@ from analogy_core.lora import LoRA, LoRALayer
 from analogy_core.lora_io import save_lora_file
 from training import checkpoints as ckpt
 from training import flow
-from training.backbone import Backbone, load_frozen_backbone, token_ids
+from training.backbone import Backbone, token_ids
 from training.config import without_local_path
 from training.edit_transfer.config import CONTEXTS, LORA_FILE, PRESETS, EditTransferConfig
 from training.edit_transfer.data import make_edit_transfer_dataset
+from training.editors import EditorBackbone, backbone_family, load_frozen_any
 from training.ema import PREFIX as EMA_PREFIX
 from training.ema import ParameterEMA
 from training.trainer import TrainingTask, drop_captions, run, sample_pairs_image, save_sample_image
@@ -78,8 +84,8 @@ def add_lora(transformer: nn.Module, rank: int, alpha: float, trainable_dtype: t
             param.data = param.data.to(trainable_dtype)
 
 
-def export_lora(transformer: nn.Module, metadata: dict[str, str] | None = None) -> LoRA:
-    """The trained adapter as the pack's LoRA (diffusers paths, family flux, scale alpha/rank)."""
+def export_lora(transformer: nn.Module, metadata: dict[str, str] | None = None, family: str = "flux") -> LoRA:
+    """The trained adapter as the pack's LoRA (diffusers paths, scale alpha/rank) for ``family``."""
     layers = {}
     for name, module in transformer.named_modules():
         if isinstance(module, LoraLayer) and "default" in module.lora_A:
@@ -88,7 +94,7 @@ def export_lora(transformer: nn.Module, metadata: dict[str, str] | None = None) 
                                      float(module.scaling["default"]))
     if not layers:
         raise RuntimeError("the transformer carries no LoRA adapter")
-    return LoRA(layers, family="flux", source="trained", metadata=dict(metadata or {}))
+    return LoRA(layers, family=family, source="trained", metadata=dict(metadata or {}))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -130,11 +136,34 @@ def predict(transformer, x_t, t, text, pooled, guidance: float | torch.Tensor) -
                        img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
 
 
-def panel_objective(transformer, x0, noise, t, weight, mask, text, pooled, guidance: float) -> torch.Tensor:
+def model_velocity(transformer, backbone, text, extra, guidance: float, grid_size: int):
+    """(x_t, t) -> the transformer's velocity for the composite tokens: FLUX.1 through :func:`predict`, FLUX.2 as
+    its pipeline denoises one image (``extra``: FLUX.1's pooled CLIP, the new editors' attention mask or None)."""
+    if isinstance(backbone, EditorBackbone):
+        def velocity(x_t, t):
+            per_sample = torch.full((x_t.shape[0],), guidance, device=x_t.device)
+            return backbone.predict(transformer, x_t, None, t, text, extra, per_sample, grid_size)
+        return velocity
+    return lambda x_t, t: predict(transformer, x_t, t, text, extra, guidance)
+
+
+def encode_prompts(backbone, prompts: list[str], cfg: EditTransferConfig, device):
+    """(text tokens, pooled CLIP or the new editors' mask); FLUX.1's T5 padded to ``t5_length``."""
+    if isinstance(backbone, EditorBackbone):
+        return backbone.encode_prompts(prompts, device)
+    return backbone.encode_prompts(prompts, device, cfg.t5_length)
+
+
+def panel_loss(velocity, x0, noise, t, weight, mask) -> torch.Tensor:
     """Noise on the panel only, velocity MSE on the panel only."""
     x_t = flow.add_noise_masked(x0, noise, t, mask)
-    pred = predict(transformer, x_t, t, text, pooled, guidance)
-    return flow.weighted_mse(pred, flow.velocity_target(x0, noise), weight, mask)
+    return flow.weighted_mse(velocity(x_t, t), flow.velocity_target(x0, noise), weight, mask)
+
+
+def panel_objective(transformer, x0, noise, t, weight, mask, text, pooled, guidance: float) -> torch.Tensor:
+    """:func:`panel_loss` with FLUX.1's :func:`predict`."""
+    return panel_loss(lambda x_t, t_: predict(transformer, x_t, t_, text, pooled, guidance), x0, noise, t, weight,
+                      mask)
 
 
 def training_loss(transformer, backbone: Backbone, batch: dict, cfg: EditTransferConfig, generator: torch.Generator,
@@ -142,12 +171,12 @@ def training_loss(transformer, backbone: Backbone, batch: dict, cfg: EditTransfe
     """One micro-batch of the Edit Transfer objective. Random draws, in order: caption dropout (unless text-free),
     timesteps, noise."""
     x0 = backbone.encode_images(four_panels(batch)).to(device)
-    text, pooled = backbone.encode_prompts(training_prompts(batch, cfg, generator), device, cfg.t5_length)
+    text, extra = encode_prompts(backbone, training_prompts(batch, cfg, generator), cfg, device)
     t, weight = flow.sample_timesteps(cfg.timestep_sampling, x0.shape[0], generator)
     noise = torch.randn(x0.shape, generator=generator).to(device, x0.dtype)
     mask = panel_token_mask(cfg.grid_resolution // backbone.vae_factor).to(device)
-    return panel_objective(transformer, x0, noise, t.to(device), weight.to(device), mask, text, pooled,
-                           cfg.guidance)
+    velocity = model_velocity(transformer, backbone, text, extra, cfg.guidance, cfg.grid_resolution)
+    return panel_loss(velocity, x0, noise, t.to(device), weight.to(device), mask)
 
 
 @torch.no_grad()
@@ -165,15 +194,14 @@ def sample_composite(transformer, backbone: Backbone, batch: dict, cfg: EditTran
     clean = backbone.encode_images(four_panels(batch, bottom_right="grey")).to(device)
     if prompts is None:
         prompts = [""] * len(batch["prompt"]) if cfg.text_free else list(batch["prompt"])
-    text, pooled = backbone.encode_prompts(prompts, device, cfg.t5_length)
+    text, extra = encode_prompts(backbone, prompts, cfg, device)
     gen = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
     noise = torch.randn(clean.shape, generator=gen).to(device, clean.dtype)
     mask = panel_token_mask(cfg.grid_resolution // backbone.vae_factor).to(device, clean.dtype)
     steps = steps or cfg.sample_steps
     times = flow.shifted_times(steps, flow.flux_mu(clean.shape[1])) if cfg.sample_shift else None
 
-    def velocity(x, t):
-        return predict(transformer, x, t, text, pooled, cfg.guidance)
+    velocity = model_velocity(transformer, backbone, text, extra, cfg.guidance, cfg.grid_resolution)
 
     def after_step(x, t_next):
         context_now = clean if context == "clean" else (1 - t_next) * clean + t_next * noise
@@ -201,7 +229,7 @@ def lora_metadata(cfg: EditTransferConfig, step: int) -> dict[str, str]:
     return {"analogy.method": "edit_transfer", "analogy.backbone": without_local_path(cfg.backbone),
             "analogy.text_free": str(cfg.text_free).lower(), "analogy.step": str(step),
             "analogy.pack_version": __version__, "analogy.config": json.dumps(shareable_config(cfg)),
-            "ss_base_model_version": "flux1"}
+            "ss_base_model_version": {"flux2": "flux2"}.get(backbone_family(cfg.backbone), "flux1")}
 
 
 class EditTransferTask(TrainingTask):
@@ -213,7 +241,7 @@ class EditTransferTask(TrainingTask):
 
     def build(self) -> nn.Module:
         cfg = self.cfg
-        self.backbone = load_frozen_backbone(cfg.backbone, cfg.mixed_precision, cfg.seed, self.device)
+        self.backbone = load_frozen_any(cfg.backbone, cfg.mixed_precision, cfg.seed, self.device)
         transformer = self.backbone.transformer
         add_lora(transformer, cfg.rank, cfg.lora_alpha)
         transformer.to(self.device)
@@ -251,7 +279,8 @@ class EditTransferTask(TrainingTask):
 
     def export(self, model, path: Path, step: int) -> None:
         with self.averaged(model):
-            save_lora_file(export_lora(model, lora_metadata(self.cfg, step)), path)
+            save_lora_file(export_lora(model, lora_metadata(self.cfg, step), backbone_family(self.cfg.backbone)),
+                           path)
 
     def summary(self, model) -> str:
         count = sum(p.numel() for p in model.parameters() if p.requires_grad)

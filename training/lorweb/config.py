@@ -14,6 +14,8 @@ from training.config import CommonConfig, FourPanelSettings, build_config
 class LoRWeBConfig(FourPanelSettings, CommonConfig):
     # backbone: a local diffusers folder of FLUX.1-Kontext (transformer/, vae/, text_encoder*/, tokenizer*/) or a
     # model id already in the local Hugging Face cache; "tiny" builds random small models (tests, smoke runs).
+    # "flux2:<folder or id>" (FLUX.2 dev or klein) and "qwen_image_edit:<folder or id>" train for the new editors
+    # ("flux2:tiny", "qwen_image_edit:tiny" for smoke runs); see training/editors.py.
     backbone: str = "black-forest-labs/FLUX.1-Kontext-dev"
     # query encoder: a transformers CLIP vision folder or cached id, "open_clip:<arch>:<weights.safetensors>", or "tiny"
     query_encoder: str = "openai/clip-vit-large-patch14"
@@ -82,6 +84,28 @@ PRESETS: dict[str, dict[str, Any]] = {
                  checkpoint_every=40, sample_every=60, sample_steps=4, log_every=10, report_to="tensorboard",
                  output_dir="outputs/lorweb_tiny"),
 }
+
+# The editors users run today (python -m training.train_lorweb --preset <name>; --backbone flux2:<folder> or
+# qwen_image_edit:<folder> points at local weights of the same model). Sized for one GPU of 24 or 80 GB by arithmetic
+# from parameter counts (bench/lorweb_memory.py; an estimate, not measured: no GPU here). The official objective,
+# basis (N=32, r=4, d=128) and effective batch 6 (batch x gradient accumulation); 512-px grids.
+_EDITOR_COMMON = {"grid_resolution": 512, "num_entries": 32, "rank": 4, "key_dim": 128, "mixed_precision": "bf16",
+                  "use_8bit_adam": True, "gradient_checkpointing": True}
+PRESETS.update({
+    # FLUX.2 [klein] base 4B (3.9B transformer, Qwen3-4B text encoder). FLUX.2 dev and Qwen-Image-Edit do not fit
+    # 24 GB in this trainer (their bf16 transformers alone are 64 and 41 GB).
+    "flux2_klein_24gb": dict(_EDITOR_COMMON, backbone="flux2:black-forest-labs/FLUX.2-klein-base-4B", batch_size=1,
+                             gradient_accumulation_steps=6, output_dir="outputs/lorweb_flux2_klein"),
+    # FLUX.2 [klein] base 9B (9.1B transformer, Qwen3-8B). FLUX.2 dev (32B + a 24B text encoder) needs more than 80 GB.
+    "flux2_klein_80gb": dict(_EDITOR_COMMON, backbone="flux2:black-forest-labs/FLUX.2-klein-base-9B", batch_size=6,
+                             gradient_accumulation_steps=1, output_dir="outputs/lorweb_flux2_klein9"),
+    # Qwen-Image-Edit-2509 (20.4B transformer, Qwen2.5-VL-7B reading the grid with the prompt). Its 60 blocks hold
+    # 840 linears: a basis of N=32 is 1.4B parameters (13 GB with gradients and Adam states, ~77 GB in all), so this
+    # preset halves N to keep a margin (~70 GB).
+    "qwen_image_edit_80gb": dict(_EDITOR_COMMON, backbone="qwen_image_edit:Qwen/Qwen-Image-Edit-2509", num_entries=16,
+                                 batch_size=1, gradient_accumulation_steps=6,
+                                 output_dir="outputs/lorweb_qwen_image_edit"),
+})
 
 
 def load_config(preset: str | None = None, path: str | Path | None = None,

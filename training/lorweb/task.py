@@ -1,13 +1,16 @@
-"""Train a LoRWeB LoRA basis on FLUX.1-Kontext with Accelerate.
+"""Train a LoRWeB LoRA basis on FLUX.1-Kontext, FLUX.2 or Qwen-Image-Edit with Accelerate.
 
     python -m training.train_lorweb --preset tiny                    # CPU smoke run, about a minute
+    python -m training.train_lorweb --preset tiny --backbone flux2:tiny            # the same on a tiny FLUX.2
+    python -m training.train_lorweb --preset flux2_klein_24gb --backbone flux2:/models/FLUX.2-klein-4B
     python -m training.train_lorweb --config my.yaml --set max_steps=2000
     accelerate launch -m training.train_lorweb --config my.yaml      # several GPUs / machines
     python -m training.train_lorweb --config my.yaml --resume        # continue from the newest intact checkpoint
 
 Per step: target grid [a a'; b b'] and reference grid [a a'; b b] are VAE-encoded; the whole target is noised with
-one timestep per sample (flow matching, x_t = (1-t)·x0 + t·noise); the reference tokens are appended as clean Kontext
-context (position index 1); the transformer, whose targeted linears carry the LoRWeB basis mixed by the CLIP query of
+one timestep per sample (flow matching, x_t = (1-t)·x0 + t·noise); the reference tokens are appended as clean
+context the way the backbone takes a reference image (Kontext: position index 1; FLUX.2: a reference image with its
+own position ids; Qwen-Image-Edit: an input image, see :mod:`training.editors`); the transformer, whose targeted linears carry the LoRWeB basis mixed by the CLIP query of
 (a, a', b), predicts noise - x0 on the target tokens (MSE over all four quadrants, weighted per timestep as the
 official code does). Only the basis, keys and query projections train. Outputs in ``output_dir``:
 ``lorweb_basis.safetensors`` (the file Load LoRA Basis reads), ``checkpoints/step_N`` (for --resume),
@@ -27,8 +30,9 @@ from analogy_core.encoders import ImageEncoder
 from analogy_core.lorweb.layer import export_basis, inject_lorweb, lorweb_layers, set_query
 from analogy_core.lorweb.settings import LoRWeBSettings
 from training import flow
-from training.backbone import Backbone, load_frozen_backbone, load_query_encoder, token_ids
+from training.backbone import Backbone, load_query_encoder, token_ids
 from training.config import without_local_path
+from training.editors import EditorBackbone, backbone_family, editor_scheme, load_frozen_any
 from training.lorweb.config import PRESETS, LoRWeBConfig
 from training.lorweb.data import make_dataset
 from training.trainer import TrainingTask, drop_captions, run, sample_pairs_image, save_sample_image
@@ -78,6 +82,22 @@ def predict(transformer, ids, x_t, reference, t, text, pooled, guidance):
     return out[:, :tokens]
 
 
+def encode_text(backbone, prompts: list[str], reference: torch.Tensor, device):
+    """(text tokens, pooled CLIP for FLUX.1 / attention mask or None for the new editors). Qwen-Image-Edit reads the
+    reference grid with the prompt, as its pipeline does."""
+    if isinstance(backbone, EditorBackbone):
+        return backbone.encode_prompts(prompts, device, reference)
+    return backbone.encode_prompts(prompts, device)
+
+
+def velocity(transformer, backbone, grid_size: int, x_t, reference, t, text, extra, guidance) -> torch.Tensor:
+    """The transformer's velocity for the target tokens, the reference given as the backbone takes it."""
+    if isinstance(backbone, EditorBackbone):
+        return backbone.predict(transformer, x_t, reference, t, text, extra, guidance, grid_size)
+    return predict(transformer, position_ids(backbone, grid_size, text.shape[1], x_t.device), x_t, reference, t, text,
+                   extra, guidance)
+
+
 def mixing_settings(cfg: LoRWeBConfig, query_encoder: ImageEncoder) -> LoRWeBSettings:
     """How the basis is mixed (heads, softmax/tanh, mean/sum, query mode), bound to the query encoder; recorded in
     the basis file so inference mixes it the same way."""
@@ -103,7 +123,8 @@ def training_loss(transformer, backbone: Backbone, query_encoder: ImageEncoder, 
     target, reference = grids(batch)
     x0 = backbone.encode_images(target).to(device)
     ref_tokens = backbone.encode_images(reference).to(device)
-    text, pooled = backbone.encode_prompts(drop_captions(batch["prompt"], cfg.caption_dropout, generator), device)
+    text, extra = encode_text(backbone, drop_captions(batch["prompt"], cfg.caption_dropout, generator), reference,
+                              device)
     query = analogy_query(query_encoder, batch, mixing_settings(cfg, query_encoder)).to(device)
     b = x0.shape[0]
     t, weight = flow.sample_timesteps(cfg.timestep_sampling, b, generator)
@@ -112,8 +133,7 @@ def training_loss(transformer, backbone: Backbone, query_encoder: ImageEncoder, 
     x_t = flow.add_noise(x0, noise, t)
     guidance = torch.full((b,), cfg.guidance, device=device)
     set_query(transformer, query)
-    ids = position_ids(backbone, cfg.grid_resolution, text.shape[1], device)
-    pred = predict(transformer, ids, x_t, ref_tokens, t, text, pooled, guidance)
+    pred = velocity(transformer, backbone, cfg.grid_resolution, x_t, ref_tokens, t, text, extra, guidance)
     return flow.weighted_mse(pred, flow.velocity_target(x0, noise), weight)
 
 
@@ -123,17 +143,16 @@ def sample_grid(transformer, backbone: Backbone, query_encoder: ImageEncoder, ba
     """Euler flow sampling of the target grid from noise; returns [B, 2S, 2S, 3] (bottom-right = predicted b')."""
     _, reference = grids(batch)
     ref_tokens = backbone.encode_images(reference).to(device)
-    text, pooled = backbone.encode_prompts(list(batch["prompt"]), device)
+    text, extra = encode_text(backbone, list(batch["prompt"]), reference, device)
     set_query(transformer, analogy_query(query_encoder, batch, mixing_settings(cfg, query_encoder)).to(device))
     gen = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
     noise = torch.randn(ref_tokens.shape, generator=gen).to(device, ref_tokens.dtype)
-    ids = position_ids(backbone, cfg.grid_resolution, text.shape[1], device)
     guidance = torch.full((noise.shape[0],), cfg.guidance, device=device)
 
-    def velocity(x, t):
-        return predict(transformer, ids, x, ref_tokens, t, text, pooled, guidance)
+    def step_velocity(x, t):
+        return velocity(transformer, backbone, cfg.grid_resolution, x, ref_tokens, t, text, extra, guidance)
 
-    tokens = flow.euler_sample(velocity, noise, cfg.sample_steps)
+    tokens = flow.euler_sample(step_velocity, noise, cfg.sample_steps)
     return backbone.decode_tokens(tokens, cfg.grid_resolution, cfg.grid_resolution)
 
 
@@ -152,7 +171,8 @@ def shareable_config(cfg: LoRWeBConfig) -> dict:
 
 def basis_metadata(cfg: LoRWeBConfig, step: int, query_encoder: ImageEncoder) -> dict[str, str]:
     settings = mixing_settings(cfg, query_encoder)
-    return {"analogy.backbone": without_local_path(cfg.backbone), "analogy.targets": json.dumps(cfg.targets),
+    return {"analogy.backbone": without_local_path(cfg.backbone), "analogy.family": backbone_family(cfg.backbone),
+            "analogy.backbone_family": editor_scheme(cfg.backbone) or "flux_kontext", "analogy.targets": json.dumps(cfg.targets),
             "analogy.encoder": query_encoder.info.name, "analogy.query": settings.query_mode,
             "analogy.step": str(step), "analogy.pack_version": __version__,
             "analogy.config": json.dumps(shareable_config(cfg)), **settings.to_metadata()}
@@ -167,7 +187,7 @@ class LoRWeBTask(TrainingTask):
 
     def build(self) -> nn.Module:
         cfg = self.cfg
-        self.backbone = load_frozen_backbone(cfg.backbone, cfg.mixed_precision, cfg.seed, self.device)
+        self.backbone = load_frozen_any(cfg.backbone, cfg.mixed_precision, cfg.seed, self.device)
         self.query_encoder = load_query_encoder(cfg.query_encoder, cfg.seed).to(self.device)
         transformer = self.backbone.transformer
         settings = mixing_settings(cfg, self.query_encoder)
@@ -186,7 +206,7 @@ class LoRWeBTask(TrainingTask):
         return training_loss(model, self.backbone, self.query_encoder, batch, self.cfg, generator, self.device)
 
     def export(self, model, path: Path, step: int) -> None:
-        export_basis(model, metadata=basis_metadata(self.cfg, step, self.query_encoder)).save(path)
+        export_basis(model, family=backbone_family(self.cfg.backbone), metadata=basis_metadata(self.cfg, step, self.query_encoder)).save(path)
 
     def summary(self, model) -> str:
         cfg = self.cfg
