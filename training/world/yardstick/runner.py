@@ -44,7 +44,9 @@ held-out scenes.
 Adding a method: write its row ``run(ctx: MethodContext) -> MethodOutput`` in ``training/world/yardstick/<method>.py``
 (train its preset with its trainer in a subprocess on ``ctx.world``, then produce B′ and the base's B′ for
 ``ctx.examples``) and add a :class:`~training.world.yardstick.common.Method` to :data:`METHODS`, naming the world
-models it needs (``ctx.world.path(name)`` gives their folders).
+models it needs (``ctx.world.path(name)`` gives their folders). Its ceiling: give the ``Method`` a
+:class:`~training.world.yardstick.common.Ceiling` (trainer module, one family's settings, how to sample B′ with the
+file that run wrote; :mod:`training.world.yardstick.ceiling`).
 """
 
 from __future__ import annotations
