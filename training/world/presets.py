@@ -30,10 +30,28 @@ LORWEB_WORLD_QUICK: dict[str, object] = {**LORWEB_WORLD, "max_steps": 400, "chec
                                          "sample_every": 400}
 
 
+# The LoRA ceiling of LoRWeB's row (training/world/yardstick/ceiling.py): a basis of ONE entry is a plain LoRA (the
+# softmax over one key is 1 whatever the query, so keys and query projection get no gradient) of rank 16 x 4 = 64, the
+# preset's per-layer rank budget, trained on one family alone (``data=world:families=<f>``). Steps: the full world
+# 1,000 (as the preset; the probe in issue 20 drew recognisable edits at 1,000), the quick world 400 (as the quick
+# preset: the CPU budget of a quick run).
+LORWEB_CEILING_STEPS = {"full": 1000, "quick": 400}
+
+
 def lorweb_settings(world_folder: str, quick: bool = False) -> dict[str, object]:
     """The full key -> value settings for a world folder (backbone and query encoder included)."""
     spec = f"world:{world_folder}"
     return {"backbone": spec, "query_encoder": spec, **(LORWEB_WORLD_QUICK if quick else LORWEB_WORLD)}
+
+
+def lorweb_ceiling_settings(world_folder: str, family: str, quick: bool = False, seed: int = 0) -> dict[str, object]:
+    """The settings of LoRWeB's LoRA ceiling for one family: the world preset with one basis entry of the preset's
+    per-layer rank (``num_entries x rank``), trained on ``family`` alone."""
+    settings = lorweb_settings(world_folder, quick)
+    steps = LORWEB_CEILING_STEPS["quick" if quick else "full"]
+    return {**settings, "num_entries": 1, "rank": int(settings["num_entries"]) * int(settings["rank"]),
+            "data": f"world:families={family}", "max_steps": steps, "checkpoint_every": steps, "sample_every": steps,
+            "seed": seed}
 
 
 def set_arguments(settings: dict[str, object]) -> list[str]:

@@ -36,11 +36,24 @@ class MethodOutput:
 
 
 @dataclass(frozen=True)
+class Ceiling:
+    """How a row's backbone is taught one family directly: the ``lora`` ceiling of
+    :mod:`training.world.yardstick.ceiling`."""
+
+    module: str                                        # the trainer's module (``python -m <module>``)
+    world_models: tuple[str, ...]                      # the world models it uses (their build keys key the cache)
+    settings: Callable[[World, bool, str, int], dict]  # (world, quick, family, seed) -> the trainer's settings
+    sample: Callable[[World, bool, Path, list, int], torch.Tensor]  # (world, quick, run folder, examples, seed) -> B′
+    version: int = 1                                   # bump when what a run trains or writes changes
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     world_models: tuple[str, ...]
     run: Callable[[MethodContext], MethodOutput]
     description: str = ""
+    ceiling: Ceiling | None = None  # the row's per-family ceiling (None: not measured for this row yet)
 
 
 def losses_from_log(path: Path) -> tuple[float, float] | None:

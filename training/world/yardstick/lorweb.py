@@ -4,16 +4,19 @@ basis coefficients (within- minus across-family centred cosine similarity), afte
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
 from analogy_core.lorweb.basis import load_basis
 from analogy_core.lorweb.layer import inject_lorweb, set_query
 from training.backbone import load_backbone, load_query_encoder
+from training.lorweb.task import BASIS_FILE
 from training.world import evaluate as ev
 from training.world import scenes as world_def
-from training.world.presets import lorweb_settings, train_lorweb
-from training.world.yardstick.common import MethodContext, MethodOutput, losses_from_log
+from training.world.presets import lorweb_ceiling_settings, lorweb_settings, train_lorweb
+from training.world.registry import World
+from training.world.yardstick.common import Ceiling, MethodContext, MethodOutput, losses_from_log
 
 
 def routing(coefficients: torch.Tensor, labels: list[str]) -> dict[str, float]:
@@ -47,13 +50,7 @@ def run_lorweb(ctx: MethodContext) -> MethodOutput:
         base[family] = bottom(backbone, items, sample_steps, ctx.seed, guidance)
         embedding = encoder.encode(ev.stack(items, "a"), ev.stack(items, "a_prime"), ev.stack(items, "b"))
         queries[family] = basis.settings.query(embedding)
-    transformer = backbone.transformer
-    layers = inject_lorweb(transformer, json.loads(basis.metadata["analogy.targets"]), num_entries=basis.num_entries,
-                           rank=basis.rank, key_dim=basis.key_dim, query_dim=basis.query_dim, settings=basis.settings)
-    if set(layers) != set(basis.layers):
-        raise RuntimeError("the trained basis does not cover the world backbone's targeted layers")
-    for name, layer in layers.items():
-        layer.load_basis_layer(basis.layers[name])
+    transformer = with_basis(backbone, basis)
     b_prime = {family: bottom(backbone, items, sample_steps, ctx.seed, guidance,
                               lambda q=queries[family]: set_query(transformer, q))
                for family, items in ctx.examples.items()}
@@ -77,6 +74,37 @@ def run_lorweb(ctx: MethodContext) -> MethodOutput:
     if losses:
         extra["loss_first_step"], extra["loss_last_step"] = losses
     return MethodOutput(b_prime, base, lambda images: ev.reconstruct(backbone, images), extra)
+
+
+def with_basis(backbone, basis):
+    """The backbone's transformer with the trained basis injected in its targeted layers (in place)."""
+    transformer = backbone.transformer
+    layers = inject_lorweb(transformer, json.loads(basis.metadata["analogy.targets"]), num_entries=basis.num_entries,
+                           rank=basis.rank, key_dim=basis.key_dim, query_dim=basis.query_dim, settings=basis.settings)
+    if set(layers) != set(basis.layers):
+        raise RuntimeError("the trained basis does not cover the world backbone's targeted layers")
+    for name, layer in layers.items():
+        layer.load_basis_layer(basis.layers[name])
+    return transformer
+
+
+def ceiling_b_prime(world: World, quick: bool, folder: Path, items: list, seed: int) -> torch.Tensor:
+    """B′ of ``items`` with the ceiling LoRA trained in ``folder`` (a one-entry basis), sampled as the row samples."""
+    settings = lorweb_settings(str(world.root), quick)
+    backbone = load_backbone(world.spec)
+    basis = load_basis(folder / BASIS_FILE)
+    embedding = load_query_encoder(world.spec).encode(ev.stack(items, "a"), ev.stack(items, "a_prime"),
+                                                      ev.stack(items, "b"))
+    query = basis.settings.query(embedding)  # irrelevant with one entry (its coefficient is 1), but the layers ask
+    transformer = with_basis(backbone, basis)
+    return bottom(backbone, items, int(settings["sample_steps"]), seed, float(settings["guidance"]),
+                  lambda: set_query(transformer, query))
+
+
+# LoRWeB's ceiling: the trainer with one basis entry of the preset's per-layer rank (presets.lorweb_ceiling_settings)
+CEILING = Ceiling("training.train_lorweb", ("autoencoder", "clip", "flux_kontext"),
+                  lambda world, quick, family, seed: lorweb_ceiling_settings(str(world.root), family, quick, seed),
+                  ceiling_b_prime)
 
 
 def bottom(backbone, items, steps: int, seed: int, guidance: float, before_call=None) -> torch.Tensor:

@@ -19,7 +19,11 @@ The JSON (stable: keys are added, never removed or renamed)::
             "error", "no_edit", "base", "floor": mean absolute pixel error of B′ (method, B, base, reconstruction),
             "error_over_no_edit", "base_over_no_edit": the two ratios of this family,
             "edited_cells", "kept_cells": the method's cell fractions (float, or null where there is no such cell),
-            "no_edit_cells", "base_cells", "floor_cells": {"edited_cells", "kept_cells"} of B, the base, the floor}},
+            "no_edit_cells", "base_cells", "floor_cells": {"edited_cells", "kept_cells"} of B, the base, the floor,
+            "ceiling": {"lora": {"edited_cells", "kept_cells", "error", "train_steps", "train_seconds"}}: training
+                families of a row with a ceiling, when ceilings are on (--ceilings): a plain LoRA of the row's
+                per-layer rank budget trained on this family alone, sampled as the row samples
+                (:mod:`training.world.yardstick.ceiling`)}},
         "extra": {
             "mean_error_over_no_edit_<split>", "mean_base_over_no_edit_<split>": the mean over the split's families
                 of the per-family ratio (each family weighs the same),
@@ -28,6 +32,10 @@ The JSON (stable: keys are added, never removed or renamed)::
             "mean_edited_cells_<split>", "mean_kept_cells_<split>": the method's cell fractions averaged over the
                 split's families (kept: over the families that keep cells),
             "mean_base_edited_cells_<split>", "mean_base_kept_cells_<split>": the same for the base,
+            "mean_ceiling_lora_edited_cells_<split>", "mean_ceiling_lora_kept_cells_<split>",
+            "mean_ceiling_lora_error_over_no_edit_<split>": the same for the ceilings (when measured),
+            "ceiling_families", "ceiling_train_seconds_this_run": the families with a ceiling, and the seconds this
+                run spent training ceilings (0 when all came from the cache),
             ... method-specific figures}}}}
 
 ``<split>`` is ``train`` (training families) or ``heldout`` (held-out families); every figure is measured on
@@ -36,7 +44,9 @@ held-out scenes.
 Adding a method: write its row ``run(ctx: MethodContext) -> MethodOutput`` in ``training/world/yardstick/<method>.py``
 (train its preset with its trainer in a subprocess on ``ctx.world``, then produce B′ and the base's B′ for
 ``ctx.examples``) and add a :class:`~training.world.yardstick.common.Method` to :data:`METHODS`, naming the world
-models it needs (``ctx.world.path(name)`` gives their folders).
+models it needs (``ctx.world.path(name)`` gives their folders). Its ceiling: give the ``Method`` a
+:class:`~training.world.yardstick.common.Ceiling` (trainer module, one family's settings, how to sample B′ with the
+file that run wrote; :mod:`training.world.yardstick.ceiling`).
 """
 
 from __future__ import annotations
@@ -56,7 +66,7 @@ from analogy_core.analogy import to_uint8_images
 from training.world import build_world, metrics
 from training.world import evaluate as ev
 from training.world import scenes as world_def
-from training.world.yardstick import edit_transfer, loc, lorweb, regions
+from training.world.yardstick import ceiling, edit_transfer, loc, lorweb, regions
 from training.world.yardstick.common import Method, MethodContext, MethodOutput
 
 REPO = Path(__file__).resolve().parents[3]
@@ -78,7 +88,7 @@ def run_edit_transfer(row: str) -> Callable[[MethodContext], MethodOutput]:
 
 _METHODS = [
     Method("lorweb", ("autoencoder", "clip", "flux_kontext"), lorweb.run_lorweb,
-           "LoRWeB basis on the FLUX.1-Kontext-like world backbone, world CLIP queries"),
+           "LoRWeB basis on the FLUX.1-Kontext-like world backbone, world CLIP queries", ceiling=lorweb.CEILING),
     Method("regions", ("autoencoder", "clip", "flux_kontext", "region_t5"), run_regions,
            "region predictor (world CLIP, world T5); B′ = LoRWeB's B′ inside the predicted region"),
     Method("loc", ("autoencoder", "clip", "instruct_pix2pix"), loc.run_loc,
@@ -165,6 +175,16 @@ def picture(ctx: MethodContext, output: MethodOutput, result: dict, path: Path) 
     return path
 
 
+def ceiling_picture(ctx: MethodContext, output: MethodOutput, b_prime: dict[str, torch.Tensor], result: dict,
+                    out: Path) -> Path:
+    """The row's picture for its ceilings (families with a ceiling; the last column and the labels are the
+    ceiling's): ``<out>/<method>_ceiling.png``."""
+    only = MethodContext(ctx.world, ctx.seed, ctx.quick, ctx.folder, {f: ctx.examples[f] for f in b_prime})
+    rows = {f: {**result["families"][f], **result["families"][f]["ceiling"]["lora"]} for f in b_prime}
+    return picture(only, MethodOutput(b_prime, {}, output.reconstruct), {"families": rows},
+                   out / f"{ctx.folder.name}_ceiling.png")
+
+
 def _fraction(value: float | None) -> str:
     return f"{'-':>6s}" if value is None else f"{value:6.3f}"
 
@@ -195,6 +215,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, help="output folder (default outputs/bench_world[_quick]_s<seed>)")
     parser.add_argument("--world-root", type=Path, help="parent folder of cached worlds (default outputs/world)")
     parser.add_argument("--examples", type=int, help="held-out examples per family (default 16, quick 4)")
+    parser.add_argument("--ceilings", action=argparse.BooleanOptionalAction, default=None,
+                        help="per training family, train (or reuse from the cache) the row's LoRA ceiling and add "
+                             "families.<f>.ceiling (default: on for the full world, off with --quick)")
+    parser.add_argument("--ceiling-families", help="'+'-joined families for the ceilings (default: the training "
+                                                   "families)")
+    parser.add_argument("--ceiling-root", type=Path, help="the ceilings' cache (default <world folder>/ceilings or "
+                                                          f"${ceiling.ENV_ROOT})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -204,6 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.monotonic()
     out = args.out or REPO / "outputs" / f"bench_world{'_quick' if args.quick else ''}_s{args.seed}"
     count = args.examples or (4 if args.quick else 16)
+    ceilings = (not args.quick) if args.ceilings is None else args.ceilings
+    ceiling_families = args.ceiling_families.split("+") if args.ceiling_families else None
     needed = sorted({m for name in names for m in METHODS[name].world_models})
     world = build_world(needed, quick=args.quick, seed=args.seed, root=args.world_root)
     panel = world.builds["autoencoder"]["config"]["panel"]
@@ -217,6 +246,10 @@ def main(argv: list[str] | None = None) -> dict:
         OUTPUTS[name] = output
         results[name] = measure(ctx, output)
         print(f"{name}: picture {picture(ctx, output, results[name], out / f'{name}.png')}")
+        if ceilings and METHODS[name].ceiling:
+            b_prime = ceiling.add_ceilings(name, METHODS[name].ceiling, ctx, results[name], ceiling_families,
+                                           args.ceiling_root)
+            print(f"{name}: ceiling picture {ceiling_picture(ctx, output, b_prime, results[name], out)}")
         report = write_report(args, out, started, results)  # after every method: a late crash keeps the rows
     print_table(results)
     print(f"total time: {report['seconds']:.1f} s")

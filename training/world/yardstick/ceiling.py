@@ -1,0 +1,128 @@
+"""A ceiling for every family: the best a row's backbone does when taught one training family directly.
+
+The yardstick's rows learn every training family at once from analogies; a ceiling says how much of what they miss
+the backbone (and the world's autoencoder) could have drawn at all. Per training family, a **plain LoRA of the
+method's per-layer rank budget** is trained on that family alone, with the row's own trainer (a subprocess, the same
+command a user types), and B′ is sampled on the row's held-out scenes with the row's sampler, steps and seed. Scored
+like every B′ (:mod:`training.world.metrics`)::
+
+    families.<f>.ceiling = {"lora": {"edited_cells", "kept_cells", "error", "train_steps", "train_seconds"}}
+
+(``error``: mean absolute pixel error against the true B′; ``train_seconds``: of the run that trained the cached
+LoRA.) The issue's second ceiling, a full fine-tune (``"full"``), is not computed yet: see the README.
+
+A row adds its ceiling by giving its :class:`~training.world.yardstick.common.Method` a :class:`Ceiling`: the
+trainer module, the settings of one family's run, and how to sample B′ with the file that run wrote (LoRWeB's:
+:data:`training.world.yardstick.lorweb.CEILING`).
+
+**Cache.** A trained ceiling LoRA is kept in ``<root>/<method>-<family>-<key>/`` where ``root`` is the world folder's
+``ceilings/`` (or ``$ANALOGY_CEILING_CACHE``, or a folder given) and ``key`` hashes the ceiling's version, the world
+version, the build keys of the world models it uses, its trainer settings (with the world's path taken out: the build
+keys say which world it is), the family and the seed. Each run is written to a temporary folder and renamed when
+complete, so an interrupted run is never reused. Only training is cached; B′ is sampled again on every run (seconds),
+so the ceiling is always scored on exactly the row's scenes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from training.world import evaluate as ev
+from training.world import metrics
+from training.world import scenes as world_def
+from training.world.presets import run_trainer
+from training.world.registry import World
+from training.world.yardstick.common import Ceiling, MethodContext, losses_from_log
+
+log = logging.getLogger(__name__)
+RECORD = "ceiling.json"
+ENV_ROOT = "ANALOGY_CEILING_CACHE"
+
+
+def cache_root(world: World, root: Path | None = None) -> Path:
+    return Path(root or os.environ.get(ENV_ROOT) or world.root / "ceilings")
+
+
+def cache_key(method: str, ceiling: Ceiling, world: World, settings: dict, family: str, seed: int) -> str:
+    """The hash that names a ceiling run (see the module docstring)."""
+    portable = json.loads(json.dumps(settings, sort_keys=True, default=str).replace(str(world.root), "<world>"))
+    payload = json.dumps({"method": method, "version": ceiling.version, "world": world_def.WORLD_VERSION,
+                          "quick": world.quick, "models": {m: world.builds[m]["key"] for m in ceiling.world_models},
+                          "settings": portable, "family": family, "seed": seed}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def trained(method: str, ceiling: Ceiling, world: World, family: str, seed: int, root: Path | None = None
+            ) -> tuple[Path, dict]:
+    """The folder of ``family``'s ceiling run and its record, training it unless the cache holds it."""
+    settings = ceiling.settings(world, world.quick, family, seed)
+    key = cache_key(method, ceiling, world, settings, family, seed)
+    folder = cache_root(world, root) / f"{method}-{family}-{key}"
+    try:
+        record = json.loads((folder / RECORD).read_text())
+        if record.get("key") == key:
+            log.info("ceiling %s/%s: reusing %s", method, family, folder)
+            return folder, {**record, "cached": True}
+    except (OSError, ValueError):
+        pass
+    tmp = folder.with_name(f".tmp_{folder.name}_{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    log.info("ceiling %s/%s: training (%s steps) ...", method, family, settings.get("max_steps"))
+    seconds = run_trainer(ceiling.module, settings, tmp)
+    shutil.rmtree(tmp / "checkpoints", ignore_errors=True)  # the exported file is what is sampled; no resume
+    record = {"key": key, "method": method, "family": family, "seed": seed, "train_steps": settings.get("max_steps"),
+              "train_seconds": round(seconds, 1), "settings": settings}
+    losses = losses_from_log(tmp / "train.log")
+    if losses:
+        record["loss_first_step"], record["loss_last_step"] = losses
+    (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    log.info("ceiling %s/%s: trained in %.0f s", method, family, seconds)
+    return folder, {**record, "cached": False}
+
+
+def family_ceiling(method: str, ceiling: Ceiling, world: World, family: str, items: list, seed: int,
+                   root: Path | None = None) -> dict:
+    """``{"lora": {...}}`` of one family on ``items`` (held-out examples), with the B′ it scored under ``"b_prime"``
+    (a tensor: pop it before writing JSON)."""
+    folder, record = trained(method, ceiling, world, family, seed, root)
+    b_prime = ceiling.sample(world, world.quick, folder, items, seed)
+    truth, b = ev.stack(items, "b_prime"), ev.stack(items, "b")
+    lora = {**metrics.cell_scores(b_prime, truth, b), "error": round(float(ev.mae(b_prime, truth).mean()), 5),
+            "train_steps": record["train_steps"], "train_seconds": record["train_seconds"]}
+    return {"lora": lora, "cached": record["cached"], "b_prime": b_prime}
+
+
+def add_ceilings(method: str, ceiling: Ceiling, ctx: MethodContext, result: dict, families: list[str] | None = None,
+                 root: Path | None = None) -> dict[str, torch.Tensor]:
+    """Add ``families.<f>.ceiling`` to a row's measured ``result`` for every training family (or ``families``) and
+    the means over them to its ``extra``; returns the ceilings' B′ per family (for a picture)."""
+    names = families or [f for f in ctx.examples if world_def.get_family(f).split == "train"]
+    pictures, seconds = {}, 0.0
+    for family in names:
+        out = family_ceiling(method, ceiling, ctx.world, family, ctx.examples[family], ctx.seed, root)
+        pictures[family] = out.pop("b_prime")
+        if not out.pop("cached"):
+            seconds += out["lora"]["train_seconds"]
+        result["families"][family]["ceiling"] = out
+    extra = result["extra"]
+    for split in ("train", "heldout"):
+        rows = [result["families"][f] for f in names if world_def.get_family(f).split == split]
+        if not rows:
+            continue
+        for name in ("edited_cells", "kept_cells"):
+            values = [r["ceiling"]["lora"][name] for r in rows if r["ceiling"]["lora"][name] is not None]
+            extra[f"mean_ceiling_lora_{name}_{split}"] = round(sum(values) / len(values), 4) if values else None
+        extra[f"mean_ceiling_lora_error_over_no_edit_{split}"] = round(
+            sum(r["ceiling"]["lora"]["error"] / r["no_edit"] for r in rows) / len(rows), 4)
+    extra["ceiling_families"] = names
+    extra["ceiling_train_seconds_this_run"] = round(seconds, 1)
+    return pictures
