@@ -31,10 +31,10 @@ REPO = Path(__file__).resolve().parent.parent
 CHECKPOINT = "region_predictor.safetensors"
 
 
-def trained(settings: dict, folder: Path, steps: int) -> float:
-    """Train into ``folder`` unless a complete run is there; the seconds it took (0 when reused)."""
+def trained(settings: dict, folder: Path, steps: int) -> float | None:
+    """Train into ``folder`` unless a complete run is there; the seconds it took (None when reused)."""
     if (folder / CHECKPOINT).is_file():
-        return 0.0
+        return None
     return train_region(settings, folder, steps)
 
 
@@ -57,13 +57,14 @@ def main(argv: list[str] | None = None) -> dict:
     local = [f for f in world.families("all") if world.get_family(f).kind == "local"]
     splits = {split: [f for f in local if world.get_family(f).split == split] for split in ("train", "heldout")}
     size = world.REFERENCE_SIZE
-    report: dict = {"world": str(built.root), "seed": args.seed, "steps": args.steps, "examples": args.examples,
+    report: dict = {"world": built.root.name, "seed": args.seed, "steps": args.steps, "examples": args.examples,
                     "runs": {}}
     for name, (mode, form) in chosen.items():
         settings = {**region_settings(str(built.root)), "mode": mode, "seed": args.seed, **form}
         trained(settings | {"learning_rate": 0.0}, out / f"{name}_init", 1)
         seconds = trained(settings, out / name, args.steps)
-        figures: dict = {"mode": mode, "form": form, "train_seconds": round(seconds, 1)}
+        figures: dict = {"mode": mode, "form": form,  # train_seconds null: a complete run in --out was reused
+                         "train_seconds": None if seconds is None else round(seconds, 1)}
         for tag, folder in (("start", out / f"{name}_init"), ("end", out / name)):
             model = load_region_predictor(folder / CHECKPOINT)
             scores = world_iou(model, clip, encoder, local, args.examples, size)
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
         report["runs"][name] = figures
         print(f"{name:24s} IoU training families {figures['iou_train_families_start']:.3f} -> "
               f"{figures['iou_train_families_end']:.3f}, held-out families {figures['iou_heldout_families_start']:.3f}"
-              f" -> {figures['iou_heldout_families_end']:.3f}  (trained in {seconds:.0f} s)", flush=True)
+              f" -> {figures['iou_heldout_families_end']:.3f}  "
+              f"({'reused' if seconds is None else f'trained in {seconds:.0f} s'})", flush=True)
     text = json.dumps(report, indent=1)
     out.mkdir(parents=True, exist_ok=True)
     (out / "region_forms.json").write_text(text)
