@@ -243,9 +243,109 @@ EDIT_TRANSFER = {
     18: ("SaveImage", {"images": [15, 0], "filename_prefix": "edit_transfer/composite"}, (6, 0), None),
 }
 
+# LoRWeB on the editors users run today: the same Load → Encode → Mix → Apply chain, the grid given to each model the
+# way training/editors.py gives it (and the way its ComfyUI templates take a reference image), 512-px panels in a
+# 1024-px grid, the sampler settings of ComfyUI's own template for that model.
+UNTESTED_AT_SIZE = ("LoRWeB was published on FLUX.1-Kontext; on this model the nodes are tested on tiny models only "
+                    "(README).")
+FLUX2_NOTE = (
+    "LoRWeB on FLUX.2 [klein] base 4B: A -> A' applied to B.\n\n" + DOWNLOADS_NOTE + CLIP_RENAME
+    + " models/lorweb/lorweb_flux2_klein.safetensors has no public download: train it with python -m "
+    "training.train_lorweb --preset flux2_klein_24gb (a 24 GB GPU; --backbone flux2:<folder> for a local copy of "
+    "FLUX.2-klein-base-4B) and rename its lorweb_basis.safetensors.\n\n"
+    "The grid [A A'; B B] reaches FLUX.2 as a reference image (VAE Encode -> ReferenceLatent, on both prompts), as "
+    "the trainer gives it; the empty latent and the scheduler have the grid's size. CFG 5 and 20 steps as ComfyUI's "
+    "klein base template. " + UNTESTED_AT_SIZE)
+FLUX2 = {
+    1: ("UNETLoader", {"unet_name": "flux-2-klein-base-4b.safetensors", "weight_dtype": "default"}, (0, 0),
+        "FLUX.2 [klein] base 4B"),
+    2: ("CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "flux2", "device": "default"}, (0, 0), None),
+    3: ("VAELoader", {"vae_name": "flux2-vae.safetensors"}, (0, 0), None),
+    4: ("CLIPVisionLoader", {"clip_name": "clip-vit-large-patch14.safetensors"}, (0, 0), "CLIP ViT-L/14"),
+    5: ("LoadImage", {"image": "analogy_a.png"}, (0, 0), "A (before)"),
+    6: ("LoadImage", {"image": "analogy_a_prime.png"}, (0, 0), "A' (after)"),
+    7: ("LoadImage", {"image": "analogy_b.png"}, (0, 0), "B (to edit)"),
+    30: ("Note", {"text": FLUX2_NOTE}, (1, 0), "About this workflow"),
+    10: ("CLIPTextEncode", {"text": LORWEB_PROMPT, "clip": [2, 0]}, (1, 0), "Editing prompt (required)"),
+    11: ("CLIPTextEncode", {"text": "", "clip": [2, 0]}, (1, 0), "Negative"),
+    15: ("AnalogyLoadLoRABasis", {"basis_name": "lorweb_flux2_klein.safetensors"}, (1, 0), None),
+    14: ("AnalogyEncode", {"clip_vision": [4, 0], "a": [5, 0], "a_prime": [6, 0], "b": [7, 0]}, (1, 0), None),
+    8: ("AnalogyFourPanelComposite", {"a": [5, 0], "a_prime": [6, 0], "b": [7, 0], "layout": "lorweb",
+                                      "panel_size": "custom", "width": 512, "height": 512, "fit": "center_crop",
+                                      "snap": "multiple_of_16", "fill": 0.5}, (1, 0), None),
+    9: ("VAEEncode", {"pixels": [8, 0], "vae": [3, 0]}, (2, 0), None),
+    12: ("ReferenceLatent", {"conditioning": [10, 0], "latent": [9, 0]}, (2, 0), "Reference: the grid (prompt)"),
+    13: ("ReferenceLatent", {"conditioning": [11, 0], "latent": [9, 0]}, (2, 0), "Reference: the grid (negative)"),
+    16: ("AnalogyMixLoRABasis", {"basis": [15, 0], "analogy": [14, 0], "temperature": 1.0, "sample": 0},
+         (2, 0), None),
+    24: ("EmptyFlux2LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, (2, 0), None),
+    17: ("AnalogyApplyLoRA", {"model": [1, 0], "lora": [16, 0], "strength": 1.0, "mode": "merge",
+                              "allow_partial": False}, (3, 0), None),
+    25: ("CFGGuider", {"model": [17, 0], "positive": [12, 0], "negative": [13, 0], "cfg": 5.0}, (3, 0), None),
+    26: ("RandomNoise", {"noise_seed": 0}, (3, 0), None),
+    27: ("KSamplerSelect", {"sampler_name": "euler"}, (3, 0), None),
+    28: ("Flux2Scheduler", {"steps": 20, "width": 1024, "height": 1024}, (3, 0), None),
+    23: ("PreviewImage", {"images": [16, 1]}, (3, 0), "Which basis LoRAs the analogy picked"),
+    18: ("SamplerCustomAdvanced", {"noise": [26, 0], "guider": [25, 0], "sampler": [27, 0], "sigmas": [28, 0],
+                                   "latent_image": [24, 0]}, (4, 0), None),
+    19: ("VAEDecode", {"samples": [18, 0], "vae": [3, 0]}, (4, 0), None),
+    20: ("AnalogyExtractPanel", {"image": [19, 0], "geometry": [8, 2], "panel": "bottom_right",
+                                 "restore_size": True}, (4, 0), None),
+    21: ("SaveImage", {"images": [20, 0], "filename_prefix": "lorweb_flux2/b_prime"}, (5, 0), "B' (result)"),
+    22: ("SaveImage", {"images": [19, 0], "filename_prefix": "lorweb_flux2/grid"}, (5, 0), None),
+}
+
+QWEN_EDIT_NOTE = (
+    "LoRWeB on Qwen-Image-Edit-2509: A -> A' applied to B.\n\n" + DOWNLOADS_NOTE + CLIP_RENAME
+    + " models/lorweb/lorweb_qwen_image_edit.safetensors has no public download: train it with python -m "
+    "training.train_lorweb --preset qwen_image_edit_80gb (an 80 GB GPU; --backbone qwen_image_edit:<folder> for a "
+    "local copy of Qwen-Image-Edit-2509) and rename its lorweb_basis.safetensors.\n\n"
+    "The grid [A A'; B B] is the input image of TextEncodeQwenImageEditPlus (Qwen2.5-VL reads it with the prompt; "
+    "its latent is the reference), as the trainer gives it; VAE Encode of the grid only sets the output's size. The "
+    "diffusion model is fp8, so Apply LoRA runs in runtime mode. Shift 3, CFG 2.5, 20 steps as ComfyUI's 2509 "
+    "template. " + UNTESTED_AT_SIZE)
+QWEN_EDIT = {
+    1: ("UNETLoader", {"unet_name": "qwen_image_edit_2509_fp8_e4m3fn.safetensors", "weight_dtype": "default"}, (0, 0),
+        "Qwen-Image-Edit-2509"),
+    2: ("CLIPLoader", {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "type": "qwen_image",
+                       "device": "default"}, (0, 0), None),
+    3: ("VAELoader", {"vae_name": "qwen_image_vae.safetensors"}, (0, 0), None),
+    4: ("CLIPVisionLoader", {"clip_name": "clip-vit-large-patch14.safetensors"}, (0, 0), "CLIP ViT-L/14"),
+    5: ("LoadImage", {"image": "analogy_a.png"}, (0, 0), "A (before)"),
+    6: ("LoadImage", {"image": "analogy_a_prime.png"}, (0, 0), "A' (after)"),
+    7: ("LoadImage", {"image": "analogy_b.png"}, (0, 0), "B (to edit)"),
+    30: ("Note", {"text": QWEN_EDIT_NOTE}, (1, 0), "About this workflow"),
+    15: ("AnalogyLoadLoRABasis", {"basis_name": "lorweb_qwen_image_edit.safetensors"}, (1, 0), None),
+    14: ("AnalogyEncode", {"clip_vision": [4, 0], "a": [5, 0], "a_prime": [6, 0], "b": [7, 0]}, (1, 0), None),
+    8: ("AnalogyFourPanelComposite", {"a": [5, 0], "a_prime": [6, 0], "b": [7, 0], "layout": "lorweb",
+                                      "panel_size": "custom", "width": 512, "height": 512, "fit": "center_crop",
+                                      "snap": "multiple_of_16", "fill": 0.5}, (1, 0), None),
+    10: ("TextEncodeQwenImageEditPlus", {"clip": [2, 0], "prompt": LORWEB_PROMPT, "vae": [3, 0], "image1": [8, 0]},
+         (2, 0), "Editing prompt (required) + the grid"),
+    11: ("TextEncodeQwenImageEditPlus", {"clip": [2, 0], "prompt": "", "vae": [3, 0], "image1": [8, 0]},
+         (2, 0), "Negative + the grid"),
+    16: ("AnalogyMixLoRABasis", {"basis": [15, 0], "analogy": [14, 0], "temperature": 1.0, "sample": 0},
+         (2, 0), None),
+    9: ("VAEEncode", {"pixels": [8, 0], "vae": [3, 0]}, (2, 0), None),
+    17: ("AnalogyApplyLoRA", {"model": [1, 0], "lora": [16, 0], "strength": 1.0, "mode": "runtime",
+                              "allow_partial": False}, (3, 0), None),
+    12: ("ModelSamplingAuraFlow", {"model": [17, 0], "shift": 3.0}, (3, 0), None),
+    13: ("CFGNorm", {"model": [12, 0], "strength": 1.0}, (3, 0), None),
+    23: ("PreviewImage", {"images": [16, 1]}, (3, 0), "Which basis LoRAs the analogy picked"),
+    18: ("KSampler", {"model": [13, 0], "seed": 0, "steps": 20, "cfg": 2.5, "sampler_name": "euler",
+                      "scheduler": "simple", "positive": [10, 0], "negative": [11, 0], "latent_image": [9, 0],
+                      "denoise": 1.0}, (4, 0), None),
+    19: ("VAEDecode", {"samples": [18, 0], "vae": [3, 0]}, (4, 0), None),
+    20: ("AnalogyExtractPanel", {"image": [19, 0], "geometry": [8, 2], "panel": "bottom_right",
+                                 "restore_size": True}, (4, 0), None),
+    21: ("SaveImage", {"images": [20, 0], "filename_prefix": "lorweb_qwen/b_prime"}, (5, 0), "B' (result)"),
+    22: ("SaveImage", {"images": [19, 0], "filename_prefix": "lorweb_qwen/grid"}, (5, 0), None),
+}
+
 EXAMPLES = {"four_panel_composite.json": COMPOSITE, "lorweb_kontext_analogy.json": LORWEB,
             "loc_instructpix2pix.json": LOC, "region_inpaint.json": REGION_INPAINT,
-            "region_constrained_analogy.json": REGION_ANALOGY, "edit_transfer_flux_dev.json": EDIT_TRANSFER}
+            "region_constrained_analogy.json": REGION_ANALOGY, "edit_transfer_flux_dev.json": EDIT_TRANSFER,
+            "lorweb_flux2_klein_analogy.json": FLUX2, "lorweb_qwen_image_edit_analogy.json": QWEN_EDIT}
 
 
 def estimated_height(class_type: str, slots: int, widgets: int) -> int:

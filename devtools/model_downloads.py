@@ -7,9 +7,9 @@ README's download tables are rendered from it (``python -m devtools.model_downlo
 ``tests/test_frontend.py`` checks that the dialog lists exactly the downloadable files of each workflow.
 
 Nothing in the pack downloads anything: the URLs are metadata for the frontend, which shows them to the user.
-``source`` says where the repository and file name were confirmed (read 2026-12-01). Files with no public download
-(trained by the user) have ``url = None``: no metadata is written for them, and the workflow's note says how to make
-them.
+``source`` says where the repository and file name were confirmed (read 2026-12-01; the FLUX.2 and Qwen-Image-Edit
+rows 2026-12-02). Files with no public download (trained by the user) have ``url = None``: no metadata is written for
+them, and the workflow's note says how to make them.
 """
 
 from __future__ import annotations
@@ -125,6 +125,48 @@ REGION_ANALOGY = ModelFile(
     "region_analogy.safetensors", "regions", None, "yours", "no public weights exist (README, regions)",
     "`python -m training.train_region --set mode=analogy` writes `region_predictor.safetensors`; rename it")
 
+# FLUX.2 [klein] base 4B: the model the flux2_klein_24gb preset trains on (black-forest-labs/FLUX.2-klein-base-4B).
+KLEIN_TEMPLATE = ("ComfyUI's own template image_flux2_klein_text_to_image.json (Comfy-Org/workflow_templates, commit "
+                  "2f8fc9b; newer than the templates ComfyUI 0.3.75 pins): the properties.models of its {} node")
+FLUX2_KLEIN_BASE = ModelFile(
+    "flux-2-klein-base-4b.safetensors", "diffusion_models",
+    f"{HF}/Comfy-Org/flux2-klein/resolve/main/split_files/diffusion_models/flux-2-klein-base-4b.safetensors",
+    "Comfy-Org/flux2-klein (black-forest-labs/FLUX.2-klein-base-4B)", KLEIN_TEMPLATE.format("UNETLoader"),
+    "the undistilled base model the `flux2_klein_24gb` preset trains on (not the 4-step distilled `flux-2-klein-4b`)")
+QWEN3_4B = ModelFile(
+    "qwen_3_4b.safetensors", "text_encoders",
+    f"{HF}/Comfy-Org/flux2-klein/resolve/main/split_files/text_encoders/qwen_3_4b.safetensors",
+    "Comfy-Org/flux2-klein", KLEIN_TEMPLATE.format("CLIPLoader (type flux2)"))
+FLUX2_VAE = ModelFile(
+    "flux2-vae.safetensors", "vae", f"{HF}/Comfy-Org/flux2-dev/resolve/main/split_files/vae/flux2-vae.safetensors",
+    "the FLUX.2 VAE (Comfy-Org/flux2-dev)",
+    KLEIN_TEMPLATE.format("VAELoader") + "; also " + TEMPLATES.format("image_flux2.json"))
+LORWEB_FLUX2_KLEIN = ModelFile(
+    "lorweb_flux2_klein.safetensors", "lorweb", None, "yours",
+    "no public weights exist (README, LoRWeB on FLUX.2 and Qwen-Image-Edit)",
+    "`python -m training.train_lorweb --preset flux2_klein_24gb` (add `--backbone flux2:<folder>` for a local "
+    "diffusers copy of FLUX.2-klein-base-4B) writes `lorweb_basis.safetensors`; rename it")
+# Qwen-Image-Edit-2509: the model the qwen_image_edit_80gb preset trains on (Qwen/Qwen-Image-Edit-2509).
+QWEN_EDIT_2509 = ModelFile(
+    "qwen_image_edit_2509_fp8_e4m3fn.safetensors", "diffusion_models",
+    f"{HF}/Comfy-Org/Qwen-Image-Edit_ComfyUI/resolve/main/split_files/diffusion_models/"
+    "qwen_image_edit_2509_fp8_e4m3fn.safetensors",
+    "Comfy-Org/Qwen-Image-Edit_ComfyUI (Qwen/Qwen-Image-Edit-2509)", TEMPLATES.format("image_qwen_image_edit_2509.json"),
+    "fp8 weights: the workflow applies the basis in Apply LoRA's `runtime` mode")
+QWEN_VL_7B = ModelFile(
+    "qwen_2.5_vl_7b_fp8_scaled.safetensors", "text_encoders",
+    f"{HF}/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors",
+    "Comfy-Org/Qwen-Image_ComfyUI", TEMPLATES.format("image_qwen_image_edit_2509.json"))
+QWEN_VAE = ModelFile(
+    "qwen_image_vae.safetensors", "vae",
+    f"{HF}/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/vae/qwen_image_vae.safetensors",
+    "Comfy-Org/Qwen-Image_ComfyUI", TEMPLATES.format("image_qwen_image_edit_2509.json"))
+LORWEB_QWEN_EDIT = ModelFile(
+    "lorweb_qwen_image_edit.safetensors", "lorweb", None, "yours",
+    "no public weights exist (README, LoRWeB on FLUX.2 and Qwen-Image-Edit)",
+    "`python -m training.train_lorweb --preset qwen_image_edit_80gb` (add `--backbone qwen_image_edit:<folder>` for a "
+    "local diffusers copy of Qwen-Image-Edit-2509) writes `lorweb_basis.safetensors`; rename it")
+
 KONTEXT_FILES = (FLUX_KONTEXT, CLIP_L, T5XXL, FLUX_VAE, CLIP_VIT_L, LORWEB_BASIS)
 WORKFLOW_FILES: dict[str, tuple[ModelFile, ...]] = {
     "four_panel_composite.json": (),
@@ -133,6 +175,8 @@ WORKFLOW_FILES: dict[str, tuple[ModelFile, ...]] = {
     "edit_transfer_flux_dev.json": (FLUX_DEV, CLIP_L, T5XXL, FLUX_VAE, EDIT_TRANSFER_LORA),
     "region_inpaint.json": (SD15, CLIP_VIT_L, FLAN_T5, REGION_TEXT),
     "region_constrained_analogy.json": KONTEXT_FILES + (REGION_ANALOGY,),
+    "lorweb_flux2_klein_analogy.json": (FLUX2_KLEIN_BASE, QWEN3_4B, FLUX2_VAE, CLIP_VIT_L, LORWEB_FLUX2_KLEIN),
+    "lorweb_qwen_image_edit_analogy.json": (QWEN_EDIT_2509, QWEN_VL_7B, QWEN_VAE, CLIP_VIT_L, LORWEB_QWEN_EDIT),
 }
 ALL_FILES: dict[str, ModelFile] = {f.name: f for files in WORKFLOW_FILES.values() for f in files}
 
@@ -159,12 +203,14 @@ def readme_table(workflow: str) -> str:
     return "\n".join(rows)
 
 
-MARKER = re.compile(r"(<!-- downloads:(?P<workflow>[\w.]+) -->\n)(?P<table>.*?)(\n<!-- /downloads -->)", re.S)
+# A table never runs past its own end marker, so a newly added empty pair of markers is filled in too.
+MARKER = re.compile(r"(<!-- downloads:(?P<workflow>[\w.]+) -->\n)(?P<table>(?:(?!<!-- /downloads -->).)*?)"
+                    r"\n?<!-- /downloads -->", re.DOTALL)
 
 
 def render_readme(text: str) -> str:
     """The README with every marked download table regenerated from the table above."""
-    return MARKER.sub(lambda m: m[1] + readme_table(m["workflow"]) + m[4], text)
+    return MARKER.sub(lambda m: m[1] + readme_table(m["workflow"]) + "\n<!-- /downloads -->", text)
 
 
 def readme_workflows(text: str) -> list[str]:

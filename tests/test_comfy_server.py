@@ -44,7 +44,12 @@ EXAMPLE_MODEL_FILES = ("diffusion_models/flux1-kontext-dev.safetensors", "text_e
                        "checkpoints/v1-5-pruned-emaonly-fp16.safetensors", "regions/region_instructions.safetensors",
                        "regions/region_analogy.safetensors", "text_encoders/flan-t5-base/config.json",
                        "text_encoders/flan-t5-base/model.safetensors",
-                       "diffusion_models/flux1-dev.safetensors", "loras/edit_transfer.safetensors")
+                       "diffusion_models/flux1-dev.safetensors", "loras/edit_transfer.safetensors",
+                       "diffusion_models/flux-2-klein-base-4b.safetensors", "text_encoders/qwen_3_4b.safetensors",
+                       "vae/flux2-vae.safetensors", "lorweb/lorweb_flux2_klein.safetensors",
+                       "diffusion_models/qwen_image_edit_2509_fp8_e4m3fn.safetensors",
+                       "text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors", "vae/qwen_image_vae.safetensors",
+                       "lorweb/lorweb_qwen_image_edit.safetensors")
 
 
 def check_node_listing(info: dict) -> None:
