@@ -1,5 +1,6 @@
 """The LoRA ceiling of LoRWeB's row (training/world/yardstick/ceiling.py): a one-entry basis is a plain LoRA, the
-ceiling's settings and cache key, and (slow) a quick ceiling run on one global and one local family.
+ceiling's settings and cache key, and (slow) a quick ceiling run on one global family (and, marked ``expensive``,
+one local family: `bash scripts/test.sh -m expensive tests/test_world_ceiling.py`).
 
 The slow tests train on the session's quick world (tests/world_fixtures.py) and keep the trained ceilings in its
 cache (``<world folder>/ceilings``, or ``$ANALOGY_CEILING_CACHE``): a clean clone trains them once (about 4-5 minutes
@@ -128,15 +129,25 @@ def test_add_ceilings_fills_the_row_and_trains_each_family_once(tmp_path, monkey
 
 @pytest.fixture(scope="module")
 def quick_ceilings():
+    """family -> the quick ceiling's row (trained on first use, or read from the cache) and the no-edit error."""
     world = quick_world()
     panel = world.builds["autoencoder"]["config"]["panel"]
-    out = {}
-    for family in (GLOBAL, LOCAL):
-        items = ev.examples(family, 4, panel)  # the quick yardstick's held-out scenes
-        row = ceiling.family_ceiling("lorweb", lorweb.CEILING, world, family, items, SEED)
-        b, truth = ev.stack(items, "b"), ev.stack(items, "b_prime")
-        out[family] = {**row, "no_edit": float(ev.mae(b, truth).mean())}
-    return world, out
+    rows: dict[str, dict] = {}
+
+    def row(family: str) -> dict:
+        if family not in rows:
+            items = ev.examples(family, 4, panel)  # the quick yardstick's held-out scenes
+            measured = ceiling.family_ceiling("lorweb", lorweb.CEILING, world, family, items, SEED)
+            b, truth = ev.stack(items, "b"), ev.stack(items, "b_prime")
+            rows[family] = {**measured, "no_edit": float(ev.mae(b, truth).mean())}
+        return rows[family]
+
+    return world, row
+
+
+# The local family trains a second ceiling (about 5 minutes on a clean clone's 2-core CPU): beyond the default
+# suite's budget, so it runs with `bash scripts/test.sh -m expensive tests/test_world_ceiling.py`.
+FAMILIES = [GLOBAL, pytest.param(LOCAL, marks=pytest.mark.expensive)]
 
 
 # Measured on the quick world, seed 0, its 4 held-out scenes per family (400 steps; README, "The ceilings"):
@@ -149,10 +160,10 @@ def quick_ceilings():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", [GLOBAL, LOCAL])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_quick_ceiling_beats_doing_nothing(quick_ceilings, family):
     _, rows = quick_ceilings
-    row = rows[family]
+    row = rows(family)
     lora = row["lora"]
     assert set(lora) == {"edited_cells", "kept_cells", "error", "train_steps", "train_seconds"}
     assert lora["train_steps"] == 400
@@ -163,18 +174,19 @@ def test_quick_ceiling_beats_doing_nothing(quick_ceilings, family):
 
 @pytest.mark.slow
 def test_quick_ceiling_is_cached_and_reused(quick_ceilings):
-    world, _ = quick_ceilings
+    world, rows = quick_ceilings
+    rows(GLOBAL)
     folder, record = ceiling.trained("lorweb", lorweb.CEILING, world, GLOBAL, SEED)
     assert record["cached"] is True and (folder / "lorweb_basis.safetensors").is_file()
     assert not (folder / "checkpoints").exists() and not list(folder.parent.glob(f".tmp_{folder.name}_*"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", [GLOBAL, LOCAL])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.xfail(strict=True, reason="today's quick world is far from it: measured (seed 0, 400 steps) invert edited "
                                        "0.019 (kept -), recolour_red_blue edited 0.000 kept 0.487; the quick floor "
                                        "(autoencoder round trip) itself scores invert 0.76, recolour 0.50 / 0.75")
 def test_quick_ceiling_reaches_the_issue_target(quick_ceilings, family):
     """Issue 20's target for the LoRA ceiling: edited_cells >= 0.95 and kept_cells >= 0.98."""
-    lora = quick_ceilings[1][family]["lora"]
+    lora = quick_ceilings[1](family)["lora"]
     assert lora["edited_cells"] >= 0.95 and (lora["kept_cells"] is None or lora["kept_cells"] >= 0.98), lora
