@@ -17,17 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import Flux2KleinPipeline
-from test_edit_transfer_node import (
-    LATENT,
-    TEXT,
-    comfy_sample,
-    comfy_sigmas,
-    composite_latent,
-    noise_like,
-    panel_error,
-    panel_mask,
-    with_context,
-)
+from test_edit_transfer_node import TEXT, check_ksampler_equals_official_loop
 from tiny_models import FLUX2_COMFY, tiny_flux2_pair
 
 COMFY_TEXT_TOKENS = 512  # model_base.Flux2.extra_conds pads the text conditioning to 512 tokens
@@ -80,21 +70,5 @@ def official_loop(model, latent, mask, noise, sigmas, positive, negative=None, c
 @pytest.mark.parametrize("batch,cfg", [(1, 1.0), (2, 2.5)])
 def test_ksampler_with_the_node_equals_the_official_loop_on_flux2(comfy_inproc, setup, batch, cfg):
     model, patcher, node_module = setup
-    comfy = comfy_inproc.comfy
-    latent, mask = composite_latent(batch), panel_mask(batch)
-    noise = noise_like(latent)
-    positive, negative = conditioning(1), conditioning(2)
-    steps = 4
-    sigmas = comfy_sigmas(comfy, patcher, "simple", steps)
-    want = official_loop(model, latent, mask, noise, sigmas, positive, negative, cfg)
-    ours = comfy_sample(comfy, with_context(node_module, patcher, latent, mask), latent, noise, steps, positive,
-                        negative, cfg)
-    assert (ours - want).abs().max().item() <= 1e-4, (ours - want).abs().max().item()
-    keep = torch.ones_like(latent, dtype=torch.bool)
-    keep[..., LATENT // 2:, LATENT // 2:] = False
-    torch.testing.assert_close(ours[keep], latent[keep], rtol=0, atol=1e-5)
-    stock = comfy_sample(comfy, patcher, latent, noise, steps, positive, negative, cfg,
-                         noise_mask=mask.reshape(batch, 1, *mask.shape[-2:]))
-    generated = want[..., LATENT // 2:, LATENT // 2:]
-    assert generated.std().item() > 0.1, "the tiny model must produce a non-trivial panel"
-    assert panel_error(stock, want) > 0.05 * generated.std().item(), (panel_error(stock, want), generated.std())
+    check_ksampler_equals_official_loop(comfy_inproc.comfy, model, patcher, node_module, batch, cfg, conditioning,
+                                        official_loop)
