@@ -101,7 +101,7 @@ async function openFrontend(page, url) {
   await page.waitForFunction(
     () => window.app?.graph && window.app.canvas && window.LiteGraph
       && Object.keys(window.LiteGraph.registered_node_types).length > 0 && window.app.extensionManager?.command,
-    { timeout: 120000 });
+    { polling: 100, timeout: 120000 });
   await page.evaluate(() => {
     // The frontend's own list of missing node types, as it hands it to extensions after loading a graph.
     window.__analogyMissing = null;
@@ -117,7 +117,7 @@ async function openFrontend(page, url) {
 /** Close the open dialogs and wait until they are gone from the page. */
 async function closeDialogs(page) {
   for (let i = 0; i < 3 && (await page.$(".p-dialog")); i++) await page.keyboard.press("Escape");
-  await page.waitForFunction(() => !document.querySelector(".p-dialog"), { timeout: 10000 });
+  await page.waitForFunction(() => !document.querySelector(".p-dialog"), { polling: 100, timeout: 10000 });
 }
 
 /** Load through the frontend's own path (what dropping a file or picking a template does). */
@@ -214,7 +214,7 @@ async function missingModelStore(page) {
     const store = pinia._s.get("missingModel");
     return !store || !store.isRefreshingMissingModels;
   };
-  await page.waitForFunction(ready, { timeout: 20000 }).catch(() => {});
+  await page.waitForFunction(ready, { polling: 100, timeout: 20000 }).catch(() => {});
   await page.waitForNetworkIdle({ idleTime: 300, timeout: 10000 }).catch(() => {});
   return page.evaluate(() => {
     const pinia = document.querySelector("#vue-app").__vue_app__.config.globalProperties.$pinia;
@@ -239,7 +239,8 @@ async function openHelp(page, nodeType) {
     const { sidebar } = new Function(`return (${storesSource})()`)();
     if (sidebar.activeSidebarTabId !== "node-library") sidebar.toggleSidebarTab("node-library");
   }, stores.toString());
-  await page.waitForFunction(new Function(`return Boolean((${stores.toString()})().help)`), { timeout: 20000 });
+  await page.waitForFunction(new Function(`return Boolean((${stores.toString()})().help)`),
+                             { polling: 100, timeout: 20000 });
   await page.evaluate((nodeType, storesSource) => {
     const { nodeDef, help } = new Function(`return (${storesSource})()`)();
     const def = nodeDef.nodeDefsByName[nodeType];
@@ -250,7 +251,7 @@ async function openHelp(page, nodeType) {
   await page.waitForFunction(() => {
     const box = document.querySelector(".node-help-content");
     return box && !box.querySelector(".p-progressspinner") && box.innerText.trim().length > 0;
-  }, { timeout: 20000 });
+  }, { polling: 100, timeout: 20000 });
   await page.waitForNetworkIdle({ idleTime: 200, timeout: 10000 }).catch(() => {});
   return page.evaluate(async () => {
     const box = document.querySelector(".node-help-content");
@@ -266,6 +267,18 @@ async function openHelp(page, nodeType) {
     };
   });
 }
+
+// A wait puppeteer abandons (a timed-out waitForFunction) can still reject later, outside any await, with
+// "Promise was collected" when Chromium collects its page-side poller; that is no answer of the frontend, so it is
+// logged instead of ending the run (seen on a fresh CI clone). Any other stray rejection still fails the run.
+process.on("unhandledRejection", (reason) => {
+  if (String(reason).includes("Promise was collected")) {
+    console.error(`ignored a stray rejection of an abandoned wait: ${String(reason).slice(0, 200)}`);
+    return;
+  }
+  console.error(reason);
+  process.exit(1);
+});
 
 const started = Date.now();
 const browser = await launchBrowser();
