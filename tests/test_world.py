@@ -78,14 +78,44 @@ def test_b_prime_is_the_family_function_of_b(family, split):
             raise AssertionError(f"no check written for family {family}")
 
 
-def test_images_are_pixel_art_on_4px_cells_and_deterministic():
+def test_images_are_pixel_art_on_8px_cells_and_deterministic():
+    assert world.CELL == 8 and world.WORLD_VERSION == 2
     ex = world.example("remove_discs", "train", 3, SIZE)
     for image in ex.images().values():
         cells = image.view(SIZE // world.CELL, world.CELL, SIZE // world.CELL, world.CELL, 3)
-        assert (cells == cells[:, :1, :, :1]).all(), "every 4x4 cell is one colour"
+        assert (cells == cells[:, :1, :, :1]).all(), "every 8x8 cell is one colour"
     again = world.example("remove_discs", "train", 3, SIZE)
     assert all(torch.equal(x, y) for x, y in zip(ex.images().values(), again.images().values()))
     assert torch.equal(ex.mask, again.mask) and ex.captions == again.captions
+
+
+@pytest.mark.parametrize("shape, cells", [
+    ("square", ["###", "###", "###"]),
+    ("disc", [".#.", "###", ".#."]),        # corner cells out: three cells would otherwise draw a square
+    ("triangle", ["...", ".#.", "###"]),    # apex on top, base on the bottom row
+])
+def test_shapes_on_three_cells(shape, cells):
+    obj = world.Obj(shape, "red", 2 * world.CELL, world.CELL, 3 * world.CELL)
+    image = world.render(world.Scene("navy", (obj,)))
+    grid = image[world.CELL // 2::world.CELL, world.CELL // 2::world.CELL]   # one pixel per cell
+    red = (grid == torch.tensor(world.COLOURS["red"])).all(dim=-1)
+    drawn = ["".join("#" if red[1 + r, 2 + c] else "." for c in range(3)) for r in range(3)]
+    assert drawn == cells
+    assert int(red.sum()) == sum(row.count("#") for row in cells), "nothing drawn outside the object's box"
+
+
+def test_scenes_hold_two_or_three_objects():
+    counts = [len(world.sample_scene(world.scene_rng("train", index)).objects) for index in range(300)]
+    assert set(counts) == {2, 3}
+
+
+def test_every_edit_changes_a_cell_visibly():
+    """Version 2's palette: every global family moves every colour it changes by >= 0.2 (v1's slate moved 0.04)."""
+    palette = torch.tensor([*world.COLOURS.values(), *world.BACKGROUNDS.values()])[None, :, None]  # [1, N, 1, 3]
+    for family in ("invert", "grayscale", "channel_swap"):
+        edited = world.get_family(family).image_fn(palette)
+        change = (edited - palette).abs().amax(dim=-1)
+        assert float(change[change > 1e-6].min()) >= 0.2, family
 
 
 def test_training_and_held_out_scenes_differ():

@@ -60,7 +60,7 @@ def test_ceiling_settings_are_the_preset_with_one_entry_of_its_rank_budget(quick
 
 def _world(root: str, flux_key: str = "f") -> World:
     builds = {"autoencoder": {"key": "a"}, "clip": {"key": "c"}, "flux_kontext": {"key": flux_key}}
-    return World(Path(root) / "v1-quick-s0", True, 0, builds)
+    return World(Path(root) / "v2-quick-s0", True, 0, builds)
 
 
 def test_ceiling_cache_key_names_what_was_trained_not_where_the_world_lies():
@@ -92,7 +92,7 @@ def test_add_ceilings_fills_the_row_and_trains_each_family_once(tmp_path, monkey
                    lambda world, quick, family, seed: {"data": family, "max_steps": 3, "backbone": f"world:{world.root}"},
                    lambda world, quick, folder, items, seed: ev.stack(items, "b_prime" if "-invert-" in folder.name
                                                                       else "b"))
-    world = World(tmp_path / "v1-quick-s0", True, 0, {"autoencoder": {"key": "a"}})
+    world = World(tmp_path / "v2-quick-s0", True, 0, {"autoencoder": {"key": "a"}})
     examples = {f: ev.examples(f, 2, world_def.REFERENCE_SIZE) for f in ("invert", "hflip", "vflip")}
     ctx = MethodContext(world, 0, True, tmp_path / "row", examples)
 
@@ -112,7 +112,7 @@ def test_add_ceilings_fills_the_row_and_trains_each_family_once(tmp_path, monkey
     assert first["extra"]["mean_ceiling_lora_edited_cells_train"] == 0.5
     assert first["extra"]["mean_ceiling_lora_kept_cells_train"] == 1.0
     assert first["extra"]["ceiling_train_seconds_this_run"] == 3.0
-    cache = tmp_path / "v1-quick-s0" / "ceilings"
+    cache = tmp_path / "v2-quick-s0" / "ceilings"
     assert len(list(cache.glob("fake-*"))) == 2 and not list(cache.glob(".tmp_*"))
     assert not list(cache.glob("*/checkpoints"))
 
@@ -150,13 +150,12 @@ def quick_ceilings():
 FAMILIES = [GLOBAL, pytest.param(LOCAL, marks=pytest.mark.expensive)]
 
 
-# Measured on the quick world, seed 0, its 4 held-out scenes per family (400 steps; README, "The ceilings"):
-#   invert             edited 0.019, kept -,     error 0.063 against no edit 0.564 (0.11x)
-#   recolour_red_blue  edited 0.000, kept 0.487, error 0.032 against no edit 0.040 (0.80x)
-# (and add_square_top_left: edited 0.056, kept 0.650, error 0.035 against 0.027, 1.30x: worse than doing nothing in
-# pixels, so not the local family asserted here). What beats doing nothing on both: the pixel error; on invert also
-# the changed cells (no edit puts none right). Kept cells fall well below no edit's 1 on every family (the blocky
-# B′ of a 4 x 4-token panel), and recolour puts no changed cell within T.
+# Measured on the quick world v2, seed 0, its 4 held-out scenes per family (400 steps, T = 0.10; README, "The
+# ceilings"):
+#   invert               edited 0.305, kept -,     error 0.100 against no edit 0.617 (0.16x)
+#   recolour_red_blue    edited 0.037, kept 0.908, error 0.041 against no edit 0.060 (0.69x)
+#   (hflip 0.360 / 0.782, 0.59x; add_square_top_left 0.625 / 0.975, 0.43x)
+# What beats doing nothing on both: the pixel error; on invert also the changed cells (no edit puts none right).
 
 
 @pytest.mark.slow
@@ -183,9 +182,10 @@ def test_quick_ceiling_is_cached_and_reused(quick_ceilings):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.xfail(strict=True, reason="today's quick world is far from it: measured (seed 0, 400 steps) invert edited "
-                                       "0.019 (kept -), recolour_red_blue edited 0.000 kept 0.487; the quick floor "
-                                       "(autoencoder round trip) itself scores invert 0.76, recolour 0.50 / 0.75")
+@pytest.mark.xfail(strict=True, reason="not reached on the quick world v2: measured (seed 0, 400 steps) invert edited "
+                                       "0.305 (kept -), recolour_red_blue edited 0.037 kept 0.908, while the floor "
+                                       "(the exact autoencoder) scores 1 / 1 and the base keeps 0.93-0.99 of the cells: "
+                                       "the ceiling's training budget limits it, not the world's drawing (README)")
 def test_quick_ceiling_reaches_the_issue_target(quick_ceilings, family):
     """Issue 20's target for the LoRA ceiling: edited_cells >= 0.95 and kept_cells >= 0.98."""
     lora = quick_ceilings[1](family)["lora"]

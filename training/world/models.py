@@ -10,13 +10,12 @@ from __future__ import annotations
 from training.world import autoencoder, clip, flux_dev, flux_kontext, instruct_pix2pix, region_t5
 from training.world.registry import WorldModel, register
 
-PANEL = 64  # world panel side in pixels: 16 x 16 cells, an 8 x 8 latent, 4 x 4 FLUX tokens
+PANEL = 64  # world panel side in pixels: 8 x 8 cells = an 8 x 8 latent (a cell per latent pixel), 4 x 4 FLUX tokens
 
 register(WorldModel(
-    "autoencoder", autoencoder.build, depends=(), version=1,
-    description="TAESD-architecture autoencoder (f=8, 16 latent channels): set encoder, trained decoder",
-    configs={"full": dict(panel=PANEL, decoder_width=32, pool=2000, steps=1200, batch=32, lr=3e-3),
-             "quick": dict(panel=PANEL, decoder_width=32, pool=1000, steps=400, batch=32, lr=3e-3)}))
+    "autoencoder", autoencoder.build, depends=(), version=2,
+    description="TAESD-architecture autoencoder (f=8, 16 latent channels), set by hand: exact on the world's cells",
+    configs={size: dict(panel=PANEL, width=16, pool=512) for size in ("full", "quick")}))
 
 register(WorldModel(
     "clip", lambda ctx: clip.train_clip(ctx.config, ctx.seed, ctx.folder), depends=(), version=1,

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from training.world.scenes import WORLD_VERSION
+
 REPO = Path(__file__).resolve().parent.parent.parent
 
 LORWEB_WORLD: dict[str, object] = dict(
@@ -89,5 +91,5 @@ def train_lorweb(world_folder: str, out: Path, quick: bool = False, seed: int = 
 
 
 if __name__ == "__main__":
-    folder = sys.argv[1] if len(sys.argv) > 1 else "outputs/world/v1-full-s0"
+    folder = sys.argv[1] if len(sys.argv) > 1 else f"outputs/world/v{WORLD_VERSION}-full-s0"
     print(" ".join(set_arguments(lorweb_settings(folder, "--quick" in sys.argv))))

@@ -1,8 +1,8 @@
 """The analogy world: procedural scenes and edit families with exact ground truth (ComfyUI-free, pure numpy/torch).
 
 A *scene* is a flat background colour and two or three non-overlapping objects (square, disc or up-pointing
-triangle; one of six colours; 16, 20 or 24 px at the 64-px reference size), drawn with hard edges on a grid of 4-px
-cells (pixel art: a 64-px panel is 16 x 16 cells, each of one colour). An *edit family* is a
+triangle; one of six colours; 3 x 3 cells), drawn with hard edges on a grid of 8-px cells (pixel art: a 64-px panel
+is 8 x 8 cells, each of one colour; world version 2 — version 1 had 4-px cells). An *edit family* is a
 fixed rule that applies to any scene it is defined on, chosen so that one example pair A → A′ shows the rule:
 
 * global families change every pixel by an image function: ``invert``, ``grayscale``, ``channel_swap`` (RGB→BRG),
@@ -31,23 +31,28 @@ from typing import Callable
 import numpy as np
 import torch
 
-WORLD_VERSION = 1
+# Version 2 (issue 20): 8-px cells (8 x 8 per panel, one latent pixel of an f=8 autoencoder each, so the world
+# autoencoder is exact) and a palette whose every edit changes a cell by at least 0.20 in some channel (v1's slate
+# background moved by 0.04 under grayscale: no one could see it). Version 1's caches are never reused.
+WORLD_VERSION = 2
 REFERENCE_SIZE = 64  # object coordinates are integers at this panel size; other sizes sample the same geometry
-CELL = 4             # objects are drawn on a grid of CELL x CELL pixels (at the reference size)
+CELL = 8             # objects are drawn on a grid of CELL x CELL pixels (at the reference size)
+OBJECT_CELLS = (3,)  # object sides in cells: the smallest at which disc (a plus), triangle and square differ
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.90, 0.16, 0.14), "green": (0.18, 0.78, 0.22), "blue": (0.16, 0.32, 0.95),
     "yellow": (0.96, 0.86, 0.12), "magenta": (0.84, 0.20, 0.80), "white": (1.0, 1.0, 1.0),
 }
+# Saturated dark backgrounds: grayscale and channel_swap change each by >= 0.20 (python -m training.world.metrics)
 BACKGROUNDS: dict[str, tuple[float, float, float]] = {
-    "navy": (0.10, 0.12, 0.30), "forest": (0.10, 0.28, 0.15), "slate": (0.34, 0.36, 0.40),
-    "brown": (0.36, 0.24, 0.13),
+    "navy": (0.06, 0.10, 0.42), "forest": (0.06, 0.40, 0.08), "plum": (0.46, 0.08, 0.44),
+    "brown": (0.46, 0.22, 0.06),
 }
 SHAPES = ("square", "disc", "triangle")
 # Scene seeds: training scenes and held-out scenes never share a seed.
 SCENE_SPLITS = {"train": 0, "heldout": 1}
-ADDED_SQUARE = 12  # side of the square the "add" families draw (reference pixels)
-CORNER_MARGIN = 4
+ADDED_SQUARE = 2 * CELL  # side of the square the "add" families draw (reference pixels)
+CORNER_MARGIN = CELL
 
 
 @dataclass(frozen=True)
@@ -83,19 +88,24 @@ def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int], gap: i
 
 
 def sample_scene(rng: np.random.Generator) -> Scene:
-    """Two or three non-overlapping objects with distinct colours on one of the backgrounds."""
+    """Two or three non-overlapping objects with distinct colours on one of the backgrounds (a layout where the
+    objects do not all fit is drawn again from the same generator)."""
     background = str(rng.choice(list(BACKGROUNDS)))
     count = int(rng.integers(2, 4))
     colours = rng.permutation(list(COLOURS))[:count]
     objects: list[Obj] = []
-    for colour in colours:
-        for _ in range(50):  # rejection: free space always exists for three objects of <= 24 px in 64 px
-            size = CELL * int(rng.integers(4, 7))
-            x, y = (CELL * int(v) for v in rng.integers(0, (REFERENCE_SIZE - size) // CELL + 1, size=2))
-            candidate = Obj(str(rng.choice(SHAPES)), str(colour), x, y, size)
-            if not any(_overlaps(candidate.box(), o.box()) for o in objects):
-                objects.append(candidate)
-                break
+    for _ in range(100):
+        objects = []
+        for colour in colours:
+            for _ in range(50):
+                size = CELL * int(rng.choice(OBJECT_CELLS))
+                x, y = (CELL * int(v) for v in rng.integers(0, (REFERENCE_SIZE - size) // CELL + 1, size=2))
+                candidate = Obj(str(rng.choice(SHAPES)), str(colour), x, y, size)
+                if not any(_overlaps(candidate.box(), o.box()) for o in objects):
+                    objects.append(candidate)
+                    break
+        if len(objects) == count:
+            break
     return Scene(background, tuple(objects))
 
 
@@ -106,19 +116,21 @@ def scene_rng(split: str, seed: int, attempt: int = 0) -> np.random.Generator:
 
 
 def _object_mask(obj: Obj, size: int) -> np.ndarray:
-    """Pixels inside the object at panel size ``size``: a pixel belongs to the object when the centre of its 4-px
-    cell (reference units) does."""
+    """Pixels inside the object at panel size ``size``: a pixel belongs to the object when the centre of its cell
+    (reference units) does. On 3 x 3 cells: square 9 cells, disc a plus of 5, triangle a pyramid of 4 (1 over 3)."""
     scale = REFERENCE_SIZE / size
     centres = (np.floor((np.arange(size) + 0.5) * scale / CELL) + 0.5) * CELL
     px, py = centres[None, :], centres[:, None]
     x0, y0, s = obj.x, obj.y, obj.size
     if obj.shape == "square":
         return (px >= x0) & (px < x0 + s) & (py >= y0) & (py < y0 + s)
-    if obj.shape == "disc":
-        return (px - x0 - s / 2) ** 2 + (py - y0 - s / 2) ** 2 <= (s / 2) ** 2
-    if obj.shape == "triangle":  # apex at the top centre, base at the bottom
-        depth = py - y0
-        return (depth >= 0) & (depth < s) & (np.abs(px - x0 - s / 2) <= depth / 2 + 1)
+    if obj.shape == "disc":  # a quarter cell inside the circle: corner cells out (else 3 cells draw a square)
+        return (px - x0 - s / 2) ** 2 + (py - y0 - s / 2) ** 2 <= (s / 2 - CELL / 4) ** 2
+    if obj.shape == "triangle":  # apex at the top centre, base on the bottom row: row r of the lower half is
+        rows = s // CELL         # 2r + 1 cells wide (on 3 cells: 1 over 3; the top row stays background)
+        row = np.floor((py - y0) / CELL) - (rows - (rows + 1) // 2)
+        inside_box = (py >= y0) & (py < y0 + s) & (px >= x0) & (px < x0 + s)
+        return inside_box & (row >= 0) & (np.abs(px - x0 - s / 2) <= row * CELL + CELL / 2)
     raise ValueError(f"unknown shape {obj.shape!r}")
 
 
@@ -142,7 +154,7 @@ def render(scene: Scene, size: int = REFERENCE_SIZE) -> torch.Tensor:
 # -------------------------------------------------------------------------------------------------------------------
 # captions
 
-_SIZE_WORD = lambda s: "small" if s < 20 else "medium" if s < 24 else "large"  # noqa: E731
+_SIZE_WORD = lambda s: "small" if s < 3 * CELL else "medium" if s < 4 * CELL else "large"  # noqa: E731
 
 
 def _where(obj: Obj) -> str:
