@@ -122,6 +122,16 @@ def test_add_ceilings_fills_the_row_and_trains_each_family_once(tmp_path, monkey
     assert second["families"] == first["families"]
     assert second["extra"]["ceiling_train_seconds_this_run"] == 0.0
 
+    # a larger budget (--ceiling-steps) trains apart, records its steps, and is reused in its turn
+    longer = result()
+    ceiling.add_ceilings("fake", fake, ctx, longer, ["invert"], steps=12)
+    assert runs == ["invert", "hflip", "invert"] and longer["families"]["invert"]["ceiling"]["lora"]["train_steps"] == 12
+    assert len(list(cache.glob("fake-invert-*"))) == 2
+    ceiling.add_ceilings("fake", fake, ctx, result(), ["invert"], steps=12)
+    assert runs == ["invert", "hflip", "invert"]
+    with pytest.raises(ValueError, match="at least 1"):
+        ceiling.add_ceilings("fake", fake, ctx, result(), ["invert"], steps=0)
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # a quick ceiling run (slow)

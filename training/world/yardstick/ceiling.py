@@ -59,10 +59,21 @@ def cache_key(method: str, ceiling: Ceiling, world: World, settings: dict, famil
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def trained(method: str, ceiling: Ceiling, world: World, family: str, seed: int, root: Path | None = None
-            ) -> tuple[Path, dict]:
-    """The folder of ``family``'s ceiling run and its record, training it unless the cache holds it."""
+def ceiling_settings(ceiling: Ceiling, world: World, family: str, seed: int, steps: int | None = None) -> dict:
+    """The trainer settings of one family's ceiling run; ``steps`` replaces the row's training steps (a larger budget:
+    the cache key changes with it, so each budget is trained and kept once)."""
     settings = ceiling.settings(world, world.quick, family, seed)
+    if steps is not None:
+        if steps < 1:
+            raise ValueError(f"ceiling steps must be at least 1, got {steps}")
+        settings = {**settings, "max_steps": steps, "checkpoint_every": steps, "sample_every": steps}
+    return settings
+
+
+def trained(method: str, ceiling: Ceiling, world: World, family: str, seed: int, root: Path | None = None,
+            steps: int | None = None) -> tuple[Path, dict]:
+    """The folder of ``family``'s ceiling run and its record, training it unless the cache holds it."""
+    settings = ceiling_settings(ceiling, world, family, seed, steps)
     key = cache_key(method, ceiling, world, settings, family, seed)
     folder = cache_root(world, root) / f"{method}-{family}-{key}"
     try:
@@ -90,10 +101,10 @@ def trained(method: str, ceiling: Ceiling, world: World, family: str, seed: int,
 
 
 def family_ceiling(method: str, ceiling: Ceiling, world: World, family: str, items: list, seed: int,
-                   root: Path | None = None) -> dict:
+                   root: Path | None = None, steps: int | None = None) -> dict:
     """``{"lora": {...}}`` of one family on ``items`` (held-out examples), with the B′ it scored under ``"b_prime"``
     (a tensor: pop it before writing JSON)."""
-    folder, record = trained(method, ceiling, world, family, seed, root)
+    folder, record = trained(method, ceiling, world, family, seed, root, steps)
     b_prime = ceiling.sample(world, world.quick, folder, items, seed)
     truth, b = ev.stack(items, "b_prime"), ev.stack(items, "b")
     lora = {**metrics.cell_scores(b_prime, truth, b), "error": round(float(ev.mae(b_prime, truth).mean()), 5),
@@ -102,13 +113,13 @@ def family_ceiling(method: str, ceiling: Ceiling, world: World, family: str, ite
 
 
 def add_ceilings(method: str, ceiling: Ceiling, ctx: MethodContext, result: dict, families: list[str] | None = None,
-                 root: Path | None = None) -> dict[str, torch.Tensor]:
+                 root: Path | None = None, steps: int | None = None) -> dict[str, torch.Tensor]:
     """Add ``families.<f>.ceiling`` to a row's measured ``result`` for every training family (or ``families``) and
     the means over them to its ``extra``; returns the ceilings' B′ per family (for a picture)."""
     names = families or [f for f in ctx.examples if world_def.get_family(f).split == "train"]
     pictures, seconds = {}, 0.0
     for family in names:
-        out = family_ceiling(method, ceiling, ctx.world, family, ctx.examples[family], ctx.seed, root)
+        out = family_ceiling(method, ceiling, ctx.world, family, ctx.examples[family], ctx.seed, root, steps)
         pictures[family] = out.pop("b_prime")
         if not out.pop("cached"):
             seconds += out["lora"]["train_seconds"]

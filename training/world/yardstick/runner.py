@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "families.<f>.ceiling (default: on for the full world, off with --quick)")
     parser.add_argument("--ceiling-families", help="'+'-joined families for the ceilings (default: the training "
                                                    "families)")
+    parser.add_argument("--ceiling-steps", type=int, help="train each ceiling this many steps instead of the row's "
+                                                            "(a larger budget; cached apart)")
     parser.add_argument("--ceiling-root", type=Path, help="the ceilings' cache (default <world folder>/ceilings or "
                                                           f"${ceiling.ENV_ROOT})")
     args = parser.parse_args(argv)
@@ -248,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name}: picture {picture(ctx, output, results[name], out / f'{name}.png')}")
         if ceilings and METHODS[name].ceiling:
             b_prime = ceiling.add_ceilings(name, METHODS[name].ceiling, ctx, results[name], ceiling_families,
-                                           args.ceiling_root)
+                                           args.ceiling_root, args.ceiling_steps)
             print(f"{name}: ceiling picture {ceiling_picture(ctx, output, b_prime, results[name], out)}")
         report = write_report(args, out, started, results)  # after every method: a late crash keeps the rows
     print_table(results)
