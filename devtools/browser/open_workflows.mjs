@@ -292,7 +292,8 @@ try {
     await page.evaluateOnNewDocument(() => setInterval(() => window.gc?.(), Number(window.__gcEvery ?? 250)));
   }
   await step("open the frontend", () => openFrontend(page, opts.url));
-  report.frontend_version = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
+  report.frontend_version = await step("read the frontend version",
+    () => page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null));
   report.seconds.open_frontend = (Date.now() - started) / 1000;
   if (opts.screenshots) {
     fs.mkdirSync(opts.screenshots, { recursive: true });
@@ -324,7 +325,7 @@ try {
       fs.writeFileSync(file, "");
     }
     // What the user does after downloading: refresh (the R key), so the loaders list the new files.
-    await page.evaluate(() => window.app.refreshComboInNodes());
+    await step("refresh the loaders' lists", () => page.evaluate(() => window.app.refreshComboInNodes()));
     report.reloaded = {};
     for (const file of workflows) {
       const name = path.basename(file, ".json");
@@ -338,7 +339,7 @@ try {
   }
   if (opts["help-nodes"]) {
     const t0 = Date.now();
-    await closeDialogs(page);
+    await step("close the dialogs", () => closeDialogs(page));
     report.help = {};
     for (const nodeType of opts["help-nodes"].split(",").filter(Boolean)) {
       consoleErrors.length = 0;
