@@ -84,12 +84,12 @@ def open_workflows(url: str, workflows: list[Path], screenshots: Path | None = N
                                   text=True, timeout=timeout)
             if done.returncode == 0 and out.is_file():
                 return json.loads(out.read_text())
-            if COLLECTED not in done.stderr or attempt == DRIVER_ATTEMPTS:
-                raise FrontendError(f"browser driver exited with {done.returncode} (attempt {attempt}):\n"
-                                    f"{done.stderr[-4000:]}")
-            log.warning("browser driver: Chromium collected a pending promise (%s); running the driver again",
-                        done.stderr.strip().splitlines()[-1][:200] if done.stderr.strip() else "no stderr")
-        raise AssertionError("unreachable")
+            if COLLECTED not in done.stderr:
+                break
+            if attempt < DRIVER_ATTEMPTS:
+                log.warning("browser driver: Chromium collected a pending promise; running the driver again")
+        raise FrontendError(f"browser driver exited with {done.returncode} (attempt {attempt}):\n"
+                            f"{done.stderr[-4000:]}")
 
 
 # -- README: the model files a user is told to download ---------------------------------------------------------------

@@ -73,7 +73,6 @@ def initialise(ae, seed: int) -> None:
         param.zero_()
     _copy_colours(enc[0])
     for index in ENC_POOLS:  # 2 x 2 mean with a stride-2 3 x 3 kernel: taps (1..2, 1..2) cover pixels (2i..2i+1)
-        _zero(enc[index])
         for k in range(COLOUR_CHANNELS):
             enc[index].weight[k, k, 1:3, 1:3] = 0.25
     p = projection(seed)
