@@ -3,6 +3,7 @@
     python -m training.world build                  # the full world (the yardstick's and the demo's)
     python -m training.world build --quick          # the CI-sized world
     python -m training.world build --models clip --seed 1 --root /tmp/worlds
+    python -m training.world build --quick --world-set flux_kontext.heads=6   # a probe world, in its own folder
     python -m training.world list                   # registered world models
 
 Prints the world folder; pass it to the trainers as ``--set backbone=world:<folder>`` /
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from training.world import WORLD_MODELS, build_world
+from training.world.registry import parse_overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  "$ANALOGY_WORLD_CACHE)")
     build.add_argument("--models", help="comma-separated world models (default: all registered)")
     build.add_argument("--force", action="store_true", help="rebuild even when cached")
+    build.add_argument("--world-set", action="append", metavar="MODEL.SETTING=VALUE",
+                       help="change one model's setting (repeatable); built in a folder of its own")
     sub.add_parser("list", help="list the registered world models")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -43,7 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.manual_seed(args.seed)
     models = [m.strip() for m in args.models.split(",")] if args.models else None
-    world = build_world(models, quick=args.quick, seed=args.seed, root=args.root, force=args.force)
+    try:
+        overrides = parse_overrides(args.world_set)
+    except ValueError as err:
+        parser.error(str(err))
+    world = build_world(models, quick=args.quick, seed=args.seed, root=args.root, force=args.force,
+                        overrides=overrides)
     print(json.dumps({name: {"seconds": r["seconds"], **r["metrics"]} for name, r in world.builds.items()},
                      indent=2))
     print(world.root)

@@ -12,6 +12,12 @@ rebuilt only when its *key* changes: the hash of the world version, the model's 
 and its dependencies' keys. Each model is written to a temporary folder and renamed when complete, so an
 interrupted build never leaves a half-written model that a later run would reuse.
 
+**Overrides** (``--world-set flux_kontext.heads=6`` on the world's and the yardstick's commands) change one setting of
+one model for a probe: the overridden models and everything depending on them get new keys, and the world goes to
+its own folder (``v<version>-<size>-s<seed>-x<hash of the overrides>``), so a probe never replaces the default
+world's models. The overrides are recorded in the manifest; an overridden model's build record holds the settings it
+was built with.
+
 A builder receives a :class:`BuildContext` (its output folder, settings, seed, the folders of its dependencies) and
 returns a JSON-able dict of measurements (errors, accuracies) that goes into its ``build.json``.
 """
@@ -94,18 +100,68 @@ def build_order(names: list[str]) -> list[str]:
     return order
 
 
+Overrides = dict[str, dict[str, object]]  # model -> {setting: value}
+
+
+def parse_overrides(items: list[str] | None) -> Overrides:
+    """``["model.setting=value", ...]`` -> ``{model: {setting: value}}``. The model must be registered, the setting one
+    of its settings, the value a JSON literal of the setting's type (an int is accepted for a float)."""
+    out: Overrides = {}
+    for item in items or []:
+        name, sep, text = item.partition("=")
+        model_name, dot, setting = name.strip().partition(".")
+        if not sep or not dot or not setting:
+            raise ValueError(f"a world override is model.setting=value (e.g. flux_kontext.heads=6), got {item!r}")
+        model = _registered(model_name)
+        current = model.configs["full"].get(setting, model.configs["quick"].get(setting))
+        if current is None:
+            raise ValueError(f"world model {model_name} has no setting {setting!r}; its settings: "
+                             f"{', '.join(sorted(model.configs['full']))}")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        if not _same_type(value, current):
+            kind = type(current).__name__
+            raise ValueError(f"{model_name}.{setting} takes a value of type {kind} (now {current!r}), got {text!r}")
+        out.setdefault(model_name, {})[setting] = float(value) if isinstance(current, float) else value
+    return out
+
+
+def _same_type(value: object, current: object) -> bool:
+    if isinstance(current, bool) or isinstance(value, bool):
+        return isinstance(current, bool) and isinstance(value, bool)
+    if isinstance(current, float):
+        return isinstance(value, (int, float))
+    return type(value) is type(current)
+
+
+def model_config(name: str, quick: bool, overrides: Overrides | None = None) -> dict:
+    """A model's settings for the world size, with any overrides applied."""
+    return {**_registered(name).configs["quick" if quick else "full"], **(overrides or {}).get(name, {})}
+
+
+def overrides_tag(overrides: Overrides | None) -> str:
+    """The folder suffix of an overridden world ("" without overrides)."""
+    if not overrides:
+        return ""
+    return "-x" + hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def default_root() -> Path:
     return Path(os.environ.get("ANALOGY_WORLD_CACHE") or REPO / "outputs" / "world")
 
 
-def world_folder(quick: bool, seed: int, root: Path | None = None) -> Path:
-    return Path(root or default_root()) / f"v{WORLD_VERSION}-{'quick' if quick else 'full'}-s{seed}"
+def world_folder(quick: bool, seed: int, root: Path | None = None, overrides: Overrides | None = None) -> Path:
+    name = f"v{WORLD_VERSION}-{'quick' if quick else 'full'}-s{seed}{overrides_tag(overrides)}"
+    return Path(root or default_root()) / name
 
 
-def model_key(name: str, quick: bool, seed: int, dependency_keys: dict[str, str]) -> str:
+def model_key(name: str, quick: bool, seed: int, dependency_keys: dict[str, str],
+              overrides: Overrides | None = None) -> str:
     model = _registered(name)
     payload = json.dumps({"world": WORLD_VERSION, "model": name, "version": model.version, "seed": seed,
-                          "config": model.configs["quick" if quick else "full"],
+                          "config": model_config(name, quick, overrides),
                           "depends": {d: dependency_keys[d] for d in model.depends}}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -118,6 +174,7 @@ class World:
     quick: bool
     seed: int
     builds: dict[str, dict] = field(default_factory=dict)
+    overrides: Overrides = field(default_factory=dict)
 
     def path(self, name: str) -> Path:
         if name not in self.builds:
@@ -138,15 +195,19 @@ def _read_build(folder: Path) -> dict | None:
 
 
 def build_world(models: list[str] | None = None, quick: bool = False, seed: int = 0, root: Path | None = None,
-                force: bool = False) -> World:
-    """Build (or reuse) the named world models and their dependencies; returns the world."""
-    folder = world_folder(quick, seed, root)
+                force: bool = False, overrides: Overrides | None = None) -> World:
+    """Build (or reuse) the named world models and their dependencies; returns the world. ``overrides`` (from
+    :func:`parse_overrides`) change settings of the named models, in a folder of their own."""
+    overrides = {name: dict(values) for name, values in (overrides or {}).items() if values}
+    for name in overrides:
+        _registered(name)
+    folder = world_folder(quick, seed, root, overrides)
     folder.mkdir(parents=True, exist_ok=True)
-    world = World(folder, quick, seed)
+    world = World(folder, quick, seed, overrides=overrides)
     keys: dict[str, str] = {}
     for name in build_order(models or list(WORLD_MODELS)):
         model = WORLD_MODELS[name]
-        keys[name] = key = model_key(name, quick, seed, keys)
+        keys[name] = key = model_key(name, quick, seed, keys, overrides)
         target = folder / name
         record = _read_build(target)
         if record and record.get("key") == key and not force:
@@ -156,7 +217,7 @@ def build_world(models: list[str] | None = None, quick: bool = False, seed: int 
         tmp = folder / f".tmp_{name}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        config = model.configs["quick" if quick else "full"]
+        config = model_config(name, quick, overrides)
         log.info("world model %s: building (%s world, seed %d) ...", name, "quick" if quick else "full", seed)
         started = time.monotonic()
         metrics = model.build(BuildContext(name, tmp, config, seed, quick, {d: folder / d for d in model.depends}))
@@ -169,7 +230,7 @@ def build_world(models: list[str] | None = None, quick: bool = False, seed: int 
         os.replace(tmp, target)
         log.info("world model %s: built in %.0f s: %s", name, record["seconds"], json.dumps(metrics))
         world.builds[name] = record
-    manifest = {"world_version": WORLD_VERSION, "quick": quick, "seed": seed,
+    manifest = {"world_version": WORLD_VERSION, "quick": quick, "seed": seed, "overrides": overrides,
                 "models": {**(_read_manifest(folder).get("models", {})),
                            **{n: {"key": r["key"], "seconds": r["seconds"]} for n, r in world.builds.items()}}}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -190,7 +251,8 @@ def open_world(folder: str | Path) -> World:
     if not manifest:
         raise FileNotFoundError(f"{folder} is not a built analogy world (no {MANIFEST}); build one with "
                                 f"`python -m training.world build`")
-    world = World(folder, bool(manifest.get("quick")), int(manifest.get("seed", 0)))
+    world = World(folder, bool(manifest.get("quick")), int(manifest.get("seed", 0)),
+                  overrides=dict(manifest.get("overrides") or {}))
     for name in manifest.get("models", {}):
         record = _read_build(folder / name)
         if record:

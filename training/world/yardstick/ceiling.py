@@ -59,10 +59,40 @@ def cache_key(method: str, ceiling: Ceiling, world: World, settings: dict, famil
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def ceiling_settings(ceiling: Ceiling, world: World, family: str, seed: int, steps: int | None = None) -> dict:
-    """The trainer settings of one family's ceiling run; ``steps`` replaces the row's training steps (a larger budget:
-    the cache key changes with it, so each budget is trained and kept once)."""
+# What makes a ceiling the ceiling of its row and family: not to be overridden (steps: ``steps``).
+FIXED_SETTINGS = frozenset({"data", "num_entries", "rank", "seed", "backbone", "query_encoder", "max_steps",
+                            "checkpoint_every", "sample_every"})
+
+
+def parse_setting_overrides(items: list[str] | None) -> dict[str, object]:
+    """``["key=value", ...]`` (``--ceiling-set learning_rate=2e-3``) -> trainer settings; values read as JSON
+    literals where they are one (numbers, booleans), else kept as text."""
+    out: dict[str, object] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"a ceiling setting is key=value (e.g. learning_rate=2e-3), got {item!r}")
+        if key in FIXED_SETTINGS:
+            raise ValueError(f"{key} defines the ceiling (its family, rank budget, seed, backbone or steps) and cannot "
+                             f"be overridden; steps: --ceiling-steps")
+        try:
+            out[key] = json.loads(text)
+        except ValueError:
+            out[key] = text
+    return out
+
+
+def ceiling_settings(ceiling: Ceiling, world: World, family: str, seed: int, steps: int | None = None,
+                     overrides: dict[str, object] | None = None) -> dict:
+    """The trainer settings of one family's ceiling run; ``steps`` replaces the row's training steps (a larger budget)
+    and ``overrides`` other trainer settings (e.g. the learning rate; never those in :data:`FIXED_SETTINGS`). The
+    cache key changes with both, so each variant is trained and kept once."""
     settings = ceiling.settings(world, world.quick, family, seed)
+    fixed = sorted(FIXED_SETTINGS & set(overrides or {}))
+    if fixed:
+        raise ValueError(f"ceiling settings {fixed} cannot be overridden")
+    settings = {**settings, **(overrides or {})}
     if steps is not None:
         if steps < 1:
             raise ValueError(f"ceiling steps must be at least 1, got {steps}")
@@ -71,9 +101,9 @@ def ceiling_settings(ceiling: Ceiling, world: World, family: str, seed: int, ste
 
 
 def trained(method: str, ceiling: Ceiling, world: World, family: str, seed: int, root: Path | None = None,
-            steps: int | None = None) -> tuple[Path, dict]:
+            steps: int | None = None, overrides: dict[str, object] | None = None) -> tuple[Path, dict]:
     """The folder of ``family``'s ceiling run and its record, training it unless the cache holds it."""
-    settings = ceiling_settings(ceiling, world, family, seed, steps)
+    settings = ceiling_settings(ceiling, world, family, seed, steps, overrides)
     key = cache_key(method, ceiling, world, settings, family, seed)
     folder = cache_root(world, root) / f"{method}-{family}-{key}"
     try:
@@ -101,10 +131,11 @@ def trained(method: str, ceiling: Ceiling, world: World, family: str, seed: int,
 
 
 def family_ceiling(method: str, ceiling: Ceiling, world: World, family: str, items: list, seed: int,
-                   root: Path | None = None, steps: int | None = None) -> dict:
+                   root: Path | None = None, steps: int | None = None,
+                   overrides: dict[str, object] | None = None) -> dict:
     """``{"lora": {...}}`` of one family on ``items`` (held-out examples), with the B′ it scored under ``"b_prime"``
     (a tensor: pop it before writing JSON)."""
-    folder, record = trained(method, ceiling, world, family, seed, root, steps)
+    folder, record = trained(method, ceiling, world, family, seed, root, steps, overrides)
     b_prime = ceiling.sample(world, world.quick, folder, items, seed)
     truth, b = ev.stack(items, "b_prime"), ev.stack(items, "b")
     lora = {**metrics.cell_scores(b_prime, truth, b), "error": round(float(ev.mae(b_prime, truth).mean()), 5),
@@ -113,13 +144,14 @@ def family_ceiling(method: str, ceiling: Ceiling, world: World, family: str, ite
 
 
 def add_ceilings(method: str, ceiling: Ceiling, ctx: MethodContext, result: dict, families: list[str] | None = None,
-                 root: Path | None = None, steps: int | None = None) -> dict[str, torch.Tensor]:
+                 root: Path | None = None, steps: int | None = None,
+                 overrides: dict[str, object] | None = None) -> dict[str, torch.Tensor]:
     """Add ``families.<f>.ceiling`` to a row's measured ``result`` for every training family (or ``families``) and
     the means over them to its ``extra``; returns the ceilings' B′ per family (for a picture)."""
     names = families or [f for f in ctx.examples if world_def.get_family(f).split == "train"]
     pictures, seconds = {}, 0.0
     for family in names:
-        out = family_ceiling(method, ceiling, ctx.world, family, ctx.examples[family], ctx.seed, root, steps)
+        out = family_ceiling(method, ceiling, ctx.world, family, ctx.examples[family], ctx.seed, root, steps, overrides)
         pictures[family] = out.pop("b_prime")
         if not out.pop("cached"):
             seconds += out["lora"]["train_seconds"]
@@ -135,5 +167,7 @@ def add_ceilings(method: str, ceiling: Ceiling, ctx: MethodContext, result: dict
         extra[f"mean_ceiling_lora_error_over_no_edit_{split}"] = round(
             sum(r["ceiling"]["lora"]["error"] / r["no_edit"] for r in rows) / len(rows), 4)
     extra["ceiling_families"] = names
+    if overrides:
+        extra["ceiling_overrides"] = dict(overrides)
     extra["ceiling_train_seconds_this_run"] = round(seconds, 1)
     return pictures

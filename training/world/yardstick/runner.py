@@ -13,7 +13,8 @@ the method's B′; each row labelled with both errors and both cell fractions).
 
 The JSON (stable: keys are added, never removed or renamed)::
 
-    {"seed", "quick", "seconds", "methods": {name: {
+    {"seed", "quick", "seconds", "world_overrides" (only for a probe world, --world-set: {model: {setting: value}}),
+     "methods": {name: {
         "families": {family: {
             "split": "train" | "heldout",
             "error", "no_edit", "base", "floor": mean absolute pixel error of B′ (method, B, base, reconstruction),
@@ -36,6 +37,7 @@ The JSON (stable: keys are added, never removed or renamed)::
             "mean_ceiling_lora_error_over_no_edit_<split>": the same for the ceilings (when measured),
             "ceiling_families", "ceiling_train_seconds_this_run": the families with a ceiling, and the seconds this
                 run spent training ceilings (0 when all came from the cache),
+            "ceiling_overrides": the ceilings' trainer settings changed with --ceiling-set (only when given),
             ... method-specific figures}}}}
 
 ``<split>`` is ``train`` (training families) or ``heldout`` (held-out families); every figure is measured on
@@ -66,6 +68,7 @@ from analogy_core.analogy import to_uint8_images
 from training.world import build_world, metrics
 from training.world import evaluate as ev
 from training.world import scenes as world_def
+from training.world.registry import World, parse_overrides
 from training.world.yardstick import ceiling, edit_transfer, loc, lorweb, regions
 from training.world.yardstick.common import Method, MethodContext, MethodOutput
 
@@ -222,6 +225,12 @@ def main(argv: list[str] | None = None) -> dict:
                                                    "families)")
     parser.add_argument("--ceiling-steps", type=int, help="train each ceiling this many steps instead of the row's "
                                                             "(a larger budget; cached apart)")
+    parser.add_argument("--ceiling-set", action="append", metavar="KEY=VALUE",
+                        help="a trainer setting of every ceiling run, e.g. learning_rate=2e-3 (repeatable; cached "
+                             "apart; not the family, rank budget, seed, backbone or steps)")
+    parser.add_argument("--world-set", action="append", metavar="MODEL.SETTING=VALUE",
+                        help="a probe: change one world model's setting, e.g. flux_kontext.heads=6 (repeatable); the "
+                             "world is built in a folder of its own, the default world is left as it is")
     parser.add_argument("--ceiling-root", type=Path, help="the ceilings' cache (default <world folder>/ceilings or "
                                                           f"${ceiling.ENV_ROOT})")
     args = parser.parse_args(argv)
@@ -230,13 +239,18 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
+    try:
+        world_overrides = parse_overrides(args.world_set)
+        ceiling_overrides = ceiling.parse_setting_overrides(args.ceiling_set)
+    except ValueError as err:
+        parser.error(str(err))
     started = time.monotonic()
     out = args.out or REPO / "outputs" / f"bench_world{'_quick' if args.quick else ''}_s{args.seed}"
     count = args.examples or (4 if args.quick else 16)
     ceilings = (not args.quick) if args.ceilings is None else args.ceilings
     ceiling_families = args.ceiling_families.split("+") if args.ceiling_families else None
     needed = sorted({m for name in names for m in METHODS[name].world_models})
-    world = build_world(needed, quick=args.quick, seed=args.seed, root=args.world_root)
+    world = build_world(needed, quick=args.quick, seed=args.seed, root=args.world_root, overrides=world_overrides)
     panel = world.builds["autoencoder"]["config"]["panel"]
     examples = {family: ev.examples(family, count, panel) for family in world_def.families("all")}
     results = {}
@@ -250,17 +264,19 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name}: picture {picture(ctx, output, results[name], out / f'{name}.png')}")
         if ceilings and METHODS[name].ceiling:
             b_prime = ceiling.add_ceilings(name, METHODS[name].ceiling, ctx, results[name], ceiling_families,
-                                           args.ceiling_root, args.ceiling_steps)
+                                           args.ceiling_root, args.ceiling_steps, ceiling_overrides)
             print(f"{name}: ceiling picture {ceiling_picture(ctx, output, b_prime, results[name], out)}")
-        report = write_report(args, out, started, results)  # after every method: a late crash keeps the rows
+        report = write_report(args, out, started, results, world)  # after every method: a late crash keeps the rows
     print_table(results)
     print(f"total time: {report['seconds']:.1f} s")
     return report
 
 
-def write_report(args: argparse.Namespace, out: Path, started: float, results: dict) -> dict:
+def write_report(args: argparse.Namespace, out: Path, started: float, results: dict, world: World) -> dict:
     report = {"seed": args.seed, "quick": args.quick, "seconds": round(time.monotonic() - started, 1),
               "methods": results}
+    if world.overrides:
+        report["world_overrides"] = world.overrides
     for path in filter(None, (args.json, out / "results.json")):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2))
