@@ -64,6 +64,14 @@ FIXED_SETTINGS = frozenset({"data", "num_entries", "rank", "seed", "backbone", "
                             "checkpoint_every", "sample_every"})
 
 
+def refuse_fixed(keys) -> None:
+    """Raise if any of ``keys`` is one of :data:`FIXED_SETTINGS`."""
+    fixed = sorted(FIXED_SETTINGS & set(keys))
+    if fixed:
+        raise ValueError(f"{', '.join(fixed)}: what defines the ceiling (its family, rank budget, seed, backbone or "
+                         f"steps) cannot be overridden; steps: --ceiling-steps")
+
+
 def parse_setting_overrides(items: list[str] | None) -> dict[str, object]:
     """``["key=value", ...]`` (``--ceiling-set learning_rate=2e-3``) -> trainer settings; values read as JSON
     literals where they are one (numbers, booleans), else kept as text."""
@@ -73,9 +81,7 @@ def parse_setting_overrides(items: list[str] | None) -> dict[str, object]:
         key = key.strip()
         if not sep or not key:
             raise ValueError(f"a ceiling setting is key=value (e.g. learning_rate=2e-3), got {item!r}")
-        if key in FIXED_SETTINGS:
-            raise ValueError(f"{key} defines the ceiling (its family, rank budget, seed, backbone or steps) and cannot "
-                             f"be overridden; steps: --ceiling-steps")
+        refuse_fixed([key])
         try:
             out[key] = json.loads(text)
         except ValueError:
@@ -89,9 +95,7 @@ def ceiling_settings(ceiling: Ceiling, world: World, family: str, seed: int, ste
     and ``overrides`` other trainer settings (e.g. the learning rate; never those in :data:`FIXED_SETTINGS`). The
     cache key changes with both, so each variant is trained and kept once."""
     settings = ceiling.settings(world, world.quick, family, seed)
-    fixed = sorted(FIXED_SETTINGS & set(overrides or {}))
-    if fixed:
-        raise ValueError(f"ceiling settings {fixed} cannot be overridden")
+    refuse_fixed(overrides or {})
     settings = {**settings, **(overrides or {})}
     if steps is not None:
         if steps < 1:
