@@ -120,3 +120,16 @@ def test_the_yardstick_refuses_a_bad_probe_before_building_anything(args, tmp_pa
     err = capsys.readouterr().err
     assert "no setting 'nope'" in err or "cannot be overridden" in err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--quick", "--methods", "lorweb", "--ceiling-set", "learning_rate=2e-3"], "--quick turns them off"),
+    (["--methods", "lorweb", "--no-ceilings", "--ceiling-steps", "9"], "--no-ceilings"),
+    (["--quick", "--methods", "lorweb", "--ceiling-families", "invert"], "add --ceilings"),
+    (["--quick", "--methods", "regions", "--ceilings", "--ceiling-set", "learning_rate=2e-3"], "none of regions"),
+])
+def test_a_ceiling_option_without_a_ceiling_is_refused_not_ignored(args, says, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        runner.main([*args, "--world-root", str(tmp_path)])
+    assert says in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before any world is built

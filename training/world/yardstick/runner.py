@@ -209,6 +209,24 @@ def print_table(results: dict) -> None:
           f"{metrics.TOLERANCE} of the truth); b. = base, f. = autoencoder floor; no edit scores 0 / 1")
 
 
+CEILING_OPTIONS = ("ceiling_families", "ceiling_steps", "ceiling_set", "ceiling_root")
+
+
+def refuse_unused_ceiling_options(parser: argparse.ArgumentParser, args: argparse.Namespace, ceilings: bool,
+                                  names: list[str]) -> None:
+    """A ceiling option with no ceiling to apply it to is an error, not a silent no-op."""
+    given = [f"--{o.replace('_', '-')}" for o in CEILING_OPTIONS if getattr(args, o) is not None]
+    if not given:
+        return
+    if not ceilings:
+        parser.error(f"{', '.join(given)} apply to the ceilings, which are off for this run "
+                     f"({'--no-ceilings' if args.ceilings is False else '--quick turns them off'}): add --ceilings")
+    if not any(METHODS[name].ceiling for name in names):
+        with_one = [name for name, method in METHODS.items() if method.ceiling]
+        parser.error(f"{', '.join(given)} apply to the ceilings, and none of {', '.join(names)} has one "
+                     f"(rows with a ceiling: {', '.join(with_one)})")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
@@ -249,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     count = args.examples or (4 if args.quick else 16)
     ceilings = (not args.quick) if args.ceilings is None else args.ceilings
     ceiling_families = args.ceiling_families.split("+") if args.ceiling_families else None
+    refuse_unused_ceiling_options(parser, args, ceilings, names)
     needed = sorted({m for name in names for m in METHODS[name].world_models})
     world = build_world(needed, quick=args.quick, seed=args.seed, root=args.world_root, overrides=world_overrides)
     panel = world.builds["autoencoder"]["config"]["panel"]
