@@ -46,6 +46,7 @@ class TrainingTask:
 
     name: ClassVar[str] = "task"
     artifact: ClassVar[str] = "model.safetensors"       # the user-facing file in output_dir
+    other_artifacts: ClassVar[tuple[str, ...]] = ()     # other files the task writes atomically there (cleaned too)
     config_cls: ClassVar[type[CommonConfig]] = CommonConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     description: ClassVar[str] = ""
@@ -297,7 +298,7 @@ def run(task_cls: type[TrainingTask], argv=None) -> dict:
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        for path in ckpt.remove_stale_temporaries(out, (task_cls.artifact,)):
+        for path in ckpt.remove_stale_temporaries(out, (task_cls.artifact, *task_cls.other_artifacts)):
             log.info("removed %s left by an interrupted write", path)
     accelerator.wait_for_everyone()
 

@@ -9,6 +9,7 @@ from training.config import CommonConfig
 
 HYPERNETWORK_FILE = "loc_hypernetwork.safetensors"
 ENCODER_FILE = "loc_image_encoder.safetensors"   # written only when the image encoder trains
+PLAIN_LORA_FILE = "loc_plain_lora.safetensors"   # written instead of the hypernetwork with plain_lora
 LOSS_SPACES = ("epsilon", "x0", "x0_clamped")
 
 
@@ -56,6 +57,9 @@ class LoCConfig(CommonConfig):
     # > 0: E trains at this rate (e.g. 1e-6, a tenth of H's paper rate; transformers encoders only).
     image_encoder_learning_rate: float = 0.0
     init_from: str = ""                   # two-stage training: a hypernetwork file or checkpoint folder
+    # True: train one plain LoRA of `rank` on the same projections instead of H (the same for every pair; written as
+    # a standard LoRA file, loc_plain_lora.safetensors): LoC's ceiling on the analogy world (training/loc/plain.py)
+    plain_lora: bool = False
     sample_steps: int = 20                # DDIM steps of the sample images
     # optimisation (paper: AdamW, lr 1e-5, batch 96 on 8 GPUs, 80 epochs, 512 px)
     batch_size: int = 12
@@ -73,6 +77,9 @@ class LoCConfig(CommonConfig):
             raise ValueError(f"image_encoder_learning_rate must be >= 0, got {self.image_encoder_learning_rate}")
         if not self.x0_weight_max > 0:
             raise ValueError(f"x0_weight_max must be positive, got {self.x0_weight_max}")
+        if self.plain_lora and (self.init_from or self.image_encoder_learning_rate > 0):
+            raise ValueError("plain_lora trains one LoRA in H's place: init_from (a hypernetwork) and "
+                             "image_encoder_learning_rate (H's encoder) do not apply to it")
         if self.image_fit not in ("stretch", "center_crop"):
             raise ValueError(f"image_fit must be stretch or center_crop, got {self.image_fit!r}")
         for key in ("exchange_probability", "flip_probability", "text_dropout"):

@@ -56,10 +56,12 @@ from analogy_core.loc import (
     load_hypernetwork,
     save_hypernetwork,
 )
+from analogy_core.lora_io import save_lora_file
 from training.backbone import load_query_encoder
 from training.config import without_local_path
-from training.loc.config import ENCODER_FILE, HYPERNETWORK_FILE, PRESETS, LoCConfig
+from training.loc.config import ENCODER_FILE, HYPERNETWORK_FILE, PLAIN_LORA_FILE, PRESETS, LoCConfig
 from training.loc.data import make_pair_dataset
+from training.loc.plain import PlainLoRA
 from training.loc.ip2p import IP2PBackbone, add_noise, ddim_sample, load_ip2p, to_epsilon
 from training.trainer import TrainingTask, run, save_sample_image
 
@@ -246,9 +248,15 @@ def shareable_config(cfg: LoCConfig) -> dict:
 class LoCTask(TrainingTask):
     name = "loc"
     artifact = HYPERNETWORK_FILE
+    other_artifacts = (ENCODER_FILE, PLAIN_LORA_FILE)
     config_cls = LoCConfig
     presets = PRESETS
     description = __doc__
+
+    def __init__(self, cfg: LoCConfig, accelerator) -> None:
+        super().__init__(cfg, accelerator)
+        if cfg.plain_lora:
+            self.artifact = PLAIN_LORA_FILE  # the file this run writes (the skeleton reads the instance's)
 
     def build(self) -> nn.Module:
         cfg = self.cfg
@@ -258,6 +266,9 @@ class LoCTask(TrainingTask):
         self.encoder = load_query_encoder(cfg.image_encoder, cfg.seed).to(self.device)
         if cfg.gradient_checkpointing:
             self.backbone.unet.enable_gradient_checkpointing()
+        if cfg.plain_lora:
+            torch.manual_seed(cfg.seed)
+            return PlainLoRA(hypernetwork_config(cfg, self.backbone, self.encoder)).to(self.device)
         hypernetwork = build_hypernetwork(hypernetwork_config(cfg, self.backbone, self.encoder), seed=cfg.seed)
         if cfg.init_from:
             hypernetwork.load_state_dict(initial_weights(cfg.init_from, hypernetwork))
@@ -288,13 +299,20 @@ class LoCTask(TrainingTask):
             state = {k: v.detach().float().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
             write_safetensors_atomic(state, path.with_name(ENCODER_FILE), {"analogy.kind": "loc_image_encoder",
                                                                           "analogy.step": str(step)})
-        save_hypernetwork(hypernetwork_of(model), path, {"analogy.backbone": without_local_path(cfg.backbone),
-                                        "analogy.encoder_spec": without_local_path(cfg.image_encoder),
-                                        "analogy.step": str(step), "analogy.pack_version": __version__,
-                                        "analogy.config": json.dumps(shareable_config(cfg))})
+        metadata = {"analogy.backbone": without_local_path(cfg.backbone),
+                    "analogy.encoder_spec": without_local_path(cfg.image_encoder), "analogy.step": str(step),
+                    "analogy.pack_version": __version__, "analogy.config": json.dumps(shareable_config(cfg))}
+        if isinstance(model, PlainLoRA):
+            save_lora_file(model.lora(metadata), path)
+            return
+        save_hypernetwork(hypernetwork_of(model), path, metadata)
 
     def summary(self, model) -> str:
         count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if isinstance(model, PlainLoRA):
+            config = model.config
+            return (f"plain LoRA (one for every pair, no hypernetwork) for {config.family}: {config.num_layers} "
+                    f"attention layers × q/k/v/out, rank {config.rank}; {count / 1e6:.2f}M trainable parameters")
         return f"{hypernetwork_of(model).config.describe()}; {count / 1e6:.2f}M trainable parameters"
 
     def write_samples(self, model, batch, step: int, folder: Path) -> None:

@@ -12,8 +12,10 @@ like every B′ (:mod:`training.world.metrics`)::
 LoRA.) The issue's second ceiling, a full fine-tune (``"full"``), is not computed yet: see the README.
 
 A row adds its ceiling by giving its :class:`~training.world.yardstick.common.Method` a :class:`Ceiling`: the
-trainer module, the settings of one family's run, and how to sample B′ with the file that run wrote (LoRWeB's:
-:data:`training.world.yardstick.lorweb.CEILING`).
+trainer module, the settings of one family's run, and how to sample B′ with the file that run wrote (LoRWeB's
+:data:`training.world.yardstick.lorweb.CEILING`, LoRA of Change's :data:`training.world.yardstick.loc.CEILING`, Edit
+Transfer's :func:`training.world.yardstick.edit_transfer.row_ceiling`). Rows that differ only in how they sample
+(Edit Transfer's two samplers) share their ceiling runs (``Ceiling.shared_as``).
 
 **Cache.** A trained ceiling LoRA is kept in ``<root>/<method>-<family>-<key>/`` where ``root`` is the world folder's
 ``ceilings/`` (or ``$ANALOGY_CEILING_CACHE``, or a folder given) and ``key`` hashes the ceiling's version, the world
@@ -60,7 +62,8 @@ def cache_key(method: str, ceiling: Ceiling, world: World, settings: dict, famil
 
 
 # What makes a ceiling the ceiling of its row and family: not to be overridden (steps: ``steps``).
-FIXED_SETTINGS = frozenset({"data", "num_entries", "rank", "seed", "backbone", "query_encoder", "max_steps",
+FIXED_SETTINGS = frozenset({"data", "num_entries", "rank", "seed", "backbone", "query_encoder", "image_encoder",
+                            "plain_lora", "lora_reverse", "random_exchange", "text_free", "max_steps",
                             "checkpoint_every", "sample_every"})
 
 
@@ -108,8 +111,9 @@ def trained(method: str, ceiling: Ceiling, world: World, family: str, seed: int,
             steps: int | None = None, overrides: dict[str, object] | None = None) -> tuple[Path, dict]:
     """The folder of ``family``'s ceiling run and its record, training it unless the cache holds it."""
     settings = ceiling_settings(ceiling, world, family, seed, steps, overrides)
-    key = cache_key(method, ceiling, world, settings, family, seed)
-    folder = cache_root(world, root) / f"{method}-{family}-{key}"
+    name = ceiling.shared_as or method
+    key = cache_key(name, ceiling, world, settings, family, seed)
+    folder = cache_root(world, root) / f"{name}-{family}-{key}"
     try:
         record = json.loads((folder / RECORD).read_text())
         if record.get("key") == key:

@@ -45,6 +45,7 @@ class Ceiling:
     settings: Callable[[World, bool, str, int], dict]  # (world, quick, family, seed) -> the trainer's settings
     sample: Callable[[World, bool, Path, list, int], torch.Tensor]  # (world, quick, run folder, examples, seed) -> B′
     version: int = 1                                   # bump when what a run trains or writes changes
+    shared_as: str = ""  # rows whose ceilings train the same runs name them alike (one cache entry); "": the row's
 
 
 @dataclass(frozen=True)

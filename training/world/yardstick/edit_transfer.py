@@ -30,7 +30,7 @@ from training.edit_transfer.task import EditTransferConfig, sample_composite
 from training.world import scenes as world
 from training.world.evaluate import reconstruct
 from training.world.presets import run_trainer
-from training.world.yardstick.common import MethodOutput, losses_from_log
+from training.world.yardstick.common import Ceiling, MethodOutput, losses_from_log
 
 PANEL = 64
 # Why these values: 128-px composites of 64-px panels (the world's panel); the official rank 16 and alpha 16; AdamW
@@ -118,3 +118,29 @@ def run_row(ctx, row: str):
     if losses:
         extra["loss_first_step"], extra["loss_last_step"] = losses
     return MethodOutput(b_prime, base, lambda images: reconstruct(backbone, images), extra)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the rows' ceilings: Edit Transfer's LoRA is already a plain LoRA (rank 16), so its ceiling is the row's own run —
+# trainer, settings, steps and sampler — on one family alone
+
+
+def et_ceiling_settings(world_root: str | Path, family: str, quick: bool, seed: int, text_free: bool) -> dict:
+    """The settings of one family's ceiling run of the row with ``text_free``."""
+    return {**et_settings(world_root, quick, text_free), "data": f"world:families={family}", "seed": seed}
+
+
+def row_ceiling(row: str) -> Ceiling:
+    """The LoRA ceiling of an Edit Transfer row (its training settings and its sampler)."""
+    spec = ROWS[row]
+
+    def settings(world, quick: bool, family: str, seed: int) -> dict:
+        return et_ceiling_settings(world.root, family, quick, seed, spec["text_free"])
+
+    def sample(world, quick: bool, folder: Path, items: list, seed: int) -> torch.Tensor:
+        backbone = load_with_lora(world.root, folder / "edit_transfer_lora.safetensors")
+        return sample_b_prime(backbone, items, not spec["text_free"], spec["context"], int(ET_WORLD["sample_steps"]),
+                              seed)
+
+    shared = "edit_transfer_textfree" if spec["text_free"] else "edit_transfer"  # the two samplers: one run
+    return Ceiling("training.train_edit_transfer", ("autoencoder", "flux_dev"), settings, sample, shared_as=shared)

@@ -37,16 +37,19 @@ from pathlib import Path
 import torch
 
 from analogy_core.files import check_state_dict, read_safetensors
+from analogy_core.layouts import layout_of_diffusers_model
 from analogy_core.loc import (HypernetworkError, build_hypernetwork, consistency_gap, exchange_scores,
                               input_dependence, load_hypernetwork)
 from training import checkpoints as ckpt
 from training.backbone import load_query_encoder
+from training.loc.config import PLAIN_LORA_FILE
 from training.loc.ip2p import load_ip2p
+from training.loc.plain import load_plain_lora
 from training.loc.task import edit_images, encode_pair
 from training.world import scenes as world
 from training.world.evaluate import mae, stack
 from training.world.presets import run_trainer
-from training.world.yardstick.common import MethodOutput, losses_from_log
+from training.world.yardstick.common import Ceiling, MethodOutput, losses_from_log
 
 PANEL = 64
 EARLY = 0.1
@@ -75,6 +78,30 @@ def train_loc(world_root: str | Path, out: Path, quick: bool = False, seed: int 
     """LoC's world preset through :func:`training.world.presets.run_trainer`; returns the seconds it took."""
     return run_trainer("training.train_loc", {**loc_settings(world_root, quick), "seed": seed, **(overrides or {})},
                        out)
+
+
+def loc_ceiling_settings(world_root: str | Path, family: str, quick: bool = False, seed: int = 0) -> dict[str, object]:
+    """The settings of LoC's LoRA ceiling for one family: the row's settings and steps, with one plain LoRA of H's
+    rank in H's place (:mod:`training.loc.plain`) trained with eq. (6) alone on ``family`` alone (no LoRA Reverse, no
+    exchange: a plain LoRA taught one direction has no reverse to learn)."""
+    settings = loc_settings(world_root, quick)
+    steps = settings["max_steps"]
+    return {**settings, "plain_lora": True, "lora_reverse": False, "random_exchange": False,
+            "data": f"world:families={family}", "seed": seed, "checkpoint_every": steps, "sample_every": steps}
+
+
+def ceiling_b_prime(world, quick: bool, folder: Path, items: list, seed: int) -> torch.Tensor:
+    """B′ of ``items`` with the ceiling's LoRA file (read back through the pack's LoRA reader), sampled as the row
+    samples (DDIM, the row's steps and seed)."""
+    backbone = load_ip2p(world.spec)
+    factors = load_plain_lora(folder / PLAIN_LORA_FILE, layout_of_diffusers_model(backbone.unet))
+    steps = int(loc_settings(world.root, quick)["sample_steps"])
+    return edit_images(backbone, factors, stack(items, "b"), steps, seed)
+
+
+CEILING = Ceiling("training.train_loc", ("autoencoder", "clip", "instruct_pix2pix"),
+                  lambda world, quick, family, seed: loc_ceiling_settings(world.root, family, quick, seed),
+                  ceiling_b_prime)
 
 
 def load_hypernetwork_state(path: Path, template):

@@ -95,14 +95,17 @@ _METHODS = [
     Method("regions", ("autoencoder", "clip", "flux_kontext", "region_t5"), run_regions,
            "region predictor (world CLIP, world T5); B′ = LoRWeB's B′ inside the predicted region"),
     Method("loc", ("autoencoder", "clip", "instruct_pix2pix"), loc.run_loc,
-           "LoRA of Change hypernetwork on the InstructPix2Pix-like world backbone, world CLIP tokens"),
+           "LoRA of Change hypernetwork on the InstructPix2Pix-like world backbone, world CLIP tokens",
+           ceiling=loc.CEILING),
     Method("edit_transfer", ("autoencoder", "flux_dev"), run_edit_transfer("edit_transfer"),
            "Edit Transfer LoRA on the FLUX.1-dev-like world backbone (instruction prompts), official clean-context "
-           "sampler"),
+           "sampler", ceiling=edit_transfer.row_ceiling("edit_transfer")),
     Method("edit_transfer_stock_inpaint", ("autoencoder", "flux_dev"), run_edit_transfer("edit_transfer_stock_inpaint"),
-           "the same LoRA sampled with ComfyUI's stock re-noising inpainting"),
+           "the same LoRA sampled with ComfyUI's stock re-noising inpainting",
+           ceiling=edit_transfer.row_ceiling("edit_transfer_stock_inpaint")),
     Method("edit_transfer_textfree", ("autoencoder", "flux_dev"), run_edit_transfer("edit_transfer_textfree"),
-           "Edit Transfer LoRA trained and sampled without text (EditTransfer++)"),
+           "Edit Transfer LoRA trained and sampled without text (EditTransfer++)",
+           ceiling=edit_transfer.row_ceiling("edit_transfer_textfree")),
 ]
 METHODS: dict[str, Method] = {m.name: m for m in _METHODS}
 

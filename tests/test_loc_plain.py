@@ -1,0 +1,152 @@
+"""LoC's plain LoRA (``plain_lora``, training/loc/plain.py) and the ceilings of the LoC and Edit Transfer rows.
+
+The plain LoRA is LoRA of Change's ceiling on the analogy world: one learned LoRA in H's place, trained by the LoC
+trainer and written as a standard LoRA file. Checked here: a fresh one changes nothing and its factors have LoRA's
+usual scale; training moves it; the file it writes is read back by the pack's LoRA reader onto the right modules
+(against a hand-merged weight); the ceilings' settings are the rows' own with one family and what defines a ceiling.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from analogy_core.files import read_safetensors
+from analogy_core.layouts import layout_of_diffusers_model
+from analogy_core.loc import AttentionTarget, HypernetworkConfig, attention_targets, batched_lora
+from analogy_core.lora_io import load_lora_file
+from training.config import build_config
+from training.loc.config import PLAIN_LORA_FILE, PRESETS, LoCConfig
+from training.loc.ip2p import load_ip2p
+from training.loc.plain import PlainLoRA, load_plain_lora
+from training.world.yardstick import ceiling, edit_transfer, loc
+from training.world.yardstick.runner import METHODS
+
+TARGETS = (AttentionTarget("blocks.0.attn1", ((6, 6), (6, 6), (6, 6), (6, 6))),
+           AttentionTarget("blocks.0.attn2", ((6, 6), (6, 4), (6, 4), (6, 6))))
+
+
+def plain(seed: int = 0) -> PlainLoRA:
+    torch.manual_seed(seed)
+    return PlainLoRA(HypernetworkConfig(targets=TARGETS, token_width=4, width=8, heads=2, rank=3, ffn=8))
+
+
+def test_a_fresh_plain_lora_is_zero_with_lora_scaled_down_factors():
+    model = plain()
+    factors = model(torch.randn(2, 5, 4), torch.randn(2, 5, 4))
+    assert set(factors.layers) == {p for t in TARGETS for p in t.projection_paths()}
+    assert factors.batch_size == 2 and torch.equal(factors.update_norm(), torch.zeros(2))
+    for path, (down, up) in factors.layers.items():
+        assert down.shape[1:] == (3, down.shape[2]) and up.shape[1:] == (up.shape[1], 3)
+        bound = 1 / math.sqrt(down.shape[2])  # kaiming-uniform(a=√5): U(±1/√in), as a fresh LoRA's A
+        assert down.abs().max() <= bound and down.abs().max() > bound / 4, path
+
+
+def test_the_same_lora_for_every_pair_and_its_norm_against_the_merged_update():
+    model = plain()
+    with torch.no_grad():
+        for up in model.up:
+            up.normal_()
+    first = model(torch.randn(3, 5, 4), torch.randn(3, 5, 4))
+    second = model(torch.randn(3, 5, 4), torch.randn(3, 5, 4))
+    assert first.update_norm()[0] > 0  # the test below compares something
+    for path in first.layers:
+        for k in range(2):
+            assert torch.equal(first.layers[path][k], second.layers[path][k])
+    reference = math.sqrt(sum(float((up[0] @ down[0]).detach().pow(2).sum()) for down, up in first.layers.values()))
+    assert torch.allclose(first.update_norm(), torch.full((3,), reference), rtol=1e-5)
+
+
+def test_plain_lora_refuses_what_belongs_to_a_hypernetwork():
+    for key, value in (("init_from", "h.safetensors"), ("image_encoder_learning_rate", 1e-6)):
+        with pytest.raises(ValueError, match="plain_lora"):
+            build_config(LoCConfig, PRESETS, "tiny", overrides=["plain_lora=true", f"{key}={value}"])
+    build_config(LoCConfig, PRESETS, "tiny", overrides=["plain_lora=true"])  # alone it is fine
+
+
+# -- a tiny run -------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory) -> tuple[Path, dict]:
+    from training.loc.task import main
+
+    out = tmp_path_factory.mktemp("plain_run")
+    history = main(["--preset", "tiny", "--output-dir", str(out), "--max-steps", "3", "--set", "report_to=none",
+                    "--set", "sample_every=1000", "--set", "learning_rate=1e-2", "--set", "plain_lora=true",
+                    "--set", "lora_reverse=false", "--set", "random_exchange=false"])
+    return out, history
+
+
+def test_a_plain_run_writes_a_standard_lora_file_not_a_hypernetwork(plain_run):
+    out, history = plain_run
+    assert len(history["losses"]) == 3 and all(math.isfinite(v) for v in history["losses"])
+    assert (out / PLAIN_LORA_FILE).is_file() and not (out / "loc_hypernetwork.safetensors").exists()
+    backbone = load_ip2p("tiny")
+    layout = layout_of_diffusers_model(backbone.unet)
+    parsed = load_lora_file(out / PLAIN_LORA_FILE, layout)
+    lora = parsed.lora
+    expected = {path for target in attention_targets(layout) for path in target.projection_paths()}
+    assert set(lora.layers) == expected and lora.family == "sd15"
+    metadata = read_safetensors(out / PLAIN_LORA_FILE)[1]
+    assert metadata["analogy.source"] == "trained" and metadata["analogy.step"] == "3"
+    assert parsed.key_format == "kohya"  # the family's usual format (ComfyUI's LoraLoader reads it)
+    assert any(layer.up.abs().max() > 0 for layer in lora.layers.values()), "training moved U_B away from zero"
+
+
+def test_the_file_read_back_patches_the_modules_it_was_trained_for(plain_run):
+    out, _ = plain_run
+    backbone = load_ip2p("tiny")
+    factors = load_plain_lora(out / PLAIN_LORA_FILE, layout_of_diffusers_model(backbone.unet))
+    torch.manual_seed(0)
+    changed = 0
+    for path, (down, up) in factors.layers.items():
+        module = backbone.unet.get_submodule(path)
+        x = torch.randn(2, 5, module.in_features)
+        with torch.no_grad(), batched_lora(backbone.unet, factors):
+            patched = module(x)
+        merged = F.linear(x, module.weight + up[0] @ down[0], module.bias)  # W + U_B U_A, by hand
+        torch.testing.assert_close(patched, merged, rtol=1e-5, atol=1e-6)
+        changed += not torch.allclose(patched, module(x))
+    assert changed > 0  # the LoRA changes the projections it patches
+
+
+# -- the rows' ceilings -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_the_loc_ceiling_is_one_plain_lora_of_h_rank_taught_one_family(quick):
+    row = loc.loc_settings("/w", quick)
+    settings = loc.loc_ceiling_settings("/w", "hflip", quick, seed=3)
+    assert settings["plain_lora"] is True and settings["rank"] == row["rank"]
+    assert settings["lora_reverse"] is False and settings["random_exchange"] is False  # eq. (6) alone
+    assert settings["data"] == "world:families=hflip" and settings["seed"] == 3
+    assert settings["max_steps"] == row["max_steps"] == (300 if quick else 1500)
+    same = {k: v for k, v in settings.items() if k not in ("plain_lora", "lora_reverse", "random_exchange", "data",
+                                                            "seed", "checkpoint_every", "sample_every")}
+    assert same == {k: v for k, v in row.items() if k in same}
+
+
+@pytest.mark.parametrize("row", list(edit_transfer.ROWS))
+def test_an_edit_transfer_ceiling_is_the_rows_run_on_one_family(row):
+    text_free = edit_transfer.ROWS[row]["text_free"]
+    settings = edit_transfer.row_ceiling(row).settings(_world(), True, "invert", 2)
+    assert settings == {**edit_transfer.et_settings("/w", True, text_free), "data": "world:families=invert",
+                        "seed": 2}
+
+
+def test_every_lora_row_has_a_ceiling_and_the_two_samplers_share_their_runs():
+    assert {name for name, m in METHODS.items() if m.ceiling is None} == {"regions"}  # no LoRA of its own
+    shared = {name: METHODS[name].ceiling.shared_as or name for name in METHODS if METHODS[name].ceiling}
+    assert shared["edit_transfer"] == shared["edit_transfer_stock_inpaint"] != shared["edit_transfer_textfree"]
+    with pytest.raises(ValueError, match="cannot be overridden"):
+        ceiling.parse_setting_overrides(["plain_lora=false"])
+
+
+class _world:
+    root = Path("/w")
+    quick = True
