@@ -18,12 +18,17 @@ import torch.nn.functional as F
 from analogy_core.files import read_safetensors
 from analogy_core.layouts import layout_of_diffusers_model
 from analogy_core.loc import AttentionTarget, HypernetworkConfig, attention_targets, batched_lora
-from analogy_core.lora_io import load_lora_file
+from analogy_core.lora import LoRA, LoRALayer
+from analogy_core.lora_io import load_lora_file, save_lora_file
 from training.config import build_config
 from training.loc.config import PLAIN_LORA_FILE, PRESETS, LoCConfig
 from training.loc.ip2p import load_ip2p
 from training.loc.plain import PlainLoRA, load_plain_lora
+from training.loc.task import edit_images
+from training.world import evaluate as ev
+from training.world.registry import World
 from training.world.yardstick import ceiling, edit_transfer, loc
+from training.world.yardstick.common import Ceiling
 from training.world.yardstick.runner import METHODS
 
 TARGETS = (AttentionTarget("blocks.0.attn1", ((6, 6), (6, 6), (6, 6), (6, 6))),
@@ -115,6 +120,24 @@ def test_the_file_read_back_patches_the_modules_it_was_trained_for(plain_run):
     assert changed > 0  # the LoRA changes the projections it patches
 
 
+def test_reading_a_plain_lora_file_folds_each_layers_alpha_over_rank(tmp_path):
+    """A file of another trainer (alpha ≠ rank) gives the update alpha/r · up·down on the right module paths."""
+    backbone = load_ip2p("tiny")
+    layout = layout_of_diffusers_model(backbone.unet)
+    paths = [p for t in attention_targets(layout) for p in t.projection_paths()][:3]
+    torch.manual_seed(1)
+    layers = {}
+    for k, path in enumerate(paths):
+        out_features, in_features = layout.shapes[path]
+        layers[path] = LoRALayer(torch.randn(2, in_features), torch.randn(out_features, 2), scale=0.5 + k)
+    save_lora_file(LoRA(layers, family="sd15"), tmp_path / "other.safetensors")
+    factors = load_plain_lora(tmp_path / "other.safetensors", layout)
+    assert set(factors.layers) == set(paths)
+    for path, layer in layers.items():
+        down, up = factors.layers[path]
+        torch.testing.assert_close(up[0] @ down[0], layer.scale * layer.up @ layer.down, rtol=1e-5, atol=1e-5)
+
+
 # -- the rows' ceilings -----------------------------------------------------------------------------------------------
 
 
@@ -150,3 +173,35 @@ def test_every_lora_row_has_a_ceiling_and_the_two_samplers_share_their_runs():
 class _world:
     root = Path("/w")
     quick = True
+
+
+TINY = dict(backbone="tiny", image_encoder="tiny", resolution=32, width=32, blocks=2, heads=4, ffn=64, batch_size=2,
+            sample_steps=1, report_to="none")
+
+
+def test_the_loc_ceiling_end_to_end_on_the_tiny_backbone(tmp_path, monkeypatch):
+    """The ceiling's path with the real trainer (a subprocess, ``plain_lora``) and the row's sampler on the tiny
+    InstructPix2Pix: trained once, its LoRA file read back and sampled, cached for the next call."""
+    monkeypatch.delenv(ceiling.ENV_ROOT, raising=False)
+    backbone = load_ip2p("tiny")
+
+    def settings(world, quick, family, seed):
+        return {**loc.loc_ceiling_settings(world.root, family, quick, seed), **TINY, "max_steps": 2,
+                "checkpoint_every": 2, "sample_every": 2}
+
+    def sample(world, quick, folder, items, seed):
+        return loc.plain_lora_b_prime(backbone, folder, items, 2, seed)
+
+    tiny = Ceiling("training.train_loc", ("instruct_pix2pix",), settings, sample)
+    world = World(tmp_path / "v2-quick-s0", True, 0, {"instruct_pix2pix": {"key": "k"}})
+    items = ev.examples("invert", 2, 32)
+    first = ceiling.family_ceiling("loc", tiny, world, "invert", items, 0)
+    lora = first["lora"]
+    assert first["cached"] is False and lora["train_steps"] == 2 and lora["kept_cells"] is None
+    assert first["b_prime"].shape == (2, 32, 32, 3) and torch.isfinite(first["b_prime"]).all()
+    base = edit_images(backbone, None, ev.stack(items, "b"), 2, 0)
+    assert not torch.equal(first["b_prime"], base)  # the trained LoRA reached the sampler
+    folder = next((world.root / "ceilings").glob("loc-invert-*"))
+    assert (folder / PLAIN_LORA_FILE).is_file() and not (folder / "checkpoints").exists()
+    again = ceiling.family_ceiling("loc", tiny, world, "invert", items, 0)
+    assert again["cached"] is True and torch.equal(again["b_prime"], first["b_prime"])

@@ -90,13 +90,17 @@ def loc_ceiling_settings(world_root: str | Path, family: str, quick: bool = Fals
             "data": f"world:families={family}", "seed": seed, "checkpoint_every": steps, "sample_every": steps}
 
 
-def ceiling_b_prime(world, quick: bool, folder: Path, items: list, seed: int) -> torch.Tensor:
-    """B′ of ``items`` with the ceiling's LoRA file (read back through the pack's LoRA reader), sampled as the row
-    samples (DDIM, the row's steps and seed)."""
-    backbone = load_ip2p(world.spec)
+def plain_lora_b_prime(backbone, folder: Path, items: list, steps: int, seed: int) -> torch.Tensor:
+    """B′ of ``items`` with the plain LoRA file a run wrote in ``folder`` (read back through the pack's LoRA reader),
+    sampled as the row samples (DDIM from noise, B as the condition)."""
     factors = load_plain_lora(folder / PLAIN_LORA_FILE, layout_of_diffusers_model(backbone.unet))
-    steps = int(loc_settings(world.root, quick)["sample_steps"])
     return edit_images(backbone, factors, stack(items, "b"), steps, seed)
+
+
+def ceiling_b_prime(world, quick: bool, folder: Path, items: list, seed: int) -> torch.Tensor:
+    """The ceiling's B′ on the world's InstructPix2Pix with the row's sampling steps and seed."""
+    steps = int(loc_settings(world.root, quick)["sample_steps"])
+    return plain_lora_b_prime(load_ip2p(world.spec), folder, items, steps, seed)
 
 
 CEILING = Ceiling("training.train_loc", ("autoencoder", "clip", "instruct_pix2pix"),
