@@ -365,3 +365,29 @@ def test_command_line_numbers_in_exponent_form():
     assert cfg.learning_rate == 0.001 and isinstance(cfg.lora_alpha, float | int) and cfg.lora_alpha == 16
     with pytest.raises(ValueError, match="learning_rate must be a number"):
         build_config(EditTransferConfig, PRESETS, "tiny", None, ["learning_rate=fast"])
+
+
+def test_a_full_finetune_run_trains_and_writes_the_whole_transformer(tmp_path):
+    """``full_finetune`` (the world's full fine-tune ceiling): every transformer weight trains with the same
+    objective, the EMA averages them all, and the written transformer loads back into a fresh backbone."""
+    from analogy_core.files import check_state_dict, read_safetensors
+    from training.backbone import load_frozen_backbone
+    from training.edit_transfer.task import main
+
+    out = tmp_path / "full"
+    history = main(["--preset", "tiny", "--output-dir", str(out), "--max-steps", "3", "--set", "report_to=none",
+                    "--set", "sample_every=1000", "--set", "full_finetune=true", "--set", "ema_decay=0.5"])
+    assert len(history["losses"]) == 3
+    assert (out / "edit_transfer_transformer.safetensors").is_file()
+    assert not (out / "edit_transfer_lora.safetensors").exists()
+    tensors, meta = read_safetensors(out / "edit_transfer_transformer.safetensors")
+    assert meta["analogy.kind"] == "edit_transfer_transformer" and meta["analogy.step"] == "3"
+    fresh = load_frozen_backbone("tiny", "no", 0, "cpu").transformer
+    reference = fresh.state_dict()
+    assert set(tensors) == set(reference)  # the whole transformer, diffusers names, no adapter
+    moved = [k for k in reference if not torch.equal(tensors[k], reference[k].float())]
+    assert len(moved) > len(reference) // 2, "training moved most weights (not only a LoRA's)"
+    assert any(k.startswith(("x_embedder", "proj_out", "time_text_embed")) for k in moved)  # beyond the blocks
+    fresh.load_state_dict(check_state_dict(tensors, reference))
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value.float(), tensors[key]), key

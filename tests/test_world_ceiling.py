@@ -200,3 +200,50 @@ def test_quick_ceiling_reaches_the_issue_target(quick_ceilings, family):
     """Issue 20's target for the LoRA ceiling: edited_cells >= 0.95 and kept_cells >= 0.98."""
     lora = quick_ceilings[1](family)["lora"]
     assert lora["edited_cells"] >= 0.95 and (lora["kept_cells"] is None or lora["kept_cells"] >= 0.98), lora
+
+
+def test_the_full_finetune_ceiling_is_measured_on_the_full_world_and_kept_apart(tmp_path, monkeypatch):
+    """A row whose ceiling has a ``full`` one gets ``ceiling.full`` next to ``ceiling.lora`` on the full world (not on
+    the quick one unless asked), trained in its own cache entry, with its own means."""
+    runs = []
+
+    def fake_trainer(module, settings, out):
+        (out / "train.log").parent.mkdir(parents=True, exist_ok=True)
+        (out / "train.log").write_text("")
+        runs.append((settings["data"], settings.get("full_finetune", False)))
+        return 2.0
+
+    monkeypatch.setattr(ceiling, "run_trainer", fake_trainer)
+    monkeypatch.delenv(ceiling.ENV_ROOT, raising=False)
+
+    def settings(world, quick, family, seed):
+        return {"data": family, "max_steps": 3}
+
+    # the LoRA stand-in draws B (no edit), the full fine-tune stand-in the truth
+    full = Ceiling("fake.trainer", ("autoencoder",), lambda *a: {**settings(*a), "full_finetune": True},
+                   lambda world, quick, folder, items, seed: ev.stack(items, "b_prime"), shared_as="fake_full")
+    fake = Ceiling("fake.trainer", ("autoencoder",), settings,
+                   lambda world, quick, folder, items, seed: ev.stack(items, "b"), full=full)
+    examples = {f: ev.examples(f, 2, world_def.REFERENCE_SIZE) for f in ("invert", "hflip")}
+
+    def run(quick: bool, **kwargs) -> dict:
+        world = World(tmp_path / ("v2-quick-s0" if quick else "v2-full-s0"), quick, 0, {"autoencoder": {"key": "a"}})
+        ctx = MethodContext(world, 0, quick, tmp_path / "row", examples)
+        result = {"families": {f: {"split": "train", "no_edit": 0.5} for f in examples}, "extra": {}}
+        ceiling.add_ceilings("fake", fake, ctx, result, **kwargs)
+        return result
+
+    full_world = run(False)
+    invert = full_world["families"]["invert"]["ceiling"]
+    assert invert["lora"]["edited_cells"] == 0.0 and invert["full"]["edited_cells"] == 1.0
+    assert invert["full"]["error"] == 0.0 and invert["full"]["train_steps"] == 3
+    assert full_world["extra"]["mean_ceiling_full_edited_cells_train"] == 1.0
+    assert full_world["extra"]["mean_ceiling_lora_edited_cells_train"] == 0.0
+    assert full_world["extra"]["ceiling_train_seconds_this_run"] == 8.0  # two families, two runs each
+    assert sorted(runs) == [("hflip", False), ("hflip", True), ("invert", False), ("invert", True)]
+    names = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "v2-full-s0" / "ceilings").iterdir())
+    assert names == ["fake-hflip", "fake-invert", "fake_full-hflip", "fake_full-invert"]
+    quick = run(True)
+    assert "full" not in quick["families"]["invert"]["ceiling"] and "mean_ceiling_full_edited_cells_train" not in \
+        quick["extra"]
+    assert "full" in run(True, full=True)["families"]["invert"]["ceiling"]

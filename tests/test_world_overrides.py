@@ -102,7 +102,8 @@ def test_ceiling_setting_overrides_change_the_run_and_its_cache_key():
     assert key(changed) != key(plain)
 
 
-@pytest.mark.parametrize("item", ["rank=8", "num_entries=2", "data=world", "seed=3", "max_steps=9",
+@pytest.mark.parametrize("item", ["rank=8", "num_entries=2", "data=world", "seed=3", "max_steps=9", "full_finetune=true",
+                                  "plain_lora=false",
                                   "backbone=world:/x", "learning_rate"])
 def test_what_defines_a_ceiling_cannot_be_overridden(item):
     with pytest.raises(ValueError, match="cannot be overridden|key=value"):
@@ -126,6 +127,7 @@ def test_the_yardstick_refuses_a_bad_probe_before_building_anything(args, tmp_pa
     (["--quick", "--methods", "lorweb", "--ceiling-set", "learning_rate=2e-3"], "--quick turns them off"),
     (["--methods", "lorweb", "--no-ceilings", "--ceiling-steps", "9"], "--no-ceilings"),
     (["--quick", "--methods", "lorweb", "--ceiling-families", "invert"], "add --ceilings"),
+    (["--quick", "--methods", "edit_transfer", "--full-ceilings"], "add --ceilings"),
     (["--quick", "--methods", "regions", "--ceilings", "--ceiling-set", "learning_rate=2e-3"], "none of regions"),
 ])
 def test_a_ceiling_option_without_a_ceiling_is_refused_not_ignored(args, says, tmp_path, capsys):

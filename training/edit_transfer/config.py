@@ -8,6 +8,7 @@ from typing import Any
 from training.config import CommonConfig, FourPanelSettings
 
 LORA_FILE = "edit_transfer_lora.safetensors"
+TRANSFORMER_FILE = "edit_transfer_transformer.safetensors"  # written instead of the LoRA with full_finetune
 CONTEXTS = ("clean", "renoise")  # official sampler / ComfyUI's stock inpainting
 
 
@@ -27,6 +28,11 @@ class EditTransferConfig(FourPanelSettings, CommonConfig):
     # EditTransfer++'s text-decoupled stage only (every training prompt empty); its best-worst contrastive refinement
     # and condition compression are not implemented
     text_free: bool = False
+    # True: train every weight of the transformer instead of a LoRA (rank and lora_alpha unused; the EMA, when on,
+    # averages them all) and write the whole transformer as edit_transfer_transformer.safetensors: the analogy world's
+    # full fine-tune ceiling (training/world/yardstick/ceiling.py). A fine-tuned 12B FLUX.1-dev is not what this pack
+    # ships; the option exists to measure what the backbone can learn.
+    full_finetune: bool = False
     caption_dropout: float = 0.05    # official: caption_dropout_rate 0.05 (ignored when text_free)
     timestep_sampling: str = "logit_normal"  # official: ai-toolkit's "sigmoid" = sigmoid(N(0, 1)), unweighted
     guidance: float = 1.0            # FLUX.1-dev guidance embedding while training (ai-toolkit: 1.0)

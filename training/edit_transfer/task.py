@@ -46,12 +46,13 @@ from torch import nn
 from analogy_core import __version__
 from analogy_core.edit_transfer import BLOCK_PREFIXES
 from analogy_core.lora import LoRA, LoRALayer
+from analogy_core.files import write_safetensors_atomic
 from analogy_core.lora_io import save_lora_file
 from training import checkpoints as ckpt
 from training import flow
 from training.backbone import Backbone, token_ids
 from training.config import without_local_path
-from training.edit_transfer.config import CONTEXTS, LORA_FILE, PRESETS, EditTransferConfig
+from training.edit_transfer.config import CONTEXTS, LORA_FILE, PRESETS, TRANSFORMER_FILE, EditTransferConfig
 from training.edit_transfer.data import make_edit_transfer_dataset
 from training.editors import EditorBackbone, backbone_family, load_frozen_any
 from training.ema import PREFIX as EMA_PREFIX
@@ -82,6 +83,13 @@ def add_lora(transformer: nn.Module, rank: int, alpha: float, trainable_dtype: t
         param.requires_grad_(".lora_A." in name or ".lora_B." in name)
         if param.requires_grad:
             param.data = param.data.to(trainable_dtype)
+
+
+def unfreeze(transformer: nn.Module, trainable_dtype: torch.dtype = torch.float32) -> None:
+    """Every weight of the transformer trains (``full_finetune``), kept in ``trainable_dtype``."""
+    transformer.requires_grad_(True)
+    for param in transformer.parameters():
+        param.data = param.data.to(trainable_dtype)
 
 
 def export_lora(transformer: nn.Module, metadata: dict[str, str] | None = None, family: str = "flux") -> LoRA:
@@ -235,15 +243,24 @@ def lora_metadata(cfg: EditTransferConfig, step: int) -> dict[str, str]:
 class EditTransferTask(TrainingTask):
     name = "edit_transfer"
     artifact = LORA_FILE
+    other_artifacts = (TRANSFORMER_FILE,)
     config_cls = EditTransferConfig
     presets = PRESETS
     description = __doc__
+
+    def __init__(self, cfg: EditTransferConfig, accelerator) -> None:
+        super().__init__(cfg, accelerator)
+        if cfg.full_finetune:
+            self.artifact = TRANSFORMER_FILE  # the file this run writes (the skeleton reads the instance's)
 
     def build(self) -> nn.Module:
         cfg = self.cfg
         self.backbone = load_frozen_any(cfg.backbone, cfg.mixed_precision, cfg.seed, self.device)
         transformer = self.backbone.transformer
-        add_lora(transformer, cfg.rank, cfg.lora_alpha)
+        if cfg.full_finetune:
+            unfreeze(transformer)
+        else:
+            add_lora(transformer, cfg.rank, cfg.lora_alpha)
         transformer.to(self.device)
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
@@ -279,12 +296,19 @@ class EditTransferTask(TrainingTask):
 
     def export(self, model, path: Path, step: int) -> None:
         with self.averaged(model):
+            if self.cfg.full_finetune:
+                state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+                write_safetensors_atomic(state, path, {**lora_metadata(self.cfg, step),
+                                                       "analogy.kind": "edit_transfer_transformer"})
+                return
             save_lora_file(export_lora(model, lora_metadata(self.cfg, step), backbone_family(self.cfg.backbone)),
                            path)
 
     def summary(self, model) -> str:
         count = sum(p.numel() for p in model.parameters() if p.requires_grad)
         text = "text-free" if self.cfg.text_free else "with text"
+        if self.cfg.full_finetune:
+            return f"Edit Transfer full fine-tune of the transformer, {text}: {count / 1e6:.2f}M trainable parameters"
         return (f"Edit Transfer LoRA on {len(lora_targets(model))} layers, rank {self.cfg.rank}, alpha "
                 f"{self.cfg.lora_alpha:g}, {text}: {count / 1e6:.2f}M trainable parameters")
 

@@ -9,7 +9,9 @@ like every B′ (:mod:`training.world.metrics`)::
     families.<f>.ceiling = {"lora": {"edited_cells", "kept_cells", "error", "train_steps", "train_seconds"}}
 
 (``error``: mean absolute pixel error against the true B′; ``train_seconds``: of the run that trained the cached
-LoRA.) The issue's second ceiling, a full fine-tune (``"full"``), is not computed yet: see the README.
+LoRA.) The second ceiling, a **full fine-tune** of the backbone on one family (``"full"``, the same fields), is
+computed for rows whose ``Ceiling`` has a ``full`` one (Edit Transfer's), on the full world by default (the quick
+world may skip it; ``full=True`` forces it).
 
 A row adds its ceiling by giving its :class:`~training.world.yardstick.common.Method` a :class:`Ceiling`: the
 trainer module, the settings of one family's run, and how to sample B′ with the file that run wrote (LoRWeB's
@@ -63,7 +65,7 @@ def cache_key(method: str, ceiling: Ceiling, world: World, settings: dict, famil
 
 # What makes a ceiling the ceiling of its row and family: not to be overridden (steps: ``steps``).
 FIXED_SETTINGS = frozenset({"data", "num_entries", "rank", "seed", "backbone", "query_encoder", "image_encoder",
-                            "plain_lora", "lora_reverse", "random_exchange", "text_free", "max_steps",
+                            "plain_lora", "lora_reverse", "random_exchange", "text_free", "full_finetune", "max_steps",
                             "checkpoint_every", "sample_every"})
 
 
@@ -138,42 +140,59 @@ def trained(method: str, ceiling: Ceiling, world: World, family: str, seed: int,
     return folder, {**record, "cached": False}
 
 
-def family_ceiling(method: str, ceiling: Ceiling, world: World, family: str, items: list, seed: int,
-                   root: Path | None = None, steps: int | None = None,
-                   overrides: dict[str, object] | None = None) -> dict:
-    """``{"lora": {...}}`` of one family on ``items`` (held-out examples), with the B′ it scored under ``"b_prime"``
-    (a tensor: pop it before writing JSON)."""
+def scored(method: str, ceiling: Ceiling, world: World, family: str, items: list, seed: int, root: Path | None,
+           steps: int | None, overrides: dict[str, object] | None) -> tuple[dict, dict, torch.Tensor]:
+    """(scores, training record, B′) of one ceiling run (trained or from the cache) on ``items``."""
     folder, record = trained(method, ceiling, world, family, seed, root, steps, overrides)
     b_prime = ceiling.sample(world, world.quick, folder, items, seed)
     truth, b = ev.stack(items, "b_prime"), ev.stack(items, "b")
-    lora = {**metrics.cell_scores(b_prime, truth, b), "error": round(float(ev.mae(b_prime, truth).mean()), 5),
-            "train_steps": record["train_steps"], "train_seconds": record["train_seconds"]}
-    return {"lora": lora, "cached": record["cached"], "b_prime": b_prime}
+    scores = {**metrics.cell_scores(b_prime, truth, b), "error": round(float(ev.mae(b_prime, truth).mean()), 5),
+              "train_steps": record["train_steps"], "train_seconds": record["train_seconds"]}
+    return scores, record, b_prime
+
+
+def family_ceiling(method: str, ceiling: Ceiling, world: World, family: str, items: list, seed: int,
+                   root: Path | None = None, steps: int | None = None,
+                   overrides: dict[str, object] | None = None, full: bool | None = None) -> dict:
+    """``{"lora": {...}}`` of one family on ``items`` (held-out examples), and ``"full"`` where the row has a full
+    fine-tune ceiling and ``full`` (default: on the full world only); the LoRA ceiling's B′ under ``"b_prime"`` (a
+    tensor: pop it before writing JSON); ``"trained_seconds"``: the seconds spent training now (0 when cached)."""
+    lora, record, b_prime = scored(method, ceiling, world, family, items, seed, root, steps, overrides)
+    out = {"lora": lora, "cached": record["cached"], "b_prime": b_prime,
+           "trained_seconds": 0.0 if record["cached"] else record["train_seconds"]}
+    if ceiling.full is not None and (not world.quick if full is None else full):
+        scores, record, _ = scored(f"{method}_full", ceiling.full, world, family, items, seed, root, steps, overrides)
+        out["full"] = scores
+        out["trained_seconds"] += 0.0 if record["cached"] else record["train_seconds"]
+    return out
 
 
 def add_ceilings(method: str, ceiling: Ceiling, ctx: MethodContext, result: dict, families: list[str] | None = None,
                  root: Path | None = None, steps: int | None = None,
-                 overrides: dict[str, object] | None = None) -> dict[str, torch.Tensor]:
+                 overrides: dict[str, object] | None = None, full: bool | None = None) -> dict[str, torch.Tensor]:
     """Add ``families.<f>.ceiling`` to a row's measured ``result`` for every training family (or ``families``) and
-    the means over them to its ``extra``; returns the ceilings' B′ per family (for a picture)."""
+    the means over them to its ``extra``; returns the LoRA ceilings' B′ per family (for a picture)."""
     names = families or [f for f in ctx.examples if world_def.get_family(f).split == "train"]
     pictures, seconds = {}, 0.0
     for family in names:
-        out = family_ceiling(method, ceiling, ctx.world, family, ctx.examples[family], ctx.seed, root, steps, overrides)
+        out = family_ceiling(method, ceiling, ctx.world, family, ctx.examples[family], ctx.seed, root, steps, overrides,
+                             full)
         pictures[family] = out.pop("b_prime")
-        if not out.pop("cached"):
-            seconds += out["lora"]["train_seconds"]
+        out.pop("cached")
+        seconds += out.pop("trained_seconds")
         result["families"][family]["ceiling"] = out
     extra = result["extra"]
     for split in ("train", "heldout"):
         rows = [result["families"][f] for f in names if world_def.get_family(f).split == split]
-        if not rows:
-            continue
-        for name in ("edited_cells", "kept_cells"):
-            values = [r["ceiling"]["lora"][name] for r in rows if r["ceiling"]["lora"][name] is not None]
-            extra[f"mean_ceiling_lora_{name}_{split}"] = round(sum(values) / len(values), 4) if values else None
-        extra[f"mean_ceiling_lora_error_over_no_edit_{split}"] = round(
-            sum(r["ceiling"]["lora"]["error"] / r["no_edit"] for r in rows) / len(rows), 4)
+        for kind in ("lora", "full"):
+            measured = [r for r in rows if kind in r["ceiling"]]
+            if not measured:
+                continue
+            for name in ("edited_cells", "kept_cells"):
+                values = [r["ceiling"][kind][name] for r in measured if r["ceiling"][kind][name] is not None]
+                extra[f"mean_ceiling_{kind}_{name}_{split}"] = round(sum(values) / len(values), 4) if values else None
+            extra[f"mean_ceiling_{kind}_error_over_no_edit_{split}"] = round(
+                sum(r["ceiling"][kind]["error"] / r["no_edit"] for r in measured) / len(measured), 4)
     extra["ceiling_families"] = names
     if overrides:
         extra["ceiling_overrides"] = dict(overrides)

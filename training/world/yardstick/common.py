@@ -46,6 +46,7 @@ class Ceiling:
     sample: Callable[[World, bool, Path, list, int], torch.Tensor]  # (world, quick, run folder, examples, seed) -> B′
     version: int = 1                                   # bump when what a run trains or writes changes
     shared_as: str = ""  # rows whose ceilings train the same runs name them alike (one cache entry); "": the row's
+    full: "Ceiling | None" = None  # the full fine-tune of the same backbone on one family (None: not measured)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 from diffusers import FluxPipeline
 
+from analogy_core.files import check_state_dict, read_safetensors
 from training.backbone import load_backbone
+from training.edit_transfer.config import LORA_FILE, TRANSFORMER_FILE
 from training.edit_transfer.task import EditTransferConfig, sample_composite
 from training.world import scenes as world
 from training.world.evaluate import reconstruct
@@ -68,7 +70,7 @@ def trained_run(ctx, text_free: bool) -> tuple[Path, float]:
     """The run folder of the LoRA for (world, quick, seed, text_free): trained once per bench process, so the
     ``edit_transfer`` and ``edit_transfer_stock_inpaint`` rows sample the same file."""
     key = (str(ctx.world.root), ctx.quick, ctx.seed, text_free)
-    if key not in _RUNS or not (_RUNS[key][0] / "edit_transfer_lora.safetensors").is_file():
+    if key not in _RUNS or not (_RUNS[key][0] / LORA_FILE).is_file():
         out = ctx.folder / "train"
         _RUNS[key] = (out, train_edit_transfer(ctx.world.root, out, ctx.quick, ctx.seed, text_free))
     return _RUNS[key]
@@ -100,7 +102,7 @@ def run_row(ctx, row: str):
     """One ``bench.analogy_world`` row (see the module docstring)."""
     spec = ROWS[row]
     run, seconds = trained_run(ctx, spec["text_free"])
-    backbone = load_with_lora(ctx.world.root, run / "edit_transfer_lora.safetensors")
+    backbone = load_with_lora(ctx.world.root, run / LORA_FILE)
     steps, text = int(ET_WORLD["sample_steps"]), not spec["text_free"]
     transformer = backbone.transformer
     b_prime, base = {}, {}
@@ -130,17 +132,37 @@ def et_ceiling_settings(world_root: str | Path, family: str, quick: bool, seed: 
     return {**et_settings(world_root, quick, text_free), "data": f"world:families={family}", "seed": seed}
 
 
+def load_finetuned(world_root: Path, transformer_file: Path):
+    """The world's FLUX.1-dev-like backbone with the transformer weights a ``full_finetune`` run wrote (every
+    tensor checked against the backbone's own: names, shapes, finite values)."""
+    backbone = load_backbone(f"world:{Path(world_root) / 'flux_dev'}")
+    tensors, _ = read_safetensors(transformer_file)
+    backbone.transformer.load_state_dict(check_state_dict(tensors, backbone.transformer.state_dict()))
+    backbone.transformer.eval()
+    return backbone
+
+
 def row_ceiling(row: str) -> Ceiling:
-    """The LoRA ceiling of an Edit Transfer row (its training settings and its sampler)."""
+    """The ceilings of an Edit Transfer row (its training settings and its sampler): the LoRA one, and the full
+    fine-tune of the transformer (``full_finetune``) on the same family, steps and sampler."""
     spec = ROWS[row]
+    text, steps = not spec["text_free"], int(ET_WORLD["sample_steps"])
 
     def settings(world, quick: bool, family: str, seed: int) -> dict:
         return et_ceiling_settings(world.root, family, quick, seed, spec["text_free"])
 
     def sample(world, quick: bool, folder: Path, items: list, seed: int) -> torch.Tensor:
-        backbone = load_with_lora(world.root, folder / "edit_transfer_lora.safetensors")
-        return sample_b_prime(backbone, items, not spec["text_free"], spec["context"], int(ET_WORLD["sample_steps"]),
-                              seed)
+        backbone = load_with_lora(world.root, folder / LORA_FILE)
+        return sample_b_prime(backbone, items, text, spec["context"], steps, seed)
+
+    def full_settings(world, quick: bool, family: str, seed: int) -> dict:
+        return {**settings(world, quick, family, seed), "full_finetune": True}
+
+    def full_sample(world, quick: bool, folder: Path, items: list, seed: int) -> torch.Tensor:
+        backbone = load_finetuned(world.root, folder / TRANSFORMER_FILE)
+        return sample_b_prime(backbone, items, text, spec["context"], steps, seed)
 
     shared = "edit_transfer_textfree" if spec["text_free"] else "edit_transfer"  # the two samplers: one run
-    return Ceiling("training.train_edit_transfer", ("autoencoder", "flux_dev"), settings, sample, shared_as=shared)
+    models = ("autoencoder", "flux_dev")
+    full = Ceiling("training.train_edit_transfer", models, full_settings, full_sample, shared_as=f"{shared}_full")
+    return Ceiling("training.train_edit_transfer", models, settings, sample, shared_as=shared, full=full)

@@ -21,10 +21,11 @@ The JSON (stable: keys are added, never removed or renamed)::
             "error_over_no_edit", "base_over_no_edit": the two ratios of this family,
             "edited_cells", "kept_cells": the method's cell fractions (float, or null where there is no such cell),
             "no_edit_cells", "base_cells", "floor_cells": {"edited_cells", "kept_cells"} of B, the base, the floor,
-            "ceiling": {"lora": {"edited_cells", "kept_cells", "error", "train_steps", "train_seconds"}}: training
-                families of a row with a ceiling, when ceilings are on (--ceilings): a plain LoRA of the row's
-                per-layer rank budget trained on this family alone, sampled as the row samples
-                (:mod:`training.world.yardstick.ceiling`)}},
+            "ceiling": {"lora": {"edited_cells", "kept_cells", "error", "train_steps", "train_seconds"},
+                        "full": {the same}}: training families of a row with a ceiling, when ceilings are on
+                (--ceilings): a plain LoRA of the row's per-layer rank budget trained on this family alone, sampled
+                as the row samples; "full" (rows with one, full world or --full-ceilings): the backbone fully
+                fine-tuned on this family alone (:mod:`training.world.yardstick.ceiling`)}},
         "extra": {
             "mean_error_over_no_edit_<split>", "mean_base_over_no_edit_<split>": the mean over the split's families
                 of the per-family ratio (each family weighs the same),
@@ -35,6 +36,7 @@ The JSON (stable: keys are added, never removed or renamed)::
             "mean_base_edited_cells_<split>", "mean_base_kept_cells_<split>": the same for the base,
             "mean_ceiling_lora_edited_cells_<split>", "mean_ceiling_lora_kept_cells_<split>",
             "mean_ceiling_lora_error_over_no_edit_<split>": the same for the ceilings (when measured),
+            "mean_ceiling_full_...": the same for the full fine-tune ceilings (when measured),
             "ceiling_families", "ceiling_train_seconds_this_run": the families with a ceiling, and the seconds this
                 run spent training ceilings (0 when all came from the cache),
             "ceiling_overrides": the ceilings' trainer settings changed with --ceiling-set (only when given),
@@ -212,7 +214,7 @@ def print_table(results: dict) -> None:
           f"{metrics.TOLERANCE} of the truth); b. = base, f. = autoencoder floor; no edit scores 0 / 1")
 
 
-CEILING_OPTIONS = ("ceiling_families", "ceiling_steps", "ceiling_set", "ceiling_root")
+CEILING_OPTIONS = ("ceiling_families", "ceiling_steps", "ceiling_set", "ceiling_root", "full_ceilings")
 
 
 def refuse_unused_ceiling_options(parser: argparse.ArgumentParser, args: argparse.Namespace, ceilings: bool,
@@ -252,6 +254,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--world-set", action="append", metavar="MODEL.SETTING=VALUE",
                         help="a probe: change one world model's setting, e.g. flux_kontext.heads=6 (repeatable); the "
                              "world is built in a folder of its own, the default world is left as it is")
+    parser.add_argument("--full-ceilings", action=argparse.BooleanOptionalAction, default=None,
+                        help="also the full fine-tune ceiling, for rows that have one (default: on for the full "
+                             "world, off with --quick)")
     parser.add_argument("--ceiling-root", type=Path, help="the ceilings' cache (default <world folder>/ceilings or "
                                                           f"${ceiling.ENV_ROOT})")
     args = parser.parse_args(argv)
@@ -286,7 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name}: picture {picture(ctx, output, results[name], out / f'{name}.png')}")
         if ceilings and METHODS[name].ceiling:
             b_prime = ceiling.add_ceilings(name, METHODS[name].ceiling, ctx, results[name], ceiling_families,
-                                           args.ceiling_root, args.ceiling_steps, ceiling_overrides)
+                                           args.ceiling_root, args.ceiling_steps, ceiling_overrides,
+                                           args.full_ceilings)
             print(f"{name}: ceiling picture {ceiling_picture(ctx, output, b_prime, results[name], out)}")
         report = write_report(args, out, started, results, world)  # after every method: a late crash keeps the rows
     print_table(results)
