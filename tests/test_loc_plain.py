@@ -66,6 +66,38 @@ def test_the_same_lora_for_every_pair_and_its_norm_against_the_merged_update():
     assert torch.allclose(first.update_norm(), torch.full((3,), reference), rtol=1e-5)
 
 
+def test_full_finetune_refuses_what_needs_a_lora_or_a_hypernetwork():
+    ok = ["full_finetune=true", "lora_reverse=false", "random_exchange=false"]
+    build_config(LoCConfig, PRESETS, "tiny", overrides=ok)
+    for bad, says in ((["lora_reverse=true"], "lora_reverse"), (["random_exchange=true"], "random_exchange"),
+                      (["plain_lora=true"], "choose one"), (["init_from=h.safetensors"], "init_from")):
+        with pytest.raises(ValueError, match=says):
+            build_config(LoCConfig, PRESETS, "tiny", overrides=ok + bad)
+
+
+def test_a_full_finetune_run_trains_and_writes_the_unet(tmp_path):
+    """LoC's full ceiling run (3 tiny steps): no LoRA, every UNet weight trains with eq. (6), the UNet is written and
+    loads back through the yardstick's checked loader."""
+    from training.loc.config import UNET_FILE
+    from training.loc.task import main
+    from training.world.yardstick.common import load_weights
+
+    out = tmp_path / "full"
+    history = main(["--preset", "tiny", "--output-dir", str(out), "--max-steps", "3", "--set", "report_to=none",
+                    "--set", "sample_every=1000", "--set", "full_finetune=true", "--set", "lora_reverse=false",
+                    "--set", "random_exchange=false", "--set", "learning_rate=1e-2"])
+    assert len(history["losses"]) == 3 and not (out / "loc_hypernetwork.safetensors").exists()
+    tensors, meta = read_safetensors(out / UNET_FILE)
+    assert meta["analogy.kind"] == "loc_unet"
+    fresh = load_ip2p("tiny").unet
+    reference = {k: v.clone() for k, v in fresh.state_dict().items()}
+    assert set(tensors) == set(reference)
+    moved = [k for k in reference if not torch.equal(tensors[k], reference[k].float())]
+    assert len(moved) > len(reference) // 2 and any(k.startswith("conv_in") for k in moved)  # beyond attention
+    load_weights(fresh, out / UNET_FILE)
+    assert all(torch.equal(v.float(), tensors[k]) for k, v in fresh.state_dict().items())
+
+
 def test_plain_lora_refuses_what_belongs_to_a_hypernetwork():
     for key, value in (("init_from", "h.safetensors"), ("image_encoder_learning_rate", 1e-6)):
         with pytest.raises(ValueError, match="plain_lora"):
@@ -149,6 +181,9 @@ def test_the_loc_ceiling_is_one_plain_lora_of_h_rank_taught_one_family(quick):
     assert settings["lora_reverse"] is False and settings["random_exchange"] is False  # eq. (6) alone
     assert settings["data"] == "world:families=hflip" and settings["seed"] == 3
     assert settings["max_steps"] == row["max_steps"] == (300 if quick else 1500)
+    full = loc.CEILING.full.settings(_world(), quick, "hflip", 3)
+    assert full == {**loc.loc_ceiling_settings("/w", "hflip", quick, 3), "plain_lora": False, "full_finetune": True,
+                    "learning_rate": 0.001}
     same = {k: v for k, v in settings.items() if k not in ("plain_lora", "lora_reverse", "random_exchange", "data",
                                                             "seed", "checkpoint_every", "sample_every")}
     assert same == {k: v for k, v in row.items() if k in same}
@@ -157,13 +192,19 @@ def test_the_loc_ceiling_is_one_plain_lora_of_h_rank_taught_one_family(quick):
 @pytest.mark.parametrize("row", list(edit_transfer.ROWS))
 def test_an_edit_transfer_ceiling_is_the_rows_run_on_one_family(row):
     text_free = edit_transfer.ROWS[row]["text_free"]
-    settings = edit_transfer.row_ceiling(row).settings(_world(), True, "invert", 2)
+    row_ceiling = edit_transfer.row_ceiling(row)
+    settings = row_ceiling.settings(_world(), True, "invert", 2)
     assert settings == {**edit_transfer.et_settings("/w", True, text_free), "data": "world:families=invert",
                         "seed": 2}
+    # the full fine-tune: the same run training every weight, at the backbone's own pretraining rate
+    full = row_ceiling.full.settings(_world(), True, "invert", 2)
+    assert full == {**settings, "full_finetune": True, "learning_rate": 0.002}
+    assert row_ceiling.full.shared_as == f"{row_ceiling.shared_as}_full"
 
 
 def test_every_lora_row_has_a_ceiling_and_the_two_samplers_share_their_runs():
     assert {name for name, m in METHODS.items() if m.ceiling is None} == {"regions"}  # no LoRA of its own
+    assert all(m.ceiling.full is not None for m in METHODS.values() if m.ceiling)  # and each a full fine-tune
     shared = {name: METHODS[name].ceiling.shared_as or name for name in METHODS if METHODS[name].ceiling}
     assert shared["edit_transfer"] == shared["edit_transfer_stock_inpaint"] != shared["edit_transfer_textfree"]
     with pytest.raises(ValueError, match="cannot be overridden"):
@@ -173,6 +214,8 @@ def test_every_lora_row_has_a_ceiling_and_the_two_samplers_share_their_runs():
 class _world:
     root = Path("/w")
     quick = True
+    builds = {"flux_dev": {"key": "d", "config": {"lr": 0.002}},
+              "instruct_pix2pix": {"key": "i", "config": {"lr": 0.001}}}
 
 
 TINY = dict(backbone="tiny", image_encoder="tiny", resolution=32, width=32, blocks=2, heads=4, ffn=64, batch_size=2,

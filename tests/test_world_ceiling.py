@@ -247,3 +247,36 @@ def test_the_full_finetune_ceiling_is_measured_on_the_full_world_and_kept_apart(
     assert "full" not in quick["families"]["invert"]["ceiling"] and "mean_ceiling_full_edited_cells_train" not in \
         quick["extra"]
     assert "full" in run(True, full=True)["families"]["invert"]["ceiling"]
+
+
+def test_lorweb_full_finetune_trains_the_whole_transformer_and_no_basis(tmp_path):
+    """LoRWeB's full ceiling run (``full_finetune``, 3 tiny steps): no LoRWeB layer, every weight trains with the
+    grid objective, the whole transformer is written and loads back (through the yardstick's checked loader)."""
+    from analogy_core.files import read_safetensors
+    from analogy_core.lorweb.layer import lorweb_layers
+    from training.backbone import load_frozen_backbone
+    from training.lorweb.task import TRANSFORMER_FILE, main
+    from training.world.yardstick.common import load_weights
+
+    out = tmp_path / "full"
+    history = main(["--preset", "tiny", "--output-dir", str(out), "--max-steps", "3", "--set", "report_to=none",
+                    "--set", "sample_every=1000", "--set", "full_finetune=true", "--set", "learning_rate=1e-2"])
+    assert len(history["losses"]) == 3 and not (out / "lorweb_basis.safetensors").exists()
+    tensors, meta = read_safetensors(out / TRANSFORMER_FILE)
+    assert meta["analogy.kind"] == "lorweb_transformer" and meta["analogy.step"] == "3"
+    fresh = load_frozen_backbone("tiny", "no", 0, "cpu").transformer
+    reference = {k: v.clone() for k, v in fresh.state_dict().items()}
+    assert set(tensors) == set(reference) and not lorweb_layers(fresh)
+    moved = [k for k in reference if not torch.equal(tensors[k], reference[k].float())]
+    assert len(moved) > len(reference) // 2 and any(k.startswith("x_embedder") for k in moved)
+    load_weights(fresh, out / TRANSFORMER_FILE)
+    assert all(torch.equal(v.float(), tensors[k]) for k, v in fresh.state_dict().items())
+    assert not fresh.training
+
+
+def test_lorweb_full_ceiling_is_the_same_run_training_every_weight_at_the_pretraining_rate():
+    world = World(Path("/w") / "v2-full-s0", False, 0, {"flux_kontext": {"key": "f", "config": {"lr": 0.002}}})
+    lora = lorweb.CEILING.settings(world, False, "hflip", 1)
+    full = lorweb.CEILING.full.settings(world, False, "hflip", 1)
+    assert full == {**lora, "full_finetune": True, "learning_rate": 0.002}
+    assert lorweb.CEILING.full.shared_as == "lorweb_full" and lorweb.CEILING.shared_as == ""

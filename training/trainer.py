@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from analogy_core.files import write_safetensors_atomic
 from training import checkpoints as ckpt
 from training.config import CommonConfig, build_config
 from training.data.batching import ReadableItems, StepBatchSampler, collate
@@ -105,6 +106,19 @@ class TrainingTask:
                     raise ckpt.CheckpointError(f"{name}: checkpoint shape {tuple(tensors[name].shape)}, model "
                                                f"{tuple(param.shape)}")
                 param.copy_(tensors[name])
+
+
+def train_every_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+    """Unfreeze every weight of ``module`` (a full fine-tune: the world's full ceiling), kept in ``dtype``."""
+    module.requires_grad_(True)
+    for param in module.parameters():
+        param.data = param.data.to(dtype)
+
+
+def export_weights(module: nn.Module, path: Path, metadata: dict[str, str]) -> None:
+    """Every tensor of ``module``'s state dict (float32, its own names) as safetensors, written atomically."""
+    state = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
+    write_safetensors_atomic(state, path, metadata)
 
 
 def save_sample_image(pixels: torch.Tensor, folder: Path, step: int) -> Path:

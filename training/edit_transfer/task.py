@@ -46,7 +46,6 @@ from torch import nn
 from analogy_core import __version__
 from analogy_core.edit_transfer import BLOCK_PREFIXES
 from analogy_core.lora import LoRA, LoRALayer
-from analogy_core.files import write_safetensors_atomic
 from analogy_core.lora_io import save_lora_file
 from training import checkpoints as ckpt
 from training import flow
@@ -57,7 +56,8 @@ from training.edit_transfer.data import make_edit_transfer_dataset
 from training.editors import EditorBackbone, backbone_family, load_frozen_any
 from training.ema import PREFIX as EMA_PREFIX
 from training.ema import ParameterEMA
-from training.trainer import TrainingTask, drop_captions, run, sample_pairs_image, save_sample_image
+from training.trainer import (TrainingTask, drop_captions, export_weights, run, sample_pairs_image, save_sample_image,
+                              train_every_weight)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the LoRA (peft on the frozen transformer)
@@ -83,13 +83,6 @@ def add_lora(transformer: nn.Module, rank: int, alpha: float, trainable_dtype: t
         param.requires_grad_(".lora_A." in name or ".lora_B." in name)
         if param.requires_grad:
             param.data = param.data.to(trainable_dtype)
-
-
-def unfreeze(transformer: nn.Module, trainable_dtype: torch.dtype = torch.float32) -> None:
-    """Every weight of the transformer trains (``full_finetune``), kept in ``trainable_dtype``."""
-    transformer.requires_grad_(True)
-    for param in transformer.parameters():
-        param.data = param.data.to(trainable_dtype)
 
 
 def export_lora(transformer: nn.Module, metadata: dict[str, str] | None = None, family: str = "flux") -> LoRA:
@@ -258,7 +251,7 @@ class EditTransferTask(TrainingTask):
         self.backbone = load_frozen_any(cfg.backbone, cfg.mixed_precision, cfg.seed, self.device)
         transformer = self.backbone.transformer
         if cfg.full_finetune:
-            unfreeze(transformer)
+            train_every_weight(transformer)
         else:
             add_lora(transformer, cfg.rank, cfg.lora_alpha)
         transformer.to(self.device)
@@ -297,9 +290,8 @@ class EditTransferTask(TrainingTask):
     def export(self, model, path: Path, step: int) -> None:
         with self.averaged(model):
             if self.cfg.full_finetune:
-                state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-                write_safetensors_atomic(state, path, {**lora_metadata(self.cfg, step),
-                                                       "analogy.kind": "edit_transfer_transformer"})
+                export_weights(model, path, {**lora_metadata(self.cfg, step),
+                                             "analogy.kind": "edit_transfer_transformer"})
                 return
             save_lora_file(export_lora(model, lora_metadata(self.cfg, step), backbone_family(self.cfg.backbone)),
                            path)

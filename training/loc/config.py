@@ -10,6 +10,7 @@ from training.config import CommonConfig
 HYPERNETWORK_FILE = "loc_hypernetwork.safetensors"
 ENCODER_FILE = "loc_image_encoder.safetensors"   # written only when the image encoder trains
 PLAIN_LORA_FILE = "loc_plain_lora.safetensors"   # written instead of the hypernetwork with plain_lora
+UNET_FILE = "loc_unet.safetensors"               # written instead of the hypernetwork with full_finetune
 LOSS_SPACES = ("epsilon", "x0", "x0_clamped")
 
 
@@ -60,6 +61,9 @@ class LoCConfig(CommonConfig):
     # True: train one plain LoRA of `rank` on the same projections instead of H (the same for every pair; written as
     # a standard LoRA file, loc_plain_lora.safetensors): LoC's ceiling on the analogy world (training/loc/plain.py)
     plain_lora: bool = False
+    # True: no LoRA at all; train every weight of the UNet with eq. (6) (LoRA Reverse has no LoRA to negate, so it
+    # must be off) and write the UNet (loc_unet.safetensors): LoC's full fine-tune ceiling on the analogy world
+    full_finetune: bool = False
     sample_steps: int = 20                # DDIM steps of the sample images
     # optimisation (paper: AdamW, lr 1e-5, batch 96 on 8 GPUs, 80 epochs, 512 px)
     batch_size: int = 12
@@ -77,9 +81,15 @@ class LoCConfig(CommonConfig):
             raise ValueError(f"image_encoder_learning_rate must be >= 0, got {self.image_encoder_learning_rate}")
         if not self.x0_weight_max > 0:
             raise ValueError(f"x0_weight_max must be positive, got {self.x0_weight_max}")
-        if self.plain_lora and (self.init_from or self.image_encoder_learning_rate > 0):
-            raise ValueError("plain_lora trains one LoRA in H's place: init_from (a hypernetwork) and "
-                             "image_encoder_learning_rate (H's encoder) do not apply to it")
+        for mode in ("plain_lora", "full_finetune"):
+            if getattr(self, mode) and (self.init_from or self.image_encoder_learning_rate > 0):
+                raise ValueError(f"{mode} trains without H: init_from (a hypernetwork) and image_encoder_learning_rate "
+                                 "(H's encoder) do not apply to it")
+        if self.plain_lora and self.full_finetune:
+            raise ValueError("plain_lora and full_finetune are two different ceilings: choose one")
+        if self.full_finetune and (self.lora_reverse or self.random_exchange):
+            raise ValueError("full_finetune trains the UNet itself with eq. (6): set lora_reverse and random_exchange "
+                             "to false (LoRA Reverse negates a LoRA, and there is none)")
         if self.image_fit not in ("stretch", "center_crop"):
             raise ValueError(f"image_fit must be stretch or center_crop, got {self.image_fit!r}")
         for key in ("exchange_probability", "flip_probability", "text_dropout"):

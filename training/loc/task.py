@@ -59,11 +59,11 @@ from analogy_core.loc import (
 from analogy_core.lora_io import save_lora_file
 from training.backbone import load_query_encoder
 from training.config import without_local_path
-from training.loc.config import ENCODER_FILE, HYPERNETWORK_FILE, PLAIN_LORA_FILE, PRESETS, LoCConfig
+from training.loc.config import ENCODER_FILE, HYPERNETWORK_FILE, PLAIN_LORA_FILE, PRESETS, UNET_FILE, LoCConfig
 from training.loc.data import make_pair_dataset
 from training.loc.plain import PlainLoRA
 from training.loc.ip2p import IP2PBackbone, add_noise, ddim_sample, load_ip2p, to_epsilon
-from training.trainer import TrainingTask, run, save_sample_image
+from training.trainer import TrainingTask, export_weights, run, save_sample_image, train_every_weight
 
 # ---------------------------------------------------------------------------------------------------------------------
 # maths of one step (plain functions of their inputs, so tests can check each against a re-computation)
@@ -158,7 +158,8 @@ def training_loss(hypernetwork: nn.Module, backbone: IP2PBackbone, encoder: Imag
     if not cfg.text_conditioning:
         prompts = [""] * len(prompts)
     text_6, text_7 = term_prompts(prompts, exchanged, cfg.text_dropout, generator)
-    factors = generate_factors(hypernetwork, encoder, quad["a"], quad["a_prime"], device)
+    # full_finetune: ``hypernetwork`` is the UNet itself, trained with no LoRA (eq. 6 alone, checked by the config)
+    factors = None if cfg.full_finetune else generate_factors(hypernetwork, encoder, quad["a"], quad["a_prime"], device)
     n = len(quad["b"])
     latents, conditions = backbone.encode_images(torch.cat([quad["b"], quad["b_prime"]]))
     (z_b, z_bp), (cond_b, cond_bp) = latents.split(n), conditions.split(n)
@@ -166,7 +167,7 @@ def training_loss(hypernetwork: nn.Module, backbone: IP2PBackbone, encoder: Imag
     # eq. 6: target B′, condition B, +H;  eq. 7: target B, condition B′, −H
     x0 = torch.cat([z_bp, z_b][:terms])
     condition = torch.cat([cond_b, cond_bp][:terms])
-    loras = factors.cat(factors.scaled(-1.0)) if terms == 2 else factors
+    loras = factors.cat(factors.scaled(-1.0)) if terms == 2 and factors is not None else factors
     text = backbone.encode_prompts((text_6 + text_7)[: terms * n], device)
     t = torch.randint(0, backbone.num_train_timesteps, (terms * n,), generator=generator)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
@@ -248,15 +249,15 @@ def shareable_config(cfg: LoCConfig) -> dict:
 class LoCTask(TrainingTask):
     name = "loc"
     artifact = HYPERNETWORK_FILE
-    other_artifacts = (ENCODER_FILE, PLAIN_LORA_FILE)
+    other_artifacts = (ENCODER_FILE, PLAIN_LORA_FILE, UNET_FILE)
     config_cls = LoCConfig
     presets = PRESETS
     description = __doc__
 
     def __init__(self, cfg: LoCConfig, accelerator) -> None:
         super().__init__(cfg, accelerator)
-        if cfg.plain_lora:
-            self.artifact = PLAIN_LORA_FILE  # the file this run writes (the skeleton reads the instance's)
+        if cfg.plain_lora or cfg.full_finetune:  # the file this run writes (the skeleton reads the instance's)
+            self.artifact = PLAIN_LORA_FILE if cfg.plain_lora else UNET_FILE
 
     def build(self) -> nn.Module:
         cfg = self.cfg
@@ -266,6 +267,9 @@ class LoCTask(TrainingTask):
         self.encoder = load_query_encoder(cfg.image_encoder, cfg.seed).to(self.device)
         if cfg.gradient_checkpointing:
             self.backbone.unet.enable_gradient_checkpointing()
+        if cfg.full_finetune:
+            train_every_weight(self.backbone.unet)
+            return self.backbone.unet
         if cfg.plain_lora:
             torch.manual_seed(cfg.seed)
             return PlainLoRA(hypernetwork_config(cfg, self.backbone, self.encoder)).to(self.device)
@@ -305,10 +309,15 @@ class LoCTask(TrainingTask):
         if isinstance(model, PlainLoRA):
             save_lora_file(model.lora(metadata), path)
             return
+        if cfg.full_finetune:
+            export_weights(model, path, {**metadata, "analogy.kind": "loc_unet"})
+            return
         save_hypernetwork(hypernetwork_of(model), path, metadata)
 
     def summary(self, model) -> str:
         count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if self.cfg.full_finetune:
+            return f"full fine-tune of the InstructPix2Pix UNet (no LoRA): {count / 1e6:.2f}M trainable parameters"
         if isinstance(model, PlainLoRA):
             config = model.config
             return (f"plain LoRA (one for every pair, no hypernetwork) for {config.family}: {config.num_layers} "
@@ -316,6 +325,12 @@ class LoCTask(TrainingTask):
         return f"{hypernetwork_of(model).config.describe()}; {count / 1e6:.2f}M trainable parameters"
 
     def write_samples(self, model, batch, step: int, folder: Path) -> None:
+        if self.cfg.full_finetune:  # the fine-tuned UNet edits B with no LoRA: A | A′ | B | its B′
+            b = batch["a"].roll(1, dims=0) if len(batch["a"]) > 1 else batch["a"].flip(2)
+            edited = edit_images(self.backbone, None, b, self.cfg.sample_steps, self.cfg.seed).cpu()
+            rows = torch.cat([batch["a"], batch["a_prime"], b, edited], dim=2)
+            save_sample_image(torch.cat(list(rows), dim=0), folder, step)
+            return
         rows = sample_rows(hypernetwork_of(model), self.backbone, self.encoder, batch, self.cfg.sample_steps,
                            self.cfg.seed)
         save_sample_image(torch.cat(list(rows), dim=0), folder, step)

@@ -35,6 +35,9 @@ class LoRWeBConfig(FourPanelSettings, CommonConfig):
     # Official `is_bidirectional_analogy` (default off): with probability 0.5 train on the reversed analogy
     # (a', a, b', b) instead of (a, a', b, b'), same caption.
     bidirectional_analogy: bool = False
+    # True: no basis; train every weight of the transformer with the same objective and write the whole transformer
+    # (lorweb_transformer.safetensors): the analogy world's full fine-tune ceiling, not something this pack ships
+    full_finetune: bool = False
     # LoRWeB basis (official: N=32, r=4, d=128)
     num_entries: int = 32
     rank: int = 4

@@ -35,9 +35,11 @@ from training.config import without_local_path
 from training.editors import EditorBackbone, backbone_family, editor_scheme, load_frozen_any
 from training.lorweb.config import PRESETS, LoRWeBConfig
 from training.lorweb.data import make_dataset
-from training.trainer import TrainingTask, drop_captions, run, sample_pairs_image, save_sample_image
+from training.trainer import (TrainingTask, drop_captions, export_weights, run, sample_pairs_image, save_sample_image,
+                              train_every_weight)
 
 BASIS_FILE = "lorweb_basis.safetensors"
+TRANSFORMER_FILE = "lorweb_transformer.safetensors"  # written instead of the basis with full_finetune
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -181,9 +183,15 @@ def basis_metadata(cfg: LoRWeBConfig, step: int, query_encoder: ImageEncoder) ->
 class LoRWeBTask(TrainingTask):
     name = "lorweb"
     artifact = BASIS_FILE
+    other_artifacts = (TRANSFORMER_FILE,)
     config_cls = LoRWeBConfig
     presets = PRESETS
     description = __doc__
+
+    def __init__(self, cfg: LoRWeBConfig, accelerator) -> None:
+        super().__init__(cfg, accelerator)
+        if cfg.full_finetune:
+            self.artifact = TRANSFORMER_FILE  # the file this run writes (the skeleton reads the instance's)
 
     def build(self) -> nn.Module:
         cfg = self.cfg
@@ -191,8 +199,11 @@ class LoRWeBTask(TrainingTask):
         self.query_encoder = load_query_encoder(cfg.query_encoder, cfg.seed).to(self.device)
         transformer = self.backbone.transformer
         settings = mixing_settings(cfg, self.query_encoder)
-        inject_lorweb(transformer, cfg.targets, num_entries=cfg.num_entries, rank=cfg.rank, key_dim=cfg.key_dim,
-                      query_dim=settings.query_width(self.query_encoder.embed_dim), settings=settings)
+        if cfg.full_finetune:  # no basis: the queries reach no layer (set_query finds none)
+            train_every_weight(transformer)
+        else:
+            inject_lorweb(transformer, cfg.targets, num_entries=cfg.num_entries, rank=cfg.rank, key_dim=cfg.key_dim,
+                          query_dim=settings.query_width(self.query_encoder.embed_dim), settings=settings)
         transformer.to(self.device)
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
@@ -206,11 +217,17 @@ class LoRWeBTask(TrainingTask):
         return training_loss(model, self.backbone, self.query_encoder, batch, self.cfg, generator, self.device)
 
     def export(self, model, path: Path, step: int) -> None:
-        export_basis(model, family=backbone_family(self.cfg.backbone), metadata=basis_metadata(self.cfg, step, self.query_encoder)).save(path)
+        metadata = basis_metadata(self.cfg, step, self.query_encoder)
+        if self.cfg.full_finetune:
+            export_weights(model, path, {**metadata, "analogy.kind": "lorweb_transformer"})
+            return
+        export_basis(model, family=backbone_family(self.cfg.backbone), metadata=metadata).save(path)
 
     def summary(self, model) -> str:
         cfg = self.cfg
         count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if cfg.full_finetune:
+            return f"LoRWeB objective, full fine-tune of the transformer: {count / 1e6:.2f}M trainable parameters"
         return (f"LoRWeB basis on {len(lorweb_layers(model))} layers, N={cfg.num_entries} r={cfg.rank} "
                 f"d={cfg.key_dim}, {count / 1e6:.2f}M trainable parameters")
 

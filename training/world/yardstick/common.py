@@ -9,6 +9,8 @@ from typing import Callable
 
 import torch
 
+from analogy_core.files import check_state_dict, read_safetensors
+
 from training.world import scenes as world_def
 from training.world.registry import World
 
@@ -64,3 +66,17 @@ def losses_from_log(path: Path) -> tuple[float, float] | None:
             start, end = line.rsplit("loss ", 1)[1].rstrip(")").split(" -> ")
             return float(start), float(end)
     return None
+
+
+def pretraining_rate(world: World, model: str) -> float:
+    """The learning rate ``model`` was pretrained with (its build record): a full fine-tune ceiling continues the
+    backbone's pretraining on one family at that rate (a LoRA's rate is tuned for a few low-rank factors)."""
+    return float(world.builds[model]["config"]["lr"])
+
+
+def load_weights(module: torch.nn.Module, path: Path) -> torch.nn.Module:
+    """``module`` with the weights a full fine-tune run wrote (every tensor checked against the module's own: names,
+    shapes, finite values), in eval mode."""
+    tensors, _ = read_safetensors(path)
+    module.load_state_dict(check_state_dict(tensors, module.state_dict()))
+    return module.eval()

@@ -25,14 +25,13 @@ from pathlib import Path
 import torch
 from diffusers import FluxPipeline
 
-from analogy_core.files import check_state_dict, read_safetensors
 from training.backbone import load_backbone
 from training.edit_transfer.config import LORA_FILE, TRANSFORMER_FILE
 from training.edit_transfer.task import EditTransferConfig, sample_composite
 from training.world import scenes as world
 from training.world.evaluate import reconstruct
 from training.world.presets import run_trainer
-from training.world.yardstick.common import Ceiling, MethodOutput, losses_from_log
+from training.world.yardstick.common import Ceiling, MethodOutput, load_weights, losses_from_log, pretraining_rate
 
 PANEL = 64
 # Why these values: 128-px composites of 64-px panels (the world's panel); the official rank 16 and alpha 16; AdamW
@@ -132,16 +131,6 @@ def et_ceiling_settings(world_root: str | Path, family: str, quick: bool, seed: 
     return {**et_settings(world_root, quick, text_free), "data": f"world:families={family}", "seed": seed}
 
 
-def load_finetuned(world_root: Path, transformer_file: Path):
-    """The world's FLUX.1-dev-like backbone with the transformer weights a ``full_finetune`` run wrote (every
-    tensor checked against the backbone's own: names, shapes, finite values)."""
-    backbone = load_backbone(f"world:{Path(world_root) / 'flux_dev'}")
-    tensors, _ = read_safetensors(transformer_file)
-    backbone.transformer.load_state_dict(check_state_dict(tensors, backbone.transformer.state_dict()))
-    backbone.transformer.eval()
-    return backbone
-
-
 def row_ceiling(row: str) -> Ceiling:
     """The ceilings of an Edit Transfer row (its training settings and its sampler): the LoRA one, and the full
     fine-tune of the transformer (``full_finetune``) on the same family, steps and sampler."""
@@ -156,10 +145,12 @@ def row_ceiling(row: str) -> Ceiling:
         return sample_b_prime(backbone, items, text, spec["context"], steps, seed)
 
     def full_settings(world, quick: bool, family: str, seed: int) -> dict:
-        return {**settings(world, quick, family, seed), "full_finetune": True}
+        return {**settings(world, quick, family, seed), "full_finetune": True,
+                "learning_rate": pretraining_rate(world, "flux_dev")}
 
     def full_sample(world, quick: bool, folder: Path, items: list, seed: int) -> torch.Tensor:
-        backbone = load_finetuned(world.root, folder / TRANSFORMER_FILE)
+        backbone = load_backbone(f"world:{Path(world.root) / 'flux_dev'}")
+        load_weights(backbone.transformer, folder / TRANSFORMER_FILE)
         return sample_b_prime(backbone, items, text, spec["context"], steps, seed)
 
     shared = "edit_transfer_textfree" if spec["text_free"] else "edit_transfer"  # the two samplers: one run

@@ -42,14 +42,14 @@ from analogy_core.loc import (HypernetworkError, build_hypernetwork, consistency
                               input_dependence, load_hypernetwork)
 from training import checkpoints as ckpt
 from training.backbone import load_query_encoder
-from training.loc.config import PLAIN_LORA_FILE
+from training.loc.config import PLAIN_LORA_FILE, UNET_FILE
 from training.loc.ip2p import load_ip2p
 from training.loc.plain import load_plain_lora
 from training.loc.task import edit_images, encode_pair
 from training.world import scenes as world
 from training.world.evaluate import mae, stack
 from training.world.presets import run_trainer
-from training.world.yardstick.common import Ceiling, MethodOutput, losses_from_log
+from training.world.yardstick.common import Ceiling, MethodOutput, load_weights, losses_from_log, pretraining_rate
 
 PANEL = 64
 EARLY = 0.1
@@ -103,9 +103,26 @@ def ceiling_b_prime(world, quick: bool, folder: Path, items: list, seed: int) ->
     return plain_lora_b_prime(load_ip2p(world.spec), folder, items, steps, seed)
 
 
-CEILING = Ceiling("training.train_loc", ("autoencoder", "clip", "instruct_pix2pix"),
+def full_ceiling_settings(world, quick: bool, family: str, seed: int) -> dict:
+    """The same run training every weight of the UNet (no LoRA) at the backbone's own pretraining rate."""
+    return {**loc_ceiling_settings(world.root, family, quick, seed), "plain_lora": False, "full_finetune": True,
+            "learning_rate": pretraining_rate(world, "instruct_pix2pix")}
+
+
+def full_ceiling_b_prime(world, quick: bool, folder: Path, items: list, seed: int) -> torch.Tensor:
+    """B′ of ``items`` from the UNet a ``full_finetune`` run wrote, sampled as the row samples (no LoRA)."""
+    backbone = load_ip2p(world.spec)
+    load_weights(backbone.unet, folder / UNET_FILE)
+    steps = int(loc_settings(world.root, quick)["sample_steps"])
+    return edit_images(backbone, None, stack(items, "b"), steps, seed)
+
+
+_MODELS = ("autoencoder", "clip", "instruct_pix2pix")
+CEILING = Ceiling("training.train_loc", _MODELS,
                   lambda world, quick, family, seed: loc_ceiling_settings(world.root, family, quick, seed),
-                  ceiling_b_prime)
+                  ceiling_b_prime,
+                  full=Ceiling("training.train_loc", _MODELS, full_ceiling_settings, full_ceiling_b_prime,
+                               shared_as="loc_full"))
 
 
 def load_hypernetwork_state(path: Path, template):

@@ -11,12 +11,13 @@ import torch
 from analogy_core.lorweb.basis import load_basis
 from analogy_core.lorweb.layer import inject_lorweb, set_query
 from training.backbone import load_backbone, load_query_encoder
-from training.lorweb.task import BASIS_FILE
+from training.lorweb.task import BASIS_FILE, TRANSFORMER_FILE
 from training.world import evaluate as ev
 from training.world import scenes as world_def
 from training.world.presets import lorweb_ceiling_settings, lorweb_settings, train_lorweb
 from training.world.registry import World
-from training.world.yardstick.common import Ceiling, MethodContext, MethodOutput, losses_from_log
+from training.world.yardstick.common import (Ceiling, MethodContext, MethodOutput, load_weights, losses_from_log,
+                                             pretraining_rate)
 
 
 def routing(coefficients: torch.Tensor, labels: list[str]) -> dict[str, float]:
@@ -101,10 +102,28 @@ def ceiling_b_prime(world: World, quick: bool, folder: Path, items: list, seed: 
                   lambda: set_query(transformer, query))
 
 
-# LoRWeB's ceiling: the trainer with one basis entry of the preset's per-layer rank (presets.lorweb_ceiling_settings)
-CEILING = Ceiling("training.train_lorweb", ("autoencoder", "clip", "flux_kontext"),
+def full_ceiling_b_prime(world: World, quick: bool, folder: Path, items: list, seed: int) -> torch.Tensor:
+    """B′ of ``items`` with the transformer a ``full_finetune`` run wrote in ``folder``, sampled as the row samples."""
+    settings = lorweb_settings(str(world.root), quick)
+    backbone = load_backbone(world.spec)
+    load_weights(backbone.transformer, folder / TRANSFORMER_FILE)
+    return bottom(backbone, items, int(settings["sample_steps"]), seed, float(settings["guidance"]))
+
+
+def full_ceiling_settings(world: World, quick: bool, family: str, seed: int) -> dict:
+    """The same run with every transformer weight trained (no basis), at the backbone's own pretraining rate."""
+    return {**lorweb_ceiling_settings(str(world.root), family, quick, seed), "full_finetune": True,
+            "learning_rate": pretraining_rate(world, "flux_kontext")}
+
+
+# LoRWeB's ceilings: the trainer with one basis entry of the preset's per-layer rank (presets.lorweb_ceiling_settings),
+# and the same trainer fine-tuning the whole transformer
+_MODELS = ("autoencoder", "clip", "flux_kontext")
+CEILING = Ceiling("training.train_lorweb", _MODELS,
                   lambda world, quick, family, seed: lorweb_ceiling_settings(str(world.root), family, quick, seed),
-                  ceiling_b_prime)
+                  ceiling_b_prime,
+                  full=Ceiling("training.train_lorweb", _MODELS, full_ceiling_settings, full_ceiling_b_prime,
+                               shared_as="lorweb_full"))
 
 
 def bottom(backbone, items, steps: int, seed: int, guidance: float, before_call=None) -> torch.Tensor:
