@@ -280,3 +280,32 @@ def test_lorweb_full_ceiling_is_the_same_run_training_every_weight_at_the_pretra
     full = lorweb.CEILING.full.settings(world, False, "hflip", 1)
     assert full == {**lora, "full_finetune": True, "learning_rate": 0.002}
     assert lorweb.CEILING.full.shared_as == "lorweb_full" and lorweb.CEILING.shared_as == ""
+
+
+# The issue's ceiling target reached on the quick world by a FULL fine-tune of Edit Transfer's FLUX.1-dev-like
+# backbone (one family alone, 1,000 steps at its pretraining rate; the quick world's flux_dev is built here, ~1-2
+# minutes, then ~3-6 minutes per family): beyond the default suite's budget, so `expensive`. Measured (seed 0, the
+# quick yardstick's 4 held-out scenes; README, "Full fine-tune against LoRA"): invert 1.00 edited — the global
+# family reaches it; the local families come close and are marked so: add_square_top_left 0.9375 / 1.000 (one
+# changed cell of sixteen wrong), recolour_red_blue 0.852 / 0.987. The LoRA ceilings of the same runs do not reach
+# it (invert 0.49, add_square 0.63 / 0.97, recolour 0.81 / 0.96).
+FULL_STEPS = 1000
+
+
+CLOSE = {"add_square_top_left": "measured 0.9375 / 1.000 at 1,000 steps (seed 0): one changed cell of 16 wrong",
+         LOCAL: "measured 0.852 / 0.987 at 1,000 steps (seed 0): edited misses 0.95 by 0.10"}
+
+
+@pytest.mark.expensive
+@pytest.mark.parametrize("family", [GLOBAL, *(pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=why))
+                                              for f, why in CLOSE.items())])
+def test_a_quick_full_finetune_ceiling_reaches_the_issue_target(family):
+    from training.world import build_world
+    from training.world.yardstick import edit_transfer
+
+    world = build_world(["autoencoder", "flux_dev"], quick=True, seed=SEED)
+    items = ev.examples(family, 4, world.builds["autoencoder"]["config"]["panel"])
+    full = edit_transfer.row_ceiling("edit_transfer").full
+    scores, _, _ = ceiling.scored("edit_transfer_full", full, world, family, items, SEED, None, FULL_STEPS, None)
+    assert scores["train_steps"] == FULL_STEPS
+    assert scores["edited_cells"] >= 0.95 and (scores["kept_cells"] is None or scores["kept_cells"] >= 0.98), scores
