@@ -10,8 +10,8 @@ like every B′ (:mod:`training.world.metrics`)::
 
 (``error``: mean absolute pixel error against the true B′; ``train_seconds``: of the run that trained the cached
 LoRA.) The second ceiling, a **full fine-tune** of the backbone on one family (``"full"``, the same fields), is
-computed for rows whose ``Ceiling`` has a ``full`` one (Edit Transfer's), on the full world by default (the quick
-world may skip it; ``full=True`` forces it).
+computed for rows whose ``Ceiling`` has a ``full`` one (every row with a LoRA: each trainer's ``full_finetune``), on
+the full world by default (the quick world may skip it; ``full=True`` forces it).
 
 A row adds its ceiling by giving its :class:`~training.world.yardstick.common.Method` a :class:`Ceiling`: the
 trainer module, the settings of one family's run, and how to sample B′ with the file that run wrote (LoRWeB's
