@@ -102,7 +102,7 @@ def test_add_ceilings_fills_the_row_and_trains_each_family_once(tmp_path, monkey
 
     first = result()
     pictures = ceiling.add_ceilings("fake", fake, ctx, first)
-    assert runs == ["invert", "hflip"] and set(pictures) == {"invert", "hflip"}
+    assert runs == ["invert", "hflip"] and set(pictures["lora"]) == {"invert", "hflip"} and pictures["full"] == {}
     families = first["families"]
     assert "ceiling" not in families["vflip"]  # held out: no ceiling
     assert families["invert"]["ceiling"] == {"lora": {"edited_cells": 1.0, "kept_cells": None, "error": 0.0,
@@ -230,10 +230,13 @@ def test_the_full_finetune_ceiling_is_measured_on_the_full_world_and_kept_apart(
         world = World(tmp_path / ("v2-quick-s0" if quick else "v2-full-s0"), quick, 0, {"autoencoder": {"key": "a"}})
         ctx = MethodContext(world, 0, quick, tmp_path / "row", examples)
         result = {"families": {f: {"split": "train", "no_edit": 0.5} for f in examples}, "extra": {}}
-        ceiling.add_ceilings("fake", fake, ctx, result, **kwargs)
+        pictures_of_last_run.update(ceiling.add_ceilings("fake", fake, ctx, result, **kwargs))
         return result
 
+    pictures_of_last_run: dict = {}
+
     full_world = run(False)
+    assert set(pictures_of_last_run["full"]) == {"invert", "hflip"}
     invert = full_world["families"]["invert"]["ceiling"]
     assert invert["lora"]["edited_cells"] == 0.0 and invert["full"]["edited_cells"] == 1.0
     assert invert["full"]["error"] == 0.0 and invert["full"]["train_steps"] == 3

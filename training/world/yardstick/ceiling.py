@@ -155,13 +155,15 @@ def family_ceiling(method: str, ceiling: Ceiling, world: World, family: str, ite
                    root: Path | None = None, steps: int | None = None,
                    overrides: dict[str, object] | None = None, full: bool | None = None) -> dict:
     """``{"lora": {...}}`` of one family on ``items`` (held-out examples), and ``"full"`` where the row has a full
-    fine-tune ceiling and ``full`` (default: on the full world only); the LoRA ceiling's B′ under ``"b_prime"`` (a
-    tensor: pop it before writing JSON); ``"trained_seconds"``: the seconds spent training now (0 when cached)."""
+    fine-tune ceiling and ``full`` (default: on the full world only); their B′ under ``"b_prime"`` and
+    ``"b_prime_full"`` (tensors: pop them before writing JSON); ``"trained_seconds"``: the seconds spent training now
+    (0 when cached)."""
     lora, record, b_prime = scored(method, ceiling, world, family, items, seed, root, steps, overrides)
     out = {"lora": lora, "cached": record["cached"], "b_prime": b_prime,
            "trained_seconds": 0.0 if record["cached"] else record["train_seconds"]}
     if ceiling.full is not None and (not world.quick if full is None else full):
-        scores, record, _ = scored(f"{method}_full", ceiling.full, world, family, items, seed, root, steps, overrides)
+        scores, record, out["b_prime_full"] = scored(f"{method}_full", ceiling.full, world, family, items, seed, root,
+                                                     steps, overrides)
         out["full"] = scores
         out["trained_seconds"] += 0.0 if record["cached"] else record["train_seconds"]
     return out
@@ -169,15 +171,20 @@ def family_ceiling(method: str, ceiling: Ceiling, world: World, family: str, ite
 
 def add_ceilings(method: str, ceiling: Ceiling, ctx: MethodContext, result: dict, families: list[str] | None = None,
                  root: Path | None = None, steps: int | None = None,
-                 overrides: dict[str, object] | None = None, full: bool | None = None) -> dict[str, torch.Tensor]:
+                 overrides: dict[str, object] | None = None, full: bool | None = None
+                 ) -> dict[str, dict[str, torch.Tensor]]:
     """Add ``families.<f>.ceiling`` to a row's measured ``result`` for every training family (or ``families``) and
-    the means over them to its ``extra``; returns the LoRA ceilings' B′ per family (for a picture)."""
+    the means over them to its ``extra``; returns the ceilings' B′ per kind and family (``{"lora": {f: B′}, "full":
+    {...}}``, for the pictures; ``full`` empty when not measured)."""
     names = families or [f for f in ctx.examples if world_def.get_family(f).split == "train"]
-    pictures, seconds = {}, 0.0
+    pictures: dict[str, dict[str, torch.Tensor]] = {"lora": {}, "full": {}}
+    seconds = 0.0
     for family in names:
         out = family_ceiling(method, ceiling, ctx.world, family, ctx.examples[family], ctx.seed, root, steps, overrides,
                              full)
-        pictures[family] = out.pop("b_prime")
+        pictures["lora"][family] = out.pop("b_prime")
+        if "b_prime_full" in out:
+            pictures["full"][family] = out.pop("b_prime_full")
         out.pop("cached")
         seconds += out.pop("trained_seconds")
         result["families"][family]["ceiling"] = out

@@ -184,13 +184,13 @@ def picture(ctx: MethodContext, output: MethodOutput, result: dict, path: Path) 
 
 
 def ceiling_picture(ctx: MethodContext, output: MethodOutput, b_prime: dict[str, torch.Tensor], result: dict,
-                    out: Path) -> Path:
-    """The row's picture for its ceilings (families with a ceiling; the last column and the labels are the
-    ceiling's): ``<out>/<method>_ceiling.png``."""
+                    out: Path, kind: str = "lora") -> Path:
+    """The row's picture for one kind of ceiling (families with one; the last column and the labels are the
+    ceiling's): ``<out>/<method>_ceiling.png`` (LoRA) or ``<method>_ceiling_full.png`` (full fine-tune)."""
     only = MethodContext(ctx.world, ctx.seed, ctx.quick, ctx.folder, {f: ctx.examples[f] for f in b_prime})
-    rows = {f: {**result["families"][f], **result["families"][f]["ceiling"]["lora"]} for f in b_prime}
-    return picture(only, MethodOutput(b_prime, {}, output.reconstruct), {"families": rows},
-                   out / f"{ctx.folder.name}_ceiling.png")
+    rows = {f: {**result["families"][f], **result["families"][f]["ceiling"][kind]} for f in b_prime}
+    name = f"{ctx.folder.name}_ceiling{'' if kind == 'lora' else '_' + kind}.png"
+    return picture(only, MethodOutput(b_prime, {}, output.reconstruct), {"families": rows}, out / name)
 
 
 def _fraction(value: float | None) -> str:
@@ -290,10 +290,13 @@ def main(argv: list[str] | None = None) -> dict:
         results[name] = measure(ctx, output)
         print(f"{name}: picture {picture(ctx, output, results[name], out / f'{name}.png')}")
         if ceilings and METHODS[name].ceiling:
-            b_prime = ceiling.add_ceilings(name, METHODS[name].ceiling, ctx, results[name], ceiling_families,
-                                           args.ceiling_root, args.ceiling_steps, ceiling_overrides,
-                                           args.full_ceilings)
-            print(f"{name}: ceiling picture {ceiling_picture(ctx, output, b_prime, results[name], out)}")
+            b_primes = ceiling.add_ceilings(name, METHODS[name].ceiling, ctx, results[name], ceiling_families,
+                                            args.ceiling_root, args.ceiling_steps, ceiling_overrides,
+                                            args.full_ceilings)
+            for kind, b_prime in b_primes.items():
+                if b_prime:
+                    path = ceiling_picture(ctx, output, b_prime, results[name], out, kind)
+                    print(f"{name}: {kind} ceiling picture {path}")
         report = write_report(args, out, started, results, world)  # after every method: a late crash keeps the rows
     print_table(results)
     print(f"total time: {report['seconds']:.1f} s")
