@@ -75,18 +75,23 @@ def test_full_finetune_refuses_what_needs_a_lora_or_a_hypernetwork():
             build_config(LoCConfig, PRESETS, "tiny", overrides=ok + bad)
 
 
-def test_a_full_finetune_run_trains_and_writes_the_unet(tmp_path):
-    """LoC's full ceiling run (3 tiny steps): no LoRA, every UNet weight trains with eq. (6), the UNet is written and
-    loads back through the yardstick's checked loader."""
+def test_a_full_finetune_run_trains_and_writes_the_unet(tmp_path, monkeypatch):
+    """LoC's full ceiling run (3 tiny steps): no LoRA, no image encoder, every UNet weight trains with eq. (6), the
+    UNet is written and loads back through the yardstick's checked loader; its samples are drawn."""
+    from training.loc import task
     from training.loc.config import UNET_FILE
-    from training.loc.task import main
     from training.world.yardstick.common import load_weights
 
+    def no_encoder(*args):
+        raise AssertionError("a full fine-tune reads no pair through H: it must not load an image encoder")
+
+    monkeypatch.setattr(task, "load_query_encoder", no_encoder)
     out = tmp_path / "full"
-    history = main(["--preset", "tiny", "--output-dir", str(out), "--max-steps", "3", "--set", "report_to=none",
-                    "--set", "sample_every=1000", "--set", "full_finetune=true", "--set", "lora_reverse=false",
-                    "--set", "random_exchange=false", "--set", "learning_rate=1e-2"])
+    history = task.main(["--preset", "tiny", "--output-dir", str(out), "--max-steps", "3", "--set", "report_to=none",
+                         "--set", "sample_every=3", "--set", "full_finetune=true", "--set", "lora_reverse=false",
+                         "--set", "random_exchange=false", "--set", "learning_rate=1e-2"])
     assert len(history["losses"]) == 3 and not (out / "loc_hypernetwork.safetensors").exists()
+    assert list((out / "samples").glob("*.png")), "the full fine-tune's samples (A | A′ | B | its B′) were not drawn"
     tensors, meta = read_safetensors(out / UNET_FILE)
     assert meta["analogy.kind"] == "loc_unet"
     fresh = load_ip2p("tiny").unet

@@ -134,6 +134,21 @@ def test_killed_checkpoint_write_is_cleaned_up_and_resumed(tmp_path, reference, 
     assert_same(weights(out), reference)
 
 
+def test_a_mode_flag_switches_the_written_file_and_its_temporaries_are_cleaned(tmp_path, caplog):
+    """``mode_artifacts``: a run with the flag on writes (and logs) the mode's file instead of ``artifact``; a stale
+    temporary of either file is cleaned at start."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".toy_whole.safetensors.0123456789abcdef.tmp").write_bytes(b"half")
+    (out / ".toy.safetensors.fedcba9876543210.tmp").write_bytes(b"half")
+    assert ToyTask.every_artifact() == ("toy.safetensors", "toy_whole.safetensors")
+    with caplog.at_level(logging.INFO):
+        train(out, "--max-steps", "2", "--set", "whole=true")
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["toy_whole.safetensors"]
+    assert not list(out.glob(".*tmp"))
+    assert f"wrote {out / 'toy_whole.safetensors'}" in caplog.text
+
+
 def test_missing_rng_state_is_reported(tmp_path, reference, caplog):
     out = interrupted_run(tmp_path, 4)
     (out / "checkpoints" / "step_000004" / "rng_0.safetensors").unlink()

@@ -30,6 +30,7 @@ class ToyConfig(CommonConfig):
     report_to: str = "none"
     unreadable: str = ""          # comma-separated item indices that raise ItemError
     length: int = 64
+    whole: bool = False           # a "mode" run: writes toy_whole.safetensors instead of toy.safetensors
 
 
 class ToyData(Dataset):
@@ -65,6 +66,7 @@ class ToyModel(nn.Module):
 class ToyTask(TrainingTask):
     name = "toy"
     artifact = "toy.safetensors"
+    mode_artifacts = {"whole": "toy_whole.safetensors"}
     config_cls = ToyConfig
     presets = {"default": {}}
     seen_batches: list[list[int]] = []

@@ -47,6 +47,8 @@ class TrainingTask:
 
     name: ClassVar[str] = "task"
     artifact: ClassVar[str] = "model.safetensors"       # the user-facing file in output_dir
+    # config flag -> the file a run with that flag on writes instead of ``artifact`` (e.g. a full fine-tune's weights)
+    mode_artifacts: ClassVar[dict[str, str]] = {}
     other_artifacts: ClassVar[tuple[str, ...]] = ()     # other files the task writes atomically there (cleaned too)
     config_cls: ClassVar[type[CommonConfig]] = CommonConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -56,6 +58,15 @@ class TrainingTask:
         self.cfg = cfg
         self.accelerator = accelerator
         self.device = accelerator.device
+
+    def output_file(self) -> str:
+        """The file this run writes: the first ``mode_artifacts`` entry whose config flag is on, else ``artifact``."""
+        return next((name for flag, name in self.mode_artifacts.items() if getattr(self.cfg, flag)), self.artifact)
+
+    @classmethod
+    def every_artifact(cls) -> tuple[str, ...]:
+        """Every file the task may write atomically in its output folder (stale temporaries of each are cleaned)."""
+        return (cls.artifact, *cls.mode_artifacts.values(), *cls.other_artifacts)
 
     # -- what each method implements ---------------------------------------------------------------------------------
     def build(self) -> nn.Module:
@@ -244,7 +255,7 @@ def save_checkpoint(task: TrainingTask, model, optimizer, step: int) -> Path:
         state = {"step": step, "task": task.name, "num_processes": accelerator.num_processes,
                  "param_checksums": checksums}
         ckpt.finalize(tmp, folder / ckpt.checkpoint_name(step), state, optional=rng_files)
-        task.export(unwrapped, out / task.artifact, step)
+        task.export(unwrapped, out / task.output_file(), step)
         ckpt.prune(folder, cfg.keep_checkpoints)
     accelerator.wait_for_everyone()
     return folder / ckpt.checkpoint_name(step)
@@ -312,7 +323,7 @@ def run(task_cls: type[TrainingTask], argv=None) -> dict:
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        for path in ckpt.remove_stale_temporaries(out, (task_cls.artifact, *task_cls.other_artifacts)):
+        for path in ckpt.remove_stale_temporaries(out, task_cls.every_artifact()):
             log.info("removed %s left by an interrupted write", path)
     accelerator.wait_for_everyone()
 
@@ -385,7 +396,7 @@ def run(task_cls: type[TrainingTask], argv=None) -> dict:
     accelerator.end_training()
     if accelerator.is_main_process:
         losses = history["losses"]
-        log.info("wrote %s (steps %d..%d, loss %.4f -> %.4f)", out / task.artifact, history["start_step"], step,
+        log.info("wrote %s (steps %d..%d, loss %.4f -> %.4f)", out / task.output_file(), history["start_step"], step,
                  losses[0] if losses else math.nan, losses[-1] if losses else math.nan)
     return history
 

@@ -236,15 +236,10 @@ def lora_metadata(cfg: EditTransferConfig, step: int) -> dict[str, str]:
 class EditTransferTask(TrainingTask):
     name = "edit_transfer"
     artifact = LORA_FILE
-    other_artifacts = (TRANSFORMER_FILE,)
+    mode_artifacts = {"full_finetune": TRANSFORMER_FILE}
     config_cls = EditTransferConfig
     presets = PRESETS
     description = __doc__
-
-    def __init__(self, cfg: EditTransferConfig, accelerator) -> None:
-        super().__init__(cfg, accelerator)
-        if cfg.full_finetune:
-            self.artifact = TRANSFORMER_FILE  # the file this run writes (the skeleton reads the instance's)
 
     def build(self) -> nn.Module:
         cfg = self.cfg

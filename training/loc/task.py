@@ -145,7 +145,7 @@ def generate_factors(model: nn.Module, encoder: ImageEncoder, a: torch.Tensor, a
     return model(*encode_pair(encoder, a, a_prime, device))
 
 
-def training_loss(hypernetwork: nn.Module, backbone: IP2PBackbone, encoder: ImageEncoder, batch: dict,
+def training_loss(hypernetwork: nn.Module, backbone: IP2PBackbone, encoder: ImageEncoder | None, batch: dict,
                   cfg: LoCConfig, generator: torch.Generator, device, parts: dict | None = None) -> torch.Tensor:
     """One micro-batch of eq. (6) + eq. (7). Random draws, in order: exchange (if on), flips, text dropout (eq. 6
     texts then eq. 7 texts), timesteps (eq. 6 samples then eq. 7), noise ([eq. 6; eq. 7] latents).
@@ -249,22 +249,19 @@ def shareable_config(cfg: LoCConfig) -> dict:
 class LoCTask(TrainingTask):
     name = "loc"
     artifact = HYPERNETWORK_FILE
-    other_artifacts = (ENCODER_FILE, PLAIN_LORA_FILE, UNET_FILE)
+    mode_artifacts = {"plain_lora": PLAIN_LORA_FILE, "full_finetune": UNET_FILE}
+    other_artifacts = (ENCODER_FILE,)
     config_cls = LoCConfig
     presets = PRESETS
     description = __doc__
-
-    def __init__(self, cfg: LoCConfig, accelerator) -> None:
-        super().__init__(cfg, accelerator)
-        if cfg.plain_lora or cfg.full_finetune:  # the file this run writes (the skeleton reads the instance's)
-            self.artifact = PLAIN_LORA_FILE if cfg.plain_lora else UNET_FILE
 
     def build(self) -> nn.Module:
         cfg = self.cfg
         dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16 \
             if cfg.mixed_precision == "fp16" else torch.float32
         self.backbone = load_ip2p(cfg.backbone, dtype, cfg.seed).to(self.device)
-        self.encoder = load_query_encoder(cfg.image_encoder, cfg.seed).to(self.device)
+        # a full fine-tune reads no pair through H, so it loads no image encoder
+        self.encoder = None if cfg.full_finetune else load_query_encoder(cfg.image_encoder, cfg.seed).to(self.device)
         if cfg.gradient_checkpointing:
             self.backbone.unet.enable_gradient_checkpointing()
         if cfg.full_finetune:

@@ -183,15 +183,10 @@ def basis_metadata(cfg: LoRWeBConfig, step: int, query_encoder: ImageEncoder) ->
 class LoRWeBTask(TrainingTask):
     name = "lorweb"
     artifact = BASIS_FILE
-    other_artifacts = (TRANSFORMER_FILE,)
+    mode_artifacts = {"full_finetune": TRANSFORMER_FILE}
     config_cls = LoRWeBConfig
     presets = PRESETS
     description = __doc__
-
-    def __init__(self, cfg: LoRWeBConfig, accelerator) -> None:
-        super().__init__(cfg, accelerator)
-        if cfg.full_finetune:
-            self.artifact = TRANSFORMER_FILE  # the file this run writes (the skeleton reads the instance's)
 
     def build(self) -> nn.Module:
         cfg = self.cfg
