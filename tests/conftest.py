@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,19 @@ from devtools.comfy_server import ComfyServer, comfyui_root
 
 # Spaces, dots, capitals and a hyphen: ComfyUI must still import the pack, and the pack must not care.
 PACK_FOLDER = "My Analogy.Pack-v2"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The suite runs on two pytest-xdist workers (pyproject's addopts): every test module that uses the session's
+    quick world (tests/world_fixtures.py) goes to one worker, so the world is built and trained once, not twice at
+    the same time into the same cache."""
+    uses_world: dict[str, bool] = {}
+    for item in items:
+        module = item.module
+        if module.__name__ not in uses_world:
+            uses_world[module.__name__] = "world_fixtures" in inspect.getsource(module)
+        if uses_world[module.__name__]:
+            item.add_marker(pytest.mark.xdist_group("quick_world"))
 
 
 @pytest.fixture(scope="session")
