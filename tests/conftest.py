@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import inspect
+import functools
 import os
 from pathlib import Path
 
@@ -12,6 +12,7 @@ from devtools.comfy_server import ComfyServer, comfyui_root
 
 # Spaces, dots, capitals and a hyphen: ComfyUI must still import the pack, and the pack must not care.
 PACK_FOLDER = "My Analogy.Pack-v2"
+TESTS = Path(__file__).resolve().parent
 
 
 def pytest_configure(config):
@@ -25,19 +26,30 @@ def pytest_configure(config):
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+@functools.lru_cache(maxsize=None)
+def uses_quick_world(test_file: str) -> bool:
+    """Whether a test module uses the session's quick world (tests/world_fixtures.py)."""
+    return "world_fixtures" in (TESTS / Path(test_file).name).read_text()
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """The suite runs on two pytest-xdist workers (pyproject's addopts): every test of a module that uses the quick
+    world goes to one worker, so the world is built and trained once, not twice at the same time into one cache;
+    every other test is its own unit of work. (xdist's own ``loadgroup`` cannot do it on pytest 9.2: it renames the
+    tests' ids through an attribute pytest no longer reads.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class QuickWorldOnOneWorker(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "quick_world" if uses_quick_world(nodeid.split("::", 1)[0]) else nodeid
+
+    return QuickWorldOnOneWorker(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """The suite runs on two pytest-xdist workers (pyproject's addopts): every test module that uses the session's
-    quick world (tests/world_fixtures.py) goes to one worker, so the world is built and trained once, not twice at
-    the same time into the same cache. Those tests come first: they are the longest chain (about 10 minutes on a
-    clean clone), and the other worker takes everything else meanwhile."""
-    uses_world: dict[str, bool] = {}
-    for item in items:
-        module = item.module
-        if module.__name__ not in uses_world:
-            uses_world[module.__name__] = "world_fixtures" in inspect.getsource(module)
-        if uses_world[module.__name__]:
-            item.add_marker(pytest.mark.xdist_group("quick_world"))
-    items.sort(key=lambda item: not uses_world[item.module.__name__])  # stable: the order within each part stays
+    """The quick-world tests come first: they are the longest chain (about 10 minutes on a clean clone), and the other
+    worker takes everything else meanwhile."""
+    items.sort(key=lambda item: not uses_quick_world(item.path.name))  # stable: the order within each part stays
 
 
 @pytest.fixture(scope="session")
