@@ -12,7 +12,6 @@ from devtools.comfy_server import ComfyServer, comfyui_root
 
 # Spaces, dots, capitals and a hyphen: ComfyUI must still import the pack, and the pack must not care.
 PACK_FOLDER = "My Analogy.Pack-v2"
-TESTS = Path(__file__).resolve().parent
 
 
 def pytest_configure(config):
@@ -27,9 +26,9 @@ def pytest_configure(config):
 
 
 @functools.lru_cache(maxsize=None)
-def uses_quick_world(test_file: str) -> bool:
+def uses_quick_world(test_file: Path) -> bool:
     """Whether a test module uses the session's quick world (tests/world_fixtures.py)."""
-    return "world_fixtures" in (TESTS / Path(test_file).name).read_text()
+    return test_file.suffix == ".py" and test_file.is_file() and "world_fixtures" in test_file.read_text()
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -41,7 +40,7 @@ def pytest_xdist_make_scheduler(config, log):
 
     class QuickWorldOnOneWorker(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "quick_world" if uses_quick_world(nodeid.split("::", 1)[0]) else nodeid
+            return "quick_world" if uses_quick_world(config.rootpath / nodeid.split("::", 1)[0]) else nodeid
 
     return QuickWorldOnOneWorker(config, log)
 
@@ -49,7 +48,7 @@ def pytest_xdist_make_scheduler(config, log):
 def pytest_collection_modifyitems(config, items):
     """The quick-world tests come first: they are the longest chain (about 10 minutes on a clean clone), and the other
     worker takes everything else meanwhile."""
-    items.sort(key=lambda item: not uses_quick_world(item.path.name))  # stable: the order within each part stays
+    items.sort(key=lambda item: not uses_quick_world(item.path))  # stable: the order within each part stays
 
 
 @pytest.fixture(scope="session")
