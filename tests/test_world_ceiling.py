@@ -143,7 +143,7 @@ def quick_ceilings():
     ``steps`` None is the row's own budget (400)."""
     world = quick_world()
     panel = world.builds["autoencoder"]["config"]["panel"]
-    rows: dict[str, dict] = {}
+    rows: dict[tuple[str, int | None], dict] = {}
 
     def row(family: str, steps: int | None = None) -> dict:
         if (family, steps) not in rows:
@@ -234,17 +234,15 @@ def test_the_full_finetune_ceiling_is_measured_on_the_full_world_and_kept_apart(
                    lambda world, quick, folder, items, seed: ev.stack(items, "b"), full=full)
     examples = {f: ev.examples(f, 2, world_def.REFERENCE_SIZE) for f in ("invert", "hflip")}
 
-    def run(quick: bool, **kwargs) -> dict:
+    def run(quick: bool, **kwargs) -> tuple[dict, dict]:
+        """(the row's result, the ceilings' B′ per kind and family)"""
         world = World(tmp_path / ("v2-quick-s0" if quick else "v2-full-s0"), quick, 0, {"autoencoder": {"key": "a"}})
         ctx = MethodContext(world, 0, quick, tmp_path / "row", examples)
         result = {"families": {f: {"split": "train", "no_edit": 0.5} for f in examples}, "extra": {}}
-        pictures_of_last_run.update(ceiling.add_ceilings("fake", fake, ctx, result, **kwargs))
-        return result
+        return result, ceiling.add_ceilings("fake", fake, ctx, result, **kwargs)
 
-    pictures_of_last_run: dict = {}
-
-    full_world = run(False)
-    assert set(pictures_of_last_run["full"]) == {"invert", "hflip"}
+    full_world, pictures = run(False)
+    assert set(pictures["full"]) == {"invert", "hflip"}
     invert = full_world["families"]["invert"]["ceiling"]
     assert invert["lora"]["edited_cells"] == 0.0 and invert["full"]["edited_cells"] == 1.0
     assert invert["full"]["error"] == 0.0 and invert["full"]["train_steps"] == 3
@@ -254,10 +252,10 @@ def test_the_full_finetune_ceiling_is_measured_on_the_full_world_and_kept_apart(
     assert sorted(runs) == [("hflip", False), ("hflip", True), ("invert", False), ("invert", True)]
     names = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "v2-full-s0" / "ceilings").iterdir())
     assert names == ["fake-hflip", "fake-invert", "fake_full-hflip", "fake_full-invert"]
-    quick = run(True)
+    quick, _ = run(True)
     assert "full" not in quick["families"]["invert"]["ceiling"] and "mean_ceiling_full_edited_cells_train" not in \
         quick["extra"]
-    assert "full" in run(True, full=True)["families"]["invert"]["ceiling"]
+    assert "full" in run(True, full=True)[0]["families"]["invert"]["ceiling"]
 
 
 def test_lorweb_full_finetune_trains_the_whole_transformer_and_no_basis(tmp_path):
