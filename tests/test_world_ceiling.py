@@ -1,6 +1,7 @@
 """The LoRA ceiling of LoRWeB's row (training/world/yardstick/ceiling.py): a one-entry basis is a plain LoRA, the
 ceiling's settings and cache key, and (slow) a quick ceiling run on one global family (and, marked ``expensive``,
-one local family: `bash scripts/test.sh -m expensive tests/test_world_ceiling.py`).
+one local family, and the issue's target on the quick world with a 256-wide backbone: `bash scripts/test.sh -m
+expensive tests/test_world_ceiling.py`).
 
 The slow tests train on the session's quick world (tests/world_fixtures.py) and keep the trained ceilings in its
 cache (``<world folder>/ceilings``, or ``$ANALOGY_CEILING_CACHE``): a clean clone trains them once (about 4-5 minutes
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from world_fixtures import SEED, quick_world
+from world_fixtures import LORWEB_MODELS, SEED, quick_world
 
 from analogy_core.lorweb.layer import LoRWeBLinear
 from training.world import evaluate as ev
@@ -207,6 +208,39 @@ def test_quick_ceiling_is_cached_and_reused(quick_ceilings):
 def test_quick_ceiling_reaches_the_issue_target(quick_ceilings, family):
     """Issue 20's target for the LoRA ceiling: edited_cells >= 0.95 and kept_cells >= 0.98."""
     lora = quick_ceilings[1](family)["lora"]
+    assert lora["edited_cells"] >= 0.95 and (lora["kept_cells"] is None or lora["kept_cells"] >= 0.98), lora
+
+
+
+# The same LoRA ceiling on a WIDER quick world: the Kontext-like backbone 256 wide (8 heads of 32, 7.2M parameters,
+# `--world-set flux_kontext.heads=8`) instead of 96, taught one family for 1,200 steps at learning rate 2e-3
+# (`--ceiling-steps 1200 --ceiling-set learning_rate=2e-3`). Building that world takes ~13 minutes on the 2-core CPU
+# and each ceiling ~18 minutes (one thread), so `expensive`. Measured (seed 0, the quick yardstick's 4 held-out scenes
+# per family; README, "Is the backbone too narrow?"): WIDE_MEASURED below. The families that miss are strict xfails
+# stating by how much.
+WIDE_WORLD = {"flux_kontext": {"heads": 8}}
+WIDE_STEPS, WIDE_SETTINGS = 1200, {"learning_rate": 2e-3}
+WIDE_MEASURED = {GLOBAL: (0.984, None), LOCAL: (0.963, 0.996), "hflip": (0.930, 0.981),
+                 "add_square_top_left": (0.875, 1.000)}  # edited / kept cells (the 96-wide world at 400 steps:
+#                                                           0.305 / -, 0.037 / 0.908, 0.360 / 0.782, 0.625 / 0.975)
+WIDE_MISSES = {"hflip": "measured 0.930 / 0.981 (seed 0): edited misses 0.95 by 0.02",
+               "add_square_top_left": "measured 0.875 / 1.000 (seed 0): 2 changed cells of 16 wrong"}
+
+
+@pytest.mark.slow
+@pytest.mark.expensive
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=WIDE_MISSES[f]))
+                                    if f in WIDE_MISSES else f for f in WIDE_MEASURED])
+def test_the_wide_quick_worlds_lora_ceiling_reaches_the_issue_target(family):
+    from training.world import build_world
+
+    world = build_world(LORWEB_MODELS, quick=True, seed=SEED, overrides=WIDE_WORLD)
+    assert world.builds["flux_kontext"]["config"]["heads"] == 8
+    items = ev.examples(family, 4, world.builds["autoencoder"]["config"]["panel"])
+    lora = ceiling.family_ceiling("lorweb", lorweb.CEILING, world, family, items, SEED, steps=WIDE_STEPS,
+                                  overrides=WIDE_SETTINGS)["lora"]
+    assert lora["train_steps"] == WIDE_STEPS
     assert lora["edited_cells"] >= 0.95 and (lora["kept_cells"] is None or lora["kept_cells"] >= 0.98), lora
 
 
