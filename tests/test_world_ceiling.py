@@ -211,12 +211,11 @@ def test_quick_ceiling_reaches_the_issue_target(quick_ceilings, family):
     assert lora["edited_cells"] >= 0.95 and (lora["kept_cells"] is None or lora["kept_cells"] >= 0.98), lora
 
 
-
 # The same LoRA ceiling on a WIDER quick world: the Kontext-like backbone 256 wide (8 heads of 32, 7.2M parameters,
 # `--world-set flux_kontext.heads=8`) instead of 96, taught one family for 1,200 steps at learning rate 2e-3
 # (`--ceiling-steps 1200 --ceiling-set learning_rate=2e-3`). Building that world takes ~13 minutes on the 2-core CPU
 # and each ceiling ~18 minutes (one thread), so `expensive`. Measured (seed 0, the quick yardstick's 4 held-out scenes
-# per family; README, "Is the backbone too narrow?"): WIDE_MEASURED below. The families that miss are strict xfails
+# per family; README, "The 256-wide backbone at 1,200 steps"): WIDE_MEASURED below. The families that miss are strict xfails
 # stating by how much.
 WIDE_WORLD = {"flux_kontext": {"heads": 8}}
 WIDE_STEPS, WIDE_SETTINGS = 1200, {"learning_rate": 2e-3}
