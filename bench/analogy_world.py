@@ -5,6 +5,7 @@ family (training and held-out families).
     python -m bench.analogy_world --methods lorweb --quick --json outputs/world.json
     python -m bench.analogy_world --seed 1 --out outputs/bench_world_s1
     python -m bench.analogy_world --methods lorweb --quick --ceilings --ceiling-families invert+hflip
+    python -m bench.analogy_world --methods lorweb --quick --row-set data=world:families=invert --row-set max_steps=1200
 
 Per family (mean absolute pixel error of B′ against the true B′, 0..1 units): the method, no edit (B′ = B), the
 base backbone without the method, and the autoencoder floor (reconstruction of the true B′). Method-specific figures

@@ -1,18 +1,23 @@
-"""Probes of the world and its ceilings: ``--world-set model.setting=value`` builds a changed world in a folder of its
-own (the default world is never touched) and ``--ceiling-set key=value`` changes the ceilings' trainer settings,
-each with its own cache key (training/world/registry.py, training/world/yardstick/ceiling.py)."""
+"""Probes of the world, its rows and its ceilings: ``--world-set model.setting=value`` builds a changed world in a
+folder of its own (the default world is never touched), ``--row-set key=value`` changes every selected row's trainer
+settings, and ``--ceiling-set key=value`` the ceilings', each with its own cache key (training/world/registry.py,
+training/world/yardstick/common.py, training/world/yardstick/ceiling.py)."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import time
 from pathlib import Path
 
 import pytest
 
+from training.world import evaluate as ev
 from training.world import registry
 from training.world.registry import World, WorldModel, build_world, open_world, parse_overrides
 from training.world.scenes import WORLD_VERSION
-from training.world.yardstick import ceiling, lorweb, runner
+from training.world.yardstick import ceiling, edit_transfer, loc, lorweb, regions, runner
+from training.world.yardstick.common import MethodContext, check_row_overrides, parse_settings
 
 
 def test_world_overrides_are_parsed_as_the_settings_types():
@@ -135,3 +140,147 @@ def test_a_ceiling_option_without_a_ceiling_is_refused_not_ignored(args, says, t
         runner.main([*args, "--world-root", str(tmp_path)])
     assert says in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # refused before any world is built
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --row-set: the rows' trainer settings
+
+
+class _Stop(Exception):
+    """Raised by a stand-in trainer once the row has shown what it trains with."""
+
+
+def _context(tmp_path, overrides: dict, examples: dict | None = None) -> MethodContext:
+    return MethodContext(_world(str(tmp_path)), 0, True, tmp_path / "row", examples or {}, overrides)
+
+
+def test_row_settings_are_parsed_as_json_literals_or_text():
+    assert parse_settings(["learning_rate=2e-3", "max_steps=1200", "data=world:families=invert+hflip",
+                           "use_8bit_adam=false"], "x=1") == {
+        "learning_rate": 0.002, "max_steps": 1200, "data": "world:families=invert+hflip", "use_8bit_adam": False}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_settings(["learning_rate"], "x=1")
+
+
+@pytest.mark.parametrize("method", list(runner.METHODS))
+def test_every_row_takes_a_setting_of_its_trainer(method):
+    check_row_overrides(runner.METHODS[method], {"learning_rate": 2e-3, "max_steps": 7})
+
+
+@pytest.mark.parametrize("method, overrides, says", [
+    ("lorweb", {"seed": 3}, "set by the lorweb row itself"),
+    ("lorweb", {"backbone": "world:/x"}, "set by the lorweb row itself"),
+    ("lorweb", {"query_encoder": "world:/x"}, "set by the lorweb row itself"),
+    ("loc", {"image_encoder": "world:/x"}, "set by the loc row itself"),
+    ("loc", {"random_exchange": False}, "set by the loc row itself"),
+    ("edit_transfer", {"text_free": True}, "set by the edit_transfer row itself"),
+    ("regions", {"mode": "text"}, "set by the regions row itself"),
+    ("regions", {"residual": False}, "set by the regions row itself"),
+    ("lorweb", {"random_exchange": True}, r"not a setting of the lorweb row's trainer \(LoRWeBConfig\)"),
+    ("regions", {"rank": 8}, r"not a setting of the regions row's trainer \(RegionConfig\)"),
+    ("lorweb", {"rank": "four"}, "expects int"),
+    ("loc", {"learning_rate": "fast"}, "must be a number"),
+    ("edit_transfer", {"gradient_checkpointing": 1}, "expects bool"),
+    ("lorweb", {"max_steps": 0}, "max_steps must be a positive integer"),
+])
+def test_a_row_setting_the_row_cannot_take_is_refused_by_name(method, overrides, says):
+    with pytest.raises(ValueError, match=says):
+        check_row_overrides(runner.METHODS[method], overrides)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--methods", "lorweb,loc", "--row-set", "random_exchange=false"], "not a setting of the lorweb row"),
+    (["--methods", "loc", "--row-set", "random_exchange=false"], "set by the loc row itself"),
+    (["--methods", "lorweb", "--row-set", "max_steps"], "key=value"),
+])
+def test_the_yardstick_refuses_a_bad_row_setting_before_building_anything(args, says, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        runner.main(["--quick", "--world-root", str(tmp_path), *args])
+    assert says in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_lorweb_row_trains_both_its_runs_with_the_row_settings(tmp_path, monkeypatch):
+    runs = []
+
+    def fake_train(root, out, quick, seed, max_steps=None, resume=False, overrides=None):
+        runs.append((out.name, max_steps, overrides))
+        if len(runs) == 2:
+            raise _Stop
+
+    monkeypatch.setattr(lorweb, "train_lorweb", fake_train)
+    overrides = {"learning_rate": 2e-3, "data": "world:families=invert"}
+    with pytest.raises(_Stop):
+        lorweb.run_lorweb(_context(tmp_path, overrides))
+    (init_name, init_steps, init), (train_name, train_steps, train) = runs
+    assert (init_name, init_steps, train_name, train_steps) == ("init", 1, "train", None)
+    assert train == overrides
+    # the basis at initialisation: the same run (same data), one step at learning rate 0
+    assert init == {**overrides, "learning_rate": 0.0, "sample_every": 10_000}
+
+
+def test_loc_row_trains_both_its_runs_with_the_row_settings_and_its_own_exchange(tmp_path, monkeypatch):
+    runs = []
+
+    def fake_train(root, out, quick, seed, overrides=None):
+        runs.append((out.name, overrides))
+        if len(runs) == 2:
+            raise _Stop
+        return 0.0
+
+    monkeypatch.setattr(loc, "train_loc", fake_train)
+    with pytest.raises(_Stop):
+        loc.run_loc(_context(tmp_path, {"learning_rate": 3e-4}))
+    assert runs == [("train", {"learning_rate": 3e-4, "random_exchange": True}),
+                    ("train_no_exchange", {"learning_rate": 3e-4, "random_exchange": False})]
+
+
+def test_edit_transfer_rows_share_a_run_only_with_the_same_row_settings(tmp_path, monkeypatch):
+    runs = []
+
+    def fake_train(root, out, quick, seed, text_free=False, overrides=None):
+        runs.append(overrides)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / edit_transfer.LORA_FILE).write_bytes(b"stand-in")
+        return 1.0
+
+    monkeypatch.setattr(edit_transfer, "train_edit_transfer", fake_train)
+    monkeypatch.setattr(edit_transfer, "_RUNS", {})
+    edit_transfer.trained_run(_context(tmp_path, {"rank": 4}), False)
+    edit_transfer.trained_run(_context(tmp_path, {"rank": 4}), False)  # the stock-inpaint row: the same run
+    edit_transfer.trained_run(_context(tmp_path, {"rank": 8}), False)
+    assert runs == [{"rank": 4}, {"rank": 8}]
+
+
+def test_regions_row_trains_with_the_row_settings_and_its_own_mode(tmp_path, monkeypatch):
+    runs = []
+
+    def fake_train(settings, out, max_steps):
+        runs.append((out.name, settings, max_steps))
+        raise _Stop
+
+    class _Loaded:
+        @staticmethod
+        def from_folder(folder):
+            return None
+
+    monkeypatch.setattr(regions, "train_region", fake_train)
+    monkeypatch.setattr(regions, "FrozenClip", _Loaded)
+    monkeypatch.setattr(regions, "InstructionEncoder", _Loaded)
+    examples = {"add_square_top_left": ev.examples("add_square_top_left", 1, 64)}
+    ctx = _context(tmp_path, {"learning_rate": 5e-4, "max_steps": 7}, examples)
+    ctx.world.builds[regions.T5_FOLDER] = {"key": "t"}
+    with pytest.raises(_Stop):
+        regions.run_bench_row(ctx)
+    (name, settings, max_steps), = runs
+    assert name == "text_init" and max_steps == 1
+    assert settings["mode"] == "text" and settings["seed"] == 0 and settings["learning_rate"] == 0.0
+    assert settings["max_steps"] == 7  # the row's own settings, the override in them
+
+
+def test_the_report_records_the_row_settings_only_when_given(tmp_path):
+    args = argparse.Namespace(seed=0, quick=True, json=None)
+    plain = runner.write_report(args, tmp_path / "plain", time.monotonic(), {}, _world())
+    probe = runner.write_report(args, tmp_path / "probe", time.monotonic(), {}, _world(), {"learning_rate": 0.002})
+    assert "row_overrides" not in plain and probe["row_overrides"] == {"learning_rate": 0.002}
+    assert json.loads((tmp_path / "probe" / "results.json").read_text())["row_overrides"] == {"learning_rate": 0.002}

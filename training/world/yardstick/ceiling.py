@@ -43,7 +43,7 @@ from training.world import metrics
 from training.world import scenes as world_def
 from training.world.presets import run_trainer
 from training.world.registry import World
-from training.world.yardstick.common import Ceiling, MethodContext, losses_from_log
+from training.world.yardstick.common import Ceiling, MethodContext, losses_from_log, parse_settings
 
 log = logging.getLogger(__name__)
 RECORD = "ceiling.json"
@@ -78,19 +78,10 @@ def refuse_fixed(keys) -> None:
 
 
 def parse_setting_overrides(items: list[str] | None) -> dict[str, object]:
-    """``["key=value", ...]`` (``--ceiling-set learning_rate=2e-3``) -> trainer settings; values read as JSON
-    literals where they are one (numbers, booleans), else kept as text."""
-    out: dict[str, object] = {}
-    for item in items or []:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"a ceiling setting is key=value (e.g. learning_rate=2e-3), got {item!r}")
-        refuse_fixed([key])
-        try:
-            out[key] = json.loads(text)
-        except ValueError:
-            out[key] = text
+    """``["key=value", ...]`` (``--ceiling-set learning_rate=2e-3``) -> trainer settings
+    (:func:`~training.world.yardstick.common.parse_settings`), refusing those that define a ceiling."""
+    out = parse_settings(items, "learning_rate=2e-3")
+    refuse_fixed(out)
     return out
 
 

@@ -3,6 +3,8 @@ speaks these)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,6 +26,7 @@ class MethodContext:
     quick: bool
     folder: Path                                  # the method's own output folder (training runs, files)
     examples: dict[str, list[world_def.Example]]  # held-out scenes of every family
+    row_overrides: dict[str, object] = field(default_factory=dict)  # --row-set: the row trainer's settings changed
 
 
 @dataclass
@@ -58,6 +61,69 @@ class Method:
     run: Callable[[MethodContext], MethodOutput]
     description: str = ""
     ceiling: Ceiling | None = None  # the row's per-family ceiling (None: not measured for this row yet)
+    trainer_config: type | None = None  # the row trainer's config dataclass: what --row-set may change (None: nothing)
+    own_settings: frozenset[str] = frozenset()  # settings the row itself sets per run (--row-set may not change them)
+
+
+# What says which world and run a row is: its world models (the world folder) and the seed (--seed).
+ROW_FIXED_SETTINGS = frozenset({"seed", "backbone", "query_encoder", "image_encoder", "clip", "instruction_encoder"})
+
+
+def parse_settings(items: list[str] | None, example: str) -> dict[str, object]:
+    """``["key=value", ...]`` -> trainer settings; values read as JSON literals where they are one (numbers,
+    booleans), else kept as text (``data=world:families=invert``). ``example`` is shown when an item is malformed."""
+    out: dict[str, object] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"a trainer setting is key=value (e.g. {example}), got {item!r}")
+        try:
+            out[key] = json.loads(text)
+        except ValueError:
+            out[key] = text
+    return out
+
+
+def check_row_overrides(method: Method, overrides: dict[str, object]) -> None:
+    """Raise ValueError unless every key of ``overrides`` is a setting of ``method``'s trainer that a row may change,
+    with a value its config accepts."""
+    if not overrides:
+        return
+    if method.trainer_config is None:
+        raise ValueError(f"--row-set: the {method.name} row has no trainer settings to change")
+    fixed = sorted((ROW_FIXED_SETTINGS | method.own_settings) & set(overrides))
+    if fixed:
+        raise ValueError(f"--row-set {', '.join(fixed)}: set by the {method.name} row itself (its world models, seed "
+                         f"(--seed) or its runs' own settings), not to be changed")
+    known = {f.name for f in dataclasses.fields(method.trainer_config)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"--row-set {', '.join(unknown)}: not a setting of the {method.name} row's trainer "
+                         f"({method.trainer_config.__name__}); known: {', '.join(sorted(known - ROW_FIXED_SETTINGS))}")
+    defaults = method.trainer_config()
+    try:
+        config = method.trainer_config().update(dict(overrides))
+    except ValueError as err:
+        raise ValueError(f"--row-set: {err}") from None
+    for key in overrides:
+        default, value = getattr(defaults, key), getattr(config, key)
+        if not _same_kind(default, value):
+            raise ValueError(f"--row-set {key}: the {method.name} row's trainer expects {type(default).__name__} "
+                             f"(default {default!r}), got {value!r}")
+    try:
+        config.validate()
+    except ValueError as err:
+        raise ValueError(f"--row-set: {err}") from None
+
+
+def _same_kind(default: object, value: object) -> bool:
+    """Whether ``value`` can stand where a setting's ``default`` stands (numbers for numbers, text for text, ...)."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return default is None or isinstance(value, type(default))
 
 
 def losses_from_log(path: Path) -> tuple[float, float] | None:

@@ -20,6 +20,7 @@ instruction is a code the LoRA never saw.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -59,19 +60,20 @@ def et_settings(world_root: str | Path, quick: bool = False, text_free: bool = F
 
 
 def train_edit_transfer(world_root: str | Path, out: Path, quick: bool = False, seed: int = 0,
-                        text_free: bool = False) -> float:
+                        text_free: bool = False, overrides: dict[str, object] | None = None) -> float:
     """Edit Transfer's world preset through :func:`training.world.presets.run_trainer`; returns the seconds."""
     return run_trainer("training.train_edit_transfer",
-                       {**et_settings(world_root, quick, text_free), "seed": seed}, out)
+                       {**et_settings(world_root, quick, text_free), "seed": seed, **(overrides or {})}, out)
 
 
 def trained_run(ctx, text_free: bool) -> tuple[Path, float]:
     """The run folder of the LoRA for (world, quick, seed, text_free): trained once per bench process, so the
     ``edit_transfer`` and ``edit_transfer_stock_inpaint`` rows sample the same file."""
-    key = (str(ctx.world.root), ctx.quick, ctx.seed, text_free)
+    key = (str(ctx.world.root), ctx.quick, ctx.seed, text_free, json.dumps(ctx.row_overrides, sort_keys=True))
     if key not in _RUNS or not (_RUNS[key][0] / LORA_FILE).is_file():
         out = ctx.folder / "train"
-        _RUNS[key] = (out, train_edit_transfer(ctx.world.root, out, ctx.quick, ctx.seed, text_free))
+        _RUNS[key] = (out, train_edit_transfer(ctx.world.root, out, ctx.quick, ctx.seed, text_free,
+                                               ctx.row_overrides))
     return _RUNS[key]
 
 
@@ -102,7 +104,8 @@ def run_row(ctx, row: str):
     spec = ROWS[row]
     run, seconds = trained_run(ctx, spec["text_free"])
     backbone = load_with_lora(ctx.world.root, run / LORA_FILE)
-    steps, text = int(ET_WORLD["sample_steps"]), not spec["text_free"]
+    settings = {**et_settings(ctx.world.root, ctx.quick), **ctx.row_overrides}
+    steps, text = int(settings["sample_steps"]), not spec["text_free"]
     transformer = backbone.transformer
     b_prime, base = {}, {}
     for family, items in ctx.examples.items():
@@ -113,7 +116,7 @@ def run_row(ctx, row: str):
     transformer.enable_adapters()
     extra: dict[str, object] = {
         "sampler": "official clean context" if spec["context"] == "clean" else "stock re-noising inpainting",
-        "text": text, "train_steps": int(et_settings(ctx.world.root, ctx.quick)["max_steps"]),
+        "text": text, "train_steps": int(settings["max_steps"]),
         "train_seconds": round(seconds, 1), "lora_run": str(run)}
     losses = losses_from_log(run / "train.log")
     if losses:

@@ -178,10 +178,11 @@ def with_random_u_b(hypernetwork, seed: int):
 
 def run_loc(ctx):
     """The ``loc`` method of ``bench.analogy_world``: train (with and without random exchange), then measure."""
-    settings = loc_settings(ctx.world.root, ctx.quick)
+    settings = {**loc_settings(ctx.world.root, ctx.quick), **ctx.row_overrides}
     steps = int(settings["max_steps"])
     runs = {"": ctx.folder / "train", "_no_exchange": ctx.folder / "train_no_exchange"}
-    seconds = {tag: train_loc(ctx.world.root, out, ctx.quick, ctx.seed, {"random_exchange": tag == ""})
+    seconds = {tag: train_loc(ctx.world.root, out, ctx.quick, ctx.seed,
+                              {**ctx.row_overrides, "random_exchange": tag == ""})
                for tag, out in runs.items()}
 
     backbone = load_ip2p(ctx.world.spec)

@@ -33,13 +33,13 @@ def routing(coefficients: torch.Tensor, labels: list[str]) -> dict[str, float]:
 
 
 def run_lorweb(ctx: MethodContext) -> MethodOutput:
-    settings = lorweb_settings(str(ctx.world.root), ctx.quick)
+    settings = {**lorweb_settings(str(ctx.world.root), ctx.quick), **ctx.row_overrides}
     steps = int(settings["max_steps"])
     root = str(ctx.world.root)
     # the basis at initialisation: the same run for one step at learning rate 0
     train_lorweb(root, ctx.folder / "init", ctx.quick, ctx.seed, max_steps=1,
-                 overrides={"learning_rate": 0.0, "sample_every": 10_000})
-    seconds = train_lorweb(root, ctx.folder / "train", ctx.quick, ctx.seed)
+                 overrides={**ctx.row_overrides, "learning_rate": 0.0, "sample_every": 10_000})
+    seconds = train_lorweb(root, ctx.folder / "train", ctx.quick, ctx.seed, overrides=ctx.row_overrides)
     basis = load_basis(ctx.folder / "train" / "lorweb_basis.safetensors")
     init_basis = load_basis(ctx.folder / "init" / "lorweb_basis.safetensors")
 

@@ -14,6 +14,7 @@ the method's B′; each row labelled with both errors and both cell fractions).
 The JSON (stable: keys are added, never removed or renamed)::
 
     {"seed", "quick", "seconds", "world_overrides" (only for a probe world, --world-set: {model: {setting: value}}),
+     "row_overrides" (only for a probe run, --row-set: {setting: value} given to every row's trainer),
      "methods": {name: {
         "families": {family: {
             "split": "train" | "heldout",
@@ -67,12 +68,16 @@ import torch
 from PIL import Image, ImageDraw
 
 from analogy_core.analogy import to_uint8_images
+from training.edit_transfer.config import EditTransferConfig
+from training.loc.config import LoCConfig
+from training.lorweb.config import LoRWeBConfig
+from training.regions.config import RegionConfig
 from training.world import build_world, metrics
 from training.world import evaluate as ev
 from training.world import scenes as world_def
 from training.world.registry import World, parse_overrides
 from training.world.yardstick import ceiling, edit_transfer, loc, lorweb, regions
-from training.world.yardstick.common import Method, MethodContext, MethodOutput
+from training.world.yardstick.common import Method, MethodContext, MethodOutput, check_row_overrides, parse_settings
 
 REPO = Path(__file__).resolve().parents[3]
 log = logging.getLogger("bench.analogy_world")
@@ -93,21 +98,26 @@ def run_edit_transfer(row: str) -> Callable[[MethodContext], MethodOutput]:
 
 _METHODS = [
     Method("lorweb", ("autoencoder", "clip", "flux_kontext"), lorweb.run_lorweb,
-           "LoRWeB basis on the FLUX.1-Kontext-like world backbone, world CLIP queries", ceiling=lorweb.CEILING),
+           "LoRWeB basis on the FLUX.1-Kontext-like world backbone, world CLIP queries", ceiling=lorweb.CEILING,
+           trainer_config=LoRWeBConfig),
     Method("regions", ("autoencoder", "clip", "flux_kontext", "region_t5"), run_regions,
-           "region predictor (world CLIP, world T5); B′ = LoRWeB's B′ inside the predicted region"),
+           "region predictor (world CLIP, world T5); B′ = LoRWeB's B′ inside the predicted region",
+           trainer_config=RegionConfig, own_settings=frozenset({"mode", *(k for _, _, f in regions.RUNS for k in f)})),
     Method("loc", ("autoencoder", "clip", "instruct_pix2pix"), loc.run_loc,
            "LoRA of Change hypernetwork on the InstructPix2Pix-like world backbone, world CLIP tokens",
-           ceiling=loc.CEILING),
+           ceiling=loc.CEILING, trainer_config=LoCConfig, own_settings=frozenset({"random_exchange"})),
     Method("edit_transfer", ("autoencoder", "flux_dev"), run_edit_transfer("edit_transfer"),
            "Edit Transfer LoRA on the FLUX.1-dev-like world backbone (instruction prompts), official clean-context "
-           "sampler", ceiling=edit_transfer.row_ceiling("edit_transfer")),
+           "sampler", ceiling=edit_transfer.row_ceiling("edit_transfer"), trainer_config=EditTransferConfig,
+           own_settings=frozenset({"text_free"})),
     Method("edit_transfer_stock_inpaint", ("autoencoder", "flux_dev"), run_edit_transfer("edit_transfer_stock_inpaint"),
            "the same LoRA sampled with ComfyUI's stock re-noising inpainting",
-           ceiling=edit_transfer.row_ceiling("edit_transfer_stock_inpaint")),
+           ceiling=edit_transfer.row_ceiling("edit_transfer_stock_inpaint"), trainer_config=EditTransferConfig,
+           own_settings=frozenset({"text_free"})),
     Method("edit_transfer_textfree", ("autoencoder", "flux_dev"), run_edit_transfer("edit_transfer_textfree"),
            "Edit Transfer LoRA trained and sampled without text (EditTransfer++)",
-           ceiling=edit_transfer.row_ceiling("edit_transfer_textfree")),
+           ceiling=edit_transfer.row_ceiling("edit_transfer_textfree"), trainer_config=EditTransferConfig,
+           own_settings=frozenset({"text_free"})),
 ]
 METHODS: dict[str, Method] = {m.name: m for m in _METHODS}
 
@@ -254,6 +264,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--world-set", action="append", metavar="MODEL.SETTING=VALUE",
                         help="a probe: change one world model's setting, e.g. flux_kontext.heads=6 (repeatable); the "
                              "world is built in a folder of its own, the default world is left as it is")
+    parser.add_argument("--row-set", action="append", metavar="KEY=VALUE",
+                        help="a probe: change a setting of every selected row's trainer, e.g. learning_rate=2e-3 or "
+                             "data=world:families=invert (repeatable; not the seed, the world's models or what a row "
+                             "sets per run; the ceilings take --ceiling-set); recorded as row_overrides")
     parser.add_argument("--full-ceilings", action=argparse.BooleanOptionalAction, default=None,
                         help="also the full fine-tune ceiling, for rows that have one (default: on for the full "
                              "world, off with --quick)")
@@ -268,6 +282,9 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         world_overrides = parse_overrides(args.world_set)
         ceiling_overrides = ceiling.parse_setting_overrides(args.ceiling_set)
+        row_overrides = parse_settings(args.row_set, "learning_rate=2e-3")
+        for name in names:
+            check_row_overrides(METHODS[name], row_overrides)
     except ValueError as err:
         parser.error(str(err))
     started = time.monotonic()
@@ -284,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in names:
         folder = out / name
         shutil.rmtree(folder, ignore_errors=True)
-        ctx = MethodContext(world, args.seed, args.quick, folder, examples)
+        ctx = MethodContext(world, args.seed, args.quick, folder, examples, row_overrides)
         output = METHODS[name].run(ctx)
         OUTPUTS[name] = output
         results[name] = measure(ctx, output)
@@ -297,17 +314,21 @@ def main(argv: list[str] | None = None) -> dict:
                 if b_prime:
                     path = ceiling_picture(ctx, output, b_prime, results[name], out, kind)
                     print(f"{name}: {kind} ceiling picture {path}")
-        report = write_report(args, out, started, results, world)  # after every method: a late crash keeps the rows
+        # after every method: a late crash keeps the rows
+        report = write_report(args, out, started, results, world, row_overrides)
     print_table(results)
     print(f"total time: {report['seconds']:.1f} s")
     return report
 
 
-def write_report(args: argparse.Namespace, out: Path, started: float, results: dict, world: World) -> dict:
+def write_report(args: argparse.Namespace, out: Path, started: float, results: dict, world: World,
+                 row_overrides: dict[str, object] | None = None) -> dict:
     report = {"seed": args.seed, "quick": args.quick, "seconds": round(time.monotonic() - started, 1),
               "methods": results}
     if world.overrides:
         report["world_overrides"] = world.overrides
+    if row_overrides:
+        report["row_overrides"] = row_overrides
     for path in filter(None, (args.json, out / "results.json")):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2))
