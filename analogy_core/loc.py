@@ -22,6 +22,14 @@ widths differ (cross-attention k/v), the U_A part is not exactly "d/2" wide; wha
 zero. w¹ is drawn so that U_A's entries have LoRA's usual scale (variance 1/(3·in) for unit-variance decoder
 features, as kaiming-uniform(a=√5) gives a fresh LoRA's A).
 
+**Update bound** (not in the paper; off unless ``update_bound`` is set). Nothing in eqs. 6-11 limits the size of a
+generated update, and on the analogy world H trained with random exchange and LoRA Reverse generated updates ~85x
+the norm of the weights they patch (the LoRA then replaces the backbone instead of nudging it). With
+``update_bound = c`` every projection's update is softly capped at c times that projection's weight norm ‖W_p‖
+(recorded in the file when H is built for a backbone): ``ΔW_p ← c‖W_p‖ · tanh(‖ΔW_p‖ / c‖W_p‖) · ΔW_p / ‖ΔW_p‖``,
+applied to U_B so that the factors stay rank r. The map is odd in ΔW, so −H (LoRA Reverse) is still the exact
+negation, and it is the identity to first order for small updates (a fresh H still generates exactly zero).
+
 **Rank.** The paper does not state r. We default to r = 4: each head has r·Σ_p(in_p + out_p) outputs, so S holds
 about 102M parameters per unit of rank for SD1.5 (408M at r = 4, 1.6 GB in float32) — the size of LoRWeB's basis
 (835M) in order of magnitude, trainable next to a frozen SD1.5 on one GPU; r = 4 is also the rank commonly used for
@@ -66,7 +74,7 @@ _ATTENTION = re.compile(r"(.+\.attn[12])\.(to_q|to_k|to_v|to_out\.0)")
 _TARGET_PATH = re.compile(r"\w+(\.\w+)*\.attn[12]", re.ASCII)  # a UNet module path, as attention_targets finds them
 # bounds a config read from a file must respect before anything is built (a hostile header cannot make us allocate)
 _LIMITS = {"width": 8192, "blocks": 64, "heads": 256, "rank": 1024, "ffn": 65536, "token_width": 65536,
-           "targets": 4096, "features": 65536}
+           "targets": 4096, "features": 65536, "bound": 1000.0, "norm": 1e6}
 
 
 class HypernetworkError(ValueError):
@@ -130,6 +138,8 @@ class HypernetworkConfig:
     rank: int = 4                     # r of every generated LoRA layer (not stated in the paper; see module doc)
     ffn: int = 2048                   # D's feed-forward width (4 × width)
     family: str = "sd15"              # model family of the generated LoRAs
+    update_bound: float | None = None  # c of the soft cap ‖ΔW_p‖ ≤ c‖W_p‖ (module docstring); None: unbounded
+    weight_norms: tuple[float, ...] | None = None  # ‖W_p‖ per projection (targets × PROJECTIONS), with the bound
 
     def __post_init__(self) -> None:
         for key in ("token_width", "width", "blocks", "heads", "rank", "ffn"):
@@ -148,6 +158,34 @@ class HypernetworkConfig:
         if self.encoder is not None and self.encoder.hidden_dim != self.token_width:
             raise HypernetworkError(f"the recorded encoder has {self.encoder.hidden_dim}-d tokens but token_width is "
                                     f"{self.token_width}")
+        self._check_bound()
+
+    def _check_bound(self) -> None:
+        if (self.update_bound is None) != (self.weight_norms is None):
+            raise HypernetworkError("update_bound and weight_norms go together (the cap is relative to each "
+                                    "projection's weight norm): give both or neither")
+        if self.update_bound is None:
+            return
+        value = self.update_bound
+        if type(value) not in (int, float) or not 0 < value <= _LIMITS["bound"]:
+            raise HypernetworkError(f"update_bound must be a number in (0, {_LIMITS['bound']}], got "
+                                    f"{show_value(value)}")
+        count = len(PROJECTIONS) * self.num_layers
+        norms = self.weight_norms
+        if not isinstance(norms, tuple) or len(norms) != count:
+            raise HypernetworkError(f"weight_norms must hold one norm per projection ({count}), got "
+                                    f"{show_value(norms if not isinstance(norms, tuple) else len(norms))}")
+        bad = [n for n in norms if type(n) not in (int, float) or not 0 < n <= _LIMITS["norm"]]
+        if bad:
+            raise HypernetworkError(f"weight_norms must be positive numbers up to {_LIMITS['norm']:g}, got "
+                                    f"{show_value(bad[0])}")
+
+    def update_caps(self) -> dict[str, float] | None:
+        """Per projection path, the largest ‖ΔW_p‖ the soft bound allows (c‖W_p‖); None when unbounded."""
+        if self.update_bound is None:
+            return None
+        paths = [p for t in self.targets for p in t.projection_paths()]
+        return {p: self.update_bound * n for p, n in zip(paths, self.weight_norms)}
 
     @property
     def num_layers(self) -> int:
@@ -158,10 +196,13 @@ class HypernetworkConfig:
             "name": self.encoder.name, "family": self.encoder.family, "embed_dim": self.encoder.embed_dim,
             "hidden_dim": self.encoder.hidden_dim, "image_size": self.encoder.image_size,
             "patch_size": self.encoder.patch_size, "num_layers": self.encoder.num_layers}
-        return {"format": 1, "width": self.width, "blocks": self.blocks, "heads": self.heads, "rank": self.rank,
-                "ffn": self.ffn, "family": self.family, "token_width": self.token_width,
-                "token_count": self.token_count, "encoder": encoder,
-                "targets": [[t.path, [list(s) for s in t.shapes]] for t in self.targets]}
+        value = {"format": 1, "width": self.width, "blocks": self.blocks, "heads": self.heads, "rank": self.rank,
+                 "ffn": self.ffn, "family": self.family, "token_width": self.token_width,
+                 "token_count": self.token_count, "encoder": encoder,
+                 "targets": [[t.path, [list(s) for s in t.shapes]] for t in self.targets]}
+        if self.update_bound is not None:  # only when set: unbounded files read as before
+            value["update_bound"] = {"ratio": self.update_bound, "weight_norms": list(self.weight_norms)}
+        return value
 
     @staticmethod
     def from_json(value: Mapping) -> "HypernetworkConfig":
@@ -178,13 +219,21 @@ class HypernetworkConfig:
             if key not in value:
                 raise HypernetworkError(f"the hypernetwork config lacks {key!r}")
             kwargs[key] = value[key]
+        bound = value.get("update_bound")
+        if bound is not None:
+            if not (isinstance(bound, Mapping) and set(bound) == {"ratio", "weight_norms"}
+                    and isinstance(bound["weight_norms"], list)):
+                raise HypernetworkError("the hypernetwork config's update_bound must be {\"ratio\": c, "
+                                        "\"weight_norms\": [one per projection]}")
+            kwargs.update(update_bound=bound["ratio"], weight_norms=tuple(bound["weight_norms"]))
         return HypernetworkConfig(targets=targets, encoder=encoder, **kwargs)
 
     def describe(self) -> str:
         encoder = self.encoder.label if self.encoder else f"any encoder with {self.token_width}-d tokens"
         return (f"LoRA of Change hypernetwork for {self.family}: {self.num_layers} attention layers × q/k/v/out, "
                 f"rank {self.rank}, decoder {self.blocks} blocks × {self.heads} heads at width {self.width}; "
-                f"reads {encoder}")
+                f"reads {encoder}" + ("" if self.update_bound is None else
+                                      f"; updates softly bounded at {self.update_bound:g}x each weight's norm"))
 
 
 def _parse_targets(raw) -> tuple[AttentionTarget, ...]:
@@ -332,13 +381,17 @@ class LoRAHypernetwork(nn.Module):
         primitives = self.decoder(queries, memory)                                   # [B, L, width]
         layers = {}
         b, r = memory.shape[0], c.rank
+        caps = c.update_caps()
         for i, (target, head) in enumerate(zip(c.targets, self.heads)):
             out = head(primitives[:, i])                                             # eq. 5 / eq. 10
             downs, ups = out.split([target.down_width(r), out.shape[1] - target.down_width(r)], dim=1)
             down_parts = downs.split([r * i_f for _, i_f in target.shapes], dim=1)
             up_parts = ups.split([o_f * r for o_f, _ in target.shapes], dim=1)
             for path, (o_f, i_f), d, u in zip(target.projection_paths(), target.shapes, down_parts, up_parts):
-                layers[path] = (d.reshape(b, r, i_f), u.reshape(b, o_f, r))
+                d, u = d.reshape(b, r, i_f), u.reshape(b, o_f, r)
+                if caps is not None:
+                    u = u * soft_bound_factor(d, u, caps[path]).view(b, 1, 1).to(u.dtype)
+                layers[path] = (d, u)
         return LoRAFactors(layers, torch.ones(b, device=memory.device, dtype=memory.dtype))
 
     def u_b_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -348,6 +401,44 @@ class LoRAHypernetwork(nn.Module):
             start = target.down_width(r)
             yield f"heads.{index}.weight[U_B]", head.weight[start:]
             yield f"heads.{index}.bias[U_B]", head.bias[start:]
+
+
+def low_rank_update_norm(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Per sample, the Frobenius norm of ``up @ down`` ([B, out, r] @ [B, r, in]) from r×r Gram matrices, float32.
+    The squared norm is clamped at 1e-24 before the root so that the gradient of a zero update is finite (zero)."""
+    up, down = up.float(), down.float()
+    squared = ((up.transpose(1, 2) @ up) * (down @ down.transpose(1, 2))).sum(dim=(1, 2))
+    return squared.clamp_min(1e-24).sqrt()
+
+
+def soft_bound_factor(down: torch.Tensor, up: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per sample, the factor f = cap · tanh(n / cap) / n (n = ‖up @ down‖) that maps an update of norm n to one of
+    norm cap · tanh(n / cap) < cap in the same direction: f → 1 as n → 0, and f · n → cap as n grows."""
+    norm = low_rank_update_norm(down, up)
+    return cap * torch.tanh(norm / cap) / norm
+
+
+def projection_weight_norms(model: nn.Module, targets: tuple[AttentionTarget, ...]) -> tuple[float, ...]:
+    """‖W_p‖ (Frobenius) of every target projection of ``model``, in targets × PROJECTIONS order: what a bounded H
+    records for the backbone it is trained on."""
+    norms = []
+    for path in (p for t in targets for p in t.projection_paths()):
+        try:
+            weight = model.get_submodule(path).weight
+        except AttributeError:
+            raise HypernetworkError(f"the model has no layer {path} with a weight")
+        norms.append(float(weight.detach().float().norm()))
+    return tuple(norms)
+
+
+@torch.no_grad()
+def relative_update_norms(factors: LoRAFactors, model: nn.Module) -> torch.Tensor:
+    """‖ΔW_p‖ / ‖W_p‖ [B, projections] of one generated LoRA per sample on ``model`` (scale included)."""
+    columns = []
+    for path, (down, up) in factors.layers.items():
+        weight = float(model.get_submodule(path).weight.detach().float().norm())
+        columns.append(low_rank_update_norm(down, up).cpu() * factors.scale.float().abs().cpu() / weight)
+    return torch.stack(columns, dim=1)
 
 
 def build_hypernetwork(config: HypernetworkConfig, seed: int | None = None) -> LoRAHypernetwork:

@@ -129,6 +129,12 @@ def batch_of(n: int = 3, seed: int = 0) -> dict:
             "prompt": ["make it red", "add a hat", "zebra"][:n]}
 
 
+def with_queries(batch: dict, seed: int = 9) -> dict:
+    """The batch with its own B, B′ (another image edited: here random, unlike any flip of A, A′)."""
+    gen = torch.Generator().manual_seed(seed)
+    return batch | {k: torch.rand(batch["a"].shape, generator=gen) for k in ("b", "b_prime")}
+
+
 def cfg_for(**overrides) -> LoCConfig:
     return build_config(LoCConfig, PRESETS, "tiny", None, [f"{k}={v}" for k, v in overrides.items()])
 
@@ -144,9 +150,14 @@ def expected_loss(hypernetwork, backbone: IP2PBackbone, batch: dict, cfg: LoCCon
         exchanged = torch.rand(n, generator=gen) < cfg.exchange_probability
         for i in torch.nonzero(exchanged).flatten().tolist():
             a[i], a_prime[i] = batch["a_prime"][i].clone(), batch["a"][i].clone()
-    flip = torch.rand(n, generator=gen) < cfg.flip_probability
-    b = torch.stack([x.flip(1) if f else x for x, f in zip(a, flip)])
-    b_prime = torch.stack([x.flip(1) if f else x for x, f in zip(a_prime, flip)])
+    if cfg.query_source == "dataset":  # the batch's own B, B′, exchanged with their pair; no flip draw
+        b, b_prime = batch["b"].clone(), batch["b_prime"].clone()
+        for i in torch.nonzero(exchanged).flatten().tolist():
+            b[i], b_prime[i] = batch["b_prime"][i].clone(), batch["b"][i].clone()
+    else:
+        flip = torch.rand(n, generator=gen) < cfg.flip_probability
+        b = torch.stack([x.flip(1) if f else x for x, f in zip(a, flip)])
+        b_prime = torch.stack([x.flip(1) if f else x for x, f in zip(a_prime, flip)])
     keep = torch.rand(2 * n, generator=gen) >= cfg.text_dropout
     forward_text = [not x if text_to == "matching" else True for x in exchanged.tolist()]
     texts = [[p if (forward_text[i] if k == 0 else not forward_text[i]) and keep[k * n + i]
@@ -188,10 +199,11 @@ def expected_loss(hypernetwork, backbone: IP2PBackbone, batch: dict, cfg: LoCCon
 
 @pytest.mark.parametrize("overrides", [{}, {"loss_space": "x0"}, {"loss_space": "x0_clamped"},
                                        {"random_exchange": False}, {"lora_reverse": False},
-                                       {"text_conditioning": True, "text_dropout": 0.5}])
+                                       {"text_conditioning": True, "text_dropout": 0.5},
+                                       {"query_source": "dataset"}])
 def test_loss_equals_the_written_out_eqs_6_and_7(overrides):
     cfg = cfg_for(**{"text_dropout": 0.0, **overrides})
-    backbone, batch = stub_backbone(), batch_of()
+    backbone, batch = stub_backbone(), with_queries(batch_of())
     hypernetwork = hypernetwork_for(backbone.unet)
     parts = {}
     got = training_loss(hypernetwork, backbone, StubEncoder(), batch, cfg, torch.Generator().manual_seed(7), "cpu",
@@ -344,3 +356,41 @@ def test_a_fresh_hypernetwork_learns_through_u_b_only_at_first(tiny_parts):
     for target, head in zip(config.targets, hypernetwork.heads):
         split = target.down_width(r)
         assert head.weight.grad[split:].abs().sum() > 0 and head.weight.grad[:split].abs().sum() == 0
+
+
+def test_dataset_queries_reach_the_loss_and_pairs_are_refused(tmp_path):
+    """query_source: dataset trains on the data's own B, B′ (each reaches the loss; with flips they do not), and a
+    pair-only batch or source is refused by name."""
+    backbone = stub_backbone()
+    hypernetwork = hypernetwork_for(backbone.unet)
+    batch = with_queries(batch_of())
+
+    def loss(cfg, data):
+        return training_loss(hypernetwork, backbone, StubEncoder(), data, cfg, torch.Generator().manual_seed(2), "cpu")
+
+    for source, reaches in (("dataset", True), ("flips", False)):
+        cfg = cfg_for(text_dropout=0.0, query_source=source)
+        base = loss(cfg, batch)
+        for key in ("b", "b_prime"):
+            changed = loss(cfg, batch | {key: batch[key].flip(1)})
+            assert bool(not torch.isclose(changed, base)) == reaches, (source, key)
+    with pytest.raises(ValueError, match="needs quad data .* no b, b_prime"):
+        loss(cfg_for(query_source="dataset"), batch_of())
+    with pytest.raises(ValueError, match="query_source must be one of"):
+        cfg_for(query_source="quads")
+    (tmp_path / "pairs.jsonl").write_text("")
+    with pytest.raises(ValueError, match="'pairs' data gives a, a_prime but loc needs"):
+        make_pair_dataset(f"pairs:{tmp_path / 'pairs.jsonl'}", 8, quads=True)
+    quads = make_pair_dataset("world", 16, quads=True)
+    assert {"a", "a_prime", "b", "b_prime"} <= set(quads[0])
+
+
+def test_exchange_swaps_both_pairs_of_a_quad():
+    batch = with_queries(batch_of(4))
+    pairs = (("a", "a_prime"), ("b", "b_prime"))
+    swapped, mask = exchange_pairs(batch, torch.Generator().manual_seed(0), 0.5, pairs)
+    assert 0 < int(mask.sum()) < 4
+    for i, m in enumerate(mask.tolist()):
+        for first, second in pairs:
+            want = (batch[second][i], batch[first][i]) if m else (batch[first][i], batch[second][i])
+            assert torch.equal(swapped[first][i], want[0]) and torch.equal(swapped[second][i], want[1])

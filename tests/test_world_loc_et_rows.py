@@ -60,3 +60,10 @@ def test_each_row_beats_doing_nothing_and_its_base_on_invert(rows, method):
 def test_edit_transfers_loss_falls_by_more_than_half(rows):
     extra = rows["edit_transfer"]["extra"]
     assert extra["loss_last_step"] < 0.5 * extra["loss_first_step"], extra
+
+
+def test_loc_reports_how_far_its_generated_updates_move_the_weights(rows):
+    extra = rows["loc"]["extra"]
+    for tag in ("", "_no_exchange"):
+        median, largest = extra[f"relative_update_median{tag}"], extra[f"relative_update_max{tag}"]
+        assert 0 < median <= largest, (tag, median, largest)

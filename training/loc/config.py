@@ -12,6 +12,7 @@ ENCODER_FILE = "loc_image_encoder.safetensors"   # written only when the image e
 PLAIN_LORA_FILE = "loc_plain_lora.safetensors"   # written instead of the hypernetwork with plain_lora
 UNET_FILE = "loc_unet.safetensors"               # written instead of the hypernetwork with full_finetune
 LOSS_SPACES = ("epsilon", "x0", "x0_clamped")
+QUERY_SOURCES = ("flips", "dataset")
 
 
 @dataclass
@@ -35,6 +36,10 @@ class LoCConfig(CommonConfig):
     blocks: int = 6
     heads: int = 8
     ffn: int = 2048
+    # Not in the paper: > 0 softly caps every generated update at update_bound x the norm of the weight it patches
+    # (‖ΔW_p‖ ≤ c‖W_p‖; the norms are read from the backbone and stored in the hypernetwork file, see
+    # analogy_core/loc.py). 0 (default): unbounded, as the paper.
+    update_bound: float = 0.0
     # objective
     # Eqs. 6-7 are written in clean-image space; on an ε-prediction UNet that weights each step's ε-MSE by
     # (1 − ᾱ)/ᾱ (214 at t = 999; steps t ≥ 500 carry 98 % of the weight). Default "epsilon": the ε-MSE, weight 1 at
@@ -46,6 +51,11 @@ class LoCConfig(CommonConfig):
     random_exchange: bool = True          # (A, A′) -> (A′, A) with exchange_probability
     exchange_probability: float = 0.5
     flip_probability: float = 0.5         # B, B′ = horizontal flips of A, A′ with this probability
+    # Where B and B′ come from. "flips" (the paper, paired data only): one random flip of A and A′. "dataset": the
+    # data's own B and B′ (a quad source: world, quads, relation252k, synthetic, folder), B another image edited the
+    # same way, so the LoRA cannot carry A′'s appearance; random exchange then swaps both pairs. Not in the paper,
+    # which trains on pairs because quads are scarce.
+    query_source: str = "flips"
     # Eqs. 6-8 have no text: the LoRA must carry the edit, so by default every prompt is "" (as at inference, where
     # the example workflow runs with an empty prompt). True: the data's instruction conditions the term that edits in
     # its direction (our earlier variant; InstructPix2Pix can then do the edit from the text and H learns less).
@@ -79,6 +89,12 @@ class LoCConfig(CommonConfig):
             raise ValueError(f"loss_space must be one of {LOSS_SPACES}, got {self.loss_space!r}")
         if not self.image_encoder_learning_rate >= 0:
             raise ValueError(f"image_encoder_learning_rate must be >= 0, got {self.image_encoder_learning_rate}")
+        if self.query_source not in QUERY_SOURCES:
+            raise ValueError(f"query_source must be one of {QUERY_SOURCES}, got {self.query_source!r}")
+        if not 0 <= self.update_bound <= 1000:
+            raise ValueError(f"update_bound must be 0 (unbounded) or a ratio in (0, 1000], got {self.update_bound}")
+        if self.update_bound > 0 and (self.plain_lora or self.full_finetune):
+            raise ValueError("update_bound bounds the updates H generates: plain_lora and full_finetune train none")
         if not self.x0_weight_max > 0:
             raise ValueError(f"x0_weight_max must be positive, got {self.x0_weight_max}")
         for mode in ("plain_lora", "full_finetune"):

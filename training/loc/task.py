@@ -54,6 +54,7 @@ from analogy_core.loc import (
     batched_lora,
     build_hypernetwork,
     load_hypernetwork,
+    projection_weight_norms,
     save_hypernetwork,
 )
 from analogy_core.lora_io import save_lora_file
@@ -69,14 +70,28 @@ from training.trainer import TrainingTask, export_weights, run, save_sample_imag
 # maths of one step (plain functions of their inputs, so tests can check each against a re-computation)
 
 
-def exchange_pairs(batch: dict, generator: torch.Generator, probability: float) -> tuple[dict, torch.Tensor]:
-    """Random exchange: each sample's (a, a′) becomes (a′, a) with ``probability``; returns the batch and the mask."""
+def exchange_pairs(batch: dict, generator: torch.Generator, probability: float,
+                   pairs: tuple[tuple[str, str], ...] = (("a", "a_prime"),)) -> tuple[dict, torch.Tensor]:
+    """Random exchange: each sample's (a, a′) becomes (a′, a) with ``probability`` (and every other pair of roles in
+    ``pairs`` with the same draw, e.g. (b, b′) of a quad); returns the batch and the mask."""
     swap = torch.rand(len(batch["a"]), generator=generator) < probability
     out = dict(batch)
     view = swap.view(-1, 1, 1, 1)
-    out["a"] = torch.where(view, batch["a_prime"], batch["a"])
-    out["a_prime"] = torch.where(view, batch["a"], batch["a_prime"])
+    for first, second in pairs:
+        out[first] = torch.where(view, batch[second], batch[first])
+        out[second] = torch.where(view, batch[first], batch[second])
     return out, swap
+
+
+def dataset_quads(batch: dict) -> dict:
+    """``query_source: dataset``: the batch's own b and b′ are B and B′ (checked, since a pair source has none)."""
+    missing = [k for k in ("b", "b_prime") if k not in batch]
+    if missing:
+        raise ValueError(f"query_source: dataset needs quad data (a, a′, b, b′); this batch has no {', '.join(missing)}")
+    for key in ("b", "b_prime"):
+        if batch[key].shape != batch["a"].shape:
+            raise ValueError(f"{key} is {tuple(batch[key].shape)}, expected the shape of a {tuple(batch['a'].shape)}")
+    return batch
 
 
 def paired_quads(batch: dict, generator: torch.Generator, probability: float) -> dict:
@@ -147,13 +162,18 @@ def generate_factors(model: nn.Module, encoder: ImageEncoder, a: torch.Tensor, a
 
 def training_loss(hypernetwork: nn.Module, backbone: IP2PBackbone, encoder: ImageEncoder | None, batch: dict,
                   cfg: LoCConfig, generator: torch.Generator, device, parts: dict | None = None) -> torch.Tensor:
-    """One micro-batch of eq. (6) + eq. (7). Random draws, in order: exchange (if on), flips, text dropout (eq. 6
+    """One micro-batch of eq. (6) + eq. (7). Random draws, in order: exchange (if on), flips (``query_source:
+    flips``; with ``dataset`` B and B′ are the batch's b and b′ and there is no flip draw), text dropout (eq. 6
     texts then eq. 7 texts), timesteps (eq. 6 samples then eq. 7), noise ([eq. 6; eq. 7] latents).
     ``parts`` (optional) receives the two terms' values."""
     exchanged = torch.zeros(len(batch["a"]), dtype=torch.bool)
+    quads = cfg.query_source == "dataset"
+    if quads:
+        batch = dataset_quads(batch)
     if cfg.random_exchange:
-        batch, exchanged = exchange_pairs(batch, generator, cfg.exchange_probability)
-    quad = paired_quads(batch, generator, cfg.flip_probability)
+        pairs = (("a", "a_prime"), ("b", "b_prime")) if quads else (("a", "a_prime"),)
+        batch, exchanged = exchange_pairs(batch, generator, cfg.exchange_probability, pairs)
+    quad = batch if quads else paired_quads(batch, generator, cfg.flip_probability)
     prompts = list(batch.get("prompt") or [""] * len(batch["a"]))
     if not cfg.text_conditioning:
         prompts = [""] * len(prompts)
@@ -216,13 +236,17 @@ def sample_rows(hypernetwork: LoRAHypernetwork, backbone: IP2PBackbone, encoder:
 
 
 def hypernetwork_config(cfg: LoCConfig, backbone: IP2PBackbone, encoder: ImageEncoder) -> HypernetworkConfig:
-    """H's architecture for this backbone (targets from its layout) and encoder (tokens measured once)."""
+    """H's architecture for this backbone (targets from its layout; with ``update_bound``, its projections' weight
+    norms) and encoder (tokens measured once)."""
     layout = layout_of_diffusers_model(backbone.unet)
+    targets = attention_targets(layout)
     probe = torch.zeros(1, 8, 8, 3)
     tokens = encoder.encode(probe, probe).patch_tokens["a"]
-    return HypernetworkConfig(targets=attention_targets(layout), token_width=tokens.shape[-1],
-                              encoder=encoder.info, token_count=tokens.shape[1], width=cfg.width, blocks=cfg.blocks,
-                              heads=cfg.heads, rank=cfg.rank, ffn=cfg.ffn, family=layout.family)
+    bound = {} if cfg.update_bound <= 0 else dict(update_bound=float(cfg.update_bound),
+                                                  weight_norms=projection_weight_norms(backbone.unet, targets))
+    return HypernetworkConfig(targets=targets, token_width=tokens.shape[-1], encoder=encoder.info,
+                              token_count=tokens.shape[1], width=cfg.width, blocks=cfg.blocks, heads=cfg.heads,
+                              rank=cfg.rank, ffn=cfg.ffn, family=layout.family, **bound)
 
 
 def initial_weights(path: str, hypernetwork: LoRAHypernetwork) -> dict[str, torch.Tensor]:
@@ -289,7 +313,7 @@ class LoCTask(TrainingTask):
     def dataset(self):
         cfg = self.cfg
         return make_pair_dataset(cfg.data, cfg.resolution, cfg.image_fit, cfg.magicbrush_split,
-                                 cfg.world_instructions)
+                                 cfg.world_instructions, quads=cfg.query_source == "dataset")
 
     def loss(self, model, batch, generator):
         return training_loss(model, self.backbone, self.encoder, batch, self.cfg, generator, self.device)
