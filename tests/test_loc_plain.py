@@ -189,8 +189,11 @@ def test_the_loc_ceiling_is_one_plain_lora_of_h_rank_taught_one_family(quick):
     full = loc.CEILING.full.settings(_world(), quick, "hflip", 3)
     assert full == {**loc.loc_ceiling_settings("/w", "hflip", quick, 3), "plain_lora": False, "full_finetune": True,
                     "learning_rate": 0.001}
+    # a plain LoRA at its own rate: H's row rate is lower because each U_B entry sums `width` head features
+    assert settings["learning_rate"] == loc.PLAIN_LORA_RATE == 1e-3 and row["learning_rate"] == 1e-4
     same = {k: v for k, v in settings.items() if k not in ("plain_lora", "lora_reverse", "random_exchange", "data",
-                                                            "seed", "checkpoint_every", "sample_every")}
+                                                            "seed", "checkpoint_every", "sample_every",
+                                                            "learning_rate")}
     assert same == {k: v for k, v in row.items() if k in same}
 
 

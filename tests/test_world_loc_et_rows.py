@@ -27,14 +27,16 @@ def rows(tmp_path_factory) -> dict:
     return main(["--methods", "loc,edit_transfer", "--quick", "--seed", str(SEED), "--out", str(out)])["methods"]
 
 
-# Measured on the quick world v2 (bench/results/analogy_world_v2_quick_loc_et_ceilings_s0.json and
-# analogy_world_v2_quick_loc_et_s<1|2>.json), seeds 0 / 1 / 2, error ÷ no edit:
-#   LoRA of Change  invert 0.48 / 0.58 / 0.66 (its base 0.98 / 0.98 / 0.97); mean over the training families 2.67x /
-#                   2.70x / 2.73x, edited cells 0.008 / 0.022 / 0.018, kept 0.006 / 0.014 / 0.011 (its base keeps
-#                   0.74 / 0.73 / 0.82): worse than doing nothing everywhere but the global colour families.
-#   Edit Transfer   invert 0.84 / 0.76 / 0.85 (base 1.00 / 0.99 / 0.99); mean 1.77x / 2.15x / 1.71x, edited 0.023 /
-#                   0.067 / 0.027, kept 0.59 / 0.44 / 0.57 (base 0.84 / 0.84 / 0.93); loss 0.92 -> 0.26, 1.77 -> 0.32,
-#                   1.05 -> 0.31.
+# Measured on the quick world v2, seeds 0 / 1 / 2, error ÷ no edit:
+#   LoRA of Change  (H at lr 1e-4, the row's rate since 2026-12-03; bench/results/analogy_world_v2_quick_loc_lr1e-4_
+#                   s<N>.json, on the pinned libraries) invert 0.41 / 0.47 / 0.45 (its base 0.98 / 0.98 / 0.97); mean
+#                   over the training families 1.81x / 1.78x / 1.86x, edited cells 0.012 / 0.005 / 0.009, kept 0.098 /
+#                   0.120 / 0.097 (its base keeps 0.74 / 0.73 / 0.82). At lr 1e-3 (before): invert 0.48 / 0.58 /
+#                   0.66, 2.67x / 2.70x / 2.73x, kept 0.006-0.014.
+#   Edit Transfer   (analogy_world_v2_quick_loc_et_ceilings_s0.json, analogy_world_v2_quick_loc_et_s<1|2>.json,
+#                   measured before the library pin) invert 0.84 / 0.76 / 0.85 (base 1.00 / 0.99 / 0.99); mean
+#                   1.77x / 2.15x / 1.71x, edited 0.023 / 0.067 / 0.027, kept 0.59 / 0.44 / 0.57 (base 0.84 / 0.84 /
+#                   0.93); loss 0.92 -> 0.26, 1.77 -> 0.32, 1.05 -> 0.31.
 # What held in every seed, asserted inside those figures: each row beats doing nothing and its own base on invert,
 # and Edit Transfer's loss falls by more than half. The means (the targets: edited >= 0.8, kept >= 0.95) are
 # reported by the yardstick, not asserted: no seed comes near them.

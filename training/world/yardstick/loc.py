@@ -60,13 +60,18 @@ SELF_INVERSE = ("invert", "hflip", "vflip")  # world families with f(f(x)) = x (
 # Why these values: 64-px panels (the world's panel); H as the paper (M = 6 decoder blocks, 8 heads) at width 128
 # instead of 512 (the world's tokens are 64-d and its UNet 64/128 wide; 512 would make H 6x the backbone on 2 CPU
 # cores), rank 4 (the pack's default); paired world data with no text (the trainer's default: the edit can only come
-# from the pair); the trainer's default loss (eqs. 6-7 as ε-MSE, bounded weights); AdamW at 1e-3 in float32 (the
-# paper's 1e-5 is for a 435M-parameter H at batch 96); DDIM with 20 steps for samples and evaluation.
+# from the pair); the trainer's default loss (eqs. 6-7 as ε-MSE, bounded weights); AdamW at 1e-4 in float32; DDIM
+# with 20 steps for samples and evaluation. Why 1e-4: each U_B entry is a head output summing `width` decoder
+# features, so Adam moves it up to ~width x lr per step (a plain LoRA's up entry: lr). At 1e-3 (this row until
+# 2026-12-03) H's updates grew to a median 27x the norm of the weights they patch (with or without exchange, LoRA
+# Reverse or quads) and the loss did not fall; at 1e-4 they stay near the weights' size (median 0.7) and the loss
+# falls (0.56 -> 0.29). The paper's 1e-5 (width 512) gives 0.21 and the same B′ figures (README, LoRA of Change).
 LOC_WORLD: dict[str, object] = dict(
     data="world", resolution=PANEL, rank=4, width=128, blocks=6, heads=8, ffn=512, batch_size=8, max_steps=1500,
-    learning_rate=1e-3, weight_decay=0.0, mixed_precision="no", gradient_checkpointing=False, text_dropout=0.0,
+    learning_rate=1e-4, weight_decay=0.0, mixed_precision="no", gradient_checkpointing=False, text_dropout=0.0,
     num_workers=0, checkpoint_every=150, keep_checkpoints=100, sample_every=1500, sample_steps=20,
     log_every=50, report_to="none")
+PLAIN_LORA_RATE = 1e-3  # the LoRA ceiling's rate (every ceiling figure in the README was measured at it)
 LOC_WORLD_QUICK: dict[str, object] = {**LOC_WORLD, "max_steps": 300, "checkpoint_every": 30, "sample_every": 300}
 
 
@@ -86,10 +91,12 @@ def train_loc(world_root: str | Path, out: Path, quick: bool = False, seed: int 
 def loc_ceiling_settings(world_root: str | Path, family: str, quick: bool = False, seed: int = 0) -> dict[str, object]:
     """The settings of LoC's LoRA ceiling for one family: the row's settings and steps, with one plain LoRA of H's
     rank in H's place (:mod:`training.loc.plain`) trained with eq. (6) alone on ``family`` alone (no LoRA Reverse, no
-    exchange: a plain LoRA taught one direction has no reverse to learn)."""
+    exchange: a plain LoRA taught one direction has no reverse to learn), at PLAIN_LORA_RATE: a plain LoRA's entries
+    are its parameters, so it keeps the rate H's fan-in made too fast for H (see LOC_WORLD)."""
     settings = loc_settings(world_root, quick)
     steps = settings["max_steps"]
-    return {**settings, "plain_lora": True, "lora_reverse": False, "random_exchange": False,
+    return {**settings, "learning_rate": PLAIN_LORA_RATE, "plain_lora": True, "lora_reverse": False,
+            "random_exchange": False,
             "data": f"world:families={family}", "seed": seed, "checkpoint_every": steps, "sample_every": steps}
 
 
