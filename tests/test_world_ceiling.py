@@ -20,7 +20,7 @@ from world_fixtures import LORWEB_MODELS, SEED, quick_world
 from analogy_core.lorweb.layer import LoRWeBLinear
 from training.world import evaluate as ev
 from training.world import scenes as world_def
-from training.world.presets import LORWEB_WORLD, LORWEB_WORLD_QUICK, lorweb_ceiling_settings
+from training.world.presets import LORWEB_CEILING_RATE, LORWEB_WORLD, LORWEB_WORLD_QUICK, lorweb_ceiling_settings
 from training.world.registry import World
 from training.world.yardstick import ceiling, lorweb
 from training.world.yardstick.common import Ceiling, MethodContext
@@ -53,7 +53,9 @@ def test_ceiling_settings_are_the_preset_with_one_entry_of_its_rank_budget(quick
     assert settings["num_entries"] == 1 and settings["rank"] == preset["num_entries"] * preset["rank"] == 64
     assert settings["data"] == "world:families=hflip" and settings["seed"] == 3
     assert settings["backbone"] == settings["query_encoder"] == "world:/w"
-    changed = {"num_entries", "rank", "data", "seed", "max_steps", "checkpoint_every", "sample_every"}
+    changed = {"num_entries", "rank", "data", "seed", "max_steps", "checkpoint_every", "sample_every",
+               "learning_rate"}
+    assert settings["learning_rate"] == LORWEB_CEILING_RATE == 6e-3  # the rate of every ceiling figure measured
     assert {k: v for k, v in settings.items() if k not in changed | {"backbone", "query_encoder"}} == \
         {k: v for k, v in preset.items() if k not in changed}
     assert settings["max_steps"] == (400 if quick else 1000)
