@@ -315,8 +315,7 @@ class LoRAFactors:
                 other_down, other_up = other.layers[path]
                 ups = torch.cat([ups, other_up.float() * other.scale.float().view(-1, 1, 1)], dim=2)
                 downs = torch.cat([downs, other_down.float()], dim=1)
-            gram_up, gram_down = ups.transpose(1, 2) @ ups, downs @ downs.transpose(1, 2)
-            total = total + (gram_up * gram_down).sum(dim=(1, 2))
+            total = total + squared_update_norm(downs, ups)
         return torch.as_tensor(total).clamp_min(0).sqrt()
 
     def lora(self, sample: int = 0, family: str = "sd15", metadata: dict[str, str] | None = None) -> LoRA:
@@ -403,12 +402,17 @@ class LoRAHypernetwork(nn.Module):
             yield f"heads.{index}.bias[U_B]", head.bias[start:]
 
 
-def low_rank_update_norm(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """Per sample, the Frobenius norm of ``up @ down`` ([B, out, r] @ [B, r, in]) from r×r Gram matrices, float32.
-    The squared norm is clamped at 1e-24 before the root so that the gradient of a zero update is finite (zero)."""
+def squared_update_norm(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Per sample, ‖up @ down‖² ([B, out, r] @ [B, r, in]) without forming it: Σ (UᵀU ⊙ D Dᵀ), float32 (differentiable;
+    :func:`~.files.low_rank_norm` is the checked, single-layer form used on files)."""
     up, down = up.float(), down.float()
-    squared = ((up.transpose(1, 2) @ up) * (down @ down.transpose(1, 2))).sum(dim=(1, 2))
-    return squared.clamp_min(1e-24).sqrt()
+    return ((up.transpose(1, 2) @ up) * (down @ down.transpose(1, 2))).sum(dim=(1, 2))
+
+
+def low_rank_update_norm(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Per sample, the Frobenius norm of ``up @ down``; the square is clamped at 1e-24 before the root so that the
+    gradient of a zero update is finite (zero)."""
+    return squared_update_norm(down, up).clamp_min(1e-24).sqrt()
 
 
 def soft_bound_factor(down: torch.Tensor, up: torch.Tensor, cap: float) -> torch.Tensor:
