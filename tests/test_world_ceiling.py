@@ -77,15 +77,36 @@ def test_ceiling_cache_key_names_what_was_trained_not_where_the_world_lies():
                 key(_world("/a"), learning_rate=1e-3)}) == 5
 
 
+def test_a_ceiling_rank_replaces_the_one_loras_rank_and_nothing_else():
+    world = _world("/a")
+    plain = ceiling.ceiling_settings(lorweb.CEILING, world, "invert", 0)
+    ranked = ceiling.ceiling_settings(lorweb.CEILING, world, "invert", 0, rank=8)
+    assert plain["rank"] == 64 and ranked == {**plain, "rank": 8}
+    assert ceiling.cache_key("lorweb", lorweb.CEILING, world, ranked, "invert", 0) != \
+        ceiling.cache_key("lorweb", lorweb.CEILING, world, plain, "invert", 0)
+    for bad in (0, -4, 2.5, True):
+        with pytest.raises(ValueError, match="positive integer"):
+            ceiling.ceiling_settings(lorweb.CEILING, world, "invert", 0, rank=bad)
+    # a basis of several entries, or a full fine-tune, has no single LoRA rank to change
+    several = Ceiling("x", (), lambda *a: {"rank": 4, "num_entries": 16}, lorweb.CEILING.sample)
+    full = Ceiling("x", (), lambda *a: {"rank": 4, "full_finetune": True}, lorweb.CEILING.sample)
+    for other in (several, full):
+        with pytest.raises(ValueError, match="no rank to change"):
+            ceiling.ceiling_settings(other, world, "invert", 0, rank=8)
+
+
 def test_add_ceilings_fills_the_row_and_trains_each_family_once(tmp_path, monkeypatch):
     """The plumbing, with a stand-in trainer: one run per training family (none for held-out families), written
     atomically, scored like any B′, reused by a second bench run."""
     runs = []
 
+    trained_ranks = []
+
     def fake_trainer(module, settings, out):
         (out / "checkpoints").mkdir(parents=True)
         (out / "train.log").write_text("wrote basis (steps 0..3, loss 1.0 -> 0.5)\n")
         runs.append(settings["data"])
+        trained_ranks.append(settings.get("rank"))
         return 1.5
 
     monkeypatch.setattr(ceiling, "run_trainer", fake_trainer)
@@ -95,6 +116,7 @@ def test_add_ceilings_fills_the_row_and_trains_each_family_once(tmp_path, monkey
                    lambda world, quick, family, seed: {"data": family, "max_steps": 3, "backbone": f"world:{world.root}"},
                    lambda world, quick, folder, items, seed: ev.stack(items, "b_prime" if "-invert-" in folder.name
                                                                       else "b"))
+    fake_ranked = Ceiling("fake.trainer", fake.world_models, lambda *a: {**fake.settings(*a), "rank": 4}, fake.sample)
     world = World(tmp_path / "v2-quick-s0", True, 0, {"autoencoder": {"key": "a"}})
     examples = {f: ev.examples(f, 2, world_def.REFERENCE_SIZE) for f in ("invert", "hflip", "vflip")}
     ctx = MethodContext(world, 0, True, tmp_path / "row", examples)
@@ -134,6 +156,14 @@ def test_add_ceilings_fills_the_row_and_trains_each_family_once(tmp_path, monkey
     assert runs == ["invert", "hflip", "invert"]
     with pytest.raises(ValueError, match="at least 1"):
         ceiling.add_ceilings("fake", fake, ctx, result(), ["invert"], steps=0)
+
+    # another rank (--ceiling-rank, a probe of the row's rank budget) trains apart and is recorded
+    ranked = result()
+    ceiling.add_ceilings("fake", fake_ranked, ctx, ranked, ["invert"], rank=16)
+    assert ranked["extra"]["ceiling_rank"] == 16 and "ceiling_rank" not in first["extra"]
+    assert trained_ranks == [None, None, None, 16] and len(list(cache.glob("fake-invert-*"))) == 3
+    ceiling.add_ceilings("fake", fake_ranked, ctx, result(), ["invert"], rank=16)
+    assert len(trained_ranks) == 4, "the ranked run is cached under its own key"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -86,13 +86,16 @@ def parse_setting_overrides(items: list[str] | None) -> dict[str, object]:
 
 
 def ceiling_settings(ceiling: Ceiling, world: World, family: str, seed: int, steps: int | None = None,
-                     overrides: dict[str, object] | None = None) -> dict:
-    """The trainer settings of one family's ceiling run; ``steps`` replaces the row's training steps (a larger budget)
-    and ``overrides`` other trainer settings (e.g. the learning rate; never those in :data:`FIXED_SETTINGS`). The
-    cache key changes with both, so each variant is trained and kept once."""
+                     overrides: dict[str, object] | None = None, rank: int | None = None) -> dict:
+    """The trainer settings of one family's ceiling run; ``steps`` replaces the row's training steps (a larger budget),
+    ``overrides`` other trainer settings (e.g. the learning rate; never those in :data:`FIXED_SETTINGS`) and ``rank``
+    the LoRA's per-layer rank (a probe of what the row's rank budget costs: the ceiling is then no longer the row's).
+    The cache key changes with each, so each variant is trained and kept once."""
     settings = ceiling.settings(world, world.quick, family, seed)
     refuse_fixed(overrides or {})
     settings = {**settings, **(overrides or {})}
+    if rank is not None:
+        settings = {**settings, "rank": checked_rank(settings, rank)}
     if steps is not None:
         if steps < 1:
             raise ValueError(f"ceiling steps must be at least 1, got {steps}")
@@ -100,10 +103,22 @@ def ceiling_settings(ceiling: Ceiling, world: World, family: str, seed: int, ste
     return settings
 
 
+def checked_rank(settings: dict, rank: int) -> int:
+    """``rank`` if ``settings`` train one LoRA whose per-layer rank is ``settings["rank"]``, else a ValueError."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"a ceiling's rank must be a positive integer, got {rank!r}")
+    if "rank" not in settings or int(settings.get("num_entries", 1)) != 1 or settings.get("full_finetune"):
+        raise ValueError("this ceiling does not train one LoRA of a single per-layer rank, so it has no rank to change "
+                         f"(settings: rank={settings.get('rank')!r}, num_entries={settings.get('num_entries', 1)!r}, "
+                         f"full_finetune={settings.get('full_finetune', False)!r})")
+    return rank
+
+
 def trained(method: str, ceiling: Ceiling, world: World, family: str, seed: int, root: Path | None = None,
-            steps: int | None = None, overrides: dict[str, object] | None = None) -> tuple[Path, dict]:
+            steps: int | None = None, overrides: dict[str, object] | None = None,
+            rank: int | None = None) -> tuple[Path, dict]:
     """The folder of ``family``'s ceiling run and its record, training it unless the cache holds it."""
-    settings = ceiling_settings(ceiling, world, family, seed, steps, overrides)
+    settings = ceiling_settings(ceiling, world, family, seed, steps, overrides, rank)
     name = ceiling.shared_as or method
     key = cache_key(name, ceiling, world, settings, family, seed)
     folder = cache_root(world, root) / f"{name}-{family}-{key}"
@@ -132,9 +147,10 @@ def trained(method: str, ceiling: Ceiling, world: World, family: str, seed: int,
 
 
 def scored(method: str, ceiling: Ceiling, world: World, family: str, items: list, seed: int, root: Path | None,
-           steps: int | None, overrides: dict[str, object] | None) -> tuple[dict, dict, torch.Tensor]:
+           steps: int | None, overrides: dict[str, object] | None,
+           rank: int | None = None) -> tuple[dict, dict, torch.Tensor]:
     """(scores, training record, B′) of one ceiling run (trained or from the cache) on ``items``."""
-    folder, record = trained(method, ceiling, world, family, seed, root, steps, overrides)
+    folder, record = trained(method, ceiling, world, family, seed, root, steps, overrides, rank)
     b_prime = ceiling.sample(world, world.quick, folder, items, seed)
     truth, b = ev.stack(items, "b_prime"), ev.stack(items, "b")
     scores = {**metrics.cell_scores(b_prime, truth, b), "error": round(float(ev.mae(b_prime, truth).mean()), 5),
@@ -144,12 +160,13 @@ def scored(method: str, ceiling: Ceiling, world: World, family: str, items: list
 
 def family_ceiling(method: str, ceiling: Ceiling, world: World, family: str, items: list, seed: int,
                    root: Path | None = None, steps: int | None = None,
-                   overrides: dict[str, object] | None = None, full: bool | None = None) -> dict:
+                   overrides: dict[str, object] | None = None, full: bool | None = None,
+                   rank: int | None = None) -> dict:
     """``{"lora": {...}}`` of one family on ``items`` (held-out examples), and ``"full"`` where the row has a full
     fine-tune ceiling and ``full`` (default: on the full world only); their B′ under ``"b_prime"`` and
     ``"b_prime_full"`` (tensors: pop them before writing JSON); ``"trained_seconds"``: the seconds spent training now
-    (0 when cached)."""
-    lora, record, b_prime = scored(method, ceiling, world, family, items, seed, root, steps, overrides)
+    (0 when cached). ``rank`` changes the LoRA ceiling's rank only (a full fine-tune has none)."""
+    lora, record, b_prime = scored(method, ceiling, world, family, items, seed, root, steps, overrides, rank)
     out = {"lora": lora, "cached": record["cached"], "b_prime": b_prime,
            "trained_seconds": 0.0 if record["cached"] else record["train_seconds"]}
     if ceiling.full is not None and (not world.quick if full is None else full):
@@ -162,17 +179,18 @@ def family_ceiling(method: str, ceiling: Ceiling, world: World, family: str, ite
 
 def add_ceilings(method: str, ceiling: Ceiling, ctx: MethodContext, result: dict, families: list[str] | None = None,
                  root: Path | None = None, steps: int | None = None,
-                 overrides: dict[str, object] | None = None, full: bool | None = None
+                 overrides: dict[str, object] | None = None, full: bool | None = None, rank: int | None = None
                  ) -> dict[str, dict[str, torch.Tensor]]:
     """Add ``families.<f>.ceiling`` to a row's measured ``result`` for every training family (or ``families``) and
     the means over them to its ``extra``; returns the ceilings' B′ per kind and family (``{"lora": {f: B′}, "full":
-    {...}}``, for the pictures; ``full`` empty when not measured)."""
+    {...}}``, for the pictures; ``full`` empty when not measured). ``rank``: the LoRA ceiling at that per-layer rank
+    instead of the row's budget (recorded as ``extra.ceiling_rank``)."""
     names = families or [f for f in ctx.examples if world_def.get_family(f).split == "train"]
     pictures: dict[str, dict[str, torch.Tensor]] = {"lora": {}, "full": {}}
     seconds = 0.0
     for family in names:
         out = family_ceiling(method, ceiling, ctx.world, family, ctx.examples[family], ctx.seed, root, steps, overrides,
-                             full)
+                             full, rank)
         pictures["lora"][family] = out.pop("b_prime")
         if "b_prime_full" in out:
             pictures["full"][family] = out.pop("b_prime_full")
@@ -194,5 +212,7 @@ def add_ceilings(method: str, ceiling: Ceiling, ctx: MethodContext, result: dict
     extra["ceiling_families"] = names
     if overrides:
         extra["ceiling_overrides"] = dict(overrides)
+    if rank is not None:
+        extra["ceiling_rank"] = rank
     extra["ceiling_train_seconds_this_run"] = round(seconds, 1)
     return pictures

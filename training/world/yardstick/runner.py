@@ -224,7 +224,8 @@ def print_table(results: dict) -> None:
           f"{metrics.TOLERANCE} of the truth); b. = base, f. = autoencoder floor; no edit scores 0 / 1")
 
 
-CEILING_OPTIONS = ("ceiling_families", "ceiling_steps", "ceiling_set", "ceiling_root", "full_ceilings")
+CEILING_OPTIONS = ("ceiling_families", "ceiling_steps", "ceiling_set", "ceiling_rank", "ceiling_root",
+                   "full_ceilings")
 
 
 def refuse_unused_ceiling_options(parser: argparse.ArgumentParser, args: argparse.Namespace, ceilings: bool,
@@ -261,6 +262,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ceiling-set", action="append", metavar="KEY=VALUE",
                         help="a trainer setting of every ceiling run, e.g. learning_rate=2e-3 (repeatable; cached "
                              "apart; not the family, rank budget, seed, backbone or steps)")
+    parser.add_argument("--ceiling-rank", type=int, metavar="N",
+                        help="a probe: train the LoRA ceilings at this per-layer rank instead of the row's rank "
+                             "budget (what the budget costs; cached apart; recorded as extra.ceiling_rank)")
     parser.add_argument("--world-set", action="append", metavar="MODEL.SETTING=VALUE",
                         help="a probe: change one world model's setting, e.g. flux_kontext.heads=6 (repeatable); the "
                              "world is built in a folder of its own, the default world is left as it is")
@@ -283,6 +287,8 @@ def main(argv: list[str] | None = None) -> dict:
         world_overrides = parse_overrides(args.world_set)
         ceiling_overrides = ceiling.parse_setting_overrides(args.ceiling_set)
         row_overrides = parse_settings(args.row_set, "learning_rate=2e-3")
+        if args.ceiling_rank is not None and args.ceiling_rank < 1:
+            raise ValueError(f"--ceiling-rank must be at least 1, got {args.ceiling_rank}")
         for name in names:
             check_row_overrides(METHODS[name], row_overrides)
     except ValueError as err:
@@ -309,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
         if ceilings and METHODS[name].ceiling:
             b_primes = ceiling.add_ceilings(name, METHODS[name].ceiling, ctx, results[name], ceiling_families,
                                             args.ceiling_root, args.ceiling_steps, ceiling_overrides,
-                                            args.full_ceilings)
+                                            args.full_ceilings, args.ceiling_rank)
             for kind, b_prime in b_primes.items():
                 if b_prime:
                     path = ceiling_picture(ctx, output, b_prime, results[name], out, kind)
