@@ -103,6 +103,38 @@ def test_a_full_finetune_run_trains_and_writes_the_unet(tmp_path, monkeypatch):
     assert all(torch.equal(v.float(), tensors[k]) for k, v in fresh.state_dict().items())
 
 
+def test_an_attention_scoped_full_finetune_trains_only_the_projections_h_patches(tmp_path):
+    """``finetune_scope=attention``: the full-rank counterpart of LoC's LoRA — exactly the q/k/v/out weights of H's
+    targets train (no bias, no conv, no norm); everything else is written back unchanged."""
+    from training.loc import task
+    from training.loc.config import UNET_FILE
+
+    out = tmp_path / "attention"
+    history = task.main(["--preset", "tiny", "--output-dir", str(out), "--max-steps", "2", "--set", "report_to=none",
+                         "--set", "sample_every=1000", "--set", "full_finetune=true", "--set", "lora_reverse=false",
+                         "--set", "random_exchange=false", "--set", "learning_rate=1e-2",
+                         "--set", "finetune_scope=attention"])
+    assert len(history["losses"]) == 2
+    tensors, _ = read_safetensors(out / UNET_FILE)
+    fresh = load_ip2p("tiny").unet
+    reference = {k: v.float() for k, v in fresh.state_dict().items()}
+    expected = {f"{p}.weight" for t in attention_targets(layout_of_diffusers_model(fresh)) for p in t.projection_paths()}
+    moved = {k for k in reference if not torch.equal(tensors[k], reference[k])}
+    assert moved == expected and len(expected) % 4 == 0 and expected  # every projection moved, nothing else
+
+
+def test_finetune_scope_is_checked():
+    ok = ["full_finetune=true", "lora_reverse=false", "random_exchange=false"]
+    build_config(LoCConfig, PRESETS, "tiny", overrides=ok + ["finetune_scope=attention"])
+    with pytest.raises(ValueError, match="finetune_scope must be one of"):
+        build_config(LoCConfig, PRESETS, "tiny", overrides=ok + ["finetune_scope=convs"])
+    with pytest.raises(ValueError, match="needs full_finetune=true"):
+        build_config(LoCConfig, PRESETS, "tiny", overrides=["plain_lora=true", "finetune_scope=attention"])
+    with pytest.raises(ValueError, match="not in the module"):
+        from training.trainer import train_every_weight
+        train_every_weight(torch.nn.Linear(2, 2), only=["bias", "nope.weight"])
+
+
 def test_plain_lora_refuses_what_belongs_to_a_hypernetwork():
     for key, value in (("init_from", "h.safetensors"), ("image_encoder_learning_rate", 1e-6)):
         with pytest.raises(ValueError, match="plain_lora"):

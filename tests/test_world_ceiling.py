@@ -77,6 +77,14 @@ def test_ceiling_cache_key_names_what_was_trained_not_where_the_world_lies():
                 key(_world("/a"), learning_rate=1e-3)}) == 5
 
 
+def test_a_prefixed_ceiling_setting_reaches_one_kind_of_ceiling_only():
+    overrides = ceiling.parse_setting_overrides(["learning_rate=2e-3", "full.finetune_scope=attention",
+                                                 "lora.weight_decay=0.1"])
+    assert ceiling.for_kind(overrides, "full") == {"learning_rate": 2e-3, "finetune_scope": "attention"}
+    assert ceiling.for_kind(overrides, "lora") == {"learning_rate": 2e-3, "weight_decay": 0.1}
+    assert ceiling.for_kind(None, "full") == {}
+
+
 def test_a_ceiling_rank_replaces_the_one_loras_rank_and_nothing_else():
     world = _world("/a")
     plain = ceiling.ceiling_settings(lorweb.CEILING, world, "invert", 0)
@@ -321,6 +329,14 @@ def test_the_full_finetune_ceiling_is_measured_on_the_full_world_and_kept_apart(
     assert "full" not in quick["families"]["invert"]["ceiling"] and "mean_ceiling_full_edited_cells_train" not in \
         quick["extra"]
     assert "full" in run(True, full=True)[0]["families"]["invert"]["ceiling"]
+
+    # a prefixed setting (--ceiling-set full.finetune_scope=attention) reaches the full runs only
+    runs.clear()
+    seen = []
+    monkeypatch.setattr(ceiling, "run_trainer",
+                        lambda module, settings, out: (seen.append(settings), fake_trainer(module, settings, out))[1])
+    run(True, families=["invert"], full=True, overrides={"full.finetune_scope": "attention"})
+    assert [(s.get("full_finetune", False), s.get("finetune_scope")) for s in seen] == [(True, "attention")]
 
 
 def test_lorweb_full_finetune_trains_the_whole_transformer_and_no_basis(tmp_path):

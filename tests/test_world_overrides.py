@@ -135,6 +135,10 @@ def test_the_yardstick_refuses_a_bad_probe_before_building_anything(args, tmp_pa
     (["--quick", "--methods", "edit_transfer", "--full-ceilings"], "add --ceilings"),
     (["--quick", "--methods", "regions", "--ceilings", "--ceiling-set", "learning_rate=2e-3"], "none of regions"),
     (["--quick", "--methods", "loc", "--ceiling-rank", "16"], "add --ceilings"),
+    (["--quick", "--methods", "loc", "--ceilings", "--ceiling-set", "full.finetune_scope=attention"],
+     "add --full-ceilings"),
+    (["--quick", "--methods", "loc", "--ceilings", "--ceiling-set", "base.learning_rate=1"], "not 'base'"),
+    (["--quick", "--methods", "loc", "--ceilings", "--ceiling-set", "full.rank=8"], "cannot be overridden"),
     (["--quick", "--methods", "loc", "--ceilings", "--ceiling-rank", "0"], "at least 1"),
 ])
 def test_a_ceiling_option_without_a_ceiling_is_refused_not_ignored(args, says, tmp_path, capsys):

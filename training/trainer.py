@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -119,9 +120,21 @@ class TrainingTask:
                 param.copy_(tensors[name])
 
 
-def train_every_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> None:
-    """Unfreeze every weight of ``module`` (a full fine-tune: the world's full ceiling), kept in ``dtype``."""
-    module.requires_grad_(True)
+def train_every_weight(module: nn.Module, dtype: torch.dtype = torch.float32,
+                       only: Collection[str] | None = None) -> None:
+    """Unfreeze every weight of ``module`` (a full fine-tune: the world's full ceiling), kept in ``dtype``; with
+    ``only`` (parameter names, e.g. ``"...attn1.to_q.weight"``) just those, every other weight frozen."""
+    if only is None:
+        module.requires_grad_(True)
+    else:
+        named = dict(module.named_parameters())
+        missing = sorted(set(only) - set(named))
+        if missing or not only:
+            raise ValueError(f"cannot fine-tune only {len(only)} weights: {missing[:3] or 'none named'} "
+                             f"{'not in the module' if missing else ''}".rstrip())
+        module.requires_grad_(False)
+        for name in only:
+            named[name].requires_grad_(True)
     for param in module.parameters():
         param.data = param.data.to(dtype)
 

@@ -13,6 +13,7 @@ PLAIN_LORA_FILE = "loc_plain_lora.safetensors"   # written instead of the hypern
 UNET_FILE = "loc_unet.safetensors"               # written instead of the hypernetwork with full_finetune
 LOSS_SPACES = ("epsilon", "x0", "x0_clamped")
 QUERY_SOURCES = ("flips", "dataset")
+FINETUNE_SCOPES = ("unet", "attention")  # full_finetune: every UNet weight, or the attention projections only
 
 
 @dataclass
@@ -74,6 +75,9 @@ class LoCConfig(CommonConfig):
     # True: no LoRA at all; train every weight of the UNet with eq. (6) (LoRA Reverse has no LoRA to negate, so it
     # must be off) and write the UNet (loc_unet.safetensors): LoC's full fine-tune ceiling on the analogy world
     full_finetune: bool = False
+    # with full_finetune, which weights train: "unet" (every one) or "attention" (only the q/k/v/out weights of the
+    # attention projections H patches, at full rank: a probe separating where LoC's LoRA sits from its rank)
+    finetune_scope: str = "unet"
     sample_steps: int = 20                # DDIM steps of the sample images
     # optimisation (paper: AdamW, lr 1e-5, batch 96 on 8 GPUs, 80 epochs, 512 px)
     batch_size: int = 12
@@ -101,6 +105,11 @@ class LoCConfig(CommonConfig):
             if getattr(self, mode) and (self.init_from or self.image_encoder_learning_rate > 0):
                 raise ValueError(f"{mode} trains without H: init_from (a hypernetwork) and image_encoder_learning_rate "
                                  "(H's encoder) do not apply to it")
+        if self.finetune_scope not in FINETUNE_SCOPES:
+            raise ValueError(f"finetune_scope must be one of {FINETUNE_SCOPES}, got {self.finetune_scope!r}")
+        if self.finetune_scope != "unet" and not self.full_finetune:
+            raise ValueError(f"finetune_scope={self.finetune_scope!r} chooses the weights a full fine-tune trains: "
+                             "it needs full_finetune=true")
         if self.plain_lora and self.full_finetune:
             raise ValueError("plain_lora and full_finetune are two different ceilings: choose one")
         if self.full_finetune and (self.lora_reverse or self.random_exchange):

@@ -249,6 +249,15 @@ def hypernetwork_config(cfg: LoCConfig, backbone: IP2PBackbone, encoder: ImageEn
                               rank=cfg.rank, ffn=cfg.ffn, family=layout.family, **bound)
 
 
+def finetuned_weights(unet: nn.Module, scope: str) -> list[str] | None:
+    """The UNet parameters a full fine-tune of ``scope`` trains: None (every one) for "unet"; for "attention" the
+    weights of every projection H patches (its targets' q/k/v/out, no biases: what a LoRA's ΔW changes)."""
+    if scope == "unet":
+        return None
+    targets = attention_targets(layout_of_diffusers_model(unet))
+    return [f"{path}.weight" for target in targets for path in target.projection_paths()]
+
+
 def initial_weights(path: str, hypernetwork: LoRAHypernetwork) -> dict[str, torch.Tensor]:
     """Weights of a hypernetwork file (same architecture, targets and encoder) or a checkpoint folder."""
     source = Path(path)
@@ -289,7 +298,7 @@ class LoCTask(TrainingTask):
         if cfg.gradient_checkpointing:
             self.backbone.unet.enable_gradient_checkpointing()
         if cfg.full_finetune:
-            train_every_weight(self.backbone.unet)
+            train_every_weight(self.backbone.unet, only=finetuned_weights(self.backbone.unet, cfg.finetune_scope))
             return self.backbone.unet
         if cfg.plain_lora:
             torch.manual_seed(cfg.seed)
@@ -338,7 +347,9 @@ class LoCTask(TrainingTask):
     def summary(self, model) -> str:
         count = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if self.cfg.full_finetune:
-            return f"full fine-tune of the InstructPix2Pix UNet (no LoRA): {count / 1e6:.2f}M trainable parameters"
+            scope = "" if self.cfg.finetune_scope == "unet" else ", attention projections only"
+            return (f"full fine-tune of the InstructPix2Pix UNet (no LoRA{scope}): {count / 1e6:.2f}M trainable "
+                    "parameters")
         if isinstance(model, PlainLoRA):
             config = model.config
             return (f"plain LoRA (one for every pair, no hypernetwork) for {config.family}: {config.num_layers} "

@@ -77,11 +77,34 @@ def refuse_fixed(keys) -> None:
                          f"steps) cannot be overridden; steps: --ceiling-steps")
 
 
+KINDS = ("lora", "full")  # the two ceilings; ``<kind>.key=value`` sets a trainer setting of that kind's runs only
+
+
+def for_kind(overrides: dict[str, object] | None, kind: str) -> dict[str, object]:
+    """The settings of ``overrides`` that apply to ``kind``'s runs: the unprefixed ones and ``<kind>.key``'s (as
+    ``key``)."""
+    out = {}
+    for key, value in (overrides or {}).items():
+        prefix, dot, name = key.partition(".")
+        if not dot:
+            out[key] = value
+        elif prefix == kind:
+            out[name] = value
+    return out
+
+
 def parse_setting_overrides(items: list[str] | None) -> dict[str, object]:
-    """``["key=value", ...]`` (``--ceiling-set learning_rate=2e-3``) -> trainer settings
-    (:func:`~training.world.yardstick.common.parse_settings`), refusing those that define a ceiling."""
+    """``["key=value", ...]`` (``--ceiling-set learning_rate=2e-3``; ``full.key=value`` or ``lora.key=value`` for one
+    kind of ceiling only) -> trainer settings (:func:`~training.world.yardstick.common.parse_settings`), refusing
+    those that define a ceiling and prefixes that name no ceiling."""
     out = parse_settings(items, "learning_rate=2e-3")
-    refuse_fixed(out)
+    for key in out:
+        prefix, dot, _ = key.partition(".")
+        if dot and prefix not in KINDS:
+            raise ValueError(f"--ceiling-set {key}: a prefix names one kind of ceiling ({', '.join(KINDS)}), "
+                             f"not {prefix!r}")
+    for kind in KINDS:
+        refuse_fixed(for_kind(out, kind))
     return out
 
 
@@ -166,12 +189,13 @@ def family_ceiling(method: str, ceiling: Ceiling, world: World, family: str, ite
     fine-tune ceiling and ``full`` (default: on the full world only); their B′ under ``"b_prime"`` and
     ``"b_prime_full"`` (tensors: pop them before writing JSON); ``"trained_seconds"``: the seconds spent training now
     (0 when cached). ``rank`` changes the LoRA ceiling's rank only (a full fine-tune has none)."""
-    lora, record, b_prime = scored(method, ceiling, world, family, items, seed, root, steps, overrides, rank)
+    lora, record, b_prime = scored(method, ceiling, world, family, items, seed, root, steps,
+                                   for_kind(overrides, "lora"), rank)
     out = {"lora": lora, "cached": record["cached"], "b_prime": b_prime,
            "trained_seconds": 0.0 if record["cached"] else record["train_seconds"]}
     if ceiling.full is not None and (not world.quick if full is None else full):
         scores, record, out["b_prime_full"] = scored(f"{method}_full", ceiling.full, world, family, items, seed, root,
-                                                     steps, overrides)
+                                                     steps, for_kind(overrides, "full"))
         out["full"] = scores
         out["trained_seconds"] += 0.0 if record["cached"] else record["train_seconds"]
     return out

@@ -260,8 +260,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ceiling-steps", type=int, help="train each ceiling this many steps instead of the row's "
                                                             "(a larger budget; cached apart)")
     parser.add_argument("--ceiling-set", action="append", metavar="KEY=VALUE",
-                        help="a trainer setting of every ceiling run, e.g. learning_rate=2e-3 (repeatable; cached "
-                             "apart; not the family, rank budget, seed, backbone or steps)")
+                        help="a trainer setting of every ceiling run, e.g. learning_rate=2e-3, or of one kind's "
+                             "runs, e.g. full.finetune_scope=attention (repeatable; cached apart; not the family, "
+                             "rank budget, seed, backbone or steps)")
     parser.add_argument("--ceiling-rank", type=int, metavar="N",
                         help="a probe: train the LoRA ceilings at this per-layer rank instead of the row's rank "
                              "budget (what the budget costs; cached apart; recorded as extra.ceiling_rank)")
@@ -299,6 +300,11 @@ def main(argv: list[str] | None = None) -> dict:
     ceilings = (not args.quick) if args.ceilings is None else args.ceilings
     ceiling_families = args.ceiling_families.split("+") if args.ceiling_families else None
     refuse_unused_ceiling_options(parser, args, ceilings, names)
+    full_ceilings = (not args.quick) if args.full_ceilings is None else args.full_ceilings
+    if not full_ceilings and any(key.startswith("full.") for key in ceiling_overrides):
+        parser.error("--ceiling-set full.*: the full fine-tune ceilings are off for this run "
+                     f"({'--no-full-ceilings' if args.full_ceilings is False else '--quick turns them off'}): "
+                     "add --full-ceilings")
     needed = sorted({m for name in names for m in METHODS[name].world_models})
     world = build_world(needed, quick=args.quick, seed=args.seed, root=args.world_root, overrides=world_overrides)
     panel = world.builds["autoencoder"]["config"]["panel"]
