@@ -118,7 +118,8 @@ def test_an_attention_scoped_full_finetune_trains_only_the_projections_h_patches
     tensors, _ = read_safetensors(out / UNET_FILE)
     fresh = load_ip2p("tiny").unet
     reference = {k: v.float() for k, v in fresh.state_dict().items()}
-    expected = {f"{p}.weight" for t in attention_targets(layout_of_diffusers_model(fresh)) for p in t.projection_paths()}
+    targets = attention_targets(layout_of_diffusers_model(fresh))
+    expected = {f"{p}.weight" for t in targets for p in t.projection_paths()}
     moved = {k for k in reference if not torch.equal(tensors[k], reference[k])}
     assert moved == expected and len(expected) % 4 == 0 and expected  # every projection moved, nothing else
 

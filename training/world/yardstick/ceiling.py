@@ -19,6 +19,10 @@ trainer module, the settings of one family's run, and how to sample B′ with th
 Transfer's :func:`training.world.yardstick.edit_transfer.row_ceiling`). Rows that differ only in how they sample
 (Edit Transfer's two samplers) share their ceiling runs (``Ceiling.shared_as``).
 
+**Probes** (``bench.analogy_world`` options): ``steps`` (``--ceiling-steps``), trainer settings of every ceiling or of
+one kind (``--ceiling-set key=value``, ``full.key=value``, ``lora.key=value``) and the LoRA's rank (``--ceiling-rank``:
+the ceiling is then no longer of the row's rank budget, and the JSON says so in ``extra.ceiling_rank``).
+
 **Cache.** A trained ceiling LoRA is kept in ``<root>/<method>-<family>-<key>/`` where ``root`` is the world folder's
 ``ceilings/`` (or ``$ANALOGY_CEILING_CACHE``, or a folder given) and ``key`` hashes the ceiling's version, the world
 version, the build keys of the world models it uses, its trainer settings (with the world's path taken out: the build
