@@ -257,8 +257,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "families.<f>.ceiling (default: on for the full world, off with --quick)")
     parser.add_argument("--ceiling-families", help="'+'-joined families for the ceilings (default: the training "
                                                    "families)")
-    parser.add_argument("--ceiling-steps", type=int, help="train each ceiling this many steps instead of the row's "
-                                                            "(a larger budget; cached apart)")
+    parser.add_argument("--ceiling-steps", type=int, help="train each ceiling this many steps instead of its default "
+                                                            "(LoRWeB's 1,200; LoC's and Edit Transfer's: their row's "
+                                                            "steps); cached apart")
     parser.add_argument("--ceiling-set", action="append", metavar="KEY=VALUE",
                         help="a trainer setting of every ceiling run, e.g. learning_rate=2e-3, or of one kind's "
                              "runs, e.g. full.finetune_scope=attention (repeatable; cached apart; not the family, "
