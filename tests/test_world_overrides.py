@@ -92,12 +92,17 @@ def _world(root: str = "/a") -> World:
 
 
 def test_ceiling_setting_overrides_change_the_run_and_its_cache_key():
-    overrides = ceiling.parse_setting_overrides(["learning_rate=2e-3", "timestep_sampling=uniform"])
-    assert overrides == {"learning_rate": 0.002, "timestep_sampling": "uniform"}
+    overrides = ceiling.parse_setting_overrides(["learning_rate=5e-4", "timestep_sampling=uniform"])
+    assert overrides == {"learning_rate": 0.0005, "timestep_sampling": "uniform"}
     world = _world()
     plain = ceiling.ceiling_settings(lorweb.CEILING, world, "invert", 0)
     changed = ceiling.ceiling_settings(lorweb.CEILING, world, "invert", 0, overrides=overrides)
-    assert plain["learning_rate"] != 0.002 and changed == {**plain, **overrides}
+    assert plain["learning_rate"] != 0.0005 and plain["timestep_sampling"] != "uniform"
+    assert changed == {**plain, **overrides}
+    # an override equal to the default is the default run: the same settings, so the same cache entry
+    same = ceiling.ceiling_settings(lorweb.CEILING, world, "invert", 0,
+                                    overrides={"learning_rate": plain["learning_rate"]})
+    assert same == plain
     assert ceiling.ceiling_settings(lorweb.CEILING, world, "invert", 0, steps=9,
                                     overrides=overrides)["max_steps"] == 9
 
