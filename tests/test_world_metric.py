@@ -182,6 +182,9 @@ def test_the_yardstick_reports_the_cells_and_both_ratios():
     assert extra["error_over_no_edit_of_means_train"] == pytest.approx(
         sum(r["error"] for r in train) / sum(r["no_edit"] for r in train), abs=1e-4)
     assert extra["mean_error_over_no_edit_train"] == pytest.approx(0.5, abs=1e-4)  # (1 + 0) / 2
+    # kept cells split by role: B′ = truth (hflip) keeps every kept cell of both kinds; invert keeps none
+    assert rows["hflip"]["kept_background_cells"] == 1.0 and rows["invert"]["kept_background_cells"] is None
+    assert extra["mean_kept_background_cells_train"] == 1.0 and "mean_kept_object_cells_heldout" in extra
     print_table({"made_up": result})  # prints; None shows as "-"
 
 
@@ -210,3 +213,52 @@ def test_autoencoder_round_trip_of_the_truth_passes():
         assert scores["kept_cells"] in (1.0, None), (family, scores)
         assert float(metrics.cell_error(round_trip, truth).max()) < 1e-3, family
         assert float(ev.mae(round_trip, truth).max()) < 1e-3, family
+
+
+@pytest.mark.parametrize("family", world.families("all"))
+def test_the_background_is_the_commonest_cell_colour_of_every_scene(family):
+    """``background_cells`` finds each B's background from its cells alone: exactly the cells in the scene's own
+    background colour (16 held-out and 16 training scenes per family)."""
+    fam = world.get_family(family)
+    for split in ("heldout", "train"):
+        items = ev.examples(family, 16, world.REFERENCE_SIZE, split)
+        found = metrics.background_cells(ev.stack(items, "b"))
+        for k in range(len(items)):
+            scene = world.scene_for(fam, split, 2 * k + 1)  # B of example k
+            empty = world.render(world.Scene(scene.background, ()), world.REFERENCE_SIZE)
+            truth = metrics.cell_error(items[k].b[None], empty[None])[0] <= metrics.CHANGE_EPS
+            assert 0 < int(truth.sum()) < N * N, "the scene has a background and at least one object"
+            assert torch.equal(found[k], truth), (family, split, k)
+
+
+def test_kept_cells_by_role_counts_an_erased_object_and_a_speckled_background_apart():
+    b, truth = batch("recolour_red_blue", 3)
+    background = metrics.background_cells(b)
+    kept = ~metrics.changed_cells(b, truth)
+    assert metrics.kept_cells_by_role(truth, truth, b) == {"kept_background_cells": 1.0, "kept_object_cells": 1.0}
+    assert metrics.kept_cells_by_role(b, truth, b) == {"kept_background_cells": 1.0, "kept_object_cells": 1.0}
+
+    # one kept object cell painted in the background colour: only the object fraction drops, by one cell
+    index, row, col = next((i, r, c) for i, r, c in (kept & ~background).nonzero().tolist())
+    bg_row, bg_col = background[index].nonzero()[0].tolist()
+    bg_colour = metrics.cell_colours(b)[index, bg_row, bg_col].tolist()
+    erased = set_cell(truth, index, row, col, bg_colour)
+    objects = int((kept & ~background).sum())
+    scores = metrics.kept_cells_by_role(erased, truth, b, digits=None)
+    assert scores["kept_background_cells"] == 1.0
+    assert scores["kept_object_cells"] == pytest.approx((objects - 1) / objects)
+    # their pooled count is kept_cells
+    pooled = metrics.cell_scores(erased, truth, b, digits=None)["kept_cells"]
+    backgrounds = int((kept & background).sum())
+    assert pooled == pytest.approx((backgrounds + objects - 1) / (backgrounds + objects))
+
+    # one kept background cell speckled: only the background fraction drops
+    speckled = set_cell(truth, index, bg_row, bg_col, [1.0 - v for v in bg_colour])
+    scores = metrics.kept_cells_by_role(speckled, truth, b, digits=None)
+    assert scores["kept_object_cells"] == 1.0
+    assert scores["kept_background_cells"] == pytest.approx((backgrounds - 1) / backgrounds)
+
+
+def test_kept_cells_by_role_is_none_where_a_family_keeps_no_cell():
+    b, truth = batch("invert", 2)
+    assert metrics.kept_cells_by_role(truth, truth, b) == {"kept_background_cells": None, "kept_object_cells": None}

@@ -100,7 +100,8 @@ def test_quick_lorweb_learns_invert_and_routes_by_family(bench):
     assert set(families) == set(world.families("all"))
     for family, row in families.items():
         assert set(row) == {"split", "error", "no_edit", "base", "floor", "error_over_no_edit", "base_over_no_edit",
-                            "edited_cells", "kept_cells", "no_edit_cells", "base_cells", "floor_cells"}
+                            "edited_cells", "kept_cells", "kept_background_cells", "kept_object_cells",
+                            "no_edit_cells", "base_cells", "floor_cells"}
         # the cell metric (tests/test_world_metric.py): no edit scores 0 / 1; the world v2 autoencoder is exact, so
         # its floor scores 1 / 1
         assert row["no_edit_cells"] == {"edited_cells": 0.0, "kept_cells": None if family == "invert" else 1.0}, row

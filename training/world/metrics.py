@@ -20,7 +20,9 @@ Per family, over all its held-out scenes (cells pooled: a cell is a cell, whiche
 
 * ``edited_cells``: right cells among the changed ones (doing nothing scores 0; ``None`` when no cell changes);
 * ``kept_cells``: right cells among the kept ones (doing nothing scores 1; ``None`` for a family that changes every
-  cell, e.g. ``invert``).
+  cell, e.g. ``invert``);
+* ``kept_background_cells`` / ``kept_object_cells``: the same, split by what the kept cell is in B (its background
+  colour, or part of an object): where a B′ loses the cells it should keep.
 
 Doing nothing scores exactly 0 and 1, and a right cell is always nearer the true colour than the colour the cell
 had in B, because :data:`TOLERANCE` is below half the smallest change any family makes to a cell (0.2019: the
@@ -109,6 +111,34 @@ def cell_scores(b_prime: torch.Tensor, truth: torch.Tensor, b: torch.Tensor, tol
 
     return {"edited_cells": fraction(counts["edited_right"], counts["edited_total"]),
             "kept_cells": fraction(counts["kept_right"], counts["kept_total"])}
+
+
+def background_cells(b: torch.Tensor, cells: int | None = None) -> torch.Tensor:
+    """Bool [B, n, n]: the cells of each B in its background colour — the colour most of its cells have. A world scene
+    is a flat background with at most three objects of 3 x 3 cells (27 of 64 cells), so that colour is the
+    background's (``tests/test_world_metric.py`` checks it against the scenes' own backgrounds)."""
+    colours = cell_colours(b, cells)
+    batch, n = colours.shape[0], colours.shape[1]
+    flat = colours.reshape(batch, n * n, -1)
+    same = (flat[:, :, None] - flat[:, None]).abs().amax(dim=-1) <= CHANGE_EPS  # [B, n², n²]
+    commonest = same.sum(dim=-1).argmax(dim=-1)
+    return same[torch.arange(batch), commonest].reshape(batch, n, n)
+
+
+def kept_cells_by_role(b_prime: torch.Tensor, truth: torch.Tensor, b: torch.Tensor, tolerance: float = TOLERANCE,
+                       cells: int | None = None, digits: int | None = 4) -> dict[str, float | None]:
+    """``{"kept_background_cells", "kept_object_cells"}``: ``kept_cells`` split by what the kept cell is in B — the
+    background, or part of an object. Tells a B′ that erases or smears objects from one that speckles the background
+    (``None`` where there is no such kept cell, e.g. every cell of ``invert``)."""
+    right = cell_error(b_prime, truth, cells) <= tolerance
+    kept = ~changed_cells(b, truth, cells)
+    background = background_cells(b, cells)
+    out: dict[str, float | None] = {}
+    for name, where in (("kept_background_cells", kept & background), ("kept_object_cells", kept & ~background)):
+        total = int(where.sum())
+        value = int((right & where).sum()) / total if total else None
+        out[name] = round(value, digits) if value is not None and digits is not None else value
+    return out
 
 
 def format_scores(scores: dict[str, float | None]) -> str:

@@ -21,6 +21,8 @@ The JSON (stable: keys are added, never removed or renamed)::
             "error", "no_edit", "base", "floor": mean absolute pixel error of B′ (method, B, base, reconstruction),
             "error_over_no_edit", "base_over_no_edit": the two ratios of this family,
             "edited_cells", "kept_cells": the method's cell fractions (float, or null where there is no such cell),
+            "kept_background_cells", "kept_object_cells": the method's kept_cells split by what the cell is in B
+                (background, or part of an object; null where there is no such kept cell),
             "no_edit_cells", "base_cells", "floor_cells": {"edited_cells", "kept_cells"} of B, the base, the floor,
             "ceiling": {"lora": {"edited_cells", "kept_cells", "error", "train_steps", "train_seconds"},
                         "full": {the same}}: training families of a row with a ceiling, when ceilings are on
@@ -35,6 +37,7 @@ The JSON (stable: keys are added, never removed or renamed)::
             "mean_edited_cells_<split>", "mean_kept_cells_<split>": the method's cell fractions averaged over the
                 split's families (kept: over the families that keep cells),
             "mean_base_edited_cells_<split>", "mean_base_kept_cells_<split>": the same for the base,
+            "mean_kept_background_cells_<split>", "mean_kept_object_cells_<split>": the method's, split by role,
             "mean_ceiling_lora_edited_cells_<split>", "mean_ceiling_lora_kept_cells_<split>",
             "mean_ceiling_lora_error_over_no_edit_<split>": the same for the ceilings (when measured),
             "mean_ceiling_full_...": the same for the full fine-tune ceilings (when measured),
@@ -139,6 +142,7 @@ def measure(ctx: MethodContext, output: MethodOutput) -> dict:
         row["error_over_no_edit"] = round(row["error"] / row["no_edit"], 4)
         row["base_over_no_edit"] = round(row["base"] / row["no_edit"], 4)
         row.update(metrics.cell_scores(output.b_prime[family], truth, b))
+        row.update(metrics.kept_cells_by_role(output.b_prime[family], truth, b))
         for name, images in (("no_edit", b), ("base", output.base[family]), ("floor", floor)):
             row[f"{name}_cells"] = metrics.cell_scores(images, truth, b)
         families[family] = row
@@ -168,6 +172,8 @@ def split_means(families: dict[str, dict]) -> dict[str, float | None]:
         out[f"mean_kept_cells_{split}"] = mean([r["kept_cells"] for r in rows])
         out[f"mean_base_edited_cells_{split}"] = mean([r["base_cells"]["edited_cells"] for r in rows])
         out[f"mean_base_kept_cells_{split}"] = mean([r["base_cells"]["kept_cells"] for r in rows])
+        for role in ("background", "object"):
+            out[f"mean_kept_{role}_cells_{split}"] = mean([r.get(f"kept_{role}_cells") for r in rows])
     return out
 
 
