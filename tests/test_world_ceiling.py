@@ -141,10 +141,12 @@ def test_add_ceilings_fills_the_row_and_trains_each_family_once(tmp_path, monkey
     assert runs == ["invert", "hflip"] and set(pictures["lora"]) == {"invert", "hflip"} and pictures["full"] == {}
     families = first["families"]
     assert "ceiling" not in families["vflip"]  # held out: no ceiling
-    assert families["invert"]["ceiling"] == {"lora": {"edited_cells": 1.0, "kept_cells": None, "error": 0.0,
-                                                      "train_steps": 3, "train_seconds": 1.5}}
+    assert families["invert"]["ceiling"] == {"lora": {"edited_cells": 1.0, "kept_cells": None,
+                                                      "kept_background_cells": None, "kept_object_cells": None,
+                                                      "error": 0.0, "train_steps": 3, "train_seconds": 1.5}}
     assert families["hflip"]["ceiling"]["lora"]["edited_cells"] == 0.0
     assert families["hflip"]["ceiling"]["lora"]["kept_cells"] == 1.0
+    assert families["hflip"]["ceiling"]["lora"]["kept_background_cells"] == 1.0
     assert first["extra"]["mean_ceiling_lora_edited_cells_train"] == 0.5
     assert first["extra"]["mean_ceiling_lora_kept_cells_train"] == 1.0
     assert first["extra"]["ceiling_train_seconds_this_run"] == 3.0
@@ -226,7 +228,10 @@ def test_quick_ceiling_beats_doing_nothing(quick_ceilings, family, steps):
     _, rows = quick_ceilings
     row = rows(family, steps)
     lora = row["lora"]
-    assert set(lora) == {"edited_cells", "kept_cells", "error", "train_steps", "train_seconds"}
+    assert set(lora) == {"edited_cells", "kept_cells", "kept_background_cells", "kept_object_cells", "error",
+                         "train_steps", "train_seconds"}
+    if family == GLOBAL:  # invert keeps no cell
+        assert lora["kept_background_cells"] is None and lora["kept_object_cells"] is None
     assert lora["train_steps"] == (steps or CEILING_STEPS)
     assert lora["error"] < row["no_edit"], (lora, row["no_edit"])
     if family == GLOBAL:

@@ -180,7 +180,8 @@ def scored(method: str, ceiling: Ceiling, world: World, family: str, items: list
     folder, record = trained(method, ceiling, world, family, seed, root, steps, overrides, rank)
     b_prime = ceiling.sample(world, world.quick, folder, items, seed)
     truth, b = ev.stack(items, "b_prime"), ev.stack(items, "b")
-    scores = {**metrics.cell_scores(b_prime, truth, b), "error": round(float(ev.mae(b_prime, truth).mean()), 5),
+    scores = {**metrics.cell_scores(b_prime, truth, b), **metrics.kept_cells_by_role(b_prime, truth, b),
+              "error": round(float(ev.mae(b_prime, truth).mean()), 5),
               "train_steps": record["train_steps"], "train_seconds": record["train_seconds"]}
     return scores, record, b_prime
 

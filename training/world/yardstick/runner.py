@@ -24,7 +24,8 @@ The JSON (stable: keys are added, never removed or renamed)::
             "kept_background_cells", "kept_object_cells": the method's kept_cells split by what the cell is in B
                 (background, or part of an object; null where there is no such kept cell),
             "no_edit_cells", "base_cells", "floor_cells": {"edited_cells", "kept_cells"} of B, the base, the floor,
-            "ceiling": {"lora": {"edited_cells", "kept_cells", "error", "train_steps", "train_seconds"},
+            "ceiling": {"lora": {"edited_cells", "kept_cells", "kept_background_cells", "kept_object_cells", "error",
+                                 "train_steps", "train_seconds"},
                         "full": {the same}}: training families of a row with a ceiling, when ceilings are on
                 (--ceilings): a plain LoRA of the row's per-layer rank budget trained on this family alone, sampled
                 as the row samples; "full" (rows with one, full world or --full-ceilings): the backbone fully
