@@ -102,15 +102,16 @@ def cell_scores(b_prime: torch.Tensor, truth: torch.Tensor, b: torch.Tensor, tol
     """``{"edited_cells", "kept_cells"}``: fractions of the changed / kept cells that ``b_prime`` puts right (pooled
     over the batch); ``None`` where there is no such cell. ``digits`` rounds (``None``: exact fractions)."""
     counts = cell_counts(b_prime, truth, b, tolerance, cells)
+    return {"edited_cells": _fraction(counts["edited_right"], counts["edited_total"], digits),
+            "kept_cells": _fraction(counts["kept_right"], counts["kept_total"], digits)}
 
-    def fraction(right: int, total: int) -> float | None:
-        if not total:
-            return None
-        value = right / total
-        return round(value, digits) if digits is not None else value
 
-    return {"edited_cells": fraction(counts["edited_right"], counts["edited_total"]),
-            "kept_cells": fraction(counts["kept_right"], counts["kept_total"])}
+def _fraction(right: int, total: int, digits: int | None) -> float | None:
+    """``right / total`` rounded to ``digits`` (``None``: exact); ``None`` when there is no cell to count."""
+    if not total:
+        return None
+    value = right / total
+    return round(value, digits) if digits is not None else value
 
 
 def background_cells(b: torch.Tensor, cells: int | None = None) -> torch.Tensor:
@@ -133,12 +134,8 @@ def kept_cells_by_role(b_prime: torch.Tensor, truth: torch.Tensor, b: torch.Tens
     right = cell_error(b_prime, truth, cells) <= tolerance
     kept = ~changed_cells(b, truth, cells)
     background = background_cells(b, cells)
-    out: dict[str, float | None] = {}
-    for name, where in (("kept_background_cells", kept & background), ("kept_object_cells", kept & ~background)):
-        total = int(where.sum())
-        value = int((right & where).sum()) / total if total else None
-        out[name] = round(value, digits) if value is not None and digits is not None else value
-    return out
+    return {name: _fraction(int((right & where).sum()), int(where.sum()), digits)
+            for name, where in (("kept_background_cells", kept & background), ("kept_object_cells", kept & ~background))}
 
 
 def format_scores(scores: dict[str, float | None]) -> str:
