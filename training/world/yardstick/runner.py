@@ -174,7 +174,7 @@ def split_means(families: dict[str, dict]) -> dict[str, float | None]:
         out[f"mean_base_edited_cells_{split}"] = mean([r["base_cells"]["edited_cells"] for r in rows])
         out[f"mean_base_kept_cells_{split}"] = mean([r["base_cells"]["kept_cells"] for r in rows])
         for role in ("background", "object"):
-            out[f"mean_kept_{role}_cells_{split}"] = mean([r.get(f"kept_{role}_cells") for r in rows])
+            out[f"mean_kept_{role}_cells_{split}"] = mean([r[f"kept_{role}_cells"] for r in rows])
     return out
 
 
