@@ -149,6 +149,27 @@ def test_a_mode_flag_switches_the_written_file_and_its_temporaries_are_cleaned(t
     assert f"wrote {out / 'toy_whole.safetensors'}" in caplog.text
 
 
+def test_keep_exports_keeps_each_checkpoints_output_file(tmp_path, reference):
+    """``keep_exports``: every checkpoint's output file is kept under its step's name, holding exactly the weights of
+    a run stopped at that step; the last one is the final file. Off (the default), no step file is written. A
+    half-written copy of a killed run is removed at start."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / f"{ckpt.EXPORT_TMP_PREFIX}toy.step_000002.safetensors").write_bytes(b"half")
+    train(out, "--set", "keep_exports=true")
+    exports = ckpt.step_exports(out, "toy.safetensors")
+    assert [step for step, _ in exports] == [2, 4, 6, 8]
+    assert [path.name for _, path in exports][1] == "toy.step_000004.safetensors"
+    assert not list(out.glob(".tmp*"))
+    stopped = interrupted_run(tmp_path / "stopped", 4)
+    at_step_4 = read_safetensors(exports[1][1])[0]
+    assert not all(torch.equal(at_step_4[k], reference[k]) for k in reference), "step 4 must differ from the end"
+    assert_same(at_step_4, weights(stopped))
+    assert_same(read_safetensors(exports[-1][1])[0], reference)
+    plain = interrupted_run(tmp_path / "plain", 4)
+    assert ckpt.step_exports(plain, "toy.safetensors") == []
+
+
 def test_missing_rng_state_is_reported(tmp_path, reference, caplog):
     out = interrupted_run(tmp_path, 4)
     (out / "checkpoints" / "step_000004" / "rng_0.safetensors").unlink()

@@ -40,6 +40,7 @@ TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STEP_PATTERN = re.compile(r"step_(\d{6,})")
 TMP_PREFIX = ".tmp_step_"
+EXPORT_TMP_PREFIX = ".tmp_export_"
 
 
 class CheckpointError(RuntimeError):
@@ -54,6 +55,34 @@ class Checkpoint:
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:06d}"
+
+
+def step_export_name(artifact: str, step: int) -> str:
+    """The name a checkpoint's copy of the output file takes with ``keep_exports``:
+    ``lorweb_basis.safetensors`` at step 2000 -> ``lorweb_basis.step_002000.safetensors``."""
+    path = Path(artifact)
+    return f"{path.stem}.{checkpoint_name(step)}{path.suffix}"
+
+
+def step_exports(output_dir: Path, artifact: str) -> list[tuple[int, Path]]:
+    """(step, path) of every kept step export of ``artifact`` in ``output_dir``, oldest first."""
+    path = Path(artifact)
+    found = []
+    for candidate in output_dir.glob(f"{path.stem}.step_*{path.suffix}"):
+        match = STEP_PATTERN.fullmatch(candidate.name[len(path.stem) + 1:len(candidate.name) - len(path.suffix)])
+        if match:
+            found.append((int(match.group(1)), candidate))
+    return sorted(found)
+
+
+def keep_export(output_dir: Path, artifact: str, step: int) -> Path:
+    """Copy the output file just exported to its step name, atomically (a temporary file, then a rename)."""
+    source = output_dir / artifact
+    target = output_dir / step_export_name(artifact, step)
+    tmp = target.with_name(f"{EXPORT_TMP_PREFIX}{target.name}")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+    return target
 
 
 def list_checkpoints(folder: Path) -> list[Checkpoint]:
@@ -82,6 +111,9 @@ def remove_stale_temporaries(output_dir: Path, artifacts: tuple[str, ...] = ()) 
     removed = []
     for path in (output_dir / "checkpoints").glob(TMP_PREFIX + "*"):
         shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    for path in output_dir.glob(EXPORT_TMP_PREFIX + "*"):
+        path.unlink(missing_ok=True)
         removed.append(path)
     for name in artifacts:
         for path in stale_temp_files(output_dir / name):

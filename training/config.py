@@ -42,6 +42,7 @@ class CommonConfig:
     # bookkeeping
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
+    keep_exports: bool = False       # also keep each checkpoint's output file as <name>.step_N.safetensors
     sample_every: int = 500
     log_every: int = 10
     report_to: str = "tensorboard"   # "tensorboard", "wandb", "none", ...

@@ -269,6 +269,8 @@ def save_checkpoint(task: TrainingTask, model, optimizer, step: int) -> Path:
                  "param_checksums": checksums}
         ckpt.finalize(tmp, folder / ckpt.checkpoint_name(step), state, optional=rng_files)
         task.export(unwrapped, out / task.output_file(), step)
+        if cfg.keep_exports:
+            ckpt.keep_export(out, task.output_file(), step)
         ckpt.prune(folder, cfg.keep_checkpoints)
     accelerator.wait_for_everyone()
     return folder / ckpt.checkpoint_name(step)
