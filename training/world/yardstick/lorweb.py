@@ -44,17 +44,9 @@ def run_lorweb(ctx: MethodContext) -> MethodOutput:
     init_basis = load_basis(ctx.folder / "init" / "lorweb_basis.safetensors")
 
     backbone = load_backbone(ctx.world.spec)
-    encoder = load_query_encoder(ctx.world.spec)
-    sample_steps, guidance = int(settings["sample_steps"]), float(settings["guidance"])
-    base, queries = {}, {}
-    for family, items in ctx.examples.items():
-        base[family] = bottom(backbone, items, sample_steps, ctx.seed, guidance)
-        embedding = encoder.encode(ev.stack(items, "a"), ev.stack(items, "a_prime"), ev.stack(items, "b"))
-        queries[family] = basis.settings.query(embedding)
-    transformer = with_basis(backbone, basis)
-    b_prime = {family: bottom(backbone, items, sample_steps, ctx.seed, guidance,
-                              lambda q=queries[family]: set_query(transformer, q))
-               for family, items in ctx.examples.items()}
+    base = base_b_prime(ctx, backbone)
+    queries = family_queries(ctx, basis)
+    b_prime = basis_b_prime(ctx, basis, queries)
 
     train_families = [f for f in ctx.examples if world_def.get_family(f).split == "train"]
 
@@ -75,6 +67,38 @@ def run_lorweb(ctx: MethodContext) -> MethodOutput:
     if losses:
         extra["loss_first_step"], extra["loss_last_step"] = losses
     return MethodOutput(b_prime, base, lambda images: ev.reconstruct(backbone, images), extra)
+
+
+def sampling(ctx: MethodContext) -> tuple[int, float]:
+    """The row's sampler settings: (steps, guidance)."""
+    settings = {**lorweb_settings(str(ctx.world.root), ctx.quick), **ctx.row_overrides}
+    return int(settings["sample_steps"]), float(settings["guidance"])
+
+
+def base_b_prime(ctx: MethodContext, backbone) -> dict[str, torch.Tensor]:
+    """The base backbone's B′ per family (no basis), sampled as the row samples."""
+    steps, guidance = sampling(ctx)
+    return {family: bottom(backbone, items, steps, ctx.seed, guidance) for family, items in ctx.examples.items()}
+
+
+def family_queries(ctx: MethodContext, basis) -> dict[str, torch.Tensor]:
+    """Each family's mixing queries: the world query encoder's embedding of its (A, A′, B), projected by ``basis``."""
+    encoder = load_query_encoder(ctx.world.spec)
+    return {family: basis.settings.query(encoder.encode(ev.stack(items, "a"), ev.stack(items, "a_prime"),
+                                                        ev.stack(items, "b")))
+            for family, items in ctx.examples.items()}
+
+
+def basis_b_prime(ctx: MethodContext, basis, queries: dict[str, torch.Tensor] | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """B′ per family with ``basis`` mixed by each example's query, on a fresh copy of the world backbone."""
+    queries = queries if queries is not None else family_queries(ctx, basis)
+    steps, guidance = sampling(ctx)
+    backbone = load_backbone(ctx.world.spec)
+    transformer = with_basis(backbone, basis)
+    return {family: bottom(backbone, items, steps, ctx.seed, guidance,
+                           lambda q=queries[family]: set_query(transformer, q))
+            for family, items in ctx.examples.items()}
 
 
 def with_basis(backbone, basis):
