@@ -54,6 +54,42 @@ class Ceiling:
     full: "Ceiling | None" = None  # the full fine-tune of the same backbone on one family (None: not measured)
 
 
+class RunMismatch(ValueError):
+    """A training run that is not of the row asked for (another trainer, world or setting)."""
+
+
+def world_of_spec(spec: object, model: str = "") -> Path:
+    """The world folder of a run's ``world:<folder>`` setting (``model``: the spec names that model's folder)."""
+    text = str(spec)
+    if not text.startswith("world:"):
+        raise RunMismatch(f"trained on {text!r}, not on an analogy world (expected 'world:<folder>')")
+    folder = Path(text.removeprefix("world:"))
+    if model:
+        if folder.name != model:
+            raise RunMismatch(f"trained on {text!r}, not on a world's {model} (expected 'world:<folder>/{model}')")
+        folder = folder.parent
+    return folder
+
+
+@dataclass
+class CurveSampler:
+    """A row's sampler for one training run's step exports (``bench.row_curve``)."""
+
+    base: dict[str, torch.Tensor]                       # the backbone's B′ without the method, per family
+    b_prime: Callable[[Path], dict[str, torch.Tensor]]  # one exported file -> B′ per family, as the row samples
+    reconstruct: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Curve:
+    """How ``bench.row_curve`` measures a row's step exports exactly as the row measures its final file."""
+
+    artifact: str                                    # the file the row's trainer writes (kept per step: keep_exports)
+    world_of: Callable[[dict], Path]                 # a run's config.json -> the world folder it was trained on
+    sampler_keys: tuple[str, ...]                    # config keys the row's sampler reads (given as row overrides)
+    sampler: Callable[[MethodContext, dict], CurveSampler]  # (context, the run's config) -> its sampler
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -63,6 +99,7 @@ class Method:
     ceiling: Ceiling | None = None  # the row's per-family ceiling (None: not measured for this row yet)
     trainer_config: type | None = None  # the row trainer's config dataclass: what --row-set may change (None: nothing)
     own_settings: frozenset[str] = frozenset()  # settings the row itself sets per run (--row-set may not change them)
+    curve: Curve | None = None  # how its step exports are measured (None: bench.row_curve does not know the row)
 
 
 # What says which world and run a row is: its world models (the world folder) and the seed (--seed).

@@ -32,7 +32,8 @@ from training.edit_transfer.task import EditTransferConfig, sample_composite
 from training.world import scenes as world
 from training.world.evaluate import reconstruct
 from training.world.presets import run_trainer
-from training.world.yardstick.common import Ceiling, MethodOutput, load_weights, losses_from_log, pretraining_rate
+from training.world.yardstick.common import (Ceiling, Curve, CurveSampler, MethodOutput, RunMismatch, load_weights,
+                                             losses_from_log, pretraining_rate, world_of_spec)
 
 PANEL = 64
 # Why these values: 128-px composites of 64-px panels (the world's panel); the official rank 16 and alpha 16; AdamW
@@ -160,3 +161,31 @@ def row_ceiling(row: str) -> Ceiling:
     models = ("autoencoder", "flux_dev")
     full = Ceiling("training.train_edit_transfer", models, full_settings, full_sample, shared_as=f"{shared}_full")
     return Ceiling("training.train_edit_transfer", models, settings, sample, shared_as=shared, full=full)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the learning curve of a run (bench.row_curve): each LoRA export sampled with the row's sampler
+
+
+def row_curve(row: str) -> Curve:
+    """The curve of an Edit Transfer row: the run must have been trained with the row's ``text_free``."""
+    spec = ROWS[row]
+
+    def sampler(ctx, config: dict) -> CurveSampler:
+        if bool(config.get("text_free")) != spec["text_free"]:
+            raise RunMismatch(f"the run was trained with text_free={bool(config.get('text_free'))}; row {row} "
+                              f"samples {'without' if spec['text_free'] else 'with'} text "
+                              f"(text_free={spec['text_free']})")
+        steps = int({**et_settings(ctx.world.root, ctx.quick), **ctx.row_overrides}["sample_steps"])
+        text = not spec["text_free"]
+
+        def sample(backbone) -> dict[str, torch.Tensor]:
+            return {family: sample_b_prime(backbone, items, text, spec["context"], steps, ctx.seed)
+                    for family, items in ctx.examples.items()}
+
+        base = load_backbone(f"world:{Path(ctx.world.root) / 'flux_dev'}")
+        return CurveSampler(sample(base), lambda path: sample(load_with_lora(ctx.world.root, path)),
+                            lambda images: reconstruct(base, images))
+
+    return Curve(LORA_FILE, lambda config: world_of_spec(config.get("backbone", ""), "flux_dev"), ("sample_steps",),
+                 sampler)

@@ -16,8 +16,8 @@ from training.world import evaluate as ev
 from training.world import scenes as world_def
 from training.world.presets import lorweb_ceiling_settings, lorweb_settings, train_lorweb
 from training.world.registry import World
-from training.world.yardstick.common import (Ceiling, MethodContext, MethodOutput, load_weights, losses_from_log,
-                                             pretraining_rate)
+from training.world.yardstick.common import (Ceiling, Curve, CurveSampler, MethodContext, MethodOutput, load_weights,
+                                             losses_from_log, pretraining_rate, world_of_spec)
 
 
 def routing(coefficients: torch.Tensor, labels: list[str]) -> dict[str, float]:
@@ -81,12 +81,18 @@ def base_b_prime(ctx: MethodContext, backbone) -> dict[str, torch.Tensor]:
     return {family: bottom(backbone, items, steps, ctx.seed, guidance) for family, items in ctx.examples.items()}
 
 
-def family_queries(ctx: MethodContext, basis) -> dict[str, torch.Tensor]:
-    """Each family's mixing queries: the world query encoder's embedding of its (A, A′, B), projected by ``basis``."""
+def family_embeddings(ctx: MethodContext) -> dict[str, torch.Tensor]:
+    """The world query encoder's embedding of each family's (A, A′, B) (what does not depend on the basis)."""
     encoder = load_query_encoder(ctx.world.spec)
-    return {family: basis.settings.query(encoder.encode(ev.stack(items, "a"), ev.stack(items, "a_prime"),
-                                                        ev.stack(items, "b")))
+    return {family: encoder.encode(ev.stack(items, "a"), ev.stack(items, "a_prime"), ev.stack(items, "b"))
             for family, items in ctx.examples.items()}
+
+
+def family_queries(ctx: MethodContext, basis, embeddings: dict[str, torch.Tensor] | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """Each family's mixing queries: its embeddings (:func:`family_embeddings`) projected by ``basis``."""
+    embeddings = embeddings if embeddings is not None else family_embeddings(ctx)
+    return {family: basis.settings.query(embedding) for family, embedding in embeddings.items()}
 
 
 def basis_b_prime(ctx: MethodContext, basis, queries: dict[str, torch.Tensor] | None = None
@@ -148,6 +154,23 @@ CEILING = Ceiling("training.train_lorweb", _MODELS,
                   ceiling_b_prime,
                   full=Ceiling("training.train_lorweb", _MODELS, full_ceiling_settings, full_ceiling_b_prime,
                                shared_as="lorweb_full"))
+
+
+def curve_sampler(ctx: MethodContext, config: dict) -> CurveSampler:
+    """The row's sampler for a run's basis exports: the base sampled once, the queries' embeddings encoded once."""
+    backbone = load_backbone(ctx.world.spec)
+    embeddings = family_embeddings(ctx)
+
+    def b_prime(path: Path) -> dict[str, torch.Tensor]:
+        basis = load_basis(path)
+        return basis_b_prime(ctx, basis, family_queries(ctx, basis, embeddings))
+
+    return CurveSampler(base_b_prime(ctx, backbone), b_prime, lambda images: ev.reconstruct(backbone, images))
+
+
+# the learning curve of a run (bench.row_curve): the run's backbone is the world folder, its sampler the row's
+CURVE = Curve(BASIS_FILE, lambda config: world_of_spec(config.get("backbone", "")), ("sample_steps", "guidance"),
+              curve_sampler)
 
 
 def bottom(backbone, items, steps: int, seed: int, guidance: float, before_call=None) -> torch.Tensor:

@@ -103,7 +103,7 @@ def run_edit_transfer(row: str) -> Callable[[MethodContext], MethodOutput]:
 _METHODS = [
     Method("lorweb", ("autoencoder", "clip", "flux_kontext"), lorweb.run_lorweb,
            "LoRWeB basis on the FLUX.1-Kontext-like world backbone, world CLIP queries", ceiling=lorweb.CEILING,
-           trainer_config=LoRWeBConfig),
+           trainer_config=LoRWeBConfig, curve=lorweb.CURVE),
     Method("regions", ("autoencoder", "clip", "flux_kontext", "region_t5"), run_regions,
            "region predictor (world CLIP, world T5); B′ = LoRWeB's B′ inside the predicted region",
            trainer_config=RegionConfig, own_settings=frozenset({"mode", *(k for _, _, f in regions.RUNS for k in f)})),
@@ -113,15 +113,15 @@ _METHODS = [
     Method("edit_transfer", ("autoencoder", "flux_dev"), run_edit_transfer("edit_transfer"),
            "Edit Transfer LoRA on the FLUX.1-dev-like world backbone (instruction prompts), official clean-context "
            "sampler", ceiling=edit_transfer.row_ceiling("edit_transfer"), trainer_config=EditTransferConfig,
-           own_settings=frozenset({"text_free"})),
+           own_settings=frozenset({"text_free"}), curve=edit_transfer.row_curve("edit_transfer")),
     Method("edit_transfer_stock_inpaint", ("autoencoder", "flux_dev"), run_edit_transfer("edit_transfer_stock_inpaint"),
            "the same LoRA sampled with ComfyUI's stock re-noising inpainting",
            ceiling=edit_transfer.row_ceiling("edit_transfer_stock_inpaint"), trainer_config=EditTransferConfig,
-           own_settings=frozenset({"text_free"})),
+           own_settings=frozenset({"text_free"}), curve=edit_transfer.row_curve("edit_transfer_stock_inpaint")),
     Method("edit_transfer_textfree", ("autoencoder", "flux_dev"), run_edit_transfer("edit_transfer_textfree"),
            "Edit Transfer LoRA trained and sampled without text (EditTransfer++)",
            ceiling=edit_transfer.row_ceiling("edit_transfer_textfree"), trainer_config=EditTransferConfig,
-           own_settings=frozenset({"text_free"})),
+           own_settings=frozenset({"text_free"}), curve=edit_transfer.row_curve("edit_transfer_textfree")),
 ]
 METHODS: dict[str, Method] = {m.name: m for m in _METHODS}
 
