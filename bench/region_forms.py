@@ -1,6 +1,7 @@
 """The region predictor's forms and training options on the analogy world, each trained at the regions row's full
 setting (600 steps) and measured as the row measures it: IoU of the binary region (threshold 0.5) with B's true
-edit mask on held-out scenes of the local families, at initialisation and after training.
+edit mask on held-out scenes of the local families, at initialisation and after training; per family also the share
+of the image the region marks against the true region's, its precision and its recall (``region_per_family_*``).
 
     .venv/bin/python -m bench.region_forms                   # the quick world (built or reused), seed 0
     .venv/bin/python -m bench.region_forms --full-world      # the full world
@@ -8,7 +9,8 @@ edit mask on held-out scenes of the local families, at initialisation and after 
 
 The runs are the regions row's (``training.world.yardstick.regions.RUNS``): ``text`` and ``analogy`` (the pack's
 form), ``text_paper`` (the paper's form and losses), ``text_straight_through`` (the pack's text form trained on the
-binarised mask). The row itself (``bench.analogy_world --methods regions``) trains them for 100 steps on the quick
+binarised mask), ``text_mask`` (the pack's text form with a BCE against the true region added to the paper's losses:
+beyond the paper, what the module learns when it is told the answer). The row itself (``bench.analogy_world --methods regions``) trains them for 100 steps on the quick
 world, too few to tell the forms apart; this command keeps the row's code and changes only the world and the steps.
 Runs are kept under ``--out`` and reused when complete.
 """
@@ -25,7 +27,8 @@ from training.world import build_world
 from training.world import scenes as world
 from training.world.loaders import T5_FOLDER
 from training.world.yardstick.common import losses_from_log
-from training.world.yardstick.regions import REGION_WORLD, RUNS, mean, region_settings, train_region, world_iou
+from training.world.yardstick.regions import (REGION_WORLD, RUNS, mean, region_settings, train_region,
+                                              world_region_figures)
 
 REPO = Path(__file__).resolve().parent.parent
 CHECKPOINT = "region_predictor.safetensors"
@@ -67,10 +70,13 @@ def main(argv: list[str] | None = None) -> dict:
                          "train_seconds": None if seconds is None else round(seconds, 1)}
         for tag, folder in (("start", out / f"{name}_init"), ("end", out / name)):
             model = load_region_predictor(folder / CHECKPOINT)
-            scores = world_iou(model, clip, encoder, local, args.examples, size)
-            figures[f"iou_per_family_{tag}"] = {f: round(scores[f][mode], 4) for f in local}
+            measured = world_region_figures(model, clip, encoder, local, args.examples, size)
+            figures[f"iou_per_family_{tag}"] = {f: round(measured[f][mode]["iou"], 4) for f in local}
             for split, names in splits.items():
-                figures[f"iou_{split}_families_{tag}"] = mean(scores[f][mode] for f in names)
+                figures[f"iou_{split}_families_{tag}"] = mean(measured[f][mode]["iou"] for f in names)
+            # where the region is: its share of the image against the true region's, precision and recall
+            figures[f"region_per_family_{tag}"] = {f: {k: round(v, 4) for k, v in measured[f][mode].items()
+                                                       if k != "iou"} for f in local}
         if losses := losses_from_log(out / name / "train.log"):
             figures["loss_first_step"], figures["loss_last_step"] = losses
         report["runs"][name] = figures
