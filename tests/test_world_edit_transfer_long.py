@@ -3,7 +3,8 @@ measured by the yardstick's own command (``python -m bench.analogy_world --metho
 max_steps=16800``).
 
 Expensive: it builds the full world's FLUX.1-dev-like backbone (about 1 minute) and trains 16,800 steps (about 21
-minutes of training on one thread of the machine that recorded the figures below, 36+ on a slower one):
+minutes of training on one thread of the machine that recorded the figures below; the whole test took 37 minutes
+there while the default suite shared the CPU; expect an hour or more on a slower machine):
 `bash scripts/test.sh -m expensive tests/test_world_edit_transfer_long.py`.
 """
 
