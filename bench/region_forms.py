@@ -10,8 +10,9 @@ of the image the region marks against the true region's, its precision and its r
 The runs are the regions row's (``training.world.yardstick.regions.RUNS``): ``text`` and ``analogy`` (the pack's
 form), ``text_paper`` (the paper's form and losses), ``text_straight_through`` (the pack's text form trained on the
 binarised mask), ``text_mask`` (the pack's text form with a BCE against the true region added to the paper's losses:
-beyond the paper, what the module learns when it is told the answer). The row itself (``bench.analogy_world --methods regions``) trains them for 100 steps on the quick
-world, too few to tell the forms apart; this command keeps the row's code and changes only the world and the steps.
+beyond the paper, what the module learns when it is told the answer). The row itself (``bench.analogy_world
+--methods regions``) trains them for 100 steps on the quick world, too few to tell the forms apart; this command
+keeps the row's code and changes only the world and the steps.
 Runs are kept under ``--out`` and reused when complete.
 """
 

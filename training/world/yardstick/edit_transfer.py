@@ -100,12 +100,17 @@ def sample_b_prime(backbone, items: list[world.Example], text: bool, context: st
     return grid[:, PANEL:, PANEL:]
 
 
+def row_settings(ctx) -> dict[str, object]:
+    """The row's trainer settings with any ``--row-set`` overrides (what the row trains and samples with)."""
+    return {**et_settings(ctx.world.root, ctx.quick), **ctx.row_overrides}
+
+
 def run_row(ctx, row: str):
     """One ``bench.analogy_world`` row (see the module docstring)."""
     spec = ROWS[row]
     run, seconds = trained_run(ctx, spec["text_free"])
     backbone = load_with_lora(ctx.world.root, run / LORA_FILE)
-    settings = {**et_settings(ctx.world.root, ctx.quick), **ctx.row_overrides}
+    settings = row_settings(ctx)
     steps, text = int(settings["sample_steps"]), not spec["text_free"]
     transformer = backbone.transformer
     b_prime, base = {}, {}
@@ -176,7 +181,7 @@ def row_curve(row: str) -> Curve:
             raise RunMismatch(f"the run was trained with text_free={bool(config.get('text_free'))}; row {row} "
                               f"samples {'without' if spec['text_free'] else 'with'} text "
                               f"(text_free={spec['text_free']})")
-        steps = int({**et_settings(ctx.world.root, ctx.quick), **ctx.row_overrides}["sample_steps"])
+        steps = int(row_settings(ctx)["sample_steps"])
         text = not spec["text_free"]
 
         def sample(backbone) -> dict[str, torch.Tensor]:
