@@ -12,11 +12,14 @@ float32 (CPU).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 from training.world.scenes import WORLD_VERSION
 
@@ -74,11 +77,51 @@ def set_arguments(settings: dict[str, object]) -> list[str]:
     return out
 
 
+# What may change when a world run is continued (``resume``): its length and bookkeeping, not what it learns.
+RESUMABLE_CHANGES = frozenset({"max_steps", "checkpoint_every", "keep_checkpoints", "keep_exports", "sample_every",
+                               "log_every", "output_dir", "report_to"})
+
+
+def _same_setting(recorded: object, given: object) -> bool:
+    """Whether a run's recorded config value equals a ``--set`` value (read as the trainer reads it)."""
+    if isinstance(given, str) and not isinstance(recorded, str):
+        given = yaml.safe_load(given)
+    if isinstance(recorded, bool) or isinstance(given, bool):
+        return str(recorded).lower() == str(given).lower()
+    try:
+        return float(recorded) == float(given)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return json.dumps(recorded, default=str) == json.dumps(given, default=str)
+
+
+class RunSettingsChanged(ValueError):
+    """A run asked to continue with settings other than its own."""
+
+
+def check_resumable(out: Path, settings: dict[str, object]) -> None:
+    """Refuse to continue the run in ``out`` with settings other than its own (beyond :data:`RESUMABLE_CHANGES`):
+    the continued run would no longer be one run of those settings. A folder without a run passes."""
+    recorded_file = out / "config.json"
+    if not recorded_file.is_file():
+        return
+    recorded = json.loads(recorded_file.read_text())
+    changed = {key: (recorded.get(key, "<not set>"), value) for key, value in settings.items()
+               if key not in RESUMABLE_CHANGES and not _same_setting(recorded.get(key), value)}
+    if changed:
+        listed = "; ".join(f"{key}: the run has {old!r}, asked {new!r}" for key, (old, new) in sorted(changed.items()))
+        raise RunSettingsChanged(f"cannot continue the run in {out} with other settings ({listed}); only its length and "
+                         f"bookkeeping ({', '.join(sorted(RESUMABLE_CHANGES))}) may change — use another --out")
+
+
 def run_trainer(module: str, settings: dict[str, object], out: Path, max_steps: int | None = None,
                 resume: bool = False) -> float:
     """``python -m <module> --preset tiny --set k=v ... --output-dir out [--max-steps N] [--resume]`` in a subprocess
     (Accelerate keeps process-wide state), logged to ``out/train.log`` (appended to when resuming); returns the seconds
-    it took. Every world run of every trainer goes through here."""
+    it took. Every world run of every trainer goes through here. ``resume`` continues the run already in ``out`` (its
+    newest checkpoint; a finished run returns at once, a longer ``max_steps`` extends it) after
+    :func:`check_resumable`."""
+    if resume:
+        check_resumable(out, {**settings, **({"max_steps": max_steps} if max_steps is not None else {})})
     cmd = [sys.executable, "-m", module, "--preset", "tiny", *set_arguments(settings), "--output-dir", str(out),
            *(["--max-steps", str(max_steps)] if max_steps is not None else []), *(["--resume"] if resume else [])]
     out.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,6 +28,7 @@ class MethodContext:
     folder: Path                                  # the method's own output folder (training runs, files)
     examples: dict[str, list[world_def.Example]]  # held-out scenes of every family
     row_overrides: dict[str, object] = field(default_factory=dict)  # --row-set: the row trainer's settings changed
+    resume_runs: bool = False  # --resume-runs: continue the row's training runs already in ``folder``
 
 
 @dataclass
@@ -164,11 +166,17 @@ def _same_kind(default: object, value: object) -> bool:
 
 
 def losses_from_log(path: Path) -> tuple[float, float] | None:
-    for line in reversed(path.read_text().splitlines()):
+    """(first, last) training loss of the run logged in ``path``: from its trainer's "wrote … (steps a..b, loss x ->
+    y)" lines, the first finite x and the last finite y — a continued run (``--resume-runs``) appends a line per
+    invocation, and one that had no step left to train logs nan."""
+    spans = []
+    for line in path.read_text().splitlines():
         if "loss" in line and "->" in line:
             start, end = line.rsplit("loss ", 1)[1].rstrip(")").split(" -> ")
-            return float(start), float(end)
-    return None
+            spans.append((float(start), float(end)))
+    starts = [s for s, _ in spans if math.isfinite(s)]
+    ends = [e for _, e in spans if math.isfinite(e)]
+    return (starts[0], ends[-1]) if starts and ends else None
 
 
 def pretraining_rate(world: World, model: str) -> float:

@@ -61,10 +61,12 @@ def et_settings(world_root: str | Path, quick: bool = False, text_free: bool = F
 
 
 def train_edit_transfer(world_root: str | Path, out: Path, quick: bool = False, seed: int = 0,
-                        text_free: bool = False, overrides: dict[str, object] | None = None) -> float:
+                        text_free: bool = False, overrides: dict[str, object] | None = None,
+                        resume: bool = False) -> float:
     """Edit Transfer's world preset through :func:`training.world.presets.run_trainer`; returns the seconds."""
     return run_trainer("training.train_edit_transfer",
-                       {**et_settings(world_root, quick, text_free), "seed": seed, **(overrides or {})}, out)
+                       {**et_settings(world_root, quick, text_free), "seed": seed, **(overrides or {})}, out,
+                       resume=resume)
 
 
 def trained_run(ctx, text_free: bool) -> tuple[Path, float]:
@@ -74,7 +76,7 @@ def trained_run(ctx, text_free: bool) -> tuple[Path, float]:
     if key not in _RUNS or not (_RUNS[key][0] / LORA_FILE).is_file():
         out = ctx.folder / "train"
         _RUNS[key] = (out, train_edit_transfer(ctx.world.root, out, ctx.quick, ctx.seed, text_free,
-                                               ctx.row_overrides))
+                                               ctx.row_overrides, ctx.resume_runs))
     return _RUNS[key]
 
 

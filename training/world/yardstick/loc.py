@@ -82,10 +82,10 @@ def loc_settings(world_root: str | Path, quick: bool = False) -> dict[str, objec
 
 
 def train_loc(world_root: str | Path, out: Path, quick: bool = False, seed: int = 0,
-              overrides: dict[str, object] | None = None) -> float:
+              overrides: dict[str, object] | None = None, resume: bool = False) -> float:
     """LoC's world preset through :func:`training.world.presets.run_trainer`; returns the seconds it took."""
     return run_trainer("training.train_loc", {**loc_settings(world_root, quick), "seed": seed, **(overrides or {})},
-                       out)
+                       out, resume=resume)
 
 
 def loc_ceiling_settings(world_root: str | Path, family: str, quick: bool = False, seed: int = 0) -> dict[str, object]:
@@ -192,7 +192,7 @@ def run_loc(ctx):
     steps = int(settings["max_steps"])
     runs = {"": ctx.folder / "train", "_no_exchange": ctx.folder / "train_no_exchange"}
     seconds = {tag: train_loc(ctx.world.root, out, ctx.quick, ctx.seed,
-                              {**ctx.row_overrides, "random_exchange": tag == ""})
+                              {**ctx.row_overrides, "random_exchange": tag == ""}, ctx.resume_runs)
                for tag, out in runs.items()}
 
     backbone = load_ip2p(ctx.world.spec)

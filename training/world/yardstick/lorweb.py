@@ -37,9 +37,10 @@ def run_lorweb(ctx: MethodContext) -> MethodOutput:
     steps = int(settings["max_steps"])
     root = str(ctx.world.root)
     # the basis at initialisation: the same run for one step at learning rate 0
-    train_lorweb(root, ctx.folder / "init", ctx.quick, ctx.seed, max_steps=1,
+    train_lorweb(root, ctx.folder / "init", ctx.quick, ctx.seed, max_steps=1, resume=ctx.resume_runs,
                  overrides={**ctx.row_overrides, "learning_rate": 0.0, "sample_every": 10_000})
-    seconds = train_lorweb(root, ctx.folder / "train", ctx.quick, ctx.seed, overrides=ctx.row_overrides)
+    seconds = train_lorweb(root, ctx.folder / "train", ctx.quick, ctx.seed, resume=ctx.resume_runs,
+                           overrides=ctx.row_overrides)
     basis = load_basis(ctx.folder / "train" / "lorweb_basis.safetensors")
     init_basis = load_basis(ctx.folder / "init" / "lorweb_basis.safetensors")
 

@@ -96,9 +96,9 @@ def region_settings(world_folder: str, quick: bool = False) -> dict[str, object]
     return {"clip": spec, "instruction_encoder": spec, **(REGION_WORLD_QUICK if quick else REGION_WORLD)}
 
 
-def train_region(settings: dict[str, object], out, max_steps: int) -> float:
+def train_region(settings: dict[str, object], out, max_steps: int, resume: bool = False) -> float:
     """The region trainer's world run through :func:`training.world.presets.run_trainer`; returns the seconds."""
-    return run_trainer("training.train_region", settings, out, max_steps)
+    return run_trainer("training.train_region", settings, out, max_steps, resume)
 
 
 def confinement(b: torch.Tensor, edited: torch.Tensor, truth: torch.Tensor, region: torch.Tensor,
@@ -152,8 +152,8 @@ def run_bench_row(ctx, lorweb_output=None):
     models = {}
     for name, mode, form in RUNS:  # one model per mode: trained jointly, analogy mode learnt far more slowly
         run = {**settings, "mode": mode, **form}
-        train_region({**run, "learning_rate": 0.0}, ctx.folder / f"{name}_init", 1)
-        extra[f"train_seconds_{name}"] = round(train_region(run, ctx.folder / name, steps), 1)
+        train_region({**run, "learning_rate": 0.0}, ctx.folder / f"{name}_init", 1, ctx.resume_runs)
+        extra[f"train_seconds_{name}"] = round(train_region(run, ctx.folder / name, steps, ctx.resume_runs), 1)
         models[name] = load_region_predictor(ctx.folder / name / "region_predictor.safetensors")
         initial = load_region_predictor(ctx.folder / f"{name}_init" / "region_predictor.safetensors")
         for target, model in ((after, models[name]), (before, initial)):

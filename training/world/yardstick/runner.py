@@ -15,6 +15,8 @@ The JSON (stable: keys are added, never removed or renamed)::
 
     {"seed", "quick", "seconds", "world_overrides" (only for a probe world, --world-set: {model: {setting: value}}),
      "row_overrides" (only for a probe run, --row-set: {setting: value} given to every row's trainer),
+     "resumed_runs" (only with --resume-runs: the rows continued the runs already in --out; their train_seconds
+        count this invocation's training only),
      "methods": {name: {
         "families": {family: {
             "split": "train" | "heldout",
@@ -79,6 +81,7 @@ from training.regions.config import RegionConfig
 from training.world import build_world, metrics
 from training.world import evaluate as ev
 from training.world import scenes as world_def
+from training.world.presets import RunSettingsChanged
 from training.world.registry import World, parse_overrides
 from training.world.yardstick import ceiling, edit_transfer, loc, lorweb, regions
 from training.world.yardstick.common import Method, MethodContext, MethodOutput, check_row_overrides, parse_settings
@@ -281,6 +284,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="a probe: change a setting of every selected row's trainer, e.g. learning_rate=2e-3 or "
                              "data=world:families=invert (repeatable; not the seed, the world's models or what a row "
                              "sets per run; the ceilings take --ceiling-set); recorded as row_overrides")
+    parser.add_argument("--resume-runs", action="store_true",
+                        help="continue each row's training runs already in --out instead of starting afresh: a "
+                             "finished run is measured as it is, a longer --row-set max_steps=N extends it (any "
+                             "other changed setting is refused); recorded as resumed_runs")
     parser.add_argument("--full-ceilings", action=argparse.BooleanOptionalAction, default=None,
                         help="also the full fine-tune ceiling, for rows that have one (default: on for the full "
                              "world, off with --quick)")
@@ -320,9 +327,13 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for name in names:
         folder = out / name
-        shutil.rmtree(folder, ignore_errors=True)
-        ctx = MethodContext(world, args.seed, args.quick, folder, examples, row_overrides)
-        output = METHODS[name].run(ctx)
+        if not args.resume_runs:
+            shutil.rmtree(folder, ignore_errors=True)
+        ctx = MethodContext(world, args.seed, args.quick, folder, examples, row_overrides, args.resume_runs)
+        try:
+            output = METHODS[name].run(ctx)
+        except RunSettingsChanged as err:
+            parser.error(f"--resume-runs: {err}")
         OUTPUTS[name] = output
         results[name] = measure(ctx, output)
         print(f"{name}: picture {picture(ctx, output, results[name], out / f'{name}.png')}")
@@ -349,6 +360,8 @@ def write_report(args: argparse.Namespace, out: Path, started: float, results: d
         report["world_overrides"] = world.overrides
     if row_overrides:
         report["row_overrides"] = row_overrides
+    if args.resume_runs:
+        report["resumed_runs"] = True
     for path in filter(None, (args.json, out / "results.json")):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2))
