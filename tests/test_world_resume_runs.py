@@ -60,6 +60,16 @@ def test_a_changed_setting_is_refused_naming_it(tmp_path):
         check_resumable(run, {"rank": 4})
 
 
+def test_a_run_is_not_continued_to_fewer_steps_than_it_has(tmp_path):
+    run = recorded_run(tmp_path)
+    (run / "checkpoints" / "step_000300").mkdir(parents=True)
+    (run / "checkpoints" / "step_000300.tmp").mkdir()  # not a checkpoint
+    check_resumable(run, {"max_steps": 300})
+    check_resumable(run, {"max_steps": "600"})
+    with pytest.raises(RunSettingsChanged, match="max_steps=200: it already has a checkpoint at step 300"):
+        check_resumable(run, {"max_steps": 200})
+
+
 def test_a_folder_without_a_run_passes(tmp_path):
     check_resumable(tmp_path / "nothing-here", {"learning_rate": 1.0})
 

@@ -99,8 +99,9 @@ class RunSettingsChanged(ValueError):
 
 
 def check_resumable(out: Path, settings: dict[str, object]) -> None:
-    """Refuse to continue the run in ``out`` with settings other than its own (beyond :data:`RESUMABLE_CHANGES`):
-    the continued run would no longer be one run of those settings. A folder without a run passes."""
+    """Refuse to continue the run in ``out`` with settings other than its own (beyond :data:`RESUMABLE_CHANGES`), or
+    with a ``max_steps`` below a checkpoint it already has (its files would be of more steps than asked): the
+    continued run would no longer be one run of those settings. A folder without a run passes."""
     recorded_file = out / "config.json"
     if not recorded_file.is_file():
         return
@@ -109,8 +110,15 @@ def check_resumable(out: Path, settings: dict[str, object]) -> None:
                if key not in RESUMABLE_CHANGES and not _same_setting(recorded.get(key), value)}
     if changed:
         listed = "; ".join(f"{key}: the run has {old!r}, asked {new!r}" for key, (old, new) in sorted(changed.items()))
-        raise RunSettingsChanged(f"cannot continue the run in {out} with other settings ({listed}); only its length and "
-                         f"bookkeeping ({', '.join(sorted(RESUMABLE_CHANGES))}) may change — use another --out")
+        raise RunSettingsChanged(f"cannot continue the run in {out} with other settings ({listed}); only its length "
+                                 f"and bookkeeping ({', '.join(sorted(RESUMABLE_CHANGES))}) may change — use another "
+                                 "--out")
+    reached = max((int(p.name.removeprefix("step_")) for p in (out / "checkpoints").glob("step_*")
+                   if p.name.removeprefix("step_").isdigit()), default=0)
+    if "max_steps" in settings and reached > int(settings["max_steps"]):  # type: ignore[call-overload]
+        raise RunSettingsChanged(f"cannot continue the run in {out} to max_steps={settings['max_steps']}: it already "
+                                 f"has a checkpoint at step {reached} — ask for at least {reached} steps, or use "
+                                 "another --out")
 
 
 def run_trainer(module: str, settings: dict[str, object], out: Path, max_steps: int | None = None,
