@@ -161,8 +161,8 @@ class _Stop(Exception):
     """Raised by a stand-in trainer once the row has shown what it trains with."""
 
 
-def _context(tmp_path, overrides: dict, examples: dict | None = None) -> MethodContext:
-    return MethodContext(_world(str(tmp_path)), 0, True, tmp_path / "row", examples or {}, overrides)
+def _context(tmp_path, overrides: dict, examples: dict | None = None, resume: bool = False) -> MethodContext:
+    return MethodContext(_world(str(tmp_path)), 0, True, tmp_path / "row", examples or {}, overrides, resume)
 
 
 def test_row_settings_are_parsed_as_json_literals_or_text():
@@ -216,13 +216,17 @@ def test_lorweb_row_trains_both_its_runs_with_the_row_settings(tmp_path, monkeyp
 
     def fake_train(root, out, quick, seed, max_steps=None, resume=False, overrides=None):
         runs.append((out.name, max_steps, overrides))
+        resumed.append(resume)
         if len(runs) == 2:
             raise _Stop
 
     monkeypatch.setattr(lorweb, "train_lorweb", fake_train)
     overrides = {"learning_rate": 2e-3, "data": "world:families=invert"}
-    with pytest.raises(_Stop):
-        lorweb.run_lorweb(_context(tmp_path, overrides))
+    for resume in (False, True):  # --resume-runs reaches both runs
+        runs, resumed = [], []
+        with pytest.raises(_Stop):
+            lorweb.run_lorweb(_context(tmp_path, overrides, resume=resume))
+        assert resumed == [resume, resume]
     (init_name, init_steps, init), (train_name, train_steps, train) = runs
     assert (init_name, init_steps, train_name, train_steps) == ("init", 1, "train", None)
     assert train == overrides
@@ -233,24 +237,25 @@ def test_lorweb_row_trains_both_its_runs_with_the_row_settings(tmp_path, monkeyp
 def test_loc_row_trains_both_its_runs_with_the_row_settings_and_its_own_exchange(tmp_path, monkeypatch):
     runs = []
 
-    def fake_train(root, out, quick, seed, overrides=None):
-        runs.append((out.name, overrides))
+    def fake_train(root, out, quick, seed, overrides=None, resume=False):
+        runs.append((out.name, overrides, resume))
         if len(runs) == 2:
             raise _Stop
         return 0.0
 
     monkeypatch.setattr(loc, "train_loc", fake_train)
     with pytest.raises(_Stop):
-        loc.run_loc(_context(tmp_path, {"learning_rate": 3e-4}))
-    assert runs == [("train", {"learning_rate": 3e-4, "random_exchange": True}),
-                    ("train_no_exchange", {"learning_rate": 3e-4, "random_exchange": False})]
+        loc.run_loc(_context(tmp_path, {"learning_rate": 3e-4}, resume=True))
+    assert runs == [("train", {"learning_rate": 3e-4, "random_exchange": True}, True),
+                    ("train_no_exchange", {"learning_rate": 3e-4, "random_exchange": False}, True)]
 
 
 def test_edit_transfer_rows_share_a_run_only_with_the_same_row_settings(tmp_path, monkeypatch):
     runs = []
 
-    def fake_train(root, out, quick, seed, text_free=False, overrides=None):
+    def fake_train(root, out, quick, seed, text_free=False, overrides=None, resume=False):
         runs.append(overrides)
+        assert resume is False  # the context's default
         out.mkdir(parents=True, exist_ok=True)
         (out / edit_transfer.LORA_FILE).write_bytes(b"stand-in")
         return 1.0
@@ -266,8 +271,8 @@ def test_edit_transfer_rows_share_a_run_only_with_the_same_row_settings(tmp_path
 def test_regions_row_trains_with_the_row_settings_and_its_own_mode(tmp_path, monkeypatch):
     runs = []
 
-    def fake_train(settings, out, max_steps):
-        runs.append((out.name, settings, max_steps))
+    def fake_train(settings, out, max_steps, resume=False):
+        runs.append((out.name, settings, max_steps, resume))
         raise _Stop
 
     class _Loaded:
@@ -279,19 +284,23 @@ def test_regions_row_trains_with_the_row_settings_and_its_own_mode(tmp_path, mon
     monkeypatch.setattr(regions, "FrozenClip", _Loaded)
     monkeypatch.setattr(regions, "InstructionEncoder", _Loaded)
     examples = {"add_square_top_left": ev.examples("add_square_top_left", 1, 64)}
-    ctx = _context(tmp_path, {"learning_rate": 5e-4, "max_steps": 7}, examples)
+    ctx = _context(tmp_path, {"learning_rate": 5e-4, "max_steps": 7}, examples, resume=True)
     ctx.world.builds[regions.T5_FOLDER] = {"key": "t"}
     with pytest.raises(_Stop):
         regions.run_bench_row(ctx)
-    (name, settings, max_steps), = runs
-    assert name == "text_init" and max_steps == 1
+    (name, settings, max_steps, resume), = runs
+    assert name == "text_init" and max_steps == 1 and resume is True
     assert settings["mode"] == "text" and settings["seed"] == 0 and settings["learning_rate"] == 0.0
     assert settings["max_steps"] == 7  # the row's own settings, the override in them
 
 
 def test_the_report_records_the_row_settings_only_when_given(tmp_path):
-    args = argparse.Namespace(seed=0, quick=True, json=None)
+    args = argparse.Namespace(seed=0, quick=True, json=None, resume_runs=False)
     plain = runner.write_report(args, tmp_path / "plain", time.monotonic(), {}, _world())
     probe = runner.write_report(args, tmp_path / "probe", time.monotonic(), {}, _world(), {"learning_rate": 0.002})
     assert "row_overrides" not in plain and probe["row_overrides"] == {"learning_rate": 0.002}
+    assert "resumed_runs" not in plain and "resumed_runs" not in probe
+    continued = runner.write_report(argparse.Namespace(seed=0, quick=True, json=None, resume_runs=True),
+                                    tmp_path / "continued", time.monotonic(), {}, _world())
+    assert continued["resumed_runs"] is True
     assert json.loads((tmp_path / "probe" / "results.json").read_text())["row_overrides"] == {"learning_rate": 0.002}
