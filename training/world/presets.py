@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from training import checkpoints as ckpt
 from training.world.scenes import WORLD_VERSION
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -113,8 +114,7 @@ def check_resumable(out: Path, settings: dict[str, object]) -> None:
         raise RunSettingsChanged(f"cannot continue the run in {out} with other settings ({listed}); only its length "
                                  f"and bookkeeping ({', '.join(sorted(RESUMABLE_CHANGES))}) may change — use another "
                                  "--out")
-    reached = max((int(p.name.removeprefix("step_")) for p in (out / "checkpoints").glob("step_*")
-                   if p.name.removeprefix("step_").isdigit()), default=0)
+    reached = max((c.step for c in ckpt.list_checkpoints(out / "checkpoints")), default=0)
     if "max_steps" in settings and reached > int(settings["max_steps"]):  # type: ignore[call-overload]
         raise RunSettingsChanged(f"cannot continue the run in {out} to max_steps={settings['max_steps']}: it already "
                                  f"has a checkpoint at step {reached} — ask for at least {reached} steps, or use "
