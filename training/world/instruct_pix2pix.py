@@ -62,16 +62,73 @@ def unet_config(cfg: dict) -> dict:
                 layers_per_block=cfg["layers_per_block"], block_out_channels=(width, 2 * width),
                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_WIDTH,
-                attention_head_dim=cfg["head_dim"], norm_num_groups=cfg["groups"])
+                attention_head_dim=cfg["head_dim"], norm_num_groups=cfg["groups"],
+                transformer_layers_per_block=cfg["transformer_layers"])
 
 
-def text_encoder(seed: int):
-    """A random, frozen, tiny CLIP text encoder: the world's stand-in for SD1.5's CLIP-L (word-hash tokenizer)."""
+def text_encoder(seed: int, position_std: float = 0.0):
+    """A random, frozen, tiny CLIP text encoder: the world's stand-in for SD1.5's CLIP-L (word-hash tokenizer).
+
+    ``position_std`` > 0 redraws the position embeddings at that scale. At CLIP's initial 0.02 the neutral prompt's
+    eight states are near copies of one another (mean cosine 0.99), so every cross-attention reads one constant
+    vector and a LoRA on its projections can only add a bias; at 1.0 they differ (mean cosine 0.15) and the
+    cross-attention is a small key-value memory an image token can query."""
     torch.manual_seed(seed)
     model = CLIPTextModel(CLIPTextConfig(vocab_size=TEXT_VOCAB, hidden_size=TEXT_WIDTH, intermediate_size=64,
                                          num_hidden_layers=2, num_attention_heads=2,
                                          max_position_embeddings=TEXT_TOKENS))
+    if position_std > 0:
+        # ``text_model.embeddings`` before transformers 5, ``embeddings`` since
+        position = next(m for n, m in model.named_modules() if n.endswith("embeddings.position_embedding"))
+        torch.nn.init.normal_(position.weight, std=position_std)
     return model.eval().requires_grad_(False)
+
+
+def similarity_attention(unet, gain: float, seed: int) -> None:
+    """Start every self-attention as content retrieval: ``to_q`` and ``to_k`` the same random orthogonal map times
+    ``gain``, so a token attends to tokens whose features match its own. With diffusers' default initialisation the
+    world's tasks (copy, draw) never need attention and it stays uniform (normalised entropy 0.98-0.99 after
+    pretraining): every token reads the image's mean, and a LoRA on the attention projections has no per-token path."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, module in unet.named_modules():
+        if name.endswith(".attn1"):
+            weight = torch.empty_like(module.to_q.weight)
+            with torch.no_grad():
+                torch.nn.init.orthogonal_(weight, gain=gain, generator=gen)
+                module.to_q.weight.copy_(weight)
+                module.to_k.weight.copy_(weight)
+
+
+@torch.no_grad()
+def self_attention_entropy(unet, latents: torch.Tensor, text: torch.Tensor, alphas: torch.Tensor,
+                           timesteps: tuple[int, ...] = (100, 500, 900), seed: int = 0) -> float:
+    """Mean normalised entropy (1 = uniform, 0 = one token) of every self-attention map of ``unet`` on ``latents``
+    copied at ``timesteps``: how much the UNet's attention depends on the tokens (the attention maps are recomputed
+    from each ``attn1``'s own ``to_q``, ``to_k``, heads and scale)."""
+    entropies: list[float] = []
+
+    def measure(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        batch, tokens, _ = hidden.shape
+        q = module.to_q(hidden).view(batch, tokens, module.heads, -1).transpose(1, 2)
+        k = module.to_k(hidden).view(batch, tokens, module.heads, -1).transpose(1, 2)
+        p = (q @ k.transpose(-1, -2) * module.scale).softmax(dim=-1)
+        entropy = -(p * p.clamp_min(1e-12).log()).sum(dim=-1) / torch.log(torch.tensor(float(tokens)))
+        entropies.append(float(entropy.mean()))
+
+    hooks = [m.register_forward_pre_hook(measure, with_kwargs=True)
+             for n, m in unet.named_modules() if n.endswith(".attn1")]
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        for step in timesteps:
+            t = torch.full((len(latents),), step)
+            noisy = add_noise(latents, torch.randn(latents.shape, generator=gen), alphas[t].float().view(-1, 1, 1, 1))
+            unet(torch.cat([noisy, latents], dim=1), t, encoder_hidden_states=text.expand(len(latents), -1, -1),
+                 return_dict=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(entropies) / len(entropies)
 
 
 def pretrain(unet, latents: torch.Tensor, text: torch.Tensor, alphas: torch.Tensor, cfg: dict, seed: int) -> list[float]:
@@ -112,7 +169,7 @@ def copy_error(backbone, panel: int, count: int, steps: int, seed: int) -> dict:
 def build(ctx) -> dict:
     """World model ``instruct_pix2pix``: text encoder, scheduler, the pretrained UNet."""
     cfg, folder = ctx.config, ctx.folder
-    encoder = text_encoder(ctx.seed + 31)
+    encoder = text_encoder(ctx.seed + 31, cfg["prompt_position_std"])
     encoder.save_pretrained(folder / "text_encoder")
     (folder / TOKENIZER_FILE).write_text(json.dumps({"vocab_size": TEXT_VOCAB, "length": TEXT_TOKENS}))
     scheduler = DDPMScheduler(**SD_SCHEDULE, prediction_type=cfg["prediction"])
@@ -121,13 +178,18 @@ def build(ctx) -> dict:
         text = encoder(HashTokenizer(TEXT_VOCAB, TEXT_TOKENS)([NEUTRAL_PROMPT]))[0]
     torch.manual_seed(ctx.seed + 32)
     unet = UNet2DConditionModel(**unet_config(cfg))
+    if cfg["self_attention_gain"] > 0:
+        similarity_attention(unet, cfg["self_attention_gain"], ctx.seed + 34)
     codec = load_world_autoencoder(ctx.dependency("autoencoder"))
     latents = codec.model_latents(panel_pool(cfg["pool"], cfg["panel"]))
     losses = pretrain(unet, latents, text, scheduler.alphas_cumprod.double(), cfg, ctx.seed + 33)
     unet.save_pretrained(folder / "unet")
     backbone = load_ip2p(f"world:{folder}", autoencoder=ctx.dependency("autoencoder"))
     metrics = {**training_metrics(unet, losses),
-               "attention_layers": sum(1 for n, _ in unet.named_modules() if n.endswith((".attn1", ".attn2")))}
+               "attention_layers": sum(1 for n, _ in unet.named_modules() if n.endswith((".attn1", ".attn2"))),
+               "self_attention_entropy": round(self_attention_entropy(
+                   unet, codec.model_latents(panel_pool(cfg["eval_images"], cfg["panel"], "heldout")), text,
+                   scheduler.alphas_cumprod.double(), seed=ctx.seed), 3)}
     metrics.update(copy_error(backbone, cfg["panel"], count=cfg["eval_images"], steps=cfg["eval_steps"],
                               seed=ctx.seed))
     return metrics

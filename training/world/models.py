@@ -46,14 +46,22 @@ register(WorldModel(
                            batch_copy=8, batch_generate=2, generate_weight=0.25, generate_from=0.5, lr=2e-3, eval_grids=8,
                            eval_steps=8)}))
 
+# Probe settings of the InstructPix2Pix-like UNet (``--world-set instruct_pix2pix.<name>=...``); these defaults build the
+# UNet of version 1. Measured on LoC's rank-4 LoRA ceiling, none lifts it near the issue's target (README, "What limits
+# LoC's ceiling"): transformer layers per block, the neutral prompt's position-embedding scale (the cross-attention's
+# keys), and the self-attention's initial query = key gain (0: diffusers' initialisation).
+IP2P_PROBES = dict(transformer_layers=1, prompt_position_std=0.0, self_attention_gain=0.0)
+
 register(WorldModel(
     "instruct_pix2pix", instruct_pix2pix.build, depends=("autoencoder",), version=1,
     description="InstructPix2Pix-like SD1.5-architecture UNet (32 input channels) pretrained to copy and draw",
     configs={"full": dict(panel=PANEL, width=64, layers_per_block=1, head_dim=16, groups=16, prediction="v_prediction",
+                          **IP2P_PROBES,
                           pool=2000, steps=1500,
                           batch_copy=16, batch_generate=8, generate_weight=0.5, lr=1e-3, eval_images=32,
                           eval_steps=10),
              "quick": dict(panel=PANEL, width=64, layers_per_block=1, head_dim=16, groups=16, prediction="v_prediction",
+                           **IP2P_PROBES,
                            pool=600, steps=400,
                            batch_copy=16, batch_generate=8, generate_weight=0.5, lr=1e-3, eval_images=16,
                            eval_steps=10)}))

@@ -1,0 +1,121 @@
+"""The probe settings of the world's InstructPix2Pix-like UNet (training/world/instruct_pix2pix.py) and the
+self-attention entropy its build reports: each setting changes what it says it changes, the defaults build the
+version-1 UNet, and the entropy is the attention maps' own (against a reference computed from the maps diffusers
+itself produces)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor
+
+from training.backbone import HashTokenizer
+from training.loc.ip2p import SD_SCHEDULE, schedule
+from training.world.instruct_pix2pix import (TEXT_TOKENS, TEXT_VOCAB, self_attention_entropy, similarity_attention,
+                                             text_encoder, unet_config)
+from training.world.models import IP2P_PROBES
+from training.world.registry import WORLD_MODELS
+
+TINY = dict(panel=32, width=16, layers_per_block=1, head_dim=8, groups=8, **IP2P_PROBES)
+
+
+def tiny_unet(seed: int = 0, **changes) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**unet_config({**TINY, **changes})).eval()
+
+
+def inputs(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    latents = torch.randn(3, 16, 4, 4, generator=gen)
+    text = torch.randn(1, TEXT_TOKENS, 32, generator=gen)
+    return latents, text, schedule(**SD_SCHEDULE).double()
+
+
+def mean_cosine(states: torch.Tensor) -> float:
+    unit = torch.nn.functional.normalize(states, dim=-1)
+    sims = unit @ unit.T
+    return float((sims.sum() - sims.diagonal().sum()) / (len(sims) * (len(sims) - 1)))
+
+
+def test_defaults_are_the_version_1_unet():
+    for size in ("full", "quick"):
+        config = WORLD_MODELS["instruct_pix2pix"].configs[size]
+        assert {k: config[k] for k in IP2P_PROBES} == {"transformer_layers": 1, "prompt_position_std": 0.0,
+                                                       "self_attention_gain": 0.0}
+    default = tiny_unet()
+    assert default.config.transformer_layers_per_block in (1, (1, 1))
+    assert not any(torch.equal(m.to_q.weight, m.to_k.weight) for n, m in default.named_modules()
+                   if n.endswith(".attn1"))
+
+
+def test_transformer_layers_double_the_attention_sites():
+    def sites(unet):
+        return sum(1 for n, _ in unet.named_modules() if n.endswith((".attn1", ".attn2")))
+    assert sites(tiny_unet(transformer_layers=2)) == 2 * sites(tiny_unet())
+
+
+def test_prompt_position_scale_separates_the_neutral_prompts_states():
+    ids = HashTokenizer(TEXT_VOCAB, TEXT_TOKENS)([""])
+    with torch.no_grad():
+        default = text_encoder(31)(ids)[0][0]
+        spread = text_encoder(31, position_std=1.0)(ids)[0][0]
+        again = text_encoder(31, position_std=1.0)(ids)[0][0]
+    assert mean_cosine(default) > 0.95, "CLIP's own initialisation: the empty prompt's states are near copies"
+    assert mean_cosine(spread) < 0.5
+    assert torch.equal(spread, again)
+
+
+def test_similarity_attention_sets_query_equal_key_orthogonal_and_sharpens_attention():
+    unet = tiny_unet()
+    before = {n: m.to_q.weight.clone() for n, m in unet.named_modules() if n.endswith(".attn2")}
+    similarity_attention(unet, gain=1.5, seed=3)
+    for name, module in unet.named_modules():
+        if name.endswith(".attn1"):
+            q, k = module.to_q.weight, module.to_k.weight
+            assert torch.equal(q, k), name
+            assert torch.allclose(q @ q.T, 1.5 ** 2 * torch.eye(len(q)), atol=1e-5), name
+        if name.endswith(".attn2"):
+            assert torch.equal(module.to_q.weight, before[name]), "cross-attention is left as it was"
+    latents, text, alphas = inputs()
+    assert self_attention_entropy(unet, latents, text, alphas) < self_attention_entropy(tiny_unet(), latents, text,
+                                                                                        alphas) - 0.01
+
+
+def reference_entropy(unet, latents, text, alphas, timesteps, seed) -> float:
+    """The same measure from the attention probabilities diffusers' own processor computes."""
+    maps: list[torch.Tensor] = []
+
+    class Recording(AttnProcessor):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+            query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+            key = attn.head_to_batch_dim(attn.to_k(hidden_states))
+            maps.append(attn.get_attention_scores(query, key, None))
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    for name, module in unet.named_modules():
+        if name.endswith(".attn1"):
+            module.set_processor(Recording())
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for step in timesteps:
+            t = torch.full((len(latents),), step)
+            a = alphas[t].float().view(-1, 1, 1, 1)
+            noisy = a.sqrt() * latents + (1 - a).sqrt() * torch.randn(latents.shape, generator=gen)
+            unet(torch.cat([noisy, latents], 1), t, encoder_hidden_states=text.expand(len(latents), -1, -1))
+    per_map = [float((-(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(p.shape[-1])).mean()) for p in maps]
+    return sum(per_map) / len(per_map)
+
+
+def test_entropy_is_that_of_the_attention_maps():
+    latents, text, alphas = inputs()
+    unet = tiny_unet()
+    similarity_attention(unet, gain=2.0, seed=4)
+    measured = self_attention_entropy(unet, latents, text, alphas, timesteps=(100, 900), seed=5)
+    assert measured < 0.97, "the case must not be the uniform one every measure agrees on"
+    assert math.isclose(measured, reference_entropy(unet, latents, text, alphas, (100, 900), 5), abs_tol=1e-5)
+    for name, module in unet.named_modules():
+        if name.endswith(".attn1"):
+            module.to_q.weight.data.zero_()
+    assert math.isclose(self_attention_entropy(unet, latents, text, alphas), 1.0, abs_tol=1e-6), "zero queries: uniform"
