@@ -7,14 +7,21 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor
 
 from training.backbone import HashTokenizer
 from training.loc.ip2p import SD_SCHEDULE, schedule
-from training.world.instruct_pix2pix import (TEXT_TOKENS, TEXT_VOCAB, self_attention_entropy, similarity_attention,
-                                             text_encoder, unet_config)
+from training.world.instruct_pix2pix import (
+    TEXT_TOKENS,
+    TEXT_VOCAB,
+    self_attention_entropy,
+    similarity_attention,
+    text_encoder,
+    unet_config,
+)
 from training.world.models import IP2P_PROBES
 from training.world.registry import WORLD_MODELS
 
@@ -119,3 +126,10 @@ def test_entropy_is_that_of_the_attention_maps():
         if name.endswith(".attn1"):
             module.to_q.weight.data.zero_()
     assert math.isclose(self_attention_entropy(unet, latents, text, alphas), 1.0, abs_tol=1e-6), "zero queries: uniform"
+
+
+def test_negative_scales_are_refused_with_the_setting_named():
+    with pytest.raises(ValueError, match="prompt_position_std"):
+        text_encoder(31, position_std=-1.0)
+    with pytest.raises(ValueError, match="self_attention_gain"):
+        similarity_attention(tiny_unet(), gain=-0.5, seed=0)

@@ -73,6 +73,8 @@ def text_encoder(seed: int, position_std: float = 0.0):
     eight states are near copies of one another (mean cosine 0.99), so every cross-attention reads one constant
     vector and a LoRA on its projections can only add a bias; at 1.0 they differ (mean cosine 0.15) and the
     cross-attention is a small key-value memory an image token can query."""
+    if position_std < 0:
+        raise ValueError(f"prompt_position_std is a standard deviation (0 keeps CLIP's initialisation), got {position_std}")
     torch.manual_seed(seed)
     model = CLIPTextModel(CLIPTextConfig(vocab_size=TEXT_VOCAB, hidden_size=TEXT_WIDTH, intermediate_size=64,
                                          num_hidden_layers=2, num_attention_heads=2,
@@ -89,6 +91,9 @@ def similarity_attention(unet, gain: float, seed: int) -> None:
     ``gain``, so a token attends to tokens whose features match its own. With diffusers' default initialisation the
     world's tasks (copy, draw) never need attention and it stays uniform (normalised entropy 0.98-0.99 after
     pretraining): every token reads the image's mean, and a LoRA on the attention projections has no per-token path."""
+    if gain <= 0:
+        raise ValueError(f"self_attention_gain must be > 0 to set the attention (0 in the world's settings skips it), "
+                         f"got {gain}")
     gen = torch.Generator().manual_seed(seed)
     for name, module in unet.named_modules():
         if name.endswith(".attn1"):
@@ -178,7 +183,7 @@ def build(ctx) -> dict:
         text = encoder(HashTokenizer(TEXT_VOCAB, TEXT_TOKENS)([NEUTRAL_PROMPT]))[0]
     torch.manual_seed(ctx.seed + 32)
     unet = UNet2DConditionModel(**unet_config(cfg))
-    if cfg["self_attention_gain"] > 0:
+    if cfg["self_attention_gain"] != 0:
         similarity_attention(unet, cfg["self_attention_gain"], ctx.seed + 34)
     codec = load_world_autoencoder(ctx.dependency("autoencoder"))
     latents = codec.model_latents(panel_pool(cfg["pool"], cfg["panel"]))
