@@ -20,12 +20,18 @@ from training.world.yardstick.common import (Ceiling, Curve, CurveSampler, Metho
                                              losses_from_log, pretraining_rate, world_of_spec)
 
 
-def routing(coefficients: torch.Tensor, labels: list[str]) -> dict[str, float]:
-    """Within- and across-family mean centred cosine similarity of per-example coefficient vectors [E, D]."""
+def centred_cosine(coefficients: torch.Tensor) -> torch.Tensor:
+    """[E, E] cosine similarity of per-example coefficient vectors [E, D] after subtracting their mean vector (the
+    mix every example shares says nothing about routing)."""
     x = coefficients.double()
     x = x - x.mean(dim=0, keepdim=True)
     x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    sim = x @ x.t()
+    return x @ x.t()
+
+
+def routing(coefficients: torch.Tensor, labels: list[str]) -> dict[str, float]:
+    """Within- and across-family mean centred cosine similarity of per-example coefficient vectors [E, D]."""
+    sim = centred_cosine(coefficients)
     same = torch.tensor([[a == b for b in labels] for a in labels])
     off = ~torch.eye(len(labels), dtype=torch.bool)
     within, across = float(sim[same & off].mean()), float(sim[~same].mean())
