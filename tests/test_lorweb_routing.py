@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -55,6 +56,9 @@ def test_effective_entries_counts_the_entries_a_mix_spreads_over():
     assert lr.effective_entries(torch.tensor([[0.5, 0.5, 0.0, 0.0]])) == pytest.approx(2)
     # averaged over rows: one row on one entry, one on four
     assert lr.effective_entries(torch.tensor([[1.0, 0, 0, 0], [0.25] * 4])) == pytest.approx(2.5)
+    # weights that are not a distribution (tanh mixing, summed heads) have no entropy to count
+    assert lr.effective_entries(torch.tensor([[0.9, -0.2, 0.3]])) is None
+    assert lr.effective_entries(torch.tensor([[0.9, 0.9, 0.3]])) is None
 
 
 def test_edit_visibility_is_the_edits_move_in_units_of_the_scenes_spread():
@@ -63,37 +67,81 @@ def test_edit_visibility_is_the_edits_move_in_units_of_the_scenes_spread():
     shift = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.7])
     assert lr.edit_visibility(torch.cat([scenes, torch.zeros(4, 1)], 1), torch.cat([scenes, torch.zeros(4, 1)], 1)
                               + shift) == pytest.approx(0.7 / 2 ** 0.5)
+    # the spread is A's, not A′'s: an edit that doubles every embedding moves each by 1
+    assert lr.edit_visibility(scenes, 2 * scenes) == pytest.approx(1 / 2 ** 0.5)
     with pytest.raises(ValueError, match="at least 2 scenes"):
         lr.edit_visibility(scenes[:1], scenes[:1])
 
 
-def test_the_tool_reproduces_the_rows_routing_gap_on_a_trained_run(tmp_path):
+class StubEncoder:
+    """A query 'encoder' whose embedding of an image is its mean colour (3-d), per role."""
+
+    def encode(self, a, a_prime, b):
+        return SimpleNamespace(image_embeds={r: x.mean(dim=(1, 2)) for r, x in (("a", a), ("a_prime", a_prime))})
+
+
+class StubBasis:
+    """Two layers of three entries, each a softmax over scores of the query (A′ − A's mean colour), the second
+    layer's scores negated: a basis mixes per layer."""
+
+    settings = SimpleNamespace(query=lambda e: e.image_embeds["a_prime"] - e.image_embeds["a"])
+
+    def coefficients(self, query):
+        return {"l0": (5 * query).softmax(dim=1), "l1": (-5 * query).softmax(dim=1)}
+
+
+def test_measure_routing_assembles_each_familys_record_from_the_same_coefficients():
+    examples = {f: ev.examples(f, 3, 64) for f in ("invert", "grayscale", "hflip", "vflip")}
+    measured = lr.measure_routing(StubBasis(), StubEncoder(), examples)
+    families = measured["families"]
+    # a reference from the same coefficients, computed here
+    vectors, labels = [], []
+    for f, items in examples.items():
+        q = ev.stack(items, "a_prime").mean(dim=(1, 2)) - ev.stack(items, "a").mean(dim=(1, 2))
+        vectors.append(torch.cat([(5 * q).softmax(dim=1), (-5 * q).softmax(dim=1)], dim=1))
+        labels += [f] * len(items)
+    table = lr.family_similarity(torch.cat(vectors), labels)
+    assert table["invert"]["invert"] != table["invert"]["grayscale"]  # the stub routes families apart
+    for f in examples:
+        assert families[f]["within"] == pytest.approx(table[f][f], abs=1e-4)
+        assert families[f]["nearest"] != f
+        assert families[f]["nearest_similarity"] == max(v for g, v in families[f]["similarity"].items() if g != f)
+        assert 1 <= families[f]["effective_entries"] <= 3
+    # a flip leaves the mean colour as it is: this encoder cannot see it, an invert it sees
+    assert families["hflip"]["edit_visibility"] == pytest.approx(0, abs=1e-6)
+    assert families["invert"]["edit_visibility"] > 0.5
+    train = [f for f in examples if f != "vflip"]
+    keep = torch.tensor([label in train for label in labels])
+    assert measured["routing_gap"] == pytest.approx(
+        routing(torch.cat(vectors)[keep], [label for label in labels if label in train])["gap"], abs=1e-4)
+    assert measured["routing_gap_all_families"] == pytest.approx(routing(torch.cat(vectors), labels)["gap"], abs=1e-4)
+    assert measured["routing_gap"] != measured["routing_gap_all_families"]  # centred over different sets
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        lr.measure_routing(StubBasis(), StubEncoder(), {"invert": examples["invert"][:1]})
+
+
+def test_the_tool_reproduces_the_rows_routing_gaps_on_a_trained_run(tmp_path):
     report, out = quick_bench()
     run = out / "lorweb" / "train"
-    config = lr.run_config(run)
-    world = lr.run_world("lorweb", lr.CURVE, config)
-    panel = world.builds["autoencoder"]["config"]["panel"]
-    train = [f for f in world_def.families("all") if world_def.get_family(f).split == "train"]
-    examples = {f: ev.examples(f, 4, panel) for f in train}  # the yardstick's quick scenes
-    records = lr.measure_routing(lr.load_basis(run / lr.BASIS_FILE), lr.load_query_encoder(config["query_encoder"]),
-                                 examples)
-    within = sum(records[f]["within"] for f in train) / len(train)
-    across = sum(records[f]["similarity"][g] for f in train for g in train if f != g) / (len(train) * (len(train) - 1))
-    assert within - across == pytest.approx(report["methods"]["lorweb"]["extra"]["routing_gap"], abs=1e-3)
-    for f, r in records.items():
-        assert r["nearest"] != f and r["nearest_similarity"] == max(v for g, v in r["similarity"].items() if g != f)
-        assert 1 <= r["effective_entries"] <= 32 and r["edit_visibility"] >= 0
-    assert len({r["edit_visibility"] for r in records.values()}) > 1  # the encoder sees the families differently
-
+    row = report["methods"]["lorweb"]["extra"]
     written = lr.main(["--run", str(run), "--json", str(tmp_path / "r.json")])
     assert json.loads((tmp_path / "r.json").read_text()) == written
+    # the yardstick's scenes and coefficients: both of the row's gaps, to their rounding
+    assert written["routing_gap"] == pytest.approx(row["routing_gap"], abs=2e-4)
+    assert written["routing_gap_all_families"] == pytest.approx(row["routing_gap_all_families"], abs=2e-4)
     assert set(written["families"]) == set(world_def.families("all")) and written["examples"] == 4
     assert written["run"].startswith("…/") and written["basis"] == lr.BASIS_FILE
+    assert written["basis_step"] == str(row["train_steps"])
+    for f, record in written["families"].items():
+        assert 1 <= record["effective_entries"] <= written["basis_entries"], f
+    assert len({r["edit_visibility"] for r in written["families"].values()}) > 1  # the encoder tells families apart
 
 
 def test_a_folder_without_a_basis_or_config_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="no basis file"):
         lr.main(["--run", str(tmp_path)])
+    with pytest.raises(SystemExit, match="at least 2"):
+        lr.main(["--run", str(tmp_path), "--basis", __file__, "--examples", "1"])
     _, out = quick_bench()
     copy = tmp_path / "copy"
     copy.mkdir()
