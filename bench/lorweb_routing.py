@@ -24,7 +24,6 @@ The world and seed are the run's own (its ``config.json``), as in :mod:`bench.ro
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -32,7 +31,13 @@ import torch
 
 from analogy_core.encoders import ImageEncoder
 from analogy_core.lorweb.basis import LoRABasis, load_basis
-from bench.row_curve import run_config, run_world, shown
+from bench.row_curve import (
+    held_out_examples,
+    run_config,
+    run_world,
+    shown,
+    write_report,
+)
 from training.backbone import load_query_encoder
 from training.lorweb.task import BASIS_FILE
 from training.world import evaluate as ev
@@ -125,9 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--examples must be at least 2 (within-family pairs), got {args.examples}")
     config = run_config(args.run)
     world = run_world("lorweb", CURVE, config)
-    panel = world.builds["autoencoder"]["config"]["panel"]
-    count = args.examples or (4 if world.quick else 16)
-    examples = {family: ev.examples(family, count, panel) for family in world_def.families("all")}
+    count, examples = held_out_examples(world, args.examples)
     basis = load_basis(basis_file)
     # the query encoder the run trained with (a world run's is the world's CLIP, as the yardstick's row loads it)
     measured = measure_routing(basis, load_query_encoder(config.get("query_encoder", world.spec)), examples)
@@ -139,9 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"run": shown(args.run), "basis": basis_file.name, "basis_step": basis.metadata.get("analogy.step"),
               "basis_entries": basis.num_entries, "world": world.root.name, "examples": count, **measured,
               "seconds": round(time.monotonic() - started, 1)}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+    write_report(args.json, report)
     return report
 
 

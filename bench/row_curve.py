@@ -65,6 +65,21 @@ def shown(run: Path) -> str:
     return str(Path("…", *resolved.parts[-3:]))
 
 
+def held_out_examples(world: World, count: int | None) -> tuple[int, dict[str, list]]:
+    """(scenes per family, family -> the yardstick's held-out examples) on ``world``: ``count`` or the yardstick's
+    default (16, quick world 4)."""
+    count = count or (4 if world.quick else 16)
+    panel = world.builds["autoencoder"]["config"]["panel"]
+    return count, {family: ev.examples(family, count, panel) for family in world_def.families("all")}
+
+
+def write_report(path: Path | None, report: dict) -> None:
+    """``report`` as indented JSON at ``path`` (its folder made), when a path is given."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+
+
 def curve(ctx: MethodContext, row: str, config: dict, exports: list[tuple[int, Path]]) -> list[dict]:
     """One record per export: the step, the split means and each family's cell fractions and error ratio."""
     try:
@@ -99,17 +114,13 @@ def main(argv: list[str] | None = None) -> dict:
     config = run_config(args.run)
     world = run_world(args.row, spec, config)
     seed = int(config.get("seed", world.seed))
-    panel = world.builds["autoencoder"]["config"]["panel"]
-    count = args.examples or (4 if world.quick else 16)
-    examples = {family: ev.examples(family, count, panel) for family in world_def.families("all")}
+    count, examples = held_out_examples(world, args.examples)
     sampler_settings = {key: config[key] for key in spec.sampler_keys if key in config}  # as the run sampled
     ctx = MethodContext(world, seed, world.quick, args.run, examples, sampler_settings)
     report = {"row": args.row, "run": shown(args.run), "world": world.root.name, "seed": seed, "examples": count,
               "curve": curve(ctx, args.row, config, exports)}
     report["seconds"] = round(time.monotonic() - started, 1)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+    write_report(args.json, report)
     return report
 
 
