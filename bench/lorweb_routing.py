@@ -40,9 +40,14 @@ from bench.row_curve import (
 )
 from training.backbone import load_query_encoder
 from training.lorweb.task import BASIS_FILE
-from training.world import evaluate as ev
 from training.world import scenes as world_def
-from training.world.yardstick.lorweb import CURVE, centred_cosine, routing
+from training.world.yardstick.lorweb import (
+    CURVE,
+    centred_cosine,
+    coefficient_vectors,
+    embed_families,
+    routing,
+)
 
 
 def family_similarity(coefficients: torch.Tensor, labels: list[str]) -> dict[str, dict[str, float]]:
@@ -83,29 +88,26 @@ def edit_visibility(a: torch.Tensor, a_prime: torch.Tensor) -> float:
 
 def measure_routing(basis: LoRABasis, encoder: ImageEncoder, examples: dict[str, list]) -> dict:
     """``{"families": {family: record}, "routing_gap", "routing_gap_all_families"}`` (module docstring) for ``basis``
-    mixed by the query ``encoder`` on ``examples`` (family -> world
-    examples, at least 2 per family)."""
+    mixed by the query ``encoder`` on ``examples`` (family -> world examples, at least 2 per family)."""
     if small := [f for f, items in examples.items() if len(items) < 2]:
         raise ValueError(f"routing needs at least 2 examples per family (within-family pairs); {', '.join(small)} "
                          "has fewer")
-    vectors, labels, entries, visibility = [], [], {}, {}
     with torch.no_grad():
-        for family, items in examples.items():
-            embedding = encoder.encode(ev.stack(items, "a"), ev.stack(items, "a_prime"), ev.stack(items, "b"))
-            weights = list(basis.coefficients(basis.settings.query(embedding)).values())
-            entries[family] = effective_entries(torch.stack(weights))
-            visibility[family] = edit_visibility(embedding.image_embeds["a"], embedding.image_embeds["a_prime"])
-            vectors.append(torch.cat(weights, dim=1))
-            labels += [family] * len(items)
-    coefficients = torch.cat(vectors)
+        embeddings = embed_families(encoder, examples)
+        queries = {family: basis.settings.query(embedding) for family, embedding in embeddings.items()}
+        coefficients, labels = coefficient_vectors(basis, queries)
+    rows = {f: torch.tensor([label == f for label in labels]) for f in examples}
     families = {}
     for family, row in family_similarity(coefficients, labels).items():
         nearest = max((g for g in row if g != family), key=row.__getitem__)
+        # the family's weights as [examples, layers, entries]: a distribution over the entries per layer
+        entries = effective_entries(coefficients[rows[family]].view(len(examples[family]), -1, basis.num_entries))
+        visibility = edit_visibility(embeddings[family].image_embeds["a"], embeddings[family].image_embeds["a_prime"])
         families[family] = {
             "split": world_def.get_family(family).split, "within": round(row[family], 4), "nearest": nearest,
             "nearest_similarity": round(row[nearest], 4),
-            "effective_entries": None if entries[family] is None else round(entries[family], 2),
-            "edit_visibility": round(visibility[family], 4), "similarity": {g: round(v, 4) for g, v in row.items()}}
+            "effective_entries": None if entries is None else round(entries, 2),
+            "edit_visibility": round(visibility, 4), "similarity": {g: round(v, 4) for g, v in row.items()}}
     train = torch.tensor([world_def.get_family(label).split == "train" for label in labels])
     train_labels = [label for label, keep in zip(labels, train.tolist()) if keep]
     return {"families": families,

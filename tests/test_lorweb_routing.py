@@ -85,6 +85,7 @@ class StubBasis:
     layer's scores negated: a basis mixes per layer."""
 
     settings = SimpleNamespace(query=lambda e: e.image_embeds["a_prime"] - e.image_embeds["a"])
+    num_entries = 3
 
     def coefficients(self, query):
         return {"l0": (5 * query).softmax(dim=1), "l1": (-5 * query).softmax(dim=1)}
@@ -95,18 +96,22 @@ def test_measure_routing_assembles_each_familys_record_from_the_same_coefficient
     measured = lr.measure_routing(StubBasis(), StubEncoder(), examples)
     families = measured["families"]
     # a reference from the same coefficients, computed here
-    vectors, labels = [], []
+    vectors, labels, spread = [], [], {}
     for f, items in examples.items():
         q = ev.stack(items, "a_prime").mean(dim=(1, 2)) - ev.stack(items, "a").mean(dim=(1, 2))
-        vectors.append(torch.cat([(5 * q).softmax(dim=1), (-5 * q).softmax(dim=1)], dim=1))
+        layers = [(5 * q).softmax(dim=1), (-5 * q).softmax(dim=1)]
+        vectors.append(torch.cat(layers, dim=1))
         labels += [f] * len(items)
+        # exp(entropy) of each example's weights in each layer, averaged
+        spread[f] = float(torch.stack([(-(w * w.log()).sum(dim=1)).exp() for w in layers]).mean())
     table = lr.family_similarity(torch.cat(vectors), labels)
     assert table["invert"]["invert"] != table["invert"]["grayscale"]  # the stub routes families apart
+    assert len({round(v, 2) for v in spread.values()}) > 1  # and spreads some families' mixes wider than others
     for f in examples:
         assert families[f]["within"] == pytest.approx(table[f][f], abs=1e-4)
         assert families[f]["nearest"] != f
         assert families[f]["nearest_similarity"] == max(v for g, v in families[f]["similarity"].items() if g != f)
-        assert 1 <= families[f]["effective_entries"] <= 3
+        assert families[f]["effective_entries"] == pytest.approx(spread[f], abs=0.006)
     # a flip leaves the mean colour as it is: this encoder cannot see it, an invert it sees
     assert families["hflip"]["edit_visibility"] == pytest.approx(0, abs=1e-6)
     assert families["invert"]["edit_visibility"] > 0.5

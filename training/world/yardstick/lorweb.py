@@ -8,16 +8,30 @@ from pathlib import Path
 
 import torch
 
+from analogy_core.analogy import AnalogyEmbedding
 from analogy_core.lorweb.basis import load_basis
 from analogy_core.lorweb.layer import inject_lorweb, set_query
 from training.backbone import load_backbone, load_query_encoder
 from training.lorweb.task import BASIS_FILE, TRANSFORMER_FILE
 from training.world import evaluate as ev
 from training.world import scenes as world_def
-from training.world.presets import lorweb_ceiling_settings, lorweb_settings, train_lorweb
+from training.world.presets import (
+    lorweb_ceiling_settings,
+    lorweb_settings,
+    train_lorweb,
+)
 from training.world.registry import World
-from training.world.yardstick.common import (Ceiling, Curve, CurveSampler, MethodContext, MethodOutput, load_weights,
-                                             losses_from_log, pretraining_rate, world_of_spec)
+from training.world.yardstick.common import (
+    Ceiling,
+    Curve,
+    CurveSampler,
+    MethodContext,
+    MethodOutput,
+    load_weights,
+    losses_from_log,
+    pretraining_rate,
+    world_of_spec,
+)
 
 
 def centred_cosine(coefficients: torch.Tensor) -> torch.Tensor:
@@ -56,16 +70,10 @@ def run_lorweb(ctx: MethodContext) -> MethodOutput:
     b_prime = basis_b_prime(ctx, basis, queries)
 
     train_families = [f for f in ctx.examples if world_def.get_family(f).split == "train"]
-
-    def coefficient_vectors(source, names):
-        rows = [torch.cat(list(source.coefficients(queries[f]).values()), dim=1) for f in names]
-        labels = [f for f in names for _ in ctx.examples[f]]
-        return torch.cat(rows), labels
-
     extra = {"train_steps": steps, "train_seconds": round(seconds, 1)}
     for tag, source in (("", basis), ("_init", init_basis)):
         for scope, names in (("", train_families), ("_all_families", list(ctx.examples))):
-            r = routing(*coefficient_vectors(source, names))
+            r = routing(*coefficient_vectors(source, {f: queries[f] for f in names}))
             extra[f"routing_gap{scope}{tag}"] = round(r["gap"], 4)
             if not scope:
                 extra[f"routing_within{tag}"], extra[f"routing_across{tag}"] = round(r["within"], 4), \
@@ -88,18 +96,29 @@ def base_b_prime(ctx: MethodContext, backbone) -> dict[str, torch.Tensor]:
     return {family: bottom(backbone, items, steps, ctx.seed, guidance) for family, items in ctx.examples.items()}
 
 
-def family_embeddings(ctx: MethodContext) -> dict[str, torch.Tensor]:
-    """The world query encoder's embedding of each family's (A, A′, B) (what does not depend on the basis)."""
-    encoder = load_query_encoder(ctx.world.spec)
+def embed_families(encoder, examples: dict[str, list]) -> dict[str, AnalogyEmbedding]:
+    """The query ``encoder``'s embedding of each family's (A, A′, B) (``examples``: family -> world examples)."""
     return {family: encoder.encode(ev.stack(items, "a"), ev.stack(items, "a_prime"), ev.stack(items, "b"))
-            for family, items in ctx.examples.items()}
+            for family, items in examples.items()}
 
 
-def family_queries(ctx: MethodContext, basis, embeddings: dict[str, torch.Tensor] | None = None
+def family_embeddings(ctx: MethodContext) -> dict[str, AnalogyEmbedding]:
+    """The world query encoder's embedding of each family's examples (what does not depend on the basis)."""
+    return embed_families(load_query_encoder(ctx.world.spec), ctx.examples)
+
+
+def family_queries(ctx: MethodContext, basis, embeddings: dict[str, AnalogyEmbedding] | None = None
                    ) -> dict[str, torch.Tensor]:
     """Each family's mixing queries: its embeddings (:func:`family_embeddings`) projected by ``basis``."""
     embeddings = embeddings if embeddings is not None else family_embeddings(ctx)
     return {family: basis.settings.query(embedding) for family, embedding in embeddings.items()}
+
+
+def coefficient_vectors(basis, queries: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[str]]:
+    """Every example's mixing weights, all layers joined ([E, layers · entries], the families in ``queries``' order),
+    and each row's family: what the routing figures compare."""
+    rows = {family: torch.cat(list(basis.coefficients(query).values()), dim=1) for family, query in queries.items()}
+    return torch.cat(list(rows.values())), [family for family, row in rows.items() for _ in range(len(row))]
 
 
 def basis_b_prime(ctx: MethodContext, basis, queries: dict[str, torch.Tensor] | None = None
