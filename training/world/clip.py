@@ -12,6 +12,7 @@ load (``query_encoder=world:<world folder>``). Images are preprocessed exactly a
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -100,22 +101,31 @@ def retrieval_accuracy(model, tokenizer, images: torch.Tensor, captions: list[st
     return float((out.logits_per_image.argmax(dim=1) == torch.arange(len(captions))).float().mean())
 
 
-def train_clip(cfg: dict, seed: int, folder: Path) -> dict:
-    """Train the world CLIP on ``cfg['pool']`` training-scene images and write it (and its tokenizer) to ``folder``."""
-    tokenizer = make_tokenizer()
-    model = make_model(cfg, len(tokenizer), seed)
-    images, captions = world_pool("train", cfg["pool"])
-    pixels = resized_pool(images)
+def tokenize_pool(tokenizer, captions: list[str]) -> dict:
+    """The pool's captions as padded token ids (``MAX_TOKENS``); refuses a word outside the world vocabulary."""
     tokens = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt")
     if (tokens.input_ids == tokenizer.unk_token_id).any():
         raise RuntimeError("a world caption has a word outside the world vocabulary")
+    return tokens
+
+
+def random_batches(size: int, pool: int) -> Callable[[torch.Generator], torch.Tensor]:
+    """The world CLIP's batches: ``size`` pool indices drawn without replacement each step."""
+    return lambda gen: torch.randperm(pool, generator=gen)[:size]
+
+
+def fit_clip(model, pixels: torch.Tensor, tokens, cfg: dict, seed: int,
+             batches: Callable[[torch.Generator], torch.Tensor] | None = None) -> float:
+    """Train ``model`` contrastively on the pool (uint8 ``pixels`` [N, 3, 224, 224], their ``tokens``) for
+    ``cfg['steps']`` steps, each on the indices ``batches`` draws (default :func:`random_batches`); the last loss."""
+    batches = batches or random_batches(cfg["batch"], len(pixels))
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
     steps = cfg["steps"]
     schedule = warmup_cosine(optimiser, steps)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     for step in range(steps):
-        pick = torch.randperm(len(captions), generator=gen)[: cfg["batch"]]
+        pick = batches(gen)
         length = int(tokens.attention_mask[pick].sum(1).max())
         loss = contrastive_loss(model, normalise(pixels[pick]), tokens.input_ids[pick, :length],
                                 tokens.attention_mask[pick, :length])
@@ -125,8 +135,17 @@ def train_clip(cfg: dict, seed: int, folder: Path) -> dict:
         schedule.step()
         if step % 100 == 0 or step == steps - 1:
             log.info("clip step %d/%d loss %.3f", step + 1, steps, loss.item())
+    return loss.item()
+
+
+def train_clip(cfg: dict, seed: int, folder: Path) -> dict:
+    """Train the world CLIP on ``cfg['pool']`` training-scene images and write it (and its tokenizer) to ``folder``."""
+    tokenizer = make_tokenizer()
+    model = make_model(cfg, len(tokenizer), seed)
+    images, captions = world_pool("train", cfg["pool"])
+    loss = fit_clip(model, resized_pool(images), tokenize_pool(tokenizer, captions), cfg, seed)
     held_images, held_captions = world_pool("heldout", 64)
-    metrics = {"loss": loss.item(), "chance": 1 / 64,
+    metrics = {"loss": loss, "chance": 1 / 64,
                "retrieval_top1_heldout_64": retrieval_accuracy(model, tokenizer, held_images, held_captions),
                "retrieval_top1_train_64": retrieval_accuracy(model, tokenizer, images[:64], captions[:64])}
     model.save_pretrained(folder)

@@ -1,0 +1,131 @@
+"""Does a world CLIP see layout? Train a probe CLIP with the world CLIP's recipe (:mod:`training.world.clip`) and
+report, for every edit family, how far its embedding of A′ lies from A's — the query LoRWeB's router and LoRA of
+Change's encoder read.
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.clip_flip_probe --steps 3000 --mirror-negatives --json probe.json
+
+The world's own CLIP sees a flipped scene as the scene itself (edit visibility ~0.001, README "What its router
+tells apart"): a flip of this world only permutes flat 8-px patches. ``--mirror-negatives`` trains on batches of
+whole groups — a plain scene, its ``hflip`` and its ``vflip``, each with its own caption — so that in every batch
+layout is all that tells three pictures apart; ``--position-std S`` redraws the vision position embeddings at std S
+before training (0: CLIP's initialisation). Without either it is the world recipe itself (its quick or full
+settings, ``--full``), trained ``--steps`` steps. Nothing is written to the world's cache.
+
+Per family (16 held-out scenes): ``edit_visibility`` as :func:`bench.lorweb_routing.edit_visibility` computes it
+from the vision tower's ``image_embeds``; and the CLIP's held-out caption retrieval (top-1 among 64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from bench.lorweb_routing import edit_visibility
+from bench.row_curve import write_report
+from training.world import clip
+from training.world import evaluate as ev
+from training.world import scenes as world_def
+from training.world.models import PANEL
+from training.world.registry import WORLD_MODELS
+
+MIRRORS = ("hflip", "vflip")
+GROUP = 1 + len(MIRRORS)  # a plain scene and its mirrors
+
+
+def mirror_pool(groups: int) -> tuple[torch.Tensor, list[str]]:
+    """``groups`` training scenes, each as [plain, hflip, vflip] consecutive images [3·groups, H, W, 3] with their
+    captions."""
+    images, captions = [], []
+    for i in range(groups):
+        scene = world_def.sample_scene(world_def.scene_rng("train", i))
+        image = world_def.render(scene)
+        images.append(image)
+        captions.append(world_def.describe(scene))
+        for name in MIRRORS:
+            family = world_def.FAMILIES[name]
+            images.append(family.image_fn(image))
+            captions.append(family.caption(scene))
+    return torch.stack(images), captions
+
+
+def group_batches(size: int, groups: int):
+    """Batches of ``size // 3`` whole groups of :func:`mirror_pool` (a scene never without its mirrors)."""
+    if size < GROUP:
+        raise ValueError(f"a mirror batch holds whole groups of {GROUP}; batch {size} is smaller")
+    offsets = torch.arange(GROUP)
+    return lambda gen: (torch.randperm(groups, generator=gen)[: size // GROUP, None] * GROUP + offsets).flatten()
+
+
+def train_probe(cfg: dict, seed: int, mirror_negatives: bool, position_std: float):
+    """(CLIP model, tokenizer, last loss) trained with ``cfg`` (the world CLIP's settings) on the world pool or, with
+    ``mirror_negatives``, on ``cfg['pool'] // 3`` mirror groups."""
+    if position_std < 0:
+        raise ValueError(f"--position-std is a standard deviation, got {position_std}")
+    tokenizer = clip.make_tokenizer()
+    model = clip.make_model(cfg, len(tokenizer), seed)
+    if position_std > 0:
+        torch.nn.init.normal_(model.vision_model.embeddings.position_embedding.weight, std=position_std)
+    if mirror_negatives:
+        images, captions = mirror_pool(cfg["pool"] // GROUP)
+        batches = group_batches(cfg["batch"], len(captions) // GROUP)
+    else:
+        images, captions = clip.world_pool("train", cfg["pool"])
+        batches = None
+    loss = clip.fit_clip(model, clip.resized_pool(images), clip.tokenize_pool(tokenizer, captions), cfg, seed,
+                         batches)
+    return model, tokenizer, loss
+
+
+@torch.no_grad()
+def visibility(model, count: int) -> dict[str, float]:
+    """Each family's edit visibility under ``model``'s vision tower, on ``count`` held-out scenes."""
+    tower = clip.vision_tower(model).eval()
+
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        return tower(pixel_values=clip.normalise(clip.resized_pool(images))).image_embeds
+
+    out = {}
+    for family in world_def.families("all"):
+        items = ev.examples(family, count, PANEL)
+        out[family] = round(edit_visibility(embed(ev.stack(items, "a")), embed(ev.stack(items, "a_prime"))), 4)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, help="training steps (default: the world recipe's)")
+    parser.add_argument("--full", action="store_true", help="the full world's CLIP settings (default: quick)")
+    parser.add_argument("--mirror-negatives", action="store_true", help="batches of scenes with their mirrors")
+    parser.add_argument("--position-std", type=float, default=0.0, help="redraw the position embeddings at this std")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--examples", type=int, default=16, help="held-out scenes per family (at least 2)")
+    parser.add_argument("--json", type=Path, help="write the report here")
+    args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        raise SystemExit(f"--steps must be at least 1, got {args.steps}")
+    if args.examples < 2:
+        raise SystemExit(f"--examples must be at least 2 (visibility is measured against the scenes' spread), "
+                         f"got {args.examples}")
+    started = time.monotonic()
+    cfg = dict(WORLD_MODELS["clip"].configs["full" if args.full else "quick"])
+    if args.steps:
+        cfg["steps"] = args.steps
+    model, tokenizer, loss = train_probe(cfg, args.seed, args.mirror_negatives, args.position_std)
+    held_images, held_captions = clip.world_pool("heldout", 64)
+    report = {"config": cfg, "seed": args.seed, "mirror_negatives": args.mirror_negatives,
+              "position_std": args.position_std, "loss": round(loss, 4), "chance": 1 / 64,
+              "retrieval_top1_heldout_64": clip.retrieval_accuracy(model, tokenizer, held_images, held_captions),
+              "examples": args.examples, "edit_visibility": visibility(model, args.examples),
+              "seconds": round(time.monotonic() - started, 1)}
+    for family, value in report["edit_visibility"].items():
+        print(f"{family:24s} edit visibility {value:.4f}")
+    print(f"held-out retrieval top-1 {report['retrieval_top1_heldout_64']:.3f}")
+    write_report(args.json, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
