@@ -26,6 +26,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
     PreTrainedTokenizerFast,
 )
+from transformers.tokenization_utils_base import BatchEncoding
 
 from analogy_core.analogy import CLIP_MEAN, CLIP_STD
 from training.world import scenes as world
@@ -101,7 +102,7 @@ def retrieval_accuracy(model, tokenizer, images: torch.Tensor, captions: list[st
     return float((out.logits_per_image.argmax(dim=1) == torch.arange(len(captions))).float().mean())
 
 
-def tokenize_pool(tokenizer, captions: list[str]) -> dict:
+def tokenize_pool(tokenizer, captions: list[str]) -> BatchEncoding:
     """The pool's captions as padded token ids (``MAX_TOKENS``); refuses a word outside the world vocabulary."""
     tokens = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt")
     if (tokens.input_ids == tokenizer.unk_token_id).any():
@@ -144,14 +145,20 @@ def train_clip(cfg: dict, seed: int, folder: Path) -> dict:
     model = make_model(cfg, len(tokenizer), seed)
     images, captions = world_pool("train", cfg["pool"])
     loss = fit_clip(model, resized_pool(images), tokenize_pool(tokenizer, captions), cfg, seed)
-    held_images, held_captions = world_pool("heldout", 64)
-    metrics = {"loss": loss, "chance": 1 / 64,
-               "retrieval_top1_heldout_64": retrieval_accuracy(model, tokenizer, held_images, held_captions),
-               "retrieval_top1_train_64": retrieval_accuracy(model, tokenizer, images[:64], captions[:64])}
+    metrics = clip_metrics(model, tokenizer, loss, images[:64], captions[:64])
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     vision_tower(model).save_pretrained(folder / VISION_FOLDER)
     return metrics
+
+
+def clip_metrics(model, tokenizer, loss: float, train_images: torch.Tensor, train_captions: list[str]) -> dict:
+    """The build's record: the last loss, chance, and caption retrieval top-1 among 64 held-out and the given training
+    images."""
+    held_images, held_captions = world_pool("heldout", 64)
+    return {"loss": loss, "chance": 1 / 64,
+            "retrieval_top1_heldout_64": retrieval_accuracy(model, tokenizer, held_images, held_captions),
+            "retrieval_top1_train_64": retrieval_accuracy(model, tokenizer, train_images, train_captions)}
 
 
 def vision_tower(model):
