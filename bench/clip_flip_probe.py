@@ -30,9 +30,8 @@ import torch
 
 from analogy_core.encoders import ImageEncoder
 from bench.lorweb_routing import edit_visibility
-from bench.row_curve import write_report
+from bench.row_curve import family_examples, write_report
 from training.world import clip
-from training.world import evaluate as ev
 from training.world import scenes as world_def
 from training.world.models import PANEL
 from training.world.registry import WORLD_MODELS
@@ -85,7 +84,7 @@ def probe_model(cfg: dict, vocab_size: int, seed: int, position_std: float):
 
 
 def train_probe(cfg: dict, seed: int, mirror_negatives: bool, position_std: float):
-    """(CLIP model, tokenizer, its build record) trained with ``cfg`` (the world CLIP's settings) on the world pool
+    """(CLIP model, its build record) trained with ``cfg`` (the world CLIP's settings) on the world pool
     or, with ``mirror_negatives``, on ``cfg['pool'] // 3`` mirror groups (a third as many scenes, plain looks only)."""
     tokenizer = clip.make_tokenizer()
     model = probe_model(cfg, len(tokenizer), seed, position_std)
@@ -103,16 +102,15 @@ def train_probe(cfg: dict, seed: int, mirror_negatives: bool, position_std: floa
               "retrieval_top1_heldout_plain_64": clip.retrieval_accuracy(model, tokenizer, plain_images,
                                                                          plain_captions),
               "pool_images": len(captions), "batch_images": batch_images}
-    return model, tokenizer, record
+    return model, record
 
 
 def visibility(model, count: int) -> dict[str, float]:
     """Each family's edit visibility under ``model``'s vision tower, on ``count`` held-out scenes, embedded as the
     query encoders embed (the pack's preprocessing, ``image_embeds``)."""
     encoder = ImageEncoder(clip.vision_tower(model), "transformers")
-    examples = {family: ev.examples(family, count, PANEL) for family in world_def.families("all")}
     with torch.no_grad():
-        embeddings = embed_families(encoder, examples)
+        embeddings = embed_families(encoder, family_examples(count, PANEL))
     return {family: round(edit_visibility(e.image_embeds["a"], e.image_embeds["a_prime"]), 4)
             for family, e in embeddings.items()}
 
@@ -138,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = dict(WORLD_MODELS["clip"].configs["full" if args.full else "quick"])
     if args.steps:
         cfg["steps"] = args.steps
-    model, _, record = train_probe(cfg, args.seed, args.mirror_negatives, args.position_std)
+    model, record = train_probe(cfg, args.seed, args.mirror_negatives, args.position_std)
     report = {"settings": "full" if args.full else "quick", "config": cfg, "seed": args.seed,
               "mirror_negatives": args.mirror_negatives, "position_std": args.position_std, **record,
               "examples": args.examples, "edit_visibility": visibility(model, args.examples),

@@ -24,7 +24,12 @@ from training import checkpoints as ckpt
 from training.world import evaluate as ev
 from training.world import scenes as world_def
 from training.world.registry import World, open_world
-from training.world.yardstick.common import Curve, MethodContext, MethodOutput, RunMismatch
+from training.world.yardstick.common import (
+    Curve,
+    MethodContext,
+    MethodOutput,
+    RunMismatch,
+)
 from training.world.yardstick.runner import METHODS, measure
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,8 +74,12 @@ def held_out_examples(world: World, count: int | None) -> tuple[int, dict[str, l
     """(scenes per family, family -> the yardstick's held-out examples) on ``world``: ``count`` or the yardstick's
     default (16, quick world 4)."""
     count = count or (4 if world.quick else 16)
-    panel = world.builds["autoencoder"]["config"]["panel"]
-    return count, {family: ev.examples(family, count, panel) for family in world_def.families("all")}
+    return count, family_examples(count, world.builds["autoencoder"]["config"]["panel"])
+
+
+def family_examples(count: int, panel: int) -> dict[str, list]:
+    """Family -> ``count`` held-out examples of every world family, drawn at ``panel`` px (the yardstick's scenes)."""
+    return {family: ev.examples(family, count, panel) for family in world_def.families("all")}
 
 
 def write_report(path: Path | None, report: dict) -> None:

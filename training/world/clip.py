@@ -115,7 +115,7 @@ def random_batches(size: int, pool: int) -> Callable[[torch.Generator], torch.Te
     return lambda gen: torch.randperm(pool, generator=gen)[:size]
 
 
-def fit_clip(model, pixels: torch.Tensor, tokens, cfg: dict, seed: int,
+def fit_clip(model, pixels: torch.Tensor, tokens: BatchEncoding, cfg: dict, seed: int,
              batches: Callable[[torch.Generator], torch.Tensor] | None = None) -> float:
     """Train ``model`` contrastively on the pool (uint8 ``pixels`` [N, 3, 224, 224], their ``tokens``) for
     ``cfg['steps']`` steps, each on the indices ``batches`` draws (default :func:`random_batches`); the last loss."""
