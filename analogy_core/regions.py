@@ -243,9 +243,9 @@ def _rescale_scores(attention: "SingleHeadAttention", queries: torch.Tensor, con
 
 
 def straight_through(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """The binary mask inference uses, (probs > threshold), in the forward pass, with the gradient of ``probs``
-    (straight-through estimator): hard + probs − stop_gradient(probs)."""
-    hard = (probs > threshold).to(probs.dtype)
+    """The binary mask inference uses (``region_masks``: probs >= threshold), in the forward pass, with the gradient of
+    ``probs`` (straight-through estimator): hard + probs − stop_gradient(probs)."""
+    hard = (probs >= threshold).to(probs.dtype)
     return hard + probs - probs.detach()
 
 

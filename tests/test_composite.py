@@ -147,6 +147,46 @@ def test_restore_size_undoes_padding():
         cp.extract_panel(grid, "bottom_right", None, restore_size=True)
 
 
+def test_restore_size_on_a_wide_panel_cuts_b_where_it_was_placed():
+    """A square B padded into a 48 x 32 panel sits at x 8..40: restore_size must map the x-span with the panel's
+    width and the y-span with its height (on a square panel the two are interchangeable)."""
+    square = img(3, 32, 32)
+    grid, _, geo = cp.four_panel_composite(img(1, 48, 32), img(2, 48, 32), square, fit="pad", fill=0.0)
+    box = geo.boxes["b"]
+    assert (box.panel_x, box.panel_w, box.panel_y, box.panel_h) == (8, 32, 0, 32)
+    assert torch.equal(grid[:, 32:, 8:40], square)  # placed by hand-checked coordinates, no resampling
+    assert torch.equal(cp.extract_panel(grid, "bottom_right", geo, restore_size=True), square)
+    tall = img(4, 16, 48)  # and a tall B in a tall panel: padded left and right of a 16 x 48 strip
+    grid, _, geo = cp.four_panel_composite(img(1, 32, 48), img(2, 32, 48), tall, fit="pad", fill=0.0)
+    assert torch.equal(cp.extract_panel(grid, "bottom_right", geo, restore_size=True), tall)
+
+
+def test_center_crop_into_a_wide_panel_keeps_the_panels_aspect():
+    """A 200 x 40 source into a 64 x 32 panel (2:1) is cropped to 80 x 40 (40 · 64 / 32), centred at x 60."""
+    wide = img(5, 200, 40)
+    grid, _, geo = cp.four_panel_composite(img(1, 64, 32), img(2, 64, 32), wide, fit="center_crop")
+    box = geo.boxes["b"]
+    assert (box.source_x, box.source_y, box.source_w, box.source_h) == (60, 0, 80, 40)
+    torch.testing.assert_close(grid[:, 32:, :64], cp.resize(wide[:, :, 60:140], 64, 32))
+    tall = img(6, 40, 200)  # a tall source into the same panel: full width, 20 rows (40 · 32 / 64)
+    _, _, geo = cp.four_panel_composite(img(1, 64, 32), img(2, 64, 32), tall, fit="center_crop")
+    box = geo.boxes["b"]
+    assert (box.source_x, box.source_y, box.source_w, box.source_h) == (0, 90, 40, 20)
+
+
+def test_resizing_a_hard_edge_stays_in_range():
+    """Bicubic resampling overshoots at a hard edge (about -0.06..1.06 here); IMAGE values must stay in 0..1."""
+    edge = torch.zeros(1, 8, 8, 3)
+    edge[:, :, 4:] = 1.0
+    raw = F.interpolate(edge.movedim(-1, 1), size=(32, 32), mode="bicubic", antialias=True).movedim(1, -1)
+    assert raw.min() < -0.01 and raw.max() > 1.01  # the overshoot this test is about
+    out = cp.resize(edge, 32, 32)
+    assert out.min() == 0.0 and out.max() == 1.0
+    torch.testing.assert_close(out, raw.clamp(0, 1))
+    small = cp.resize(torch.cat([edge, edge], dim=2), 6, 5)  # downscaling too
+    assert small.min() >= 0.0 and small.max() <= 1.0
+
+
 def test_unknown_choices_are_refused(trio):
     a, ap, b = trio
     with pytest.raises(cp.CompositeError, match="layout: expected one of"):

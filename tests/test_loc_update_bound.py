@@ -62,6 +62,10 @@ def test_the_bound_caps_every_projection_as_the_formula_says(unet):
     config = bounded_config(unet, ratio)
     capped = same_weights(config, seed=5, std=2.0)(*tokens)
     caps = config.update_caps()
+    for path, cap in caps.items():  # c·‖W_p‖ of the backbone's own weight, not c alone
+        weight = unet.get_submodule(path).weight.detach()
+        assert math.isclose(cap, ratio * float(torch.linalg.matrix_norm(weight)), rel_tol=1e-5), path
+    assert len({round(c, 6) for c in caps.values()}) > 1, "the caps must differ, or the check is of one number"
     over = 0
     for path in free.layers:
         cap = caps[path]

@@ -145,6 +145,26 @@ def test_sd_formats_round_trip_exactly_including_convs(tiny_sd, key_format):
     assert_same_updates(lora, parsed.lora)
 
 
+@pytest.mark.parametrize("key_format", ["peft", "kohya", "comfyui"])
+def test_a_reversed_lora_keeps_its_sign_in_every_format(tiny_sd, key_format):
+    """-H(A, A′) (LoC's LoRA Reverse) has scale −1: formats that fold the scale into ``up`` must fold the sign too."""
+    lora = random_lora(tiny_sd, paths=list(tiny_sd.native)[:4], scale=1.0)
+    reversed_lora = -lora
+    assert all(layer.scale == -1.0 for layer in reversed_lora.layers.values())
+    parsed = parse_state_dict(*to_state_dict(reversed_lora, key_format, tiny_sd), tiny_sd).lora
+    assert_same_updates(reversed_lora, parsed)
+    path = next(iter(lora.layers))
+    torch.testing.assert_close(parsed.layers[path].delta_weight(), -lora.layers[path].delta_weight())
+
+
+def test_folding_a_negative_scale_moves_the_sign_into_up():
+    layer = LoRALayer(rand(3, 6), rand(5, 3), -1.0)
+    folded = layer.folded()
+    assert folded.scale == 1.0
+    torch.testing.assert_close(folded.up, -layer.up)
+    torch.testing.assert_close(folded.delta_weight(), layer.delta_weight())
+
+
 def test_auto_format_picks_what_comfyui_reads(tiny_sd, tiny_flux):
     sd_keys = to_state_dict(random_lora(tiny_sd, paths=list(tiny_sd.native)[:3]), "auto", tiny_sd)[0]
     assert all(k.startswith("lora_unet_") for k in sd_keys)

@@ -213,6 +213,9 @@ def test_edit_mask_and_patch_targets():
     after[0, 5, 5, 0] = 0.01          # below the tolerance
     mask = edit_mask(before, after, tolerance=0.02)
     assert int(mask.sum()) == 6 and not mask[0, 5, 5]
+    assert not edit_mask(after, after).any(), "at the default tolerance 0 an unchanged pixel is not an edit"
+    exact = edit_mask(before, after, tolerance=0.5)  # a change of exactly the tolerance is not more than it
+    assert not exact.any() and int(edit_mask(before, after, tolerance=0.25).sum()) == 6
     targets = patch_targets(mask, 3).reshape(3, 3)
     want = torch.tensor([[1.0, 0.5, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     torch.testing.assert_close(targets, want)
@@ -241,6 +244,9 @@ def test_grow_shrink_and_feather():
     assert soft[0, 4, 4] == 1.0 and soft[0, 3, 3] == 0.5
     masks = region_masks(torch.tensor([[0.2, 0.9, 0.4, 0.6]]), 2, 4, 4, threshold=0.5, grow_pixels=0)
     assert torch.equal(masks.binary, (masks.probability >= 0.5).float())
+    at = region_masks(torch.full((1, 4), 0.5), 2, 4, 4, threshold=0.5).binary  # "reaches the threshold" (the node's
+    below = region_masks(torch.full((1, 4), 0.49), 2, 4, 4, threshold=0.5).binary  # tooltip) is in the region
+    assert at.eq(1).all() and below.eq(0).all()
 
 
 def test_composite_keeps_the_outside_bit_for_bit():

@@ -7,7 +7,8 @@ import math
 
 import torch
 
-from analogy_core.regions import RegionPredictor, RegionSpec, attention_scores, straight_through
+from analogy_core.regions import (RegionPredictor, RegionSpec, attention_scores, region_masks,
+                                  straight_through)
 from training.config import build_config
 from training.regions.config import PRESETS, RegionConfig
 
@@ -61,10 +62,12 @@ def test_f_sem_reads_the_raw_patches():
 
 
 def test_straight_through_forward_is_the_binary_mask_and_its_gradient_the_soft_ones():
-    probs = torch.tensor([[0.2, 0.5, 0.51, 0.9]], requires_grad=True)
+    probs = torch.tensor([[0.2, 0.49, 0.5, 0.9]], requires_grad=True)
     weights = torch.tensor([[1.0, -2.0, 3.0, 0.5]])
     mask = straight_through(probs, 0.5)
-    torch.testing.assert_close(mask.detach(), torch.tensor([[0.0, 0.0, 1.0, 1.0]]))
+    torch.testing.assert_close(mask.detach(), torch.tensor([[0.0, 0.0, 1.0, 1.0]]))  # a probability at the threshold
+    same = region_masks(probs.detach().reshape(1, 4, 1).expand(1, 4, 4).reshape(1, 16), 4, 4, 4, 0.5).binary
+    torch.testing.assert_close(same.reshape(4, 4)[:, 0], mask.detach()[0])             # is in, as inference has it
     assert not torch.allclose(mask.detach(), probs.detach())     # the forward value changes
     (mask * weights).sum().backward()
     torch.testing.assert_close(probs.grad, weights)              # d/dp of (hard + p − sg(p)) = 1

@@ -151,6 +151,69 @@ def test_cell_colours_shapes_and_other_grids():
         metrics.cell_colours(torch.rand(1, 60, 60, 3))
 
 
+def reference_cell_colours(images: torch.Tensor, cells: int) -> torch.Tensor:
+    """cell_colours written out: for every cell, the mean of its pixel block less ``side // 4`` pixels each side."""
+    side = images.shape[1] // cells
+    border = side // 4
+    out = torch.empty(images.shape[0], cells, cells, 3, dtype=torch.float64)
+    for row in range(cells):
+        for col in range(cells):
+            block = images[:, row * side:(row + 1) * side, col * side:(col + 1) * side].double()
+            out[:, row, col] = block[:, border:side - border, border:side - border].mean(dim=(1, 2))
+    return out
+
+
+@pytest.mark.parametrize("size, cells", [(64, None), (128, None), (96, 8), (64, 16), (48, 4), (40, 8)])
+def test_cell_colours_against_a_loop_over_the_cells(size, cells):
+    """Any panel size and grid (a 128-px decode, v1's 4-px cells, 5-px cells with a 1-px border): each cell is its own
+    pixel block, rows and columns not swapped."""
+    images = torch.rand(2, size, size, 3, generator=torch.Generator().manual_seed(size))
+    n = cells or N
+    want = reference_cell_colours(images, n)
+    assert (want[:, 0, 1] - want[:, 1, 0]).abs().max() > 0.01  # neighbouring cells differ: a swap would show
+    torch.testing.assert_close(metrics.cell_colours(images, cells).double(), want, rtol=0, atol=1e-6)
+
+
+def test_each_pixel_of_a_cells_centre_counts_once_and_the_border_not_at_all():
+    """An 8-px cell's colour is the mean of its inner 4 x 4 pixels (rows and columns 2..5): raising one pixel there by
+    1 raises the colour by exactly 1/16; pixels 1 and 6 (the border) move nothing."""
+    base = torch.zeros(1, 64, 64, 3)
+    row, col = 3, 5  # a cell away from the panel's edges, so a shifted window would read a neighbour
+    for offset, moved in ((1, 0.0), (2, 1 / 16), (5, 1 / 16), (6, 0.0)):
+        for dy, dx in ((offset, 3), (3, offset)):
+            image = base.clone()
+            image[0, row * CELL + dy, col * CELL + dx, 0] = 1.0
+            colours = metrics.cell_colours(image)
+            assert colours[0, row, col, 0].item() == moved, (offset, dy, dx)
+            assert colours.sum().item() == moved, "no other cell moves"
+
+
+def dyadic_scene() -> tuple[torch.Tensor, torch.Tensor]:
+    """B (background 0.25, one object cell 0.5 at (2, 2)) and a true B′ that changes cell (0, 0) to 0.75: colours
+    that are exact in float32, so a difference of exactly a tolerance is exactly that tolerance."""
+    b = torch.full((1, 64, 64, 3), 0.25)
+    b[0, 2 * CELL:3 * CELL, 2 * CELL:3 * CELL] = 0.5
+    truth = set_cell(b, 0, 0, 0, (0.75, 0.75, 0.75))
+    return b, truth
+
+
+@pytest.mark.parametrize("tolerance, right", [(0.125, True), (0.0625, False)])
+def test_a_cell_off_by_exactly_the_tolerance_is_right(tolerance, right):
+    """"Right" is error <= tolerance: every cell off by exactly 0.125 (an edited, a background and an object cell)."""
+    b, truth = dyadic_scene()
+    scored = set_cell(truth, 0, 0, 0, (0.625, 0.75, 0.75))        # edited cell, 0.125 short in red
+    scored = set_cell(scored, 0, 5, 5, (0.25, 0.375, 0.25))      # kept background cell, 0.125 over in green
+    scored = set_cell(scored, 0, 2, 2, (0.5, 0.5, 0.625))        # kept object cell, 0.125 over in blue
+    assert metrics.cell_error(scored, truth).max().item() == 0.125
+    counts = metrics.cell_counts(scored, truth, b, tolerance)
+    assert counts["edited_total"] == 1 and counts["kept_total"] == N * N - 1
+    assert counts["edited_right"] == int(right) and counts["kept_right"] == N * N - 1 - 2 * (not right)
+    roles = metrics.kept_cells_by_role(scored, truth, b, tolerance, digits=None)
+    background = N * N - 2
+    assert roles == {"kept_background_cells": 1.0 if right else (background - 1) / background,
+                     "kept_object_cells": 1.0 if right else 0.0}
+
+
 def test_the_yardstick_reports_the_cells_and_both_ratios():
     """``measure`` on a made-up method (B′ = truth on one family, B elsewhere): the JSON keys, the cell figures of no
     edit, base and floor, and the per-split means."""

@@ -56,7 +56,7 @@ CHANGE_EPS = 1e-3  # cells of the exact renderings whose colours differ by more 
 
 
 def cells_per_side() -> int:
-    """Cells along a panel's side (the world's grid; 16 today)."""
+    """Cells along a panel's side (the world's grid; 8 today: 64-px panels of 8-px cells)."""
     return world.REFERENCE_SIZE // world.CELL
 
 
