@@ -40,7 +40,7 @@ class RegionConfig(CommonConfig):
     # that batch have unit std (torch's default init leaves them nearly constant: the softmaxes average); "torch":
     # torch's default init only
     attention_init: str = "calibrated"
-    # train on the mask inference uses: the blend of eq. 7 takes (P_region > threshold) in the forward pass with the
+    # train on the mask inference uses: the blend of eq. 7 takes (P_region ≥ threshold) in the forward pass with the
     # soft mask's gradient (straight-through); false: the soft mask (the paper)
     straight_through: bool = False
     # loss weights (eq. 11: α·L_semAlign + β·L_CLIP; eq. 10: λg, λd, λs). Not published; LearnRegion uses 1 for its
