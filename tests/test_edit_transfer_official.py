@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analogy_core.edit_transfer import EditTransferError, encode_panels
+from analogy_core.edit_transfer import CleanContext, EditTransferError, encode_panels, latent_generate_mask
 from training.backbone import load_backbone, t5_token_ids
 from training.config import build_config
 from training.edit_transfer.task import PRESETS, EditTransferConfig, add_lora, sample_composite
@@ -169,3 +169,34 @@ def test_the_exported_file_holds_the_ema_and_a_checkpoint_restores_it(tmp_path):
     other.load_trainable_state(other_model, {k: v.clone() for k, v in state.items()})
     for key, value in task.ema.shadow.items():
         torch.testing.assert_close(other.ema.shadow[key], value)
+
+
+def test_the_latent_mask_binarises_at_one_half_then_samples_nearest():
+    """As the official pipeline: a pixel of exactly 0.5 is generated (binarised with >= 0.5), and the pixel mask is
+    resized by nearest-neighbour sampling — a one-pixel stripe at pixel 2 of 8 lands on latent 1 of 4 (indices
+    0, 2, 4, 6 sampled), where a bilinear resize would average it away."""
+    half = torch.zeros(1, 8, 8)
+    half[:, 4:, 4:] = 0.5
+    want = torch.tensor([[False] * 4] * 2 + [[False, False, True, True]] * 2)
+    assert latent_generate_mask(half, 4, 4)[0, 0].equal(want)
+    stripe = torch.zeros(1, 8, 8)
+    stripe[:, :, 2] = 1.0
+    got = latent_generate_mask(stripe, 4, 4)[0, 0]
+    assert got.equal(torch.tensor([[False, True, False, False]] * 4))
+
+
+def test_the_context_is_scaled_so_the_model_sees_the_clean_latent():
+    """``model_input`` with an input scale s (what a sampler's preconditioning multiplies x by; 1 for FLUX): the
+    context is clean / s, so that s · input is the clean latent; the generated panel is x untouched."""
+    clean = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)) + 0.5
+    generate = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    generate[..., 2:, 2:] = True
+    context = CleanContext(clean, generate)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    scale = torch.tensor([0.25, 2.0]).view(2, 1, 1, 1)
+    got = context.model_input(x, input_scale=scale)
+    keep = generate.expand_as(x)
+    assert torch.equal(got[keep], x[keep])
+    torch.testing.assert_close((got * scale)[~keep], clean[~keep])
+    assert not torch.allclose(got[~keep], clean[~keep]), "the scale must change the input, or the check is empty"
+    torch.testing.assert_close(context.model_input(x)[~keep], clean[~keep])

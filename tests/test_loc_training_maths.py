@@ -314,6 +314,21 @@ def test_pair_augmentations():
     assert 60 < dropped[0].count("") < 140 and set(dropped[1]) == {""}
 
 
+def test_the_two_terms_drop_their_texts_with_their_own_draws():
+    """Text dropout draws 2n numbers: the first n decide eq. 6's texts, the last n eq. 7's (written out here), so
+    the two terms of one sample are dropped independently."""
+    n, dropout = 400, 0.3
+    prompts = [f"p{i}" for i in range(n)]
+    exchanged = torch.arange(n) % 2 == 1  # half of the instructions go to eq. 7
+    forward, reverse = term_prompts(prompts, exchanged, dropout, torch.Generator().manual_seed(3))
+    keep = torch.rand(2 * n, generator=torch.Generator().manual_seed(3)) >= dropout
+    assert not torch.equal(keep[:n], keep[n:]), "the draws differ, or the check is of one mask"
+    for i, prompt in enumerate(prompts):
+        to_forward = not bool(exchanged[i])
+        assert forward[i] == (prompt if to_forward and keep[i] else ""), i
+        assert reverse[i] == (prompt if not to_forward and keep[n + i] else ""), i
+
+
 @pytest.fixture(scope="module")
 def tiny_parts():
     from training.backbone import load_query_encoder

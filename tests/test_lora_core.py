@@ -147,7 +147,7 @@ def test_sd_formats_round_trip_exactly_including_convs(tiny_sd, key_format):
 
 @pytest.mark.parametrize("key_format", ["peft", "kohya", "comfyui"])
 def test_a_reversed_lora_keeps_its_sign_in_every_format(tiny_sd, key_format):
-    """-H(A, A′) (LoC's LoRA Reverse) has scale −1: formats that fold the scale into ``up`` must fold the sign too."""
+    """-H(A, A′) (LoC's LoRA Reverse) has scale −1: formats that fold the scale into ``up`` fold its sign too."""
     lora = random_lora(tiny_sd, paths=list(tiny_sd.native)[:4], scale=1.0)
     reversed_lora = -lora
     assert all(layer.scale == -1.0 for layer in reversed_lora.layers.values())
