@@ -139,6 +139,8 @@ def expected_text_loss(net, clip, encoder, b, cfg):
     sem = (1 - cos(out.sem_edited, t_e)).mean() + (1 - cos(out.sem_original, t_o)).mean()
     grid_map = out.probs.reshape(-1, 1, GRID, GRID)
     m = F.interpolate(grid_map, size=(S, S), mode="bilinear", align_corners=False)[:, 0, :, :, None]
+    if cfg.straight_through:  # the forward value is the binary region inference uses
+        m = (m >= cfg.threshold).float()
     x_res = m * b["edited"] + (1 - m) * x                                      # X_res = M ⊙ X_edit + (1 − M) ⊙ X
     res = clip.vision(x_res)
     g = (1 - cos(res.embeds, t_e)).mean()
@@ -164,6 +166,40 @@ def test_text_loss_equals_the_written_out_objective(mask_weight):
     for name, key in (("g", "clip_g"), ("d", "clip_d"), ("s", "clip_s"), ("sem", "sem_align")):
         torch.testing.assert_close(parts[key], terms[name], rtol=1e-5, atol=1e-6)
         assert terms[name] > 1e-4, f"{name} must be active for this comparison to mean anything"
+
+
+def test_the_straight_through_blend_thresholds_at_the_configured_threshold():
+    """``straight_through``: X_res blends with (M ≥ threshold), the threshold the config names. This model's M is
+    near 1 (0.71-1.00), so at 0.96 one image's region is partial, where the default 0.5 would take every pixel."""
+    net, clip, encoder, b = region_model(), StubClip(), StubEncoder(), batch()
+    tokens, token_mask = encoder.encode(b["instruction"])
+    probs = net(clip.vision(b["image"]).patches, "text", tokens, token_mask).probs.detach()
+    soft = F.interpolate(probs.reshape(-1, 1, GRID, GRID), size=(S, S), mode="bilinear", align_corners=False)
+    inside = (soft >= 0.96).flatten(1).float().mean(dim=1)
+    assert inside.min() > 0 and (inside < 1).any(), "every image needs some region, one image only part of it"
+    cfg = config(straight_through=True, threshold=0.96)
+    got, _ = text_loss(net, clip, encoder, b, cfg)
+    torch.testing.assert_close(got, expected_text_loss(net, clip, encoder, b, cfg)[0], rtol=1e-5, atol=1e-6)
+    soft_loss = text_loss(net, clip, encoder, b, config())[0]
+    assert not torch.isclose(got, soft_loss), "the binary region must change the blend, or the check is empty"
+
+
+def test_a_difference_within_the_tolerance_is_not_an_analogy_target():
+    """Pixels of x′ that move by no more than ``diff_tolerance`` (here 0.005 everywhere) are not part of the region
+    the analogy loss teaches; only the inverted corner is."""
+    net, clip, b = region_model(mode="analogy"), StubClip(), batch()
+    b["x_prime"] = (b["x_prime"] + 0.005).clamp(max=1.0)
+    loose = config(mode="analogy", diff_tolerance=0.01, data="pairs:x")
+    got, parts = analogy_loss(net, clip, b, loose)
+    out = net(clip.vision(b["x"]).patches, "analogy", *(clip.analogy(b["a"], b["a_prime"]).patch_tokens[k]
+                                                          for k in ("a", "a_prime")))
+    corner = torch.zeros(len(b["x"]), S, S)
+    corner[:, 2:, :2] = 1.0
+    target = F.avg_pool2d(corner[:, None], 2).flatten(1)
+    want = -(target * F.logsigmoid(out.logits) + (1 - target) * F.logsigmoid(-out.logits)).mean()
+    torch.testing.assert_close(parts["analogy_bce"], want, rtol=1e-5, atol=1e-6)
+    strict = analogy_loss(net, clip, b, config(mode="analogy", diff_tolerance=0.0, data="pairs:x"))[1]
+    assert not torch.isclose(strict["analogy_bce"], want), "at tolerance 0 every pixel differs: another target"
 
 
 def test_every_input_reaches_the_text_loss():
