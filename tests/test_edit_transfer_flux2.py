@@ -98,3 +98,30 @@ def test_a_tiny_flux2_run_writes_a_flux2_lora_the_stock_loader_maps(tmp_path, co
     stock_out = comfy_out(stock, "flux2", inp)
     assert rel_err(stock_out, comfy_out(patcher, "flux2", inp)) > 1e-3, "the trained LoRA changes the output"
     assert rel_err(stock_out, comfy_out(ours, "flux2", inp)) <= 1e-5
+
+
+def test_the_configured_guidance_reaches_flux2():
+    """The tiny FLUX.2 embeds guidance (like FLUX.2-dev): the objective with guidance 3.5 is the written-out one with
+    3.5 per sample, not the default 1.0."""
+    backbone, batch = load_editor(SPEC), batch_of()
+    assert backbone.transformer.config.guidance_embeds
+    losses = {g: training_loss(backbone.transformer, backbone, batch, cfg_for(guidance=g),
+                               torch.Generator().manual_seed(5), "cpu") for g in (1.0, 3.5)}
+    assert not torch.isclose(losses[1.0], losses[3.5], rtol=1e-4), losses
+    cfg = cfg_for(guidance=3.5)
+    gen = torch.Generator().manual_seed(5)
+    prompts = drop_captions(batch["prompt"], cfg.caption_dropout, gen)
+    t, weight = flow.sample_timesteps(cfg.timestep_sampling, 2, gen)
+    x0 = backbone.encode_images(four_panels(batch))
+    noise = torch.randn(x0.shape, generator=gen)
+    mask = panel_token_mask(cfg.grid_resolution // backbone.vae_factor)
+    x_t = ((1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * noise) * mask + x0 * (1 - mask)
+    text, _ = backbone.encode_prompts(prompts, "cpu")
+    side = cfg.grid_resolution // backbone.token_pixels
+    with torch.no_grad():
+        pred = backbone.transformer(hidden_states=x_t, encoder_hidden_states=text, timestep=t,
+                                    img_ids=Flux2KleinPipeline._prepare_latent_ids(torch.zeros(2, 1, side, side)),
+                                    txt_ids=Flux2KleinPipeline._prepare_text_ids(text),
+                                    guidance=torch.full((2,), 3.5), return_dict=False)[0]
+    err = (pred - (noise - x0)) ** 2 * weight.view(-1, 1, 1) * mask
+    assert torch.allclose(losses[3.5], err.sum() / mask.expand_as(err).sum(), rtol=1e-5)

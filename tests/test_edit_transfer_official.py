@@ -200,3 +200,37 @@ def test_the_context_is_scaled_so_the_model_sees_the_clean_latent():
     torch.testing.assert_close((got * scale)[~keep], clean[~keep])
     assert not torch.allclose(got[~keep], clean[~keep]), "the scale must change the input, or the check is empty"
     torch.testing.assert_close(context.model_input(x)[~keep], clean[~keep])
+
+
+def test_the_latent_mask_maps_height_to_rows_and_width_to_columns():
+    """On a non-square composite (16 × 24 px → 4 × 6 latents) latent (i, j) reads pixel (⌊i·H/h⌋, ⌊j·W/w⌋) of the
+    binarised mask, written out here; a mask whose region edges fall inside the latent cells."""
+    height, width, h, w = 16, 24, 4, 6
+    mask = torch.zeros(2, height, width)
+    mask[:, 5:, 10:] = 0.5
+    mask[:, 9:, 13:] = 1.0
+    mask[1, :, :3] = 0.49
+    got = latent_generate_mask(mask, h, w)
+    written = torch.zeros(2, 1, h, w, dtype=torch.bool)
+    for i in range(h):
+        for j in range(w):
+            written[:, 0, i, j] = mask[:, i * height // h, j * width // w] >= 0.5
+    assert written.any() and not written.all()
+    assert not torch.equal(written, mask[:, None, 3::4, 3::4] >= 0.5)   # another sampling point would differ
+    assert got.shape == (2, 1, h, w) and torch.equal(got, written)
+
+
+def test_masks_and_latents_tile_the_way_comfyui_repeats_a_batch():
+    """Two masks for four latents: latent k takes mask k mod 2 (ComfyUI's repeat_to_batch_size tiles, it does not
+    interleave); the context latents tile the same way over a larger sampler batch."""
+    clean = torch.arange(2.0).view(2, 1, 1, 1).expand(2, 1, 2, 2).clone()
+    generate = torch.zeros(2, 1, 2, 2, dtype=torch.bool)
+    generate[0, 0, 0, 0] = True
+    generate[1, 0, 1, 1] = True
+    context = CleanContext(clean.repeat(2, 1, 1, 1), generate)
+    got = context.model_input(torch.full((4, 1, 2, 2), -1.0))
+    for k in range(4):
+        want = torch.where(generate[k % 2], -1.0, float(k % 2))
+        assert torch.equal(got[k], want), k
+    tiled = CleanContext(clean, generate[:1]).model_input(torch.full((4, 1, 2, 2), -1.0))
+    assert [float(tiled[k, 0, 1, 1]) for k in range(4)] == [0.0, 1.0, 0.0, 1.0]

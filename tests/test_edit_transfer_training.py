@@ -391,3 +391,16 @@ def test_a_full_finetune_run_trains_and_writes_the_whole_transformer(tmp_path):
     fresh.load_state_dict(check_state_dict(tensors, reference))
     for key, value in fresh.state_dict().items():
         assert torch.equal(value.float(), tensors[key]), key
+
+
+def test_the_sampler_shifts_its_times_by_the_composites_token_count():
+    """sample_shift (FLUX.1-dev's pipelines): the model is called at shifted_times(steps, flux_mu(N)), N the number
+    of the composite's latent tokens (16 here; each token is 12 wide, so the token width would give other times)."""
+    cfg = cfg_for(sample_steps=3, sample_shift=True)
+    model, batch = StubTransformer(), batch_of()
+    sample_composite(model, StubBackbone(), batch, cfg, "cpu", seed=9)
+    times = flow.shifted_times(3, flow.flux_mu(16))
+    assert not torch.allclose(times, flow.shifted_times(3, flow.flux_mu(12)))
+    assert not torch.allclose(times, torch.linspace(1, 0, 4))
+    seen = torch.tensor([float(c["timestep"][0]) for c in model.calls])
+    torch.testing.assert_close(seen, times[:-1])

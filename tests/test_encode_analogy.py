@@ -255,3 +255,21 @@ def test_open_clip_loader_refuses_wrong_files(tmp_path, tiny_clip, open_clip_fil
         load_image_encoder(f"open_clip:{arch}:{transformers_keys}")
     with pytest.raises(AnalogyError, match="does not fit"):  # right keys, another architecture's shapes
         load_image_encoder(f"open_clip:ViT-B-32-quickgelu:{path}")
+
+
+def test_a_batched_pass_keeps_each_samples_own_encoding(tiny_clip):
+    """One encoder pass over several roles and samples: sample i of a role is what encoding that image alone gives,
+    and a batch-1 role is repeated to the batch."""
+    from analogy_core.analogy import encode_with_transformers
+
+    model = tiny_clip[1]
+    scenes = images()
+    batched = encode_with_transformers(model, {"a": scenes["a"], "b": scenes["b"]})
+    assert not torch.allclose(batched.image_embeds["b"][0], batched.image_embeds["b"][1], atol=1e-3)
+    for i in range(2):
+        alone = encode_with_transformers(model, {"b": scenes["b"][i:i + 1]})
+        torch.testing.assert_close(batched.image_embeds["b"][i:i + 1], alone.image_embeds["b"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(batched.patch_tokens["b"][i:i + 1], alone.patch_tokens["b"], rtol=1e-4, atol=1e-4)
+    a_alone = encode_with_transformers(model, {"a": scenes["a"]})
+    for i in range(2):
+        torch.testing.assert_close(batched.image_embeds["a"][i:i + 1], a_alone.image_embeds["a"], rtol=1e-4, atol=1e-5)

@@ -409,3 +409,179 @@ def test_exchange_swaps_both_pairs_of_a_quad():
         for first, second in pairs:
             want = (batch[second][i], batch[first][i]) if m else (batch[first][i], batch[second][i])
             assert torch.equal(swapped[first][i], want[0]) and torch.equal(swapped[second][i], want[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# added by the mutation sweep: the parametrisations, the DDIM sampler, the configured probabilities and clamp, the
+# sample rows and the trainable encoder's tokens, each against a written-out computation
+
+
+def test_each_prediction_type_gives_back_the_x0_and_noise_it_was_made_from():
+    """x_t = √ᾱ·x0 + √(1−ᾱ)·ε; an ε-, v- (v = √ᾱ·ε − √(1−ᾱ)·x0) or x0-predicting UNet's exact output maps back to
+    that x0 and that ε."""
+    from training.loc.ip2p import add_noise, to_epsilon, to_x0
+
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, C, 2, 2, generator=gen, dtype=torch.float64)
+    eps = torch.randn(4, C, 2, 2, generator=gen, dtype=torch.float64)
+    ab = ALPHAS[torch.tensor([0, 250, 700, 999])].view(-1, 1, 1, 1)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    torch.testing.assert_close(add_noise(x0, eps, ab), x_t)
+    outputs = {"epsilon": eps, "v_prediction": ab.sqrt() * eps - (1 - ab).sqrt() * x0, "sample": x0}
+    assert not torch.allclose(outputs["epsilon"], outputs["v_prediction"])  # the three outputs are different tensors
+    for kind, out in outputs.items():
+        torch.testing.assert_close(to_x0(out, x_t, ab, kind), x0, msg=kind)
+        torch.testing.assert_close(to_epsilon(out, x_t, ab, kind), eps, msg=kind)
+
+
+class VPredictionUNet(StubUNet):
+    """The stub UNet re-parametrised: it outputs the v = √ᾱ·ε̂ − √(1−ᾱ)·x̂0 of the ε̂ the stub predicts."""
+
+    def forward(self, sample, t, encoder_hidden_states, return_dict=False):
+        eps = super().forward(sample, t, encoder_hidden_states)[0].double()
+        ab = ALPHAS[t.long()].view(-1, 1, 1, 1)
+        x_t = sample[:, :C].double()
+        x0 = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+        return ((ab.sqrt() * eps - (1 - ab).sqrt() * x0).float(),)
+
+
+def test_the_loss_reads_the_backbones_prediction_type():
+    """A v-predicting UNet that implies the same noise as the ε-predicting one gives the same loss; read as ε (the
+    wrong prediction type) it does not."""
+    cfg = cfg_for(text_dropout=0.0)
+    batch = batch_of()
+    eps_backbone = stub_backbone()
+    hypernetwork = hypernetwork_for(eps_backbone.unet)
+
+    def loss(unet, kind):
+        backbone = IP2PBackbone(unet, StubVAE(), StubText(), HashTokenizer(50, 4), ALPHAS, kind, tiny=True)
+        return training_loss(hypernetwork, backbone, StubEncoder(), batch, cfg, torch.Generator().manual_seed(7),
+                             "cpu")
+
+    base = loss(eps_backbone.unet, "epsilon")
+    misread = loss(VPredictionUNet(), "epsilon")
+    assert not torch.isclose(misread, base, rtol=1e-2), (misread, base)
+    torch.testing.assert_close(loss(VPredictionUNet(), "v_prediction"), base, rtol=1e-4, atol=1e-6)
+
+
+def test_ddim_is_eq_8_from_t_max_down_to_the_last_x0():
+    """Eq. (8) written out: timesteps 999 → 0 evenly; x_{prev} = √ᾱ_prev·x̂0 + √(1−ᾱ_prev)·ε̂ with
+    ε̂ = (x_t − √ᾱ_t·x̂0)/√(1−ᾱ_t); the last step returns x̂0 (ᾱ_{−1} = 1)."""
+    from training.loc.ip2p import ddim_sample, ddim_timesteps
+
+    assert ddim_timesteps(1000, 4) == [999, 666, 333, 0] and ddim_timesteps(1000, 1) == [999]
+    seen = []
+
+    def x0_model(x, t):
+        seen.append((x.clone(), int(t[0])))
+        return 0.6 * x.flip(-1) + 0.001 * t.view(-1, 1, 1, 1).float()
+
+    noise = torch.randn(2, C, 2, 2, generator=torch.Generator().manual_seed(0))
+    got = ddim_sample(x0_model, noise, ALPHAS, 4)
+    assert [t for _, t in seen] == [999, 666, 333, 0]
+    x = noise
+    for k, t in enumerate([999, 666, 333, 0]):
+        torch.testing.assert_close(seen[k][0], x)
+        a_t = float(ALPHAS[t])
+        a_prev = float(ALPHAS[[666, 333, 0][k]]) if k < 3 else 1.0
+        x0 = 0.6 * x.flip(-1) + 0.001 * t
+        eps = (x - a_t ** 0.5 * x0) / (1 - a_t) ** 0.5
+        x = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+    torch.testing.assert_close(got, x)
+    torch.testing.assert_close(got, 0.6 * seen[-1][0].flip(-1))   # the last step is the model's x̂0 at t = 0
+
+
+class RoundTripVAE(StubVAE):
+    """The stub VAE with a decoder that inverts it on 2×2-constant images (nearest upsampling of the mode)."""
+
+    def decode(self, latents):
+        return SimpleNamespace(sample=F.interpolate(latents, scale_factor=2, mode="nearest"))
+
+
+def round_trip_backbone() -> IP2PBackbone:
+    return IP2PBackbone(StubUNet(), RoundTripVAE(), StubText(), HashTokenizer(50, 4), ALPHAS, "epsilon", tiny=True)
+
+
+def test_decode_undoes_the_scaling_factor_of_the_denoised_latent():
+    """The latent to denoise is mode·scaling_factor, so decoding divides by it: an image the stub VAE represents
+    exactly (constant 2×2 blocks) comes back from encode → decode."""
+    backbone = round_trip_backbone()
+    blocks = torch.rand(2, S // 2, S // 2, 3, generator=torch.Generator().manual_seed(0))
+    images = blocks.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
+    z, condition = backbone.encode_images(images)
+    assert not torch.allclose(z, condition)      # the two latents differ by the scaling factor
+    torch.testing.assert_close(backbone.decode(z), images)
+
+
+def test_x0_weight_max_is_the_configured_clamp():
+    """x0_clamped: min((1 − ᾱ)/ᾱ, x0_weight_max) with the configured maximum, in loss_weights and in the loss."""
+    weights = loss_weights(ALPHAS, "x0_clamped", 2.0)
+    written = [min((1 - a) / a, 2.0) for a in ALPHAS.tolist()]
+    torch.testing.assert_close(weights, torch.tensor(written, dtype=torch.float64))
+    assert float(weights.max()) == 2.0
+    backbone, batch = stub_backbone(), batch_of()
+    hypernetwork = hypernetwork_for(backbone.unet)
+    losses = {}
+    for cap in (0.05, 5.0):
+        cfg = cfg_for(text_dropout=0.0, loss_space="x0_clamped", x0_weight_max=cap)
+        losses[cap] = training_loss(hypernetwork, backbone, StubEncoder(), batch, cfg,
+                                    torch.Generator().manual_seed(7), "cpu")
+        want = expected_loss(hypernetwork, backbone, batch, cfg, seed=7)
+        assert torch.allclose(losses[cap], want, rtol=1e-5), (cap, losses[cap], want)
+    assert not torch.isclose(losses[0.05], losses[5.0], rtol=1e-3), losses
+
+
+@pytest.mark.parametrize("exchange, flip", [(1.0, 1.0), (0.0, 0.0), (0.9, 0.1)])
+def test_the_configured_exchange_and_flip_probabilities_are_used(exchange, flip):
+    cfg = cfg_for(text_dropout=0.0, exchange_probability=exchange, flip_probability=flip)
+    backbone, batch = stub_backbone(), batch_of()
+    hypernetwork = hypernetwork_for(backbone.unet)
+    got = training_loss(hypernetwork, backbone, StubEncoder(), batch, cfg, torch.Generator().manual_seed(7), "cpu")
+    want = expected_loss(hypernetwork, backbone, batch, cfg, seed=7)
+    default = expected_loss(hypernetwork, backbone, batch, cfg_for(text_dropout=0.0), seed=7)
+    assert not torch.allclose(want, default, rtol=1e-3), "these probabilities must change the draws' outcome"
+    assert torch.allclose(got, want, rtol=1e-5), (got, want)
+
+
+def test_sample_rows_are_a_a_prime_b_plus_h_on_b_and_minus_h_on_a_prime():
+    """samples/step_N.png: A | A′ | B (another item's A) | H(A, A′) applied to B | −H(A, A′) applied to A′."""
+    from training.loc.task import edit_images, sample_rows
+
+    backbone, batch = round_trip_backbone(), batch_of()
+    hypernetwork = hypernetwork_for(backbone.unet)
+    rows = sample_rows(hypernetwork, backbone, StubEncoder(), batch, steps=2, seed=3)
+    a, a_prime = batch["a"], batch["a_prime"]
+    b = torch.stack([a[(i - 1) % 3] for i in range(3)])
+    factors = hypernetwork(StubEncoder.tokens(a), StubEncoder.tokens(a_prime))
+    plus_on_b = edit_images(backbone, factors, b, 2, 3)
+    minus_on_a_prime = edit_images(backbone, factors.scaled(-1.0), a_prime, 2, 3)
+    plus_on_a_prime = edit_images(backbone, factors, a_prime, 2, 3)
+    assert not torch.allclose(minus_on_a_prime, plus_on_a_prime, atol=1e-4), "the sign of H must show"
+    assert not torch.allclose(b, a)
+    columns = rows.split(S, dim=2)
+    for got, want in zip(columns, (a, a_prime, b, plus_on_b, minus_on_a_prime)):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_trainable_image_encoder_reads_the_same_tokens_as_encode_analogy(tiny_parts):
+    """image_encoder_learning_rate > 0: H and E as one module generate, before any step, exactly the LoRA H
+    generates from the frozen encoder's tokens (the penultimate hidden states, as Encode Analogy gives them)."""
+    from training.loc.task import HypernetworkAndEncoder, encode_pair
+
+    _, _, encoder, config = tiny_parts
+    hypernetwork = build_hypernetwork(config, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, view in hypernetwork.u_b_parameters():
+            view.copy_(torch.randn(view.shape, generator=gen) * 0.01)
+    a, a_prime = torch.rand(2, 32, 32, 3, generator=gen), torch.rand(2, 32, 32, 3, generator=gen)
+    tokens = encode_pair(encoder, a, a_prime, "cpu")
+    want = hypernetwork(*tokens)
+    last = encoder.model(pixel_values=torch.randn(1, 3, encoder.model.config.image_size,
+                                                  encoder.model.config.image_size), output_hidden_states=True)
+    assert not torch.allclose(last.hidden_states[-1], last.hidden_states[-2])   # the layer read matters
+    with torch.no_grad():
+        got = HypernetworkAndEncoder(hypernetwork, encoder.model)(a, a_prime)
+    for path, (down, up) in want.layers.items():
+        torch.testing.assert_close(got.layers[path][0], down, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.layers[path][1], up, rtol=1e-4, atol=1e-5)

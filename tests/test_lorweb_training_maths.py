@@ -189,3 +189,67 @@ def test_sampler_integrates_from_noise_at_t1_to_data_at_t0():
     want = ((from_tokens(x, 2 * S, 2 * S) + 1) / 2)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert [float(c["timestep"][0]) for c in model.calls] == [1.0, 0.75, 0.5, 0.25]
+
+
+def test_the_configured_guidance_reaches_the_transformer():
+    """guidance (FLUX's guidance embedding while training) is the configured value per sample, not the default 1.0."""
+    cfg = cfg_for(guidance=3.5, caption_dropout=0.4)
+    model, batch = StubTransformer(), batch_of()
+    got = training_loss(model, StubBackbone(), StubQueryEncoder(), batch, cfg, torch.Generator().manual_seed(11),
+                        "cpu")
+    want, _ = expected_loss(model, batch, cfg, seed=11)
+    default, _ = expected_loss(model, batch, cfg_for(caption_dropout=0.4), seed=11)
+    assert not torch.allclose(want, default, rtol=1e-4), "the guidance must change the loss"
+    assert torch.allclose(got, want, rtol=1e-5), (got, want)
+
+
+def test_the_configured_mixing_is_the_one_the_basis_is_built_and_recorded_with():
+    """mixing_settings carries every mixing option of the config (the trainer builds the layers and writes the basis
+    header with it): tanh coefficients summed over 2 heads and clamped to [-1, 1], written out here."""
+    from training.lorweb.task import mixing_settings
+
+    cfg = cfg_for(lora_softmax=False, mixing_coeffs_type="sum", lora_heads=2, query_mode="ca'-ca+cb")
+    settings = mixing_settings(cfg, StubQueryEncoder())
+    assert (settings.lora_softmax, settings.mixing_coeffs_type, settings.lora_heads, settings.query_mode) == \
+        (False, "sum", 2, "ca'-ca+cb")
+    gen = torch.Generator().manual_seed(0)
+    projected, keys = torch.randn(3, 4, generator=gen) * 2, torch.randn(5, 4, generator=gen)
+    scores = torch.stack([projected[:, 2 * h:2 * h + 2] @ keys[:, 2 * h:2 * h + 2].T / math.sqrt(2) for h in (0, 1)])
+    written = torch.tanh(scores).sum(dim=0).clamp(-1.0, 1.0)
+    got = settings.mixing_coefficients(projected, keys)
+    assert (written < 0).any(), "tanh coefficients can be negative, softmax ones cannot"
+    torch.testing.assert_close(got, written)
+
+
+class DifferenceQueryTransformer(StubTransformer):
+    """The stub with a basis that reads a one-embedding-wide query (query modes ca'-ca and ca'-ca+cb)."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(4)
+        self.proj = LoRWeBLinear(nn.Linear(12, 12), num_entries=4, rank=2, key_dim=4, query_dim=EMBED)
+        with torch.no_grad():
+            for p in self.proj.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+
+@pytest.mark.parametrize("mode", ["ca'-ca", "ca'-ca+cb"])
+def test_the_loss_queries_with_the_configured_query_mode(mode):
+    """query_mode ca'-ca: e_a' − e_a; ca'-ca+cb: e_a' − e_a + e_b (official external queries), written out."""
+    cfg = cfg_for(query_mode=mode)
+    model, batch = DifferenceQueryTransformer(), batch_of()
+    loss = training_loss(model, StubBackbone(), StubQueryEncoder(), batch, cfg, torch.Generator().manual_seed(11),
+                         "cpu")
+    e = {r: StubQueryEncoder.embed(batch[r]) for r in ("a", "a_prime", "b")}
+    want = e["a_prime"] - e["a"] + (e["b"] if mode.endswith("+cb") else 0)
+    assert loss.item() > 0
+    torch.testing.assert_close(model.calls[0]["query"], want)
+
+
+def test_uniform_timesteps_stay_inside_the_open_interval():
+    """uniform: t ~ U(0, 1) clamped to [0.001, 0.999] (written out on the same draws, which do fall below 0.001)."""
+    t, w = flow.sample_timesteps("uniform", 20000, torch.Generator().manual_seed(0))
+    raw = torch.rand(20000, generator=torch.Generator().manual_seed(0))
+    assert (raw < 1e-3).any(), "the draws must reach below the clamp for this check to mean anything"
+    torch.testing.assert_close(t, raw.clamp(1e-3, 1 - 1e-3))
+    assert float(t.min()) == pytest.approx(1e-3) and float(t.max()) == pytest.approx(1 - 1e-3) and (w == 1).all()

@@ -380,3 +380,15 @@ def test_confinement_keeps_b_outside_the_region_and_measures_both_sides():
     missed = (b - truth).abs().mean(-1)[:, 2].mean()
     assert stats["confined_error_inside_true"] == pytest.approx(float(missed) / 3, rel=1e-5)
     assert stats["unconfined_error_outside_true"] == pytest.approx(float((edited - truth).abs().mean(-1)[:, 3:].mean()))
+
+
+def test_mask_bce_targets_are_the_fraction_of_each_patch_inside_the_mask():
+    """A mask covering part of a patch gives that patch a fractional target (here 1/4), not a rounded one."""
+    net, clip, encoder, b = region_model(), StubClip(), StubEncoder(), batch()
+    b["mask"][:, 3, 0] = 1.0                          # one pixel of the bottom-left 2x2 patch
+    cfg = config(mask_weight=0.4)
+    got, _ = text_loss(net, clip, encoder, b, cfg)
+    want, _ = expected_text_loss(net, clip, encoder, b, cfg)
+    target = F.avg_pool2d(b["mask"][:, None], 2).flatten(1)
+    assert ((target > 0) & (target < 1)).any()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

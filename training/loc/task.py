@@ -221,7 +221,7 @@ def edit_images(backbone: IP2PBackbone, factors: LoRAFactors | None, images: tor
 @torch.no_grad()
 def sample_rows(hypernetwork: LoRAHypernetwork, backbone: IP2PBackbone, encoder: ImageEncoder, batch: dict,
                 steps: int, seed: int) -> torch.Tensor:
-    """Per item: A | A′ | B (the next item's A) | H(A, A′) applied to B | −H(A, A′) applied to A′ (LoRA Reverse)."""
+    """Per item: A | A′ | B (the previous item's A) | H(A, A′) applied to B | −H(A, A′) applied to A′ (LoRA Reverse)."""
     device = next(hypernetwork.parameters()).device
     a, a_prime = batch["a"], batch["a_prime"]
     b = a.roll(1, dims=0) if len(a) > 1 else a.flip(2)
