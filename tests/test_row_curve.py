@@ -1,9 +1,10 @@
 """``bench.row_curve``: a row trained with step exports, each export measured as the row measures its final file.
 The reference is the yardstick itself: the curve's last point must equal the row's own JSON for the same run.
 
-LoRWeB's row runs on the session's quick world; Edit Transfer's on a quick world whose FLUX.1-dev-like backbone is
-pretrained for only 20 steps (``--world-set flux_dev.steps=20``, a folder of its own): the test is about measuring
-the same thing twice, not about what the backbone draws, and the full quick backbone would cost the suite minutes.
+LoRWeB's row runs on the session's quick world; Edit Transfer's and LoRA of Change's on quick worlds whose backbone
+(FLUX.1-dev-like, InstructPix2Pix-like) is pretrained for only 20 steps (``--world-set flux_dev.steps=20``, a folder
+of its own): the test is about measuring the same thing twice, not about what the backbone draws, and the full quick
+backbones would cost the suite minutes.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ STEPS, EVERY = 4, 2
 FIGURES = ("edited_cells", "kept_cells", "error_over_no_edit")
 # per row: the arguments that make its quick row tiny (the world, a learning rate at which 2 steps move the file)
 ROW_ARGS = {"lorweb": ["--row-set", "learning_rate=0.05"],
-            "edit_transfer": ["--world-set", "flux_dev.steps=20", "--row-set", "learning_rate=0.05"]}
+            "edit_transfer": ["--world-set", "flux_dev.steps=20", "--row-set", "learning_rate=0.05"],
+            "loc": ["--world-set", "instruct_pix2pix.steps=20", "--row-set", "learning_rate=0.01"]}
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +95,14 @@ def test_an_edit_transfer_run_is_measured_only_as_the_row_it_was_trained_for(tra
     _, run = trained("edit_transfer")  # Edit Transfer's rows share one trainer: a run of one can pass for another
     with pytest.raises(SystemExit, match="not a run of row edit_transfer_textfree: .*text_free=False"):
         row_curve.main(["--row", "edit_transfer_textfree", "--run", str(run), "--examples", "1"])
+
+
+def test_a_loc_ceiling_run_is_not_measured_as_the_row(trained, tmp_path):
+    _, run = trained("loc")  # a ceiling's run (plain LoRA or whole UNet) has no hypernetwork for the row to sample
+    config = json.loads((run / "config.json").read_text())
+    for key in ("plain_lora", "full_finetune"):
+        ceiling = tmp_path / key
+        shutil.copytree(run, ceiling)
+        (ceiling / "config.json").write_text(json.dumps({**config, key: True}))
+        with pytest.raises(SystemExit, match=f"not a run of row loc: .*{key}=true"):
+            row_curve.main(["--row", "loc", "--run", str(ceiling), "--examples", "1"])

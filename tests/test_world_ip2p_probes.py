@@ -17,6 +17,7 @@ from training.loc.ip2p import SD_SCHEDULE, schedule
 from training.world.instruct_pix2pix import (
     TEXT_TOKENS,
     TEXT_VOCAB,
+    one_cycle,
     self_attention_entropy,
     similarity_attention,
     text_encoder,
@@ -133,3 +134,30 @@ def test_negative_scales_are_refused_with_the_setting_named():
         text_encoder(31, position_std=-1.0)
     with pytest.raises(ValueError, match="self_attention_gain"):
         similarity_attention(tiny_unet(), gain=-0.5, seed=0)
+
+
+def rates(steps: int, lr: float = 1e-3) -> list[float]:
+    optimiser = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    schedule_ = one_cycle(optimiser, lr, steps)
+    out = []
+    for _ in range(steps):
+        out.append(optimiser.param_groups[0]["lr"])
+        optimiser.step()
+        schedule_.step()
+    return out
+
+
+@pytest.mark.parametrize("steps", [3, 20, 39, 40, 400])
+def test_the_pretraining_schedule_warms_up_then_decays_at_any_length(steps):
+    # a probe build with few steps (--world-set instruct_pix2pix.steps=20) once died in OneCycleLR (division by zero)
+    lr = rates(steps)
+    peak = lr.index(max(lr))
+    assert max(lr) == pytest.approx(1e-3) and lr[0] < 1e-3 / 2, lr
+    assert peak == max(1, round(0.05 * steps) - 1) if steps >= 40 else peak == 1, (peak, lr)  # 5 % from 40 steps
+    assert all(a <= b for a, b in zip(lr[:peak], lr[1:peak + 1])), "warm-up not increasing"
+    assert all(a >= b for a, b in zip(lr[peak:], lr[peak + 1:])), "decay not decreasing"
+
+
+def test_a_pretraining_too_short_for_its_schedule_is_refused_kindly():
+    with pytest.raises(ValueError, match="at least 3 steps .*got steps=2"):
+        rates(2)

@@ -136,6 +136,16 @@ def self_attention_entropy(unet, latents: torch.Tensor, text: torch.Tensor, alph
     return sum(entropies) / len(entropies)
 
 
+def one_cycle(optimiser: torch.optim.Optimizer, lr: float, steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """The UNet's pretraining schedule: a one-cycle rate peaking at ``lr`` after 5 % of the steps (at least two:
+    OneCycleLR divides by the warm-up's steps minus one, so a short probe build such as ``--world-set
+    instruct_pix2pix.steps=20`` would otherwise fail; from 40 steps on the warm-up is exactly 5 %)."""
+    if steps < 3:
+        raise ValueError(f"instruct_pix2pix pretraining needs at least 3 steps (a one-cycle schedule: warm-up, then "
+                         f"decay), got steps={steps}")
+    return torch.optim.lr_scheduler.OneCycleLR(optimiser, lr, total_steps=steps, pct_start=max(0.05, 2 / steps))
+
+
 def pretrain(unet, latents: torch.Tensor, text: torch.Tensor, alphas: torch.Tensor, cfg: dict, seed: int) -> list[float]:
     """Copy and generation objectives (MSE of the ``cfg["prediction"]`` target, t uniform over the 1000 steps) on the
     pool's latents [N, 16, h, w]."""
@@ -155,10 +165,8 @@ def pretrain(unet, latents: torch.Tensor, text: torch.Tensor, alphas: torch.Tens
         per_sample = ((out - target) ** 2).flatten(1).mean(dim=1)
         return (per_sample * weights).sum() / n_copy
 
-    def one_cycle(optimiser, steps: int):
-        return torch.optim.lr_scheduler.OneCycleLR(optimiser, cfg["lr"], total_steps=steps, pct_start=0.05)
-
-    return pretrain_loop(unet, cfg, "instruct_pix2pix", step_loss, log, one_cycle)
+    return pretrain_loop(unet, cfg, "instruct_pix2pix", step_loss, log,
+                         lambda optimiser, steps: one_cycle(optimiser, cfg["lr"], steps))
 
 
 @torch.no_grad()

@@ -45,14 +45,15 @@ from analogy_core.loc import (HypernetworkError, build_hypernetwork, consistency
                               input_dependence, load_hypernetwork, relative_update_norms)
 from training import checkpoints as ckpt
 from training.backbone import load_query_encoder
-from training.loc.config import PLAIN_LORA_FILE, UNET_FILE
+from training.loc.config import HYPERNETWORK_FILE, PLAIN_LORA_FILE, UNET_FILE
 from training.loc.ip2p import load_ip2p
 from training.loc.plain import load_plain_lora
 from training.loc.task import edit_images, encode_pair
 from training.world import scenes as world
 from training.world.evaluate import mae, stack
 from training.world.presets import run_trainer
-from training.world.yardstick.common import Ceiling, MethodOutput, load_weights, losses_from_log, pretraining_rate
+from training.world.yardstick.common import (Ceiling, Curve, CurveSampler, MethodOutput, RunMismatch, load_weights,
+                                             losses_from_log, pretraining_rate, world_of_spec)
 
 PANEL = 64
 EARLY = 0.1
@@ -186,6 +187,18 @@ def with_random_u_b(hypernetwork, seed: int):
     return hypernetwork.eval()
 
 
+def hypernetwork_b_primes(backbone, encoder, hypernetwork, examples: dict[str, list], steps: int,
+                          seed: int) -> dict[str, torch.Tensor]:
+    """Family -> B′ of its examples: the backbone patched with H(A, A′), B as the condition (DDIM, eq. 8)."""
+    return {family: edit_images(backbone, hypernetwork(*tokens(encoder, items)), stack(items, "b"), steps, seed)
+            for family, items in examples.items()}
+
+
+def base_b_primes(backbone, examples: dict[str, list], steps: int, seed: int) -> dict[str, torch.Tensor]:
+    """Family -> B′ of the same sampler without any LoRA (the row's base)."""
+    return {family: edit_images(backbone, None, stack(items, "b"), steps, seed) for family, items in examples.items()}
+
+
 def run_loc(ctx):
     """The ``loc`` method of ``bench.analogy_world``: train (with and without random exchange), then measure."""
     settings = {**loc_settings(ctx.world.root, ctx.quick), **ctx.row_overrides}
@@ -197,20 +210,15 @@ def run_loc(ctx):
 
     backbone = load_ip2p(ctx.world.spec)
     encoder = load_query_encoder(ctx.world.spec)
-    hypernetwork = load_hypernetwork_state(runs[""] / "loc_hypernetwork.safetensors", None)
+    hypernetwork = load_hypernetwork_state(runs[""] / HYPERNETWORK_FILE, None)
     sample_steps = int(settings["sample_steps"])
     train_families = [f for f in ctx.examples if world.get_family(f).split == "train"]
 
     def b_primes(model) -> dict[str, torch.Tensor]:
-        out = {}
-        for family, items in ctx.examples.items():
-            factors = model(*tokens(encoder, items))
-            out[family] = edit_images(backbone, factors, stack(items, "b"), sample_steps, ctx.seed)
-        return out
+        return hypernetwork_b_primes(backbone, encoder, model, ctx.examples, sample_steps, ctx.seed)
 
     b_prime = b_primes(hypernetwork)
-    base = {family: edit_images(backbone, None, stack(items, "b"), sample_steps, ctx.seed)
-            for family, items in ctx.examples.items()}
+    base = base_b_primes(backbone, ctx.examples, sample_steps, ctx.seed)
     extra: dict[str, object] = {"train_steps": steps, "train_seconds": round(seconds[""], 1),
                                 "train_seconds_no_exchange": round(seconds["_no_exchange"], 1),
                                 "consistency_gap_init": None,
@@ -219,7 +227,7 @@ def run_loc(ctx):
     train_items = {f: ctx.examples[f] for f in train_families}
     all_tokens = [torch.cat(t) for t in zip(*(tokens(encoder, items) for items in train_items.values()))]
     for tag, out in runs.items():
-        final = load_hypernetwork_state(out / "loc_hypernetwork.safetensors", None)
+        final = load_hypernetwork_state(out / HYPERNETWORK_FILE, None)
         with torch.no_grad():
             relative = relative_update_norms(final(*all_tokens), backbone.unet)
         extra[f"relative_update_median{tag}"] = round(float(relative.median()), 4)
@@ -236,7 +244,7 @@ def run_loc(ctx):
     extra["input_dependence_init"] = round(input_dependence(fresh.eval(), *all_tokens), 4)
     extra["input_dependence"] = round(input_dependence(hypernetwork, *all_tokens), 4)
     extra.update(direction_figures(with_random_u_b(fresh, ctx.seed), encoder, ctx.examples, "_init"))
-    no_exchange = load_hypernetwork_state(runs["_no_exchange"] / "loc_hypernetwork.safetensors", None)
+    no_exchange = load_hypernetwork_state(runs["_no_exchange"] / HYPERNETWORK_FILE, None)
     other = b_primes(no_exchange)
     for split in ("train", "heldout"):
         names = [f for f in ctx.examples if world.get_family(f).split == split]
@@ -254,3 +262,28 @@ def run_loc(ctx):
         extra[f"reverse_no_edit_{split}"] = round(sum(nothing) / len(nothing), 5)
     (ctx.folder / "loc_extra.json").write_text(json.dumps(extra, indent=2))
     return MethodOutput(b_prime, base, backbone.reconstruct, extra)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the learning curve of a run (bench.row_curve): each hypernetwork export sampled as the row samples its final file
+
+
+def curve_sampler(ctx, config: dict) -> CurveSampler:
+    """The row's sampler for a run's hypernetwork exports; a ceiling's run (a plain LoRA or the UNet itself, no H) is
+    refused: it has no hypernetwork to measure."""
+    for key in ("plain_lora", "full_finetune"):
+        if config.get(key):
+            raise RunMismatch(f"the run was trained with {key}=true (a ceiling's run, no hypernetwork); row loc "
+                              f"measures a hypernetwork run")
+    steps = int(config.get("sample_steps", loc_settings(ctx.world.root, ctx.quick)["sample_steps"]))
+    backbone = load_ip2p(ctx.world.spec)
+    encoder = load_query_encoder(ctx.world.spec)
+
+    def b_prime(path: Path) -> dict[str, torch.Tensor]:
+        return hypernetwork_b_primes(backbone, encoder, load_hypernetwork(path), ctx.examples, steps, ctx.seed)
+
+    return CurveSampler(base_b_primes(backbone, ctx.examples, steps, ctx.seed), b_prime, backbone.reconstruct)
+
+
+CURVE = Curve(HYPERNETWORK_FILE, lambda config: world_of_spec(config.get("backbone", "")), ("sample_steps",),
+              curve_sampler)

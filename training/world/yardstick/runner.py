@@ -112,7 +112,8 @@ _METHODS = [
            trainer_config=RegionConfig, own_settings=frozenset({"mode", *(k for _, _, f in regions.RUNS for k in f)})),
     Method("loc", ("autoencoder", "clip", "instruct_pix2pix"), loc.run_loc,
            "LoRA of Change hypernetwork on the InstructPix2Pix-like world backbone, world CLIP tokens",
-           ceiling=loc.CEILING, trainer_config=LoCConfig, own_settings=frozenset({"random_exchange"})),
+           ceiling=loc.CEILING, trainer_config=LoCConfig, own_settings=frozenset({"random_exchange"}),
+           curve=loc.CURVE),
     Method("edit_transfer", ("autoencoder", "flux_dev"), run_edit_transfer("edit_transfer"),
            "Edit Transfer LoRA on the FLUX.1-dev-like world backbone (instruction prompts), official clean-context "
            "sampler", ceiling=edit_transfer.row_ceiling("edit_transfer"), trainer_config=EditTransferConfig,
