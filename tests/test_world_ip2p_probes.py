@@ -147,17 +147,15 @@ def rates(steps: int, lr: float = 1e-3) -> list[float]:
     return out
 
 
-@pytest.mark.parametrize("steps", [3, 20, 39, 40, 400])
+@pytest.mark.parametrize("steps", [1, 2, 3, 20, 39, 40, 400])
 def test_the_pretraining_schedule_warms_up_then_decays_at_any_length(steps):
-    # a probe build with few steps (--world-set instruct_pix2pix.steps=20) once died in OneCycleLR (division by zero)
+    # a probe build of 20 steps (--world-set instruct_pix2pix.steps=20) once died in OneCycleLR (division by zero)
     lr = rates(steps)
+    assert all(math.isfinite(r) and 0 < r <= 1e-3 + 1e-12 for r in lr), lr
     peak = lr.index(max(lr))
-    assert max(lr) == pytest.approx(1e-3) and lr[0] < 1e-3 / 2, lr
-    assert peak == max(1, round(0.05 * steps) - 1) if steps >= 40 else peak == 1, (peak, lr)  # 5 % from 40 steps
+    if steps >= 40:  # OneCycleLR: peak at 5 % of the steps, from a 25th of the rate
+        assert peak == round(0.05 * steps) - 1 and max(lr) == pytest.approx(1e-3) and lr[0] < 1e-3 / 2, (peak, lr)
     assert all(a <= b for a, b in zip(lr[:peak], lr[1:peak + 1])), "warm-up not increasing"
     assert all(a >= b for a, b in zip(lr[peak:], lr[peak + 1:])), "decay not decreasing"
-
-
-def test_a_pretraining_too_short_for_its_schedule_is_refused_kindly():
-    with pytest.raises(ValueError, match="at least 3 steps .*got steps=2"):
-        rates(2)
+    if steps >= 3:
+        assert lr[-1] < max(lr), "no decay"

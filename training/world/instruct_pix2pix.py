@@ -43,7 +43,7 @@ from training.loc.task import edit_images
 from training.world.autoencoder import load_world_autoencoder
 from training.world.evaluate import mae
 from training.world.scenes import NEUTRAL_PROMPT, panel_pool
-from training.world.schedule import pretrain_loop, training_metrics
+from training.world.schedule import pretrain_loop, training_metrics, warmup_cosine
 
 log = logging.getLogger(__name__)
 MODEL = "instruct_pix2pix"
@@ -136,14 +136,13 @@ def self_attention_entropy(unet, latents: torch.Tensor, text: torch.Tensor, alph
     return sum(entropies) / len(entropies)
 
 
-def one_cycle(optimiser: torch.optim.Optimizer, lr: float, steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
-    """The UNet's pretraining schedule: a one-cycle rate peaking at ``lr`` after 5 % of the steps (at least two:
-    OneCycleLR divides by the warm-up's steps minus one, so a short probe build such as ``--world-set
-    instruct_pix2pix.steps=20`` would otherwise fail; from 40 steps on the warm-up is exactly 5 %)."""
-    if steps < 3:
-        raise ValueError(f"instruct_pix2pix pretraining needs at least 3 steps (a one-cycle schedule: warm-up, then "
-                         f"decay), got steps={steps}")
-    return torch.optim.lr_scheduler.OneCycleLR(optimiser, lr, total_steps=steps, pct_start=max(0.05, 2 / steps))
+def one_cycle(optimiser: torch.optim.Optimizer, lr: float, steps: int):
+    """The UNet's pretraining schedule: a one-cycle rate peaking at ``lr`` after 5 % of the steps. OneCycleLR cannot
+    take a warm-up under two steps (at 20 steps it divides by zero), so a build shorter than 40 steps (a test's or a
+    probe's, e.g. ``--world-set instruct_pix2pix.steps=20``) uses the other world models' warm-up + cosine schedule."""
+    if steps < 40:
+        return warmup_cosine(optimiser, steps)
+    return torch.optim.lr_scheduler.OneCycleLR(optimiser, lr, total_steps=steps, pct_start=0.05)
 
 
 def pretrain(unet, latents: torch.Tensor, text: torch.Tensor, alphas: torch.Tensor, cfg: dict, seed: int) -> list[float]:
