@@ -17,7 +17,7 @@ from training.loc.ip2p import SD_SCHEDULE, schedule
 from training.world.instruct_pix2pix import (
     TEXT_TOKENS,
     TEXT_VOCAB,
-    one_cycle,
+    pretraining_schedule,
     self_attention_entropy,
     similarity_attention,
     text_encoder,
@@ -138,7 +138,7 @@ def test_negative_scales_are_refused_with_the_setting_named():
 
 def rates(steps: int, lr: float = 1e-3) -> list[float]:
     optimiser = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    schedule_ = one_cycle(optimiser, lr, steps)
+    schedule_ = pretraining_schedule(optimiser, lr, steps)
     out = []
     for _ in range(steps):
         out.append(optimiser.param_groups[0]["lr"])

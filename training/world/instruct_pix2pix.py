@@ -136,7 +136,7 @@ def self_attention_entropy(unet, latents: torch.Tensor, text: torch.Tensor, alph
     return sum(entropies) / len(entropies)
 
 
-def one_cycle(optimiser: torch.optim.Optimizer, lr: float, steps: int):
+def pretraining_schedule(optimiser: torch.optim.Optimizer, lr: float, steps: int):
     """The UNet's pretraining schedule: a one-cycle rate peaking at ``lr`` after 5 % of the steps. OneCycleLR cannot
     take a warm-up under two steps (at 20 steps it divides by zero), so a build shorter than 40 steps (a test's or a
     probe's, e.g. ``--world-set instruct_pix2pix.steps=20``) uses the other world models' warm-up + cosine schedule."""
@@ -165,7 +165,7 @@ def pretrain(unet, latents: torch.Tensor, text: torch.Tensor, alphas: torch.Tens
         return (per_sample * weights).sum() / n_copy
 
     return pretrain_loop(unet, cfg, "instruct_pix2pix", step_loss, log,
-                         lambda optimiser, steps: one_cycle(optimiser, cfg["lr"], steps))
+                         lambda optimiser, steps: pretraining_schedule(optimiser, cfg["lr"], steps))
 
 
 @torch.no_grad()
