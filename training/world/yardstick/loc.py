@@ -187,6 +187,7 @@ def with_random_u_b(hypernetwork, seed: int):
     return hypernetwork.eval()
 
 
+@torch.no_grad()
 def hypernetwork_b_primes(backbone, encoder, hypernetwork, examples: dict[str, list], steps: int,
                           seed: int) -> dict[str, torch.Tensor]:
     """Family -> B′ of its examples: the backbone patched with H(A, A′), B as the condition (DDIM, eq. 8)."""
@@ -199,9 +200,14 @@ def base_b_primes(backbone, examples: dict[str, list], steps: int, seed: int) ->
     return {family: edit_images(backbone, None, stack(items, "b"), steps, seed) for family, items in examples.items()}
 
 
+def row_settings(ctx) -> dict[str, object]:
+    """The row's settings on ``ctx``'s world with its overrides (``--row-set``, or a curve's run's sampler settings)."""
+    return {**loc_settings(ctx.world.root, ctx.quick), **ctx.row_overrides}
+
+
 def run_loc(ctx):
     """The ``loc`` method of ``bench.analogy_world``: train (with and without random exchange), then measure."""
-    settings = {**loc_settings(ctx.world.root, ctx.quick), **ctx.row_overrides}
+    settings = row_settings(ctx)
     steps = int(settings["max_steps"])
     runs = {"": ctx.folder / "train", "_no_exchange": ctx.folder / "train_no_exchange"}
     seconds = {tag: train_loc(ctx.world.root, out, ctx.quick, ctx.seed,
@@ -275,7 +281,7 @@ def curve_sampler(ctx, config: dict) -> CurveSampler:
         if config.get(key):
             raise RunMismatch(f"the run was trained with {key}=true (a ceiling's run, no hypernetwork); row loc "
                               f"measures a hypernetwork run")
-    steps = int(config.get("sample_steps", loc_settings(ctx.world.root, ctx.quick)["sample_steps"]))
+    steps = int(row_settings(ctx)["sample_steps"])  # the run's own, given as an override by bench.row_curve
     backbone = load_ip2p(ctx.world.spec)
     encoder = load_query_encoder(ctx.world.spec)
 
