@@ -156,3 +156,70 @@ def test_dataset_quads_must_have_the_shape_of_a():
     for key in ("b", "b_prime"):
         with pytest.raises(ValueError, match=key):
             dataset_quads(ok | {key: torch.zeros(2, 4, 6, 3)})
+
+
+def test_euler_sample_walks_the_given_times_and_refuses_a_wrong_count():
+    """``times`` replaces the equal steps (Σ (t_next − t_now)·v(t_now) for v = t), and a count other than steps + 1
+    is refused instead of silently integrating a different schedule."""
+    from training.flow import euler_sample
+
+    noise = torch.zeros(2, 3)
+    velocity = lambda x, t: t.view(-1, 1).expand_as(x)                  # noqa: E731 — v depends on t only
+    equal = euler_sample(velocity, noise, 2)
+    shifted = euler_sample(velocity, noise, 2, times=torch.tensor([1.0, 0.3, 0.0]))
+    assert not torch.allclose(equal, shifted), "the times must change the result, or this checks nothing"
+    torch.testing.assert_close(equal, torch.full((2, 3), -0.5 * 1.0 - 0.5 * 0.5))
+    torch.testing.assert_close(shifted, torch.full((2, 3), -0.7 * 1.0 - 0.3 * 0.3))
+    for wrong in (torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.6, 0.3, 0.0])):
+        with pytest.raises(ValueError, match="steps \\+ 1 = 3"):
+            euler_sample(velocity, noise, 2, times=wrong)
+
+
+def test_loc_edit_images_conditions_each_image_on_its_own_prompt():
+    """LoC's sampler reads the prompts it is given (one per image, through the UNet's cross-attention), and no prompt
+    means the empty one: against DDIM written with the text states of those prompts."""
+    from test_loc_training_maths import stub_backbone
+    from training.loc.task import ddim_sample, edit_images
+
+    backbone = stub_backbone()
+    backbone.decode = lambda latents: latents.permute(0, 2, 3, 1)       # the latents themselves, as an image
+    images = torch.rand(2, 4, 4, 3, generator=torch.Generator().manual_seed(3))
+    prompts = ["make it red", "add a hat"]
+
+    def written_out(texts: list[str]) -> torch.Tensor:
+        z, condition = backbone.encode_images(images)
+        text = backbone.encode_prompts(texts, "cpu")
+        noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(5))
+        x0 = ddim_sample(lambda x, t: backbone.predict_x0(x, condition, t, text), noise, backbone.alphas_cumprod, 3)
+        return x0.permute(0, 2, 3, 1)
+
+    with_prompts = edit_images(backbone, None, images, 3, 5, prompts)
+    assert (with_prompts - edit_images(backbone, None, images, 3, 5)).abs().max() > 1e-3, \
+        "the prompts must change B′, or this checks nothing"
+    torch.testing.assert_close(with_prompts, written_out(prompts))
+    torch.testing.assert_close(edit_images(backbone, None, images, 3, 5), written_out(["", ""]))
+    swapped = edit_images(backbone, None, images, 3, 5, prompts[::-1])
+    assert (swapped - with_prompts).abs().max() > 1e-3, "each image must read its own prompt"
+
+
+def test_predict_text_returns_the_soft_region_not_a_thresholded_one():
+    """Text mode's prediction is P_region upsampled (values between 0 and 1), the yardstick thresholds it itself:
+    against the module's probabilities written through :func:`probability_image`."""
+    from analogy_core.regions import probability_image
+    from test_region_training import GRID, S, StubClip, StubEncoder, region_model
+    from training.regions.task import predict_text
+
+    clip, encoder, net = StubClip(), StubEncoder(), region_model(mode="text")
+    images = torch.rand(3, S, S, 3, generator=torch.Generator().manual_seed(4))
+    instructions = ["make apples red", "remove the bee", "add a hat"]
+    got = predict_text(net, clip, encoder, images, instructions)
+
+    tokens, mask = encoder.encode(instructions)
+    with torch.no_grad():
+        probs = net(clip.vision(images).patches, "text", tokens, mask).probs
+    want = probability_image(probs, GRID, S, S)
+    assert ((want > 0.02) & (want < 0.98)).float().mean() > 0.5, "the map must be soft, or this checks nothing"
+    other = predict_text(net, clip, encoder, images, instructions[::-1])
+    assert (other - got).abs().max() > 1e-4, "the instruction must change the region"
+    assert got.shape == (3, S, S)
+    torch.testing.assert_close(got, want)
