@@ -27,6 +27,9 @@ from .run_example import write_default_inputs
 from .workflow import _input_specs, _is_widget
 
 EXAMPLES_DIR = REPO_ROOT / "example_workflows"
+# The A, A' and B every example's Load Image nodes name, shipped so a first run has inputs: copy them into
+# ComfyUI/input/ (README "First run").
+EXAMPLE_INPUTS_DIR = EXAMPLES_DIR / "input"
 
 # Layout: column x = ORIGIN_X + column * (NODE_WIDTH + COLUMN_GAP); a node's title bar (TITLE_HEIGHT, the
 # frontend's LiteGraph.NODE_TITLE_HEIGHT) sits above its `pos`.
@@ -139,7 +142,8 @@ REGION_INPAINT_NOTE = (
     "else, bit for bit.\n\n" + DOWNLOADS_NOTE + CLIP_RENAME + " FLAN-T5-Base is a folder: models/text_encoders/flan-t5-base/ "
     "also needs config.json, spiece.model, tokenizer.json, tokenizer_config.json and special_tokens_map.json of "
     "google/flan-t5-base. models/regions/region_instructions.safetensors has no public download: train it with "
-    "python -m training.train_region (text mode) and rename its region_predictor.safetensors.\n\nThe instruction "
+    "python -m training.train_region --set data=jsonl:<your items.jsonl> (text mode) and rename its "
+    "region_predictor.safetensors.\n\nThe instruction "
     "says what to change, the prompt what to paint there. grow widens the region, feather softens its inner edge.")
 REGION_INPAINT = {
     1: ("CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly-fp16.safetensors"}, (0, 0), "Stable Diffusion 1.5"),
@@ -168,7 +172,8 @@ REGION_ANALOGY_NOTE = (
     "LoRWeB's B' kept only where B should change: Predict Edit Region reads the same ANALOGY (what changed from A to "
     "A') and finds the corresponding region of B; Composite By Region takes B' inside it and B's own pixels, bit for "
     "bit, everywhere else.\n\n" + DOWNLOADS_NOTE + CLIP_RENAME + KONTEXT_GATED + " models/regions/region_analogy.safetensors has no public "
-    "download: train it with python -m training.train_region --set mode=analogy and rename its "
+    "download: train it with python -m training.train_region --set mode=analogy --set data=pairs:<your pairs.jsonl> "
+    "and rename its "
     "region_predictor.safetensors. The composite stretches panels so that Extract Panel "
     "restores B' at B's exact size.")
 REGION_ANALOGY = {
@@ -464,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
             paths = write(EXAMPLES, info, measured_heights(server, paths))
 
             make_thumbnails(server, paths)
+    write_default_inputs(EXAMPLE_INPUTS_DIR)
+    paths += sorted(EXAMPLE_INPUTS_DIR.glob("*.png"))
     for path in paths:
         print(f"wrote {path}")
     return 0

@@ -147,3 +147,35 @@ def test_pack_module_uses_only_relative_imports():
             if stripped.startswith(("from nodes", "import nodes", "from analogy_core", "import analogy_core")):
                 offenders.append(f"{path.relative_to(REPO)}: {stripped}")
     assert not offenders, offenders
+
+
+def test_every_image_the_example_workflows_load_is_shipped(tmp_path):
+    """A first run has inputs: every Load Image node of every example workflow names an image shipped in
+    ``example_workflows/input/`` (the README's "First run" copies them into ComfyUI/input/), and those are the images
+    devtools writes — an A, an A′ that is A inverted (so the pair shows a change), and a B."""
+    import numpy as np
+    from PIL import Image
+
+    from devtools.make_examples import EXAMPLE_INPUTS_DIR
+    from devtools.run_example import write_default_inputs
+
+    named = set()
+    for path in sorted((REPO / "example_workflows").glob("*.json")):
+        for node in json.loads(path.read_text())["nodes"]:
+            if node["type"] == "LoadImage":
+                named.add(node["widgets_values"][0])
+    assert named == {"analogy_a.png", "analogy_a_prime.png", "analogy_b.png"}, named
+    shipped = {p.name for p in EXAMPLE_INPUTS_DIR.glob("*.png")}
+    assert named <= shipped, f"not shipped in {EXAMPLE_INPUTS_DIR}: {sorted(named - shipped)}"
+
+    def pixels(path: Path) -> np.ndarray:
+        return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+    a, a_prime = pixels(EXAMPLE_INPUTS_DIR / "analogy_a.png"), pixels(EXAMPLE_INPUTS_DIR / "analogy_a_prime.png")
+    assert np.abs(a - a_prime).mean() > 30, "A′ must differ from A"
+    assert np.abs(255 - a - a_prime).max() <= 1, "A′ is A inverted"
+    fresh = tmp_path / "input"
+    write_default_inputs(fresh)
+    for name in named:
+        assert np.array_equal(pixels(fresh / name), pixels(EXAMPLE_INPUTS_DIR / name)), \
+            f"{name} is stale: run python -m devtools.make_examples"
