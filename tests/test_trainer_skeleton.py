@@ -187,6 +187,21 @@ def test_resume_from_an_explicit_checkpoint(tmp_path, reference):
     assert_same(weights(out), reference)
     with pytest.raises(ckpt.CheckpointError, match="not a checkpoint folder"):
         train(out, "--resume", str(tmp_path))
+    with pytest.raises(ckpt.CheckpointError, match="six or more digits"):
+        train(out, "--resume", "step_2")
+
+
+@pytest.mark.parametrize("name", ["step_000002", "checkpoints/step_000002"])
+def test_resume_names_a_checkpoint_of_this_run_from_any_directory(tmp_path, reference, monkeypatch, name):
+    """``--resume step_000002`` (or ``checkpoints/step_000002``) means that folder of this run's output, wherever
+    the command runs from; the run resumes there (start step 2, not the newest, 6) and ends as an uninterrupted one."""
+    out = interrupted_run(tmp_path / "run", 6)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    history = train(out, "--resume", name)
+    assert history["start_step"] == 2
+    assert_same(weights(out), reference)
 
 
 def test_clipping_bounds_the_update_of_a_huge_loss():

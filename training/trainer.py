@@ -295,14 +295,25 @@ def load_checkpoint(task: TrainingTask, model, optimizer, checkpoint: ckpt.Check
         ckpt.load_rng(checkpoint.path / rank_file)
 
 
+def explicit_checkpoint(target: Path, output_dir: Path) -> Path:
+    """``--resume PATH``: the path as given when it exists, else the same name inside this run (``step_000500`` or
+    ``checkpoints/step_000500`` relative to its output folder), so the README's form works from any directory."""
+    for path in (target, output_dir / target, output_dir / "checkpoints" / target):
+        if path.is_dir():
+            return path
+    return target
+
+
 def resume(task: TrainingTask, model, optimizer, target: str) -> int:
     """Load the requested checkpoint, or with 'latest' the newest one that verifies and loads. Returns its step."""
     folder = Path(task.cfg.output_dir) / "checkpoints"
     if target != "latest":
-        path = Path(target)
+        path = explicit_checkpoint(Path(target), Path(task.cfg.output_dir))
         match = ckpt.STEP_PATTERN.fullmatch(path.name)
         if not match or not path.is_dir():
-            raise ckpt.CheckpointError(f"{target} is not a checkpoint folder (checkpoints/step_NNNNNN)")
+            raise ckpt.CheckpointError(
+                f"{target} is not a checkpoint folder: expected <output_dir>/checkpoints/step_NNNNNN (six or more "
+                f"digits), as a path or as step_NNNNNN / checkpoints/step_NNNNNN of this run ({folder})")
         checkpoint = ckpt.Checkpoint(path, int(match.group(1)))
         load_checkpoint(task, model, optimizer, checkpoint)
         log.info("resumed from %s at step %d", checkpoint.path, checkpoint.step)
