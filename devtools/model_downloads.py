@@ -26,7 +26,7 @@ HF = "https://huggingface.co"
 # an error instead of a button.
 ALLOWED_URL_PREFIXES = ("https://civitai.com/", "https://huggingface.co/", "http://localhost:")
 ALLOWED_SUFFIXES = (".safetensors", ".sft")
-PACK_FOLDERS = ("lorweb", "loc", "regions")  # model folders the pack registers (nodes/), created on first start
+PACK_FOLDERS = ("lorweb", "loc", "regions")  # model folders the pack registers (nodes/); ComfyUI does not create them
 TEMPLATES = "ComfyUI's own template {} (comfyui-workflow-templates 0.7.25, the version ComfyUI 0.3.75 pins)"
 
 
@@ -120,10 +120,12 @@ LOC_HYPERNETWORK = ModelFile(
     "`python -m training.train_loc` writes it into its `output_dir`")
 REGION_TEXT = ModelFile(
     "region_instructions.safetensors", "regions", None, "yours", "no public weights exist (README, regions)",
-    "`python -m training.train_region` (text mode) writes `region_predictor.safetensors`; rename it")
+    "`python -m training.train_region --set data=jsonl:<your items.jsonl>` (text mode) writes "
+    "`region_predictor.safetensors`; rename it")
 REGION_ANALOGY = ModelFile(
     "region_analogy.safetensors", "regions", None, "yours", "no public weights exist (README, regions)",
-    "`python -m training.train_region --set mode=analogy` writes `region_predictor.safetensors`; rename it")
+    "`python -m training.train_region --set mode=analogy --set data=pairs:<your pairs.jsonl>` writes "
+    "`region_predictor.safetensors`; rename it")
 
 # FLUX.2 [klein] base 4B: the model the flux2_klein_24gb preset trains on (black-forest-labs/FLUX.2-klein-base-4B).
 KLEIN_TEMPLATE = ("ComfyUI's own template image_flux2_klein_text_to_image.json (Comfy-Org/workflow_templates, commit "
@@ -197,7 +199,7 @@ def readme_table(workflow: str) -> str:
     """The markdown download table of one workflow."""
     rows = ["| File | Put it in | Source |", "|---|---|---|"]
     for f in WORKFLOW_FILES[workflow]:
-        where = f"`models/{f.directory}/`" + (" (created on first start)" if f.directory in PACK_FOLDERS else "")
+        where = f"`models/{f.directory}/`" + (" (make the folder)" if f.directory in PACK_FOLDERS else "")
         source = f"[{f.repository}]({f.url})" if f.url else f.repository
         rows.append(f"| `{f.name}` | {where} | {source}{' — ' + f.how if f.how else ''} |")
     return "\n".join(rows)
