@@ -173,7 +173,8 @@ def parse_args(task_cls: type[TrainingTask], argv=None) -> argparse.Namespace:
     parser.add_argument("--backbone", help="shortcut for --set backbone=... (trainers with a backbone; e.g. LoRWeB's "
                                            "flux2:<folder>, qwen_image_edit:<folder>, flux2:tiny)")
     parser.add_argument("--resume", nargs="?", const="latest",
-                        help="resume from the newest intact checkpoint ('latest') or a given checkpoint folder")
+                        help="resume from the newest intact checkpoint ('latest') or a given checkpoint folder "
+                             "(a path, or step_NNNNNN of this run's checkpoints/)")
     return parser.parse_args(argv)
 
 
