@@ -197,3 +197,29 @@ def test_unknown_choices_are_refused(trio):
         cp.four_panel_composite(a, ap, b, panel_size=(0, 8))
     with pytest.raises(cp.CompositeError, match="panel: expected one of"):
         cp.extract_panel(a, "middle")
+
+
+def test_restore_size_rounds_b_span_to_the_nearest_pixel_of_a_rescaled_decode():
+    """A decode at another size than the grid (154 x 100 for 96 x 64): B's x-span 8..40 of a 48-px panel lands at
+    12.83..64.17 of the decode's 77-px panel, so B is cut from pixel 13 (nearest), not 12 (floor), to 64."""
+    square = img(3, 32, 32)
+    grid, _, geo = cp.four_panel_composite(img(1, 48, 32), img(2, 48, 32), square, fit="pad", fill=0.0)
+    decode = F.interpolate(grid.movedim(-1, 1), size=(100, 154), mode="bilinear", align_corners=False).movedim(1, -1)
+    panel = decode[:, 50:, 77:]                       # bottom right: split at round(48·154/96) = 77, round(32·100/64)
+    assert panel.shape[1:3] == (50, 77)
+    want = cp.resize(panel[:, 0:50, 13:64], 32, 32)   # 8·77/48 = 12.83 → 13, 40·77/48 = 64.17 → 64
+    floored = cp.resize(panel[:, 0:50, 12:64], 32, 32)
+    assert (want - floored).abs().max() > 1e-3, "the span's first pixel must matter, or this checks nothing"
+    torch.testing.assert_close(cp.extract_panel(decode, "bottom_right", geo, restore_size=True), want)
+
+
+@pytest.mark.parametrize("fill", [-0.01, 1.01, float("nan")])
+def test_a_fill_outside_0_to_1_is_refused(trio, fill):
+    """The grey of the blank or padded panel is an image value: outside 0..1 it is refused, naming the value
+    (0 and 1 themselves are fine and reach the panel)."""
+    a, ap, b = trio
+    for edge in (0.0, 1.0):
+        grid, _, _ = cp.four_panel_composite(a, ap, b, layout="edit_transfer", fill=edge)
+        assert torch.all(grid[:, 24:, 40:] == edge)
+    with pytest.raises(cp.CompositeError, match="fill"):
+        cp.four_panel_composite(a, ap, b, layout="edit_transfer", fill=fill)
