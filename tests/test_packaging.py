@@ -157,21 +157,21 @@ def test_every_image_the_example_workflows_load_is_shipped(tmp_path):
     from PIL import Image
 
     from devtools.make_examples import EXAMPLE_INPUTS_DIR
-    from devtools.run_example import write_default_inputs
+    from devtools.run_example import INPUT_NAMES, write_default_inputs
 
     named = set()
     for path in sorted((REPO / "example_workflows").glob("*.json")):
         for node in json.loads(path.read_text())["nodes"]:
             if node["type"] == "LoadImage":
                 named.add(node["widgets_values"][0])
-    assert named == {"analogy_a.png", "analogy_a_prime.png", "analogy_b.png"}, named
+    assert named == set(INPUT_NAMES.values()), named
     shipped = {p.name for p in EXAMPLE_INPUTS_DIR.glob("*.png")}
     assert named <= shipped, f"not shipped in {EXAMPLE_INPUTS_DIR}: {sorted(named - shipped)}"
 
     def pixels(path: Path) -> np.ndarray:
         return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
-    a, a_prime = pixels(EXAMPLE_INPUTS_DIR / "analogy_a.png"), pixels(EXAMPLE_INPUTS_DIR / "analogy_a_prime.png")
+    a, a_prime = (pixels(EXAMPLE_INPUTS_DIR / INPUT_NAMES[role]) for role in ("a", "a_prime"))
     assert np.abs(a - a_prime).mean() > 30, "A′ must differ from A"
     assert np.abs(255 - a - a_prime).max() <= 1, "A′ is A inverted"
     fresh = tmp_path / "input"
