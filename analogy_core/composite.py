@@ -273,15 +273,13 @@ def four_panel_composite(
     return composite, mask, geometry
 
 
-def panel_bounds(image_width: int, image_height: int, panel: str, geometry: PanelGeometry | None) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1) of a quadrant in an image that may have been rescaled since the composite was made."""
+def panel_bounds(image_width: int, image_height: int, panel: str) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of a quadrant of a composite, or of an image of the composite's aspect generated from it at
+    any size: the grid is always two panels wide and tall, so the split is the middle, floored on an odd side as
+    everywhere else in the pack (Edit Transfer's panel-wise encoding and mask)."""
     if panel not in PANELS:
         raise CompositeError(f"panel: expected one of {PANELS}, got {panel!r}")
-    if geometry is None:
-        split_x, split_y = image_width // 2, image_height // 2
-    else:
-        split_x = round(geometry.panel_width * image_width / geometry.grid_width)
-        split_y = round(geometry.panel_height * image_height / geometry.grid_height)
+    split_x, split_y = image_width // 2, image_height // 2
     x0, x1 = (0, split_x) if panel.endswith("left") else (split_x, image_width)
     y0, y1 = (0, split_y) if panel.startswith("top") else (split_y, image_height)
     return x0, y0, x1, y1
@@ -302,7 +300,7 @@ def extract_panel(
     img_h, img_w = image.shape[1], image.shape[2]
     if img_w < 2 or img_h < 2:
         raise CompositeError(f"image: {img_w}x{img_h} is too small to hold four panels")
-    x0, y0, x1, y1 = panel_bounds(img_w, img_h, panel, geometry)
+    x0, y0, x1, y1 = panel_bounds(img_w, img_h, panel)
     out = image[:, y0:y1, x0:x1]
     if not restore_size:
         return out

@@ -205,7 +205,7 @@ def test_restore_size_rounds_b_span_to_the_nearest_pixel_of_a_rescaled_decode():
     square = img(3, 32, 32)
     grid, _, geo = cp.four_panel_composite(img(1, 48, 32), img(2, 48, 32), square, fit="pad", fill=0.0)
     decode = F.interpolate(grid.movedim(-1, 1), size=(100, 154), mode="bilinear", align_corners=False).movedim(1, -1)
-    panel = decode[:, 50:, 77:]                       # bottom right: split at round(48·154/96) = 77, round(32·100/64)
+    panel = decode[:, 50:, 77:]                       # bottom right: split at the middle, 154 // 2, 100 // 2
     assert panel.shape[1:3] == (50, 77)
     want = cp.resize(panel[:, 0:50, 13:64], 32, 32)   # 8·77/48 = 12.83 → 13, 40·77/48 = 64.17 → 64
     floored = cp.resize(panel[:, 0:50, 12:64], 32, 32)
@@ -223,3 +223,15 @@ def test_a_fill_outside_0_to_1_is_refused(trio, fill):
         assert torch.all(grid[:, 24:, 40:] == edge)
     with pytest.raises(cp.CompositeError, match="fill"):
         cp.four_panel_composite(a, ap, b, layout="edit_transfer", fill=fill)
+
+
+def test_an_odd_sized_decode_splits_at_the_floored_middle_with_or_without_the_geometry():
+    """83 x 61: the left panels are 41 px wide and the top ones 30 tall, whether the geometry is given or not (it
+    once split at round(83 / 2) = 42 with it, banker's rounding, and at 41 without)."""
+    grid, _, geo = cp.four_panel_composite(img(1, 16, 12), img(2, 16, 12), img(3, 16, 12), fit="pad", fill=0.0)
+    decode = torch.rand(1, 61, 83, 3, generator=torch.Generator().manual_seed(5))
+    for geometry in (geo, None):
+        assert torch.equal(cp.extract_panel(decode, "top_left", geometry), decode[:, :30, :41])
+        assert torch.equal(cp.extract_panel(decode, "top_right", geometry), decode[:, :30, 41:])
+        assert torch.equal(cp.extract_panel(decode, "bottom_left", geometry), decode[:, 30:, :41])
+        assert torch.equal(cp.extract_panel(decode, "bottom_right", geometry), decode[:, 30:, 41:])
