@@ -5,6 +5,7 @@ itself produces)."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -17,6 +18,9 @@ from training.loc.ip2p import SD_SCHEDULE, schedule
 from training.world.instruct_pix2pix import (
     TEXT_TOKENS,
     TEXT_VOCAB,
+    add_position_input,
+    position_channels,
+    position_frequencies_of,
     pretraining_schedule,
     self_attention_entropy,
     similarity_attention,
@@ -51,8 +55,9 @@ def test_defaults_are_the_version_1_unet():
     for size in ("full", "quick"):
         config = WORLD_MODELS["instruct_pix2pix"].configs[size]
         assert {k: config[k] for k in IP2P_PROBES} == {"transformer_layers": 1, "prompt_position_std": 0.0,
-                                                       "self_attention_gain": 0.0}
+                                                       "self_attention_gain": 0.0, "position_frequencies": 0}
     default = tiny_unet()
+    assert default.config.in_channels == 32 and position_frequencies_of(default) == 0
     assert default.config.transformer_layers_per_block in (1, (1, 1))
     assert not any(torch.equal(m.to_q.weight, m.to_k.weight) for n, m in default.named_modules()
                    if n.endswith(".attn1"))
@@ -127,6 +132,85 @@ def test_entropy_is_that_of_the_attention_maps():
         if name.endswith(".attn1"):
             module.to_q.weight.data.zero_()
     assert math.isclose(self_attention_entropy(unet, latents, text, alphas), 1.0, abs_tol=1e-6), "zero queries: uniform"
+
+
+def test_position_channels_are_the_fourier_features_of_the_cell_centres():
+    features = position_channels(2, 2, 4, like=torch.zeros(1, dtype=torch.float64))
+    assert features.shape == (1, 8, 2, 4)
+    xs, ys = [-0.75, -0.25, 0.25, 0.75], [-0.5, 0.5]
+    for row, y in enumerate(ys):
+        for col, x in enumerate(xs):
+            expected = []
+            for k in (1, 2):
+                expected += [math.sin(math.pi * k * x), math.cos(math.pi * k * x),
+                             math.sin(math.pi * k * y), math.cos(math.pi * k * y)]
+            assert torch.allclose(features[0, :, row, col], torch.tensor(expected, dtype=torch.float64)), (row, col)
+    # a column's mirror: every sine of x changes sign, every cosine of x stays
+    mirrored = features.flip(-1)
+    x_sign = torch.tensor([-1.0, 1.0, 1.0, 1.0] * 2, dtype=torch.float64).view(1, -1, 1, 1)
+    assert torch.allclose(mirrored, features * x_sign)
+    assert position_channels(1, 3, 3, like=torch.zeros(1, dtype=torch.float16)).dtype == torch.float16
+
+
+def test_position_input_feeds_the_positions_through_conv_in():
+    unet = tiny_unet(position_frequencies=2)
+    assert unet.config.in_channels == 32 + 8 and position_frequencies_of(unet) == 2
+    latents, text, _ = inputs()
+    sample, t = torch.cat([latents, latents], dim=1), torch.tensor([10, 500, 900])
+    with torch.no_grad():
+        reference = unet(torch.cat([sample, position_channels(2, 4, 4, like=sample).expand(3, -1, -1, -1)], 1), t,
+                         encoder_hidden_states=text.expand(3, -1, -1)).sample
+        add_position_input(unet, 2)
+        positioned = unet(sample, t, encoder_hidden_states=text.expand(3, -1, -1)).sample
+        copied = copy.deepcopy(unet)(sample, t, encoder_hidden_states=text.expand(3, -1, -1)).sample
+        unet.conv_in.weight[:, 32:] = 0
+        blind = unet(sample, t, encoder_hidden_states=text.expand(3, -1, -1)).sample
+    assert not torch.allclose(positioned, blind, atol=1e-4), "the position channels must change the output"
+    assert torch.allclose(positioned, reference, atol=1e-6), "the hook appends the channels a caller would"
+    assert torch.equal(copied, positioned), "a deep copy (the yardstick's per-family copies) keeps the positions"
+
+
+def test_a_saved_unet_with_positions_loads_with_them(tmp_path):
+    """``world_ip2p`` (the loader every world run uses) reads the frequencies from the saved ``in_channels``."""
+    import json
+
+    from diffusers import DDPMScheduler
+
+    from training.world.autoencoder import build_autoencoder, initialise
+    from training.world.instruct_pix2pix import TOKENIZER_FILE
+    from training.world.loaders import world_ip2p
+
+    model = tmp_path / "instruct_pix2pix"
+    unet = tiny_unet(position_frequencies=3)
+    unet.save_pretrained(model / "unet")
+    text_encoder(31).save_pretrained(model / "text_encoder")
+    DDPMScheduler(**SD_SCHEDULE, prediction_type="v_prediction").save_pretrained(model / "scheduler")
+    (model / TOKENIZER_FILE).write_text(json.dumps({"vocab_size": TEXT_VOCAB, "length": TEXT_TOKENS}))
+    codec = build_autoencoder()
+    initialise(codec, 0)
+    codec.save_pretrained(tmp_path / "autoencoder")
+    loaded = world_ip2p(str(model)).unet
+    assert loaded.conv_in.position_frequencies == 3
+    latents, text, _ = inputs()
+    sample, t = torch.cat([latents, latents], dim=1), torch.tensor([10, 500, 900])
+    add_position_input(unet, 3)
+    with torch.no_grad():
+        assert torch.allclose(loaded(sample, t, encoder_hidden_states=text.expand(3, -1, -1)).sample,
+                              unet(sample, t, encoder_hidden_states=text.expand(3, -1, -1)).sample, atol=1e-6)
+
+
+def test_position_input_refuses_a_unet_of_other_channels_or_a_second_install():
+    with pytest.raises(ValueError, match="40 input channels"):
+        add_position_input(tiny_unet(), 2)
+    unet = tiny_unet(position_frequencies=1)
+    with pytest.raises(ValueError, match="frequencies >= 1"):
+        add_position_input(unet, 0)
+    add_position_input(unet, 1)
+    with pytest.raises(ValueError, match="already"):
+        add_position_input(unet, 1)
+    odd = UNet2DConditionModel(**{**unet_config(TINY), "in_channels": 34})
+    with pytest.raises(ValueError, match="34"):
+        position_frequencies_of(odd)
 
 
 def test_negative_scales_are_refused_with_the_setting_named():

@@ -52,18 +52,64 @@ TEXT_WIDTH = 32
 TEXT_TOKENS = 8
 TEXT_VOCAB = 1000
 TOKENIZER_FILE = "hash_tokenizer.json"
+POSITION_CHANNELS_PER_FREQUENCY = 4  # sin and cos of x and of y
 
 
 def unet_config(cfg: dict) -> dict:
     """SD1.5's block layout at world scale: cross-attention transformer blocks at both latent levels and in the middle
     (attn1 + attn2 each, as SD1.5), InstructPix2Pix's doubled input channels."""
     width = cfg["width"]
-    return dict(sample_size=cfg["panel"] // 8, in_channels=2 * LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+    in_channels = 2 * LATENT_CHANNELS + POSITION_CHANNELS_PER_FREQUENCY * cfg["position_frequencies"]
+    return dict(sample_size=cfg["panel"] // 8, in_channels=in_channels, out_channels=LATENT_CHANNELS,
                 layers_per_block=cfg["layers_per_block"], block_out_channels=(width, 2 * width),
                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_WIDTH,
                 attention_head_dim=cfg["head_dim"], norm_num_groups=cfg["groups"],
                 transformer_layers_per_block=cfg["transformer_layers"])
+
+
+def position_channels(frequencies: int, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """[1, 4·frequencies, height, width] Fourier features of each latent position: sin and cos of π·k·x and of
+    π·k·y for k = 1..frequencies, x and y the cell centres in (-1, 1). cos(π·k·(x + x')) summed over k peaks at
+    x' = -x, so a query and key built from these features can find a position's mirror."""
+    axes = [(torch.arange(n, device=like.device, dtype=torch.float64) * 2 + 1) / n - 1 for n in (height, width)]
+    y, x = torch.meshgrid(*axes, indexing="ij")
+    features = []
+    for k in range(1, frequencies + 1):
+        for coordinate in (x, y):
+            features += [torch.sin(torch.pi * k * coordinate), torch.cos(torch.pi * k * coordinate)]
+    return torch.stack(features).unsqueeze(0).to(like.dtype)
+
+
+def _append_positions(conv_in: torch.nn.Module, args: tuple) -> tuple:
+    sample = args[0]
+    positions = position_channels(conv_in.position_frequencies, *sample.shape[-2:], like=sample)
+    return (torch.cat([sample, positions.expand(len(sample), -1, -1, -1)], dim=1), *args[1:])
+
+
+def add_position_input(unet, frequencies: int) -> None:
+    """Give ``unet`` its latent positions: ``conv_in`` sees :func:`position_channels` after the 32 latent channels
+    (its config counts them in ``in_channels``; callers still pass noisy latent + condition). A probe of the world
+    (``position_frequencies``): an InstructPix2Pix UNet has no position embedding, so a cell's mirror (``hflip``)
+    can only be found through its convolutions' zero padding."""
+    expected = 2 * LATENT_CHANNELS + POSITION_CHANNELS_PER_FREQUENCY * frequencies
+    if frequencies < 1 or unet.config.in_channels != expected:
+        raise ValueError(f"position input of {frequencies} frequencies needs a UNet of {expected} input channels "
+                         f"(frequencies >= 1), got {unet.config.in_channels}")
+    if getattr(unet.conv_in, "position_frequencies", None) is not None:
+        raise ValueError("this UNet already has its position input")
+    unet.conv_in.position_frequencies = frequencies
+    unet.conv_in.register_forward_pre_hook(_append_positions)
+
+
+def position_frequencies_of(unet) -> int:
+    """How many position frequencies a saved world UNet's ``in_channels`` hold beyond the 32 latent channels."""
+    extra = unet.config.in_channels - 2 * LATENT_CHANNELS
+    if extra < 0 or extra % POSITION_CHANNELS_PER_FREQUENCY:
+        raise ValueError(f"a world InstructPix2Pix UNet has {2 * LATENT_CHANNELS} input channels plus "
+                         f"{POSITION_CHANNELS_PER_FREQUENCY} per position frequency; this one has "
+                         f"{unet.config.in_channels}")
+    return extra // POSITION_CHANNELS_PER_FREQUENCY
 
 
 def text_encoder(seed: int, position_std: float = 0.0):
@@ -190,6 +236,8 @@ def build(ctx) -> dict:
         text = encoder(HashTokenizer(TEXT_VOCAB, TEXT_TOKENS)([NEUTRAL_PROMPT]))[0]
     torch.manual_seed(ctx.seed + 32)
     unet = UNet2DConditionModel(**unet_config(cfg))
+    if cfg["position_frequencies"]:
+        add_position_input(unet, cfg["position_frequencies"])
     if cfg["self_attention_gain"] != 0:
         similarity_attention(unet, cfg["self_attention_gain"], ctx.seed + 34)
     codec = load_world_autoencoder(ctx.dependency("autoencoder"))

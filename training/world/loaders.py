@@ -24,7 +24,8 @@ from training.backbone import Backbone, HashTokenizer
 from training.loc.ip2p import IP2PBackbone
 from training.model_specs import register_loader
 from training.world.autoencoder import load_world_autoencoder
-from training.world.instruct_pix2pix import TOKENIZER_FILE, model_folders
+from training.world.instruct_pix2pix import (TOKENIZER_FILE, add_position_input, model_folders,
+                                             position_frequencies_of)
 from training.world.registry import World, build_world, open_world
 
 T5_FOLDER = "region_t5"
@@ -76,7 +77,10 @@ def world_ip2p(folder: str, dtype: torch.dtype = torch.float32, autoencoder: str
     tokenizer = json.loads((model / TOKENIZER_FILE).read_text())
     kwargs = dict(local_files_only=True, torch_dtype=dtype)
     scheduler = DDPMScheduler.from_pretrained(model / "scheduler", local_files_only=True)
-    return IP2PBackbone(UNet2DConditionModel.from_pretrained(model / "unet", **kwargs), codec.ae,
+    unet = UNet2DConditionModel.from_pretrained(model / "unet", **kwargs)
+    if frequencies := position_frequencies_of(unet):
+        add_position_input(unet, frequencies)
+    return IP2PBackbone(unet, codec.ae,
                         CLIPTextModel.from_pretrained(model / "text_encoder", **kwargs),
                         HashTokenizer(tokenizer["vocab_size"], tokenizer["length"]), scheduler.alphas_cumprod.double(),
                         scheduler.config.get("prediction_type", "epsilon"), tiny=True, codec=codec).freeze()

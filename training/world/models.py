@@ -49,8 +49,9 @@ register(WorldModel(
 # Probe settings of the InstructPix2Pix-like UNet (``--world-set instruct_pix2pix.<name>=...``); these defaults build the
 # UNet of version 1. Measured on LoC's rank-4 LoRA ceiling, none lifts it near the issue's target (README, "What limits
 # LoC's ceiling"): transformer layers per block, the neutral prompt's position-embedding scale (the cross-attention's
-# keys), and the self-attention's initial query = key gain (0: diffusers' initialisation).
-IP2P_PROBES = dict(transformer_layers=1, prompt_position_std=0.0, self_attention_gain=0.0)
+# keys), the self-attention's initial query = key gain (0: diffusers' initialisation), and Fourier position channels at
+# the UNet's input (``position_frequencies``, 0: none, as InstructPix2Pix).
+IP2P_PROBES = dict(transformer_layers=1, prompt_position_std=0.0, self_attention_gain=0.0, position_frequencies=0)
 
 register(WorldModel(
     "instruct_pix2pix", instruct_pix2pix.build, depends=("autoencoder",), version=1,
