@@ -326,12 +326,19 @@ class CompositeByRegion:
         }}
 
     def composite(self, original, edited, mask):
+        for name, image in (("original", original), ("edited", edited)):
+            if image.ndim != 4:
+                raise RegionError(f"{name}: expected an IMAGE [batch, height, width, channels], got shape "
+                                  f"{tuple(image.shape)}")
+        if mask.ndim == 2:  # a single [height, width] mask: before the batch is read from its first dimension
+            mask = mask.unsqueeze(0)
+        if mask.ndim != 3:
+            raise RegionError(f"mask: expected a MASK [batch, height, width] or [height, width], got shape "
+                              f"{tuple(mask.shape)}")
         batch = max(original.shape[0], edited.shape[0], mask.shape[0])
         height, width = original.shape[1], original.shape[2]
         if edited.shape[1:3] != (height, width):
             edited = resize(edited, width, height)
-        if mask.ndim == 2:
-            mask = mask.unsqueeze(0)
         if mask.shape[1:] != (height, width):
             mask = torch.nn.functional.interpolate(mask.unsqueeze(1).float(), size=(height, width),
                                                    mode="bilinear", align_corners=False).squeeze(1)

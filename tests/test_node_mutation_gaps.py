@@ -1,0 +1,219 @@
+"""What a mutation sweep of ``nodes/`` (stop 46: 119 mutants over the eight node modules other than the composite's)
+found no test for: LoRA application edge cases (a LoRA of unknown family, nothing matching with allow_partial, the
+reported size, chained runtime LoRAs, factor dtypes after a detach, strided convolutions), the model families
+ComfyUI's classes map to, Composite By Region's broadcasting, resizing and alpha (and a 2-D mask, which made a
+batch of H images), the region preview's colours, Save LoRA's path cleaning, and Generate LoRA's item and strength.
+Each test was checked to fail on its mutant. Runs on ComfyUI's own classes in this process (``comfy_inproc``)."""
+
+from __future__ import annotations
+
+import importlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from analogy_core.loc import build_hypernetwork, generate_lora
+from test_loc_core import analogy, config_for, perturb_u_b
+from test_lora_comfy import comfy_sd_out, rel_err
+from tiny_models import SD_DIFFUSERS, randomize_, tiny_sd_pair
+
+TWO_LAYERS = {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (32, 32),
+              "down_blocks.0.resnets.0.conv1": (32, 32, 3, 3)}
+
+
+def pack_module(comfy_inproc, name: str):
+    return importlib.import_module(f"{comfy_inproc.pack.__name__}.{name}")
+
+
+def small_lora(lora_mod, family="sd15", dtype=torch.float32, seed=0, paths=TWO_LAYERS):
+    gen = torch.Generator().manual_seed(seed)
+    layers = {}
+    for path, shape in paths.items():
+        down = torch.randn(4, *shape[1:], generator=gen) * 0.3
+        up = torch.randn(shape[0], 4, *([1, 1] if len(shape) == 4 else []), generator=gen) * 0.3
+        layers[path] = lora_mod.LoRALayer(down.to(dtype), up.to(dtype), 1.5)
+    return lora_mod.LoRA(layers, family)
+
+
+@pytest.fixture(scope="module")
+def sd(comfy_inproc):
+    return tiny_sd_pair(comfy_inproc.comfy)[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Apply LoRA to Model (nodes/lora.py, nodes/lora_patch.py)
+
+def test_a_lora_of_unknown_family_applies_to_any_model(comfy_inproc, sd):
+    _, info = comfy_inproc.nodes.ApplyLoRAToModel().apply(sd, small_lora(comfy_inproc.lora, "unknown"), 1.0,
+                                                          "merge", False)
+    assert "matched 2/2" in info
+
+
+def test_a_lora_matching_nothing_is_refused_even_with_allow_partial(comfy_inproc, sd):
+    lora = small_lora(comfy_inproc.lora, paths={"down_blocks.7.attentions.0.transformer_blocks.0.attn1.to_q": (32, 32)})
+    with pytest.raises(ValueError, match="none of the LoRA's 1 layers matches"):
+        comfy_inproc.nodes.ApplyLoRAToModel().apply(sd, lora, 1.0, "merge", True)
+
+
+def test_an_unknown_mode_is_refused(comfy_inproc, sd):
+    with pytest.raises(ValueError, match="mode must be one of"):
+        comfy_inproc.nodes.ApplyLoRAToModel().apply(sd, small_lora(comfy_inproc.lora), 1.0, "bogus", False)
+
+
+def test_the_info_reports_the_lora_weights_size_in_kilobytes(comfy_inproc, sd):
+    lora = small_lora(comfy_inproc.lora)
+    _, info = comfy_inproc.nodes.ApplyLoRAToModel().apply(sd, lora, 1.0, "runtime", False)
+    expected = sum((layer.down.numel() + layer.up.numel()) * 4 for layer in lora.layers.values())
+    assert f"{expected / 1024:.1f} KB of LoRA weights" in info
+
+
+def test_chained_runtime_loras_each_find_their_own_weights(comfy_inproc, sd):
+    import comfy.patcher_extension as extension
+
+    node = comfy_inproc.nodes.ApplyLoRAToModel()
+    once, _ = node.apply(sd, small_lora(comfy_inproc.lora, seed=1), 1.0, "runtime", False)
+    twice, _ = node.apply(once, small_lora(comfy_inproc.lora, seed=2), 1.0, "runtime", False)
+    wrappers = twice.get_all_wrappers(extension.WrappersMP.APPLY_MODEL)
+    weights = [patcher.model for patcher in twice.get_additional_models()]
+    assert len(wrappers) == 2 and weights[0] is not weights[1]
+    for wrapper, own in zip(wrappers, weights):
+        assert wrapper._weights_for(SimpleNamespace(current_patcher=twice)) is own
+
+
+def test_runtime_factors_keep_the_compute_dtype_after_a_detach(comfy_inproc, sd):
+    patched, _ = comfy_inproc.nodes.ApplyLoRAToModel().apply(sd, small_lora(comfy_inproc.lora, dtype=torch.bfloat16),
+                                                              1.0, "runtime", False)
+    [weights] = patched.get_additional_models()
+    size = weights.model_size()
+    weights.detach(unpatch_all=True)
+    assert all(p.dtype == torch.float32 for p in weights.model.parameters()) and weights.model_size() == size
+
+
+def test_runtime_mode_on_a_strided_convolution_equals_merge(comfy_inproc, sd):
+    lora = small_lora(comfy_inproc.lora, paths={"down_blocks.0.downsamplers.0.conv": (32, 32, 3, 3)})
+    node = comfy_inproc.nodes.ApplyLoRAToModel()
+    gen = torch.Generator().manual_seed(3)
+    x, t, ctx = torch.randn(1, 4, 8, 8, generator=gen), torch.tensor([400.0]), torch.randn(1, 5, 32, generator=gen)
+    merged = comfy_sd_out(node.apply(sd, lora, 1.0, "merge", False)[0], x, t, ctx)
+    runtime = comfy_sd_out(node.apply(sd, lora, 1.0, "runtime", False)[0], x, t, ctx)
+    assert rel_err(merged, comfy_sd_out(sd, x, t, ctx)) > 0.01, "the LoRA must change the output"
+    assert rel_err(runtime, merged) <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Save LoRA's file names (nodes/lora.py)
+
+@pytest.mark.parametrize("prefix, expected", [
+    ("a/x.safetensors", ("a", "x.safetensors")),     # the extension is not doubled
+    ("my:lo*ra?", ("my_lo_ra_.safetensors",)),        # odd characters become "_"
+    ("sub\\x", ("sub", "x.safetensors")),             # a Windows separator is a folder
+])
+def test_save_lora_cleans_the_prefix(comfy_inproc, tmp_path, prefix, expected):
+    assert comfy_inproc.nodes.safe_lora_path(tmp_path, prefix, True) == tmp_path.joinpath(*expected)
+
+
+def test_save_lora_refuses_a_folder_linked_outside_the_loras_folder(comfy_inproc, tmp_path):
+    root, outside = tmp_path / "loras", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "link").symlink_to(outside)
+    with pytest.raises(ValueError, match="points outside models/loras"):
+        comfy_inproc.nodes.safe_lora_path(root, "link/x", True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The model families (nodes/comfy_compat.py)
+
+def test_model_families_of_comfyuis_classes(comfy_inproc):
+    compat = pack_module(comfy_inproc, "nodes.comfy_compat")
+    base_classes, supported = comfy_inproc.comfy.model_base, comfy_inproc.comfy.supported_models
+    sdxl_ip2p = base_classes.SDXL_instructpix2pix.__new__(base_classes.SDXL_instructpix2pix)
+    assert compat.model_family(SimpleNamespace(model=sdxl_ip2p)) == "sdxl", "a subclass of SDXL is SDXL"
+    base = base_classes.BaseModel.__new__(base_classes.BaseModel)
+    object.__setattr__(base, "model_config", supported.SD20.__new__(supported.SD20))
+    assert compat.model_family(SimpleNamespace(model=base)) == "sd20"
+    flux = base_classes.Flux.__new__(base_classes.Flux)
+    object.__setattr__(flux, "model_config", SimpleNamespace(unet_config={"image_model": "flux2"}))
+    assert compat.model_family(SimpleNamespace(model=flux)) == "flux2"
+    double = SimpleNamespace(manual_cast_dtype=None, get_dtype=lambda: torch.float64)
+    assert compat.compute_dtype(double) == torch.float64
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Composite By Region and the region preview (nodes/regions.py)
+
+def test_composite_by_region_broadcasts_resizes_the_mask_and_drops_alpha(comfy_inproc):
+    regions = pack_module(comfy_inproc, "nodes.regions")
+    gen = torch.Generator().manual_seed(0)
+    original = torch.rand(2, 8, 6, 3, generator=gen)
+    edited = torch.rand(1, 8, 6, 4, generator=gen)                    # one RGBA image for a batch of two
+    mask = torch.zeros(1, 4, 3)
+    mask[:, :2] = 1.0                                                 # the top half, at half resolution
+    out = regions.CompositeByRegion().composite(original, edited, mask)[0]
+    full = torch.nn.functional.interpolate(mask[None], size=(8, 6), mode="bilinear", align_corners=False)[0, 0]
+    assert 0 < full.mean() < 1, "the region must cover part of the image"
+    expected = original * (1 - full[None, :, :, None]) + edited[..., :3] * full[None, :, :, None]
+    assert out.shape == (2, 8, 6, 3)
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(out[:, full == 0], original[:, full == 0]), "outside: the original bit for bit"
+    with pytest.raises(ValueError, match="original has a batch of 2; expected 1 or 3"):
+        regions.CompositeByRegion().composite(original, edited.repeat(3, 1, 1, 1), mask)
+
+
+def test_composite_by_region_takes_a_single_2d_mask(comfy_inproc):
+    """A [height, width] mask once set the batch from its first dimension: 8 images out of one."""
+    regions = pack_module(comfy_inproc, "nodes.regions")
+    gen = torch.Generator().manual_seed(1)
+    original, edited = torch.rand(1, 8, 6, 3, generator=gen), torch.rand(1, 8, 6, 3, generator=gen)
+    mask = torch.zeros(8, 6)
+    mask[:, 3:] = 1.0
+    out = regions.CompositeByRegion().composite(original, edited, mask)[0]
+    assert out.shape == (1, 8, 6, 3)
+    assert torch.equal(out[..., :3, :], original[..., :3, :]) and torch.equal(out[..., 3:, :], edited[..., 3:, :])
+    with pytest.raises(ValueError, match="MASK"):
+        regions.CompositeByRegion().composite(original, edited, torch.ones(1, 1, 8, 6))
+    with pytest.raises(ValueError, match="original: expected an IMAGE"):
+        regions.CompositeByRegion().composite(original[0], edited, mask)
+
+
+def test_the_region_preview_tints_the_region_red_and_dims_the_rest(comfy_inproc):
+    regions = pack_module(comfy_inproc, "nodes.regions")
+    image = torch.full((1, 2, 2, 3), 0.5)
+    soft = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    out = regions.preview(image, soft, (soft > 0).float())
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([0.75, 0.325, 0.3]))   # 0.5·0.5 + (1, 0.15, 0.1)·0.5
+    torch.testing.assert_close(out[0, 1, 1], torch.tensor([0.325, 0.325, 0.325]))  # 0.5 · (1 − 0.35)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generate LoRA (nodes/loc.py)
+
+@pytest.fixture(scope="module")
+def loc_unet():
+    from diffusers import UNet2DConditionModel
+
+    model = UNet2DConditionModel(**dict(SD_DIFFUSERS, in_channels=8)).eval()
+    randomize_(model, seed=1)
+    return model
+
+
+def test_generate_lora_uses_the_chosen_item_and_a_negative_strength(comfy_inproc, loc_unet):
+    hypernetwork = build_hypernetwork(config_for(loc_unet), seed=2)
+    perturb_u_b(hypernetwork)
+    item = analogy(batch=2, seed=5)
+    node = pack_module(comfy_inproc, "nodes.loc").GenerateLoRA()
+
+    def deltas(lora):
+        return {k: v.delta_weight() for k, v in lora.layers.items()}
+
+    first = deltas(node.generate(hypernetwork, item, "forward", 1.0, 0)[0])
+    second = deltas(node.generate(hypernetwork, item, "forward", 1.0, 1)[0])
+    negative = deltas(node.generate(hypernetwork, item, "forward", -0.5, 1)[0])
+    key = next(iter(first))
+    assert second[key].abs().max() > 0 and not torch.allclose(first[key], second[key]), "the items must differ"
+    reference = deltas(generate_lora(hypernetwork, item, "forward", 1.0, sample=1))
+    assert second.keys() == reference.keys()
+    for name, delta in reference.items():
+        torch.testing.assert_close(second[name], delta)
+        torch.testing.assert_close(negative[name], -0.5 * delta)
