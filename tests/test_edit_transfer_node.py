@@ -291,6 +291,10 @@ def test_bad_inputs_are_refused_kindly(comfy_inproc, setup):
         node.apply(patcher, {"samples": composite_latent(1)}, torch.ones(1, 64, 64))
     with pytest.raises(error, match="LATENT"):
         node.apply(patcher, composite_latent(1), panel_mask(1))
+    with pytest.raises(error, match="LATENT"):
+        node.apply(patcher, {"samples": None}, panel_mask(1))
+    with pytest.raises(error, match="expected image latents"):  # a video latent [batch, channels, frames, h, w]
+        node.apply(patcher, {"samples": composite_latent(1)[:, :, None]}, panel_mask(1))
     with pytest.raises(error, match="3 masks but the latent 2"):
         node.apply(patcher, {"samples": composite_latent(2)}, panel_mask(3))
     # a sampler latent of another size than the context: refused at the first model call, saying what to connect
@@ -298,3 +302,71 @@ def test_bad_inputs_are_refused_kindly(comfy_inproc, setup):
     other = torch.randn(1, 16, LATENT, 2 * LATENT)
     with pytest.raises(error, match="connect the same composite latent"):
         comfy_sample(comfy_inproc.comfy, patched, other, noise_like(other), 2, conditioning(1), conditioning(2))
+
+
+def test_cond_and_uncond_in_one_batch_each_get_the_whole_context(comfy_inproc, setup):
+    """ComfyUI may run cond and uncond as one batch (``cond_or_uncond`` = [0, 1]): each half is the whole latent
+    batch, so a context of two latents fits a model batch of four, and must not be paired up with a batch of two."""
+    _, patcher, node_module = setup
+    error = importlib.import_module(f"{comfy_inproc.pack.__name__}.analogy_core.edit_transfer").EditTransferError
+    latent = composite_latent(2)
+    patched = with_context(node_module, patcher, latent, panel_mask(2))
+    [wrapper] = patched.get_all_wrappers(comfy_inproc.comfy.patcher_extension.WrappersMP.APPLY_MODEL)
+    seen: list[torch.Tensor] = []
+
+    def executor(x, *args, **kwargs):
+        seen.append(x)
+        return x
+
+    executor.class_obj = patcher.model
+    options = {"cond_or_uncond": [0, 1]}
+    x = torch.randn(4, *latent.shape[1:], generator=torch.Generator().manual_seed(1))
+    wrapper(executor, x, torch.ones(4), transformer_options=options)
+    clean = patcher.model.process_latent_in(latent)
+    context = torch.ones_like(latent[0], dtype=torch.bool)
+    context[..., LATENT // 2:, LATENT // 2:] = False
+    for row, source in enumerate((0, 1, 0, 1)):  # cond: latents 0, 1; uncond: latents 0, 1
+        torch.testing.assert_close(seen[0][row][context], clean[source][context])
+    with pytest.raises(error, match="holds 2 latents but the sampler runs a batch of 1"):
+        wrapper(executor, x[:2], torch.ones(2), transformer_options=options)
+
+
+def test_every_steps_denoised_preview_holds_the_clean_context(comfy_inproc, setup):
+    """The sampler's callback (ComfyUI's live preview, SamplerCustom's denoised output) sees A, A′ and B clean."""
+    import comfy.sample
+
+    _, patcher, node_module = setup
+    latent = composite_latent(1)
+    patched = with_context(node_module, patcher, latent, panel_mask(1))
+    clean = patcher.model.process_latent_in(latent)
+    seen: list[torch.Tensor] = []
+    comfy.sample.sample(patched, noise_like(latent), 3, 1.0, "euler", "simple", conditioning(1), conditioning(2),
+                        latent, callback=lambda step, x0, x, total: seen.append(x0.clone()), disable_pbar=True,
+                        seed=0)
+    assert len(seen) == 3
+    context = torch.ones_like(latent, dtype=torch.bool)
+    context[..., LATENT // 2:, LATENT // 2:] = False
+    for x0 in seen:
+        assert not torch.allclose(x0[..., LATENT // 2:, LATENT // 2:], clean[..., LATENT // 2:, LATENT // 2:])
+        torch.testing.assert_close(x0[context], clean[context])
+
+
+class StubVAE:
+    """Encodes by taking every 8th pixel (channels first); ``downscale_ratio`` only when given."""
+
+    def __init__(self, **attributes):
+        self.__dict__.update(attributes)
+
+    def encode(self, pixels):
+        assert pixels.shape[-1] == 3, "the VAE gets RGB"
+        return pixels.movedim(-1, 1)[:, :, ::8, ::8]
+
+
+@pytest.mark.parametrize("attributes", [{}, {"downscale_ratio": 0}, {"downscale_ratio": 8}])
+def test_encode_panels_reads_the_vaes_factor_else_8(comfy_inproc, attributes):
+    node_module = importlib.import_module(f"{comfy_inproc.pack.__name__}.nodes.edit_transfer")
+    core = importlib.import_module(f"{comfy_inproc.pack.__name__}.analogy_core.edit_transfer")
+    composite = torch.rand(1, 16, 16, 4, generator=torch.Generator().manual_seed(2))  # RGBA: alpha is dropped
+    vae = StubVAE(**attributes)
+    [latent] = node_module.EncodePanels().encode(composite, vae)
+    assert torch.equal(latent["samples"], core.encode_panels(composite[..., :3], vae.encode, 8))

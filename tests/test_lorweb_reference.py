@@ -9,6 +9,7 @@ config.yaml) and mixed by our nodes, applied to ComfyUI's own Flux (the same wei
 from __future__ import annotations
 
 import math
+import os
 import textwrap
 
 import pytest
@@ -330,3 +331,14 @@ def test_basis_and_lora_lists(comfy_inproc, tmp_path, monkeypatch):
     assert listed == ["own_basis.safetensors", "released.safetensors", "sub/released_copy.safetensors"]
     loras = comfy_inproc.nodes.LoadLoRA.INPUT_TYPES()["required"]["lora_name"][0]
     assert loras == ["own_basis.safetensors", "style.safetensors", "sub/released_copy.safetensors"]
+    # a basis found only in models/loras loads (the fallback of the folder lookup)
+    loaded, info = lorweb.LoadLoRABasis().load("own_basis.safetensors")
+    assert loaded.num_entries == 4 and info.startswith(loaded.summary())
+    # IS_CHANGED: the explicit config.yaml is part of the key, and a newer basis file changes it
+    config = tmp_path / "explicit.yaml"
+    config.write_text("rank: 2\n")
+    key = lorweb.LoadLoRABasis.IS_CHANGED("released.safetensors", str(config))
+    assert str(config) in key and str(folders["lorweb"] / "released.safetensors") in key
+    stamp = (folders["lorweb"] / "released.safetensors").stat().st_mtime
+    os.utime(folders["lorweb"] / "released.safetensors", (stamp + 10, stamp + 10))
+    assert lorweb.LoadLoRABasis.IS_CHANGED("released.safetensors", str(config)) != key
