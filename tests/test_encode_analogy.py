@@ -173,6 +173,29 @@ def test_encode_node_reports_the_encoder(comfy_inproc, comfy_clip):
     assert analogy.encoder.family == "clip"
     with pytest.raises(ValueError, match="batch sizes must be 1 or all equal"):
         analogy_nodes.EncodeAnalogy().encode(comfy_clip, imgs["b"], imgs["a"], imgs["b"].repeat(3, 1, 1, 1)[:3])
+    tokens = tuple(analogy.patch_tokens["a"].shape[1:])
+    assert f"tokens {tokens}" in info and analogy.patch_tokens["a"].dtype == torch.float32
+
+
+def test_encode_uses_the_models_own_normalisation_and_loads_it_first(comfy_inproc, comfy_clip, monkeypatch):
+    """The CLIP_VISION's image_mean / image_std (ComfyUI reads them from its config) reach the preprocessing, and
+    the model is loaded through ComfyUI's model management before the pass."""
+    analogy_nodes = __import__(f"{comfy_inproc.pack.__name__}.nodes.analogy", fromlist=["x"])
+    seen: dict[str, object] = {}
+    real_batch_roles = analogy_nodes.batch_roles
+
+    def recording_batch_roles(images, size, mean, std):
+        seen["normalisation"] = (mean, std)
+        return real_batch_roles(images, size, mean, std)
+
+    monkeypatch.setattr(analogy_nodes, "batch_roles", recording_batch_roles)
+    monkeypatch.setattr(analogy_nodes.comfy_compat, "load_models", lambda patchers: seen.setdefault("loaded", patchers))
+    monkeypatch.setattr(comfy_clip, "image_mean", [0.5, 0.5, 0.5], raising=False)
+    monkeypatch.setattr(comfy_clip, "image_std", [0.25, 0.25, 0.25], raising=False)
+    imgs = images()
+    analogy_nodes.EncodeAnalogy().encode(comfy_clip, imgs["a"], imgs["a_prime"])
+    assert seen["normalisation"] == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert seen["loaded"] == [comfy_clip.patcher]
 
 
 # -- open_clip path ----------------------------------------------------------------------------------------------------
