@@ -2,8 +2,9 @@
 found no test for: LoRA application edge cases (a LoRA of unknown family, nothing matching with allow_partial, the
 reported size, chained runtime LoRAs, factor dtypes after a detach, strided convolutions), the model families
 ComfyUI's classes map to, Composite By Region's broadcasting, resizing and alpha (and a 2-D mask, which made a
-batch of H images), the region preview's colours, Save LoRA's path cleaning, and Generate LoRA's item and strength.
-Each test was checked to fail on its mutant. Runs on ComfyUI's own classes in this process (``comfy_inproc``)."""
+batch of H images), the region preview's colours, the instruction mask from ComfyUI's T5 tokens and the T5 folder
+names, Save LoRA's names and precision, Load LoRA's text-encoder note, and Load LoRA Hypernetwork / Generate LoRA
+(the file's description, the chosen item, a negative strength, the defaults). Each test was checked to fail on its mutant. Runs on ComfyUI's own classes in this process (``comfy_inproc``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from analogy_core.loc import build_hypernetwork, generate_lora
+from analogy_core.loc import build_hypernetwork, generate_lora, save_hypernetwork
 from test_loc_core import analogy, config_for, perturb_u_b
 from test_lora_comfy import comfy_sd_out, rel_err
 from tiny_models import SD_DIFFUSERS, randomize_, tiny_sd_pair
@@ -113,6 +114,32 @@ def test_save_lora_cleans_the_prefix(comfy_inproc, tmp_path, prefix, expected):
     assert comfy_inproc.nodes.safe_lora_path(tmp_path, prefix, True) == tmp_path.joinpath(*expected)
 
 
+def test_save_lora_writes_the_chosen_precision(comfy_inproc, tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    monkeypatch.setattr(comfy_inproc.nodes.folder_paths, "get_folder_paths", lambda kind: [str(tmp_path)])
+    result = comfy_inproc.nodes.SaveLoRA().save(small_lora(comfy_inproc.lora), "x", "peft", True, dtype="float16")
+    assert result["result"] == ("x.safetensors",)
+    with safe_open(str(tmp_path / "x.safetensors"), "pt") as file:
+        dtypes = {file.get_tensor(key).dtype for key in file.keys()}
+    assert dtypes == {torch.float16}
+
+
+def test_load_lora_reports_the_text_encoder_layers_it_leaves_out(comfy_inproc, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for prefix, width in (("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 320),  # SD1.5 widths
+                          ("lora_te_text_model_encoder_layers_0_self_attn_q_proj", 768)):
+        state[f"{prefix}.lora_down.weight"] = torch.randn(4, width, generator=gen)
+        state[f"{prefix}.lora_up.weight"] = torch.randn(width, 4, generator=gen)
+    save_file(state, str(tmp_path / "kohya.safetensors"))
+    monkeypatch.setattr(comfy_inproc.nodes.folder_paths, "get_full_path_or_raise", lambda kind, name: str(tmp_path / name))
+    lora, info = comfy_inproc.nodes.LoadLoRA().load("kohya.safetensors")
+    assert len(lora.layers) == 1 and "1 text-encoder layers left out" in info
+
+
 def test_save_lora_refuses_a_folder_linked_outside_the_loras_folder(comfy_inproc, tmp_path):
     root, outside = tmp_path / "loras", tmp_path / "outside"
     root.mkdir()
@@ -198,6 +225,21 @@ def loc_unet():
     return model
 
 
+def test_the_hypernetwork_loads_from_models_loc_with_its_description(comfy_inproc, loc_unet, tmp_path, monkeypatch):
+    loc_nodes = pack_module(comfy_inproc, "nodes.loc")
+    hypernetwork = build_hypernetwork(config_for(loc_unet), seed=2)
+    save_hypernetwork(hypernetwork, tmp_path / "h.safetensors")
+    monkeypatch.setattr(loc_nodes.folder_paths, "get_full_path",
+                        lambda kind, name: str(tmp_path / name) if (tmp_path / name).is_file() else None)
+    loaded, info = loc_nodes.LoadLoRAHypernetwork().load("h.safetensors")
+    assert info == loaded.config.describe() and "rank" in info
+    with pytest.raises(ValueError, match="not found in models/loc"):
+        loc_nodes.LoadLoRAHypernetwork().load("missing.safetensors")
+    inputs = loc_nodes.GenerateLoRA.INPUT_TYPES()["required"]
+    assert (inputs["direction"][1]["default"], inputs["strength"][1]["default"], inputs["sample"][1]["default"]) == (
+        "forward", 1.0, 0), "a new node generates H(A, A') of the first item at full strength"
+
+
 def test_generate_lora_uses_the_chosen_item_and_a_negative_strength(comfy_inproc, loc_unet):
     hypernetwork = build_hypernetwork(config_for(loc_unet), seed=2)
     perturb_u_b(hypernetwork)
@@ -217,3 +259,43 @@ def test_generate_lora_uses_the_chosen_item_and_a_negative_strength(comfy_inproc
     for name, delta in reference.items():
         torch.testing.assert_close(second[name], delta)
         torch.testing.assert_close(negative[name], -0.5 * delta)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Predict Edit Region's instruction from ComfyUI's own text encoder, and the T5 folder names (nodes/regions.py)
+
+class FakeDualClip:
+    """A CLIP of two tokenizers whose sequences have the conditioning's length: CLIP-L (pad 0) and T5 (pad 1)."""
+
+    def __init__(self, t5_ids: list[int]):
+        self.t5_ids = t5_ids
+        self.tokenizer = SimpleNamespace(clip_l=SimpleNamespace(pad_token=0), t5xxl=SimpleNamespace(pad_token=1))
+
+    def tokenize(self, text):
+        return {"l": [[(i, 1.0) for i in (7, 0, 0)]], "t5xxl": [[(i, 1.0) for i in self.t5_ids]]}
+
+    def encode_from_tokens(self, tokens):
+        return torch.arange(12.0).view(1, 3, 4)
+
+
+def test_the_instruction_mask_comes_from_the_t5_tokens_and_is_never_empty(comfy_inproc):
+    regions = pack_module(comfy_inproc, "nodes.regions")
+    cond, mask = regions.comfy_t5_tokens(FakeDualClip([5, 9, 1]), "make it red")
+    assert torch.equal(cond, torch.arange(12.0).view(1, 3, 4))
+    assert mask.tolist() == [[True, True, False]], "T5's padding (id 1) masked, not CLIP-L's"
+    _, empty = regions.comfy_t5_tokens(FakeDualClip([1, 1, 1]), "")
+    assert empty.tolist() == [[True, False, False]], "an all-padding instruction keeps its first token"
+
+
+def test_instruction_encoder_names_stay_one_level_inside_the_text_encoders_folder(comfy_inproc, tmp_path, monkeypatch):
+    regions = pack_module(comfy_inproc, "nodes.regions")
+    root = tmp_path / "text_encoders"
+    (root / "t5").mkdir(parents=True)
+    for folder in (root / "t5", tmp_path):  # a valid folder inside, and one above the root
+        (folder / "config.json").write_text("{}")
+        (folder / "x.safetensors").write_bytes(b"")
+    monkeypatch.setattr(regions.folder_paths, "get_folder_paths", lambda kind: [str(root)])
+    assert regions.instruction_encoder_path("t5/x.safetensors") == str(root / "t5")
+    assert regions.instruction_encoder_path("t5\\x.safetensors") == str(root / "t5")
+    for name in ("../x.safetensors", "./x.safetensors", "t5/x.bin", "x.safetensors"):
+        assert regions.instruction_encoder_path(name) is None, name
