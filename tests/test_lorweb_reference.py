@@ -333,7 +333,8 @@ def test_basis_and_lora_lists(comfy_inproc, tmp_path, monkeypatch):
     assert loras == ["own_basis.safetensors", "style.safetensors", "sub/released_copy.safetensors"]
     # a basis found only in models/loras loads (the fallback of the folder lookup)
     loaded, info = lorweb.LoadLoRABasis().load("own_basis.safetensors")
-    assert loaded.num_entries == 4 and info.startswith(loaded.summary())
+    _, note = lorweb.load_basis_with_settings(str(folders["loras"] / "own_basis.safetensors"), None)
+    assert loaded.num_entries == 4 and note and info == f"{loaded.summary()}\n{note}"
     # IS_CHANGED: the explicit config.yaml is part of the key, and a newer basis file changes it
     config = tmp_path / "explicit.yaml"
     config.write_text("rank: 2\n")

@@ -82,6 +82,16 @@ def test_chained_runtime_loras_each_find_their_own_weights(comfy_inproc, sd):
         assert wrapper._weights_for(SimpleNamespace(current_patcher=twice)) is own
 
 
+def test_runtime_mode_refuses_a_key_map_slice_along_another_dimension(comfy_inproc, sd, monkeypatch):
+    """ComfyUI's key maps may slice a fused weight (e.g. FLUX's qkv); runtime mode adds rows (dim 0) only."""
+    lora = small_lora(comfy_inproc.lora, paths={"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (32, 32)})
+    [path] = lora.layers
+    sliced = {path: ("diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight", (1, 0, 16))}
+    monkeypatch.setattr(comfy_inproc.patch, "check_compatible", lambda *args: (sliced, ""))
+    with pytest.raises(ValueError, match="along dim 1; runtime mode handles dim 0 only"):
+        comfy_inproc.nodes.ApplyLoRAToModel().apply(sd, lora, 1.0, "runtime", False)
+
+
 def test_runtime_factors_keep_the_compute_dtype_after_a_detach(comfy_inproc, sd):
     patched, _ = comfy_inproc.nodes.ApplyLoRAToModel().apply(sd, small_lora(comfy_inproc.lora, dtype=torch.bfloat16),
                                                               1.0, "runtime", False)
@@ -299,3 +309,17 @@ def test_instruction_encoder_names_stay_one_level_inside_the_text_encoders_folde
     assert regions.instruction_encoder_path("t5\\x.safetensors") == str(root / "t5")
     for name in ("../x.safetensors", "./x.safetensors", "t5/x.bin", "x.safetensors"):
         assert regions.instruction_encoder_path(name) is None, name
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The pack's model folders list .safetensors files only (nodes/lorweb.py, nodes/loc.py)
+
+@pytest.mark.parametrize("module, folder", [("nodes.lorweb", "lorweb"), ("nodes.loc", "loc")])
+def test_the_packs_model_folders_list_safetensors_only(comfy_inproc, tmp_path, monkeypatch, module, folder):
+    folder_paths = pack_module(comfy_inproc, module).folder_paths
+    for name in ("x.ckpt", "notes.pt", "y.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+    extensions = folder_paths.folder_names_and_paths[folder][1]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, folder, ([str(tmp_path)], extensions))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    assert folder_paths.get_filename_list(folder) == ["y.safetensors"]
