@@ -101,6 +101,30 @@ def test_runtime_factors_keep_the_compute_dtype_after_a_detach(comfy_inproc, sd)
     assert all(p.dtype == torch.float32 for p in weights.model.parameters()) and weights.model_size() == size
 
 
+@pytest.mark.parametrize("offload", ["cpu", "meta"])
+def test_offloaded_runtime_factors_share_the_loras_tensors_only_on_their_device(comfy_inproc, offload):
+    """After an offload the factors are put back onto the LoRA's own float32 tensors (so the host does not hold
+    them twice), but only where those live: offloaded to ``meta`` they stay there."""
+    comfy = comfy_inproc.comfy
+    import comfy.sampler_helpers
+
+    base_model = tiny_sd_pair(comfy, seed=5)[1].model
+    patcher = comfy.model_patcher.ModelPatcher(base_model, load_device=torch.device("cpu"),
+                                               offload_device=torch.device(offload))
+    lora = small_lora(comfy_inproc.lora, seed=6)  # float32, the model's dtype: the factors share its storage
+    patched, _ = comfy_inproc.nodes.ApplyLoRAToModel().apply(patcher, lora, 0.8, "runtime", False)
+    [weights] = patched.get_additional_models()
+    comfy.sampler_helpers.prepare_sampling(patched, [1, 4, 8, 8], {}, model_options={})
+    comfy.model_management.unload_all_models()
+    sources = {t.data_ptr() for layer in lora.layers.values() for t in (layer.down, layer.up)}
+    params = list(weights.model.parameters())
+    assert len(params) == 2 * len(lora.layers)
+    if offload == "meta":
+        assert all(p.is_meta for p in params)
+    else:
+        assert {p.data_ptr() for p in params} == sources
+
+
 def test_runtime_mode_on_a_strided_convolution_equals_merge(comfy_inproc, sd):
     lora = small_lora(comfy_inproc.lora, paths={"down_blocks.0.downsamplers.0.conv": (32, 32, 3, 3)})
     node = comfy_inproc.nodes.ApplyLoRAToModel()
