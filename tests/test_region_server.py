@@ -379,3 +379,27 @@ def test_instruction_encoder_names_list_t5_folders_and_refuse_anything_else(comf
     finally:
         folder_paths.folder_names_and_paths[nodes.TEXT_ENCODER_FOLDER] = paths
         folder_paths.filename_list_cache.pop(nodes.TEXT_ENCODER_FOLDER, None)
+
+
+def test_analogy_mode_refuses_another_encoder_and_a_pair_count_that_fits_no_batch(region_files):
+    """The region model and the ANALOGY must come from the encoder it was trained with (the CLIP_VISION too), and an
+    ANALOGY of n pairs serves one image or n images."""
+    import copy
+    import dataclasses
+
+    nodes, model, clip_vision = region_files["nodes"], region_files["analogy"], region_files["clip_vision"]
+    embedding = region_files["encode_analogy"](clip_vision, region_files["pair"])
+    image = region_files["images"]["analogy"]
+    probs, mode = nodes.predict_probabilities(model, clip_vision, image, analogy=embedding)
+    assert mode == "analogy" and probs.std() > 0
+    other = dataclasses.replace(embedding.encoder, patch_size=embedding.encoder.patch_size * 2)
+    with pytest.raises(ValueError, match="this ANALOGY is .*trained with"):
+        nodes.predict_probabilities(model, clip_vision, image, analogy=dataclasses.replace(embedding, encoder=other))
+    retrained = copy.copy(model)
+    retrained.spec = dataclasses.replace(model.spec, encoder=dataclasses.asdict(other))
+    with pytest.raises(ValueError, match="this CLIP_VISION is .*trained with"):
+        nodes.predict_probabilities(retrained, clip_vision, image, analogy=embedding)
+    pairs = dataclasses.replace(embedding, image_embeds={r: t.repeat(2, 1) for r, t in embedding.image_embeds.items()},
+                                patch_tokens={r: t.repeat(2, 1, 1) for r, t in embedding.patch_tokens.items()})
+    with pytest.raises(ValueError, match="holds 2 pairs for 3 images"):
+        nodes.predict_probabilities(model, clip_vision, image.repeat(3, 1, 1, 1), analogy=pairs)
