@@ -347,3 +347,22 @@ def test_the_packs_model_folders_list_safetensors_only(comfy_inproc, tmp_path, m
     monkeypatch.setitem(folder_paths.folder_names_and_paths, folder, ([str(tmp_path)], extensions))
     monkeypatch.setattr(folder_paths, "filename_list_cache", {})
     assert folder_paths.get_filename_list(folder) == ["y.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Every node: an input's widget default is the function's own default (an API prompt may omit optional inputs)
+
+def test_every_nodes_python_defaults_equal_its_widget_defaults(comfy_inproc):
+    import inspect
+
+    checked = 0
+    for name, node in comfy_inproc.pack.NODE_CLASS_MAPPINGS.items():
+        parameters = inspect.signature(getattr(node, node.FUNCTION)).parameters
+        for section in ("required", "optional"):
+            for key, spec in node.INPUT_TYPES().get(section, {}).items():
+                options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                default = parameters[key].default if key in parameters else inspect.Parameter.empty
+                if "default" in options and default is not inspect.Parameter.empty:
+                    assert default == options["default"], (name, key, default, options["default"])
+                    checked += 1
+    assert checked >= 5, "five inputs have a Python default today; fewer means an API prompt must now give one"
