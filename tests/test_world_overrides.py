@@ -6,6 +6,7 @@ training/world/yardstick/common.py, training/world/yardstick/ceiling.py)."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -60,6 +61,42 @@ def test_an_override_rekeys_its_model_and_what_depends_on_it_only():
     probe = registry.world_folder(True, 0, Path("/w"), {"flux_kontext": {"heads": 6}})
     assert probe.name.startswith(f"v{WORLD_VERSION}-quick-s0-x") and probe != registry.world_folder(
         True, 0, Path("/w"), {"flux_kontext": {"heads": 4}})
+
+
+def test_a_setting_added_late_keeps_the_keys_of_the_builds_made_before_it(tmp_path, monkeypatch):
+    """A model's key at a late setting's old value is the key it had before the setting existed (written out by
+    hand), so the cached builds stay valid; any other value rekeys it, and the build record keeps every setting."""
+    builds: list[dict] = []
+
+    def build(ctx):
+        builds.append(dict(ctx.config))
+        return {}
+
+    before = WorldModel("late_fake", build, configs={"full": {"width": 8}, "quick": {"width": 4}})
+    after = WorldModel("late_fake", build, configs={"full": {"width": 8, "extra": 0}, "quick": {"width": 4, "extra": 0}},
+                       late_settings={"extra": 0})
+    monkeypatch.setitem(registry.WORLD_MODELS, "late_fake", before)
+    old_key = registry.model_key("late_fake", True, 0, {})
+    payload = json.dumps({"world": WORLD_VERSION, "model": "late_fake", "version": 1, "seed": 0,
+                          "config": {"width": 4}, "depends": {}}, sort_keys=True)
+    assert old_key == hashlib.sha256(payload.encode()).hexdigest()[:16]
+    build_world(["late_fake"], quick=True, seed=0, root=tmp_path)
+    monkeypatch.setitem(registry.WORLD_MODELS, "late_fake", after)
+    assert registry.model_key("late_fake", True, 0, {}) == old_key
+    assert registry.model_key("late_fake", True, 0, {}, {"late_fake": {"extra": 2}}) != old_key
+    build_world(["late_fake"], quick=True, seed=0, root=tmp_path)
+    assert builds == [{"width": 4}], "the cached build is reused, not rebuilt"
+    build_world(["late_fake"], quick=True, seed=0, root=tmp_path, overrides={"late_fake": {"extra": 2}})
+    assert builds[-1] == {"width": 4, "extra": 2}, "a probe of the late setting builds with it"
+    monkeypatch.setitem(registry.WORLD_MODELS, "late_fake", WorldModel(
+        "late_fake", build, configs={"full": {"width": 8, "extra": 0}, "quick": {"width": 4, "extra": 0}}))
+    assert registry.model_key("late_fake", True, 0, {}) != old_key, "not declared late: the new setting rekeys"
+
+
+def test_the_unets_position_input_is_a_late_setting_at_zero():
+    model = registry.WORLD_MODELS["instruct_pix2pix"]
+    assert model.late_settings == {"position_frequencies": 0}
+    assert all(config["position_frequencies"] == 0 for config in model.configs.values())
 
 
 def test_a_probe_world_is_built_apart_with_its_settings(tmp_path, monkeypatch):

@@ -55,6 +55,7 @@ IP2P_PROBES = dict(transformer_layers=1, prompt_position_std=0.0, self_attention
 
 register(WorldModel(
     "instruct_pix2pix", instruct_pix2pix.build, depends=("autoencoder",), version=1,
+    late_settings=dict(position_frequencies=0),
     description="InstructPix2Pix-like SD1.5-architecture UNet (32 input channels) pretrained to copy and draw",
     configs={"full": dict(panel=PANEL, width=64, layers_per_block=1, head_dim=16, groups=16, prediction="v_prediction",
                           **IP2P_PROBES,

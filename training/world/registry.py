@@ -9,7 +9,9 @@ with a builder, its settings for the ``full`` and ``quick`` worlds, and the mode
 A built world is one folder (default ``outputs/world/v<version>-<full|quick>-s<seed>``, or ``$ANALOGY_WORLD_CACHE``
 as the parent, or a path given) holding one sub-folder per model and ``world.json`` (the manifest). A model is
 rebuilt only when its *key* changes: the hash of the world version, the model's name, version and settings, the seed
-and its dependencies' keys. Each model is written to a temporary folder and renamed when complete, so an
+and its dependencies' keys (a setting added later, declared in ``late_settings`` with the value that builds what the
+earlier keys stand for, is left out of the key at that value: a new probe setting keeps every cache). Each model is
+written to a temporary folder and renamed when complete, so an
 interrupted build never leaves a half-written model that a later run would reuse.
 
 **Overrides** (``--world-set flux_kontext.heads=6`` on the world's and the yardstick's commands) change one setting of
@@ -63,6 +65,9 @@ class WorldModel:
     depends: tuple[str, ...] = ()
     version: int = 1                 # bump when the builder changes what it writes
     description: str = ""
+    # settings added after this version's builds were keyed, each with the value that builds what those keys stand
+    # for: left out of the key at that value, so adding a probe setting never rebuilds a cached model
+    late_settings: dict = field(default_factory=dict)
 
 
 WORLD_MODELS: dict[str, WorldModel] = {}
@@ -160,8 +165,10 @@ def world_folder(quick: bool, seed: int, root: Path | None = None, overrides: Ov
 def model_key(name: str, quick: bool, seed: int, dependency_keys: dict[str, str],
               overrides: Overrides | None = None) -> str:
     model = _registered(name)
+    config = {k: v for k, v in model_config(name, quick, overrides).items()
+              if not (k in model.late_settings and v == model.late_settings[k])}
     payload = json.dumps({"world": WORLD_VERSION, "model": name, "version": model.version, "seed": seed,
-                          "config": model_config(name, quick, overrides),
+                          "config": config,
                           "depends": {d: dependency_keys[d] for d in model.depends}}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
