@@ -91,7 +91,8 @@ def add_position_input(unet, frequencies: int) -> None:
     """Give ``unet`` its latent positions: ``conv_in`` sees :func:`position_channels` after the 32 latent channels
     (its config counts them in ``in_channels``; callers still pass noisy latent + condition). A probe of the world
     (``position_frequencies``): an InstructPix2Pix UNet has no position embedding, so a cell's mirror (``hflip``)
-    can only be found through its convolutions' zero padding."""
+    can only be found through its convolutions' zero padding. Measured: it does not make the UNet draw the flip
+    (docs/analogy_world_measurements.md, "Does the UNet's flip come with steps, or with positions?")."""
     expected = 2 * LATENT_CHANNELS + POSITION_CHANNELS_PER_FREQUENCY * frequencies
     if frequencies < 1 or unet.config.in_channels != expected:
         raise ValueError(f"position input of {frequencies} frequencies needs a UNet of {expected} input channels "

@@ -11,8 +11,8 @@ as the parent, or a path given) holding one sub-folder per model and ``world.jso
 rebuilt only when its *key* changes: the hash of the world version, the model's name, version and settings, the seed
 and its dependencies' keys (a setting added later, declared in ``late_settings`` with the value that builds what the
 earlier keys stand for, is left out of the key at that value: a new probe setting keeps every cache). Each model is
-written to a temporary folder and renamed when complete, so an
-interrupted build never leaves a half-written model that a later run would reuse.
+written to a temporary folder and renamed when complete, so an interrupted build never leaves a half-written model
+that a later run would reuse.
 
 **Overrides** (``--world-set flux_kontext.heads=6`` on the world's and the yardstick's commands) change one setting of
 one model for a probe: the overridden models and everything depending on them get new keys, and the world goes to
