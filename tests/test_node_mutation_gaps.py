@@ -1,10 +1,13 @@
 """What a mutation sweep of ``nodes/`` (stop 46: 119 mutants over the eight node modules other than the composite's)
-found no test for: LoRA application edge cases (a LoRA of unknown family, nothing matching with allow_partial, the
-reported size, chained runtime LoRAs, factor dtypes after a detach, strided convolutions), the model families
-ComfyUI's classes map to, Composite By Region's broadcasting, resizing and alpha (and a 2-D mask, which made a
-batch of H images), the region preview's colours, the instruction mask from ComfyUI's T5 tokens and the T5 folder
-names, Save LoRA's names and precision, Load LoRA's text-encoder note, and Load LoRA Hypernetwork / Generate LoRA
-(the file's description, the chosen item, a negative strength, the defaults). Each test was checked to fail on its mutant. Runs on ComfyUI's own classes in this process (``comfy_inproc``)."""
+found no test for: LoRA application edge cases (a LoRA of unknown family, nothing matching with allow_partial, an
+unknown mode, the reported size, chained runtime LoRAs, a key-map slice along another dimension, factor dtypes after
+a detach, offloaded factors, strided convolutions), the model families ComfyUI's classes map to, Composite By
+Region's broadcasting, resizing and alpha (and a 2-D mask, which made a batch of H images), the region preview's
+colours, the instruction mask from ComfyUI's T5 tokens and the T5 folder names, Save LoRA's names and precision,
+Load LoRA's text-encoder note, Load LoRA Hypernetwork / Generate LoRA (the file's description, the chosen item, a
+negative strength, the defaults), the pack's .safetensors-only model folders and every node's Python defaults. Each
+test was checked to fail on its mutant (the offload test's ``cpu`` case pins the shared storage on a CPU host, where
+the mutants change nothing). Runs on ComfyUI's own classes in this process (``comfy_inproc``)."""
 
 from __future__ import annotations
 
@@ -169,7 +172,8 @@ def test_load_lora_reports_the_text_encoder_layers_it_leaves_out(comfy_inproc, t
         state[f"{prefix}.lora_down.weight"] = torch.randn(4, width, generator=gen)
         state[f"{prefix}.lora_up.weight"] = torch.randn(width, 4, generator=gen)
     save_file(state, str(tmp_path / "kohya.safetensors"))
-    monkeypatch.setattr(comfy_inproc.nodes.folder_paths, "get_full_path_or_raise", lambda kind, name: str(tmp_path / name))
+    monkeypatch.setattr(comfy_inproc.nodes.folder_paths, "get_full_path_or_raise",
+                        lambda kind, name: str(tmp_path / name))
     lora, info = comfy_inproc.nodes.LoadLoRA().load("kohya.safetensors")
     assert len(lora.layers) == 1 and "1 text-encoder layers left out" in info
 

@@ -73,8 +73,8 @@ def test_a_setting_added_late_keeps_the_keys_of_the_builds_made_before_it(tmp_pa
         return {}
 
     before = WorldModel("late_fake", build, configs={"full": {"width": 8}, "quick": {"width": 4}})
-    after = WorldModel("late_fake", build, configs={"full": {"width": 8, "extra": 0}, "quick": {"width": 4, "extra": 0}},
-                       late_settings={"extra": 0})
+    grown = {"full": {"width": 8, "extra": 0}, "quick": {"width": 4, "extra": 0}}
+    after = WorldModel("late_fake", build, configs=grown, late_settings={"extra": 0})
     monkeypatch.setitem(registry.WORLD_MODELS, "late_fake", before)
     old_key = registry.model_key("late_fake", True, 0, {})
     payload = json.dumps({"world": WORLD_VERSION, "model": "late_fake", "version": 1, "seed": 0,
@@ -88,8 +88,7 @@ def test_a_setting_added_late_keeps_the_keys_of_the_builds_made_before_it(tmp_pa
     assert builds == [{"width": 4}], "the cached build is reused, not rebuilt"
     build_world(["late_fake"], quick=True, seed=0, root=tmp_path, overrides={"late_fake": {"extra": 2}})
     assert builds[-1] == {"width": 4, "extra": 2}, "a probe of the late setting builds with it"
-    monkeypatch.setitem(registry.WORLD_MODELS, "late_fake", WorldModel(
-        "late_fake", build, configs={"full": {"width": 8, "extra": 0}, "quick": {"width": 4, "extra": 0}}))
+    monkeypatch.setitem(registry.WORLD_MODELS, "late_fake", WorldModel("late_fake", build, configs=grown))
     assert registry.model_key("late_fake", True, 0, {}) != old_key, "not declared late: the new setting rekeys"
 
 
