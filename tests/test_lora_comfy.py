@@ -365,14 +365,15 @@ RUNTIME_PATHS = {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (
                  "down_blocks.0.resnets.0.conv1": (32, 32, 3, 3)}
 
 
-def small_lora(lora_mod, dtype, seed):
+def small_lora(lora_mod, dtype=torch.float32, seed=0, family="sd15", paths=None):
+    """A rank-4 LoRA on ``paths`` (diffusers path -> weight shape; default RUNTIME_PATHS) of the tiny SD1.5."""
     gen = torch.Generator().manual_seed(seed)
     layers = {}
-    for path, shape in RUNTIME_PATHS.items():
+    for path, shape in (paths or RUNTIME_PATHS).items():
         down = torch.randn(4, *shape[1:], generator=gen) * 0.3
         up = torch.randn(shape[0], 4, *([1, 1] if len(shape) == 4 else []), generator=gen) * 0.3
         layers[path] = lora_mod.LoRALayer(down.to(dtype), up.to(dtype), 1.5)
-    return lora_mod.LoRA(layers, "sd15")
+    return lora_mod.LoRA(layers, family)
 
 
 def denoised(patcher, base_model, x, sigma, ctx):

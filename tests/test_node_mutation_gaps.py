@@ -19,25 +19,12 @@ import torch
 
 from analogy_core.loc import build_hypernetwork, generate_lora, save_hypernetwork
 from test_loc_core import analogy, config_for, perturb_u_b
-from test_lora_comfy import comfy_sd_out, rel_err
+from test_lora_comfy import comfy_sd_out, rel_err, small_lora
 from tiny_models import SD_DIFFUSERS, randomize_, tiny_sd_pair
-
-TWO_LAYERS = {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (32, 32),
-              "down_blocks.0.resnets.0.conv1": (32, 32, 3, 3)}
 
 
 def pack_module(comfy_inproc, name: str):
     return importlib.import_module(f"{comfy_inproc.pack.__name__}.{name}")
-
-
-def small_lora(lora_mod, family="sd15", dtype=torch.float32, seed=0, paths=TWO_LAYERS):
-    gen = torch.Generator().manual_seed(seed)
-    layers = {}
-    for path, shape in paths.items():
-        down = torch.randn(4, *shape[1:], generator=gen) * 0.3
-        up = torch.randn(shape[0], 4, *([1, 1] if len(shape) == 4 else []), generator=gen) * 0.3
-        layers[path] = lora_mod.LoRALayer(down.to(dtype), up.to(dtype), 1.5)
-    return lora_mod.LoRA(layers, family)
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +36,9 @@ def sd(comfy_inproc):
 # Apply LoRA to Model (nodes/lora.py, nodes/lora_patch.py)
 
 def test_a_lora_of_unknown_family_applies_to_any_model(comfy_inproc, sd):
-    _, info = comfy_inproc.nodes.ApplyLoRAToModel().apply(sd, small_lora(comfy_inproc.lora, "unknown"), 1.0,
-                                                          "merge", False)
-    assert "matched 2/2" in info
+    _, info = comfy_inproc.nodes.ApplyLoRAToModel().apply(sd, small_lora(comfy_inproc.lora, family="unknown"),
+                                                          1.0, "merge", False)
+    assert "matched 3/3" in info
 
 
 def test_a_lora_matching_nothing_is_refused_even_with_allow_partial(comfy_inproc, sd):
