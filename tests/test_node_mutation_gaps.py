@@ -1,13 +1,14 @@
 """What a mutation sweep of ``nodes/`` (stop 46: 119 mutants over the eight node modules other than the composite's)
 found no test for: LoRA application edge cases (a LoRA of unknown family, nothing matching with allow_partial, an
 unknown mode, the reported size, chained runtime LoRAs, a key-map slice along another dimension, factor dtypes after
-a detach, offloaded factors, strided convolutions), the model families ComfyUI's classes map to, Composite By
-Region's broadcasting, resizing and alpha (and a 2-D mask, which made a batch of H images), the region preview's
-colours, the instruction mask from ComfyUI's T5 tokens and the T5 folder names, Save LoRA's names and precision,
-Load LoRA's text-encoder note, Load LoRA Hypernetwork / Generate LoRA (the file's description, the chosen item, a
-negative strength, the defaults), the pack's .safetensors-only model folders and every node's Python defaults. Each
-test was checked to fail on its mutant (the offload test's ``cpu`` case pins the shared storage on a CPU host, where
-the mutants change nothing). Runs on ComfyUI's own classes in this process (``comfy_inproc``)."""
+a detach, offloaded factors, strided convolutions), the model families ComfyUI's classes map to, a Linear patch
+embedding's patch size, Composite By Region's broadcasting, resizing and alpha (and a 2-D mask, which made a batch
+of H images), the region preview's colours, the instruction mask from ComfyUI's T5 tokens and the T5 folder names,
+Save LoRA's names and precision, Load LoRA's text-encoder note, Load LoRA Hypernetwork / Generate LoRA (the file's
+description, the chosen item, a negative strength, the defaults), the pack's .safetensors-only model folders and
+every node's Python defaults. Each test was checked to fail on its mutant (the offload test's ``cpu`` case pins the
+shared storage on a CPU host, where the mutants change nothing). Runs on ComfyUI's own classes in this process
+(``comfy_inproc``)."""
 
 from __future__ import annotations
 
@@ -190,6 +191,18 @@ def test_model_families_of_comfyuis_classes(comfy_inproc):
     assert compat.model_family(SimpleNamespace(model=flux)) == "flux2"
     double = SimpleNamespace(manual_cast_dtype=None, get_dtype=lambda: torch.float64)
     assert compat.compute_dtype(double) == torch.float64
+
+
+def test_encoder_info_reads_the_patch_size_of_a_linear_patch_embedding(comfy_inproc):
+    """SigLIP2 NaFlex embeds patches with a Linear [hidden, 3·p·p]; without a config the patch side is read from it."""
+    analogy_nodes = pack_module(comfy_inproc, "nodes.analogy")
+    vision = SimpleNamespace(embeddings=SimpleNamespace(patch_embedding=torch.nn.Linear(3 * 16 * 16, 48)),
+                             encoder=SimpleNamespace(layers=[None] * 3))
+    clip_vision = SimpleNamespace(model_type="siglip2_vision_model", config=None, image_size=256,
+                                  model=SimpleNamespace(vision_model=vision))
+    info = analogy_nodes.encoder_info(clip_vision)
+    assert (info.family, info.patch_size, info.hidden_dim, info.embed_dim, info.num_layers, info.image_size) == (
+        "siglip2", 16, 48, 48, 3, 256)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
