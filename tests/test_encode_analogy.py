@@ -177,6 +177,23 @@ def test_encode_node_reports_the_encoder(comfy_inproc, comfy_clip):
     assert f"tokens {tokens}" in info and analogy.patch_tokens["a"].dtype == torch.float32
 
 
+def test_a_half_precision_clip_vision_gives_float32_embeddings(comfy_inproc, comfy_clip):
+    """ComfyUI may store CLIP vision in bfloat16 / float16; the ANALOGY holds float32 close to the float32 model's.
+    (ComfyUI's layers compute in the input's dtype, float32 pixels here, so the node's own ``.float()`` is a guard
+    this test cannot tell from its absence.)"""
+    import copy
+
+    analogy_nodes = __import__(f"{comfy_inproc.pack.__name__}.nodes.analogy", fromlist=["x"])
+    half = copy.deepcopy(comfy_clip)
+    half.model.to(torch.bfloat16)
+    imgs = images()
+    analogy, _ = analogy_nodes.EncodeAnalogy().encode(half, imgs["a"], imgs["a_prime"])
+    reference, _ = analogy_nodes.EncodeAnalogy().encode(comfy_clip, imgs["a"], imgs["a_prime"])
+    for role in ("a", "a_prime"):
+        assert analogy.image_embeds[role].dtype == analogy.patch_tokens[role].dtype == torch.float32
+        torch.testing.assert_close(analogy.patch_tokens[role], reference.patch_tokens[role], rtol=0.1, atol=0.1)
+
+
 def test_encode_uses_the_models_own_normalisation_and_loads_it_first(comfy_inproc, comfy_clip, monkeypatch):
     """The CLIP_VISION's image_mean / image_std (ComfyUI reads them from its config) reach the preprocessing, and
     the model is loaded through ComfyUI's model management before the pass."""
