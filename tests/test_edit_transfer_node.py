@@ -115,11 +115,11 @@ def official_sigmas(steps: int, tokens: int) -> torch.Tensor:
 
 
 def comfy_sample(comfy, patcher, latent, noise, steps, positive, negative, cfg=1.0, sampler="euler",
-                 scheduler="simple", noise_mask=None):
+                 scheduler="simple", noise_mask=None, callback=None):
     import comfy.sample
 
     return comfy.sample.sample(patcher, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
-                               noise_mask=noise_mask, disable_pbar=True, seed=0)
+                               noise_mask=noise_mask, callback=callback, disable_pbar=True, seed=0)
 
 
 def comfy_sigmas(comfy, patcher, scheduler: str, steps: int) -> torch.Tensor:
@@ -333,16 +333,13 @@ def test_cond_and_uncond_in_one_batch_each_get_the_whole_context(comfy_inproc, s
 
 def test_every_steps_denoised_preview_holds_the_clean_context(comfy_inproc, setup):
     """The sampler's callback (ComfyUI's live preview, SamplerCustom's denoised output) sees A, A′ and B clean."""
-    import comfy.sample
-
     _, patcher, node_module = setup
     latent = composite_latent(1)
     patched = with_context(node_module, patcher, latent, panel_mask(1))
     clean = patcher.model.process_latent_in(latent)
     seen: list[torch.Tensor] = []
-    comfy.sample.sample(patched, noise_like(latent), 3, 1.0, "euler", "simple", conditioning(1), conditioning(2),
-                        latent, callback=lambda step, x0, x, total: seen.append(x0.clone()), disable_pbar=True,
-                        seed=0)
+    comfy_sample(comfy_inproc.comfy, patched, latent, noise_like(latent), 3, conditioning(1), conditioning(2),
+                 callback=lambda step, x0, x, total: seen.append(x0.clone()))
     assert len(seen) == 3
     context = torch.ones_like(latent, dtype=torch.bool)
     context[..., LATENT // 2:, LATENT // 2:] = False
