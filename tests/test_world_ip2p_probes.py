@@ -16,9 +16,13 @@ from diffusers.models.attention_processor import AttnProcessor
 from training.backbone import HashTokenizer
 from training.loc.ip2p import SD_SCHEDULE, schedule
 from training.world.instruct_pix2pix import (
+    ATTENTION_POSITION_SEED,
     TEXT_TOKENS,
     TEXT_VOCAB,
+    add_attention_positions,
     add_position_input,
+    attention_position_embedding,
+    attention_positions_of,
     position_channels,
     position_frequencies_of,
     pretraining_schedule,
@@ -55,7 +59,8 @@ def test_defaults_are_the_version_1_unet():
     for size in ("full", "quick"):
         config = WORLD_MODELS["instruct_pix2pix"].configs[size]
         assert {k: config[k] for k in IP2P_PROBES} == {"transformer_layers": 1, "prompt_position_std": 0.0,
-                                                       "self_attention_gain": 0.0, "position_frequencies": 0}
+                                                       "self_attention_gain": 0.0, "position_frequencies": 0,
+                                                       "attention_positions": 0}
     default = tiny_unet()
     assert default.config.in_channels == 32 and position_frequencies_of(default) == 0
     assert default.config.transformer_layers_per_block in (1, (1, 1))
@@ -170,26 +175,32 @@ def test_position_input_feeds_the_positions_through_conv_in():
     assert torch.equal(copied, positioned), "a deep copy (the yardstick's per-family copies) keeps the positions"
 
 
-def test_a_saved_unet_with_positions_loads_with_them(tmp_path):
-    """``world_ip2p`` (the loader every world run uses) reads the frequencies from the saved ``in_channels``."""
+def save_world_ip2p(folder, unet: UNet2DConditionModel):
+    """``unet`` saved as a world InstructPix2Pix folder (``folder/instruct_pix2pix``) beside a world autoencoder."""
     import json
 
     from diffusers import DDPMScheduler
 
     from training.world.autoencoder import build_autoencoder, initialise
     from training.world.instruct_pix2pix import TOKENIZER_FILE
-    from training.world.loaders import world_ip2p
 
-    model = tmp_path / "instruct_pix2pix"
-    unet = tiny_unet(position_frequencies=3)
+    model = folder / "instruct_pix2pix"
     unet.save_pretrained(model / "unet")
     text_encoder(31).save_pretrained(model / "text_encoder")
     DDPMScheduler(**SD_SCHEDULE, prediction_type="v_prediction").save_pretrained(model / "scheduler")
     (model / TOKENIZER_FILE).write_text(json.dumps({"vocab_size": TEXT_VOCAB, "length": TEXT_TOKENS}))
     codec = build_autoencoder()
     initialise(codec, 0)
-    codec.save_pretrained(tmp_path / "autoencoder")
-    loaded = world_ip2p(str(model)).unet
+    codec.save_pretrained(folder / "autoencoder")
+    return model
+
+
+def test_a_saved_unet_with_positions_loads_with_them(tmp_path):
+    """``world_ip2p`` (the loader every world run uses) reads the frequencies from the saved ``in_channels``."""
+    from training.world.loaders import world_ip2p
+
+    unet = tiny_unet(position_frequencies=3)
+    loaded = world_ip2p(str(save_world_ip2p(tmp_path, unet))).unet
     assert loaded.conv_in.position_frequencies == 3
     latents, text, _ = inputs()
     sample, t = torch.cat([latents, latents], dim=1), torch.tensor([10, 500, 900])
@@ -211,6 +222,103 @@ def test_position_input_refuses_a_unet_of_other_channels_or_a_second_install():
     odd = UNet2DConditionModel(**{**unet_config(TINY), "in_channels": 34})
     with pytest.raises(ValueError, match="34"):
         position_frequencies_of(odd)
+
+
+def test_attention_position_embedding_projects_the_token_grids_fourier_features():
+    embedding = attention_position_embedding(2, 9, 5, layer=1, like=torch.zeros(1, dtype=torch.float64))
+    assert embedding.shape == (1, 9, 5) and embedding.dtype == torch.float64
+    features = position_channels(2, 3, 3, like=torch.zeros(1, dtype=torch.float64))[0]  # [8, row, col]
+    # token i is the grid's row i // 3, column i % 3 (the attention's row-major tokens); the projection is linear
+    stacked = torch.stack([features[:, i // 3, i % 3] for i in range(9)])
+    gen = torch.Generator().manual_seed(ATTENTION_POSITION_SEED + 1)
+    projection = torch.randn(8, 5, generator=gen, dtype=torch.float64) / math.sqrt(2 * 2)  # N(0, 1 / (2·frequencies))
+    assert torch.allclose(stacked @ projection, embedding[0], atol=1e-10), "the layer's fixed map of the features"
+    assert not torch.allclose(embedding, attention_position_embedding(2, 9, 5, layer=2, like=embedding)), \
+        "every layer its own projection"
+    assert torch.equal(embedding, attention_position_embedding(2, 9, 5, layer=1, like=embedding)), "recomputable"
+    wide = attention_position_embedding(4, 256, 4000, layer=0, like=torch.zeros(1, dtype=torch.float64))
+    assert abs(float(wide.var(dim=1).mean()) - 1.0) < 0.1, "each channel of about unit variance, as the tokens"
+    with pytest.raises(ValueError, match="square token grid"):
+        attention_position_embedding(2, 8, 5, layer=0, like=embedding)
+
+
+def test_attention_positions_reach_the_projections_of_every_self_attention():
+    unet = tiny_unet()
+    latents, text, _ = inputs()
+    sample, t = torch.cat([latents, latents], dim=1), torch.tensor([10, 500, 900])
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        return lambda module, args: seen.__setitem__(name, args[0].detach().clone())
+
+    self_attentions = [(n, m) for n, m in unet.named_modules() if n.endswith(".attn1")]
+    assert len(self_attentions) >= 3
+    # registered before the positions' hook, the attention's own hook sees its input as the block gives it
+    for name, module in self_attentions:
+        module.register_forward_pre_hook(record(name))
+        for projection in ("to_q", "to_k", "to_v"):
+            getattr(module, projection).register_forward_pre_hook(record(f"{name}.{projection}"))
+    with torch.no_grad():
+        plain = unet(sample, t, encoder_hidden_states=text.expand(3, -1, -1)).sample
+        add_attention_positions(unet, 2)
+        positioned = unet(sample, t, encoder_hidden_states=text.expand(3, -1, -1)).sample
+        copied = copy.deepcopy(unet)(sample, t, encoder_hidden_states=text.expand(3, -1, -1)).sample
+    assert not torch.allclose(plain, positioned, atol=1e-4), "the positions must change the output"
+    assert torch.equal(copied, positioned), "a deep copy (the yardstick's per-family copies) keeps the positions"
+    for index, (name, _) in enumerate(self_attentions):
+        given = seen[name]
+        expected = given + attention_position_embedding(2, given.shape[1], given.shape[2], index, given)
+        for projection in ("to_q", "to_k", "to_v"):
+            assert torch.allclose(seen[f"{name}.{projection}"], expected, atol=1e-6), (name, projection)
+
+
+def test_attention_positions_reach_a_hidden_state_given_by_keyword():
+    unet = tiny_unet()
+    add_attention_positions(unet, 2)
+    attention = next(m for n, m in unet.named_modules() if n.endswith(".attn1"))
+    hidden = torch.randn(2, 16, attention.to_q.in_features, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        by_keyword, positional = attention(hidden_states=hidden), attention(hidden)
+        attention._forward_pre_hooks.clear()
+        blind = attention(hidden)
+    assert not torch.allclose(blind, positional, atol=1e-4)
+    assert torch.allclose(by_keyword, positional, atol=1e-6)
+
+
+def test_a_saved_unet_with_attention_positions_loads_with_them(tmp_path):
+    from training.world.instruct_pix2pix import write_attention_positions
+    from training.world.loaders import world_ip2p
+
+    unet = tiny_unet()
+    model = save_world_ip2p(tmp_path, unet)
+    assert attention_positions_of(model) == 0
+    write_attention_positions(model, 3)
+    loaded = world_ip2p(str(model)).unet
+    assert attention_positions_of(model) == 3
+    latents, text, _ = inputs()
+    sample, t = torch.cat([latents, latents], dim=1), torch.tensor([10, 500, 900])
+    with torch.no_grad():
+        plain = unet(sample, t, encoder_hidden_states=text.expand(3, -1, -1)).sample
+        add_attention_positions(unet, 3)
+        reference = unet(sample, t, encoder_hidden_states=text.expand(3, -1, -1)).sample
+        assert not torch.allclose(plain, reference, atol=1e-4)
+        assert torch.allclose(loaded(sample, t, encoder_hidden_states=text.expand(3, -1, -1)).sample, reference,
+                              atol=1e-6)
+
+
+def test_attention_positions_refuse_no_frequency_a_second_install_or_a_bad_record(tmp_path):
+    from training.world.instruct_pix2pix import ATTENTION_POSITIONS_FILE
+
+    unet = tiny_unet()
+    with pytest.raises(ValueError, match="at least one frequency"):
+        add_attention_positions(unet, 0)
+    add_attention_positions(unet, 1)
+    with pytest.raises(ValueError, match="already"):
+        add_attention_positions(unet, 1)
+    for bad in ('{"frequencies": 0}', '{"frequencies": "4"}', '{"frequencies": true}', "{}"):
+        (tmp_path / ATTENTION_POSITIONS_FILE).write_text(bad)
+        with pytest.raises(ValueError, match="frequencies"):
+            attention_positions_of(tmp_path)
 
 
 def test_negative_scales_are_refused_with_the_setting_named():

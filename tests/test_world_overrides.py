@@ -92,10 +92,10 @@ def test_a_setting_added_late_keeps_the_keys_of_the_builds_made_before_it(tmp_pa
     assert registry.model_key("late_fake", True, 0, {}) != old_key, "not declared late: the new setting rekeys"
 
 
-def test_the_unets_position_input_is_a_late_setting_at_zero():
+def test_the_unets_position_probes_are_late_settings_at_zero():
     model = registry.WORLD_MODELS["instruct_pix2pix"]
-    assert model.late_settings == {"position_frequencies": 0}
-    assert all(config["position_frequencies"] == 0 for config in model.configs.values())
+    assert model.late_settings == {"position_frequencies": 0, "attention_positions": 0}
+    assert all(config[k] == 0 for config in model.configs.values() for k in model.late_settings)
 
 
 def test_a_probe_world_is_built_apart_with_its_settings(tmp_path, monkeypatch):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -111,6 +112,69 @@ def position_frequencies_of(unet) -> int:
                          f"{POSITION_CHANNELS_PER_FREQUENCY} per position frequency; this one has "
                          f"{unet.config.in_channels}")
     return extra // POSITION_CHANNELS_PER_FREQUENCY
+
+
+ATTENTION_POSITIONS_FILE = "attention_positions.json"
+ATTENTION_POSITION_SEED = 1009
+
+
+def attention_position_embedding(frequencies: int, tokens: int, width: int, layer: int,
+                                 like: torch.Tensor) -> torch.Tensor:
+    """[1, tokens, width]: :func:`position_channels` of a square token grid through a fixed random projection
+    (seeded by the layer's index; N(0, 1 / (2·frequencies)), so each channel has unit variance as the LayerNorm'd
+    tokens it is added to). Fixed, not learned: it is recomputed on load and no weight is added to the UNet."""
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise ValueError(f"attention positions need a square token grid (a square world panel), got {tokens} tokens")
+    features = position_channels(frequencies, side, side, like=torch.empty(0, dtype=torch.float64))
+    features = features.flatten(2).transpose(1, 2)  # [1, tokens, 4·frequencies], row-major as the attention's tokens
+    gen = torch.Generator().manual_seed(ATTENTION_POSITION_SEED + layer)
+    projection = torch.randn(POSITION_CHANNELS_PER_FREQUENCY * frequencies, width, generator=gen, dtype=torch.float64)
+    return (features @ projection / math.sqrt(2 * frequencies)).to(like.device, like.dtype)
+
+
+def _add_attention_positions(attention: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    key = "hidden_states" if not args else None
+    hidden = kwargs[key] if key else args[0]
+    embedding = attention_position_embedding(attention.position_frequencies, hidden.shape[1], hidden.shape[2],
+                                             attention.position_layer, like=hidden)
+    if key:
+        return args, {**kwargs, key: hidden + embedding}
+    return (hidden + embedding, *args[1:]), kwargs
+
+
+def add_attention_positions(unet, frequencies: int) -> None:
+    """Give every self-attention of ``unet`` the absolute position of its tokens: :func:`attention_position_embedding`
+    is added to each ``attn1``'s input (after the block's norm, before q, k, v and any LoRA on them; the residual
+    stream does not carry it), as a ViT's position embedding. A probe of the world (``attention_positions``): with
+    it, q·k can hold cos(π·k·(x + x')), which peaks at a token's mirror — the attention a flip needs."""
+    if frequencies < 1:
+        raise ValueError(f"attention positions need at least one frequency, got {frequencies}")
+    layers = [m for n, m in unet.named_modules() if n.endswith(".attn1")]
+    if not layers:
+        raise ValueError("this UNet has no self-attention (.attn1) to give positions")
+    for index, attention in enumerate(layers):
+        if getattr(attention, "position_frequencies", None) is not None:
+            raise ValueError("this UNet already has its attention positions")
+        attention.position_frequencies, attention.position_layer = frequencies, index
+        attention.register_forward_pre_hook(_add_attention_positions, with_kwargs=True)
+
+
+def write_attention_positions(folder: Path, frequencies: int) -> None:
+    """Record a UNet's attention positions beside it (diffusers' config cannot carry them), for the loader."""
+    if frequencies:
+        (folder / ATTENTION_POSITIONS_FILE).write_text(json.dumps({"frequencies": frequencies}))
+
+
+def attention_positions_of(folder: Path) -> int:
+    """The attention positions a saved world UNet was built with (0 without the record)."""
+    path = folder / ATTENTION_POSITIONS_FILE
+    if not path.is_file():
+        return 0
+    frequencies = json.loads(path.read_text()).get("frequencies")
+    if not isinstance(frequencies, int) or isinstance(frequencies, bool) or frequencies < 1:
+        raise ValueError(f"{path}: expected {{\"frequencies\": <int >= 1>}}, got {path.read_text()[:200]!r}")
+    return frequencies
 
 
 def text_encoder(seed: int, position_std: float = 0.0):
@@ -239,12 +303,15 @@ def build(ctx) -> dict:
     unet = UNet2DConditionModel(**unet_config(cfg))
     if cfg["position_frequencies"]:
         add_position_input(unet, cfg["position_frequencies"])
+    if cfg["attention_positions"]:
+        add_attention_positions(unet, cfg["attention_positions"])
     if cfg["self_attention_gain"] != 0:
         similarity_attention(unet, cfg["self_attention_gain"], ctx.seed + 34)
     codec = load_world_autoencoder(ctx.dependency("autoencoder"))
     latents = codec.model_latents(panel_pool(cfg["pool"], cfg["panel"]))
     losses = pretrain(unet, latents, text, scheduler.alphas_cumprod.double(), cfg, ctx.seed + 33)
     unet.save_pretrained(folder / "unet")
+    write_attention_positions(folder, cfg["attention_positions"])
     backbone = load_ip2p(f"world:{folder}", autoencoder=ctx.dependency("autoencoder"))
     metrics = {**training_metrics(unet, losses),
                "attention_layers": sum(1 for n, _ in unet.named_modules() if n.endswith((".attn1", ".attn2"))),

@@ -24,8 +24,8 @@ from training.backbone import Backbone, HashTokenizer
 from training.loc.ip2p import IP2PBackbone
 from training.model_specs import register_loader
 from training.world.autoencoder import load_world_autoencoder
-from training.world.instruct_pix2pix import (TOKENIZER_FILE, add_position_input, model_folders,
-                                             position_frequencies_of)
+from training.world.instruct_pix2pix import (TOKENIZER_FILE, add_attention_positions, add_position_input,
+                                             attention_positions_of, model_folders, position_frequencies_of)
 from training.world.registry import World, build_world, open_world
 
 T5_FOLDER = "region_t5"
@@ -80,6 +80,8 @@ def world_ip2p(folder: str, dtype: torch.dtype = torch.float32, autoencoder: str
     unet = UNet2DConditionModel.from_pretrained(model / "unet", **kwargs)
     if frequencies := position_frequencies_of(unet):
         add_position_input(unet, frequencies)
+    if frequencies := attention_positions_of(model):
+        add_attention_positions(unet, frequencies)
     return IP2PBackbone(unet, codec.ae,
                         CLIPTextModel.from_pretrained(model / "text_encoder", **kwargs),
                         HashTokenizer(tokenizer["vocab_size"], tokenizer["length"]), scheduler.alphas_cumprod.double(),

@@ -50,12 +50,14 @@ register(WorldModel(
 # UNet of version 1. Measured on LoC's rank-4 LoRA ceiling, none lifts it near the issue's target (README, "What limits
 # LoC's ceiling"): transformer layers per block, the neutral prompt's position-embedding scale (the cross-attention's
 # keys), the self-attention's initial query = key gain (0: diffusers' initialisation), and Fourier position channels at
-# the UNet's input (``position_frequencies``, 0: none, as InstructPix2Pix).
-IP2P_PROBES = dict(transformer_layers=1, prompt_position_std=0.0, self_attention_gain=0.0, position_frequencies=0)
+# the UNet's input (``position_frequencies``, 0: none, as InstructPix2Pix) or added to every self-attention's input
+# (``attention_positions``, 0: none).
+IP2P_PROBES = dict(transformer_layers=1, prompt_position_std=0.0, self_attention_gain=0.0, position_frequencies=0,
+                   attention_positions=0)
 
 register(WorldModel(
     "instruct_pix2pix", instruct_pix2pix.build, depends=("autoencoder",), version=1,
-    late_settings=dict(position_frequencies=0),
+    late_settings=dict(position_frequencies=0, attention_positions=0),
     description="InstructPix2Pix-like SD1.5-architecture UNet (32 input channels) pretrained to copy and draw",
     configs={"full": dict(panel=PANEL, width=64, layers_per_block=1, head_dim=16, groups=16, prediction="v_prediction",
                           **IP2P_PROBES,
