@@ -147,7 +147,10 @@ def add_attention_positions(unet, frequencies: int) -> None:
     """Give every self-attention of ``unet`` the absolute position of its tokens: :func:`attention_position_embedding`
     is added to each ``attn1``'s input (after the block's norm, before q, k, v and any LoRA on them; the residual
     stream does not carry it), as a ViT's position embedding. A probe of the world (``attention_positions``): with
-    it, q·k can hold cos(π·k·(x + x')), which peaks at a token's mirror — the attention a flip needs."""
+    it, q·k can hold cos(π·k·(x + x')), which peaks at a token's mirror — the attention a flip needs. Measured: a
+    small gain, not the lever (``hflip`` fully fine-tuned 6,000 steps on the 2,400-step-pretrained 64-wide UNet: 0.91
+    of the changed cells with it, 0.80 without; H's rank-4 LoRA 0.08 either way; docs/analogy_world_measurements.md,
+    "The flip is the UNet's pretraining and steps")."""
     if frequencies < 1:
         raise ValueError(f"attention positions need at least one frequency, got {frequencies}")
     layers = [m for n, m in unet.named_modules() if n.endswith(".attn1")]
