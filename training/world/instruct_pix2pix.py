@@ -29,6 +29,7 @@ The LoRA of Change settings on the world (``LOC_WORLD``) live here too, with the
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -126,11 +127,17 @@ def attention_position_embedding(frequencies: int, tokens: int, width: int, laye
     side = math.isqrt(tokens)
     if side * side != tokens:
         raise ValueError(f"attention positions need a square token grid (a square world panel), got {tokens} tokens")
+    return _embedding(frequencies, side, width, layer).to(like.device, like.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _embedding(frequencies: int, side: int, width: int, layer: int) -> torch.Tensor:
+    # cached: every forward of every self-attention asks for the same few (the hook runs on the training hot path)
     features = position_channels(frequencies, side, side, like=torch.empty(0, dtype=torch.float64))
     features = features.flatten(2).transpose(1, 2)  # [1, tokens, 4·frequencies], row-major as the attention's tokens
     gen = torch.Generator().manual_seed(ATTENTION_POSITION_SEED + layer)
     projection = torch.randn(POSITION_CHANNELS_PER_FREQUENCY * frequencies, width, generator=gen, dtype=torch.float64)
-    return (features @ projection / math.sqrt(2 * frequencies)).to(like.device, like.dtype)
+    return features @ projection / math.sqrt(2 * frequencies)
 
 
 def _add_attention_positions(attention: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
