@@ -8,11 +8,11 @@ UNet that results on the ceiling's own held-out scenes, sampler and seed with th
 
 Rows of the report: ``base`` (the world's UNet), ``fine_tuned`` (every weight the run changed), ``sites`` (only the
 changes at H's sites, at full rank; every other weight back to the base's) and ``sites_rank_<r>``. A LoRA can hold
-``sites_rank_<r>`` exactly, so if that row draws the edit the rank-r budget can express what the fine-tune found,
-and a rank-r LoRA trained for it that does not is short of optimisation, not of capacity; if only ``sites`` draws
-it, the edit needs more than rank r at those sites; if ``sites`` does not either, it needs weights outside them.
-``energy_<r>``: the share of the sites' change (squared Frobenius norm, summed over the projections) that rank r
-keeps.
+``sites_rank_<r>`` exactly, so a row that draws the edit shows that rank r at H's sites suffices (a rank-r LoRA
+trained for it that does worse is short of optimisation, not of capacity). The cut is only a lower bound on what
+rank r can do: where it draws nothing, this fine-tune's solution needs more than rank r, but a LoRA trained at rank
+r may find another one. Where ``sites`` does not draw the edit either, the fine-tune put it in other weights.
+``energy``: the share of the sites' change (squared Frobenius norm, pooled over the projections) the cut keeps.
 """
 
 from __future__ import annotations
