@@ -85,8 +85,8 @@ def run_settings(run: Path) -> tuple[dict, str]:
 
 
 def score(backbone, items: list, steps: int, seed: int) -> dict[str, float | None]:
-    b_prime = edit_images(backbone, None, ev.stack(items, "b"), steps, seed)
     truth, b = ev.stack(items, "b_prime"), ev.stack(items, "b")
+    b_prime = edit_images(backbone, None, b, steps, seed)
     return {**metrics.cell_scores(b_prime, truth, b), "error": round(float(ev.mae(b_prime, truth).mean()), 5)}
 
 
@@ -116,7 +116,7 @@ def probe(run: Path, ranks: list[int], count: int | None = None) -> dict:
         print(f"{name:16s} {metrics.format_scores(rows[name])}  energy {energy:.3f}", flush=True)
     return {"run": str(run), "family": family, "world": str(world.root), "examples": len(items),
             "sample_steps": steps, "seed": seed, "changed_tensors": len(changed),
-            "changed_outside_sites": len([k for k in changed if k not in set(sites)]),
+            "changed_outside_sites": len(set(changed) - set(sites)),
             "site_projections": len(sites), "rows": rows}
 
 
