@@ -75,7 +75,10 @@ def variant_state(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor],
 
 def run_settings(run: Path) -> tuple[dict, str]:
     """(the run's settings, its one family) from a full fine-tune ceiling's folder; refuses anything else."""
-    settings = json.loads((run / "config.json").read_text())
+    try:
+        settings = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise RunMismatch(f"{run}: no readable config.json of a training run ({error})") from error
     if not settings.get("full_finetune"):
         raise RunMismatch(f"{run} is not a full fine-tune run (its config has no full_finetune: true)")
     match = _ONE_FAMILY.fullmatch(str(settings.get("data", "")))

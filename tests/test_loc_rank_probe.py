@@ -125,6 +125,8 @@ def test_an_attention_only_fine_tune_is_whole_at_its_sites(short_world, tmp_path
 def test_a_run_that_is_no_one_family_full_fine_tune_is_refused(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
+    with pytest.raises(RunMismatch, match="no readable config.json"):
+        probe.run_settings(run)
     (run / "config.json").write_text(json.dumps({"plain_lora": True, "data": "world:families=hflip"}))
     with pytest.raises(RunMismatch, match="not a full fine-tune run"):
         probe.run_settings(run)
@@ -133,3 +135,28 @@ def test_a_run_that_is_no_one_family_full_fine_tune_is_refused(tmp_path):
         probe.run_settings(run)
     (run / "config.json").write_text(json.dumps({"full_finetune": True, "data": "world:families=hflip"}))
     assert probe.run_settings(run)[1] == "hflip"
+
+
+def test_a_fine_tune_that_changed_nothing_is_refused(short_world, tmp_path):
+    import shutil
+
+    from analogy_core.files import write_safetensors_atomic
+    from training.loc.config import UNET_FILE
+
+    unchanged = tmp_path / "unchanged"
+    shutil.copytree(full_ceiling(short_world, tmp_path), unchanged)
+    base = load_ip2p(short_world.spec).unet.state_dict()
+    write_safetensors_atomic({k: v.contiguous() for k, v in base.items()}, unchanged / UNET_FILE)
+    with pytest.raises(RunMismatch, match="samples exactly as the base; nothing to probe"):
+        probe.probe(unchanged, [1], count=1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ranks", "4,x"], "--ranks: comma-separated whole numbers"),
+    (["--ranks", "4,0"], "--ranks: every rank is at least 1"),
+    (["--examples", "0"], "--examples: at least 1"),
+])
+def test_bad_command_lines_are_refused_before_any_work(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        probe.main(["--run", str(tmp_path), *args])
+    assert message in capsys.readouterr().err
