@@ -74,7 +74,7 @@ def shown(run: Path) -> str:
 def held_out_examples(world: World, count: int | None) -> tuple[int, dict[str, list]]:
     """(scenes per family, family -> the yardstick's held-out examples) on ``world``: ``count`` or the yardstick's
     default (16, quick world 4)."""
-    count = count or (4 if world.quick else 16)
+    count = count or ev.scenes_per_family(world.quick)
     return count, family_examples(count, world.builds["autoencoder"]["config"]["panel"])
 
 

@@ -82,6 +82,11 @@ def copy_error(backbone: Backbone, panel: int, count: int, steps: int, seed: int
             "copy_floor_heldout": round(float(mae(reconstruct(backbone, grids), grids).mean()), 5)}
 
 
+def scenes_per_family(quick: bool) -> int:
+    """Held-out scenes per family the yardstick scores by default: 16 on the full world, 4 on the quick one."""
+    return 4 if quick else 16
+
+
 def examples(family: str, count: int, panel: int, split: str = "heldout") -> list[world.Example]:
     return [world.example(family, split, k, panel) for k in range(count)]
 

@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(str(err))
     started = time.monotonic()
     out = args.out or REPO / "outputs" / f"bench_world{'_quick' if args.quick else ''}_s{args.seed}"
-    count = args.examples or (4 if args.quick else 16)
+    count = args.examples or ev.scenes_per_family(args.quick)
     ceilings = (not args.quick) if args.ceilings is None else args.ceilings
     ceiling_families = args.ceiling_families.split("+") if args.ceiling_families else None
     refuse_unused_ceiling_options(parser, args, ceilings, names)
