@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import yaml
 
 from training.flow import TIMESTEP_SAMPLINGS
+from training.lr_schedule import check_schedule
 
 
 @dataclass
@@ -34,6 +35,8 @@ class CommonConfig:
     adam_epsilon: float = 1e-8
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0       # global gradient-norm clipping every step; 0 switches it off
+    lr_schedule: str = "constant"    # or constant_with_warmup, linear, cosine (diffusers' schedules; lr_schedule.py)
+    lr_warmup_steps: int = 0
     use_8bit_adam: bool = False      # bitsandbytes AdamW8bit when it and CUDA are available, else torch AdamW
     mixed_precision: str = "no"      # "no", "fp16", "bf16"
     gradient_checkpointing: bool = False
@@ -74,6 +77,7 @@ class CommonConfig:
             raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if not self.max_grad_norm >= 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm!r}")
+        check_schedule(self.lr_schedule, self.lr_warmup_steps, self.max_steps)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -6,7 +6,8 @@ exports, what samples it draws — and :func:`run` does the rest the same way fo
 - config: the task's dataclass, ``--preset``, ``--config file.yaml``, ``--set key=value``;
 - Accelerate: mixed precision, gradient accumulation, several processes (DDP), trackers (TensorBoard, …);
 - an optimiser over the trainable parameters only (AdamW, or 8-bit AdamW on CUDA; a task may give parameter groups
-  their own learning rate), global grad-norm clipping, and a per-step hook (``after_step``, e.g. an EMA);
+  their own learning rate), a learning-rate schedule (:mod:`training.lr_schedule`), global grad-norm clipping, and a
+  per-step hook (``after_step``, e.g. an EMA);
 - batches as a pure function of (seed, step, rank), so resuming and sharding are exact; unreadable items skipped
   and counted, never an empty batch;
 - checkpoints (``checkpoints/step_N``: safetensors + JSON, atomic, hashed) and ``--resume`` from the newest intact
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 
 from analogy_core.files import write_safetensors_atomic
 from training import checkpoints as ckpt
+from training import lr_schedule
 from training.config import CommonConfig, build_config
 from training.data.batching import ReadableItems, StepBatchSampler, collate
 
@@ -360,6 +362,8 @@ def run(task_cls: type[TrainingTask], argv=None) -> dict:
     if not trainable:
         raise RuntimeError(f"{task.name}: build() returned a module without trainable parameters")
     optimizer = make_optimizer(cfg, task.optimizer_groups(model) or trainable, accelerator.device)
+    base_rates = [group["lr"] for group in optimizer.param_groups]  # before a resume loads scheduled ones
+    rate_at = lr_schedule.multiplier(cfg.lr_schedule, cfg.lr_warmup_steps, cfg.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     step = resume(task, model, optimizer, args.resume) if args.resume else 0
@@ -377,7 +381,7 @@ def run(task_cls: type[TrainingTask], argv=None) -> dict:
         accelerator.init_trackers(task.name, config={k: str(v) for k, v in cfg.to_dict().items()})
     log.info("%s, optimiser %s", task.summary(accelerator.unwrap_model(model)), type(optimizer.optimizer).__name__)
 
-    history: dict = {"losses": [], "grad_norms": [], "skipped": 0, "skip_events": 0, "bad_lines": data.bad_lines,
+    history: dict = {"losses": [], "grad_norms": [], "lrs": [], "skipped": 0, "skip_events": 0, "bad_lines": data.bad_lines,
                      "start_step": step}
     skipped_at: set[int] = set()
     progress = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, desc=task.name)
@@ -385,6 +389,7 @@ def run(task_cls: type[TrainingTask], argv=None) -> dict:
     model.train()
     while step < cfg.max_steps:
         losses, norm = [], None
+        lr_schedule.set_rates(optimizer, base_rates, rate_at(step))
         for micro in range(cfg.gradient_accumulation_steps):
             batch = next(batches)
             history["skip_events"] += batch["skipped"]
@@ -404,11 +409,12 @@ def run(task_cls: type[TrainingTask], argv=None) -> dict:
         mean_loss = accelerator.gather(torch.stack(losses).mean().reshape(1)).mean().item()
         history["losses"].append(mean_loss)
         history["grad_norms"].append(norm)
+        history["lrs"].append(optimizer.param_groups[0]["lr"])
         progress.update(1)
         progress.set_postfix(loss=f"{mean_loss:.4f}")
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            accelerator.log({"loss": mean_loss, "grad_norm": norm or 0.0, "skipped_items": history["skipped"]},
-                            step=step)
+            accelerator.log({"loss": mean_loss, "grad_norm": norm or 0.0, "skipped_items": history["skipped"],
+                             "lr": optimizer.param_groups[0]["lr"]}, step=step)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             save_checkpoint(task, model, optimizer, step)
         if accelerator.is_main_process and (step % cfg.sample_every == 0 or step == cfg.max_steps):
