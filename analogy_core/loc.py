@@ -544,6 +544,12 @@ def _delta(factors: LoRAFactors, path: str) -> torch.Tensor:
     return (up.float() @ down.float()).cpu() * factors.scale.float().cpu().view(-1, 1, 1)
 
 
+def generated_updates(factors: LoRAFactors) -> torch.Tensor:
+    """Every projection's ΔW of every sample, flattened and joined: [B, Σ_p out_p · in_p] (the update itself, which
+    a rescaling of U_A against U_B leaves unchanged)."""
+    return torch.cat([_delta(factors, path).flatten(1) for path in factors.layers], dim=1)
+
+
 @torch.no_grad()
 def input_dependence(hypernetwork: LoRAHypernetwork, tokens_a: torch.Tensor, tokens_a_prime: torch.Tensor) -> float:
     """The fraction of the generated U_A's second moment that varies across the batch's pairs:

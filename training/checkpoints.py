@@ -75,6 +75,19 @@ def step_exports(output_dir: Path, artifact: str) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def companion_path(path: Path, artifact: str, companion: str) -> Path:
+    """Where the ``companion`` file of an export at ``path`` lies: beside the output file ``artifact`` under its own
+    name, beside a step export (``<artifact stem>.step_N``) under its step name (see ``export_companions``)."""
+    if path.name == artifact:
+        return path.with_name(companion)
+    stem, suffix = Path(artifact).stem, Path(artifact).suffix
+    inner = path.name[len(stem) + 1:len(path.name) - len(suffix)]
+    match = STEP_PATTERN.fullmatch(inner) if path.name.startswith(f"{stem}.") and path.name.endswith(suffix) else None
+    if match is None:
+        raise ValueError(f"{path.name!r} is neither {artifact!r} nor one of its step exports")
+    return path.with_name(step_export_name(companion, int(match.group(1))))
+
+
 def keep_export(output_dir: Path, artifact: str, step: int) -> Path:
     """Copy the output file just exported to its step name, atomically (a temporary file, then a rename)."""
     source = output_dir / artifact

@@ -62,6 +62,11 @@ class TrainingTask:
         self.accelerator = accelerator
         self.device = accelerator.device
 
+    def export_companions(self) -> tuple[str, ...]:
+        """Files each ``export`` of this run writes beside the output file as part of it (e.g. a trained encoder):
+        ``keep_exports`` keeps their step copies with the output file's, so each step export stays whole."""
+        return ()
+
     def output_file(self) -> str:
         """The file this run writes: the first ``mode_artifacts`` entry whose config flag is on, else ``artifact``."""
         return next((name for flag, name in self.mode_artifacts.items() if getattr(self.cfg, flag)), self.artifact)
@@ -273,7 +278,8 @@ def save_checkpoint(task: TrainingTask, model, optimizer, step: int) -> Path:
         ckpt.finalize(tmp, folder / ckpt.checkpoint_name(step), state, optional=rng_files)
         task.export(unwrapped, out / task.output_file(), step)
         if cfg.keep_exports:
-            ckpt.keep_export(out, task.output_file(), step)
+            for name in (task.output_file(), *task.export_companions()):
+                ckpt.keep_export(out, name, step)
         ckpt.prune(folder, cfg.keep_checkpoints)
     accelerator.wait_for_everyone()
     return folder / ckpt.checkpoint_name(step)

@@ -313,6 +313,11 @@ class LoCTask(TrainingTask):
             return HypernetworkAndEncoder(hypernetwork, encoder).to(self.device)
         return hypernetwork.to(self.device)
 
+    def export_companions(self) -> tuple[str, ...]:
+        cfg = self.cfg
+        trains_encoder = cfg.image_encoder_learning_rate > 0 and not (cfg.plain_lora or cfg.full_finetune)
+        return (ENCODER_FILE,) if trains_encoder else ()
+
     def optimizer_groups(self, model):
         if not isinstance(model, HypernetworkAndEncoder):
             return None

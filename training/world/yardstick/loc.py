@@ -28,7 +28,12 @@ the same sampler without the LoRA. ``extra`` holds:
   update moves the weights it patches (a plain LoRA ceiling taught one family moves them 0.26-0.44);
 * ``reverse_*`` — LoRA Reverse undoing the edit: −H(A, A′) applied with the true B′ as the condition, against B
   (``reverse_error_<split>``), next to doing nothing (``reverse_no_edit_<split>`` = |B′ − B|);
-* the no-exchange run's own B′ error ratio, training time and losses.
+* the no-exchange run's own B′ error ratio, training time and losses;
+* ``family_share_*`` — how much of the spread of what H reads (A′'s tokens minus A's) and of what it generates
+  (every ΔW) lies between the training families, next to what random labels give (:func:`family_figures`);
+* ``image_encoder_trained`` — whether the runs trained the image encoder E with H (``--row-set
+  image_encoder_learning_rate=…``, the paper optimises E too): every figure of a run then reads its tokens through
+  that run's own E (the file beside its hypernetwork, or E's weights in a checkpoint), never the frozen world CLIP.
 """
 
 from __future__ import annotations
@@ -39,13 +44,15 @@ from pathlib import Path
 
 import torch
 
+from analogy_core.encoders import ImageEncoder
 from analogy_core.files import check_state_dict, read_safetensors
 from analogy_core.layouts import layout_of_diffusers_model
-from analogy_core.loc import (HypernetworkError, build_hypernetwork, consistency_gap, exchange_scores,
-                              input_dependence, load_hypernetwork, relative_update_norms)
+from analogy_core.loc import (HypernetworkError, LoRAHypernetwork, build_hypernetwork, consistency_gap,
+                              exchange_scores, generated_updates, input_dependence, load_hypernetwork,
+                              relative_update_norms)
 from training import checkpoints as ckpt
 from training.backbone import load_query_encoder
-from training.loc.config import HYPERNETWORK_FILE, PLAIN_LORA_FILE, UNET_FILE
+from training.loc.config import ENCODER_FILE, HYPERNETWORK_FILE, PLAIN_LORA_FILE, UNET_FILE
 from training.loc.ip2p import load_ip2p
 from training.loc.plain import load_plain_lora
 from training.loc.task import edit_images, encode_pair
@@ -136,14 +143,40 @@ CEILING = Ceiling("training.train_loc", _MODELS,
                                shared_as="loc_full"))
 
 
-def load_hypernetwork_state(path: Path, template):
-    """The hypernetwork file a run wrote, or a checkpoint folder's weights in the same architecture."""
+def load_run_model(path: Path, template, encoder: ImageEncoder | None,
+                   trained_encoder: bool) -> tuple[LoRAHypernetwork, ImageEncoder | None]:
+    """H and the image encoder its tokens come from, as a run left them at ``path``: the hypernetwork file it wrote
+    (the final one or a step export) or a checkpoint folder (``template``: H's architecture). A run that trained E
+    (``image_encoder_learning_rate`` > 0, ``trained_encoder``) wrote E beside each file
+    (``loc_image_encoder.safetensors``, or its step copy) and saved H and E as one module in its checkpoints: then
+    the world encoder ``encoder`` comes back holding the run's E, since H read E's tokens, not the frozen world
+    CLIP's. Otherwise ``encoder`` comes back as it is."""
     if path.is_dir():
+        tensors, _ = read_safetensors(path / ckpt.TRAINABLE_FILE)
+        if trained_encoder:  # the checkpoint of H and E as one module (training.loc.task.HypernetworkAndEncoder)
+            encoder_state = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
+            tensors = {k[len("hypernetwork."):]: v for k, v in tensors.items() if k.startswith("hypernetwork.")}
         model = copy.deepcopy(template)
-        tensors, _ = read_safetensors(path / "trainable.safetensors")
         model.load_state_dict(check_state_dict(tensors, model.state_dict(), error=HypernetworkError))
-        return model.eval()
-    return load_hypernetwork(path)
+        model.eval()
+    else:
+        model = load_hypernetwork(path)
+        encoder_file = ckpt.companion_path(path, HYPERNETWORK_FILE, ENCODER_FILE)
+        encoder_state = read_safetensors(encoder_file)[0] if trained_encoder and encoder_file.is_file() else {}
+    if not trained_encoder:
+        return model, encoder
+    if not encoder_state:
+        raise HypernetworkError(f"{path}: the run trained its image encoder (image_encoder_learning_rate > 0) but "
+                                f"its trained encoder is not there ({ENCODER_FILE} or its step copy beside the file, "
+                                f"or encoder.* in a checkpoint); its H cannot be measured with the frozen world CLIP")
+    return model, with_weights(encoder, encoder_state)
+
+
+def with_weights(encoder: ImageEncoder, state: dict[str, torch.Tensor]) -> ImageEncoder:
+    """A copy of ``encoder`` holding ``state`` (a trained E, checked key for key and shape for shape)."""
+    trained = copy.deepcopy(encoder)
+    trained.model.load_state_dict(check_state_dict(state, trained.model.state_dict(), error=HypernetworkError))
+    return trained
 
 
 def checkpoint_at(run: Path, fraction: float) -> Path:
@@ -178,6 +211,51 @@ def direction_figures(hypernetwork, encoder, examples: dict[str, list], tag: str
     return out
 
 
+def family_share(values: torch.Tensor, labels: list[str]) -> float:
+    """The share of the spread of ``values`` [N, D] around their mean that lies between the families ``labels``
+    (R² of a one-way analysis of variance): Σ_f n_f ‖μ_f − μ‖² / Σ_i ‖x_i − μ‖². 1: each family is one point, what
+    varies is the family; near (F − 1) / (N − 1) for F families of N values: no more than labels drawn at random."""
+    values = values.double().flatten(1)
+    centred = values - values.mean(dim=0)
+    total = float(centred.square().sum())
+    if total == 0:
+        raise ValueError("family_share: every value is the same (no spread to share)")
+    between = 0.0
+    for family in dict.fromkeys(labels):
+        rows = [i for i, label in enumerate(labels) if label == family]
+        between += len(rows) * float(centred[rows].mean(dim=0).square().sum())
+    return between / total
+
+
+def family_figures(runs: dict[str, tuple], world_encoder, fresh, examples: dict[str, list]) -> dict[str, object]:
+    """How much of what H reads and of what it generates tells the training families apart, on held-out pairs:
+    ``family_share_pair_tokens`` of A′'s tokens minus A's (through the world CLIP; ``_trained_encoder<tag>`` through
+    a run's own E), ``family_share_updates<tag>`` of the generated ΔW of each run's H, ``_init`` of the fresh H
+    with its U_B made random, and ``family_share_chance``: what random labels give. An H whose updates share less
+    than its tokens has not learnt to carry the difference it is given."""
+    labels = [f for f, items in examples.items() for _ in items]
+
+    def pair_tokens(encoder) -> torch.Tensor:
+        a, a_prime = (torch.cat(t) for t in zip(*(tokens(encoder, items) for items in examples.values())))
+        return a_prime - a
+
+    def updates(hypernetwork, encoder) -> torch.Tensor:
+        with torch.no_grad():
+            return generated_updates(hypernetwork(*(torch.cat(t) for t in zip(
+                *(tokens(encoder, items) for items in examples.values())))))
+
+    out: dict[str, object] = {"family_share_chance": round((len(examples) - 1) / (len(labels) - 1), 4),
+                              "family_share_pair_tokens": round(family_share(pair_tokens(world_encoder), labels), 4),
+                              "family_share_updates_init": round(family_share(updates(fresh, world_encoder), labels),
+                                                                 4)}
+    for tag, (hypernetwork, encoder) in runs.items():
+        out[f"family_share_updates{tag}"] = round(family_share(updates(hypernetwork, encoder), labels), 4)
+        if encoder is not world_encoder:
+            out[f"family_share_pair_tokens_trained_encoder{tag}"] = round(
+                family_share(pair_tokens(encoder), labels), 4)
+    return out
+
+
 def with_random_u_b(hypernetwork, seed: int):
     """The fresh H with its zero U_B half replaced by N(0, 1) values (where both exchange scores are defined)."""
     gen = torch.Generator().manual_seed(seed)
@@ -209,49 +287,58 @@ def run_loc(ctx):
     """The ``loc`` method of ``bench.analogy_world``: train (with and without random exchange), then measure."""
     settings = row_settings(ctx)
     steps = int(settings["max_steps"])
+    trains_encoder = float(settings.get("image_encoder_learning_rate", 0.0)) > 0
     runs = {"": ctx.folder / "train", "_no_exchange": ctx.folder / "train_no_exchange"}
     seconds = {tag: train_loc(ctx.world.root, out, ctx.quick, ctx.seed,
                               {**ctx.row_overrides, "random_exchange": tag == ""}, ctx.resume_runs)
                for tag, out in runs.items()}
 
     backbone = load_ip2p(ctx.world.spec)
-    encoder = load_query_encoder(ctx.world.spec)
-    hypernetwork = load_hypernetwork_state(runs[""] / HYPERNETWORK_FILE, None)
+    world_encoder = load_query_encoder(ctx.world.spec)
+    # each run's H with the encoder it read: the world CLIP, or the run's own trained E
+    finals = {tag: load_run_model(out / HYPERNETWORK_FILE, None, world_encoder, trains_encoder)
+              for tag, out in runs.items()}
+    hypernetwork, encoder = finals[""]
     sample_steps = int(settings["sample_steps"])
     train_families = [f for f in ctx.examples if world.get_family(f).split == "train"]
+    train_items = {f: ctx.examples[f] for f in train_families}
 
-    def b_primes(model) -> dict[str, torch.Tensor]:
-        return hypernetwork_b_primes(backbone, encoder, model, ctx.examples, sample_steps, ctx.seed)
+    def b_primes(model, model_encoder) -> dict[str, torch.Tensor]:
+        return hypernetwork_b_primes(backbone, model_encoder, model, ctx.examples, sample_steps, ctx.seed)
 
-    b_prime = b_primes(hypernetwork)
+    def train_tokens(model_encoder) -> list[torch.Tensor]:
+        return [torch.cat(t) for t in zip(*(tokens(model_encoder, items) for items in train_items.values()))]
+
+    b_prime = b_primes(hypernetwork, encoder)
     base = base_b_primes(backbone, ctx.examples, sample_steps, ctx.seed)
     extra: dict[str, object] = {"train_steps": steps, "train_seconds": round(seconds[""], 1),
                                 "train_seconds_no_exchange": round(seconds["_no_exchange"], 1),
                                 "consistency_gap_init": None,
                                 "consistency_gap_init_note": "undefined: a fresh H generates an exactly zero LoRA "
-                                                             "(eq. 11)", "early_step_fraction": EARLY}
-    train_items = {f: ctx.examples[f] for f in train_families}
-    all_tokens = [torch.cat(t) for t in zip(*(tokens(encoder, items) for items in train_items.values()))]
+                                                             "(eq. 11)", "early_step_fraction": EARLY,
+                                "image_encoder_trained": trains_encoder}
     for tag, out in runs.items():
-        final = load_hypernetwork_state(out / HYPERNETWORK_FILE, None)
+        final, final_encoder = finals[tag]
         with torch.no_grad():
-            relative = relative_update_norms(final(*all_tokens), backbone.unet)
+            relative = relative_update_norms(final(*train_tokens(final_encoder)), backbone.unet)
         extra[f"relative_update_median{tag}"] = round(float(relative.median()), 4)
         extra[f"relative_update_max{tag}"] = round(float(relative.max()), 4)
-        early = load_hypernetwork_state(checkpoint_at(out, EARLY), final)
-        extra[f"consistency_gap{tag}"] = mean_gap(final, encoder, ctx.examples, train_families)
-        extra[f"consistency_gap_early{tag}"] = mean_gap(early, encoder, ctx.examples, train_families)
+        early, early_encoder = load_run_model(checkpoint_at(out, EARLY), final, world_encoder, trains_encoder)
+        extra[f"consistency_gap{tag}"] = mean_gap(final, final_encoder, ctx.examples, train_families)
+        extra[f"consistency_gap_early{tag}"] = mean_gap(early, early_encoder, ctx.examples, train_families)
         losses = losses_from_log(out / "train.log")
         if losses:
             extra[f"loss_first_step{tag}"], extra[f"loss_last_step{tag}"] = losses
-        extra.update(direction_figures(final, encoder, ctx.examples, tag))
-        extra.update(direction_figures(early, encoder, ctx.examples, f"_early{tag}"))
-    fresh = build_hypernetwork(hypernetwork.config, seed=ctx.seed)
-    extra["input_dependence_init"] = round(input_dependence(fresh.eval(), *all_tokens), 4)
-    extra["input_dependence"] = round(input_dependence(hypernetwork, *all_tokens), 4)
-    extra.update(direction_figures(with_random_u_b(fresh, ctx.seed), encoder, ctx.examples, "_init"))
-    no_exchange = load_hypernetwork_state(runs["_no_exchange"] / HYPERNETWORK_FILE, None)
-    other = b_primes(no_exchange)
+        extra.update(direction_figures(final, final_encoder, ctx.examples, tag))
+        extra.update(direction_figures(early, early_encoder, ctx.examples, f"_early{tag}"))
+    fresh = build_hypernetwork(hypernetwork.config, seed=ctx.seed)  # E at initialisation is the world CLIP
+    extra["input_dependence_init"] = round(input_dependence(fresh.eval(), *train_tokens(world_encoder)), 4)
+    extra["input_dependence"] = round(input_dependence(hypernetwork, *train_tokens(encoder)), 4)
+    random_init = with_random_u_b(fresh, ctx.seed)  # where the init figures are defined (a fresh H's LoRA is zero)
+    extra.update(direction_figures(random_init, world_encoder, ctx.examples, "_init"))
+    extra.update(family_figures(finals, world_encoder, random_init, train_items))
+    no_exchange, no_exchange_encoder = finals["_no_exchange"]
+    other = b_primes(no_exchange, no_exchange_encoder)
     for split in ("train", "heldout"):
         names = [f for f in ctx.examples if world.get_family(f).split == split]
         ratios, reverse, nothing = [], [], []
@@ -282,11 +369,13 @@ def curve_sampler(ctx, config: dict) -> CurveSampler:
             raise RunMismatch(f"the run was trained with {key}=true (a ceiling's run, no hypernetwork); row loc "
                               f"measures a hypernetwork run")
     steps = int(row_settings(ctx)["sample_steps"])  # the run's own, given as an override by bench.row_curve
+    trains_encoder = float(config.get("image_encoder_learning_rate", 0.0)) > 0
     backbone = load_ip2p(ctx.world.spec)
-    encoder = load_query_encoder(ctx.world.spec)
+    world_encoder = load_query_encoder(ctx.world.spec)
 
     def b_prime(path: Path) -> dict[str, torch.Tensor]:
-        return hypernetwork_b_primes(backbone, encoder, load_hypernetwork(path), ctx.examples, steps, ctx.seed)
+        hypernetwork, encoder = load_run_model(path, None, world_encoder, trains_encoder)
+        return hypernetwork_b_primes(backbone, encoder, hypernetwork, ctx.examples, steps, ctx.seed)
 
     return CurveSampler(base_b_primes(backbone, ctx.examples, steps, ctx.seed), b_prime, backbone.reconstruct)
 
