@@ -120,3 +120,15 @@ def test_family_share_against_the_within_family_sum_of_squares():
     assert family_share(values[[0, 0, 4, 4]], ["a", "a", "b", "b"]) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="no spread"):
         family_share(torch.ones(4, 3), ["a", "a", "b", "b"])
+
+
+def test_pair_dependence_is_the_varying_share_of_the_second_moment():
+    from training.world.yardstick.loc import pair_dependence
+
+    common = torch.tensor([3.0, 4.0])
+    values = torch.stack([common + torch.tensor([1.0, 0.0]), common - torch.tensor([1.0, 0.0])])
+    assert pair_dependence(values) == pytest.approx(2 / 52)     # rows (4, 4) and (2, 4): spread 1 + 1 of 32 + 20
+    assert pair_dependence(torch.stack([common, common])) == 0.0                  # one update for every pair
+    assert pair_dependence(torch.tensor([[1.0, 2.0], [-1.0, -2.0]])) == pytest.approx(1.0)  # no common part
+    with pytest.raises(ValueError, match="zero"):
+        pair_dependence(torch.zeros(2, 3))

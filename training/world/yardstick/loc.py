@@ -227,12 +227,24 @@ def family_share(values: torch.Tensor, labels: list[str]) -> float:
     return between / total
 
 
+def pair_dependence(values: torch.Tensor) -> float:
+    """The share of the second moment of ``values`` [N, D] that varies across its rows: Σ_i ‖x_i − μ‖² / Σ_i ‖x_i‖²
+    (0: one value for every pair; 1: no common part). Of generated updates ΔW, the complement is the part of the
+    update every pair gets alike, whatever its edit."""
+    values = values.double().flatten(1)
+    total = float(values.square().sum())
+    if total == 0:
+        raise ValueError("pair_dependence: every value is zero")
+    return float((values - values.mean(dim=0)).square().sum()) / total
+
+
 def family_figures(runs: dict[str, tuple], world_encoder, fresh, examples: dict[str, list]) -> dict[str, object]:
     """How much of what H reads and of what it generates tells the training families apart, on held-out pairs:
     ``family_share_pair_tokens`` of A′'s tokens minus A's (through the world CLIP; ``_trained_encoder<tag>`` through
     a run's own E), ``family_share_updates<tag>`` of the generated ΔW of each run's H, ``_init`` of the fresh H
     with its U_B made random, and ``family_share_chance``: what random labels give. An H whose updates share less
-    than its tokens has not learnt to carry the difference it is given."""
+    than its tokens has not learnt to carry the difference it is given. ``update_dependence<tag>``: the share of
+    the generated ΔW that varies with the pair at all (:func:`pair_dependence`; the rest every pair gets alike)."""
     labels = [f for f, items in examples.items() for _ in items]
 
     def pair_tokens(encoder) -> torch.Tensor:
@@ -249,7 +261,9 @@ def family_figures(runs: dict[str, tuple], world_encoder, fresh, examples: dict[
                               "family_share_updates_init": round(family_share(updates(fresh, world_encoder), labels),
                                                                  4)}
     for tag, (hypernetwork, encoder) in runs.items():
-        out[f"family_share_updates{tag}"] = round(family_share(updates(hypernetwork, encoder), labels), 4)
+        generated = updates(hypernetwork, encoder)
+        out[f"family_share_updates{tag}"] = round(family_share(generated, labels), 4)
+        out[f"update_dependence{tag}"] = round(pair_dependence(generated), 4)
         if encoder is not world_encoder:
             out[f"family_share_pair_tokens_trained_encoder{tag}"] = round(
                 family_share(pair_tokens(encoder), labels), 4)
