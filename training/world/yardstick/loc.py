@@ -211,15 +211,16 @@ def direction_figures(hypernetwork, encoder, examples: dict[str, list], tag: str
     return out
 
 
-def family_share(values: torch.Tensor, labels: list[str]) -> float:
+def family_share(values: torch.Tensor, labels: list[str]) -> float | None:
     """The share of the spread of ``values`` [N, D] around their mean that lies between the families ``labels``
     (R² of a one-way analysis of variance): Σ_f n_f ‖μ_f − μ‖² / Σ_i ‖x_i − μ‖². 1: each family is one point, what
-    varies is the family; near (F − 1) / (N − 1) for F families of N values: no more than labels drawn at random."""
+    varies is the family; near (F − 1) / (N − 1) for F families of N values: no more than labels drawn at random.
+    None where every value is the same (no spread to share)."""
     values = values.double().flatten(1)
     centred = values - values.mean(dim=0)
     total = float(centred.square().sum())
     if total == 0:
-        raise ValueError("family_share: every value is the same (no spread to share)")
+        return None
     between = 0.0
     for family in dict.fromkeys(labels):
         rows = [i for i, label in enumerate(labels) if label == family]
@@ -256,17 +257,19 @@ def family_figures(runs: dict[str, tuple], world_encoder, fresh, examples: dict[
             return generated_updates(hypernetwork(*(torch.cat(t) for t in zip(
                 *(tokens(encoder, items) for items in examples.values())))))
 
+    def share(values: torch.Tensor) -> float | None:
+        value = family_share(values, labels)
+        return None if value is None else round(value, 4)
+
     out: dict[str, object] = {"family_share_chance": round((len(examples) - 1) / (len(labels) - 1), 4),
-                              "family_share_pair_tokens": round(family_share(pair_tokens(world_encoder), labels), 4),
-                              "family_share_updates_init": round(family_share(updates(fresh, world_encoder), labels),
-                                                                 4)}
+                              "family_share_pair_tokens": share(pair_tokens(world_encoder)),
+                              "family_share_updates_init": share(updates(fresh, world_encoder))}
     for tag, (hypernetwork, encoder) in runs.items():
         generated = updates(hypernetwork, encoder)
-        out[f"family_share_updates{tag}"] = round(family_share(generated, labels), 4)
+        out[f"family_share_updates{tag}"] = share(generated)
         out[f"update_dependence{tag}"] = round(pair_dependence(generated), 4)
         if encoder is not world_encoder:
-            out[f"family_share_pair_tokens_trained_encoder{tag}"] = round(
-                family_share(pair_tokens(encoder), labels), 4)
+            out[f"family_share_pair_tokens_trained_encoder{tag}"] = share(pair_tokens(encoder))
     return out
 
 

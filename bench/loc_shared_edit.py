@@ -1,0 +1,129 @@
+"""Is LoRA of Change's hypernetwork H editing each pair, or giving every pair one shared edit? Take a LoC run (its
+``loc_hypernetwork.safetensors``, and its trained image encoder when the run trained one), generate the LoRA of
+every held-out pair of the training families, and split each update into the part every pair gets alike — M, the
+mean ΔW over those pairs — and the rest. Then score, with the row's sampler, steps and seed and the world's cell
+metric, B′ from H(A, A′) and from H(A, A′) − M. M is subtracted exactly, as extra LoRA factors (every pair's U_A,
+and its U_B times −1/N), so both B′ come from the same patched UNet code.
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.loc_shared_edit --run <out>/loc/train --examples 16 --json F
+
+Reading it: where H − M keeps B (edited 0, kept 1) while H draws something, what H draws is the shared edit, not
+the pair's; ``update_dependence`` is the share of ΔW that varies with the pair at all, ``family_share_updates``
+the share of that variation lying between the families (both as the row's ``extra``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from analogy_core.loc import LoRAFactors, generated_updates
+from bench.row_curve import write_report
+from training.backbone import load_query_encoder
+from training.loc.config import HYPERNETWORK_FILE
+from training.loc.ip2p import load_ip2p
+from training.loc.task import edit_images
+from training.world import evaluate as ev
+from training.world import metrics
+from training.world import scenes as world
+from training.world.registry import open_world
+from training.world.yardstick.common import RunMismatch, world_of_spec
+from training.world.yardstick.loc import family_share, load_run_model, pair_dependence, tokens
+
+
+def without_shared_part(factors: LoRAFactors, pool: LoRAFactors) -> LoRAFactors:
+    """``factors`` with the mean update of ``pool``'s samples subtracted from every sample, exactly: per projection,
+    U_A gains every pool sample's U_A and U_B every pool sample's U_B times −1/N (rank r·(N + 1)). Scales must be 1."""
+    if not (torch.all(factors.scale == 1) and torch.all(pool.scale == 1)):
+        raise ValueError("without_shared_part needs factors of scale 1 (H's own output)")
+    n, layers = pool.batch_size, {}
+    for path, (down, up) in factors.layers.items():
+        pool_down, pool_up = pool.layers[path]
+        b, r, width = down.shape
+        shared_down = pool_down.reshape(1, n * r, width).expand(b, -1, -1)
+        shared_up = (pool_up.permute(1, 0, 2).reshape(1, up.shape[1], n * r) / -n).expand(b, -1, -1)
+        layers[path] = (torch.cat([down, shared_down], dim=1), torch.cat([up, shared_up], dim=2))
+    return LoRAFactors(layers, factors.scale)
+
+
+def score(backbone, factors: LoRAFactors, items: list, steps: int, seed: int) -> dict[str, float | None]:
+    truth, b = ev.stack(items, "b_prime"), ev.stack(items, "b")
+    b_prime = edit_images(backbone, factors, b, steps, seed)
+    return {**metrics.cell_scores(b_prime, truth, b), "error": round(float(ev.mae(b_prime, truth).mean()), 5)}
+
+
+def run_settings(run: Path) -> dict:
+    try:
+        settings = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise RunMismatch(f"{run}: no readable config.json of a training run ({error})") from error
+    if settings.get("plain_lora") or settings.get("full_finetune") or not (run / HYPERNETWORK_FILE).is_file():
+        raise RunMismatch(f"{run} is not a LoC hypernetwork run (no {HYPERNETWORK_FILE}, or a ceiling's run)")
+    return settings
+
+
+def means(rows: dict[str, dict], name: str) -> dict[str, float]:
+    edited = [r[name]["edited_cells"] for r in rows.values()]
+    kept = [r[name]["kept_cells"] for r in rows.values() if r[name]["kept_cells"] is not None]
+    return {"edited_cells": round(sum(edited) / len(edited), 4), "kept_cells": round(sum(kept) / len(kept), 4)}
+
+
+@torch.no_grad()
+def probe(run: Path, count: int | None = None) -> dict:
+    settings = run_settings(run)
+    world_folder = open_world(world_of_spec(settings["backbone"]))
+    panel = world_folder.builds["autoencoder"]["config"]["panel"]
+    steps, seed = int(settings["sample_steps"]), int(settings["seed"])
+    trains_encoder = float(settings.get("image_encoder_learning_rate", 0.0)) > 0
+    backbone = load_ip2p(world_folder.spec)
+    hypernetwork, encoder = load_run_model(run / HYPERNETWORK_FILE, None, load_query_encoder(world_folder.spec),
+                                           trains_encoder)
+    examples = {f: ev.examples(f, count or ev.scenes_per_family(world_folder.quick), panel)
+                for f in world.families("train")}
+    generated = {f: hypernetwork(*tokens(encoder, items)) for f, items in examples.items()}
+    pool = LoRAFactors({p: tuple(torch.cat([g.layers[p][i] for g in generated.values()]) for i in (0, 1))
+                        for p in next(iter(generated.values())).layers},
+                       torch.cat([g.scale for g in generated.values()]))
+    updates = generated_updates(pool)
+    labels = [f for f, items in examples.items() for _ in items]
+    rows: dict[str, dict] = {}
+    for family, items in examples.items():
+        rows[family] = {"h": score(backbone, generated[family], items, steps, seed),
+                        "h_minus_shared": score(backbone, without_shared_part(generated[family], pool), items,
+                                                steps, seed),
+                        "no_edit_error": round(float(ev.mae(ev.stack(items, "b"), ev.stack(items, "b_prime"))
+                                                     .mean()), 5)}
+        print(f"{family:22s} H {metrics.format_scores(rows[family]['h'])}   H − M "
+              f"{metrics.format_scores(rows[family]['h_minus_shared'])}", flush=True)
+    return {"run": str(run), "world": str(world_folder.root), "examples": len(labels) // len(examples),
+            "sample_steps": steps, "seed": seed, "image_encoder_trained": trains_encoder,
+            "update_dependence": round(pair_dependence(updates), 4),
+            "family_share_updates": (None if (shared := family_share(updates, labels)) is None
+                                     else round(shared, 4)),
+            "family_share_chance": round((len(examples) - 1) / (len(labels) - 1), 4),
+            "mean_h": means(rows, "h"), "mean_h_minus_shared": means(rows, "h_minus_shared"), "families": rows}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, required=True, help="a LoC training run folder (config.json and H)")
+    parser.add_argument("--examples", type=int, help="held-out scenes per family (default: the yardstick's)")
+    parser.add_argument("--json", type=Path, help="write the report here")
+    args = parser.parse_args(argv)
+    if args.examples is not None and args.examples < 1:
+        parser.error(f"--examples: at least 1, got {args.examples}")
+    started = time.monotonic()
+    report = probe(args.run, args.examples)
+    report["seconds"] = round(time.monotonic() - started, 1)
+    print(f"mean over the training families: H {report['mean_h']}, H − M {report['mean_h_minus_shared']}; "
+          f"update dependence {report['update_dependence']}, family share {report['family_share_updates']}")
+    write_report(args.json, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
