@@ -32,6 +32,7 @@ def figures(report: dict) -> dict:
 
 
 def recorded_run(tmp_path, **config) -> object:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "config.json").write_text(json.dumps({"learning_rate": 0.002, "max_steps": 100, "keep_exports": False,
                                                       "caption_dropout": 0.0, "full_finetune": False,
                                                       "targets": ["a.*", "b.*"], "backbone": "world:/w", **config}))
@@ -68,6 +69,20 @@ def test_a_run_is_not_continued_to_fewer_steps_than_it_has(tmp_path):
     check_resumable(run, {"max_steps": "600"})
     with pytest.raises(RunSettingsChanged, match="max_steps=200: it already has a checkpoint at step 300"):
         check_resumable(run, {"max_steps": 200})
+
+
+def test_one_world_reached_by_another_path_is_the_same_setting(tmp_path):
+    """A world folder named through a symlink (or a relative path) is the folder the run recorded; another folder,
+    or a path that does not exist, is another setting."""
+    world, other = tmp_path / "world", tmp_path / "other"
+    world.mkdir()
+    other.mkdir()
+    (tmp_path / "link").symlink_to(world, target_is_directory=True)
+    run = recorded_run(tmp_path / "run", backbone=f"world:{world}", image_encoder=f"world:{world}")
+    check_resumable(run, {"backbone": f"world:{tmp_path / 'link'}", "image_encoder": f"world:{world}/."})
+    for given in (f"world:{other}", f"world:{tmp_path / 'missing'}", str(world)):
+        with pytest.raises(RunSettingsChanged, match="backbone: the run has"):
+            check_resumable(run, {"backbone": given})
 
 
 def test_a_folder_without_a_run_passes(tmp_path):

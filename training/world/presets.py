@@ -83,8 +83,23 @@ RESUMABLE_CHANGES = frozenset({"max_steps", "checkpoint_every", "keep_checkpoint
                                "log_every", "output_dir", "report_to"})
 
 
+def _same_place(recorded: str, given: str) -> bool:
+    """Whether two settings name one existing file or folder by different spellings (a symlink, a relative path),
+    after the same ``world:`` prefix if any."""
+    prefix = "world:"
+    if recorded.startswith(prefix) != given.startswith(prefix):
+        return False
+    if recorded.startswith(prefix):
+        recorded, given = recorded[len(prefix):], given[len(prefix):]
+    first, second = Path(recorded), Path(given)
+    return first.exists() and second.exists() and first.resolve() == second.resolve()
+
+
 def _same_setting(recorded: object, given: object) -> bool:
-    """Whether a run's recorded config value equals a ``--set`` value (read as the trainer reads it)."""
+    """Whether a run's recorded config value equals a ``--set`` value (read as the trainer reads it); paths are
+    compared as the places they name."""
+    if isinstance(recorded, str) and isinstance(given, str) and recorded != given and _same_place(recorded, given):
+        return True
     if isinstance(given, str) and not isinstance(recorded, str):
         given = yaml.safe_load(given)
     if isinstance(recorded, bool) or isinstance(given, bool):
