@@ -2,13 +2,13 @@
 ``loc_hypernetwork.safetensors``, and its trained image encoder when the run trained one), generate the LoRA of
 every held-out pair of the training families, and split each update into the part every pair gets alike — M, the
 mean ΔW over those pairs — and the rest. Then score, with the row's sampler, steps and seed and the world's cell
-metric, B′ from H(A, A′) and from H(A, A′) − M. M is subtracted exactly, as extra LoRA factors (every pair's U_A,
-and its U_B times −1/N), so both B′ come from the same patched UNet code.
+metric, B′ from H(A, A′), from H(A, A′) − M and from M alone. M is built exactly, as extra LoRA factors (every
+pair's U_A, and its U_B times ±1/N), so every B′ comes from the same patched UNet code.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.loc_shared_edit --run <out>/loc/train --examples 16 --json F
 
-Reading it: where H − M keeps B (edited 0, kept 1) while H draws something, what H draws is the shared edit, not
-the pair's; ``update_dependence`` is the share of ΔW that varies with the pair at all, ``family_share_updates``
+Reading it: where H − M keeps B (edited 0, kept 1) while H draws something, and M alone draws what H draws, what H
+draws is the shared edit, not the pair's; ``update_dependence`` is the share of ΔW that varies with the pair at all, ``family_share_updates``
 the share of that variation lying between the families (both as the row's ``extra``).
 """
 
@@ -35,18 +35,28 @@ from training.world.yardstick.common import RunMismatch, world_of_spec
 from training.world.yardstick.loc import family_share, load_run_model, pair_dependence, tokens
 
 
+def shared_part(pool: LoRAFactors, batch: int, sign: float = 1.0) -> LoRAFactors:
+    """``sign`` times the mean update of ``pool``'s samples, for each of ``batch`` samples, exactly: per projection
+    every pool sample's U_A, and its U_B times sign/N (rank r·N). ``pool``'s scales must be 1."""
+    if not torch.all(pool.scale == 1):
+        raise ValueError("the shared part needs factors of scale 1 (H's own output)")
+    n, layers = pool.batch_size, {}
+    for path, (pool_down, pool_up) in pool.layers.items():
+        _, r, width = pool_down.shape
+        down = pool_down.reshape(1, n * r, width).expand(batch, -1, -1)
+        up = (pool_up.permute(1, 0, 2).reshape(1, pool_up.shape[1], n * r) * (sign / n)).expand(batch, -1, -1)
+        layers[path] = (down, up)
+    return LoRAFactors(layers, torch.ones(batch, dtype=pool.scale.dtype))
+
+
 def without_shared_part(factors: LoRAFactors, pool: LoRAFactors) -> LoRAFactors:
     """``factors`` with the mean update of ``pool``'s samples subtracted from every sample, exactly: per projection,
     U_A gains every pool sample's U_A and U_B every pool sample's U_B times −1/N (rank r·(N + 1)). Scales must be 1."""
-    if not (torch.all(factors.scale == 1) and torch.all(pool.scale == 1)):
+    if not torch.all(factors.scale == 1):
         raise ValueError("without_shared_part needs factors of scale 1 (H's own output)")
-    n, layers = pool.batch_size, {}
-    for path, (down, up) in factors.layers.items():
-        pool_down, pool_up = pool.layers[path]
-        b, r, width = down.shape
-        shared_down = pool_down.reshape(1, n * r, width).expand(b, -1, -1)
-        shared_up = (pool_up.permute(1, 0, 2).reshape(1, up.shape[1], n * r) / -n).expand(b, -1, -1)
-        layers[path] = (torch.cat([down, shared_down], dim=1), torch.cat([up, shared_up], dim=2))
+    shared = shared_part(pool, factors.batch_size, -1.0)
+    layers = {path: (torch.cat([down, shared.layers[path][0]], dim=1), torch.cat([up, shared.layers[path][1]], dim=2))
+              for path, (down, up) in factors.layers.items()}
     return LoRAFactors(layers, factors.scale)
 
 
@@ -95,17 +105,20 @@ def probe(run: Path, count: int | None = None) -> dict:
         rows[family] = {"h": score(backbone, generated[family], items, steps, seed),
                         "h_minus_shared": score(backbone, without_shared_part(generated[family], pool), items,
                                                 steps, seed),
+                        "shared_only": score(backbone, shared_part(pool, len(items)), items, steps, seed),
                         "no_edit_error": round(float(ev.mae(ev.stack(items, "b"), ev.stack(items, "b_prime"))
                                                      .mean()), 5)}
         print(f"{family:22s} H {metrics.format_scores(rows[family]['h'])}   H − M "
-              f"{metrics.format_scores(rows[family]['h_minus_shared'])}", flush=True)
+              f"{metrics.format_scores(rows[family]['h_minus_shared'])}   M "
+              f"{metrics.format_scores(rows[family]['shared_only'])}", flush=True)
     return {"run": str(run), "world": str(world_folder.root), "examples": len(labels) // len(examples),
             "sample_steps": steps, "seed": seed, "image_encoder_trained": trains_encoder,
             "update_dependence": round(pair_dependence(updates), 4),
             "family_share_updates": (None if (shared := family_share(updates, labels)) is None
                                      else round(shared, 4)),
             "family_share_chance": round((len(examples) - 1) / (len(labels) - 1), 4),
-            "mean_h": means(rows, "h"), "mean_h_minus_shared": means(rows, "h_minus_shared"), "families": rows}
+            "mean_h": means(rows, "h"), "mean_h_minus_shared": means(rows, "h_minus_shared"),
+            "mean_shared_only": means(rows, "shared_only"), "families": rows}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -119,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.monotonic()
     report = probe(args.run, args.examples)
     report["seconds"] = round(time.monotonic() - started, 1)
-    print(f"mean over the training families: H {report['mean_h']}, H − M {report['mean_h_minus_shared']}; "
+    print(f"mean over the training families: H {report['mean_h']}, H − M {report['mean_h_minus_shared']}, "
+          f"M alone {report['mean_shared_only']}; "
           f"update dependence {report['update_dependence']}, family share {report['family_share_updates']}")
     write_report(args.json, report)
     return report

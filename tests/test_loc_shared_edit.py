@@ -50,8 +50,13 @@ def test_the_shared_part_is_subtracted_exactly():
     pooled = probe.without_shared_part(pool, pool)
     assert all(torch.allclose(delta(pooled, p).mean(dim=0), torch.zeros(SHAPES[p], dtype=torch.float64), atol=1e-5)
                for p in SHAPES)
+    shared = probe.shared_part(pool, 3)
+    assert all(torch.allclose(delta(shared, p), delta(pool, p).mean(dim=0).expand(3, -1, -1), atol=1e-5)
+               for p in SHAPES)
     with pytest.raises(ValueError, match="scale"):
         probe.without_shared_part(factors.scaled(-1.0), pool)
+    with pytest.raises(ValueError, match="scale"):
+        probe.shared_part(pool.scaled(2.0), 3)
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +101,8 @@ def test_an_h_that_gives_every_pair_one_update_leaves_nothing_once_it_is_removed
     bare_error = round(float(ev.mae(bare, ev.stack(items, "b_prime")).mean()), 5)
     assert report["families"]["grayscale"]["h_minus_shared"]["error"] == pytest.approx(bare_error, abs=2e-5)
     assert report["families"]["grayscale"]["h"]["error"] != pytest.approx(bare_error, abs=2e-5)
+    shared, whole = report["families"]["grayscale"]["shared_only"], report["families"]["grayscale"]["h"]
+    assert shared["error"] == pytest.approx(whole["error"], abs=2e-5)                  # M alone is H here
 
 
 def test_a_run_that_is_not_a_hypernetwork_run_is_refused(tmp_path):
