@@ -555,8 +555,18 @@ def input_dependence(hypernetwork: LoRAHypernetwork, tokens_a: torch.Tensor, tok
     """The fraction of the generated U_A's second moment that varies across the batch's pairs:
     Σ_b ‖U_A,b − mean_b U_A‖² / Σ_b ‖U_A,b‖² (0: one LoRA direction for every input, → 1: all input-driven)."""
     factors = hypernetwork(tokens_a, tokens_a_prime)
-    downs = torch.cat([down.float().flatten(1) for down, _ in factors.layers.values()], dim=1)
-    return float((downs - downs.mean(dim=0)).square().sum() / downs.square().sum())
+    return pair_dependence(torch.cat([down.flatten(1) for down, _ in factors.layers.values()], dim=1))
+
+
+def pair_dependence(values: torch.Tensor) -> float:
+    """The share of the second moment of ``values`` [N, D] that varies across its rows: Σ_i ‖x_i − μ‖² / Σ_i ‖x_i‖²
+    (0: one value for every row; 1: no common part). Of generated factors or updates ΔW, the complement is the part
+    every pair gets alike, whatever its edit."""
+    values = values.double().flatten(1)
+    total = float(values.square().sum())
+    if total == 0:
+        raise ValueError("pair_dependence: every value is zero")
+    return float((values - values.mean(dim=0)).square().sum()) / total
 
 
 def check_encoder(config: HypernetworkConfig, analogy: AnalogyEmbedding) -> None:

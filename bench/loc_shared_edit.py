@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from analogy_core.loc import LoRAFactors, generated_updates
+from analogy_core.loc import LoRAFactors, generated_updates, pair_dependence
 from bench.row_curve import write_report
 from training.backbone import load_query_encoder
 from training.loc.config import HYPERNETWORK_FILE
@@ -32,7 +32,7 @@ from training.world import metrics
 from training.world import scenes as world
 from training.world.registry import open_world
 from training.world.yardstick.common import RunMismatch, world_of_spec
-from training.world.yardstick.loc import family_share, load_run_model, pair_dependence, tokens
+from training.world.yardstick.loc import family_share, load_run_model, tokens
 
 
 def shared_part(pool: LoRAFactors, batch: int, sign: float = 1.0) -> LoRAFactors:

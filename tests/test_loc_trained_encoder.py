@@ -122,7 +122,7 @@ def test_family_share_against_the_within_family_sum_of_squares():
 
 
 def test_pair_dependence_is_the_varying_share_of_the_second_moment():
-    from training.world.yardstick.loc import pair_dependence
+    from analogy_core.loc import pair_dependence
 
     common = torch.tensor([3.0, 4.0])
     values = torch.stack([common + torch.tensor([1.0, 0.0]), common - torch.tensor([1.0, 0.0])])

@@ -49,7 +49,7 @@ from analogy_core.files import check_state_dict, read_safetensors
 from analogy_core.layouts import layout_of_diffusers_model
 from analogy_core.loc import (HypernetworkError, LoRAHypernetwork, build_hypernetwork, consistency_gap,
                               exchange_scores, generated_updates, input_dependence, load_hypernetwork,
-                              relative_update_norms)
+                              pair_dependence, relative_update_norms)
 from training import checkpoints as ckpt
 from training.backbone import load_query_encoder
 from training.loc.config import ENCODER_FILE, HYPERNETWORK_FILE, PLAIN_LORA_FILE, UNET_FILE
@@ -228,17 +228,6 @@ def family_share(values: torch.Tensor, labels: list[str]) -> float | None:
     return between / total
 
 
-def pair_dependence(values: torch.Tensor) -> float:
-    """The share of the second moment of ``values`` [N, D] that varies across its rows: Σ_i ‖x_i − μ‖² / Σ_i ‖x_i‖²
-    (0: one value for every pair; 1: no common part). Of generated updates ΔW, the complement is the part of the
-    update every pair gets alike, whatever its edit."""
-    values = values.double().flatten(1)
-    total = float(values.square().sum())
-    if total == 0:
-        raise ValueError("pair_dependence: every value is zero")
-    return float((values - values.mean(dim=0)).square().sum()) / total
-
-
 def family_figures(runs: dict[str, tuple], world_encoder, fresh, examples: dict[str, list]) -> dict[str, object]:
     """How much of what H reads and of what it generates tells the training families apart, on held-out pairs:
     ``family_share_pair_tokens`` of A′'s tokens minus A's (through the world CLIP; ``_trained_encoder<tag>`` through
@@ -247,29 +236,33 @@ def family_figures(runs: dict[str, tuple], world_encoder, fresh, examples: dict[
     than its tokens has not learnt to carry the difference it is given. ``update_dependence<tag>``: the share of
     the generated ΔW that varies with the pair at all (:func:`pair_dependence`; the rest every pair gets alike)."""
     labels = [f for f, items in examples.items() for _ in items]
+    token_pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def pair_tokens(encoder) -> torch.Tensor:
-        a, a_prime = (torch.cat(t) for t in zip(*(tokens(encoder, items) for items in examples.values())))
-        return a_prime - a
+    def pair(encoder) -> tuple[torch.Tensor, torch.Tensor]:  # (A tokens, A′ tokens) of every pair, once per encoder
+        if id(encoder) not in token_pairs:
+            token_pairs[id(encoder)] = tuple(torch.cat(t) for t in zip(*(tokens(encoder, items)
+                                                                          for items in examples.values())))
+        return token_pairs[id(encoder)]
 
     def updates(hypernetwork, encoder) -> torch.Tensor:
         with torch.no_grad():
-            return generated_updates(hypernetwork(*(torch.cat(t) for t in zip(
-                *(tokens(encoder, items) for items in examples.values())))))
+            return generated_updates(hypernetwork(*pair(encoder)))
 
     def share(values: torch.Tensor) -> float | None:
         value = family_share(values, labels)
         return None if value is None else round(value, 4)
 
+    a, a_prime = pair(world_encoder)
     out: dict[str, object] = {"family_share_chance": round((len(examples) - 1) / (len(labels) - 1), 4),
-                              "family_share_pair_tokens": share(pair_tokens(world_encoder)),
+                              "family_share_pair_tokens": share(a_prime - a),
                               "family_share_updates_init": share(updates(fresh, world_encoder))}
     for tag, (hypernetwork, encoder) in runs.items():
         generated = updates(hypernetwork, encoder)
         out[f"family_share_updates{tag}"] = share(generated)
         out[f"update_dependence{tag}"] = round(pair_dependence(generated), 4)
         if encoder is not world_encoder:
-            out[f"family_share_pair_tokens_trained_encoder{tag}"] = share(pair_tokens(encoder))
+            a, a_prime = pair(encoder)
+            out[f"family_share_pair_tokens_trained_encoder{tag}"] = share(a_prime - a)
     return out
 
 
