@@ -64,15 +64,21 @@ def step_export_name(artifact: str, step: int) -> str:
     return f"{path.stem}.{checkpoint_name(step)}{path.suffix}"
 
 
+def export_step(name: str, artifact: str) -> int | None:
+    """The step of a step export's file name (``step_export_name(artifact, N)`` -> N); None for any other name."""
+    stem, suffix = Path(artifact).stem, Path(artifact).suffix
+    if not (name.startswith(f"{stem}.") and name.endswith(suffix)):
+        return None
+    match = STEP_PATTERN.fullmatch(name[len(stem) + 1:len(name) - len(suffix)])
+    return int(match.group(1)) if match else None
+
+
 def step_exports(output_dir: Path, artifact: str) -> list[tuple[int, Path]]:
     """(step, path) of every kept step export of ``artifact`` in ``output_dir``, oldest first."""
     path = Path(artifact)
-    found = []
-    for candidate in output_dir.glob(f"{path.stem}.step_*{path.suffix}"):
-        match = STEP_PATTERN.fullmatch(candidate.name[len(path.stem) + 1:len(candidate.name) - len(path.suffix)])
-        if match:
-            found.append((int(match.group(1)), candidate))
-    return sorted(found)
+    found = [(export_step(candidate.name, artifact), candidate)
+             for candidate in output_dir.glob(f"{path.stem}.step_*{path.suffix}")]
+    return sorted((step, candidate) for step, candidate in found if step is not None)
 
 
 def companion_path(path: Path, artifact: str, companion: str) -> Path:
@@ -80,12 +86,10 @@ def companion_path(path: Path, artifact: str, companion: str) -> Path:
     name, beside a step export (``<artifact stem>.step_N``) under its step name (see ``export_companions``)."""
     if path.name == artifact:
         return path.with_name(companion)
-    stem, suffix = Path(artifact).stem, Path(artifact).suffix
-    inner = path.name[len(stem) + 1:len(path.name) - len(suffix)]
-    match = STEP_PATTERN.fullmatch(inner) if path.name.startswith(f"{stem}.") and path.name.endswith(suffix) else None
-    if match is None:
+    step = export_step(path.name, artifact)
+    if step is None:
         raise ValueError(f"{path.name!r} is neither {artifact!r} nor one of its step exports")
-    return path.with_name(step_export_name(companion, int(match.group(1))))
+    return path.with_name(step_export_name(companion, step))
 
 
 def keep_export(output_dir: Path, artifact: str, step: int) -> Path:

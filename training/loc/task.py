@@ -314,9 +314,8 @@ class LoCTask(TrainingTask):
         return hypernetwork.to(self.device)
 
     def export_companions(self) -> tuple[str, ...]:
-        cfg = self.cfg
-        trains_encoder = cfg.image_encoder_learning_rate > 0 and not (cfg.plain_lora or cfg.full_finetune)
-        return (ENCODER_FILE,) if trains_encoder else ()
+        # E trains exactly when its rate is > 0 (the config refuses that rate with plain_lora / full_finetune)
+        return (ENCODER_FILE,) if self.cfg.image_encoder_learning_rate > 0 else ()
 
     def optimizer_groups(self, model):
         if not isinstance(model, HypernetworkAndEncoder):
