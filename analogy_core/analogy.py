@@ -3,15 +3,19 @@
 LoRWeB preprocesses each image like ``CLIPImageProcessor`` at 224 px (shortest side resized with PIL bicubic,
 centre crop, CLIP mean/std) and uses the projected ``image_embeds``; LoC and the region module read the patch tokens
 (penultimate hidden states). Both come from one batched encoder pass and travel together with the encoder's identity
-so a consumer can refuse embeddings from an encoder it was not trained with.
+so a consumer can refuse embeddings from an encoder it was not trained with; the encoder's fingerprint (its
+response to a fixed probe picture, :mod:`.fingerprint`) tells apart two encoders of one architecture.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from .fingerprint import EncoderFingerprint, probe_image
 
 ROLES = ("a", "a_prime", "b")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -74,6 +78,7 @@ class AnalogyEmbedding:
     encoder: EncoderInfo
     image_embeds: dict[str, torch.Tensor]
     patch_tokens: dict[str, torch.Tensor] = field(default_factory=dict)
+    fingerprint: EncoderFingerprint | None = None  # the encoder's weights, told by its outputs (fingerprint.py)
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -145,6 +150,12 @@ def split_roles(tensor: torch.Tensor, spans: list[tuple[str, int]]) -> dict[str,
         start += count
         out[role] = part.expand(target, *part.shape[1:]) if count != target else part
     return out
+
+
+def fingerprint_encoder(encode: Callable[[dict[str, torch.Tensor]], AnalogyEmbedding]) -> EncoderFingerprint:
+    """The fingerprint of the encoder behind ``encode`` (any of the encode functions, bound to one model)."""
+    probe = encode({"a": probe_image()})
+    return EncoderFingerprint.of(probe.image_embeds["a"][0], probe.patch_tokens["a"][0])
 
 
 def encode_with_transformers(model, images: dict[str, torch.Tensor]) -> AnalogyEmbedding:

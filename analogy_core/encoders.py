@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from .analogy import (AnalogyEmbedding, AnalogyError, EncoderInfo, encode_with_open_clip, encode_with_transformers,
-                      open_clip_encoder_info, transformers_encoder_info)
+                      fingerprint_encoder, open_clip_encoder_info, transformers_encoder_info)
+from .fingerprint import EncoderFingerprint
 from .files import read_safetensors
 
 OPEN_CLIP_PREFIX = "open_clip:"
@@ -53,6 +54,10 @@ class ImageEncoder:
         if self.kind == "transformers":
             return encode_with_transformers(self.model, images)
         return encode_with_open_clip(self.model, images)
+
+    def fingerprint(self) -> EncoderFingerprint:
+        """Of the weights it has now (an encoder trained with a hypernetwork changes it)."""
+        return fingerprint_encoder(self.encode_images)
 
     def encode(self, a: torch.Tensor, a_prime: torch.Tensor, b: torch.Tensor | None = None) -> AnalogyEmbedding:
         images = {"a": a, "a_prime": a_prime}

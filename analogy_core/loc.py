@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from .analogy import ENCODER_FAMILIES, AnalogyEmbedding, EncoderInfo
+from .fingerprint import EncoderFingerprint, compare_fingerprints, fingerprint_metadata, recorded_fingerprint
 from .files import (FLOAT_DTYPES, MAX_UPDATE_NORM, json_metadata, load_checked_module, low_rank_norm, naming_file,
                     probe_header, read_tensor_file, show_value, write_safetensors_atomic)
 from .layouts import ModelLayout
@@ -336,6 +337,7 @@ class LoRAHypernetwork(nn.Module):
     def __init__(self, config: HypernetworkConfig):
         super().__init__()
         self.config = config
+        self.encoder_fingerprint: EncoderFingerprint | None = None  # of the encoder it was trained with (its file's)
         c = config
         self.fuse = nn.Linear(2 * c.token_width, c.width)                       # P
         self.queries = nn.Parameter(torch.empty(c.num_layers, c.width))         # one learned query per layer
@@ -590,6 +592,15 @@ def check_encoder(config: HypernetworkConfig, analogy: AnalogyEmbedding) -> None
                                 f"ANALOGY has {tokens.shape[1]} (another input resolution?)")
 
 
+def check_encoder_weights(hypernetwork: LoRAHypernetwork, analogy: AnalogyEmbedding) -> str:
+    """Refuse an ANALOGY from an encoder of the right architecture but other weights than H's training encoder (a
+    stock CLIP for an H trained with its own image encoder, LAION's CLIP for OpenAI's); a sentence for the info."""
+    return compare_fingerprints(hypernetwork.encoder_fingerprint, analogy.fingerprint, "this hypernetwork",
+                                f"the ANALOGY's encoder ({analogy.encoder.label})",
+                                "Encode the analogy with the CLIP vision file it was trained with (a run that trained "
+                                "its image encoder writes it beside H as loc_image_encoder.safetensors)")
+
+
 def _identity(info: EncoderInfo) -> tuple:
     return (info.family, info.name, info.embed_dim, info.hidden_dim, info.image_size, info.patch_size,
             info.num_layers)
@@ -606,6 +617,7 @@ def generate_lora(hypernetwork: LoRAHypernetwork, analogy: AnalogyEmbedding, dir
         raise HypernetworkError(f"strength must be finite, got {strength}")
     config = hypernetwork.config
     check_encoder(config, analogy)
+    check_encoder_weights(hypernetwork, analogy)
     if not 0 <= sample < analogy.batch_size:
         raise HypernetworkError(f"sample {sample} is out of range: the ANALOGY holds {analogy.batch_size} item(s)")
     first, second = ("a_prime", "a") if direction == "swapped" else ("a", "a_prime")
@@ -631,16 +643,20 @@ def _check_generated(lora: LoRA) -> None:
 # files
 
 
-def hypernetwork_metadata(config: HypernetworkConfig, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    return {**dict(extra or {}), "analogy.kind": KIND, CONFIG_KEY: json.dumps(config.to_json()),
+def hypernetwork_metadata(config: HypernetworkConfig, extra: Mapping[str, str] | None = None,
+                          fingerprint: EncoderFingerprint | None = None) -> dict[str, str]:
+    recorded = {} if fingerprint is None else fingerprint_metadata(fingerprint)
+    return {**dict(extra or {}), **recorded, "analogy.kind": KIND, CONFIG_KEY: json.dumps(config.to_json()),
             "analogy.family": config.family}
 
 
 def save_hypernetwork(hypernetwork: LoRAHypernetwork, path: str | os.PathLike,
                       metadata: Mapping[str, str] | None = None, dtype: torch.dtype | None = None):
-    """Write H's weights and config as safetensors (atomically); ``dtype`` e.g. bfloat16 halves the file."""
+    """Write H's weights, config and its encoder's fingerprint (when known) as safetensors (atomically); ``dtype``
+    e.g. bfloat16 halves the file."""
     state = {k: (v.to(dtype) if dtype is not None else v) for k, v in hypernetwork.state_dict().items()}
-    return write_safetensors_atomic(state, path, hypernetwork_metadata(hypernetwork.config, metadata))
+    meta = hypernetwork_metadata(hypernetwork.config, metadata, hypernetwork.encoder_fingerprint)
+    return write_safetensors_atomic(state, path, meta)
 
 
 _OTHER_KINDS = {"lorweb_basis": "a LoRWeB LoRA basis (load it with Load LoRA Basis)"}
@@ -658,8 +674,11 @@ def load_hypernetwork(path: str | os.PathLike) -> LoRAHypernetwork:
         if raw is None:
             raise HypernetworkError(f"the header has no {CONFIG_KEY!r} config (architecture and targets)")
         config = HypernetworkConfig.from_json(raw)
-        return load_checked_module(lambda: LoRAHypernetwork(config), tf.tensors, max_abs=MAX_PARAMETER_VALUE,
-                                   error=HypernetworkError)
+        fingerprint = recorded_fingerprint(tf.metadata, HypernetworkError)
+        hypernetwork = load_checked_module(lambda: LoRAHypernetwork(config), tf.tensors, max_abs=MAX_PARAMETER_VALUE,
+                                           error=HypernetworkError)
+        hypernetwork.encoder_fingerprint = fingerprint
+        return hypernetwork
 
 
 def _describe_other(kind: str | None, tensors: Mapping[str, torch.Tensor]) -> str:

@@ -56,6 +56,7 @@ from .analogy import CLIP_MEAN, CLIP_STD, ENCODER_FAMILIES, AnalogyEmbedding, En
 from .encoders import ImageEncoder
 from .files import (FLOAT_DTYPES, json_metadata, load_checked_module, naming_file, probe_header, read_tensor_file,
                     show_value, write_safetensors_atomic)
+from .fingerprint import EncoderFingerprint, compare_fingerprints, fingerprint_metadata, recorded_fingerprint
 from .t5_folder import load_t5_folder
 
 KIND = "region_predictor"
@@ -271,6 +272,7 @@ class RegionPredictor(nn.Module):
     def __init__(self, spec: RegionSpec, with_sem: bool = False):
         super().__init__()
         self.spec = spec
+        self.encoder_fingerprint: EncoderFingerprint | None = None  # of the CLIP it was trained with (its file's)
         d = spec.dim
         if spec.text_dim:  # the paper picks a T5 of CLIP's width; otherwise a learnt projection
             self.text_proj = nn.Linear(spec.text_dim, d) if spec.text_dim != d else nn.Identity()
@@ -619,6 +621,14 @@ class FrozenClip:
 
     def analogy(self, a: torch.Tensor, a_prime: torch.Tensor) -> AnalogyEmbedding:
         """The ANALOGY of (A, A′) exactly as Encode Analogy makes it (official preprocessing, penultimate tokens)."""
+        return self.vision_encoder().encode(a, a_prime)
+
+    def fingerprint(self) -> EncoderFingerprint:
+        """The vision tower's fingerprint, as Encode Analogy takes it from the same weights in ComfyUI."""
+        return self.vision_encoder().fingerprint()
+
+    def vision_encoder(self) -> ImageEncoder:
+        """The vision tower as an :class:`ImageEncoder` (shares the weights; built once)."""
         if self._analogy_encoder is None:
             # heavy: imported when a model is built, not at ComfyUI start-up
             from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -628,7 +638,7 @@ class FrozenClip:
             shell = CLIPVisionModelWithProjection(config)
             shell.vision_model, shell.visual_projection = self.model.vision_model, self.model.visual_projection
             self._analogy_encoder = ImageEncoder(shell, "transformers")
-        return self._analogy_encoder.encode(a, a_prime)
+        return self._analogy_encoder
 
 
 class InstructionEncoder:
@@ -673,14 +683,18 @@ class InstructionEncoder:
 # checkpoint files
 
 
-def region_metadata(spec: RegionSpec, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    return {**dict(extra or {}), "analogy.kind": KIND, SPEC_KEY: json.dumps(spec.to_json())}
+def region_metadata(spec: RegionSpec, extra: Mapping[str, str] | None = None,
+                    fingerprint: EncoderFingerprint | None = None) -> dict[str, str]:
+    recorded = {} if fingerprint is None else fingerprint_metadata(fingerprint)
+    return {**dict(extra or {}), **recorded, "analogy.kind": KIND, SPEC_KEY: json.dumps(spec.to_json())}
 
 
 def save_region_predictor(model: RegionPredictor, path: str | os.PathLike,
                           metadata: Mapping[str, str] | None = None) -> Path:
-    """The inference weights (no f_sem) and the spec as safetensors, written atomically."""
-    return write_safetensors_atomic(model.inference_state_dict(), path, region_metadata(model.spec, metadata))
+    """The inference weights (no f_sem), the spec and the CLIP's fingerprint (when known) as safetensors, written
+    atomically."""
+    meta = region_metadata(model.spec, metadata, model.encoder_fingerprint)
+    return write_safetensors_atomic(model.inference_state_dict(), path, meta)
 
 
 def load_region_predictor(path: str | os.PathLike) -> RegionPredictor:
@@ -696,14 +710,25 @@ def load_region_predictor(path: str | os.PathLike) -> RegionPredictor:
         if raw is None:
             raise RegionError(f"the header has no {SPEC_KEY!r} (sizes and encoders)")
         spec = RegionSpec.from_json(raw)
-        return load_checked_module(lambda: RegionPredictor(spec), tf.tensors, max_abs=MAX_PARAMETER_VALUE,
-                                   error=RegionError)
+        fingerprint = recorded_fingerprint(tf.metadata, RegionError)
+        model = load_checked_module(lambda: RegionPredictor(spec), tf.tensors, max_abs=MAX_PARAMETER_VALUE,
+                                    error=RegionError)
+        model.encoder_fingerprint = fingerprint
+        return model
 
 
 def is_region_file(path: str | os.PathLike) -> bool:
     """Whether a file's header says it is a region predictor (header only; unreadable files are not)."""
     header = probe_header(path)
     return header is not None and header.metadata.get("analogy.kind") == KIND
+
+
+def check_encoder_weights(model: RegionPredictor, fingerprint: EncoderFingerprint | None, given: str) -> str:
+    """Refuse a CLIP of the right architecture but other weights than the predictor was trained with (when its file
+    records their fingerprint); a sentence for the node's info."""
+    return compare_fingerprints(model.encoder_fingerprint, fingerprint, "this region model", given,
+                                "Connect the CLIP vision weights it was trained with (its header's analogy.config "
+                                "names its clip)")
 
 
 def check_encoder(spec: RegionSpec, info: EncoderInfo, what: str = "CLIP_VISION") -> None:

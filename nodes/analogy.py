@@ -3,10 +3,14 @@ predictor's exemplar), and the identity of ComfyUI's CLIP_VISION encoders."""
 
 from __future__ import annotations
 
+import dataclasses
+import weakref
+
 import torch
 
 from ..analogy_core.analogy import CLIP_MEAN, CLIP_STD, AnalogyEmbedding, AnalogyError, EncoderInfo, batch_roles, \
-    split_roles
+    fingerprint_encoder, split_roles
+from ..analogy_core.fingerprint import EncoderFingerprint
 from . import comfy_compat
 from .common import ANALOGY_TYPE, CATEGORY
 
@@ -60,10 +64,29 @@ def encode_with_comfy(clip_vision, images: dict[str, torch.Tensor]) -> AnalogyEm
     return AnalogyEmbedding(info, split_roles(embeds, spans), split_roles(tokens, spans))
 
 
+_FINGERPRINTS: "weakref.WeakKeyDictionary[object, EncoderFingerprint]" = weakref.WeakKeyDictionary()
+
+
+def comfy_fingerprint(clip_vision) -> EncoderFingerprint:
+    """The fingerprint of ComfyUI's CLIP_VISION (one probe pass per loaded model; kept while the model lives)."""
+    try:
+        known = _FINGERPRINTS.get(clip_vision)
+    except TypeError:  # a host object that cannot be weakly referenced or hashed: taken each time
+        known = None
+    if known is None:
+        known = fingerprint_encoder(lambda images: encode_with_comfy(clip_vision, images))
+        try:
+            _FINGERPRINTS[clip_vision] = known
+        except TypeError:
+            pass
+    return known
+
+
 class EncodeAnalogy:
     DESCRIPTION = ("Encodes the example pair A -> A' and the query B with a CLIP vision model (one batched pass, "
                    "preprocessed exactly like the official LoRWeB code). The ANALOGY output carries each image's "
-                   "projected embedding and patch tokens plus the encoder's identity.")
+                   "projected embedding and patch tokens plus the encoder's identity and fingerprint (its response "
+                   "to a fixed probe picture, which tells apart two encoders of one architecture).")
     CATEGORY = f"{CATEGORY}/lorweb"
     FUNCTION = "encode"
     RETURN_TYPES = (ANALOGY_TYPE, "STRING")
@@ -90,6 +113,7 @@ class EncodeAnalogy:
         if b is not None:
             images["b"] = b
         analogy = encode_with_comfy(clip_vision, images)
+        analogy = dataclasses.replace(analogy, fingerprint=comfy_fingerprint(clip_vision))
         info = f"{analogy.encoder.label}: {', '.join(analogy.roles)}, batch {analogy.batch_size}, " \
                f"embeds {analogy.encoder.embed_dim}-d, tokens {tuple(analogy.patch_tokens['a'].shape[1:])}"
         return (analogy, info)

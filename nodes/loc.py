@@ -6,7 +6,7 @@ import os
 
 import folder_paths
 
-from ..analogy_core.loc import DIRECTIONS, HypernetworkError, generate_lora, load_hypernetwork
+from ..analogy_core.loc import DIRECTIONS, HypernetworkError, check_encoder_weights, generate_lora, load_hypernetwork
 from .common import ANALOGY_TYPE, CATEGORY, LORA_TYPE
 
 HYPERNETWORK_TYPE = "ANALOGY_LOC_HYPERNETWORK"
@@ -39,7 +39,8 @@ class LoadLoRAHypernetwork:
         if path is None:
             raise HypernetworkError(f"hypernetwork file {hypernetwork_name!r} not found in models/loc")
         hypernetwork = load_hypernetwork(path)
-        return (hypernetwork, hypernetwork.config.describe())
+        recorded = "records" if hypernetwork.encoder_fingerprint is not None else "records no"
+        return (hypernetwork, f"{hypernetwork.config.describe()}; {recorded} encoder fingerprint")
 
 
 class GenerateLoRA:
@@ -48,7 +49,8 @@ class GenerateLoRA:
                    "use B as the InstructPixToPixConditioning image to get B'; the same LoRA edits any query image "
                    "and can be saved with Save LoRA. direction: forward H(A, A'); reverse -H(A, A') (LoRA Reverse: "
                    "undoes the change); swapped H(A', A). Refuses an ANALOGY from another encoder than the "
-                   "hypernetwork was trained with.")
+                   "hypernetwork was trained with, or from an encoder of the same architecture with other weights "
+                   "(told by the encoder fingerprint the hypernetwork file records).")
     CATEGORY = f"{CATEGORY}/loc"
     FUNCTION = "generate"
     RETURN_TYPES = (LORA_TYPE, "STRING")
@@ -76,7 +78,7 @@ class GenerateLoRA:
     def generate(self, hypernetwork, analogy, direction, strength, sample):
         lora = generate_lora(hypernetwork, analogy, direction, strength, sample)
         return (lora, f"{lora.summary()}; direction {direction}, strength {strength:g}, item {sample} of "
-                      f"{analogy.batch_size}")
+                      f"{analogy.batch_size}; {check_encoder_weights(hypernetwork, analogy)}")
 
 
 NODE_CLASS_MAPPINGS = {

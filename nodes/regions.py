@@ -14,12 +14,13 @@ import folder_paths
 
 from ..analogy_core.analogy import CLIP_MEAN, CLIP_STD, AnalogyEmbedding
 from ..analogy_core.composite import resize
-from ..analogy_core.regions import (InstructionEncoder, RegionError, RegionPredictor, check_encoder, clip_pixels,
+from ..analogy_core.regions import (InstructionEncoder, RegionError, RegionPredictor, check_encoder,
+                                    check_encoder_weights, clip_pixels,
                                     composite_by_mask, load_region_predictor, project_tokens,
                                     region_masks)
 from . import comfy_compat
 from .common import ANALOGY_TYPE, CATEGORY
-from .analogy import encoder_info
+from .analogy import comfy_fingerprint, encoder_info
 
 REGION_FOLDER = "regions"
 REGION_MODEL_TYPE = "ANALOGY_REGION_MODEL"
@@ -200,9 +201,11 @@ def predict_probabilities(model: RegionPredictor, clip_vision, image: torch.Tens
     """P_region [B, grid²] for an IMAGE batch and one instruction or ANALOGY; returns it and the mode used."""
     info = encoder_info(clip_vision)
     check_encoder(model.spec, info)
-    patches = comfy_vision_patches(clip_vision, image)
     if analogy is not None:
         check_encoder(model.spec, analogy.encoder, "ANALOGY")
+    region_encoder_weights(model, clip_vision, analogy)
+    patches = comfy_vision_patches(clip_vision, image)
+    if analogy is not None:
         missing = [r for r in ("a", "a_prime") if r not in analogy.patch_tokens]
         if missing:
             raise RegionError(f"the ANALOGY has no patch tokens for {missing}; make it with Encode Analogy")
@@ -226,6 +229,16 @@ def predict_probabilities(model: RegionPredictor, clip_vision, image: torch.Tens
     with torch.no_grad():
         out = model(patches.to(device), kind, first.to(device), second.to(device) if second is not None else None)
     return out.probs.float().cpu(), kind
+
+
+def region_encoder_weights(model: RegionPredictor, clip_vision, analogy: AnalogyEmbedding | None) -> str:
+    """Refuse a CLIP_VISION (or an ANALOGY's encoder) of the right architecture but other weights than the region
+    model was trained with; a sentence for the info."""
+    note = check_encoder_weights(model, comfy_fingerprint(clip_vision),
+                                 f"this CLIP_VISION ({encoder_info(clip_vision).label})")
+    if analogy is not None:
+        check_encoder_weights(model, analogy.fingerprint, f"the ANALOGY's encoder ({analogy.encoder.label})")
+    return note
 
 
 def preview(image: torch.Tensor, soft: torch.Tensor, binary: torch.Tensor) -> torch.Tensor:
@@ -287,10 +300,11 @@ class PredictEditRegion:
                 instruction_encoder=None, clip=None, analogy=None):
         probs, mode = predict_probabilities(region_model, clip_vision, image, instruction, instruction_encoder, clip,
                                             analogy)
+        weights = region_encoder_weights(region_model, clip_vision, analogy)
         height, width = image.shape[1], image.shape[2]
         masks = region_masks(probs, region_model.spec.grid, height, width, threshold, grow, feather)
         shares = ", ".join(f"{100 * float(m.mean()):.1f}%" for m in masks.binary)
-        info = f"{mode} mode; region covers {shares} of the image (threshold {threshold})"
+        info = f"{mode} mode; region covers {shares} of the image (threshold {threshold}); {weights}"
         return (masks.soft, masks.binary, preview(image, masks.soft, masks.binary), info)
 
 

@@ -313,3 +313,30 @@ def test_a_batched_pass_keeps_each_samples_own_encoding(tiny_clip):
     a_alone = encode_with_transformers(model, {"a": scenes["a"]})
     for i in range(2):
         torch.testing.assert_close(batched.image_embeds["a"][i:i + 1], a_alone.image_embeds["a"], rtol=1e-4, atol=1e-5)
+
+
+# -- the encoder fingerprint ------------------------------------------------------------------------------------------
+
+def test_the_fingerprint_is_the_same_on_every_path_and_tells_other_weights_apart(comfy_inproc, tiny_clip, comfy_clip,
+                                                                                open_clip_file):
+    """ComfyUI's CLIP_VISION (the node's output), transformers and open_clip give one fingerprint for one set of
+    weights; the same architecture with other weights, or in bfloat16 storage, is told apart by the distance."""
+    import copy
+
+    from analogy_core.encoders import ImageEncoder, load_image_encoder
+    from analogy_core.fingerprint import SAME_ENCODER_DISTANCE
+
+    analogy_nodes = __import__(f"{comfy_inproc.pack.__name__}.nodes.analogy", fromlist=["x"])
+    imgs = images()
+    node_analogy, _ = analogy_nodes.EncodeAnalogy().encode(comfy_clip, imgs["a"], imgs["a_prime"])
+    comfy = node_analogy.fingerprint
+    transformers = ImageEncoder(tiny_clip[1], "transformers").fingerprint()
+    open_clip = load_image_encoder(f"open_clip:{open_clip_file[0]}:{open_clip_file[1]}").fingerprint()
+    assert comfy is not None and comfy == analogy_nodes.comfy_fingerprint(comfy_clip)  # one probe pass per model
+    assert comfy.distance(transformers) < 1e-3 and open_clip.distance(transformers) < 1e-3
+
+    other = copy.deepcopy(tiny_clip[1])
+    randomize_(other, seed=6)
+    assert ImageEncoder(other, "transformers").fingerprint().distance(transformers) > 4 * SAME_ENCODER_DISTANCE
+    stored_bf16 = copy.deepcopy(tiny_clip[1]).to(torch.bfloat16).float()  # ComfyUI may store CLIP vision in 16 bits
+    assert ImageEncoder(stored_bf16, "transformers").fingerprint().distance(transformers) < SAME_ENCODER_DISTANCE / 4

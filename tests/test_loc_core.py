@@ -20,6 +20,7 @@ from analogy_core.lora_io import save_lora_file
 from analogy_core.loc import (KIND, MAX_PARAMETER_VALUE, HypernetworkConfig, HypernetworkError, LoRAFactors,
                               attention_targets, batched_lora, build_hypernetwork, generate_lora, is_hypernetwork_file,
                               load_hypernetwork, save_hypernetwork)
+from analogy_core.fingerprint import FINGERPRINT_KEY, EncoderFingerprint, EncoderMismatch
 from tiny_models import SD_DIFFUSERS, randomize_
 
 ENCODER = EncoderInfo.describe(16, 24, 224, 32, 2)
@@ -256,6 +257,7 @@ def header_of(hypernetwork) -> dict[str, str]:
     ("missing", "expected tensors are missing"),
     ("huge", "beyond the accepted"),
     ("pickle", "pickles"),
+    ("fingerprint", "'analogy.encoder_fingerprint': .* embeds must be 64 finite numbers"),
 ])
 def test_loader_refuses_other_and_damaged_files(unet, tmp_path, case, message):
     hypernetwork = build_hypernetwork(config_for(unet), seed=0)
@@ -284,6 +286,9 @@ def test_loader_refuses_other_and_damaged_files(unet, tmp_path, case, message):
             tensors["fuse.weight"] = tensors["fuse.weight"] * (10 * MAX_PARAMETER_VALUE)
         elif case == "pickle":
             path = tmp_path / "file.pt"
+        elif case == "fingerprint":
+            recorded = fingerprint(0).to_json()
+            header[FINGERPRINT_KEY] = json.dumps({**recorded, "embeds": recorded["embeds"][:5]})
         save_file(tensors, path, metadata=header)
     with pytest.raises((HypernetworkError, TensorFileError), match=message) as info:
         load_hypernetwork(path)
@@ -313,3 +318,35 @@ def test_update_norms_and_the_consistency_gap(unet):
     torch.testing.assert_close(forward.update_norm(forward.scaled(-1.0)), torch.zeros(2), atol=1e-3 * norm.item(),
                                rtol=0)
     torch.testing.assert_close(forward.update_norm(forward) / forward.update_norm(), torch.full((2,), 2.0))
+
+
+def fingerprint(seed: int) -> EncoderFingerprint:
+    gen = torch.Generator().manual_seed(seed)
+    return EncoderFingerprint.of(torch.randn(ENCODER.embed_dim, generator=gen),
+                                 torch.randn(5, ENCODER.hidden_dim, generator=gen))
+
+
+def test_the_file_records_its_encoders_fingerprint_and_generation_checks_it(unet, tmp_path):
+    """An ANALOGY from the right architecture with other weights (stock CLIP for an H trained with its own image
+    encoder) is refused; the same weights, or an ANALOGY or file without a fingerprint, generate as before."""
+    import dataclasses
+
+    hypernetwork = build_hypernetwork(config_for(unet), seed=3)
+    perturb_u_b(hypernetwork)
+    hypernetwork.encoder_fingerprint = fingerprint(0)
+    loaded = load_hypernetwork(save_hypernetwork(hypernetwork, tmp_path / "h.safetensors"))
+    assert loaded.encoder_fingerprint == fingerprint(0)
+    item = analogy()
+    path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    unchecked = deltas(generate_lora(loaded, item))[path]
+    assert unchecked.abs().max() > 0
+    same = deltas(generate_lora(loaded, dataclasses.replace(item, fingerprint=fingerprint(0))))[path]
+    assert torch.equal(same, unchecked)
+    with pytest.raises(EncoderMismatch, match=r"the ANALOGY's encoder \(.*\) is not the encoder this hypernetwork "
+                                              r"was trained with: same architecture, other weights"):
+        generate_lora(loaded, dataclasses.replace(item, fingerprint=fingerprint(1)))
+    hypernetwork.encoder_fingerprint = None  # an older file: nothing to compare, nothing refused
+    older = load_hypernetwork(save_hypernetwork(hypernetwork, tmp_path / "old.safetensors"))
+    assert older.encoder_fingerprint is None
+    assert torch.equal(deltas(generate_lora(older, dataclasses.replace(item, fingerprint=fingerprint(1))))[path],
+                       unchecked)

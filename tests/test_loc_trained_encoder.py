@@ -4,6 +4,7 @@ from the final file, a step export or a checkpoint — never through the frozen 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,44 @@ def test_the_row_reads_h_through_the_runs_own_encoder(run, pairs):
         first = h3(*tokens(e3, pairs)).layers
         other = h3(*tokens(world_encoder, pairs)).layers
     assert any(not torch.allclose(first[p][1], other[p][1]) for p in first)  # E decides which LoRA H generates
+
+
+def test_each_export_records_the_fingerprint_of_its_own_encoder(run):
+    """Generate LoRA tells a trained E from the stock encoder by the fingerprint the H file records: each step
+    export records its step's E, not the frozen encoder nor the last E."""
+    from analogy_core.encoders import ImageEncoder
+    from analogy_core.files import probe_header
+    from analogy_core.fingerprint import recorded_fingerprint
+    from analogy_core.loc import load_hypernetwork
+
+    stock = load_query_encoder("tiny", seed=0)
+    exports = dict(ckpt.step_exports(run, HYPERNETWORK_FILE))
+    prints = {}
+    for step, path in exports.items():
+        model = copy.deepcopy(stock.model)
+        model.load_state_dict(encoder_state(ckpt.companion_path(path, HYPERNETWORK_FILE, ENCODER_FILE)))
+        prints[step] = ImageEncoder(model, "transformers").fingerprint()
+        assert recorded_fingerprint(probe_header(path).metadata).distance(prints[step]) < 1e-5, step
+    assert prints[1].distance(stock.fingerprint()) < 1e-5                  # step 1 has not moved E yet
+    assert prints[STEPS].distance(stock.fingerprint()) > 1e-3              # later steps have
+    assert load_hypernetwork(run / HYPERNETWORK_FILE).encoder_fingerprint.distance(prints[STEPS]) < 1e-5
+
+
+def test_the_fingerprint_bench_orders_storage_training_and_another_encoder(run):
+    """bench.encoder_fingerprint: fewer stored bits move the fingerprint more, all below the refusal threshold;
+    another initialisation lands far above it; a run's kept encoders are read step by step (step 1 is the stock
+    encoder: U_B starts at zero, so E gets no gradient)."""
+    from analogy_core.fingerprint import SAME_ENCODER_DISTANCE
+    from bench.encoder_fingerprint import measure_encoder
+
+    rows = measure_encoder(load_query_encoder("tiny", seed=0), run)
+    storage = [rows[f"stored as {name}"]["distance"] for name in ("float16", "bfloat16", "float8_e4m3fn")]
+    assert 0 < storage[0] < storage[1] < storage[2] < SAME_ENCODER_DISTANCE
+    assert rows["another initialisation"]["distance"] > 5 * SAME_ENCODER_DISTANCE
+    assert rows["trained E, step 1"]["distance"] == 0 and rows[f"trained E, step {STEPS}"]["distance"] > 0
+    for values in rows.values():  # the distance is the largest part
+        assert values["distance"] == pytest.approx(max(values[k] for k in ("embeds", "class_token", "patch_mean")),
+                                                   abs=2e-5)
 
 
 def test_a_run_that_trained_e_without_its_encoder_is_refused(run, tmp_path):

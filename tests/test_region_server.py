@@ -403,3 +403,38 @@ def test_analogy_mode_refuses_another_encoder_and_a_pair_count_that_fits_no_batc
                                 patch_tokens={r: t.repeat(2, 1, 1) for r, t in embedding.patch_tokens.items()})
     with pytest.raises(ValueError, match="holds 2 pairs for 3 images"):
         nodes.predict_probabilities(model, clip_vision, image.repeat(3, 1, 1, 1), analogy=pairs)
+
+
+def test_a_clip_vision_with_other_weights_is_refused(comfy_inproc, region_files, tmp_path):
+    """A region model records the fingerprint of the CLIP it was trained with: the same weights pass (and the info
+    says so), a CLIP_VISION or an ANALOGY of the same architecture with other weights is refused by name."""
+    import copy
+    import dataclasses
+
+    from analogy_core.encoders import ImageEncoder
+
+    nodes, clip_vision, image = region_files["nodes"], region_files["clip_vision"], region_files["images"]["analogy"]
+    core = inproc_module(comfy_inproc, "analogy_core.regions")
+    embedding = region_files["encode_analogy"](clip_vision, region_files["pair"])
+    other_clip = copy.deepcopy(region_files["clip"])
+    randomize_(other_clip, seed=99)
+    trained = ImageEncoder(region_files["clip"], "transformers").fingerprint()
+    other = ImageEncoder(other_clip, "transformers").fingerprint()
+    model = region_files["analogy"]
+    model_copy = copy.deepcopy(model)
+    model_copy.encoder_fingerprint = trained
+    recorded = core.load_region_predictor(core.save_region_predictor(model_copy, tmp_path / "recorded.safetensors"))
+    assert recorded.encoder_fingerprint.distance(trained) == 0
+    probs, mode = nodes.predict_probabilities(recorded, clip_vision, image, analogy=embedding)
+    assert mode == "analogy" and torch.equal(probs, nodes.predict_probabilities(model, clip_vision, image,
+                                                                                  analogy=embedding)[0])
+    assert "encoder weights match" in nodes.region_encoder_weights(recorded, clip_vision, embedding)
+    assert "records no encoder fingerprint" in nodes.region_encoder_weights(model, clip_vision, embedding)
+    recorded.encoder_fingerprint = other
+    with pytest.raises(ValueError, match=r"this CLIP_VISION \(.*\) is not the encoder this region model was trained "
+                                         r"with: same architecture, other weights"):
+        nodes.predict_probabilities(recorded, clip_vision, image, analogy=embedding)
+    recorded.encoder_fingerprint = trained
+    with pytest.raises(ValueError, match=r"the ANALOGY's encoder \(.*\) is not the encoder this region model"):
+        nodes.predict_probabilities(recorded, clip_vision, image, analogy=dataclasses.replace(embedding,
+                                                                                              fingerprint=other))

@@ -353,6 +353,10 @@ def test_train_region_runs_resumes_and_writes_a_loadable_checkpoint(tmp_path):
     assert all(math.isfinite(v) for v in full["losses"])
     model = load_region_predictor(tmp_path / "full" / "region_predictor.safetensors")
     assert model.spec.modes == ("text", "analogy") and model.f_sem is None
+    from training.regions.models import load_clip  # the file records the fingerprint of the CLIP it trained with
+
+    assert model.encoder_fingerprint.distance(load_clip("tiny", 0).fingerprint()) < 1e-6
+    assert model.encoder_fingerprint.distance(load_clip("tiny", 1).fingerprint()) > 0.5
     assert (tmp_path / "full" / "samples" / "step_000004.png").is_file()
     train_region.main([*common, "--output-dir", str(tmp_path / "part"), "--max-steps", "2"])
     resumed = train_region.main([*common, "--output-dir", str(tmp_path / "part"), "--max-steps", "4", "--resume"])

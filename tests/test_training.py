@@ -232,3 +232,30 @@ def test_trained_file_goes_through_the_nodes(tiny_run, comfy_inproc, monkeypatch
     analogy = load_query_encoder("tiny").encode(item["a"][None], item["a_prime"][None], item["b"][None])
     lora, heat, text = lorweb.MixLoRABasis().mix(basis, analogy, 1.0, 0)
     assert lora.ranks == {16} and len(lora) == 26 and heat.shape[1:] == (52, 128, 3)
+    assert "encoder weights not checked (the ANALOGY carries no encoder fingerprint)" in text
+
+
+def test_mixing_checks_the_query_encoders_weights(tiny_run):
+    """The trainer records its query encoder's fingerprint; an ANALOGY from the same weights mixes, one from the
+    same architecture with other weights (OpenAI's CLIP ViT-L/14 against LAION's) is refused, not mixed."""
+    import dataclasses
+
+    from analogy_core.fingerprint import EncoderMismatch
+    from analogy_core.lorweb.mix import mix_analogy
+    from training.backbone import load_query_encoder
+    from training.data.analogies import SyntheticAnalogies
+
+    out, _ = tiny_run
+    basis = load_basis(out / "lorweb_basis.safetensors")
+    item = SyntheticAnalogies(32)[7]
+    trained, other = load_query_encoder("tiny", seed=0), load_query_encoder("tiny", seed=1)
+    assert trained.info == other.info  # one architecture: the identity alone cannot tell them apart
+    analogy = trained.encode(item["a"][None], item["a_prime"][None], item["b"][None])
+    result = mix_analogy(basis, dataclasses.replace(analogy, fingerprint=trained.fingerprint()))
+    assert "encoder weights match the training encoder (fingerprint distance 0.000)" in result.report
+    foreign = other.encode(item["a"][None], item["a_prime"][None], item["b"][None])
+    with pytest.raises(EncoderMismatch, match="the ANALOGY's encoder .* is not the encoder this basis was trained"):
+        mix_analogy(basis, dataclasses.replace(foreign, fingerprint=other.fingerprint()))
+    with pytest.raises(EncoderMismatch, match="analogy_2's encoder"):
+        mix_analogy(basis, dataclasses.replace(analogy, fingerprint=trained.fingerprint()),
+                    analogy_2=dataclasses.replace(foreign, fingerprint=other.fingerprint()))

@@ -28,6 +28,7 @@ import torch
 
 from ..files import (FLOAT_DTYPES, MAX_UPDATE_NORM, as_float, check_low_rank_norm, json_metadata, naming_file,
                     read_tensor_file, write_safetensors_atomic)
+from ..fingerprint import recorded_fingerprint
 from ..layouts import TRANSFORMER_FAMILIES, ModelLayout
 from ..lora import FAMILIES, FITS_KEY, LoRA, LoRALayer
 from ..lora_formats import infer_layout
@@ -295,6 +296,7 @@ def load_basis(path) -> LoRABasis:
     tf = read_tensor_file(path, "LoRA basis", dtypes=FLOAT_DTYPES, finite=False)  # values checked per layer
     with naming_file(path, BasisError):
         json_metadata(tf.metadata, METADATA_KEY, error=BasisError)  # structure first; then its meaning:
+        recorded_fingerprint(tf.metadata, BasisError)
         basis = basis_from_state_dict(tf.tensors, tf.metadata)
         try:  # settings recorded in the header are checked at load (also against the shapes), not at first mix
             basis.settings.check_shapes(basis.key_dim, basis.query_dim)

@@ -5,6 +5,8 @@ The node only converts ComfyUI types; everything decided here is testable withou
 * the query is built with the basis' own query mode, after checking that the ANALOGY comes from the encoder family
   (and, when recorded, the encoder) the basis was trained with; the query width is checked once, in
   :meth:`LoRABasis.coefficients`;
+* the encoder's weights are checked too when the basis records their fingerprint (its trainer does): another CLIP
+  ViT-L/14 than the one the keys were trained on is refused, not mixed into a LoRA of no edit;
 * two analogies blend either by their coefficients ((1-w)·c1 + w·c2, both edits weighted) or by their queries
   (the interpolated query is mixed);
 * the report names the most used basis entries (largest mean |coefficient| over layers; tanh bases mix with signed
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..analogy import AnalogyEmbedding, AnalogyError
+from ..fingerprint import compare_fingerprints, recorded_fingerprint
 from .basis import BasisError, LoRABasis
 from ..lora import LoRA
 from .settings import LoRWeBSettingsError
@@ -57,10 +60,12 @@ def mix_analogy(basis: LoRABasis, analogy: AnalogyEmbedding, temperature: float 
         raise BasisError(f"blend must be between 0 and 1, got {blend}")
     source = f"the ANALOGY from {analogy.encoder.name}"
     query = analogy_query(basis, analogy, sample)
+    weights = check_encoder_weights(basis, analogy, "the ANALOGY's encoder")
     if analogy_2 is None or blend == 0:
         coefficients = basis.coefficients(query, temperature, source)
     else:
         query_2 = analogy_query(basis, analogy_2, sample if sample < analogy_2.batch_size else 0)
+        check_encoder_weights(basis, analogy_2, "analogy_2's encoder")
         source_2 = f"analogy_2 from {analogy_2.encoder.name}"
         if blend_mode == "query":
             if query_2.shape[-1] != query.shape[-1]:
@@ -72,7 +77,16 @@ def mix_analogy(basis: LoRABasis, analogy: AnalogyEmbedding, temperature: float 
             c2 = basis.coefficients(query_2, temperature, source_2)
             coefficients = {k: (1 - blend) * c1[k] + blend * c2[k] for k in c1}
     lora = basis.mix(coefficients)
-    return MixResult(lora, coefficients, f"{lora.summary()}; {top_entries(coefficients)}")
+    return MixResult(lora, coefficients, f"{lora.summary()}; {weights}; {top_entries(coefficients)}")
+
+
+def check_encoder_weights(basis: LoRABasis, analogy: AnalogyEmbedding, given: str) -> str:
+    """Refuse an ANALOGY whose encoder has the basis' architecture but other weights (when the basis records its
+    encoder's fingerprint); a sentence for the report."""
+    return compare_fingerprints(recorded_fingerprint(basis.metadata, BasisError), analogy.fingerprint, "this basis",
+                                f"{given} ({analogy.encoder.label})",
+                                "Encode the analogy with the CLIP vision weights the basis was trained with (its "
+                                "header's analogy.config names its query_encoder)")
 
 
 def top_entries(coefficients: dict[str, torch.Tensor], k: int = 5) -> str:

@@ -44,6 +44,7 @@ from analogy_core import __version__
 from analogy_core.analogy import batch_roles, split_roles
 from analogy_core.encoders import ImageEncoder
 from analogy_core.files import check_state_dict, read_safetensors, write_safetensors_atomic
+from analogy_core.fingerprint import fingerprint_metadata
 from analogy_core.layouts import layout_of_diffusers_model
 from analogy_core.loc import (
     HypernetworkConfig,
@@ -346,7 +347,9 @@ class LoCTask(TrainingTask):
         if cfg.full_finetune:
             export_weights(model, path, {**metadata, "analogy.kind": "loc_unet"})
             return
-        save_hypernetwork(hypernetwork_of(model), path, metadata)
+        # the encoder's fingerprint as of this step (a trained E moves it): Generate LoRA tells E from stock CLIP
+        fingerprint = fingerprint_metadata(self.encoder.fingerprint())
+        save_hypernetwork(hypernetwork_of(model), path, {**metadata, **fingerprint})
 
     def summary(self, model) -> str:
         count = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -27,6 +27,7 @@ from torch import nn
 
 from analogy_core import __version__
 from analogy_core.encoders import ImageEncoder
+from analogy_core.fingerprint import fingerprint_metadata
 from analogy_core.lorweb.layer import export_basis, inject_lorweb, lorweb_layers, set_query
 from analogy_core.lorweb.settings import LoRWeBSettings
 from training import flow
@@ -177,7 +178,8 @@ def basis_metadata(cfg: LoRWeBConfig, step: int, query_encoder: ImageEncoder) ->
             "analogy.backbone_family": editor_scheme(cfg.backbone) or "flux_kontext", "analogy.targets": json.dumps(cfg.targets),
             "analogy.encoder": query_encoder.info.name, "analogy.query": settings.query_mode,
             "analogy.step": str(step), "analogy.pack_version": __version__,
-            "analogy.config": json.dumps(shareable_config(cfg)), **settings.to_metadata()}
+            "analogy.config": json.dumps(shareable_config(cfg)), **settings.to_metadata(),
+            **fingerprint_metadata(query_encoder.fingerprint())}
 
 
 class LoRWeBTask(TrainingTask):

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from analogy_core import __version__
+from analogy_core.fingerprint import fingerprint_metadata
 from analogy_core.regions import (
     FrozenClip,
     InstructionEncoder,
@@ -246,7 +247,8 @@ class RegionTask(TrainingTask):
 
     def export(self, model, path: Path, step: int) -> None:
         save_region_predictor(model, path, {"analogy.step": str(step), "analogy.pack_version": __version__,
-                                            "analogy.config": json.dumps(shareable_config(self.cfg))})
+                                            "analogy.config": json.dumps(shareable_config(self.cfg)),
+                                            **fingerprint_metadata(self.clip.fingerprint())})
 
     def summary(self, model) -> str:
         count = sum(p.numel() for p in model.parameters() if p.requires_grad)
