@@ -5,7 +5,8 @@ mean ΔW over those pairs — and the rest. Then score, with the row's sampler, 
 metric, B′ from H(A, A′), from H(A, A′) − M and from M alone. M is built exactly, as extra LoRA factors (every
 pair's U_A, and its U_B times ±1/N), so every B′ comes from the same patched UNet code.
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m bench.loc_shared_edit --run <out>/loc/train --examples 16 --json F
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.loc_shared_edit --run <out>/loc/train --examples 16 \\
+        [--step N] --json F
 
 Reading it: where H − M keeps B (edited 0, kept 1) while H draws something, and M alone draws what H draws, what H
 draws is the shared edit, not the pair's; ``update_dependence`` is the share of ΔW that varies with the pair at all, ``family_share_updates``
@@ -23,6 +24,7 @@ import torch
 
 from analogy_core.loc import LoRAFactors, generated_updates, pair_dependence
 from bench.row_curve import write_report
+from training import checkpoints as ckpt
 from training.backbone import load_query_encoder
 from training.loc.config import HYPERNETWORK_FILE
 from training.loc.ip2p import load_ip2p
@@ -82,16 +84,27 @@ def means(rows: dict[str, dict], name: str) -> dict[str, float]:
     return {"edited_cells": round(sum(edited) / len(edited), 4), "kept_cells": round(sum(kept) / len(kept), 4)}
 
 
+def hypernetwork_file(run: Path, step: int | None) -> Path:
+    """The run's final H, or its step export ``step`` (kept with ``keep_exports``)."""
+    if step is None:
+        return run / HYPERNETWORK_FILE
+    exports = dict(ckpt.step_exports(run, HYPERNETWORK_FILE))
+    if step not in exports:
+        kept = ", ".join(map(str, exports)) or "none (train with keep_exports=true)"
+        raise RunMismatch(f"{run} kept no H of step {step}; its step exports: {kept}")
+    return exports[step]
+
+
 @torch.no_grad()
-def probe(run: Path, count: int | None = None) -> dict:
+def probe(run: Path, count: int | None = None, step: int | None = None) -> dict:
     settings = run_settings(run)
+    path = hypernetwork_file(run, step)
     world_folder = open_world(world_of_spec(settings["backbone"]))
     panel = world_folder.builds["autoencoder"]["config"]["panel"]
     steps, seed = int(settings["sample_steps"]), int(settings["seed"])
     trains_encoder = float(settings.get("image_encoder_learning_rate", 0.0)) > 0
     backbone = load_ip2p(world_folder.spec)
-    hypernetwork, encoder = load_run_model(run / HYPERNETWORK_FILE, None, load_query_encoder(world_folder.spec),
-                                           trains_encoder)
+    hypernetwork, encoder = load_run_model(path, None, load_query_encoder(world_folder.spec), trains_encoder)
     examples = {f: ev.examples(f, count or ev.scenes_per_family(world_folder.quick), panel)
                 for f in world.families("train")}
     generated = {f: hypernetwork(*tokens(encoder, items)) for f, items in examples.items()}
@@ -111,7 +124,8 @@ def probe(run: Path, count: int | None = None) -> dict:
         print(f"{family:22s} H {metrics.format_scores(rows[family]['h'])}   H − M "
               f"{metrics.format_scores(rows[family]['h_minus_shared'])}   M "
               f"{metrics.format_scores(rows[family]['shared_only'])}", flush=True)
-    return {"run": str(run), "world": str(world_folder.root), "examples": len(labels) // len(examples),
+    return {"run": str(run), "hypernetwork": path.name, "world": str(world_folder.root),
+            "examples": len(labels) // len(examples),
             "sample_steps": steps, "seed": seed, "image_encoder_trained": trains_encoder,
             "update_dependence": round(pair_dependence(updates), 4),
             "family_share_updates": (None if (shared := family_share(updates, labels)) is None
@@ -125,12 +139,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="a LoC training run folder (config.json and H)")
     parser.add_argument("--examples", type=int, help="held-out scenes per family (default: the yardstick's)")
+    parser.add_argument("--step", type=int, help="score the run's step export of this step (default: its final H)")
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args(argv)
     if args.examples is not None and args.examples < 1:
         parser.error(f"--examples: at least 1, got {args.examples}")
     started = time.monotonic()
-    report = probe(args.run, args.examples)
+    report = probe(args.run, args.examples, args.step)
     report["seconds"] = round(time.monotonic() - started, 1)
     print(f"mean over the training families: H {report['mean_h']}, H − M {report['mean_h_minus_shared']}, "
           f"M alone {report['mean_shared_only']}; "

@@ -70,8 +70,8 @@ def short_world():
 @pytest.fixture(scope="module")
 def run(short_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("shared") / "train"
-    train_loc(short_world.root, out, True, 0, {"max_steps": 2, "checkpoint_every": 2, "learning_rate": 1e-2,
-                                               "sample_every": 1000})
+    train_loc(short_world.root, out, True, 0, {"max_steps": 2, "checkpoint_every": 1, "learning_rate": 1e-2,
+                                               "sample_every": 1000, "keep_exports": True})
     return out
 
 
@@ -111,3 +111,15 @@ def test_a_run_that_is_not_a_hypernetwork_run_is_refused(tmp_path):
     (tmp_path / "config.json").write_text('{"plain_lora": true}')
     with pytest.raises(RunMismatch, match="not a LoC hypernetwork run"):
         probe.probe(tmp_path)
+
+
+def test_a_step_export_is_scored_as_its_own_h(run):
+    """--step N reads the H the run kept at step N (here step 1 of 2), not the final one; a step it did not keep is
+    refused with the steps it did."""
+    final, first = probe.probe(run, count=1), probe.probe(run, count=1, step=1)
+    assert final["hypernetwork"] == HYPERNETWORK_FILE
+    assert first["hypernetwork"] == "loc_hypernetwork.step_000001.safetensors"
+    assert probe.probe(run, count=1, step=2)["families"] == final["families"]   # the last export is the final H
+    assert first["update_dependence"] != final["update_dependence"]
+    with pytest.raises(RunMismatch, match="kept no H of step 5; its step exports: 1, 2"):
+        probe.probe(run, count=1, step=5)
