@@ -9,9 +9,10 @@ each projected onto 64 fixed ±1 directions (hashed from the indices, so no rand
 decides them). A file records the fingerprint of the encoder it was trained with; the nodes compare it with the
 fingerprint of the encoder that made the ANALOGY.
 
-Distance: per part, |f − g| / |g|, the largest of the three parts. Measured on the analogy world's CLIP (README,
-"Encoder fingerprints"): its weights stored in float16 0.0003, bfloat16 0.003, fp8 (e4m3) 0.025; the image encoder a
-LoC run trained at lr 1e-4 moved 0.22 after 300 steps; another initialisation lands above 1. Hence
+Distance: per part, |f − g| / |g|, the largest of the three parts. Measured on the analogy world's CLIP
+(``bench.encoder_fingerprint``; README, "What the pack refuses"): its weights stored in float16 0.0001, bfloat16
+0.002, fp8 (e4m3) 0.025; the image encoder a LoC run trained at lr 1e-4 moved 0.22 after 300 steps (H's LoRA from the
+stock tokens then differs by 6 %), at 1e-5 0.07 after 1,200 (3 %); another initialisation lands above 1. Hence
 :data:`SAME_ENCODER_DISTANCE` = 0.1.
 """
 
@@ -30,7 +31,7 @@ PROBE = "analogy-probe-v1"  # the probe picture and projection; a new one gets a
 PROBE_SIZE = 224
 PROJECTED = 64              # numbers per part
 PARTS = ("embeds", "class_token", "patch_mean")
-SAME_ENCODER_DISTANCE = 0.1  # above it the weights differ (16-bit and fp8 storage stay below; see the README)
+SAME_ENCODER_DISTANCE = 0.1  # above it the weights differ (16-bit and fp8 storage stay below; see above)
 FINGERPRINT_KEY = "analogy.encoder_fingerprint"  # the header key files record it under (JSON)
 
 

@@ -8,7 +8,9 @@ Rows: the world's CLIP stored in float16, bfloat16 and float8 (e4m3, as ComfyUI'
 it) and read back as float32; the same architecture initialised from another seed; and, with ``--run``, every
 image encoder E that run kept (``loc_image_encoder.step_N.safetensors``, trained with its hypernetwork). Each row
 gives the fingerprint distance to the world's CLIP and, per part, the relative change; ``full_tokens`` is the
-relative change of the probe's whole token matrix (what the three projected parts summarise).
+relative change of the probe's whole token matrix (what the three projected parts summarise). A trained E's row adds
+``update_change``: how much the H exported with it changes its LoRA when fed the stock CLIP's tokens instead of
+E's (two held-out pairs of each training family), i.e. what a user who encodes with the wrong one would get.
 """
 
 from __future__ import annotations
@@ -21,13 +23,16 @@ from pathlib import Path
 import torch
 
 from analogy_core.encoders import ImageEncoder
-from analogy_core.files import read_safetensors
 from analogy_core.fingerprint import PARTS, SAME_ENCODER_DISTANCE, probe_image
+from analogy_core.loc import generated_updates
 from bench.row_curve import write_report
 from training import checkpoints as ckpt
 from training.backbone import load_query_encoder
-from training.loc.config import ENCODER_FILE
+from training.loc.config import HYPERNETWORK_FILE
+from training.world import evaluate as ev
+from training.world import scenes as world
 from training.world.registry import open_world
+from training.world.yardstick.loc import PANEL, load_run_model, tokens
 
 
 def stored_as(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -68,11 +73,21 @@ def measure_encoder(stock: ImageEncoder, run: Path | None = None) -> dict[str, d
             p.copy_(torch.randn(p.shape, generator=generator) * p.std().clamp_min(1e-3) + p.mean())
     rows["another initialisation"] = row(ImageEncoder(other, "transformers"), stock)
     if run is not None:
-        for step, path in ckpt.step_exports(run, ENCODER_FILE):
-            trained = copy.deepcopy(stock.model)
-            trained.load_state_dict(read_safetensors(path)[0])
-            rows[f"trained E, step {step}"] = row(ImageEncoder(trained, "transformers"), stock)
+        pairs = [item for family in world.families("train") for item in ev.examples(family, 2, PANEL)]
+        for step, path in ckpt.step_exports(run, HYPERNETWORK_FILE):
+            hypernetwork, trained = load_run_model(path, None, stock, trained_encoder=True)
+            rows[f"trained E, step {step}"] = {**row(trained, stock),
+                                               "update_change": update_change(hypernetwork, trained, stock, pairs)}
     return rows
+
+
+@torch.no_grad()
+def update_change(hypernetwork, trained: ImageEncoder, stock: ImageEncoder, pairs: list) -> float:
+    """What the check guards against: H's generated ΔW from the stock encoder's tokens against from its own E's,
+    ‖ΔW_stock − ΔW_E‖ / ‖ΔW_E‖ over ``pairs`` (0: the stock encoder would serve as well)."""
+    own = generated_updates(hypernetwork(*tokens(trained, pairs))).double()
+    other = generated_updates(hypernetwork(*tokens(stock, pairs))).double()
+    return round(float((other - own).norm() / own.norm()), 5)
 
 
 def main(argv: list[str] | None = None) -> dict:
