@@ -33,6 +33,7 @@ PROJECTED = 64              # numbers per part
 PARTS = ("embeds", "class_token", "patch_mean")
 SAME_ENCODER_DISTANCE = 0.1  # above it the weights differ (16-bit and fp8 storage stay below; see above)
 FINGERPRINT_KEY = "analogy.encoder_fingerprint"  # the header key files record it under (JSON)
+MAX_VALUE = 1e12            # recorded numbers beyond it are damage (projected CLIP activations are O(1-1000))
 
 
 class EncoderMismatch(ValueError):
@@ -86,11 +87,14 @@ class EncoderFingerprint:
         return EncoderFingerprint(*(tuple(float(f"{v:.6g}") for v in p.tolist()) for p in parts))
 
     def distance(self, other: "EncoderFingerprint") -> float:
-        """max over the parts of |self − other| / |other| (0 for the same weights on the same code path)."""
+        """max over the parts of |self − other| / |other| (0 for the same weights on the same code path; inf when a
+        part cannot be compared, so a damaged value never reads as a match)."""
         worst = 0.0
         for name in PARTS:
-            mine, theirs = torch.tensor(getattr(self, name)), torch.tensor(getattr(other, name))
-            worst = max(worst, float((mine - theirs).norm() / theirs.norm().clamp_min(1e-12)))
+            mine = torch.tensor(getattr(self, name), dtype=torch.float64)
+            theirs = torch.tensor(getattr(other, name), dtype=torch.float64)
+            part = float((mine - theirs).norm() / theirs.norm().clamp_min(1e-12))
+            worst = max(worst, part if math.isfinite(part) else math.inf)
         return worst
 
     def to_json(self) -> dict:
@@ -108,13 +112,23 @@ class EncoderFingerprint:
         values = {}
         for name in PARTS:
             part = raw[name]
-            if not (isinstance(part, list) and len(part) == PROJECTED and all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in part)):
-                raise ValueError(f"the recorded encoder fingerprint's {name} must be {PROJECTED} finite numbers")
+            if not (isinstance(part, list) and len(part) == PROJECTED and all(map(_plausible, part))):
+                raise ValueError(f"the recorded encoder fingerprint's {name} must be {PROJECTED} numbers within "
+                                 f"±{MAX_VALUE:g}")
             values[name] = tuple(float(v) for v in part)
         if all(v == 0 for v in values["embeds"]):
             raise ValueError("the recorded encoder fingerprint is all zeros")
         return EncoderFingerprint(**values)
+
+
+def _plausible(value: object) -> bool:
+    """A JSON number an encoder could have given (no bool, no 400-digit integer, nothing beyond ±MAX_VALUE)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value) and abs(value) <= MAX_VALUE
+    except OverflowError:
+        return False
 
 
 def fingerprint_metadata(fingerprint: EncoderFingerprint) -> dict[str, str]:
@@ -143,7 +157,7 @@ def compare_fingerprints(recorded: EncoderFingerprint | None, actual: EncoderFin
     if actual is None:
         return "encoder weights not checked (the ANALOGY carries no encoder fingerprint)"
     distance = actual.distance(recorded)
-    if distance > SAME_ENCODER_DISTANCE:
+    if not distance <= SAME_ENCODER_DISTANCE:
         raise EncoderMismatch(
             f"{given} is not the encoder {trained} was trained with: same architecture, other weights (fingerprint "
             f"distance {distance:.3f}; the same weights stay below {SAME_ENCODER_DISTANCE}). {remedy}")

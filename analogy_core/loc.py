@@ -646,7 +646,7 @@ def _check_generated(lora: LoRA) -> None:
 def hypernetwork_metadata(config: HypernetworkConfig, extra: Mapping[str, str] | None = None,
                           fingerprint: EncoderFingerprint | None = None) -> dict[str, str]:
     recorded = {} if fingerprint is None else fingerprint_metadata(fingerprint)
-    return {**dict(extra or {}), **recorded, "analogy.kind": KIND, CONFIG_KEY: json.dumps(config.to_json()),
+    return {**recorded, **dict(extra or {}), "analogy.kind": KIND, CONFIG_KEY: json.dumps(config.to_json()),
             "analogy.family": config.family}
 
 

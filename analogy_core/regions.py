@@ -686,7 +686,7 @@ class InstructionEncoder:
 def region_metadata(spec: RegionSpec, extra: Mapping[str, str] | None = None,
                     fingerprint: EncoderFingerprint | None = None) -> dict[str, str]:
     recorded = {} if fingerprint is None else fingerprint_metadata(fingerprint)
-    return {**dict(extra or {}), **recorded, "analogy.kind": KIND, SPEC_KEY: json.dumps(spec.to_json())}
+    return {**recorded, **dict(extra or {}), "analogy.kind": KIND, SPEC_KEY: json.dumps(spec.to_json())}
 
 
 def save_region_predictor(model: RegionPredictor, path: str | os.PathLike,

@@ -234,6 +234,8 @@ def predict_probabilities(model: RegionPredictor, clip_vision, image: torch.Tens
 def region_encoder_weights(model: RegionPredictor, clip_vision, analogy: AnalogyEmbedding | None) -> str:
     """Refuse a CLIP_VISION (or an ANALOGY's encoder) of the right architecture but other weights than the region
     model was trained with; a sentence for the info."""
+    if model.encoder_fingerprint is None:  # an older file: nothing to compare, so no probe pass either
+        return check_encoder_weights(model, None, "this CLIP_VISION")
     note = check_encoder_weights(model, comfy_fingerprint(clip_vision),
                                  f"this CLIP_VISION ({encoder_info(clip_vision).label})")
     if analogy is not None:

@@ -25,6 +25,7 @@ import torch
 from analogy_core.analogy import AnalogyEmbedding, EncoderInfo
 from analogy_core.lorweb.basis import MAX_ROUTER_VALUE, BasisError, LoRABasis, load_basis, random_basis
 from analogy_core.files import MAX_UPDATE_NORM, TensorFileError, low_rank_norm
+from analogy_core.fingerprint import FINGERPRINT_KEY, EncoderFingerprint, fingerprint_metadata
 from analogy_core.layouts import ModelLayout, standard_layout
 from analogy_core.loc import (MAX_PARAMETER_VALUE, HypernetworkConfig, HypernetworkError, LoRAHypernetwork,
                               attention_targets, build_hypernetwork, generate_lora, hypernetwork_metadata,
@@ -35,6 +36,12 @@ from analogy_core.lora_io import load_lora_file
 from analogy_core.lorweb.settings import OFFICIAL
 
 Sample = tuple[dict[str, torch.Tensor], dict[str, str]]
+
+
+def recorded_encoder() -> dict[str, str]:
+    """The header entry of a training encoder's fingerprint (as every trainer of the pack writes one)."""
+    gen = torch.Generator().manual_seed(9)
+    return fingerprint_metadata(EncoderFingerprint.of(torch.randn(8, generator=gen), torch.randn(5, 6, generator=gen)))
 
 
 @dataclass(frozen=True)
@@ -110,7 +117,8 @@ BASIS_SHAPES = {"transformer_blocks.0.attn.to_q": (32, 32), "single_transformer_
 def basis_samples() -> tuple[Sample, ...]:
     basis = random_basis(BASIS_SHAPES, num_entries=3, rank=2, key_dim=8, query_dim=12, seed=0)
     own = basis.with_settings(OFFICIAL)
-    meta = {**own.metadata, "analogy.kind": "lorweb_basis", "analogy.family": "flux", "analogy.step": "10"}
+    meta = {**own.metadata, "analogy.kind": "lorweb_basis", "analogy.family": "flux", "analogy.step": "10",
+            **recorded_encoder()}
     half = {k: v.half() for k, v in basis.state_dict().items()}  # the released file: fp16, no metadata
     return (own.state_dict(), meta), (half, {})
 
@@ -133,7 +141,7 @@ LOADER_CASES: list[LoaderCase] = [
     LoaderCase("lora", lambda: list(lora_samples()), load_lora_file, (TensorFileError, LoRAError), check_lora,
                ("lora_adapter_metadata",)),
     LoaderCase("basis", lambda: list(basis_samples()), load_basis, (TensorFileError, BasisError), check_basis,
-               ("analogy.lorweb_settings",)),
+               ("analogy.lorweb_settings", FINGERPRINT_KEY)),
 ]
 
 
@@ -154,7 +162,7 @@ def hypernetwork_samples() -> tuple[Sample, ...]:
         for _, view in hypernetwork.u_b_parameters():
             view.normal_(generator=torch.Generator().manual_seed(1))
     tensors = {k: v.contiguous() for k, v in hypernetwork.state_dict().items()}
-    meta = hypernetwork_metadata(config, {"analogy.step": "5"})
+    meta = hypernetwork_metadata(config, {"analogy.step": "5", **recorded_encoder()})
     return (tensors, meta), ({k: v.half() for k, v in tensors.items()}, dict(meta))
 
 
@@ -175,7 +183,8 @@ def check_hypernetwork(hypernetwork: LoRAHypernetwork) -> None:
 
 
 LOADER_CASES.append(LoaderCase("loc_hypernetwork", lambda: list(hypernetwork_samples()), load_hypernetwork,
-                               (TensorFileError, HypernetworkError), check_hypernetwork, ("analogy.loc",)))
+                               (TensorFileError, HypernetworkError), check_hypernetwork,
+                               ("analogy.loc", FINGERPRINT_KEY)))
 
 
 # -- region predictor (Predict Edit Region's checkpoint) ---------------------------------------------------------------
@@ -193,7 +202,7 @@ def region_samples() -> tuple[Sample, ...]:
     model = regions.RegionPredictor(spec)
     tensors = {k: v.contiguous() for k, v in model.inference_state_dict().items()}
     text_only = regions.RegionPredictor(regions.RegionSpec(dim=6, grid=3, image_size=12, text_dim=6))  # no projection
-    return ((tensors, regions.region_metadata(spec, {"analogy.step": "7"})),
+    return ((tensors, regions.region_metadata(spec, {"analogy.step": "7", **recorded_encoder()})),
             ({k: v.half() for k, v in text_only.inference_state_dict().items()}, regions.region_metadata(text_only.spec)))
 
 
@@ -211,7 +220,8 @@ def check_region(model: regions.RegionPredictor) -> None:
 
 
 LOADER_CASES.append(LoaderCase("region_predictor", lambda: list(region_samples()), regions.load_region_predictor,
-                               (TensorFileError, regions.RegionError), check_region, (regions.SPEC_KEY,)))
+                               (TensorFileError, regions.RegionError), check_region,
+                               (regions.SPEC_KEY, FINGERPRINT_KEY)))
 
 
 # -- T5 folder (Load Instruction Encoder) --------------------------------------------------------------------------

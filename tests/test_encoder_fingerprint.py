@@ -60,10 +60,15 @@ def test_fingerprint_matches_a_hand_computation():
                 tokens[1:].double().mean(0) @ signs(20, 2))
     for got, want in zip((fp.embeds, fp.class_token, fp.patch_mean), expected):
         assert torch.tensor(got, dtype=torch.float64).sub(want).abs().max() < 1e-5 * want.abs().max()
-    # the distance: the largest relative change over the three parts
-    other = dataclasses.replace(fp, patch_mean=tuple(2 * v for v in fp.patch_mean))
-    assert fp.distance(fp) == 0 and other.distance(fp) == pytest.approx(1.0)
-    assert fp.distance(other) == pytest.approx(0.5)
+    # the distance: the largest relative change over the three parts, each part counted on its own
+    assert fp.distance(fp) == 0
+    for scale, name in zip((2.0, 1.5, 1.25), ("embeds", "class_token", "patch_mean")):
+        other = dataclasses.replace(fp, **{name: tuple(scale * v for v in getattr(fp, name))})
+        assert other.distance(fp) == pytest.approx(scale - 1), name
+        assert fp.distance(other) == pytest.approx(1 - 1 / scale), name
+    both = dataclasses.replace(fp, embeds=tuple(1.5 * v for v in fp.embeds),
+                               class_token=tuple(-v for v in fp.class_token))
+    assert both.distance(fp) == pytest.approx(2.0)  # the worst part, not a sum or a mean
 
 
 def test_json_round_trip_and_refusals():
@@ -75,9 +80,11 @@ def test_json_round_trip_and_refusals():
         ({**raw, "probe": "another-probe"}, "taken with probe 'another-probe'"),
         ({k: v for k, v in raw.items() if k != "embeds"}, "exactly probe, embeds"),
         ({**raw, "extra": 1}, "exactly probe"),
-        ({**raw, "embeds": raw["embeds"][:-1]}, f"embeds must be {PROJECTED} finite numbers"),
+        ({**raw, "embeds": raw["embeds"][:-1]}, f"embeds must be {PROJECTED} numbers within"),
         ({**raw, "class_token": [True] * PROJECTED}, "class_token must be"),
         ({**raw, "patch_mean": ["1"] * PROJECTED}, "patch_mean must be"),
+        ({**raw, "embeds": [1e39] * PROJECTED}, "embeds must be 64 numbers within"),  # inf once in float32
+        ({**raw, "embeds": [10 ** 400] * PROJECTED}, "embeds must be 64 numbers within"),  # no float at all
         ({**raw, "embeds": [0.0] * PROJECTED}, "all zeros"),
         ([1, 2], "must be an object"),
     ]
@@ -103,6 +110,10 @@ def test_compare_refuses_other_weights_and_says_what_it_checked():
                                               r"\. Use F\.$"):
         compare_fingerprints(fp, random_fingerprint(1), "H", "E", "Use F.")
     assert "file records no encoder fingerprint" in compare_fingerprints(None, fp, "H", "E", "")
+    huge = dataclasses.replace(fp, class_token=tuple(v * 1e300 for v in fp.class_token))  # inf - inf: no number
+    assert math.isinf(huge.distance(fp)) and math.isinf(fp.distance(huge))
+    with pytest.raises(EncoderMismatch, match="distance inf"):   # a value that cannot be compared is no match
+        compare_fingerprints(fp, huge, "H", "E", "")
     assert "ANALOGY carries no encoder fingerprint" in compare_fingerprints(fp, None, "H", "E", "")
 
 
