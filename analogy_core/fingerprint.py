@@ -148,6 +148,13 @@ def recorded_fingerprint(metadata: Mapping[str, str], error: type[ValueError] = 
         raise error(f"header metadata {FINGERPRINT_KEY!r}: {err}") from None
 
 
+def describe_recorded(fingerprint: EncoderFingerprint | None) -> str:
+    """What a loader's info says about the encoder check its file allows."""
+    if fingerprint is None:
+        return "records no encoder fingerprint (the encoder's weights are not checked)"
+    return "records its training encoder's fingerprint (an encoder with other weights is refused)"
+
+
 def compare_fingerprints(recorded: EncoderFingerprint | None, actual: EncoderFingerprint | None,
                          trained: str, given: str, remedy: str) -> str:
     """A sentence for the node's info, or :class:`EncoderMismatch` when the weights differ. ``trained`` names the

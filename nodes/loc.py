@@ -6,6 +6,7 @@ import os
 
 import folder_paths
 
+from ..analogy_core.fingerprint import describe_recorded
 from ..analogy_core.loc import DIRECTIONS, HypernetworkError, check_encoder_weights, generate_lora, load_hypernetwork
 from .common import ANALOGY_TYPE, CATEGORY, LORA_TYPE
 
@@ -39,8 +40,8 @@ class LoadLoRAHypernetwork:
         if path is None:
             raise HypernetworkError(f"hypernetwork file {hypernetwork_name!r} not found in models/loc")
         hypernetwork = load_hypernetwork(path)
-        recorded = "records" if hypernetwork.encoder_fingerprint is not None else "records no"
-        return (hypernetwork, f"{hypernetwork.config.describe()}; {recorded} encoder fingerprint")
+        return (hypernetwork, f"{hypernetwork.config.describe()}; "
+                              f"{describe_recorded(hypernetwork.encoder_fingerprint)}")
 
 
 class GenerateLoRA:

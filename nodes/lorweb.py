@@ -6,6 +6,7 @@ import os
 
 import folder_paths
 
+from ..analogy_core.fingerprint import describe_recorded, recorded_fingerprint
 from ..analogy_core.lorweb.basis import BasisError
 from ..analogy_core.lorweb.files import find_basis_config, is_basis_file, load_basis_with_settings
 from ..analogy_core.heatmap import coefficient_heatmap
@@ -51,7 +52,7 @@ class LoadLoRABasis:
         if path is None:
             raise BasisError(f"basis file {basis_name!r} not found in models/lorweb or models/loras")
         basis, note = load_basis_with_settings(path, config_path.strip() or None)
-        return (basis, f"{basis.summary()}\n{note}")
+        return (basis, f"{basis.summary()}\n{note}\n{describe_recorded(recorded_fingerprint(basis.metadata))}")
 
 
 def basis_path(basis_name: str) -> str | None:

@@ -14,6 +14,7 @@ import folder_paths
 
 from ..analogy_core.analogy import CLIP_MEAN, CLIP_STD, AnalogyEmbedding
 from ..analogy_core.composite import resize
+from ..analogy_core.fingerprint import describe_recorded
 from ..analogy_core.regions import (InstructionEncoder, RegionError, RegionPredictor, check_encoder,
                                     check_encoder_weights, clip_pixels,
                                     composite_by_mask, load_region_predictor, project_tokens,
@@ -65,7 +66,7 @@ class LoadRegionModel:
         if path is None:
             raise RegionError(f"region checkpoint {region_name!r} not found in models/regions")
         model = load_region_predictor(path)
-        return (model, model.spec.describe())
+        return (model, f"{model.spec.describe()}; {describe_recorded(model.encoder_fingerprint)}")
 
 
 def instruction_encoder_names() -> list[str]:

@@ -334,7 +334,8 @@ def test_basis_and_lora_lists(comfy_inproc, tmp_path, monkeypatch):
     # a basis found only in models/loras loads (the fallback of the folder lookup)
     loaded, info = lorweb.LoadLoRABasis().load("own_basis.safetensors")
     _, note = lorweb.load_basis_with_settings(str(folders["loras"] / "own_basis.safetensors"), None)
-    assert loaded.num_entries == 4 and note and info == f"{loaded.summary()}\n{note}"
+    assert loaded.num_entries == 4 and note and info == (f"{loaded.summary()}\n{note}\nrecords no encoder "
+                                                          "fingerprint (the encoder's weights are not checked)")
     # IS_CHANGED: the explicit config.yaml is part of the key, and a newer basis file changes it
     config = tmp_path / "explicit.yaml"
     config.write_text("rank: 2\n")

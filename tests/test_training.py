@@ -224,7 +224,7 @@ def test_trained_file_goes_through_the_nodes(tiny_run, comfy_inproc, monkeypatch
     monkeypatch.setattr(lorweb.folder_paths, "get_full_path",
                         lambda folder, name: str(out / name) if folder == "lorweb" else None)
     basis, info = lorweb.LoadLoRABasis().load("lorweb_basis.safetensors")
-    assert "N=8 entries of rank 2" in info
+    assert "N=8 entries of rank 2" in info and "records its training encoder's fingerprint" in info
     from training.backbone import load_query_encoder
     from training.data.analogies import SyntheticAnalogies
 
