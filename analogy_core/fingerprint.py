@@ -89,13 +89,17 @@ class EncoderFingerprint:
     def distance(self, other: "EncoderFingerprint") -> float:
         """max over the parts of |self − other| / |other| (0 for the same weights on the same code path; inf when a
         part cannot be compared, so a damaged value never reads as a match)."""
-        worst = 0.0
+        return max(self.part_distances(other).values())
+
+    def part_distances(self, other: "EncoderFingerprint") -> dict[str, float]:
+        """|self − other| / |other| for each part (inf where it is not a number)."""
+        out = {}
         for name in PARTS:
             mine = torch.tensor(getattr(self, name), dtype=torch.float64)
             theirs = torch.tensor(getattr(other, name), dtype=torch.float64)
             part = float((mine - theirs).norm() / theirs.norm().clamp_min(1e-12))
-            worst = max(worst, part if math.isfinite(part) else math.inf)
-        return worst
+            out[name] = part if math.isfinite(part) else math.inf
+        return out
 
     def to_json(self) -> dict:
         return {"probe": PROBE, **{name: list(getattr(self, name)) for name in PARTS}}

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from analogy_core.encoders import ImageEncoder
-from analogy_core.fingerprint import PARTS, SAME_ENCODER_DISTANCE, probe_image
+from analogy_core.fingerprint import SAME_ENCODER_DISTANCE, probe_image
 from analogy_core.loc import generated_updates
 from bench.row_curve import write_report
 from training import checkpoints as ckpt
@@ -46,13 +46,22 @@ def stored_as(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return out
 
 
-def row(encoder: ImageEncoder, reference: ImageEncoder) -> dict[str, float]:
-    mine, theirs = encoder.fingerprint(), reference.fingerprint()
-    parts = {name: float((torch.tensor(getattr(mine, name)) - torch.tensor(getattr(theirs, name))).norm()
-                         / torch.tensor(getattr(theirs, name)).norm()) for name in PARTS}
-    tokens = [e.encode_images({"a": probe_image()}).patch_tokens["a"][0].double() for e in (encoder, reference)]
-    return {"distance": round(mine.distance(theirs), 5), **{k: round(v, 5) for k, v in parts.items()},
-            "full_tokens": round(float((tokens[0] - tokens[1]).norm() / tokens[1].norm()), 5)}
+def probe_tokens(encoder: ImageEncoder) -> torch.Tensor:
+    """The probe picture's whole token matrix [T, W] (what the fingerprint's parts summarise)."""
+    return encoder.encode_images({"a": probe_image()}).patch_tokens["a"][0].double()
+
+
+class Reference:
+    """The encoder every row is measured against: its fingerprint and probe tokens, taken once."""
+
+    def __init__(self, encoder: ImageEncoder):
+        self.fingerprint, self.tokens = encoder.fingerprint(), probe_tokens(encoder)
+
+    def row(self, encoder: ImageEncoder) -> dict[str, float]:
+        parts = encoder.fingerprint().part_distances(self.fingerprint)
+        tokens = probe_tokens(encoder)
+        return {"distance": round(max(parts.values()), 5), **{k: round(v, 5) for k, v in parts.items()},
+                "full_tokens": round(float((tokens - self.tokens).norm() / self.tokens.norm()), 5)}
 
 
 def measure(world: Path, run: Path | None = None) -> dict:
@@ -63,7 +72,8 @@ def measure(world: Path, run: Path | None = None) -> dict:
 
 def measure_encoder(stock: ImageEncoder, run: Path | None = None) -> dict[str, dict[str, float]]:
     """The rows of the report for a transformers CLIP ``stock`` (and the image encoders ``run`` kept)."""
-    rows = {f"stored as {name}": row(ImageEncoder(stored_as(stock.model, dtype), "transformers"), stock)
+    reference = Reference(stock)
+    rows = {f"stored as {name}": reference.row(ImageEncoder(stored_as(stock.model, dtype), "transformers"))
             for name, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16),
                                 ("float8_e4m3fn", torch.float8_e4m3fn))}
     other = copy.deepcopy(stock.model)
@@ -71,12 +81,12 @@ def measure_encoder(stock: ImageEncoder, run: Path | None = None) -> dict[str, d
     with torch.no_grad():  # same architecture, weights drawn afresh at each tensor's own scale
         for p in other.parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * p.std().clamp_min(1e-3) + p.mean())
-    rows["another initialisation"] = row(ImageEncoder(other, "transformers"), stock)
+    rows["another initialisation"] = reference.row(ImageEncoder(other, "transformers"))
     if run is not None:
         pairs = [item for family in world.families("train") for item in ev.examples(family, 2, PANEL)]
         for step, path in ckpt.step_exports(run, HYPERNETWORK_FILE):
             hypernetwork, trained = load_run_model(path, None, stock, trained_encoder=True)
-            rows[f"trained E, step {step}"] = {**row(trained, stock),
+            rows[f"trained E, step {step}"] = {**reference.row(trained),
                                                "update_change": update_change(hypernetwork, trained, stock, pairs)}
     return rows
 
