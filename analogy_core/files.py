@@ -504,6 +504,13 @@ def check_low_rank_norm(up: torch.Tensor, down: torch.Tensor, scale: float, wher
                     "below (absurd factor or alpha values?)")
 
 
+def is_json_number(value: object) -> bool:
+    """A finite JSON number that converts to float: no bool, no NaN, no integer of 400 digits (OverflowError)."""
+    if type(value) is int:
+        return abs(value) <= 10**300
+    return type(value) is float and math.isfinite(value)
+
+
 def json_metadata(metadata: Mapping[str, str], key: str, *, error: type[ValueError] = TensorFileError
                   ) -> dict | None:
     """The JSON object stored as the string ``metadata[key]``; None when absent, empty or JSON null."""

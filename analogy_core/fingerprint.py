@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .files import json_metadata
+from .files import is_json_number, json_metadata
 
 PROBE = "analogy-probe-v1"  # the probe picture and projection; a new one gets a new name
 PROBE_SIZE = 224
@@ -127,12 +127,7 @@ class EncoderFingerprint:
 
 def _plausible(value: object) -> bool:
     """A JSON number an encoder could have given (no bool, no 400-digit integer, nothing beyond ±MAX_VALUE)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value) and abs(value) <= MAX_VALUE
-    except OverflowError:
-        return False
+    return is_json_number(value) and abs(value) <= MAX_VALUE
 
 
 def fingerprint_metadata(fingerprint: EncoderFingerprint) -> dict[str, str]:

@@ -15,14 +15,13 @@ all read for that family (kohya for SD UNets, ``transformer.``-prefixed peft for
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, replace
 
 import torch
 
 from . import __version__
-from .files import as_float, check_low_rank_norm, json_metadata, show_value
+from .files import as_float, check_low_rank_norm, is_json_number, json_metadata, show_value
 from .layouts import (TRANSFORMER_FAMILIES, FluxDims, ModelLayout, layout_dims, standard_layout,
                       swap_row_halves)
 from .lora import FAMILIES, FITS_KEY, LoRA, LoRAError, LoRALayer
@@ -153,12 +152,12 @@ _SAFE_PATTERN = re.compile(r"\^?[\w\-.]*(?:(?:\.\*|\\d\+)[\w\-.]*)?\$?")
 def _check_peft_config(config: dict) -> dict:
     """Types and values of the fields this reader uses; refuse what would otherwise fail later or mean nothing."""
     alpha, r = config.get("lora_alpha"), config.get("r")
-    if alpha is not None and not _is_number(alpha):
+    if alpha is not None and not is_json_number(alpha):
         raise LoRAError(f"lora_adapter_metadata: lora_alpha is {show_value(alpha)}, expected a number")
     if r is not None and not _is_rank(r):
         raise LoRAError(f"lora_adapter_metadata: r is {show_value(r)}, expected a positive integer up to "
                         f"{MAX_PEFT_RANK}")
-    for field, check, expected in (("alpha_pattern", _is_number, "a number"),
+    for field, check, expected in (("alpha_pattern", is_json_number, "a number"),
                                    ("rank_pattern", _is_rank, f"a positive integer up to {MAX_PEFT_RANK}")):
         patterns = config.get(field)
         if patterns is None:
@@ -176,13 +175,6 @@ def _check_peft_config(config: dict) -> dict:
 
 
 MAX_PEFT_RANK = 2**16
-
-
-def _is_number(value: object) -> bool:
-    """A finite JSON number that converts to float (an integer of 400 digits does not: OverflowError)."""
-    if type(value) is int:
-        return abs(value) <= 10**300
-    return type(value) is float and math.isfinite(value)
 
 
 def _is_rank(value: object) -> bool:
