@@ -6,7 +6,10 @@ metric, B′ from H(A, A′), from H(A, A′) − M and from M alone. M is built
 pair's U_A, and its U_B times ±1/N), so every B′ comes from the same patched UNet code.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.loc_shared_edit --run <out>/loc/train --examples 16 \\
-        [--step N] --json F
+        [--step N] --json F [--picture P.png]
+
+``--picture`` draws one row per training family (its first held-out scene): A, A′, B, the true B′, H's B′ and M
+alone's B′, labelled with the family's figures over all its scenes — what H draws, to look at.
 
 Reading it: where H − M keeps B (edited 0, kept 1) while H draws something, and M alone draws what H draws, what H
 draws is the shared edit, not the pair's; ``update_dependence`` is the share of ΔW that varies with the pair at all, ``family_share_updates``
@@ -21,7 +24,9 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
 
+from analogy_core.analogy import to_uint8_images
 from analogy_core.loc import LoRAFactors, generated_updates, pair_dependence
 from bench.row_curve import write_report
 from training import checkpoints as ckpt
@@ -62,10 +67,39 @@ def without_shared_part(factors: LoRAFactors, pool: LoRAFactors) -> LoRAFactors:
     return LoRAFactors(layers, factors.scale)
 
 
-def score(backbone, factors: LoRAFactors, items: list, steps: int, seed: int) -> dict[str, float | None]:
+def score(backbone, factors: LoRAFactors, items: list, steps: int, seed: int,
+          drawn: list | None = None) -> dict[str, float | None]:
+    """The cell scores and error of B′ sampled with ``factors``; B′ itself is appended to ``drawn`` when given."""
     truth, b = ev.stack(items, "b_prime"), ev.stack(items, "b")
     b_prime = edit_images(backbone, factors, b, steps, seed)
+    if drawn is not None:
+        drawn.append(b_prime)
     return {**metrics.cell_scores(b_prime, truth, b), "error": round(float(ev.mae(b_prime, truth).mean()), 5)}
+
+
+LABEL_WIDTH = 230
+
+
+def draw_picture(examples: dict[str, list], drawn: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 rows: dict[str, dict], path: Path) -> Path:
+    """One row per family (its first scene): A, A′, B, true B′, H's B′, M alone's B′ ([H, W, 3] panels in 0..1),
+    with the family's H and M figures in a label strip on the left."""
+    lines = []
+    for family, items in examples.items():
+        ex, (h, shared) = items[0], drawn[family]
+        lines.append(torch.cat([ex.a, ex.a_prime, ex.b, ex.b_prime, h[0], shared[0]], dim=1))
+    grid = to_uint8_images(torch.cat(lines, dim=0)[None])[0]
+    panel = next(iter(examples.values()))[0].a.shape[0]
+    canvas = Image.new("RGB", (grid.shape[1] + LABEL_WIDTH, grid.shape[0]), "white")
+    canvas.paste(Image.fromarray(grid), (LABEL_WIDTH, 0))
+    pen = ImageDraw.Draw(canvas)
+    for i, family in enumerate(examples):
+        r = rows[family]
+        pen.text((4, i * panel + 2), f"{family}\nH: {metrics.format_scores(r['h'])}\n"
+                 f"M alone: {metrics.format_scores(r['shared_only'])}\nA A' B B'(true) B'(H) B'(M)", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
 
 
 def run_settings(run: Path) -> dict:
@@ -96,7 +130,7 @@ def hypernetwork_file(run: Path, step: int | None) -> Path:
 
 
 @torch.no_grad()
-def probe(run: Path, count: int | None = None, step: int | None = None) -> dict:
+def probe(run: Path, count: int | None = None, step: int | None = None, picture: Path | None = None) -> dict:
     settings = run_settings(run)
     path = hypernetwork_file(run, step)
     world_folder = open_world(world_of_spec(settings["backbone"]))
@@ -114,16 +148,21 @@ def probe(run: Path, count: int | None = None, step: int | None = None) -> dict:
     updates = generated_updates(pool)
     labels = [f for f, items in examples.items() for _ in items]
     rows: dict[str, dict] = {}
+    drawn: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for family, items in examples.items():
-        rows[family] = {"h": score(backbone, generated[family], items, steps, seed),
+        h, shared = [], []
+        rows[family] = {"h": score(backbone, generated[family], items, steps, seed, h),
                         "h_minus_shared": score(backbone, without_shared_part(generated[family], pool), items,
                                                 steps, seed),
-                        "shared_only": score(backbone, shared_part(pool, len(items)), items, steps, seed),
+                        "shared_only": score(backbone, shared_part(pool, len(items)), items, steps, seed, shared),
                         "no_edit_error": round(float(ev.mae(ev.stack(items, "b"), ev.stack(items, "b_prime"))
                                                      .mean()), 5)}
+        drawn[family] = (h[0], shared[0])
         print(f"{family:22s} H {metrics.format_scores(rows[family]['h'])}   H − M "
               f"{metrics.format_scores(rows[family]['h_minus_shared'])}   M "
               f"{metrics.format_scores(rows[family]['shared_only'])}", flush=True)
+    if picture is not None:
+        draw_picture(examples, drawn, rows, picture)
     return {"run": str(run), "hypernetwork": path.name, "world": str(world_folder.root),
             "examples": len(labels) // len(examples),
             "sample_steps": steps, "seed": seed, "image_encoder_trained": trains_encoder,
@@ -141,11 +180,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--examples", type=int, help="held-out scenes per family (default: the yardstick's)")
     parser.add_argument("--step", type=int, help="score the run's step export of this step (default: its final H)")
     parser.add_argument("--json", type=Path, help="write the report here")
+    parser.add_argument("--picture", type=Path, help="draw A, A′, B, true B′, H's B′ and M's B′ per family here (PNG)")
     args = parser.parse_args(argv)
     if args.examples is not None and args.examples < 1:
         parser.error(f"--examples: at least 1, got {args.examples}")
     started = time.monotonic()
-    report = probe(args.run, args.examples, args.step)
+    report = probe(args.run, args.examples, args.step, args.picture)
     report["seconds"] = round(time.monotonic() - started, 1)
     print(f"mean over the training families: H {report['mean_h']}, H − M {report['mean_h_minus_shared']}, "
           f"M alone {report['mean_shared_only']}; "

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from analogy_core.loc import LoRAFactors, load_hypernetwork, save_hypernetwork
 from bench import loc_shared_edit as probe
@@ -123,3 +125,32 @@ def test_a_step_export_is_scored_as_its_own_h(run):
     assert first["update_dependence"] != final["update_dependence"]
     with pytest.raises(RunMismatch, match="kept no H of step 5; its step exports: 1, 2"):
         probe.probe(run, count=1, step=5)
+
+
+def test_the_picture_shows_each_familys_scene_and_what_h_draws(run, tmp_path):
+    """--picture: a row per training family, A, A′, B, true B′, H's B′, M's B′; H's column is B′ sampled again here
+    from the same H (so a picture of another B′, or of the wrong column, fails)."""
+    from analogy_core.analogy import to_uint8_images
+    from training.backbone import load_query_encoder
+    from training.world.yardstick.loc import load_run_model, tokens
+
+    path = tmp_path / "shared.png"
+    report = probe.probe(run, count=1, picture=path)
+    image = np.asarray(Image.open(path).convert("RGB"))
+    families = list(report["families"])
+    assert image.shape == (len(families) * 64, probe.LABEL_WIDTH + 6 * 64, 3)
+    settings = json.loads((run / "config.json").read_text())
+    spec = open_world(world_of_spec(settings["backbone"])).spec
+    hypernetwork, encoder = load_run_model(run / HYPERNETWORK_FILE, None, load_query_encoder(spec), False)
+    backbone = load_ip2p(spec)
+    for row, family in enumerate(families[:2]):
+        items = ev.examples(family, 1, 64)
+        with torch.no_grad():
+            drawn = edit_images(backbone, hypernetwork(*tokens(encoder, items)), ev.stack(items, "b"),
+                                int(settings["sample_steps"]), int(settings["seed"]))
+        panels = image[row * 64:(row + 1) * 64, probe.LABEL_WIDTH:]
+        column = [panels[:, k * 64:(k + 1) * 64] for k in range(6)]
+        b, truth, h = (to_uint8_images(t[None])[0] for t in (items[0].b, items[0].b_prime, drawn[0]))
+        assert not np.array_equal(h, b)                     # H's B′ is not B itself
+        assert np.array_equal(column[2], b) and np.array_equal(column[3], truth)
+        assert np.array_equal(column[4], h)
