@@ -82,12 +82,12 @@ LABEL_WIDTH = 230
 
 def draw_picture(examples: dict[str, list], drawn: dict[str, tuple[torch.Tensor, torch.Tensor]],
                  rows: dict[str, dict], path: Path) -> Path:
-    """One row per family (its first scene): A, A′, B, true B′, H's B′, M alone's B′ ([H, W, 3] panels in 0..1),
-    with the family's H and M figures in a label strip on the left."""
+    """One row per family (its first scene): A, A′, B, true B′, H's B′, M alone's B′ (``drawn[family]`` holds that
+    scene's two B′, [H, W, 3] in 0..1), with the family's H and M figures in a label strip on the left."""
     lines = []
     for family, items in examples.items():
         ex, (h, shared) = items[0], drawn[family]
-        lines.append(torch.cat([ex.a, ex.a_prime, ex.b, ex.b_prime, h[0], shared[0]], dim=1))
+        lines.append(torch.cat([ex.a, ex.a_prime, ex.b, ex.b_prime, h, shared], dim=1))
     grid = to_uint8_images(torch.cat(lines, dim=0)[None])[0]
     panel = next(iter(examples.values()))[0].a.shape[0]
     canvas = Image.new("RGB", (grid.shape[1] + LABEL_WIDTH, grid.shape[0]), "white")
@@ -150,14 +150,16 @@ def probe(run: Path, count: int | None = None, step: int | None = None, picture:
     rows: dict[str, dict] = {}
     drawn: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for family, items in examples.items():
-        h, shared = [], []
+        h: list[torch.Tensor] = []
+        shared: list[torch.Tensor] = []
         rows[family] = {"h": score(backbone, generated[family], items, steps, seed, h),
                         "h_minus_shared": score(backbone, without_shared_part(generated[family], pool), items,
                                                 steps, seed),
                         "shared_only": score(backbone, shared_part(pool, len(items)), items, steps, seed, shared),
                         "no_edit_error": round(float(ev.mae(ev.stack(items, "b"), ev.stack(items, "b_prime"))
                                                      .mean()), 5)}
-        drawn[family] = (h[0], shared[0])
+        if picture is not None:
+            drawn[family] = (h[0][0], shared[0][0])    # the picture shows the family's first scene only
         print(f"{family:22s} H {metrics.format_scores(rows[family]['h'])}   H − M "
               f"{metrics.format_scores(rows[family]['h_minus_shared'])}   M "
               f"{metrics.format_scores(rows[family]['shared_only'])}", flush=True)

@@ -127,9 +127,10 @@ def test_a_step_export_is_scored_as_its_own_h(run):
         probe.probe(run, count=1, step=5)
 
 
-def test_the_picture_shows_each_familys_scene_and_what_h_draws(run, tmp_path):
-    """--picture: a row per training family, A, A′, B, true B′, H's B′, M's B′; H's column is B′ sampled again here
-    from the same H (so a picture of another B′, or of the wrong column, fails)."""
+def test_the_picture_shows_each_familys_scene_and_what_h_and_m_draw(run, tmp_path):
+    """--picture: a row per training family, A, A′, B, true B′, H's B′, M's B′; every column of every row is compared
+    pixel for pixel with the scene's own panels and with B′ sampled again here from the same H and from M (so a picture
+    of another scene, of another B′ or with two columns swapped fails)."""
     from analogy_core.analogy import to_uint8_images
     from training.backbone import load_query_encoder
     from training.world.yardstick.loc import load_run_model, tokens
@@ -143,14 +144,25 @@ def test_the_picture_shows_each_familys_scene_and_what_h_draws(run, tmp_path):
     spec = open_world(world_of_spec(settings["backbone"])).spec
     hypernetwork, encoder = load_run_model(run / HYPERNETWORK_FILE, None, load_query_encoder(spec), False)
     backbone = load_ip2p(spec)
-    for row, family in enumerate(families[:2]):
-        items = ev.examples(family, 1, 64)
+    steps, seed = int(settings["sample_steps"]), int(settings["seed"])
+    examples = {family: ev.examples(family, 1, 64) for family in families}
+    with torch.no_grad():
+        generated = {family: hypernetwork(*tokens(encoder, items)) for family, items in examples.items()}
+        pool = LoRAFactors({p: tuple(torch.cat([g.layers[p][i] for g in generated.values()]) for i in (0, 1))
+                            for p in generated[families[0]].layers}, torch.ones(len(families)))
+        shared = probe.shared_part(pool, 1)
+    h_differs_from_m = []
+    for row, family in enumerate(families):
+        items = examples[family]
         with torch.no_grad():
-            drawn = edit_images(backbone, hypernetwork(*tokens(encoder, items)), ev.stack(items, "b"),
-                                int(settings["sample_steps"]), int(settings["seed"]))
+            h = edit_images(backbone, generated[family], ev.stack(items, "b"), steps, seed)
+            m = edit_images(backbone, shared, ev.stack(items, "b"), steps, seed)
+        ex = items[0]
+        expected = [to_uint8_images(t[None])[0] for t in (ex.a, ex.a_prime, ex.b, ex.b_prime, h[0], m[0])]
+        assert not np.array_equal(expected[0], expected[1]) and not np.array_equal(expected[2], expected[3])
+        assert not np.array_equal(expected[4], expected[2])                 # H's B′ is not B itself
+        h_differs_from_m.append(not np.array_equal(expected[4], expected[5]))
         panels = image[row * 64:(row + 1) * 64, probe.LABEL_WIDTH:]
-        column = [panels[:, k * 64:(k + 1) * 64] for k in range(6)]
-        b, truth, h = (to_uint8_images(t[None])[0] for t in (items[0].b, items[0].b_prime, drawn[0]))
-        assert not np.array_equal(h, b)                     # H's B′ is not B itself
-        assert np.array_equal(column[2], b) and np.array_equal(column[3], truth)
-        assert np.array_equal(column[4], h)
+        for k, want in enumerate(expected):
+            assert np.array_equal(panels[:, k * 64:(k + 1) * 64], want), (family, k)
+    assert any(h_differs_from_m)                                            # swapping H's and M's columns would fail
