@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from typing import Iterable, Iterator
 
 import torch
@@ -104,6 +105,9 @@ def new_patcher(module: torch.nn.Module, load_device, offload_device):
 
 
 _said_compiler = False
+_compiler_lock = threading.Lock()
+_compiler_pauses = 0            # model calls now inside model_compiler_paused, over every thread
+_compiler_was_disabled = False  # the switch as the first of them found it
 
 
 @contextlib.contextmanager
@@ -111,22 +115,32 @@ def model_compiler_paused() -> Iterator[None]:
     """Run with the Comfy model compiler off (newer hosts, CUDA, dynamic VRAM: ``comfy/model_prefetch.py``), then
     restore the switch. Its CUDA graphs replay a block's kernels without running Python, so forward hooks that were
     (or were not) present at capture would be replayed (or skipped) on later calls. The host reads
-    ``args.disable_comfy_compiler`` on every call; hosts without the compiler (0.3.75) are left untouched."""
-    global _said_compiler
+    ``args.disable_comfy_compiler`` on every call; hosts without the compiler (0.3.75) are left untouched.
+    The switch is process-wide while newer hosts sample on several GPUs at once (one thread each): it is restored when
+    the last overlapping pause ends, to what the first one found, so one thread's end never turns the compiler back
+    on under another's model call."""
+    global _said_compiler, _compiler_pauses, _compiler_was_disabled
     try:
         from comfy.cli_args import args  # ComfyUI's own modules exist only inside a ComfyUI process
     except Exception:  # no ComfyUI argument parser: nothing to switch
         yield
         return
-    if getattr(args, "disable_comfy_compiler", True):
+    if not hasattr(args, "disable_comfy_compiler"):
         yield
         return
-    if not _said_compiler:
-        _said_compiler = True
-        log.info("runtime LoRA: the Comfy model compiler is paused while a model with a runtime LoRA runs "
-                 "(forward hooks cannot live inside its CUDA graphs); use merge mode to keep it")
-    args.disable_comfy_compiler = True
+    with _compiler_lock:
+        if _compiler_pauses == 0:
+            _compiler_was_disabled = bool(args.disable_comfy_compiler)
+            if not _compiler_was_disabled and not _said_compiler:
+                _said_compiler = True
+                log.info("runtime LoRA: the Comfy model compiler is paused while a model with a runtime LoRA runs "
+                         "(forward hooks cannot live inside its CUDA graphs); use merge mode to keep it")
+        _compiler_pauses += 1
+        args.disable_comfy_compiler = True
     try:
         yield
     finally:
-        args.disable_comfy_compiler = False
+        with _compiler_lock:
+            _compiler_pauses -= 1
+            if _compiler_pauses == 0:
+                args.disable_comfy_compiler = _compiler_was_disabled

@@ -480,6 +480,37 @@ def test_runtime_mode_pauses_the_model_compiler(comfy_inproc, sd, monkeypatch):
     assert (out - run(sd)).abs().mean() > 1e-3, "the runtime LoRA was active"
 
 
+def test_overlapping_pauses_restore_the_compiler_only_when_the_last_one_ends(compat, monkeypatch):
+    """Newer hosts sample on several GPUs at once, one thread each (``samplers.outer_sample``'s MultiGPUThreadPool),
+    and ``args.disable_comfy_compiler`` is process-wide: thread A's pause ending while thread B's model call runs must
+    not switch the compiler back on under B; the last pause to end restores what the first one found."""
+    import threading
+
+    from comfy.cli_args import args
+
+    for found in (False, True):
+        monkeypatch.setattr(args, "disable_comfy_compiler", found, raising=False)
+        inside, release, seen = {n: threading.Event() for n in "AB"}, {n: threading.Event() for n in "AB"}, {}
+
+        def model_call(name: str) -> None:
+            with compat.model_compiler_paused():
+                inside[name].set()
+                release[name].wait(10)
+                seen[name] = args.disable_comfy_compiler
+
+        threads = {n: threading.Thread(target=model_call, args=(n,)) for n in "AB"}
+        threads["A"].start()
+        assert inside["A"].wait(10) and args.disable_comfy_compiler is True
+        threads["B"].start()
+        assert inside["B"].wait(10)
+        release["A"].set()
+        threads["A"].join(10)
+        assert args.disable_comfy_compiler is True        # B is still inside its model call
+        release["B"].set()
+        threads["B"].join(10)
+        assert seen == {"A": True, "B": True} and args.disable_comfy_compiler is found
+
+
 def test_runtime_weights_rebuild_for_multi_gpu(comfy_inproc, sd):
     """Newer hosts rebuild a model's additional models for each extra GPU from ``cached_patcher_init`` (and raise
     without it); the rebuilt weights carry the same token, which the wrapper uses to find the copy ComfyUI loaded
