@@ -9,7 +9,9 @@ tells apart"): a flip of this world only permutes flat 8-px patches. ``--mirror-
 whole groups — a plain scene, its ``hflip`` and its ``vflip``, each with its own caption — so that in every batch
 layout is all that tells three pictures apart; ``--position-std S`` redraws the vision position embeddings at std S
 before training (0: CLIP's initialisation). Without either it is the world recipe itself (its quick or full
-settings, ``--full``), trained ``--steps`` steps. Nothing is written to the world's cache.
+settings, ``--full``), trained ``--steps`` steps. Nothing is written to the world's cache; ``--save DIR`` writes the
+probe CLIP as a world CLIP folder (with its report as ``probe.json``), which ``bench.region_forms --clip DIR`` trains
+and scores the region predictor with.
 
 Per family (16 held-out scenes): ``edit_visibility`` as :func:`bench.lorweb_routing.edit_visibility` computes it
 from the vision tower's ``image_embeds``, embedded as the query encoders embed. And the CLIP's caption retrieval,
@@ -84,7 +86,7 @@ def probe_model(cfg: dict, vocab_size: int, seed: int, position_std: float):
 
 
 def train_probe(cfg: dict, seed: int, mirror_negatives: bool, position_std: float):
-    """(CLIP model, its build record) trained with ``cfg`` (the world CLIP's settings) on the world pool
+    """(CLIP model, its tokenizer, its build record) trained with ``cfg`` (the world CLIP's settings) on the world pool
     or, with ``mirror_negatives``, on ``cfg['pool'] // 3`` mirror groups (a third as many scenes, plain looks only)."""
     tokenizer = clip.make_tokenizer()
     model = probe_model(cfg, len(tokenizer), seed, position_std)
@@ -102,7 +104,7 @@ def train_probe(cfg: dict, seed: int, mirror_negatives: bool, position_std: floa
               "retrieval_top1_heldout_plain_64": clip.retrieval_accuracy(model, tokenizer, plain_images,
                                                                          plain_captions),
               "pool_images": len(captions), "batch_images": batch_images}
-    return model, record
+    return model, tokenizer, record
 
 
 def visibility(model, count: int) -> dict[str, float]:
@@ -124,7 +126,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--examples", type=int, default=16, help="held-out scenes per family (at least 2)")
     parser.add_argument("--json", type=Path, help="write the report here")
+    parser.add_argument("--save", type=Path, help="write the probe CLIP here as a world CLIP folder (a new folder)")
     args = parser.parse_args(argv)
+    if args.save is not None and args.save.exists():
+        raise SystemExit(f"--save {args.save}: the folder exists; give a new one (a probe CLIP is never overwritten)")
     if args.steps is not None and args.steps < 1:
         raise SystemExit(f"--steps must be at least 1, got {args.steps}")
     if args.examples < 2:
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = dict(WORLD_MODELS["clip"].configs["full" if args.full else "quick"])
     if args.steps:
         cfg["steps"] = args.steps
-    model, record = train_probe(cfg, args.seed, args.mirror_negatives, args.position_std)
+    model, tokenizer, record = train_probe(cfg, args.seed, args.mirror_negatives, args.position_std)
     report = {"settings": "full" if args.full else "quick", "config": cfg, "seed": args.seed,
               "mirror_negatives": args.mirror_negatives, "position_std": args.position_std, **record,
               "examples": args.examples, "edit_visibility": visibility(model, args.examples),
@@ -145,6 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{family:24s} edit visibility {value:.4f}")
     print(f"held-out retrieval top-1 {report['retrieval_top1_heldout_64']:.3f} "
           f"(plain scenes {report['retrieval_top1_heldout_plain_64']:.3f})")
+    if args.save is not None:
+        report["saved"] = str(clip.save_clip(model, tokenizer, args.save))
+        write_report(args.save / "probe.json", report)
     write_report(args.json, report)
     return report
 

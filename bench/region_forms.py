@@ -14,6 +14,11 @@ beyond the paper, what the module learns when it is told the answer). The row it
 --methods regions``) trains them for 100 steps on the quick world, too few to tell the forms apart; this command
 keeps the row's code and changes only the world and the steps.
 Runs are kept under ``--out`` and reused when complete.
+
+``--clip DIR`` trains and scores every run with another CLIP than the world's (a transformers CLIP folder of the
+world's vocabulary, e.g. one ``bench.clip_flip_probe --save DIR`` trained): the paper's CLIP losses read the CLIP's
+patch features and embeddings, so this asks how much of text mode's region is the world CLIP's doing. The runs are
+then kept in ``<out>_clip-<DIR's name>`` and the report names the CLIP.
 """
 
 from __future__ import annotations
@@ -51,20 +56,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs", default=",".join(name for name, _, _ in RUNS), help="comma-separated run names")
     parser.add_argument("--out", type=Path, help="run folder (default outputs/bench_region_forms_<world>_s<seed>)")
     parser.add_argument("--json", type=Path, help="write the figures here too")
+    parser.add_argument("--clip", type=Path, help="a CLIP folder to use instead of the world's (default: the world's)")
     args = parser.parse_args(argv)
+    if args.clip is not None and not (args.clip / "config.json").is_file():
+        parser.error(f"--clip {args.clip}: not a transformers CLIP folder (no config.json)")
     chosen = {name: (mode, form) for name, mode, form in RUNS if name in args.runs.split(",")}
     quick = not args.full_world
     out = args.out or REPO / "outputs" / f"bench_region_forms_{'quick' if quick else 'full'}_s{args.seed}"
+    if args.clip is not None and args.out is None:
+        out = out.with_name(f"{out.name}_clip-{args.clip.resolve().name}")
 
     built = build_world(["clip", T5_FOLDER], quick=quick, seed=args.seed)
-    clip, encoder = FrozenClip.from_folder(built.path("clip")), InstructionEncoder.from_folder(built.path(T5_FOLDER))
+    clip_folder = args.clip.resolve() if args.clip is not None else built.path("clip")
+    clip, encoder = FrozenClip.from_folder(clip_folder), InstructionEncoder.from_folder(built.path(T5_FOLDER))
     local = [f for f in world.families("all") if world.get_family(f).kind == "local"]
     splits = {split: [f for f in local if world.get_family(f).split == split] for split in ("train", "heldout")}
     size = world.REFERENCE_SIZE
     report: dict = {"world": built.root.name, "seed": args.seed, "steps": args.steps, "examples": args.examples,
-                    "runs": {}}
+                    "clip": "world" if args.clip is None else str(clip_folder), "runs": {}}
     for name, (mode, form) in chosen.items():
         settings = {**region_settings(str(built.root)), "mode": mode, "seed": args.seed, **form}
+        if args.clip is not None:
+            settings["clip"] = str(clip_folder)
         trained(settings | {"learning_rate": 0.0}, out / f"{name}_init", 1)
         seconds = trained(settings, out / name, args.steps)
         figures: dict = {"mode": mode, "form": form,  # train_seconds null: a complete run in --out was reused

@@ -116,3 +116,24 @@ def test_the_command_reports_every_familys_visibility(tmp_path):
     world_recipe = probe.main(["--steps", "1", "--examples", "2"])
     assert not world_recipe["mirror_negatives"] and world_recipe["batch_images"] == 64
     assert set(world_recipe["edit_visibility"]) == set(world_def.families("all"))
+
+
+def test_save_writes_the_trained_probe_clip_as_a_world_clip_folder(tmp_path):
+    """--save DIR: the CLIP the report measured, as a world CLIP folder (CLIPModel, tokenizer, vision tower) that the
+    region trainer's FrozenClip reads; an existing folder is refused, never overwritten."""
+    from transformers import CLIPModel
+
+    from analogy_core.regions import FrozenClip
+
+    folder = tmp_path / "probe_clip"
+    report = probe.main(["--steps", "2", "--mirror-negatives", "--examples", "2", "--save", str(folder)])
+    assert report["saved"] == str(folder) and json.loads((folder / "probe.json").read_text()) == report
+    saved = CLIPModel.from_pretrained(folder, local_files_only=True)
+    untrained = clip.make_model(report["config"], saved.config.text_config.vocab_size, 0)
+    assert any(not torch.equal(v, untrained.state_dict()[k]) for k, v in saved.state_dict().items())  # trained
+    assert probe.visibility(saved, 2) == report["edit_visibility"]          # the very CLIP the report measured
+    assert (folder / clip.VISION_FOLDER / "config.json").is_file()
+    frozen = FrozenClip.from_folder(folder)
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in frozen.model.state_dict().items())
+    with pytest.raises(SystemExit, match="exists"):
+        probe.main(["--steps", "1", "--examples", "2", "--save", str(folder)])

@@ -146,10 +146,17 @@ def train_clip(cfg: dict, seed: int, folder: Path) -> dict:
     images, captions = world_pool("train", cfg["pool"])
     loss = fit_clip(model, resized_pool(images), tokenize_pool(tokenizer, captions), cfg, seed)
     metrics = clip_metrics(model, tokenizer, loss, images[:64], captions[:64])
+    save_clip(model, tokenizer, folder)
+    return metrics
+
+
+def save_clip(model, tokenizer, folder: Path) -> Path:
+    """A world CLIP folder: the CLIPModel and its tokenizer (what the region trainer and ``FrozenClip`` read), and its
+    vision tower in ``VISION_FOLDER`` (what query encoders read)."""
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     vision_tower(model).save_pretrained(folder / VISION_FOLDER)
-    return metrics
+    return folder
 
 
 def clip_metrics(model, tokenizer, loss: float, train_images: torch.Tensor, train_captions: list[str]) -> dict:
