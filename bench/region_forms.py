@@ -17,8 +17,8 @@ Runs are kept under ``--out`` and reused when complete.
 
 ``--clip DIR`` trains and scores every run with another CLIP than the world's (a transformers CLIP folder of the
 world's vocabulary, e.g. one ``bench.clip_flip_probe --save DIR`` trained): the paper's CLIP losses read the CLIP's
-patch features and embeddings, so this asks how much of text mode's region is the world CLIP's doing. The runs are
-then kept in ``<out>_clip-<DIR's name>`` and the report names the CLIP.
+patch features and embeddings, so this asks how much of text mode's region is the world CLIP's doing. The default
+run folder then gains ``_clip-<DIR's name>``, and the report names the CLIP.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from analogy_core.regions import FrozenClip, InstructionEncoder, load_region_pre
 from training.world import build_world
 from training.world import scenes as world
 from training.world.loaders import T5_FOLDER
+from training.world.presets import RunSettingsChanged, check_resumable
 from training.world.yardstick.common import losses_from_log
 from training.world.yardstick.regions import (REGION_WORLD, RUNS, mean, region_settings, train_region,
                                               world_region_figures)
@@ -41,8 +42,15 @@ CHECKPOINT = "region_predictor.safetensors"
 
 
 def trained(settings: dict, folder: Path, steps: int) -> float | None:
-    """Train into ``folder`` unless a complete run is there; the seconds it took (None when reused)."""
+    """Train into ``folder`` unless a complete run of these settings and steps is there; the seconds it took (None
+    when reused). A complete run of other settings (another CLIP, form or length) is refused, never reported as this
+    one."""
     if (folder / CHECKPOINT).is_file():
+        check_resumable(folder, settings)
+        recorded = json.loads((folder / "config.json").read_text()).get("max_steps")
+        if recorded != steps:
+            raise RunSettingsChanged(f"{folder} holds a complete run of {recorded} steps, asked {steps}: use another "
+                                     "--out")
         return None
     return train_region(settings, folder, steps)
 
@@ -54,7 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=int(REGION_WORLD["max_steps"]), help="training steps per run")
     parser.add_argument("--examples", type=int, default=16, help="held-out scenes per family")
     parser.add_argument("--runs", default=",".join(name for name, _, _ in RUNS), help="comma-separated run names")
-    parser.add_argument("--out", type=Path, help="run folder (default outputs/bench_region_forms_<world>_s<seed>)")
+    parser.add_argument("--out", type=Path,
+                        help="run folder (default outputs/bench_region_forms_<world>_s<seed>[_clip-<name>])")
     parser.add_argument("--json", type=Path, help="write the figures here too")
     parser.add_argument("--clip", type=Path, help="a CLIP folder to use instead of the world's (default: the world's)")
     args = parser.parse_args(argv)

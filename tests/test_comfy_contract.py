@@ -499,16 +499,23 @@ def test_overlapping_pauses_restore_the_compiler_only_when_the_last_one_ends(com
                 seen[name] = args.disable_comfy_compiler
 
         threads = {n: threading.Thread(target=model_call, args=(n,)) for n in "AB"}
-        threads["A"].start()
-        assert inside["A"].wait(10) and args.disable_comfy_compiler is True
-        threads["B"].start()
-        assert inside["B"].wait(10)
-        release["A"].set()
-        threads["A"].join(10)
-        assert args.disable_comfy_compiler is True        # B is still inside its model call
-        release["B"].set()
-        threads["B"].join(10)
-        assert seen == {"A": True, "B": True} and args.disable_comfy_compiler is found
+        try:
+            threads["A"].start()
+            assert inside["A"].wait(10) and args.disable_comfy_compiler is True
+            threads["B"].start()
+            assert inside["B"].wait(10)
+            release["A"].set()
+            threads["A"].join(10)
+            assert args.disable_comfy_compiler is True        # B is still inside its model call
+            release["B"].set()
+            threads["B"].join(10)
+            assert seen == {"A": True, "B": True} and args.disable_comfy_compiler is found
+        finally:  # a failed assert must not leave a thread to restore the switch after monkeypatch undid it
+            for name, thread in threads.items():
+                release[name].set()
+                if thread.ident is not None:                  # started
+                    thread.join(10)
+            assert not any(t.is_alive() for t in threads.values())
 
 
 def test_runtime_weights_rebuild_for_multi_gpu(comfy_inproc, sd):

@@ -136,7 +136,8 @@ def test_the_picture_shows_each_familys_scene_and_what_h_and_m_draw(run, tmp_pat
     from training.world.yardstick.loc import load_run_model, tokens
 
     path = tmp_path / "shared.png"
-    report = probe.probe(run, count=1, picture=path)
+    scenes = 2                                                              # the picture shows the first of them
+    report = probe.probe(run, count=scenes, picture=path)
     image = np.asarray(Image.open(path).convert("RGB"))
     families = list(report["families"])
     assert image.shape == (len(families) * 64, probe.LABEL_WIDTH + 6 * 64, 3)
@@ -145,12 +146,12 @@ def test_the_picture_shows_each_familys_scene_and_what_h_and_m_draw(run, tmp_pat
     hypernetwork, encoder = load_run_model(run / HYPERNETWORK_FILE, None, load_query_encoder(spec), False)
     backbone = load_ip2p(spec)
     steps, seed = int(settings["sample_steps"]), int(settings["seed"])
-    examples = {family: ev.examples(family, 1, 64) for family in families}
+    examples = {family: ev.examples(family, scenes, 64) for family in families}
     with torch.no_grad():
         generated = {family: hypernetwork(*tokens(encoder, items)) for family, items in examples.items()}
         pool = LoRAFactors({p: tuple(torch.cat([g.layers[p][i] for g in generated.values()]) for i in (0, 1))
-                            for p in generated[families[0]].layers}, torch.ones(len(families)))
-        shared = probe.shared_part(pool, 1)
+                            for p in generated[families[0]].layers}, torch.ones(scenes * len(families)))
+        shared = probe.shared_part(pool, scenes)
     h_differs_from_m = []
     for row, family in enumerate(families):
         items = examples[family]
@@ -158,6 +159,7 @@ def test_the_picture_shows_each_familys_scene_and_what_h_and_m_draw(run, tmp_pat
             h = edit_images(backbone, generated[family], ev.stack(items, "b"), steps, seed)
             m = edit_images(backbone, shared, ev.stack(items, "b"), steps, seed)
         ex = items[0]
+        assert not torch.equal(h[0], h[1])                                 # so the first scene's column is told apart
         expected = [to_uint8_images(t[None])[0] for t in (ex.a, ex.a_prime, ex.b, ex.b_prime, h[0], m[0])]
         assert not np.array_equal(expected[0], expected[1]) and not np.array_equal(expected[2], expected[3])
         assert not np.array_equal(expected[4], expected[2])                 # H's B′ is not B itself

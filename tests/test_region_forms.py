@@ -13,6 +13,7 @@ from analogy_core.regions import FrozenClip, InstructionEncoder, load_region_pre
 from training.world import build_world
 from training.world import scenes as world
 from training.world.loaders import T5_FOLDER
+from training.world.presets import RunSettingsChanged
 from training.world.yardstick.regions import world_region_figures
 
 EXAMPLES = 4
@@ -37,6 +38,17 @@ def test_another_clip_trains_and_scores_the_runs(tmp_path):
     shares = {name: {f: round(v[f]["text"]["marked_share"], 4) for f in local} for name, v in figures.items()}
     assert shares["probe"] != shares["world"]                              # the CLIP changes the region
     assert {f: v["marked_share"] for f, v in report["runs"]["text"]["region_per_family_end"].items()} == shares["probe"]
+
+    again = forms.main(["--clip", str(probe_clip), "--runs", "text", "--steps", "1", "--examples", str(EXAMPLES),
+                        "--out", str(tmp_path / "runs")])
+    reused = {k: v for k, v in again["runs"]["text"].items() if k != "train_seconds"}
+    assert again["runs"]["text"]["train_seconds"] is None                                        # reused ...
+    assert reused == {k: v for k, v in report["runs"]["text"].items() if k != "train_seconds"}   # ... as it was
+    with pytest.raises(RunSettingsChanged, match="clip"):        # the same folder asked with the world's CLIP
+        forms.main(["--runs", "text", "--steps", "1", "--examples", "1", "--out", str(tmp_path / "runs")])
+    with pytest.raises(RunSettingsChanged, match="complete run of 1 steps, asked 2"):
+        forms.main(["--clip", str(probe_clip), "--runs", "text", "--steps", "2", "--examples", "1",
+                    "--out", str(tmp_path / "runs")])
 
 
 def test_a_folder_that_is_not_a_clip_is_refused(tmp_path):
