@@ -177,5 +177,8 @@ def test_every_image_the_example_workflows_load_is_shipped(tmp_path):
     fresh = tmp_path / "input"
     write_default_inputs(fresh)
     for name in named:
-        assert np.array_equal(pixels(fresh / name), pixels(EXAMPLE_INPUTS_DIR / name)), \
+        # the images are float maths (sigmoid, sqrt, cos) rounded to 8 bits: another CPU or torch build may round a
+        # handful of values the other way (measured: 1 of 245,760, by 1); a stale image differs everywhere
+        difference = np.abs(pixels(fresh / name) - pixels(EXAMPLE_INPUTS_DIR / name))
+        assert difference.max() <= 1 and (difference > 0).mean() < 1e-3, \
             f"{name} is stale: run python -m devtools.make_examples"
