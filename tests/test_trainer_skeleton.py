@@ -4,9 +4,11 @@ killed writes, foreign folders, clipping, unreadable data. Every real trainer in
 from __future__ import annotations
 
 import logging
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -242,3 +244,47 @@ def test_the_summary_counts_distinct_unreadable_items(tmp_path, caplog):
         history = train(tmp_path / "run", "--set", f"unreadable={','.join(map(str, bad))}", "--max-steps", "48")
     assert history["skipped"] == 7 and history["skip_events"] > 7
     assert "skipped 7 unreadable items and 0 bad index lines" in caplog.text
+
+
+class DataFirstTask(ToyTask):
+    """Records what its model initialisation drew from the global random state, and whether build ran at all."""
+    built: list[torch.Tensor] = []
+    data_draws = True
+
+    def build(self):
+        DataFirstTask.built.append(torch.rand(3))  # no reseeding: the trainer's set_seed is what it starts from
+        return super().build()
+
+    def dataset(self):
+        if DataFirstTask.data_draws:  # a dataset that consumes the global random state as it is read
+            torch.rand(7), np.random.rand(2), random.random()
+        return super().dataset()
+
+
+def test_the_data_is_read_before_any_model_loads_and_leaves_the_seed_alone(tmp_path):
+    """run() reads and probes the data first — a data problem costs no backbone load — and the model is
+    initialised from the seed exactly as if no data had been read (mutation: drop the preserved state → the
+    initialisation differs)."""
+    DataFirstTask.built.clear()
+    DataFirstTask.data_draws = False
+    trainer.run(DataFirstTask, ["--preset", "default", "--output-dir", str(tmp_path / "quiet"), "--max-steps", "1"])
+    DataFirstTask.data_draws = True
+    trainer.run(DataFirstTask, ["--preset", "default", "--output-dir", str(tmp_path / "noisy"), "--max-steps", "1"])
+    quiet, noisy = DataFirstTask.built
+    assert torch.equal(quiet, noisy)
+    with pytest.raises(DataError, match="probed items are readable"):  # 7 of 8 unreadable: refused, build never ran
+        trainer.run(DataFirstTask, ["--preset", "default", "--output-dir", str(tmp_path / "bad"),
+                                    "--set", "unreadable=" + ",".join(str(i) for i in range(64) if i % 8)])
+    assert len(DataFirstTask.built) == 2
+
+
+def test_preserved_random_state_restores_every_generator():
+    before = (torch.rand(2), np.random.rand(2), random.random())
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    with trainer.preserved_random_state():
+        torch.rand(9), np.random.rand(9), random.random()
+    after = (torch.rand(2), np.random.rand(2), random.random())
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    fresh = (torch.rand(2), np.random.rand(2), random.random())
+    assert not torch.equal(before[0], fresh[0])  # the draws depend on the state at all
+    assert torch.equal(after[0], fresh[0]) and (after[1] == fresh[1]).all() and after[2] == fresh[2]

@@ -28,3 +28,48 @@ def test_precedence_and_validation(tmp_path):
         load_config("tiny", None, ["grid_resolution=100"])
     with pytest.raises(ValueError, match="unknown preset"):
         load_config("huge")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("num_entries=abc", r"num_entries must be an integer, got 'abc' \(str\)"),
+    ("max_steps=1.5", r"max_steps must be an integer, got 1\.5 \(float\)"),
+    ("rank=true", r"rank must be an integer, got True \(bool\)"),
+    ("learning_rate=fast", r"learning_rate must be a number"),
+    ("gradient_checkpointing=3", r"gradient_checkpointing must be true or false, got 3 \(int\)"),
+    ("learning_rate=-1e-3", r"learning_rate must be a positive number"),
+    ("learning_rate=.nan", r"learning_rate must be a positive number"),
+    ("adam_beta2=1", r"adam_beta2 must be in \[0, 1\)"),
+    ("weight_decay=-0.1", r"weight_decay >= 0"),
+    ("key_dim=0", r"key_dim must be a positive integer"),
+    ("lora_heads=0", r"lora_heads must be a positive integer"),
+    ("mixing_coeffs_type=median", r"mixing_coeffs_type must be 'mean' or 'sum'"),
+    ("query_mode=bogus", r"query_mode"),
+])
+def test_impossible_values_stop_the_config_before_anything_loads(override, message):
+    """The README's promise: an unknown key or an impossible value stops the run before anything loads — these used
+    to pass the config and fail in build() (after the backbone loaded) or be stored as the wrong type."""
+    assert load_config("tiny", None, ["max_steps=7"]).max_steps == 7  # the same path accepts a good value
+    with pytest.raises(ValueError, match=message):
+        load_config("tiny", None, [override])
+
+
+def test_a_yaml_file_of_the_wrong_types_is_refused_by_name(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("backbone: 7\n")  # --set keeps text for a text key; YAML gives an integer
+    with pytest.raises(ValueError, match=r"backbone must be text, got 7 \(int\)"):
+        load_config("tiny", path)
+    path.write_text("targets: [transformer_blocks.0.*]\nmax_steps: 12\n")  # lists and integers as declared
+    assert load_config("tiny", path).max_steps == 12
+
+
+def test_a_float_key_takes_an_integer_and_every_method_config_passes_its_own_presets():
+    from training.edit_transfer.config import PRESETS as ET, EditTransferConfig
+    from training.loc.config import PRESETS as LOC, LoCConfig
+    from training.lorweb.config import PRESETS as LORWEB
+    from training.regions.config import PRESETS as REGIONS, RegionConfig
+    from training.config import build_config
+
+    assert load_config("tiny", None, ["learning_rate=1"]).learning_rate == 1
+    for cls, presets in ((TrainConfig, LORWEB), (LoCConfig, LOC), (EditTransferConfig, ET), (RegionConfig, REGIONS)):
+        for name in presets:
+            build_config(cls, presets, name)  # validated, no error

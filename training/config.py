@@ -10,6 +10,7 @@ Each method's config and presets live in ``training/<method>/config.py``.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -67,7 +68,9 @@ class CommonConfig:
         return self
 
     def validate(self) -> None:
-        """Raise ValueError for values no run can use (subclasses add their own checks)."""
+        """Raise ValueError for values no run can use (subclasses add their own checks): checked before anything
+        loads, so a typo in a long run's config costs seconds, not a backbone load."""
+        check_field_types(self)
         for key in ("batch_size", "gradient_accumulation_steps", "max_steps", "checkpoint_every", "sample_every",
                     "log_every", "keep_checkpoints"):
             value = getattr(self, key)
@@ -77,6 +80,14 @@ class CommonConfig:
             raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if not self.max_grad_norm >= 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm!r}")
+        if not 0 < self.learning_rate < float("inf"):
+            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)!r}")
+        if not self.adam_epsilon > 0 or not self.weight_decay >= 0:
+            raise ValueError(f"adam_epsilon must be > 0 and weight_decay >= 0, got {self.adam_epsilon!r} and "
+                             f"{self.weight_decay!r}")
         check_schedule(self.lr_schedule, self.lr_warmup_steps, self.max_steps)
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,6 +95,24 @@ class CommonConfig:
 
 
 Config = TypeVar("Config", bound=CommonConfig)
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+
+
+def check_field_types(config: CommonConfig) -> None:
+    """Every key declared as bool, int, float or text holds one (a float key takes an integer too): a YAML file or a
+    ``--set`` that gives ``num_entries=abc`` or ``max_steps=1.5`` is refused by name instead of failing mid-build."""
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        expected, value = hints.get(field.name), getattr(config, field.name)
+        if expected not in _TYPE_WORDS:
+            continue  # unions, lists, optional paths: their own checks
+        if expected is float:
+            fits = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            fits = isinstance(value, expected) and (expected is bool or not isinstance(value, bool))
+        if not fits:
+            raise ValueError(f"{field.name} must be {_TYPE_WORDS[expected]}, got {value!r} "
+                             f"({type(value).__name__})")
 
 
 def build_config(config_cls: type[Config], presets: dict[str, dict[str, Any]], preset: str | None = None,

@@ -18,14 +18,17 @@ exports, what samples it draws — and :func:`run` does the rest the same way fo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
+import random
 import shutil
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
@@ -45,8 +48,9 @@ log = logging.getLogger("training")
 
 
 class TrainingTask:
-    """What a trainer defines; :func:`run` calls these in order (``build`` → ``dataset`` → loop of ``loss`` →
-    ``export``/``write_samples`` at checkpoints)."""
+    """What a trainer defines; :func:`run` calls these in order (``dataset`` → ``build`` → loop of ``loss`` →
+    ``export``/``write_samples`` at checkpoints). ``dataset`` reads only the config, so bad data stops a run before
+    any model loads."""
 
     name: ClassVar[str] = "task"
     artifact: ClassVar[str] = "model.safetensors"       # the user-facing file in output_dir
@@ -83,6 +87,7 @@ class TrainingTask:
         raise NotImplementedError
 
     def dataset(self) -> Dataset:
+        """The training data, from the config alone: :func:`run` reads it before :meth:`build`."""
         raise NotImplementedError
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
@@ -194,6 +199,22 @@ def config_from_args(task_cls: type[TrainingTask], args: argparse.Namespace) -> 
     if args.backbone:
         overrides.append(f"backbone={args.backbone}")
     return build_config(task_cls.config_cls, task_cls.presets, args.preset, args.config, overrides)
+
+
+@contextlib.contextmanager
+def preserved_random_state() -> Iterator[None]:
+    """Run the body without moving the global random states (torch on CPU and every CUDA device, NumPy, Python): what
+    comes after draws exactly what it would have drawn without it."""
+    states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state(),
+              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+        if states[3] is not None:
+            torch.cuda.set_rng_state_all(states[3])
 
 
 def make_accelerator(cfg: CommonConfig, out: Path):
@@ -363,6 +384,9 @@ def run(task_cls: type[TrainingTask], argv=None) -> dict:
     accelerator.wait_for_everyone()
 
     task = task_cls(cfg, accelerator)
+    with preserved_random_state():  # the data is read first (a wrong spec or unreadable data fails before any model
+        data = ReadableItems(task.dataset())  # loads); the model is initialised from the seed as if it had not been
+        data.probe(minimum=1)
     model = task.build()
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -374,8 +398,6 @@ def run(task_cls: type[TrainingTask], argv=None) -> dict:
 
     step = resume(task, model, optimizer, args.resume) if args.resume else 0
 
-    data = ReadableItems(task.dataset())
-    data.probe(minimum=1)
     sampler = StepBatchSampler(len(data), cfg.batch_size, cfg.seed, accelerator.process_index,
                                accelerator.num_processes, start=step * cfg.gradient_accumulation_steps)
     loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers)

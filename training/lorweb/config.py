@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from analogy_core.lorweb.settings import LoRWeBSettings
 from training.config import CommonConfig, FourPanelSettings, build_config
 
 
@@ -73,6 +74,13 @@ class LoRWeBConfig(FourPanelSettings, CommonConfig):
         super().validate()
         if self.caption_source not in ("a", "b"):
             raise ValueError(f"caption_source must be one of ('a', 'b'), got {self.caption_source!r}")
+        for key in ("num_entries", "rank", "key_dim"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
+        # the mixing settings' own checks (heads, softmax/tanh, mean/sum, query mode), before the backbone loads;
+        # build() binds them to the query encoder
+        LoRWeBSettings(lora_heads=self.lora_heads, lora_softmax=self.lora_softmax,
+                       mixing_coeffs_type=self.mixing_coeffs_type, query_mode=self.query_mode, source="config")
 
 
 TrainConfig = LoRWeBConfig  # the name earlier releases used
