@@ -112,13 +112,16 @@ def test_relation252k_skips_broken_tasks_and_entries(tmp_path, caplog):
     write_png(good / "1.png", np.full((16, 12, 3), 255))  # halves of 6 px: no usable before|after pair
     (good / "labels.json").write_text(json.dumps([{"img_name": "0.png", "edit_instruction": "e0"},
                                                   {"img_name": "1.png", "edit_instruction": "e1"},
-                                                  {"edit_instruction": "no image name"}]))
+                                                  {"edit_instruction": "no image name"}, "not an object", 7]))
     broken = tmp_path / "broken" / "Group1"
     broken.mkdir(parents=True)
     (broken / "labels.json").write_text("{oops")
     with caplog.at_level(logging.WARNING):
         data = Relation252K(tmp_path, 8)
     assert "labels.json unreadable" in caplog.text and len(data) == 3
+    # counted where the probe and the closing line read them: the broken file once, each non-object entry once
+    assert data.bad_lines == 3 and ReadableItems(data).bad_lines == 3
+    assert "2 labels.json entries are not objects" in caplog.text
     with pytest.raises(ItemError, match="too narrow"):
         data[0]
     with pytest.raises(ItemError, match="without a string img_name"):
@@ -166,6 +169,7 @@ def test_a_nested_relation252k_labels_file_skips_its_task(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         data = Relation252K(tmp_path, 8)
     assert len(data) == 1 and "nested too deeply" in caplog.text and "deep" in caplog.text
+    assert data.bad_lines == 1
 
 
 def test_the_pre_training_check_logs_what_it_found(quads, caplog):

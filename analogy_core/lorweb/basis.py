@@ -218,7 +218,8 @@ def basis_from_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, 
 
 def _check_layer(base: str, layer: BasisLayer) -> BasisLayer:
     """Shapes that fit together with no empty dimension, floating point (float8 upcast), finite values, and no
-    entry whose update A_n·B_n is beyond MAX_UPDATE_NORM (so no mix, a convex combination, is either)."""
+    entry whose update A_n·B_n is beyond MAX_UPDATE_NORM (so no softmax mean mix, a convex combination, is either;
+    tanh and sum mixes, |c_n| <= 1, stay within N times it)."""
     tensors = {"lora_A": layer.A, "lora_B": layer.B, "lora_keys": layer.keys, "att_lora_to_q": layer.to_q}
     for name, tensor in tensors.items():
         if not tensor.is_floating_point():

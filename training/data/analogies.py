@@ -39,26 +39,35 @@ class Relation252K(Dataset):
         if not label_files:
             raise DataError(f"no <category>/Group*/labels.json under {self.root}: is this Relation252K?")
         self.items: list[tuple[Path, dict, dict]] = []
+        self.bad_lines = 0  # unreadable labels.json files and entries that are not objects (ReadableItems reports it)
         for labels in label_files:
             entries = self._entries(labels)
             for i in range(len(entries)):
                 for j in range(i + 1, len(entries)):
                     self.items.append((labels.parent, entries[i], entries[j]))
 
-    @staticmethod
-    def _entries(labels: Path) -> list[dict]:
+    def _entries(self, labels: Path) -> list[dict]:
+        """The object entries of one task's labels.json; an unreadable file counts as one bad line, as does each
+        entry that is not an object."""
         try:
             entries = json.loads(labels.read_text(encoding="utf-8"))
         except RecursionError:
-            log.warning("skipping task %s: labels.json is nested too deeply to read", labels.parent)
-            return []
+            return self._skip_task(labels, "labels.json is nested too deeply to read")
         except (OSError, ValueError) as err:  # ValueError: not JSON or not UTF-8
-            log.warning("skipping task %s: labels.json unreadable (%s)", labels.parent, err)
-            return []
+            return self._skip_task(labels, f"labels.json unreadable ({err})")
         if not isinstance(entries, list):
-            log.warning("skipping task %s: labels.json is not a list of entries", labels.parent)
-            return []
-        return [e for e in entries if isinstance(e, dict)]
+            return self._skip_task(labels, "labels.json is not a list of entries")
+        kept = [e for e in entries if isinstance(e, dict)]
+        if len(kept) < len(entries):
+            self.bad_lines += len(entries) - len(kept)
+            log.warning("task %s: %d labels.json entries are not objects, skipped", labels.parent,
+                        len(entries) - len(kept))
+        return kept
+
+    def _skip_task(self, labels: Path, why: str) -> list[dict]:
+        self.bad_lines += 1
+        log.warning("skipping task %s: %s", labels.parent, why)
+        return []
 
     def __len__(self) -> int:
         return len(self.items)
