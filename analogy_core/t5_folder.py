@@ -157,7 +157,10 @@ def weight_files(folder: Path, error: type[ValueError]) -> list[Path]:
     if (folder / WEIGHTS).is_file():
         return [folder / WEIGHTS]
     pickles = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-    hint = f" ({pickles[0]} is a pickle, which is never loaded: convert it with save_pretrained)" if pickles else ""
+    others = sorted(p.name for p in folder.glob("*.safetensors"))
+    hint = (f" ({pickles[0]} is a pickle, which is never loaded: convert it with save_pretrained)" if pickles else
+            f" ({others[0]} is not read under that name: a single weights file must be named {WEIGHTS})" if others
+            else "")
     raise error(f"{folder.name}: no {WEIGHTS} (nor {INDEX}){hint}")
 
 

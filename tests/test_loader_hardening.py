@@ -286,3 +286,11 @@ def test_a_damaged_tokenizer_file_is_refused(folder, text, message):
 def test_pickle_weights_only_are_refused(folder):
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
     refused(folder, r"^t5 folder: no model\.safetensors .*pytorch_model\.bin is a pickle")
+
+
+def test_a_single_weights_file_of_another_name_is_refused_with_the_name_it_needs(folder):
+    """Load Instruction Encoder lists a T5 folder by any .safetensors file in it (a user who saved
+    flan-t5-base.safetensors sees the folder), but the loader reads model.safetensors: the refusal says so."""
+    (folder / "model.safetensors").rename(folder / "flan-t5-base.safetensors")
+    refused(folder, r"^t5 folder: no model\.safetensors .*flan-t5-base\.safetensors is not read under that name: "
+                    r"a single weights file must be named model\.safetensors")
