@@ -117,15 +117,21 @@ FLAN_T5 = ModelFile(
     ("config.json", "spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"))
 LOC_HYPERNETWORK = ModelFile(
     "loc_hypernetwork.safetensors", "loc", None, "yours", "no public weights exist (README, LoRA of Change)",
-    "`python -m training.train_loc` writes it into its `output_dir`")
+    "`python -m training.train_loc --set backbone=<InstructPix2Pix diffusers folder> --set data=magicbrush:<MagicBrush "
+    "folder>` (on a workstation: [Training](#lora-of-change-hypernetwork); the defaults read `timbrooks/instruct-pix2pix` "
+    "and CLIP ViT-L/14 from the Hugging Face cache and MagicBrush from `data/MagicBrush`) writes it into its "
+    "`output_dir`")
 REGION_TEXT = ModelFile(
     "region_instructions.safetensors", "regions", None, "yours", "no public weights exist (README, regions)",
-    "`python -m training.train_region --set data=jsonl:<your items.jsonl>` (text mode) writes "
+    "`python -m training.train_region --set data=jsonl:<your items.jsonl>` (text mode; on a workstation: "
+    "[Training](#region-predictor); the defaults read CLIP ViT-L/14 and `google/flan-t5-base` from the Hugging Face "
+    "cache, `--set clip=<folder> --set instruction_encoder=<folder>` reads local copies) writes "
     "`region_predictor.safetensors`; rename it")
 REGION_ANALOGY = ModelFile(
     "region_analogy.safetensors", "regions", None, "yours", "no public weights exist (README, regions)",
-    "`python -m training.train_region --set mode=analogy --set data=pairs:<your pairs.jsonl>` writes "
-    "`region_predictor.safetensors`; rename it")
+    "`python -m training.train_region --set mode=analogy --set data=pairs:<your pairs.jsonl>` (on a workstation: "
+    "[Training](#region-predictor); the default reads CLIP ViT-L/14 from the Hugging Face cache, `--set clip=<folder>` "
+    "a local copy) writes `region_predictor.safetensors`; rename it")
 
 # FLUX.2 [klein] base 4B: the model the flux2_klein_24gb preset trains on (black-forest-labs/FLUX.2-klein-base-4B).
 KLEIN_TEMPLATE = ("ComfyUI's own template image_flux2_klein_text_to_image.json (Comfy-Org/workflow_templates, commit "

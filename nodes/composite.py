@@ -53,8 +53,8 @@ class FourPanelComposite:
                 "snap": (list(core.SNAPS), {
                     "default": "none",
                     "tooltip": "Round the panel size: multiple_of_N for latent/patch alignment (16 suits FLUX), "
-                    "kontext picks the FLUX.1-Kontext preferred resolution closest to the grid's aspect "
-                    "(1024x1024 for square panels).",
+                    "kontext makes the grid the FLUX.1-Kontext preferred resolution closest to its aspect "
+                    "(a 1024x1024 grid of 512x512 panels for square ones).",
                 }),
                 "fill": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
                                    "tooltip": "Grey level (0 black, 1 white) for padding and the blank edit_transfer panel."}),
