@@ -36,8 +36,9 @@ def test_precedence_and_validation(tmp_path):
     ("rank=true", r"rank must be an integer, got True \(bool\)"),
     ("learning_rate=fast", r"learning_rate must be a number"),
     ("gradient_checkpointing=3", r"gradient_checkpointing must be true or false, got 3 \(int\)"),
-    ("learning_rate=-1e-3", r"learning_rate must be a positive number"),
-    ("learning_rate=.nan", r"learning_rate must be a positive number"),
+    ("learning_rate=-1e-3", r"learning_rate must be a finite number >= 0"),
+    ("learning_rate=.nan", r"learning_rate must be a finite number >= 0"),
+    ("learning_rate=.inf", r"learning_rate must be a finite number >= 0"),
     ("adam_beta2=1", r"adam_beta2 must be in \[0, 1\)"),
     ("weight_decay=-0.1", r"weight_decay >= 0"),
     ("key_dim=0", r"key_dim must be a positive integer"),
@@ -70,6 +71,7 @@ def test_a_float_key_takes_an_integer_and_every_method_config_passes_its_own_pre
     from training.config import build_config
 
     assert load_config("tiny", None, ["learning_rate=1"]).learning_rate == 1
+    assert load_config("tiny", None, ["learning_rate=0"]).learning_rate == 0  # the yardstick's runs at initialisation
     for cls, presets in ((TrainConfig, LORWEB), (LoCConfig, LOC), (EditTransferConfig, ET), (RegionConfig, REGIONS)):
         for name in presets:
             build_config(cls, presets, name)  # validated, no error

@@ -80,8 +80,8 @@ class CommonConfig:
             raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if not self.max_grad_norm >= 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm!r}")
-        if not 0 < self.learning_rate < float("inf"):
-            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
+        if not 0 <= self.learning_rate < float("inf"):  # 0 is legitimate: one step that changes nothing (init figures)
+            raise ValueError(f"learning_rate must be a finite number >= 0, got {self.learning_rate!r}")
         for key in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, key) < 1:
                 raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)!r}")
