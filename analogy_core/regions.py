@@ -25,7 +25,8 @@ Conditions. Text mode (the paper): instruction tokens of a T5 encoder (FLAN-T5-B
 projection is learnt when the widths differ). Analogy mode (beyond the paper): the ANALOGY's patch tokens of A and A′,
 one condition token per position holding [t_A, t_A′ − t_A] (what is there and how it changed), projected to d.
 
-Losses (paper §3.3, equations 4-11), all as written there:
+Losses (paper §3.3, equations 4-11), each term as written there; X_res is the pack's first-order stand-in for the
+paper's generator, which makes X_res from X, t_e and the thresholded region (README, "Training losses"):
 
     L_semAlign = (1 − cos(f_sem(F_Editedimg), T_e)) + (1 − cos(f_sem(F_img), T_o))
     X_res      = M ⊙ X_edit + (1 − M) ⊙ X          (M: the soft region at image resolution)
@@ -433,6 +434,9 @@ def clip_structure_loss(f_img: torch.Tensor, f_res: torch.Tensor) -> torch.Tenso
 
 @dataclass(frozen=True)
 class LossWeights:
+    """The weights of eqs. 10-11, 1 each by default (the paper publishes none); the trainer's config sets its own
+    (``RegionConfig``: λs = 1/256², since eq. 9 sums an N×N matrix)."""
+
     alpha: float = 1.0      # L_semAlign
     beta: float = 1.0       # L_CLIP
     lambda_g: float = 1.0

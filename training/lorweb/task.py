@@ -57,7 +57,10 @@ def grids(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def reverse_analogies(batch: dict, generator: torch.Generator, probability: float = 0.5) -> dict:
     """Bidirectional-analogy augmentation (official ``is_bidirectional_analogy``): each sample becomes
-    (a', a, b', b) with ``probability``; the caption is kept, as in the official data loader."""
+    (a', a, b', b) with ``probability``; the caption is kept, as in the official data loader. The option as described,
+    not bit for bit: the official loader (NVlabs/LoRWeB ``toolkit/dataloader_mixins.py``, read at 54d8e27) swaps the
+    reference grid's top panels (already [a' a]) by tuple assignment of two tensor views, which leaves a in both, so its
+    reference is [a a; b' b'] and its query (e_a, e_a, e_b'); here both grids and the query are truly reversed."""
     flip = torch.rand(len(batch["a"]), generator=generator) < probability
     if not flip.any():
         return batch

@@ -40,8 +40,10 @@ class RegionConfig(CommonConfig):
     # that batch have unit std (torch's default init leaves them nearly constant: the softmaxes average); "torch":
     # torch's default init only
     attention_init: str = "calibrated"
-    # train on the mask inference uses: the blend of eq. 7 takes (P_region ≥ threshold) in the forward pass with the
-    # soft mask's gradient (straight-through); false: the soft mask (the paper)
+    # train on the mask inference uses: the blend X_res = M ⊙ X_edit + (1 − M) ⊙ X (the pack's first-order stand-in for
+    # the paper's generator, whose X_res the CLIP losses of eqs. 7-9 read) takes M = (P_region ≥ threshold) in the
+    # forward pass with the soft mask's gradient (straight-through); false: M is the soft mask. The paper thresholds
+    # P_region before its generator and publishes no gradient path; neither choice is the paper's
     straight_through: bool = False
     # loss weights (eq. 11: α·L_semAlign + β·L_CLIP; eq. 10: λg, λd, λs). Not published; LearnRegion uses 1 for its
     # three CLIP terms with a *mean* structure loss; eq. 9 sums the squares of an N×N matrix, so λs ~ 1/N² matches it.
