@@ -112,7 +112,7 @@ PRESETS.update({
                              gradient_accumulation_steps=1, output_dir="outputs/lorweb_flux2_klein9"),
     # Qwen-Image-Edit-2509 (20.4B transformer, Qwen2.5-VL-7B reading the grid with the prompt). Its 60 blocks hold
     # 840 linears: a basis of N=32 is 1.4B parameters (13 GB with gradients and Adam states, ~77 GB in all), so this
-    # preset halves N to keep a margin (~70 GB).
+    # preset halves N to keep a margin (~71 GB: python -m bench.lorweb_memory).
     "qwen_image_edit_80gb": dict(_EDITOR_COMMON, backbone="qwen_image_edit:Qwen/Qwen-Image-Edit-2509", num_entries=16,
                                  batch_size=1, gradient_accumulation_steps=6,
                                  output_dir="outputs/lorweb_qwen_image_edit"),
