@@ -10,6 +10,7 @@ Each method's config and presets live in ``training/<method>/config.py``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,8 @@ class CommonConfig:
             if key not in known:
                 raise ValueError(f"unknown config key {key!r}; known keys: {sorted(known)}")
             default = getattr(self, key)
+            if value is None and isinstance(default, str):  # YAML's empty value or null: off ("" / "none")
+                value = "none" if key == "report_to" else ""
             if isinstance(value, str) and not isinstance(default, str):
                 value = yaml.safe_load(value)  # --set numbers/booleans/lists arrive as text
                 if isinstance(default, float) and isinstance(value, str):
@@ -98,21 +101,28 @@ Config = TypeVar("Config", bound=CommonConfig)
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
 
 
+def _fits(expected: type, value: Any) -> bool:
+    if expected is float:  # an integer is a number too; no key has an infinite or NaN value
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, expected) and (expected is bool or not isinstance(value, bool))
+
+
 def check_field_types(config: CommonConfig) -> None:
-    """Every key declared as bool, int, float or text holds one (a float key takes an integer too): a YAML file or a
-    ``--set`` that gives ``num_entries=abc`` or ``max_steps=1.5`` is refused by name instead of failing mid-build."""
+    """Every key declared as bool, int, float (finite) or text holds one (a float key takes an integer too), and a
+    list key a list of those: a YAML file or a ``--set`` that gives ``num_entries=abc``, ``max_steps=1.5``,
+    ``weight_decay=.inf`` or ``targets=blocks.*`` (text, not a list) is refused by name instead of failing mid-build
+    or, for the list, being read letter by letter."""
     hints = typing.get_type_hints(type(config))
     for field in dataclasses.fields(config):
         expected, value = hints.get(field.name), getattr(config, field.name)
-        if expected not in _TYPE_WORDS:
-            continue  # unions, lists, optional paths: their own checks
-        if expected is float:
-            fits = isinstance(value, (int, float)) and not isinstance(value, bool)
-        else:
-            fits = isinstance(value, expected) and (expected is bool or not isinstance(value, bool))
-        if not fits:
-            raise ValueError(f"{field.name} must be {_TYPE_WORDS[expected]}, got {value!r} "
-                             f"({type(value).__name__})")
+        if typing.get_origin(expected) is list and typing.get_args(expected)[0] in _TYPE_WORDS:
+            item = typing.get_args(expected)[0]
+            if not (isinstance(value, list) and all(_fits(item, v) for v in value)):
+                raise ValueError(f"{field.name} must be a list of {_TYPE_WORDS[item]} (e.g. --set "
+                                 f"'{field.name}=[a, b]'), got {value!r} ({type(value).__name__})")
+        elif expected in _TYPE_WORDS and not _fits(expected, value):
+            raise ValueError(f"{field.name} must be {_TYPE_WORDS[expected]}"
+                             f"{' (finite)' if expected is float else ''}, got {value!r} ({type(value).__name__})")
 
 
 def build_config(config_cls: type[Config], presets: dict[str, dict[str, Any]], preset: str | None = None,

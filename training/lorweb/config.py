@@ -63,7 +63,8 @@ class LoRWeBConfig(FourPanelSettings, CommonConfig):
     use_8bit_adam: bool = True
     mixed_precision: str = "bf16"
     gradient_checkpointing: bool = True
-    # Timesteps. "official": t uniform over the 1000 training steps (t = 1 ... 0.001) with the bell-shaped loss weight
+    # Timesteps. "official": t uniform over indices 0-998 of the official 1000-step schedule (t = 1 ... 0.002, as the
+    # official code draws them) with the bell-shaped loss weight
     # the official code applies for `timestep_type: weighted`; "logit_normal" (SD3-style, mid-heavy t, unweighted);
     # "uniform" (unweighted).
     timestep_sampling: str = "official"
@@ -77,6 +78,10 @@ class LoRWeBConfig(FourPanelSettings, CommonConfig):
         for key in ("num_entries", "rank", "key_dim"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
+        if not self.full_finetune and isinstance(self.lora_heads, int) and self.lora_heads >= 1 \
+                and self.key_dim % self.lora_heads:
+            raise ValueError(f"lora_heads ({self.lora_heads}) must divide key_dim ({self.key_dim}): each head reads "
+                             "an equal slice of the keys")
         # the mixing settings' own checks (heads, softmax/tanh, mean/sum, query mode), before the backbone loads;
         # build() binds them to the query encoder
         LoRWeBSettings(lora_heads=self.lora_heads, lora_softmax=self.lora_softmax,
