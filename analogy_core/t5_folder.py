@@ -156,12 +156,22 @@ def weight_files(folder: Path, error: type[ValueError]) -> list[Path]:
         return [folder / n for n in sorted(names)]
     if (folder / WEIGHTS).is_file():
         return [folder / WEIGHTS]
-    pickles = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    raise error(f"{folder.name}: no {WEIGHTS} (nor {INDEX}){_missing_weights_hint(folder)}")
+
+
+def _missing_weights_hint(folder: Path) -> str:
+    """What the folder holds instead, and what to do: shards without their index, a single file of another name (the
+    node lists a folder by any .safetensors file in it), or pickle weights only."""
     others = sorted(p.name for p in folder.glob("*.safetensors"))
-    hint = (f" ({pickles[0]} is a pickle, which is never loaded: convert it with save_pretrained)" if pickles else
-            f" ({others[0]} is not read under that name: a single weights file must be named {WEIGHTS})" if others
-            else "")
-    raise error(f"{folder.name}: no {WEIGHTS} (nor {INDEX}){hint}")
+    shards = [n for n in others if re.search(r"-\d+-of-\d+\.safetensors$", n)]
+    pickles = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if shards:
+        return f" ({shards[0]} is a shard: its {INDEX} is missing)"
+    if others:
+        return f" ({others[0]} is not read under that name: a single weights file must be named {WEIGHTS})"
+    if pickles:
+        return f" ({pickles[0]} is a pickle, which is never loaded: convert it with save_pretrained)"
+    return ""
 
 
 def _is_encoder_key(key: str) -> bool:

@@ -292,5 +292,8 @@ def test_a_single_weights_file_of_another_name_is_refused_with_the_name_it_needs
     """Load Instruction Encoder lists a T5 folder by any .safetensors file in it (a user who saved
     flan-t5-base.safetensors sees the folder), but the loader reads model.safetensors: the refusal says so."""
     (folder / "model.safetensors").rename(folder / "flan-t5-base.safetensors")
+    (folder / "pytorch_model.bin").write_bytes(b"pickle")  # beside it: the rename is still what to do
     refused(folder, r"^t5 folder: no model\.safetensors .*flan-t5-base\.safetensors is not read under that name: "
                     r"a single weights file must be named model\.safetensors")
+    (folder / "flan-t5-base.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    refused(folder, r"model-00001-of-00002\.safetensors is a shard: its model\.safetensors\.index\.json is missing")
