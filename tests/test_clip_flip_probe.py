@@ -1,6 +1,7 @@
 """bench.clip_flip_probe: mirror groups are a scene with its true mirrors and their own captions, batches never split
 a group, and the command line trains a probe CLIP and reports every family's edit visibility (fixed seed, a few
-steps: an untrained-ish tower already sees an invert and barely a flip, README "What its router tells apart")."""
+steps: an untrained-ish tower already sees an invert and barely a flip; docs/analogy_world_measurements.md, "What its
+router tells apart")."""
 
 from __future__ import annotations
 

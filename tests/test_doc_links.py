@@ -3,6 +3,7 @@ every ``#anchor`` a heading of that file as GitHub slugs it — a README a user 
 from __future__ import annotations
 
 import re
+import subprocess
 from collections import Counter
 from pathlib import Path
 from urllib.parse import unquote
@@ -17,25 +18,33 @@ INLINE_CODE = re.compile(r"`[^`\n]*`")
 
 
 def markdown_files() -> list[Path]:
-    return sorted(p for p in REPO.rglob("*.md") if not SKIP_DIRS & set(p.relative_to(REPO).parts))
+    """The tracked Markdown files (git); outside a git checkout, every one not under a hidden or generated folder."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "*.md"], cwd=REPO, capture_output=True, text=True, check=True)
+        return sorted(REPO / line for line in listed.stdout.splitlines() if line)
+    except (OSError, subprocess.CalledProcessError):
+        return sorted(p for p in REPO.rglob("*.md")
+                      if not any(part in SKIP_DIRS or part.startswith(".") for part in p.relative_to(REPO).parts))
 
 
 def github_slug(heading: str) -> str:
     """GitHub's heading anchor: markup and punctuation dropped (hyphens and underscores kept), lower case, spaces to
     hyphens."""
     text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link keeps its text
+    text = re.sub(r"<[^>]+>", "", text)  # HTML tags go, their text stays
+    text = re.sub(r"(?<!\w)[*_]+|[*_]+(?!\w)", "", text)  # emphasis markers (not underscores inside a word)
     text = text.replace("`", "").strip().lower()
-    text = re.sub(r"[^\w\- ]", "", text)
+    text = "".join(c for c in text if c in "- _" or (c.isalnum() and not c.isdigit()) or c.isdecimal())
     return text.replace(" ", "-")
 
 
 def anchors_of(path: Path) -> set[str]:
-    """Every anchor GitHub gives ``path``'s headings (a repeated slug gains -1, -2, …) and any explicit ``id``/``name``."""
+    """Every anchor GitHub gives ``path``'s headings (a repeated slug gains -1, -2, …) and any explicit id/name."""
     text = FENCE.sub("", path.read_text(encoding="utf-8"))
     seen: Counter[str] = Counter()
     anchors = set(re.findall(r"<a\s+(?:id|name)=\"([^\"]+)\"", text))
     for line in text.splitlines():
-        match = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        match = re.match(r"^ {0,3}#{1,6}\s+(.*?)\s*#*\s*$", line)
         if not match:
             continue
         slug = github_slug(match.group(1))
@@ -55,6 +64,8 @@ def test_slugs_follow_github():
         "the-lora-ceilings-and-the-flux1-kontext-like-backbone"
     assert github_slug("Why `remove_discs` stays far") == "why-remove_discs-stays-far"
     assert github_slug("Try it on a fresh machine: two commands") == "try-it-on-a-fresh-machine-two-commands"
+    assert github_slug("R² fit, *emphasis* and <sub>x</sub>") == "r-fit-emphasis-and-x"  # ² is no digit to GitHub
+    assert github_slug("A′ → B′ × 2") == "a--b--2"
 
 
 def test_the_checker_sees_a_dead_link(tmp_path):

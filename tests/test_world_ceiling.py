@@ -264,7 +264,7 @@ def test_quick_ceiling_reaches_the_issue_target(quick_ceilings, family):
 # `--world-set flux_kontext.heads=8`) instead of 96, taught one family with the ceilings' own budget (1,200 steps at
 # learning rate 2e-3). Building that world takes ~13 minutes on the 2-core CPU
 # and each ceiling ~18 minutes (one thread), so `expensive`. Measured (seed 0, the quick yardstick's 4 held-out
-# scenes per family; README, "The 256-wide backbone at 1,200 steps"), edited / kept cells:
+# scenes per family; docs/analogy_world_measurements.md, "The 256-wide backbone at 1,200 steps"), edited / kept cells:
 #   invert 0.984 / -, recolour_red_blue 0.963 / 0.996, hflip 0.930 / 0.981, add_square_top_left 0.875 / 1.000
 #   (the 96-wide world, same budget: 0.844 / -, 0.852 / 0.983, 0.850 / 0.981, 0.813 / 1.000); remove_discs 0.633 /
 #   0.929 (its full fine-tune 0.733 / 0.951: the backbone itself falls short there).
@@ -384,8 +384,8 @@ def test_lorweb_full_ceiling_is_the_same_run_training_every_weight_at_the_pretra
 # The issue's ceiling target reached on the quick world by a FULL fine-tune of Edit Transfer's FLUX.1-dev-like
 # backbone (one family alone, 1,000 steps at its pretraining rate; the quick world's flux_dev is built here, ~1-2
 # minutes, then ~3-6 minutes per family): beyond the default suite's budget, so `expensive`. Measured (seed 0, the
-# quick yardstick's 4 held-out scenes; README, "Full fine-tune against LoRA"): invert 1.00 edited — the global
-# family reaches it; the local families come close and are marked so: add_square_top_left 0.9375 / 1.000 (one
+# quick yardstick's 4 held-out scenes; docs' measurements, "Full fine-tune against LoRA"): invert 1.00 edited —
+# the global family reaches it; the local families come close and are marked so: add_square_top_left 0.9375 / 1.000 (one
 # changed cell of sixteen wrong), recolour_red_blue 0.852 / 0.987. The LoRA ceilings of the same runs do not reach
 # it (invert 0.49, add_square 0.63 / 0.97, recolour 0.81 / 0.96).
 FULL_STEPS = 1000
