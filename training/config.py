@@ -58,8 +58,8 @@ class CommonConfig:
             if key not in known:
                 raise ValueError(f"unknown config key {key!r}; known keys: {sorted(known)}")
             default = getattr(self, key)
-            if value is None and isinstance(default, str):  # YAML's empty value or null: off ("" / "none")
-                value = "none" if key == "report_to" else ""
+            if value is None and isinstance(default, str):  # YAML's empty value or null: off, as "" is
+                value = ""
             if isinstance(value, str) and not isinstance(default, str):
                 value = yaml.safe_load(value)  # --set numbers/booleans/lists arrive as text
                 if isinstance(default, float) and isinstance(value, str):
@@ -83,7 +83,7 @@ class CommonConfig:
             raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if not self.max_grad_norm >= 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm!r}")
-        if not 0 <= self.learning_rate < float("inf"):  # 0 is legitimate: one step that changes nothing (init figures)
+        if self.learning_rate < 0:  # 0 is legitimate: one step that changes nothing (the yardstick's init figures)
             raise ValueError(f"learning_rate must be a finite number >= 0, got {self.learning_rate!r}")
         for key in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, key) < 1:

@@ -78,8 +78,7 @@ class LoRWeBConfig(FourPanelSettings, CommonConfig):
         for key in ("num_entries", "rank", "key_dim"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
-        if not self.full_finetune and isinstance(self.lora_heads, int) and self.lora_heads >= 1 \
-                and self.key_dim % self.lora_heads:
+        if not self.full_finetune and self.lora_heads >= 1 and self.key_dim % self.lora_heads:
             raise ValueError(f"lora_heads ({self.lora_heads}) must divide key_dim ({self.key_dim}): each head reads "
                              "an equal slice of the keys")
         # the mixing settings' own checks (heads, softmax/tanh, mean/sum, query mode), before the backbone loads;
