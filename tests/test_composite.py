@@ -235,3 +235,10 @@ def test_an_odd_sized_decode_splits_at_the_floored_middle_with_or_without_the_ge
         assert torch.equal(cp.extract_panel(decode, "top_right", geometry), decode[:, :30, 41:])
         assert torch.equal(cp.extract_panel(decode, "bottom_left", geometry), decode[:, 30:, :41])
         assert torch.equal(cp.extract_panel(decode, "bottom_right", geometry), decode[:, 30:, 41:])
+
+
+def test_extract_panel_refuses_an_image_too_small_to_split():
+    """A 1 × 1 image cannot hold four panels: the refusal names its size (a 2 × 2 one splits into four pixels)."""
+    assert cp.extract_panel(torch.rand(1, 2, 2, 3)).shape == (1, 1, 1, 3)
+    with pytest.raises(cp.CompositeError, match="image: 1x1 is too small to hold four panels"):
+        cp.extract_panel(torch.rand(1, 1, 1, 3))

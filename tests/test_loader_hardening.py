@@ -297,3 +297,43 @@ def test_a_single_weights_file_of_another_name_is_refused_with_the_name_it_needs
                     r"a single weights file must be named model\.safetensors")
     (folder / "flan-t5-base.safetensors").rename(folder / "model-00001-of-00002.safetensors")
     refused(folder, r"model-00001-of-00002\.safetensors is a shard: its model\.safetensors\.index\.json is missing")
+
+
+def test_a_folder_without_its_tokenizer_or_with_another_models_is_refused(folder):
+    InstructionEncoder.from_folder(folder)  # the copy loads before it is damaged
+    pad = json.loads((folder / "config.json").read_text()).get("pad_token_id", 0)
+    edit_json(folder / "config.json", lambda c: {**c, "pad_token_id": pad + 2})
+    refused(folder, rf"^t5 folder/tokenizer\.json: the padding token has id {pad}, config\.json says {pad + 2}; "
+                    r"not this model's T5 tokenizer")
+    edit_json(folder / "config.json", lambda c: {**c, "pad_token_id": pad})
+    (folder / "tokenizer.json").unlink()
+    refused(folder, r"^t5 folder: no tokenizer\.json \(save the tokenizer with a recent transformers' save_pretrained\)")
+
+
+def test_an_encoder_whose_probe_features_overflow_is_refused():
+    """Weights are capped at ±1e4 when read, so a real folder rarely gets here; the check itself, on a stub whose
+    output is infinite (and on one that is finite: it passes)."""
+    from types import SimpleNamespace
+
+    from analogy_core.t5_folder import check_probe
+
+    class Stub(torch.nn.Module):
+        def __init__(self, value: float):
+            super().__init__()
+            self.value = value
+
+        def forward(self, input_ids, attention_mask):
+            hidden = torch.arange(input_ids.numel(), dtype=torch.float32).view(*input_ids.shape, 1).expand(-1, -1, 4)
+            return SimpleNamespace(last_hidden_state=hidden * self.value)
+
+    check_probe(Stub(1.0), t5_tokenizer(), FOLDER, RegionError)
+    with pytest.raises(RegionError, match=r"^t5 folder: the encoder's features of a probe instruction are not finite"):
+        check_probe(Stub(float("inf")), t5_tokenizer(), FOLDER, RegionError)
+
+
+def test_a_region_file_without_its_spec_is_refused(tmp_path):
+    tensors, metadata = region_samples()[0]
+    load_region_predictor(write(tmp_path / "ok.safetensors", tensors, metadata))  # the sample itself loads
+    metadata = {k: v for k, v in metadata.items() if k != "analogy.region_spec"}
+    with pytest.raises(RegionError, match=r"^r\.safetensors: the header has no 'analogy\.region_spec'"):
+        load_region_predictor(write(tmp_path / "r.safetensors", tensors, metadata))

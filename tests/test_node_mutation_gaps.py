@@ -371,3 +371,19 @@ def test_every_nodes_python_defaults_equal_its_widget_defaults(comfy_inproc):
                     assert default == options["default"], (name, key, default, options["default"])
                     checked += 1
     assert checked >= 5, "five inputs have a Python default today; fewer means an API prompt must now give one"
+
+
+def test_composite_by_region_refuses_an_edited_image_with_fewer_channels(comfy_inproc):
+    """An RGBA original with an RGB edit cannot be blended channel for channel (more channels are cut instead)."""
+    regions = pack_module(comfy_inproc, "nodes.regions")
+    original, mask = torch.rand(1, 8, 6, 4), torch.ones(1, 8, 6)
+    assert regions.CompositeByRegion().composite(original[..., :3], original, mask)[0].shape == (1, 8, 6, 3)
+    with pytest.raises(ValueError, match="edited has 3 channels, original 4"):
+        regions.CompositeByRegion().composite(original, torch.rand(1, 8, 6, 3), mask)
+
+
+def test_load_region_model_names_a_missing_file(comfy_inproc, monkeypatch):
+    regions = pack_module(comfy_inproc, "nodes.regions")
+    monkeypatch.setattr(regions.folder_paths, "get_full_path", lambda kind, name: None)
+    with pytest.raises(ValueError, match="region checkpoint 'missing.safetensors' not found in models/regions"):
+        regions.LoadRegionModel().load("missing.safetensors")

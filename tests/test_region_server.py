@@ -438,3 +438,14 @@ def test_a_clip_vision_with_other_weights_is_refused(comfy_inproc, region_files,
     with pytest.raises(ValueError, match=r"the ANALOGY's encoder \(.*\) is not the encoder this region model"):
         nodes.predict_probabilities(recorded, clip_vision, image, analogy=dataclasses.replace(embedding,
                                                                                               fingerprint=other))
+
+
+def test_neither_an_instruction_nor_an_analogy_is_a_clear_error(region_files):
+    """A blank instruction (spaces only) and no ANALOGY: nothing says where to edit."""
+    nodes, image = region_files["nodes"], region_files["images"]["text"]
+    probs, mode = nodes.predict_probabilities(region_files["text"], region_files["clip_vision"], image,
+                                              instruction="make it blue",
+                                              clip=FakeComfyT5(region_files["text"].spec.text_dim))
+    assert mode == "text" and probs.std() > 0  # the same call with an instruction works
+    with pytest.raises(ValueError, match=r"needs an instruction \(text\) or an ANALOGY \(from Encode Analogy\)"):
+        nodes.predict_probabilities(region_files["text"], region_files["clip_vision"], image, instruction="   ")
