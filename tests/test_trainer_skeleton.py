@@ -288,3 +288,16 @@ def test_preserved_random_state_restores_every_generator():
     fresh = (torch.rand(2), np.random.rand(2), random.random())
     assert not torch.equal(before[0], fresh[0])  # the draws depend on the state at all
     assert torch.equal(after[0], fresh[0]) and (after[1] == fresh[1]).all() and after[2] == fresh[2]
+
+
+def test_a_checkpoints_random_state_file_restores_every_generator(tmp_path):
+    """save_rng / load_rng round trip: after loading, Python, NumPy and torch draw what they drew after saving."""
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    ckpt.save_rng(tmp_path / "rng.safetensors")
+    after_save = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    assert not torch.equal(torch.rand(3), after_save[0])  # another state draws otherwise
+    ckpt.load_rng(tmp_path / "rng.safetensors")
+    after_load = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(after_load[0], after_save[0]) and (after_load[1] == after_save[1]).all()
+    assert after_load[2] == after_save[2]

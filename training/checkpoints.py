@@ -188,30 +188,43 @@ def load_optimizer(path: Path) -> dict:
     return {"state": state, "param_groups": groups}
 
 
+def global_rng_states() -> dict[str, Any]:
+    """This process's global generators: Python, NumPy, torch on the CPU and on every CUDA device (only the trainer's
+    own generators are needed for exact batches and noise; these cover everything else, e.g. dropout)."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch_cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_global_rng_states(states: dict[str, Any]) -> None:
+    """Put back what :func:`global_rng_states` took (CUDA states only onto as many devices as they were taken from)."""
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch_cpu"])
+    cuda = states["cuda"]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
 def save_rng(path: Path) -> None:
-    """This process's global RNG states (only the trainer's own generators are needed for exact batches and noise;
-    these cover everything else, e.g. dropout)."""
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda.{i}"] = state
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    """:func:`global_rng_states` written as safetensors (tensors) with JSON metadata (NumPy's scalars, Python's)."""
+    states = global_rng_states()
+    tensors = {"torch_cpu": states["torch_cpu"], **{f"cuda.{i}": s for i, s in enumerate(states["cuda"])}}
+    kind, keys, pos, has_gauss, cached = states["numpy"]
     tensors["numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
     meta = {"numpy": json.dumps([kind, int(pos), int(has_gauss), float(cached)]),
-            "python": json.dumps(random.getstate(), default=_jsonable)}
+            "python": json.dumps(states["python"], default=_jsonable)}
     save_file(tensors, str(path), metadata=meta)
 
 
 def load_rng(path: Path) -> None:
     tensors, meta = read_safetensors(path)
-    torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
     kind, pos, has_gauss, cached = json.loads(meta["numpy"])
-    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss = json.loads(meta["python"])
-    random.setstate((version, tuple(internal), gauss))
+    cuda = sorted((int(k.split(".")[1]), t) for k, t in tensors.items() if k.startswith("cuda."))  # by device number
+    set_global_rng_states({
+        "python": (version, tuple(internal), gauss),
+        "numpy": (kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached),
+        "torch_cpu": tensors["torch_cpu"], "cuda": [t for _, t in cuda]})
 
 
 def rng_file(rank: int) -> str:

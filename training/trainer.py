@@ -22,13 +22,11 @@ import contextlib
 import json
 import logging
 import math
-import random
 import shutil
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
@@ -203,18 +201,13 @@ def config_from_args(task_cls: type[TrainingTask], args: argparse.Namespace) -> 
 
 @contextlib.contextmanager
 def preserved_random_state() -> Iterator[None]:
-    """Run the body without moving the global random states (torch on CPU and every CUDA device, NumPy, Python): what
-    comes after draws exactly what it would have drawn without it."""
-    states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state(),
-              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    """Run the body without moving the global random states (the generators a checkpoint saves): what comes after
+    draws exactly what it would have drawn without it."""
+    states = ckpt.global_rng_states()
     try:
         yield
     finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.random.set_rng_state(states[2])
-        if states[3] is not None:
-            torch.cuda.set_rng_state_all(states[3])
+        ckpt.set_global_rng_states(states)
 
 
 def make_accelerator(cfg: CommonConfig, out: Path):
