@@ -40,9 +40,14 @@ _ROLE_SUFFIXES = (
 _UNSUPPORTED = (
     (r"\.dora_scale$", "DoRA"), (r"\.lora_mid\.weight$", "LoCon with a Tucker core"), (r"\.hada_", "LoHa"),
     (r"\.lokr_", "LoKr"), (r"\.diff(_b)?$", "full weight difference"), (r"\.[wb]_norm$", "norm weight"),
+    (r"\.lora_B(\.default)?\.bias$", "LoRA with a bias (peft's lora_bias=True)"),
     (r"\.lora_keys$", "LoRWeB basis (use Load LoRA Basis)"),
     (r"\.att_lora_to_q\.", "LoRWeB basis (use Load LoRA Basis)"),
 )
+FAMILY_TITLES = {"sd15": "SD1.5", "sdxl": "SDXL",
+                 **{family: spec.title for family, spec in TRANSFORMER_FAMILIES.items()}}
+# variants ComfyUI's own loader applies: their refusal points there
+_COMFY_APPLIES = ("DoRA", "LoCon with a Tucker core", "LoHa", "LoKr", "full weight difference", "norm weight")
 _XLABS_KEY = re.compile(r"(.*\.processor\.(?:qkv|proj)_lora\d?)\.(down|up)\.weight$")
 # XLabs processor names -> BFL names; "linear1_qkv" is the q/k/v rows of a single block's fused linear1 (as in ComfyUI)
 _XLABS_NAMES = ((".processor.qkv_lora1", ".img_attn.qkv"), (".processor.qkv_lora2", ".txt_attn.qkv"),
@@ -60,6 +65,9 @@ class ParsedLoRA:
     lora: LoRA
     text_encoder_keys: int  # entries for text encoders, which a diffusion-model LoRA leaves out
     key_format: str
+    # layers with neither an ``.alpha`` key nor a peft config in the header, read at scale 1 as ComfyUI reads them
+    # (peft's adapter_model.safetensors keeps lora_alpha in adapter_config.json, which is not read)
+    layers_without_alpha: int = 0
 
 
 def split_roles(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -73,8 +81,9 @@ def split_roles(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torc
             continue
         for marker, variant in _UNSUPPORTED:
             if re.search(marker, key):
+                where = "; ComfyUI's own LoraLoaderModelOnly applies this file" if variant in _COMFY_APPLIES else ""
                 raise LoRAError(f"unsupported LoRA variant: {variant} (key {key!r}); this loader reads plain "
-                                "low-rank LoRAs (lora_A/lora_B, lora_down/lora_up)")
+                                f"low-rank LoRAs (lora_A/lora_B, lora_down/lora_up){where}")
         for suffix, role in _ROLE_SUFFIXES:
             if key.endswith(suffix):
                 groups.setdefault(key[: -len(suffix)], {})[role] = tensor
@@ -90,14 +99,18 @@ def split_roles(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torc
 
 def _check_group(base: str, parts: dict[str, torch.Tensor]) -> None:
     """One layer's factors: floating point (float8 upcast in place), 2-D or 4-D, rank >= 1, no empty dimension,
-    a conv ``up`` with a 1x1 kernel, one finite alpha."""
+    a conv ``up`` with a 1x1 kernel, one finite alpha (an integer alpha, as some trainers store it, is read as a
+    float, as ComfyUI reads it)."""
     missing = {"down", "up"} - parts.keys()
     if missing:
         raise LoRAError(f"layer {base!r} has no {' / '.join(sorted(missing))} weight")
     for role, tensor in parts.items():
-        if not tensor.is_floating_point():
+        if role == "alpha" and not tensor.is_floating_point() and tensor.dtype != torch.bool:
+            parts[role] = tensor.to(torch.float32)
+        elif not tensor.is_floating_point():
             raise LoRAError(f"layer {base!r}: {role} is stored as {tensor.dtype}; LoRA weights are floating point")
-        parts[role] = as_float(tensor)
+        else:
+            parts[role] = as_float(tensor)
     down, up = parts["down"], parts["up"]
     if down.ndim == 3 or up.ndim == 3:
         raise LoRAError(f"layer {base!r} has 3-D weights {tuple(down.shape)}: this is a LoRA basis "
@@ -371,12 +384,38 @@ def detect_layouts(names: list[tuple[str, bool]], groups: dict, keys: list[str],
     fitting = [layout for family in TRANSFORMER_FAMILIES if (layout := infer_layout(family, entries)) is not None]
     fitting += [layout for layout in map(standard_layout, ("sd15", "sdxl")) if _fits(layout, entries)]
     if not fitting:
-        sample = [n for n, _ in names[:3]]
-        raise LoRAError(f"the LoRA's layers do not match SD1.5, SDXL, FLUX.1, FLUX.2 or Qwen-Image (names or "
-                        f"shapes), e.g. {sample}; pass the model layout explicitly for other backbones")
+        raise LoRAError("the LoRA's layers do not match SD1.5, SDXL, FLUX.1, FLUX.2 or Qwen-Image (names or shapes); "
+                        f"{_closest_misfits(entries, hint)}; pass the model layout explicitly for other backbones")
     order = ["flux", "sd15", "sdxl", "qwen_image", "flux2"]
     return sorted(fitting, key=lambda layout: (layout.family != hint, not _is_published(layout),
                                                not _has_published_ratio(layout), order.index(layout.family)))
+
+
+def _misfits(layout: ModelLayout, entries: list[Entry]) -> list[str]:
+    """What keeps each entry from ``layout``: a name it does not have, or a shape other than its layer's."""
+    out = []
+    for name, underscored, shape in entries:
+        found = _resolve(name, underscored, layout)
+        if found is None:
+            out.append(f"{name!r} is no layer of it")
+            continue
+        path, native = found
+        expected = tuple((layout.native_shape(path) if native else layout.shapes[path])[:2])
+        if shape != expected:
+            out.append(f"{name!r} is {list(shape)} ([out, in]) where its layer is {list(expected)}")
+    return out
+
+
+def _closest_misfits(entries: list[Entry], hint: str | None) -> str:
+    """The published model most of the LoRA's layers fit (the header's family on a tie) and what does not fit it,
+    so a misspelt or resized layer is named rather than the first few valid ones."""
+    order = [hint] if hint in FAMILY_TITLES else []
+    order += [family for family in FAMILY_TITLES if family not in order]
+    misfits = {family: _misfits(standard_layout(family), entries) for family in order}
+    family = min(order, key=lambda f: len(misfits[f]))
+    wrong = misfits[family]
+    return (f"closest is {FAMILY_TITLES[family]} (its published size), where {len(wrong)} of {len(entries)} layers do "
+            f"not fit: " + "; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else ""))
 
 
 def _has_published_ratio(layout: ModelLayout) -> bool:
@@ -416,7 +455,7 @@ def parse_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, st
 
     peft_config = peft_config_from_metadata(metadata)
     layers: dict[str, LoRALayer] = {}
-    formats = set()
+    formats, without_alpha = set(), 0
     for (name, underscored), base in zip(names, keys):
         found = _resolve(name, underscored, layout)
         if found is None:
@@ -429,6 +468,7 @@ def parse_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, st
             alpha = float(parts["alpha"].float().item())
         else:
             alpha = _peft_alpha(name if not underscored else path, rank, peft_config)
+        without_alpha += alpha is None
         scale = 1.0 if alpha is None else alpha / rank
         check_low_rank_norm(up, down, scale, f"layer {base!r}", error=LoRAError)
         formats.add("kohya" if underscored else "native" if native else "diffusers")
@@ -445,7 +485,7 @@ def parse_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, st
             _add(layers, path, LoRALayer(down, up, scale), layout)
     lora = LoRA(layers, family=layout.family, source="file", metadata=metadata)
     lora.check_finite()
-    return ParsedLoRA(lora, text_encoder, "+".join(sorted(formats)))
+    return ParsedLoRA(lora, text_encoder, "+".join(sorted(formats)), without_alpha)
 
 
 def _add(layers: dict[str, LoRALayer], path: str, layer: LoRALayer, layout: ModelLayout) -> None:

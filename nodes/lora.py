@@ -43,6 +43,10 @@ class LoadLoRA:
         if parsed.text_encoder_keys:
             info += (f"; {parsed.text_encoder_keys} text-encoder layers left out (this pack patches the diffusion "
                      "model; use ComfyUI's LoraLoader for CLIP)")
+        if parsed.layers_without_alpha:
+            info += (f"; {parsed.layers_without_alpha} layers carry no alpha (no .alpha key, no peft config in the "
+                     "header): read at scale 1, as ComfyUI reads them — a peft adapter keeps lora_alpha in its "
+                     "adapter_config.json; if that differs from r, set strength to lora_alpha / r")
         return (parsed.lora, info)
 
 

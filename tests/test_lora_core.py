@@ -197,6 +197,25 @@ def test_kohya_alpha_tensor_sets_the_scale(tiny_sd):
     assert parsed.lora.layers[path].scale == 0.5 and parsed.key_format == "kohya"
 
 
+@pytest.mark.parametrize("alpha", [torch.tensor(4), torch.tensor([4], dtype=torch.int32), torch.tensor(4, dtype=torch.uint8)])
+def test_an_integer_alpha_is_read_as_its_value(tiny_sd, alpha):
+    path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    base = "lora_unet_" + path.replace(".", "_")
+    tensors = {f"{base}.lora_down.weight": rand(8, 32), f"{base}.lora_up.weight": rand(32, 8), f"{base}.alpha": alpha}
+    parsed = parse_state_dict(tensors, {}, tiny_sd)
+    assert parsed.lora.layers[path].scale == 0.5 and parsed.layers_without_alpha == 0  # 4 / rank 8, as ComfyUI
+    with pytest.raises(LoRAError, match=r"up is stored as torch.int64; LoRA weights are floating point"):
+        parse_state_dict({**tensors, f"{base}.lora_up.weight": torch.ones(32, 8, dtype=torch.int64)}, {}, tiny_sd)
+
+
+def test_layers_without_any_alpha_are_counted(tiny_flux):
+    path = "transformer_blocks.1.attn.to_k"
+    tensors = {f"transformer.{path}.lora_A.weight": rand(4, 32), f"transformer.{path}.lora_B.weight": rand(32, 4)}
+    assert parse_state_dict(tensors, {}, tiny_flux).layers_without_alpha == 1
+    meta = {"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 8})}
+    assert parse_state_dict(tensors, meta, tiny_flux).layers_without_alpha == 0
+
+
 def test_old_diffusers_processor_keys(tiny_sd):
     base = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"
     tensors = {f"unet.{base}.to_k_lora.down.weight": rand(2, 32), f"unet.{base}.to_k_lora.up.weight": rand(32, 2),
@@ -247,6 +266,36 @@ def test_family_is_detected_from_names_and_shapes():
 def test_bad_state_dicts_get_clear_errors(tensors, message):
     with pytest.raises(LoRAError, match=message):
         parse_state_dict(tensors)
+
+
+@pytest.mark.parametrize("key, variant, comfy_applies", [
+    ("unet.x.hada_w1_a", "LoHa", True), ("unet.x.lokr_w1", "LoKr", True), ("unet.x.dora_scale", "DoRA", True),
+    ("unet.x.diff", "full weight difference", True), ("unet.x.lora_B.bias", r"LoRA with a bias", False),
+    ("transformer.x.lora_keys", "LoRWeB basis", False)])
+def test_other_adapter_types_are_named_and_pointed_to_comfyui(key, variant, comfy_applies):
+    tensors = {"unet.x.lora_A.weight": torch.ones(2, 4), "unet.x.lora_B.weight": torch.ones(4, 2), key: torch.ones(4)}
+    with pytest.raises(LoRAError, match=f"unsupported LoRA variant: {variant}") as caught:
+        parse_state_dict(tensors)
+    assert ("LoraLoaderModelOnly applies this file" in str(caught.value)) == comfy_applies
+
+
+def test_a_layer_that_fits_no_model_is_named_not_its_valid_neighbours():
+    valid = [f"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_{c}" for c in ("q", "v", "out.0")]
+    tensors = {}
+    for path in valid:
+        tensors |= {f"unet.{path}.lora_A.weight": rand(2, 320), f"unet.{path}.lora_B.weight": rand(320, 2)}
+    assert parse_state_dict(tensors).lora.family in ("sd15", "sdxl")  # the valid layers alone load
+    misspelt = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_qq"
+    resized = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"
+    tensors |= {f"unet.{misspelt}.lora_A.weight": rand(2, 320), f"unet.{misspelt}.lora_B.weight": rand(320, 2),
+                f"unet.{resized}.lora_A.weight": rand(2, 640), f"unet.{resized}.lora_B.weight": rand(320, 2)}
+    with pytest.raises(LoRAError, match="do not match SD1.5") as caught:
+        parse_state_dict(tensors, {"ss_base_model_version": "sd_v1"})
+    message = str(caught.value)
+    assert "closest is SD1.5 (its published size), where 2 of 5 layers do not fit" in message
+    assert f"'{misspelt}' is no layer of it" in message
+    assert f"'{resized}' is [320, 640] ([out, in]) where its layer is [320, 320]" in message
+    assert not any(f"'{path}'" in message for path in valid)
 
 
 def test_shape_mismatch_names_the_layer(tiny_flux):

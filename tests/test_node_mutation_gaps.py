@@ -164,6 +164,12 @@ def test_load_lora_reports_the_text_encoder_layers_it_leaves_out(comfy_inproc, t
                         lambda kind, name: str(tmp_path / name))
     lora, info = comfy_inproc.nodes.LoadLoRA().load("kohya.safetensors")
     assert len(lora.layers) == 1 and "1 text-encoder layers left out" in info
+    # no .alpha key and no peft config: the layers read at scale 1 are said to be so
+    assert "1 layers carry no alpha" in info and "lora_alpha / r" in info
+    state["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha"] = torch.tensor(2.0)
+    save_file(state, str(tmp_path / "kohya.safetensors"))
+    lora, info = comfy_inproc.nodes.LoadLoRA().load("kohya.safetensors")
+    assert "carry no alpha" not in info and next(iter(lora.layers.values())).scale == 0.5
 
 
 def test_save_lora_refuses_a_folder_linked_outside_the_loras_folder(comfy_inproc, tmp_path):
