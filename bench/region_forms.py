@@ -18,7 +18,8 @@ Runs are kept under ``--out`` and reused when complete.
 ``--clip DIR`` trains and scores every run with another CLIP than the world's (a transformers CLIP folder of the
 world's vocabulary, e.g. one ``bench.clip_flip_probe --save DIR`` trained): the paper's CLIP losses read the CLIP's
 patch features and embeddings, so this asks how much of text mode's region is the world CLIP's doing. The default
-run folder then gains ``_clip-<DIR's name>``, and the report names the CLIP.
+run folder then gains ``_clip-<DIR's name>``, and the report names the CLIP. ``--set KEY=VALUE`` changes a trainer
+setting of every run (e.g. ``hidden=128``, the token MLP's width); the default run folder gains ``_KEY-VALUE``.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ import time
 from pathlib import Path
 
 from analogy_core.regions import FrozenClip, InstructionEncoder, load_region_predictor
+from training import checkpoints as ckpt
 from training.world import build_world
 from training.world import scenes as world
 from training.world.loaders import T5_FOLDER
 from training.world.presets import RunSettingsChanged, check_resumable
-from training.world.yardstick.common import losses_from_log
+from training.world.yardstick.common import losses_from_log, parse_settings
 from training.world.yardstick.regions import (REGION_WORLD, RUNS, mean, region_settings, train_region,
                                               world_region_figures)
 
@@ -43,15 +45,18 @@ CHECKPOINT = "region_predictor.safetensors"
 
 def trained(settings: dict, folder: Path, steps: int) -> float | None:
     """Train into ``folder`` unless a complete run of these settings and steps is there; the seconds it took (None
-    when reused). A complete run of other settings (another CLIP, form or length) is refused, never reported as this
-    one."""
-    if (folder / CHECKPOINT).is_file():
-        check_resumable(folder, settings)
+    when reused). A run cut short (its newest checkpoint before ``steps``; the predictor file is rewritten at every
+    checkpoint, so its presence says nothing) is continued from that checkpoint. A run of other settings (another
+    CLIP, form or length) is refused, never reported as this one."""
+    if (folder / "config.json").is_file():
+        check_resumable(folder, settings, "training.train_region")
         recorded = json.loads((folder / "config.json").read_text()).get("max_steps")
         if recorded != steps:
-            raise RunSettingsChanged(f"{folder} holds a complete run of {recorded} steps, asked {steps}: use another "
-                                     "--out")
-        return None
+            raise RunSettingsChanged(f"{folder} holds a run of {recorded} steps, asked {steps}: use another --out")
+        reached = max((c.step for c in ckpt.list_checkpoints(folder / "checkpoints")), default=0)
+        if reached >= steps and (folder / CHECKPOINT).is_file():
+            return None
+        return train_region(settings, folder, steps, resume=reached > 0)
     return train_region(settings, folder, steps)
 
 
@@ -66,7 +71,15 @@ def main(argv: list[str] | None = None) -> dict:
                         help="run folder (default outputs/bench_region_forms_<world>_s<seed>[_clip-<name>])")
     parser.add_argument("--json", type=Path, help="write the figures here too")
     parser.add_argument("--clip", type=Path, help="a CLIP folder to use instead of the world's (default: the world's)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", dest="sets",
+                        help="a probe: change a region trainer setting of every run, e.g. hidden=128 (repeatable; "
+                             "not what a run sets itself, the seed or the encoders); recorded as settings_changed")
     args = parser.parse_args(argv)
+    changed = parse_settings(args.sets, "hidden=128")
+    fixed = sorted(set(changed) & ({"mode", "seed", "clip", "instruction_encoder", "data"}
+                                   | {key for _, _, form in RUNS for key in form}))
+    if fixed:
+        parser.error(f"--set {', '.join(fixed)}: set by the runs or the command itself (use --runs, --seed, --clip)")
     if args.clip is not None and not (args.clip / "config.json").is_file():
         parser.error(f"--clip {args.clip}: not a transformers CLIP folder (no config.json)")
     chosen = {name: (mode, form) for name, mode, form in RUNS if name in args.runs.split(",")}
@@ -74,6 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or REPO / "outputs" / f"bench_region_forms_{'quick' if quick else 'full'}_s{args.seed}"
     if args.clip is not None and args.out is None:
         out = out.with_name(f"{out.name}_clip-{args.clip.resolve().name}")
+    if changed and args.out is None:
+        out = out.with_name(out.name + "".join(f"_{key}-{value}" for key, value in sorted(changed.items())))
 
     built = build_world(["clip", T5_FOLDER], quick=quick, seed=args.seed)
     clip_folder = args.clip.resolve() if args.clip is not None else built.path("clip")
@@ -82,9 +97,10 @@ def main(argv: list[str] | None = None) -> dict:
     splits = {split: [f for f in local if world.get_family(f).split == split] for split in ("train", "heldout")}
     size = world.REFERENCE_SIZE
     report: dict = {"world": built.root.name, "seed": args.seed, "steps": args.steps, "examples": args.examples,
-                    "clip": "world" if args.clip is None else str(clip_folder), "runs": {}}
+                    "clip": "world" if args.clip is None else str(clip_folder), "settings_changed": changed,
+                    "runs": {}}
     for name, (mode, form) in chosen.items():
-        settings = {**region_settings(str(built.root)), "mode": mode, "seed": args.seed, **form}
+        settings = {**region_settings(str(built.root)), **changed, "mode": mode, "seed": args.seed, **form}
         if args.clip is not None:
             settings["clip"] = str(clip_folder)
         trained(settings | {"learning_rate": 0.0}, out / f"{name}_init", 1)

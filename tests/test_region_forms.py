@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -46,7 +47,7 @@ def test_another_clip_trains_and_scores_the_runs(tmp_path):
     assert reused == {k: v for k, v in report["runs"]["text"].items() if k != "train_seconds"}   # ... as it was
     with pytest.raises(RunSettingsChanged, match="clip"):        # the same folder asked with the world's CLIP
         forms.main(["--runs", "text", "--steps", "1", "--examples", "1", "--out", str(tmp_path / "runs")])
-    with pytest.raises(RunSettingsChanged, match="complete run of 1 steps, asked 2"):
+    with pytest.raises(RunSettingsChanged, match="holds a run of 1 steps, asked 2"):
         forms.main(["--clip", str(probe_clip), "--runs", "text", "--steps", "2", "--examples", "1",
                     "--out", str(tmp_path / "runs")])
 
@@ -54,3 +55,35 @@ def test_another_clip_trains_and_scores_the_runs(tmp_path):
 def test_a_folder_that_is_not_a_clip_is_refused(tmp_path):
     with pytest.raises(SystemExit):
         forms.main(["--clip", str(tmp_path), "--runs", "text", "--steps", "1"])
+
+
+def test_set_changes_every_runs_trainer_setting_and_a_reused_folder_must_match(tmp_path):
+    out = tmp_path / "runs"
+    report = forms.main(["--runs", "analogy", "--steps", "1", "--examples", "1", "--set", "hidden=24",
+                         "--out", str(out)])
+    assert report["settings_changed"] == {"hidden": 24}
+    assert json.loads((out / "analogy" / "config.json").read_text())["hidden"] == 24
+    assert load_region_predictor(out / "analogy" / forms.CHECKPOINT).spec.mlp_width == 24  # the model has it
+    with pytest.raises(RunSettingsChanged, match="hidden"):  # the same folder asked without the change
+        forms.main(["--runs", "analogy", "--steps", "1", "--examples", "1", "--out", str(out)])
+
+
+@pytest.mark.parametrize("setting", ["mode=text", "seed=3", "mask_weight=1", "clip=x"])
+def test_set_refuses_what_the_runs_or_the_command_set(setting):
+    with pytest.raises(SystemExit):
+        forms.main(["--runs", "analogy", "--steps", "1", "--set", setting])
+
+
+def test_a_run_cut_short_is_continued_not_reported_as_complete(tmp_path):
+    out = tmp_path / "runs"
+    args = ["--runs", "analogy", "--steps", "2", "--examples", "1", "--set", "checkpoint_every=1",
+            "--set", "keep_checkpoints=2", "--out", str(out)]
+    whole = forms.main(args)
+    shutil.rmtree(out / "analogy" / "checkpoints" / "step_000002")  # killed after step 1: the predictor file is there
+    assert (out / "analogy" / forms.CHECKPOINT).is_file()
+    continued = forms.main(args)
+    assert continued["runs"]["analogy"]["train_seconds"] is not None               # trained again, from step 1
+    assert (out / "analogy" / "checkpoints" / "step_000002").is_dir()
+    for key in ("iou_per_family_end", "region_per_family_end"):                    # the resume is exact
+        assert continued["runs"]["analogy"][key] == whole["runs"]["analogy"][key]
+    assert forms.main(args)["runs"]["analogy"]["train_seconds"] is None            # now complete: reused

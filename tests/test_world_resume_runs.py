@@ -8,12 +8,14 @@ row: two runs, the basis at initialisation and the trained one, both continued).
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
 from world_fixtures import SEED, quick_world
 
-from training.world.presets import RunSettingsChanged, check_resumable
+from training.config import build_config
+from training.world.presets import TRAINER_TASKS, RunSettingsChanged, check_resumable, preset_defaults
 from training.world.yardstick.common import losses_from_log
 from training.world.yardstick.runner import main as yardstick
 
@@ -145,3 +147,25 @@ def test_continuing_with_another_setting_is_refused(runs, capsys):
     error = capsys.readouterr().err
     assert "--resume-runs: cannot continue the run in" in error and "learning_rate: the run has 0.05" in error
     assert (folder / "lorweb" / "train" / "train.log").read_text() == before  # nothing trained
+
+
+def test_a_setting_the_run_was_given_must_be_asked_again(tmp_path):
+    defaults = preset_defaults("training.train_region")
+    assert defaults["hidden"] == 0 and defaults["data"] == "world"  # the tiny preset over the config's defaults
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({**defaults, "hidden": 128, "max_steps": 50}))
+    check_resumable(run, {"hidden": 128}, "training.train_region")
+    check_resumable(run, {}, None)  # without the trainer, only the asked settings are compared
+    with pytest.raises(RunSettingsChanged, match=r"hidden: the run has 128, asked 0"):
+        check_resumable(run, {}, "training.train_region")
+    with pytest.raises(ValueError, match="no trainer task is known"):
+        preset_defaults("training.train_nothing")
+
+
+@pytest.mark.parametrize("module", sorted(TRAINER_TASKS))
+def test_every_trainers_preset_defaults_are_its_tiny_runs_config(module):
+    defaults = preset_defaults(module)
+    task_module, name = TRAINER_TASKS[module]
+    task = getattr(importlib.import_module(task_module), name)
+    assert defaults == build_config(task.config_cls, task.presets, "tiny").to_dict()

@@ -12,6 +12,7 @@ float32 (CPU).
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -114,15 +115,35 @@ class RunSettingsChanged(ValueError):
     """A run asked to continue with settings other than its own."""
 
 
-def check_resumable(out: Path, settings: dict[str, object]) -> None:
+# the training task behind each trainer module run_trainer starts: its config class and ``tiny`` preset say what a
+# setting left out of a run's ``--set`` list is
+TRAINER_TASKS = {"training.train_lorweb": ("training.lorweb.task", "LoRWeBTask"),
+                 "training.train_loc": ("training.loc.task", "LoCTask"),
+                 "training.train_edit_transfer": ("training.edit_transfer.task", "EditTransferTask"),
+                 "training.train_region": ("training.regions.task", "RegionTask")}
+
+
+def preset_defaults(module: str) -> dict[str, object]:
+    """The settings a ``python -m <module> --preset tiny`` run has before any ``--set``."""
+    if module not in TRAINER_TASKS:
+        raise ValueError(f"no trainer task is known for {module!r}; expected one of {sorted(TRAINER_TASKS)}")
+    task_module, name = TRAINER_TASKS[module]
+    task = getattr(importlib.import_module(task_module), name)
+    return task.config_cls().update(task.presets["tiny"]).to_dict()
+
+
+def check_resumable(out: Path, settings: dict[str, object], module: str | None = None) -> None:
     """Refuse to continue the run in ``out`` with settings other than its own (beyond :data:`RESUMABLE_CHANGES`), or
     with a ``max_steps`` below a checkpoint it already has (its files would be of more steps than asked): the
-    continued run would no longer be one run of those settings. A folder without a run passes."""
+    continued run would no longer be one run of those settings. With the trainer ``module``, a setting the run was
+    given that ``settings`` leaves out must be the preset's own (a run of ``hidden=128`` is not one asked without
+    it). A folder without a run passes."""
     recorded_file = out / "config.json"
     if not recorded_file.is_file():
         return
     recorded = json.loads(recorded_file.read_text())
-    changed = {key: (recorded.get(key, "<not set>"), value) for key, value in settings.items()
+    asked = {**(preset_defaults(module) if module else {}), **settings}
+    changed = {key: (recorded.get(key, "<not set>"), value) for key, value in asked.items()
                if key not in RESUMABLE_CHANGES and not _same_setting(recorded.get(key), value)}
     if changed:
         listed = "; ".join(f"{key}: the run has {old!r}, asked {new!r}" for key, (old, new) in sorted(changed.items()))
@@ -144,7 +165,7 @@ def run_trainer(module: str, settings: dict[str, object], out: Path, max_steps: 
     newest checkpoint; a finished run returns at once, a longer ``max_steps`` extends it) after
     :func:`check_resumable`."""
     if resume:
-        check_resumable(out, {**settings, **({"max_steps": max_steps} if max_steps is not None else {})})
+        check_resumable(out, {**settings, **({"max_steps": max_steps} if max_steps is not None else {})}, module)
     cmd = [sys.executable, "-m", module, "--preset", "tiny", *set_arguments(settings), "--output-dir", str(out),
            *(["--max-steps", str(max_steps)] if max_steps is not None else []), *(["--resume"] if resume else [])]
     out.mkdir(parents=True, exist_ok=True)
