@@ -96,6 +96,20 @@ def test_pad_letterboxes_with_fill():
     assert (geo.boxes["b"].panel_y, geo.boxes["b"].panel_h) == (10, 20)
 
 
+def test_an_odd_margin_is_split_with_the_extra_pixel_after_the_content():
+    """Centre crop and padding both floor the leading margin (a 1-pixel shift otherwise, which restore_size hides)."""
+    wide = img(3, 21, 20)  # one column to cut: the crop keeps columns 0..19
+    fitted, box = cp.fit_into_panel(wide, 20, 20, "center_crop", 0.5)
+    assert box.source_x == 0 and torch.equal(fitted, wide[:, :, :20])
+    wider = img(4, 23, 20)  # three columns to cut: one before, two after
+    fitted, box = cp.fit_into_panel(wider, 20, 20, "center_crop", 0.5)
+    assert box.source_x == 1 and torch.equal(fitted, wider[:, :, 1:21])
+    flat = img(5, 20, 17)  # three rows of fill: one above, two below
+    fitted, box = cp.fit_into_panel(flat, 20, 20, "pad", 0.0)
+    assert (box.panel_y, box.panel_h) == (1, 17)
+    assert torch.equal(fitted[:, 1:18], flat) and fitted[:, :1].eq(0).all() and fitted[:, 18:].eq(0).all()
+
+
 def test_custom_size_resizes_like_antialiased_bicubic():
     a = img(1, 64, 48)
     grid, _, _ = cp.four_panel_composite(a, a, a, panel_size=(32, 24), fit="stretch")

@@ -112,6 +112,34 @@ def test_heads_start_as_eq_11_u_a_random_u_b_zero(unet):
         assert 0.7 * want < rows.std().item() < 1.3 * want
 
 
+def test_head_outputs_are_read_in_the_files_layout(unet):
+    """A head's output is [U_A of each projection (r x in, row-major) ..., U_B of each (out x r) ...]: the layout
+    every saved hypernetwork was trained in. Pinned with zero weights and a counting bias (a relabelling of the
+    outputs trains as well from scratch, but decodes a saved file into scrambled factors)."""
+    hypernetwork = build_hypernetwork(config_for(unet), seed=0)
+    assert hypernetwork.config.update_caps() is None  # no soft bound rescales U_B here
+    with torch.no_grad():
+        for head in hypernetwork.heads:
+            head.weight.zero_()
+            head.bias.copy_(torch.arange(head.bias.numel(), dtype=head.bias.dtype))
+    a = analogy()
+    factors = hypernetwork(a.patch_tokens["a"], a.patch_tokens["a_prime"])
+    r = hypernetwork.config.rank
+    for target in hypernetwork.config.targets:
+        offset = 0
+        expected = {}
+        for path, (_, in_f) in zip(target.projection_paths(), target.shapes):
+            expected[path] = [torch.arange(offset, offset + r * in_f, dtype=torch.float32).view(r, in_f)]
+            offset += r * in_f
+        for path, (out_f, _) in zip(target.projection_paths(), target.shapes):
+            expected[path].append(torch.arange(offset, offset + out_f * r, dtype=torch.float32).view(out_f, r))
+            offset += out_f * r
+        for path, (down, up) in expected.items():
+            got_down, got_up = factors.layers[path]
+            torch.testing.assert_close(got_down[0], down)
+            torch.testing.assert_close(got_up[0], up)
+
+
 def test_a_fresh_hypernetwork_generates_zero_and_leaves_the_unet_bit_identical(unet):
     hypernetwork = build_hypernetwork(config_for(unet), seed=0)
     item = analogy(batch=3)

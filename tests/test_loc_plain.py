@@ -148,7 +148,7 @@ def test_plain_lora_refuses_what_belongs_to_a_hypernetwork():
 
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory) -> tuple[Path, dict]:
-    from training.loc.task import main
+    from training.train_loc import main  # the command users type: it registers the world data
 
     out = tmp_path_factory.mktemp("plain_run")
     history = main(["--preset", "tiny", "--output-dir", str(out), "--max-steps", "3", "--set", "report_to=none",

@@ -119,7 +119,7 @@ def test_jsonl_and_folder_pairs(tmp_path):
 
 
 def train(out: Path, *extra: str) -> dict:
-    from training.loc.task import main
+    from training.train_loc import main  # the command users type: it registers the world data
 
     return main(["--preset", "tiny", "--output-dir", str(out), "--set", "report_to=none",
                  "--set", "sample_every=1000", "--set", "sample_steps=1", *extra])

@@ -188,6 +188,26 @@ def test_peft_alpha_metadata_is_honoured(tiny_flux):
     assert without.layers[path].scale == 1.0  # no alpha anywhere: scale 1, as ComfyUI and diffusers do
 
 
+def test_rslora_metadata_scales_by_the_square_root_of_the_rank(tiny_flux):
+    path = "transformer_blocks.1.attn.to_k"
+    tensors = {f"transformer.{path}.lora_A.weight": rand(16, 32), f"transformer.{path}.lora_B.weight": rand(32, 16)}
+    meta = {"lora_adapter_metadata": json.dumps({"r": 16, "lora_alpha": 8, "use_rslora": True})}
+    assert parse_state_dict(tensors, meta, tiny_flux).lora.layers[path].scale == pytest.approx(8 / 16 ** 0.5)
+    meta = {"lora_adapter_metadata": json.dumps({"r": 16, "lora_alpha": 8})}
+    assert parse_state_dict(tensors, meta, tiny_flux).lora.layers[path].scale == pytest.approx(8 / 16)
+
+
+@pytest.mark.parametrize("key_format", ["peft", "kohya", "comfyui"])
+def test_layers_of_several_ranks_and_scales_round_trip(tiny_flux, key_format):
+    """A written peft header's rank and alpha patterns must give each lower-rank layer its own scale back."""
+    shapes = {p: tiny_flux.shapes[p] for p in ("transformer_blocks.0.attn.to_out.0", "transformer_blocks.0.ff.net.2",
+                                               "single_transformer_blocks.0.proj_out")}  # unfused in every format
+    lora = LoRA({path: LoRALayer(rand(rank, shape[1]), rand(shape[0], rank), scale)
+                 for (path, shape), rank, scale in zip(shapes.items(), (4, 2, 1), (0.5, 3.0, -1.5))}, family="flux")
+    tensors, meta = to_state_dict(lora, key_format, tiny_flux)
+    assert_same_updates(lora, parse_state_dict(tensors, meta, tiny_flux).lora)
+
+
 def test_kohya_alpha_tensor_sets_the_scale(tiny_sd):
     path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     base = "lora_unet_" + path.replace(".", "_")

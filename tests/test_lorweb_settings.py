@@ -244,6 +244,17 @@ def test_mix_policy_reports_entries_by_magnitude_and_checks_its_inputs():
         mix_analogy(basis, analogy, analogy_2=analogy, blend=1.5)
     with pytest.raises(ValueError, match="sample 2 is out of range: the ANALOGY holds 2"):
         mix_analogy(basis, analogy, sample=2)
+    # a blend of batched analogies mixes item `sample` of each (item 0 of analogy_2 only when it holds fewer)
+    second = AnalogyEmbedding(info, {r: torch.randn(2, 4, generator=gen) * 5 for r in ("a", "a_prime", "b")})
+    blended = mix_analogy(basis, analogy, sample=1, analogy_2=second, blend=0.25).coefficients
+    c1, c2 = (basis.coefficients(settings_query(basis, a, 1)) for a in (analogy, second))
+    assert not torch.allclose(c2[next(iter(c2))], basis.coefficients(settings_query(basis, second, 0))[next(iter(c2))])
+    for key in blended:
+        torch.testing.assert_close(blended[key], 0.75 * c1[key] + 0.25 * c2[key])
+    single = AnalogyEmbedding(info, {r: second.image_embeds[r][:1] for r in ("a", "a_prime", "b")})
+    c_single = basis.coefficients(settings_query(basis, single, 0))
+    for key, value in mix_analogy(basis, analogy, sample=1, analogy_2=single, blend=0.25).coefficients.items():
+        torch.testing.assert_close(value, 0.75 * c1[key] + 0.25 * c_single[key])
     other = AnalogyEmbedding(info, {r: torch.randn(1, 4) for r in ("a", "a_prime")})  # no B for cat-aa'b
     with pytest.raises(ValueError, match="no b image"):
         mix_analogy(basis, analogy, analogy_2=other)
