@@ -40,14 +40,16 @@ _ROLE_SUFFIXES = (
 _UNSUPPORTED = (
     (r"\.dora_scale$", "DoRA"), (r"\.lora_mid\.weight$", "LoCon with a Tucker core"), (r"\.hada_", "LoHa"),
     (r"\.lokr_", "LoKr"), (r"\.diff(_b)?$", "full weight difference"), (r"\.[wb]_norm$", "norm weight"),
-    (r"\.lora_B(\.default)?\.bias$", "LoRA with a bias (peft's lora_bias=True)"),
+    (r"\.lora_B(\.default)?\.bias$", "LoRA with a bias (peft's lora_bias=True)"), (r"\.oft_blocks$", "OFT/BOFT"),
+    (r"\.a1\.weight$", "GLoRA"), (r"\.set_weight$", "weight replacement"),
     (r"\.lora_keys$", "LoRWeB basis (use Load LoRA Basis)"),
     (r"\.att_lora_to_q\.", "LoRWeB basis (use Load LoRA Basis)"),
 )
 FAMILY_TITLES = {"sd15": "SD1.5", "sdxl": "SDXL",
                  **{family: spec.title for family, spec in TRANSFORMER_FAMILIES.items()}}
-# variants ComfyUI's own loader applies: their refusal points there
-_COMFY_APPLIES = ("DoRA", "LoCon with a Tucker core", "LoHa", "LoKr", "full weight difference", "norm weight")
+# variants ComfyUI's own loader reads (comfy/lora.py, comfy/weight_adapter/): their refusal points there
+_COMFY_APPLIES = ("DoRA", "LoCon with a Tucker core", "LoHa", "LoKr", "full weight difference", "norm weight",
+                  "OFT/BOFT", "GLoRA", "weight replacement")
 _XLABS_KEY = re.compile(r"(.*\.processor\.(?:qkv|proj)_lora\d?)\.(down|up)\.weight$")
 # XLabs processor names -> BFL names; "linear1_qkv" is the q/k/v rows of a single block's fused linear1 (as in ComfyUI)
 _XLABS_NAMES = ((".processor.qkv_lora1", ".img_attn.qkv"), (".processor.qkv_lora2", ".txt_attn.qkv"),
@@ -81,7 +83,7 @@ def split_roles(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torc
             continue
         for marker, variant in _UNSUPPORTED:
             if re.search(marker, key):
-                where = "; ComfyUI's own LoraLoaderModelOnly applies this file" if variant in _COMFY_APPLIES else ""
+                where = "; ComfyUI's own LoraLoaderModelOnly reads this variant" if variant in _COMFY_APPLIES else ""
                 raise LoRAError(f"unsupported LoRA variant: {variant} (key {key!r}); this loader reads plain "
                                 f"low-rank LoRAs (lora_A/lora_B, lora_down/lora_up){where}")
         for suffix, role in _ROLE_SUFFIXES:
@@ -105,7 +107,7 @@ def _check_group(base: str, parts: dict[str, torch.Tensor]) -> None:
     if missing:
         raise LoRAError(f"layer {base!r} has no {' / '.join(sorted(missing))} weight")
     for role, tensor in parts.items():
-        if role == "alpha" and not tensor.is_floating_point() and tensor.dtype != torch.bool:
+        if role == "alpha" and not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool):
             parts[role] = tensor.to(torch.float32)
         elif not tensor.is_floating_point():
             raise LoRAError(f"layer {base!r}: {role} is stored as {tensor.dtype}; LoRA weights are floating point")
@@ -392,30 +394,45 @@ def detect_layouts(names: list[tuple[str, bool]], groups: dict, keys: list[str],
 
 
 def _misfits(layout: ModelLayout, entries: list[Entry]) -> list[str]:
-    """What keeps each entry from ``layout``: a name it does not have, or a shape other than its layer's."""
-    out = []
+    """What keeps each entry from ``layout``: names it does not have first, then shapes other than its layers'."""
+    missing, resized = [], []
     for name, underscored, shape in entries:
         found = _resolve(name, underscored, layout)
         if found is None:
-            out.append(f"{name!r} is no layer of it")
+            missing.append(f"{name!r} is no layer of it")
             continue
         path, native = found
         expected = tuple((layout.native_shape(path) if native else layout.shapes[path])[:2])
         if shape != expected:
-            out.append(f"{name!r} is {list(shape)} ([out, in]) where its layer is {list(expected)}")
-    return out
+            resized.append(f"{name!r} is {list(shape)} ([out, in]) where its layer is {list(expected)}")
+    return missing + resized
+
+
+def _nearest_layout(family: str, entries: list[Entry]) -> tuple[ModelLayout, str]:
+    """The family's layout to compare against: for a DiT, the width its name-matching layers imply when they agree
+    (a klein or pruned LoRA with one misspelt layer), else the published size."""
+    if family in TRANSFORMER_FAMILIES:
+        published = standard_layout(family)
+        named = [e for e in entries if _resolve(e[0], e[1], published) is not None]
+        if named and len(named) < len(entries) and (layout := infer_layout(family, named)) is not None:
+            return layout, "at the width its other layers imply"
+    return standard_layout(family), "at its published size"
 
 
 def _closest_misfits(entries: list[Entry], hint: str | None) -> str:
-    """The published model most of the LoRA's layers fit (the header's family on a tie) and what does not fit it,
-    so a misspelt or resized layer is named rather than the first few valid ones."""
+    """The model most of the LoRA's layers fit (the header's family on a tie) and what does not fit it, so a
+    misspelt or resized layer is named rather than the first few valid ones."""
     order = [hint] if hint in FAMILY_TITLES else []
     order += [family for family in FAMILY_TITLES if family not in order]
-    misfits = {family: _misfits(standard_layout(family), entries) for family in order}
+    nearest = {family: _nearest_layout(family, entries) for family in order}
+    misfits = {family: _misfits(nearest[family][0], entries) for family in order}
     family = min(order, key=lambda f: len(misfits[f]))
     wrong = misfits[family]
-    return (f"closest is {FAMILY_TITLES[family]} (its published size), where {len(wrong)} of {len(entries)} layers do "
-            f"not fit: " + "; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else ""))
+    if all(" is no layer of it" in w for w in wrong) and len(wrong) == len(entries):
+        return f"no layer name is one of theirs, e.g. {[name for name, _, _ in entries[:3]]}"
+    listed = "; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+    return (f"closest is {FAMILY_TITLES[family]} ({nearest[family][1]}), where {len(wrong)} of {len(entries)} layers "
+            f"do not fit: {listed}")
 
 
 def _has_published_ratio(layout: ModelLayout) -> bool:

@@ -12,8 +12,9 @@ the IoU of its binary mask (probability ≥ 0.5, per image, cell grid) on held-o
 * ``mlp``: two hidden layers of ``--width`` per patch — what a token-wise MLP can read from one patch;
 * ``mlp_3x3``: the same MLP over the patch and its eight neighbours (zero-padded) — what local context adds.
 
-No position and no condition enter: a family whose region is a place (the added square's empty corner) scores 0 by
-design; a family whose region is a colour or a shape is scored on whether F carries it. This asks whether the
+No condition enters and no position is given explicitly (the CLIP's own position embeddings and the 3 × 3 window's
+zero padding at the border carry a little): a family whose region is a place (the added square's empty corner)
+scores near 0; a family whose region is a colour or a shape is scored on whether F carries it. This asks whether the
 features or the region module limit a family, not what the row reaches.
 """
 

@@ -25,12 +25,14 @@ setting of every run (e.g. ``hidden=128``, the token MLP's width); the default r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 from analogy_core.regions import FrozenClip, InstructionEncoder, load_region_predictor
 from training import checkpoints as ckpt
+from training.regions.config import RegionConfig
 from training.world import build_world
 from training.world import scenes as world
 from training.world.loaders import T5_FOLDER
@@ -75,11 +77,18 @@ def main(argv: list[str] | None = None) -> dict:
                         help="a probe: change a region trainer setting of every run, e.g. hidden=128 (repeatable; "
                              "not what a run sets itself, the seed or the encoders); recorded as settings_changed")
     args = parser.parse_args(argv)
-    changed = parse_settings(args.sets, "hidden=128")
-    fixed = sorted(set(changed) & ({"mode", "seed", "clip", "instruction_encoder", "data"}
+    try:
+        changed = parse_settings(args.sets, "hidden=128")
+    except ValueError as error:
+        parser.error(str(error))
+    unknown = sorted(set(changed) - {f.name for f in dataclasses.fields(RegionConfig)})
+    if unknown:
+        parser.error(f"--set {', '.join(unknown)}: not a region trainer setting (training/regions/config.py)")
+    fixed = sorted(set(changed) & ({"mode", "seed", "clip", "instruction_encoder", "data", "max_steps", "output_dir"}
                                    | {key for _, _, form in RUNS for key in form}))
     if fixed:
-        parser.error(f"--set {', '.join(fixed)}: set by the runs or the command itself (use --runs, --seed, --clip)")
+        parser.error(f"--set {', '.join(fixed)}: set by the runs or the command itself (use --runs, --seed, --clip, "
+                     "--steps, --out)")
     if args.clip is not None and not (args.clip / "config.json").is_file():
         parser.error(f"--clip {args.clip}: not a transformers CLIP folder (no config.json)")
     chosen = {name: (mode, form) for name, mode, form in RUNS if name in args.runs.split(",")}

@@ -217,7 +217,8 @@ def test_kohya_alpha_tensor_sets_the_scale(tiny_sd):
     assert parsed.lora.layers[path].scale == 0.5 and parsed.key_format == "kohya"
 
 
-@pytest.mark.parametrize("alpha", [torch.tensor(4), torch.tensor([4], dtype=torch.int32), torch.tensor(4, dtype=torch.uint8)])
+@pytest.mark.parametrize("alpha", [torch.tensor(4), torch.tensor([4], dtype=torch.int32),
+                                   torch.tensor(4, dtype=torch.uint8)])
 def test_an_integer_alpha_is_read_as_its_value(tiny_sd, alpha):
     path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     base = "lora_unet_" + path.replace(".", "_")
@@ -226,6 +227,9 @@ def test_an_integer_alpha_is_read_as_its_value(tiny_sd, alpha):
     assert parsed.lora.layers[path].scale == 0.5 and parsed.layers_without_alpha == 0  # 4 / rank 8, as ComfyUI
     with pytest.raises(LoRAError, match=r"up is stored as torch.int64; LoRA weights are floating point"):
         parse_state_dict({**tensors, f"{base}.lora_up.weight": torch.ones(32, 8, dtype=torch.int64)}, {}, tiny_sd)
+    for dtype in (torch.complex64, torch.bool):  # no number ComfyUI would read: refused, not cast
+        with pytest.raises(LoRAError, match=f"alpha is stored as {dtype}"):
+            parse_state_dict({**tensors, f"{base}.alpha": torch.tensor(4).to(dtype)}, {}, tiny_sd)
 
 
 def test_layers_without_any_alpha_are_counted(tiny_flux):
@@ -290,13 +294,17 @@ def test_bad_state_dicts_get_clear_errors(tensors, message):
 
 @pytest.mark.parametrize("key, variant, comfy_applies", [
     ("unet.x.hada_w1_a", "LoHa", True), ("unet.x.lokr_w1", "LoKr", True), ("unet.x.dora_scale", "DoRA", True),
-    ("unet.x.diff", "full weight difference", True), ("unet.x.lora_B.bias", r"LoRA with a bias", False),
-    ("transformer.x.lora_keys", "LoRWeB basis", False)])
+    ("unet.x.diff", "full weight difference", True), ("unet.x.diff_b", "full weight difference", True),
+    ("unet.x.lora_mid.weight", "LoCon with a Tucker core", True), ("unet.x.w_norm", "norm weight", True),
+    ("unet.x.oft_blocks", "OFT/BOFT", True), ("unet.x.a1.weight", "GLoRA", True),
+    ("unet.x.set_weight", "weight replacement", True), ("unet.x.lora_B.bias", r"LoRA with a bias", False),
+    ("unet.x.lora_B.default.bias", r"LoRA with a bias", False), ("transformer.x.lora_keys", "LoRWeB basis", False),
+    ("transformer.x.att_lora_to_q.weight", "LoRWeB basis", False)])
 def test_other_adapter_types_are_named_and_pointed_to_comfyui(key, variant, comfy_applies):
     tensors = {"unet.x.lora_A.weight": torch.ones(2, 4), "unet.x.lora_B.weight": torch.ones(4, 2), key: torch.ones(4)}
     with pytest.raises(LoRAError, match=f"unsupported LoRA variant: {variant}") as caught:
         parse_state_dict(tensors)
-    assert ("LoraLoaderModelOnly applies this file" in str(caught.value)) == comfy_applies
+    assert ("LoraLoaderModelOnly reads this variant" in str(caught.value)) == comfy_applies
 
 
 def test_a_layer_that_fits_no_model_is_named_not_its_valid_neighbours():
@@ -312,10 +320,36 @@ def test_a_layer_that_fits_no_model_is_named_not_its_valid_neighbours():
     with pytest.raises(LoRAError, match="do not match SD1.5") as caught:
         parse_state_dict(tensors, {"ss_base_model_version": "sd_v1"})
     message = str(caught.value)
-    assert "closest is SD1.5 (its published size), where 2 of 5 layers do not fit" in message
+    assert "closest is SD1.5 (at its published size), where 2 of 5 layers do not fit" in message
     assert f"'{misspelt}' is no layer of it" in message
     assert f"'{resized}' is [320, 640] ([out, in]) where its layer is [320, 320]" in message
     assert not any(f"'{path}'" in message for path in valid)
+    assert message.index(misspelt) < message.index(resized)  # names it lacks first: the likelier culprit
+
+
+def test_a_narrower_dit_loras_misfit_is_judged_at_its_own_width(tiny_flux):
+    paths = ["transformer_blocks.0.attn.to_out.0", "transformer_blocks.0.ff.net.2",
+             "single_transformer_blocks.0.proj_out"]
+    tensors = {}
+    for path in paths:
+        out_f, in_f = tiny_flux.shapes[path][:2]
+        tensors |= {f"transformer.{path}.lora_A.weight": rand(2, in_f),
+                    f"transformer.{path}.lora_B.weight": rand(out_f, 2)}
+    assert parse_state_dict(tensors).lora.family == "flux"  # a 32-wide FLUX.1: read at its own width
+    tensors |= {"transformer.transformer_blocks.0.attn.to_outt.lora_A.weight": rand(2, 32),
+                "transformer.transformer_blocks.0.attn.to_outt.lora_B.weight": rand(32, 2)}
+    with pytest.raises(LoRAError) as caught:
+        parse_state_dict(tensors, {"modelspec.architecture": "flux-1-dev/lora"})
+    message = str(caught.value)
+    assert "closest is FLUX.1 (at the width its other layers imply), where 1 of 4 layers do not fit" in message
+    assert "'transformer_blocks.0.attn.to_outt' is no layer of it" in message and "[out, in]" not in message
+
+
+def test_a_lora_of_another_model_is_told_no_name_matches():
+    tensors = {f"model.blocks.{i}.mixer.lora_A.weight": rand(2, 8) for i in range(5)}
+    tensors |= {f"model.blocks.{i}.mixer.lora_B.weight": rand(8, 2) for i in range(5)}
+    with pytest.raises(LoRAError, match=r"no layer name is one of theirs, e.g. \['model.blocks.0.mixer'"):
+        parse_state_dict(tensors)
 
 
 def test_shape_mismatch_names_the_layer(tiny_flux):

@@ -68,7 +68,8 @@ def test_set_changes_every_runs_trainer_setting_and_a_reused_folder_must_match(t
         forms.main(["--runs", "analogy", "--steps", "1", "--examples", "1", "--out", str(out)])
 
 
-@pytest.mark.parametrize("setting", ["mode=text", "seed=3", "mask_weight=1", "clip=x"])
+@pytest.mark.parametrize("setting", ["mode=text", "seed=3", "mask_weight=1", "clip=x", "max_steps=5", "output_dir=x",
+                                     "hiden=128", "hidden"])
 def test_set_refuses_what_the_runs_or_the_command_set(setting):
     with pytest.raises(SystemExit):
         forms.main(["--runs", "analogy", "--steps", "1", "--set", setting])

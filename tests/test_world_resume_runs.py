@@ -161,6 +161,10 @@ def test_a_setting_the_run_was_given_must_be_asked_again(tmp_path):
         check_resumable(run, {}, "training.train_region")
     with pytest.raises(ValueError, match="no trainer task is known"):
         preset_defaults("training.train_nothing")
+    older = tmp_path / "older"  # written before a setting existed: judged on the settings it recorded
+    older.mkdir()
+    (older / "config.json").write_text(json.dumps({k: v for k, v in defaults.items() if k != "attention_init"}))
+    check_resumable(older, {}, "training.train_region")
 
 
 @pytest.mark.parametrize("module", sorted(TRAINER_TASKS))
@@ -169,3 +173,4 @@ def test_every_trainers_preset_defaults_are_its_tiny_runs_config(module):
     task_module, name = TRAINER_TASKS[module]
     task = getattr(importlib.import_module(task_module), name)
     assert defaults == build_config(task.config_cls, task.presets, "tiny").to_dict()
+    assert importlib.import_module(module).main is importlib.import_module(task_module).main  # the module's own task

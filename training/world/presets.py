@@ -142,7 +142,9 @@ def check_resumable(out: Path, settings: dict[str, object], module: str | None =
     if not recorded_file.is_file():
         return
     recorded = json.loads(recorded_file.read_text())
-    asked = {**(preset_defaults(module) if module else {}), **settings}
+    # keys the run recorded only: a run from before a setting existed is judged on the settings it had
+    defaults = {k: v for k, v in preset_defaults(module).items() if k in recorded} if module else {}
+    asked = {**defaults, **settings}
     changed = {key: (recorded.get(key, "<not set>"), value) for key, value in asked.items()
                if key not in RESUMABLE_CHANGES and not _same_setting(recorded.get(key), value)}
     if changed:
