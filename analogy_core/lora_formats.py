@@ -393,8 +393,8 @@ def detect_layouts(names: list[tuple[str, bool]], groups: dict, keys: list[str],
                                                not _has_published_ratio(layout), order.index(layout.family)))
 
 
-def _misfits(layout: ModelLayout, entries: list[Entry]) -> list[str]:
-    """What keeps each entry from ``layout``: names it does not have first, then shapes other than its layers'."""
+def _misfits(layout: ModelLayout, entries: list[Entry]) -> tuple[list[str], list[str]]:
+    """What keeps each entry from ``layout``: the names it does not have, and shapes other than its layers'."""
     missing, resized = [], []
     for name, underscored, shape in entries:
         found = _resolve(name, underscored, layout)
@@ -405,7 +405,7 @@ def _misfits(layout: ModelLayout, entries: list[Entry]) -> list[str]:
         expected = tuple((layout.native_shape(path) if native else layout.shapes[path])[:2])
         if shape != expected:
             resized.append(f"{name!r} is {list(shape)} ([out, in]) where its layer is {list(expected)}")
-    return missing + resized
+    return missing, resized
 
 
 def _nearest_layout(family: str, entries: list[Entry]) -> tuple[ModelLayout, str]:
@@ -426,10 +426,11 @@ def _closest_misfits(entries: list[Entry], hint: str | None) -> str:
     order += [family for family in FAMILY_TITLES if family not in order]
     nearest = {family: _nearest_layout(family, entries) for family in order}
     misfits = {family: _misfits(nearest[family][0], entries) for family in order}
-    family = min(order, key=lambda f: len(misfits[f]))
-    wrong = misfits[family]
-    if all(" is no layer of it" in w for w in wrong) and len(wrong) == len(entries):
+    family = min(order, key=lambda f: sum(map(len, misfits[f])))
+    missing, resized = misfits[family]
+    if len(missing) == len(entries):
         return f"no layer name is one of theirs, e.g. {[name for name, _, _ in entries[:3]]}"
+    wrong = missing + resized  # names the model lacks first: the likelier culprits
     listed = "; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else "")
     return (f"closest is {FAMILY_TITLES[family]} ({nearest[family][1]}), where {len(wrong)} of {len(entries)} layers "
             f"do not fit: {listed}")

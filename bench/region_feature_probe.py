@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analogy_core.regions import FrozenClip, patch_targets
+from analogy_core.regions import FrozenClip, iou, patch_targets
 from training.world import build_world
 from training.world import scenes as world
 
@@ -61,10 +61,7 @@ def classifier(kind: str, dim: int, width: int) -> nn.Module:
 
 def mask_iou(probs: torch.Tensor, targets: torch.Tensor) -> float:
     """Mean over images of the IoU of (probs ≥ 0.5) with (targets ≥ 0.5); an image where both are empty scores 1."""
-    predicted, truth = probs >= 0.5, targets >= 0.5
-    union = (predicted | truth).sum(1).float()
-    inter = (predicted & truth).sum(1).float()
-    return float(torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)).mean())
+    return float(iou(probs >= 0.5, targets >= 0.5).mean())
 
 
 def fit_and_score(kind: str, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
