@@ -411,12 +411,12 @@ def _misfits(layout: ModelLayout, entries: list[Entry]) -> tuple[list[str], list
 def _nearest_layout(family: str, entries: list[Entry]) -> tuple[ModelLayout, str]:
     """The family's layout to compare against: for a DiT, the width its name-matching layers imply when they agree
     (a klein or pruned LoRA with one misspelt layer), else the published size."""
+    published = standard_layout(family)
     if family in TRANSFORMER_FAMILIES:
-        published = standard_layout(family)
         named = [e for e in entries if _resolve(e[0], e[1], published) is not None]
         if named and len(named) < len(entries) and (layout := infer_layout(family, named)) is not None:
             return layout, "at the width its other layers imply"
-    return standard_layout(family), "at its published size"
+    return published, "at its published size"
 
 
 def _closest_misfits(entries: list[Entry], hint: str | None) -> str:
