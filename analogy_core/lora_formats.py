@@ -41,7 +41,8 @@ _UNSUPPORTED = (
     (r"\.dora_scale$", "DoRA"), (r"\.lora_mid\.weight$", "LoCon with a Tucker core"), (r"\.hada_", "LoHa"),
     (r"\.lokr_", "LoKr"), (r"\.diff(_b)?$", "full weight difference"), (r"\.[wb]_norm$", "norm weight"),
     (r"\.lora_B(\.default)?\.bias$", "LoRA with a bias (peft's lora_bias=True)"), (r"\.oft_blocks$", "OFT/BOFT"),
-    (r"\.a1\.weight$", "GLoRA"), (r"\.set_weight$", "weight replacement"),
+    (r"\.lora_magnitude_vector", "DoRA (peft's use_dora)"), (r"\.a1\.weight$", "GLoRA"),
+    (r"\.set_weight$", "weight replacement"),
     (r"\.lora_keys$", "LoRWeB basis (use Load LoRA Basis)"),
     (r"\.att_lora_to_q\.", "LoRWeB basis (use Load LoRA Basis)"),
 )
@@ -67,9 +68,12 @@ class ParsedLoRA:
     lora: LoRA
     text_encoder_keys: int  # entries for text encoders, which a diffusion-model LoRA leaves out
     key_format: str
-    # layers with neither an ``.alpha`` key nor a peft config in the header, read at scale 1 as ComfyUI reads them
-    # (peft's adapter_model.safetensors keeps lora_alpha in adapter_config.json, which is not read)
+    # layers with neither an ``.alpha`` key nor a peft config (header or adapter_config.json), read at scale 1 as
+    # ComfyUI reads them
     layers_without_alpha: int = 0
+    # where the peft config that gave layers their alpha came from: "header" (diffusers' lora_adapter_metadata),
+    # "adapter_config.json" (peft's file beside adapter_model.safetensors) or "" (none)
+    peft_config_source: str = ""
 
 
 def split_roles(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -164,32 +168,33 @@ def _peft_alpha(base: str, rank: int, config: dict | None) -> float | None:
 _SAFE_PATTERN = re.compile(r"\^?[\w\-.]*(?:(?:\.\*|\\d\+)[\w\-.]*)?\$?")
 
 
-def _check_peft_config(config: dict) -> dict:
-    """Types and values of the fields this reader uses; refuse what would otherwise fail later or mean nothing."""
+def check_peft_config(config: dict, source: str = "lora_adapter_metadata") -> dict:
+    """Types and values of the fields this reader uses; refuse what would otherwise fail later or mean nothing.
+    ``source`` names where the config came from in the messages."""
     alpha, r = config.get("lora_alpha"), config.get("r")
     if alpha is not None and not is_json_number(alpha):
-        raise LoRAError(f"lora_adapter_metadata: lora_alpha is {show_value(alpha)}, expected a number")
+        raise LoRAError(f"{source}: lora_alpha is {show_value(alpha)}, expected a number")
     if r is not None and not _is_rank(r):
-        raise LoRAError(f"lora_adapter_metadata: r is {show_value(r)}, expected a positive integer up to "
-                        f"{MAX_PEFT_RANK}")
+        raise LoRAError(f"{source}: r is {show_value(r)}, expected a positive integer up to {MAX_PEFT_RANK}")
     for field, check, expected in (("alpha_pattern", is_json_number, "a number"),
                                    ("rank_pattern", _is_rank, f"a positive integer up to {MAX_PEFT_RANK}")):
         patterns = config.get(field)
         if patterns is None:
             continue
         if not isinstance(patterns, dict):
-            raise LoRAError(f"lora_adapter_metadata: {field} is a {type(patterns).__name__}, expected an object")
+            raise LoRAError(f"{source}: {field} is a {type(patterns).__name__}, expected an object")
         for pattern, value in patterns.items():
             if len(pattern) > 256 or not _SAFE_PATTERN.fullmatch(pattern):
-                raise LoRAError(f"lora_adapter_metadata: {field} key {pattern[:80]!r} is not a module name (regular "
+                raise LoRAError(f"{source}: {field} key {pattern[:80]!r} is not a module name (regular "
                                 "expressions beyond one '.*' or '\\d+' are not evaluated)")
             if not check(value):
-                raise LoRAError(f"lora_adapter_metadata: {field}[{pattern[:80]!r}] is {show_value(value)}, "
+                raise LoRAError(f"{source}: {field}[{pattern[:80]!r}] is {show_value(value)}, "
                                 f"expected {expected}")
     return config
 
 
 MAX_PEFT_RANK = 2**16
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # peft's save_pretrained names
 
 
 def _is_rank(value: object) -> bool:
@@ -206,11 +211,11 @@ def peft_config_from_metadata(metadata: dict[str, str]) -> dict | None:
     if config is None:
         return None
     if "lora_alpha" in config or "r" in config:
-        return _check_peft_config(config)
+        return check_peft_config(config)
     for component in ("transformer", "unet"):
         sub = {k[len(component) + 1:]: v for k, v in config.items() if k.startswith(component + ".")}
         if sub:
-            return _check_peft_config(sub)
+            return check_peft_config(sub)
     return None
 
 
@@ -446,8 +451,10 @@ def _has_published_ratio(layout: ModelLayout) -> bool:
 
 
 def parse_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
-                     layout: ModelLayout | None = None) -> ParsedLoRA:
-    """Turn a LoRA state dict of any supported key format into a :class:`LoRA` keyed by diffusers paths."""
+                     layout: ModelLayout | None = None, adapter_config: dict | None = None) -> ParsedLoRA:
+    """Turn a LoRA state dict of any supported key format into a :class:`LoRA` keyed by diffusers paths.
+    ``adapter_config``: peft's adapter_config.json (checked here), read for alphas where the header has no peft config;
+    an ``.alpha`` key of a layer still wins."""
     metadata = dict(metadata or {})
     if not state_dict:
         raise LoRAError("the file holds no tensors")
@@ -471,9 +478,11 @@ def parse_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, st
         else:
             metadata.pop(FITS_KEY, None)
 
-    peft_config = peft_config_from_metadata(metadata)
+    peft_config, source = peft_config_from_metadata(metadata), "header"
+    if peft_config is None and adapter_config is not None:
+        peft_config, source = check_peft_config(adapter_config, ADAPTER_CONFIG), ADAPTER_CONFIG
     layers: dict[str, LoRALayer] = {}
-    formats, without_alpha = set(), 0
+    formats, without_alpha, from_config = set(), 0, 0
     for (name, underscored), base in zip(names, keys):
         found = _resolve(name, underscored, layout)
         if found is None:
@@ -486,6 +495,7 @@ def parse_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, st
             alpha = float(parts["alpha"].float().item())
         else:
             alpha = _peft_alpha(name if not underscored else path, rank, peft_config)
+            from_config += alpha is not None
         without_alpha += alpha is None
         scale = 1.0 if alpha is None else alpha / rank
         check_low_rank_norm(up, down, scale, f"layer {base!r}", error=LoRAError)
@@ -503,7 +513,7 @@ def parse_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, st
             _add(layers, path, LoRALayer(down, up, scale), layout)
     lora = LoRA(layers, family=layout.family, source="file", metadata=metadata)
     lora.check_finite()
-    return ParsedLoRA(lora, text_encoder, "+".join(sorted(formats)), without_alpha)
+    return ParsedLoRA(lora, text_encoder, "+".join(sorted(formats)), without_alpha, source if from_config else "")
 
 
 def _add(layers: dict[str, LoRALayer], path: str, layer: LoRALayer, layout: ModelLayout) -> None:

@@ -43,10 +43,14 @@ class LoadLoRA:
         if parsed.text_encoder_keys:
             info += (f"; {parsed.text_encoder_keys} text-encoder layers left out (this pack patches the diffusion "
                      "model; use ComfyUI's LoraLoader for CLIP)")
+        if parsed.peft_config_source == "adapter_config.json":
+            info += ("; alphas from the adapter_config.json beside it (peft), which ComfyUI's own LoraLoader does not "
+                     "read: there this file applies at scale 1 per layer")
         if parsed.layers_without_alpha:
             info += (f"; {parsed.layers_without_alpha} layers carry no alpha (no .alpha key, no peft config in the "
-                     "header): read at scale 1, as ComfyUI reads them — a peft adapter keeps lora_alpha in its "
-                     "adapter_config.json; if that differs from r, set strength to lora_alpha / r")
+                     "header or an adapter_config.json beside an adapter_model.safetensors): read at scale 1, as "
+                     "ComfyUI reads them — if the trainer's lora_alpha differs from r, set strength to "
+                     "lora_alpha / r")
         return (parsed.lora, info)
 
 

@@ -490,3 +490,33 @@ def test_t5_folder_mutated_weights_and_missing_files(t5_files, tmp_path, one_thr
 def load_file_bytes(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     header, _ = split(blob)
     return safetensors_load(blob), header.get("__metadata__", {})
+
+
+# -- a peft adapter folder (adapter_model.safetensors + adapter_config.json) -----------------------------------------
+
+
+def test_peft_adapter_config_fields_odd_or_missing(tmp_path, one_thread):
+    """Each field of peft's adapter_config.json (as LoraConfig.to_dict writes it, with alpha and rank patterns) set to
+    odd values or deleted: a usable LoRA or the loader's own error naming the weights file."""
+    from peft import LoraConfig
+
+    tensors, _ = next(sample for sample in LOADER_CASES[0].samples() if "lora_adapter_metadata" in sample[1])
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(serialise({"base_model.model." + k.split(".", 1)[1]: v for k, v in tensors.items()}, {}))
+    paths = sorted({k.split(".", 1)[1].rsplit(".lora_", 1)[0] for k in tensors})
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_k"], rank_pattern={paths[0]: 2},
+                        alpha_pattern={paths[0]: 1.5}).to_dict()
+    document = json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+    lora_case = LOADER_CASES[0]
+
+    def attempt(doc):
+        (folder / "adapter_config.json").write_text(dumps(doc))
+        return load_outcome(lora_case, weights)
+
+    assert attempt(document) == "loaded"
+    # the fields it shares with the header config are swept with every kind in the LoRA case above
+    outcomes = sweep_outcomes(sweep(document, T5_SWEEP_KINDS), attempt)
+    print(f"\nadapter_config.json: {sum(outcomes.values())} swept files, {dict(outcomes)}")
+    assert outcomes["loaded"] > 0 and outcomes["refused"] > 0, outcomes

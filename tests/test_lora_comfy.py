@@ -488,3 +488,45 @@ def test_chained_runtime_loras_stack_like_merges(comfy_inproc, sd_setup):
     out, ref = comfy_sd_out(runtime, x, t, ctx), comfy_sd_out(merged, x, t, ctx)
     assert rel_err(ref, comfy_sd_out(patcher, x, t, ctx)) > 0.01
     assert rel_err(out, ref) <= 1e-4
+
+
+def test_a_peft_adapter_folder_applies_with_its_adapter_config(comfy_inproc, tmp_path):
+    """peft's own save_pretrained folder (adapter_model.safetensors, whose keys carry no alpha, and
+    adapter_config.json with lora_alpha and an alpha_pattern): Apply LoRA to Model equals peft's forward. The same
+    file under another name is read at scale 1 (as ComfyUI reads it) and says so."""
+    from peft import get_peft_model
+
+    model, patcher = tiny_flux_pair(comfy_inproc.comfy, seed=3)
+    inp = flux_inputs(seed=6)
+    with torch.no_grad():
+        base = run_diffusers_flux(model, inp)
+    odd = "transformer_blocks.0.attn.to_k"
+    config = LoraConfig(r=3, lora_alpha=9, alpha_pattern={odd: 1.5}, target_modules=["to_q", "to_k", "to_v"],
+                        init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer):
+                for sub in (module.lora_A["default"], module.lora_B["default"]):
+                    sub.weight.copy_(torch.randn(sub.weight.shape, generator=gen) * 0.3)
+        ref = run_diffusers_flux(peft_model.base_model.model, inp)
+    assert rel_err(base, ref) > 0.05, "the adapter must visibly change the output"
+    peft_model.save_pretrained(tmp_path / "my adapter")
+    weights = tmp_path / "my adapter" / "adapter_model.safetensors"
+    assert (weights.parent / "adapter_config.json").is_file()
+
+    io = __import__(f"{comfy_inproc.pack.__name__}.analogy_core.lora_io", fromlist=["x"])
+    parsed = io.load_lora_file(weights)
+    assert parsed.peft_config_source == "adapter_config.json" and parsed.layers_without_alpha == 0
+    scales = {path: layer.scale for path, layer in parsed.lora.layers.items()}
+    assert scales[odd] == pytest.approx(0.5) and scales["transformer_blocks.0.attn.to_q"] == pytest.approx(3.0)
+    patched, _ = comfy_inproc.nodes.ApplyLoRAToModel().apply(patcher, parsed.lora, 1.0, "merge", False)
+    out = comfy_flux_out(patched, inp)
+    assert rel_err(out, ref) <= 1e-4, (rel_err(out, ref), rel_err(out, base))
+
+    renamed = tmp_path / "my adapter" / "renamed.safetensors"  # a config beside another name may be another's
+    renamed.write_bytes(weights.read_bytes())
+    plain = io.load_lora_file(renamed)
+    assert plain.peft_config_source == "" and plain.layers_without_alpha == len(plain.lora.layers)
+    assert {layer.scale for layer in plain.lora.layers.values()} == {1.0}

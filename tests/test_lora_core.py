@@ -240,6 +240,49 @@ def test_layers_without_any_alpha_are_counted(tiny_flux):
     assert parse_state_dict(tensors, meta, tiny_flux).layers_without_alpha == 0
 
 
+def peft_folder(folder, config, header: dict | None = None, alpha=None):
+    """A peft save_pretrained-style folder: adapter_model.safetensors (one FLUX layer) and adapter_config.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key = "base_model.model.transformer_blocks.1.attn.to_k"
+    tensors = {f"{key}.lora_A.weight": rand(4, 32), f"{key}.lora_B.weight": rand(32, 4)}
+    if alpha is not None:
+        tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata=header)
+    (folder / "adapter_config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    return folder / "adapter_model.safetensors"
+
+
+def test_a_peft_adapter_config_beside_the_weights_gives_the_alpha(tiny_flux, tmp_path):
+    path = "transformer_blocks.1.attn.to_k"
+    weights = peft_folder(tmp_path / "a", {"peft_type": "LORA", "r": 4, "lora_alpha": 8})
+    parsed = load_lora_file(weights, tiny_flux)
+    assert parsed.lora.layers[path].scale == 2.0 and parsed.peft_config_source == "adapter_config.json"
+    rs = peft_folder(tmp_path / "rs", {"r": 4, "lora_alpha": 8, "use_rslora": True})
+    assert load_lora_file(rs, tiny_flux).lora.layers[path].scale == pytest.approx(4.0)  # alpha / sqrt(r)
+    # the header's config wins over the side file, a layer's own .alpha over both
+    header = {"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 2})}
+    both = load_lora_file(peft_folder(tmp_path / "h", {"r": 4, "lora_alpha": 8}, header), tiny_flux)
+    assert both.lora.layers[path].scale == 0.5 and both.peft_config_source == "header"
+    own = load_lora_file(peft_folder(tmp_path / "o", {"r": 4, "lora_alpha": 8}, alpha=1.0), tiny_flux)
+    assert own.lora.layers[path].scale == 0.25 and own.peft_config_source == ""
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"peft_type": "LOHA", "r": 4}, r"peft_type is 'LOHA'; this pack reads LoRA adapters"),
+    ({"r": 4, "lora_alpha": 8, "use_dora": True}, r"use_dora is True — a DoRA adapter"),
+    ({"r": 4, "lora_alpha": "8"}, r"adapter_config\.json: lora_alpha is '8', expected a number"),
+    ({"r": 0, "lora_alpha": 8}, r"adapter_config\.json: r is 0, expected a positive integer"),
+    ([4, 8], r"holds a JSON array of 2 items, expected a JSON object"),
+    ('{"r": 4, "lora_alpha": NaN}', r"NaN"),
+    ('{"r": 4,', r"adapter_config\.json"),
+])
+def test_a_bad_adapter_config_is_refused_by_name(tiny_flux, tmp_path, config, message):
+    weights = peft_folder(tmp_path / "my lora", config)
+    with pytest.raises(LoRAError, match=message) as err:
+        load_lora_file(weights, tiny_flux)
+    assert str(err.value).startswith("adapter_model.safetensors: adapter_config.json")
+
+
 def test_old_diffusers_processor_keys(tiny_sd):
     base = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"
     tensors = {f"unet.{base}.to_k_lora.down.weight": rand(2, 32), f"unet.{base}.to_k_lora.up.weight": rand(32, 2),
@@ -299,7 +342,8 @@ def test_bad_state_dicts_get_clear_errors(tensors, message):
     ("unet.x.oft_blocks", "OFT/BOFT", True), ("unet.x.a1.weight", "GLoRA", True),
     ("unet.x.set_weight", "weight replacement", True), ("unet.x.lora_B.bias", r"LoRA with a bias", False),
     ("unet.x.lora_B.default.bias", r"LoRA with a bias", False), ("transformer.x.lora_keys", "LoRWeB basis", False),
-    ("transformer.x.att_lora_to_q.weight", "LoRWeB basis", False)])
+    ("transformer.x.att_lora_to_q.weight", "LoRWeB basis", False),
+    ("base_model.model.x.lora_magnitude_vector", r"DoRA \(peft's use_dora\)", False)])
 def test_other_adapter_types_are_named_and_pointed_to_comfyui(key, variant, comfy_applies):
     tensors = {"unet.x.lora_A.weight": torch.ones(2, 4), "unet.x.lora_B.weight": torch.ones(4, 2), key: torch.ones(4)}
     with pytest.raises(LoRAError, match=f"unsupported LoRA variant: {variant}") as caught:

@@ -170,6 +170,14 @@ def test_load_lora_reports_the_text_encoder_layers_it_leaves_out(comfy_inproc, t
     save_file(state, str(tmp_path / "kohya.safetensors"))
     lora, info = comfy_inproc.nodes.LoadLoRA().load("kohya.safetensors")
     assert "carry no alpha" not in info and next(iter(lora.layers.values())).scale == 0.5
+    # a peft folder: the alphas from its adapter_config.json, said so (ComfyUI's loader does not read it)
+    del state["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha"]
+    (tmp_path / "peft").mkdir()
+    save_file(state, str(tmp_path / "peft" / "adapter_model.safetensors"))
+    (tmp_path / "peft" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 12}')
+    lora, info = comfy_inproc.nodes.LoadLoRA().load("peft/adapter_model.safetensors")
+    assert "alphas from the adapter_config.json" in info and "carry no alpha" not in info
+    assert next(iter(lora.layers.values())).scale == 3.0
 
 
 def test_save_lora_refuses_a_folder_linked_outside_the_loras_folder(comfy_inproc, tmp_path):
