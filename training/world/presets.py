@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from training import checkpoints as ckpt
+from training.world.launch import run_module
 from training.world.scenes import WORLD_VERSION
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -161,22 +161,22 @@ def check_resumable(out: Path, settings: dict[str, object], module: str | None =
 
 def run_trainer(module: str, settings: dict[str, object], out: Path, max_steps: int | None = None,
                 resume: bool = False) -> float:
-    """``python -m <module> --preset tiny --set k=v ... --output-dir out [--max-steps N] [--resume]`` in a subprocess
-    (Accelerate keeps process-wide state), logged to ``out/train.log`` (appended to when resuming); returns the seconds
-    it took. Every world run of every trainer goes through here. ``resume`` continues the run already in ``out`` (its
+    """``python -m <module> --preset tiny --set k=v ... --output-dir out [--max-steps N] [--resume]`` in a process of
+    its own (Accelerate keeps process-wide state; :func:`training.world.launch.run_module`), logged to
+    ``out/train.log`` (appended to when resuming); returns the seconds it took. Every world run of every trainer goes through here. ``resume`` continues the run already in ``out`` (its
     newest checkpoint; a finished run returns at once, a longer ``max_steps`` extends it) after
     :func:`check_resumable`."""
     if resume:
         check_resumable(out, {**settings, **({"max_steps": max_steps} if max_steps is not None else {})}, module)
-    cmd = [sys.executable, "-m", module, "--preset", "tiny", *set_arguments(settings), "--output-dir", str(out),
-           *(["--max-steps", str(max_steps)] if max_steps is not None else []), *(["--resume"] if resume else [])]
+    argv = ["--preset", "tiny", *set_arguments(settings), "--output-dir", str(out),
+            *(["--max-steps", str(max_steps)] if max_steps is not None else []), *(["--resume"] if resume else [])]
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    with open(out / "train.log", "a" if resume else "w") as handle:
-        result = subprocess.run(cmd, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, TQDM_DISABLE="1"))
-    if result.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}):\n{(out / 'train.log').read_text()[-3000:]}")
+    status = run_module(module, argv, out / "train.log", append=resume, cwd=REPO,
+                        env=dict(os.environ, TQDM_DISABLE="1"))
+    if status:
+        raise RuntimeError(f"python -m {module} {' '.join(argv)} failed ({status}):\n"
+                           f"{(out / 'train.log').read_text()[-3000:]}")
     return time.monotonic() - started
 
 

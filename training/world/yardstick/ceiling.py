@@ -2,7 +2,7 @@
 
 The yardstick's rows learn every training family at once from analogies; a ceiling says how much of what they miss
 the backbone (and the world's autoencoder) could have drawn at all. Per training family, a **plain LoRA of the
-method's per-layer rank budget** is trained on that family alone, with the row's own trainer (a subprocess, the same
+method's per-layer rank budget** is trained on that family alone, with the row's own trainer (a process of its own, the same
 command a user types), and B′ is sampled on the row's held-out scenes with the row's sampler, steps and seed. Scored
 like every B′ (:mod:`training.world.metrics`)::
 

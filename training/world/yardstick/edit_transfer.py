@@ -8,7 +8,7 @@ Three rows of ``bench.analogy_world``:
   re-noised to each step's level (:func:`training.train_edit_transfer.sample_composite`, ``context="renoise"``);
 * ``edit_transfer_textfree`` — EditTransfer++: trained with every prompt empty, sampled with the empty prompt.
 
-Training runs ``training.train_edit_transfer`` itself (the shared skeleton, in a subprocess) on the world's
+Training runs ``training.train_edit_transfer`` itself (the shared skeleton, in a process of its own) on the world's
 FLUX.1-dev-like backbone (world model ``flux_dev``) with ``data: world``; the LoRA file it writes is loaded back
 through diffusers' own LoRA loader, so the yardstick measures the file a user gets. ``base`` is the same backbone,
 sampler and prompt with the LoRA switched off.

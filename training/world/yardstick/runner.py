@@ -53,7 +53,7 @@ The JSON (stable: keys are added, never removed or renamed)::
 held-out scenes.
 
 Adding a method: write its row ``run(ctx: MethodContext) -> MethodOutput`` in ``training/world/yardstick/<method>.py``
-(train its preset with its trainer in a subprocess on ``ctx.world``, then produce B′ and the base's B′ for
+(train its preset with its trainer in a process of its own on ``ctx.world``, then produce B′ and the base's B′ for
 ``ctx.examples``) and add a :class:`~training.world.yardstick.common.Method` to :data:`METHODS`, naming the world
 models it needs (``ctx.world.path(name)`` gives their folders). Its ceiling: give the ``Method`` a
 :class:`~training.world.yardstick.common.Ceiling` (trainer module, one family's settings, how to sample B′ with the
