@@ -122,6 +122,39 @@ def test_a_probe_world_is_built_apart_with_its_settings(tmp_path, monkeypatch):
     assert len(seen) == 2  # reused, not rebuilt
 
 
+def test_a_probe_world_copies_the_models_its_overrides_leave_alone(tmp_path, monkeypatch):
+    """``--world-set dependent.width=16``: the dependency's key is unchanged, so it is built once, in the default
+    world, and copied into the probe's; the overridden model is built in the probe's folder reading that copy."""
+    built: list[tuple[str, int]] = []
+
+    def build_dependency(ctx):
+        built.append(("dependency", 0))
+        (ctx.folder / "weights.txt").write_text("dependency")
+        return {}
+
+    def build_dependent(ctx):
+        built.append(("dependent", ctx.config["width"]))
+        assert (ctx.dependency("dependency") / "weights.txt").read_text() == "dependency"
+        (ctx.folder / "weights.txt").write_text(str(ctx.config["width"]))
+        return {}
+
+    monkeypatch.setitem(registry.WORLD_MODELS, "dependency", WorldModel(
+        "dependency", build_dependency, configs={"full": {"steps": 2}, "quick": {"steps": 1}}))
+    monkeypatch.setitem(registry.WORLD_MODELS, "dependent", WorldModel(
+        "dependent", build_dependent, configs={"full": {"width": 8}, "quick": {"width": 4}}, depends=("dependency",)))
+    probe = build_world(["dependent"], quick=True, seed=0, root=tmp_path, overrides={"dependent": {"width": 16}})
+    assert built == [("dependency", 0), ("dependent", 16)]
+    default = open_world(registry.world_folder(True, 0, tmp_path))
+    assert set(default.builds) == {"dependency"}  # built there, where every later world finds it
+    assert probe.builds["dependency"] == default.builds["dependency"]
+    assert (probe.path("dependency") / "weights.txt").read_text() == "dependency"  # a copy: the folder stands alone
+    assert not probe.path("dependency").is_symlink()
+    plain = build_world(["dependent"], quick=True, seed=0, root=tmp_path)
+    assert built[2:] == [("dependent", 4)] and (plain.path("dependent") / "weights.txt").read_text() == "4"
+    build_world(["dependent"], quick=True, seed=0, root=tmp_path, overrides={"dependent": {"width": 16}})
+    assert len(built) == 3  # everything reused
+
+
 def _world(root: str = "/a") -> World:
     builds = {"autoencoder": {"key": "a"}, "clip": {"key": "c"}, "flux_kontext": {"key": "f"}}
     return World(Path(root) / "v2-quick-s0", True, 0, builds)

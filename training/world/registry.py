@@ -36,12 +36,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from filelock import FileLock
+
 from training.world.scenes import WORLD_VERSION
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent.parent
 BUILD_FILE = "build.json"
 MANIFEST = "world.json"
+BUILD_LOCK = ".build.lock"
 
 
 @dataclass(frozen=True)
@@ -209,10 +212,34 @@ def build_world(models: list[str] | None = None, quick: bool = False, seed: int 
     for name in overrides:
         _registered(name)
     folder = world_folder(quick, seed, root, overrides)
+    names = build_order(models or list(WORLD_MODELS))
+    # an overridden world copies the models the overrides leave as they are from the default world (built there
+    # first if need be), so a probe of one model's setting never retrains the others
+    base = None
+    if overrides:
+        mine, default = _keys(names, quick, seed, overrides), _keys(names, quick, seed, None)
+        unchanged = [n for n in names if mine[n] == default[n]]
+        base = build_world(unchanged, quick, seed, root, force) if unchanged else None
     folder.mkdir(parents=True, exist_ok=True)
+    # one builder per world folder at a time (two benches, or two test workers, sharing a cache): a second waits,
+    # then reuses what the first built
+    with FileLock(str(folder / BUILD_LOCK)):
+        return _build_locked(folder, names, quick, seed, overrides, force, base)
+
+
+def _keys(names: list[str], quick: bool, seed: int, overrides: Overrides | None) -> dict[str, str]:
+    """Each model's key (``names`` in build order)."""
+    keys: dict[str, str] = {}
+    for name in names:
+        keys[name] = model_key(name, quick, seed, keys, overrides)
+    return keys
+
+
+def _build_locked(folder: Path, names: list[str], quick: bool, seed: int, overrides: Overrides, force: bool,
+                  base: World | None) -> World:
     world = World(folder, quick, seed, overrides=overrides)
     keys: dict[str, str] = {}
-    for name in build_order(models or list(WORLD_MODELS)):
+    for name in names:
         model = WORLD_MODELS[name]
         keys[name] = key = model_key(name, quick, seed, keys, overrides)
         target = folder / name
@@ -223,6 +250,13 @@ def build_world(models: list[str] | None = None, quick: bool = False, seed: int 
             continue
         tmp = folder / f".tmp_{name}"
         shutil.rmtree(tmp, ignore_errors=True)
+        if base is not None and base.builds.get(name, {}).get("key") == key:
+            shutil.copytree(base.path(name), tmp)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+            log.info("world model %s: copied from %s (the overrides leave it as it is)", name, base.root)
+            world.builds[name] = _read_build(target)
+            continue
         tmp.mkdir(parents=True)
         config = model_config(name, quick, overrides)
         log.info("world model %s: building (%s world, seed %d) ...", name, "quick" if quick else "full", seed)
