@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent.parent
 BUILD_FILE = "build.json"
 MANIFEST = "world.json"
-BUILD_LOCK = ".build.lock"
+LOCK_SUFFIX = ".lock"  # .<model>.lock, .world.json.lock: held while one process builds or writes it
 
 
 @dataclass(frozen=True)
@@ -221,10 +221,20 @@ def build_world(models: list[str] | None = None, quick: bool = False, seed: int 
         unchanged = [n for n in names if mine[n] == default[n]]
         base = build_world(unchanged, quick, seed, root, force) if unchanged else None
     folder.mkdir(parents=True, exist_ok=True)
-    # one builder per world folder at a time (two benches, or two test workers, sharing a cache): a second waits,
-    # then reuses what the first built
-    with FileLock(str(folder / BUILD_LOCK)):
-        return _build_locked(folder, names, quick, seed, overrides, force, base)
+    world = World(folder, quick, seed, overrides=overrides)
+    keys: dict[str, str] = {}
+    for name in names:
+        keys[name] = model_key(name, quick, seed, keys, overrides)
+        # one builder per model folder at a time (two benches, or two test workers, sharing a cache): a second
+        # waits, then reuses what the first built; other models of the world build meanwhile
+        with FileLock(str(folder / f".{name}{LOCK_SUFFIX}")):
+            world.builds[name] = _build_model(folder, name, keys, quick, seed, overrides, force, base)
+    with FileLock(str(folder / f".{MANIFEST}{LOCK_SUFFIX}")):
+        manifest = {"world_version": WORLD_VERSION, "quick": quick, "seed": seed, "overrides": overrides,
+                    "models": {**(_read_manifest(folder).get("models", {})),
+                               **{n: {"key": r["key"], "seconds": r["seconds"]} for n, r in world.builds.items()}}}
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return world
 
 
 def _keys(names: list[str], quick: bool, seed: int, overrides: Overrides | None) -> dict[str, str]:
@@ -235,47 +245,37 @@ def _keys(names: list[str], quick: bool, seed: int, overrides: Overrides | None)
     return keys
 
 
-def _build_locked(folder: Path, names: list[str], quick: bool, seed: int, overrides: Overrides, force: bool,
-                  base: World | None) -> World:
-    world = World(folder, quick, seed, overrides=overrides)
-    keys: dict[str, str] = {}
-    for name in names:
-        model = WORLD_MODELS[name]
-        keys[name] = key = model_key(name, quick, seed, keys, overrides)
-        target = folder / name
-        record = _read_build(target)
-        if record and record.get("key") == key and not force:
-            log.info("world model %s: reusing %s", name, target)
-            world.builds[name] = record
-            continue
-        tmp = folder / f".tmp_{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        if base is not None and base.builds.get(name, {}).get("key") == key:
-            shutil.copytree(base.path(name), tmp)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
-            log.info("world model %s: copied from %s (the overrides leave it as it is)", name, base.root)
-            world.builds[name] = _read_build(target)
-            continue
-        tmp.mkdir(parents=True)
-        config = model_config(name, quick, overrides)
-        log.info("world model %s: building (%s world, seed %d) ...", name, "quick" if quick else "full", seed)
-        started = time.monotonic()
-        metrics = model.build(BuildContext(name, tmp, config, seed, quick, {d: folder / d for d in model.depends}))
-        record = {"key": key, "name": name, "version": model.version, "world_version": WORLD_VERSION, "seed": seed,
-                  "quick": quick, "config": config, "depends": {d: keys[d] for d in model.depends},
-                  "seconds": round(time.monotonic() - started, 1), "metrics": metrics,
-                  "description": model.description}
-        (tmp / BUILD_FILE).write_text(json.dumps(record, indent=2))
+def _build_model(folder: Path, name: str, keys: dict[str, str], quick: bool, seed: int, overrides: Overrides,
+                 force: bool, base: World | None) -> dict:
+    """Reuse, copy from ``base`` or build one model into ``folder / name``; returns its build record."""
+    model, key = WORLD_MODELS[name], keys[name]
+    target = folder / name
+    record = _read_build(target)
+    if record and record.get("key") == key and not force:
+        log.info("world model %s: reusing %s", name, target)
+        return record
+    tmp = folder / f".tmp_{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if base is not None and base.builds.get(name, {}).get("key") == key:
+        shutil.copytree(base.path(name), tmp)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
-        log.info("world model %s: built in %.0f s: %s", name, record["seconds"], json.dumps(metrics))
-        world.builds[name] = record
-    manifest = {"world_version": WORLD_VERSION, "quick": quick, "seed": seed, "overrides": overrides,
-                "models": {**(_read_manifest(folder).get("models", {})),
-                           **{n: {"key": r["key"], "seconds": r["seconds"]} for n, r in world.builds.items()}}}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return world
+        log.info("world model %s: copied from %s (the overrides leave it as it is)", name, base.root)
+        return _read_build(target)
+    tmp.mkdir(parents=True)
+    config = model_config(name, quick, overrides)
+    log.info("world model %s: building (%s world, seed %d) ...", name, "quick" if quick else "full", seed)
+    started = time.monotonic()
+    metrics = model.build(BuildContext(name, tmp, config, seed, quick, {d: folder / d for d in model.depends}))
+    record = {"key": key, "name": name, "version": model.version, "world_version": WORLD_VERSION, "seed": seed,
+              "quick": quick, "config": config, "depends": {d: keys[d] for d in model.depends},
+              "seconds": round(time.monotonic() - started, 1), "metrics": metrics,
+              "description": model.description}
+    (tmp / BUILD_FILE).write_text(json.dumps(record, indent=2))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    log.info("world model %s: built in %.0f s: %s", name, record["seconds"], json.dumps(metrics))
+    return record
 
 
 def _read_manifest(folder: Path) -> dict:
