@@ -9,7 +9,8 @@ import pytest
 from training.world import launch
 
 PROBE = '''
-import os, sys
+import atexit, os, sys
+atexit.register(lambda: print("exit handler ran"))  # as at any interpreter's exit
 print("argv", sys.argv[1:], "name", __name__)
 print("cwd", os.getcwd(), "value", os.environ.get("PROBE_VALUE"))
 print("path0", sys.path[0])
@@ -47,8 +48,9 @@ def test_a_forked_run_is_the_subprocess_run_and_a_dead_server_is_replaced(probe,
         assert run(mode, ["a b", "--x=1"], log, probe, monkeypatch) == 0
         logs[mode] = log.read_text().splitlines()
     # the server had imported the trainers: the fork is not a plain subprocess in disguise
-    assert logs["fork"][-1] == "preloaded True" and logs["plain"][-1] == "preloaded False"
-    assert logs["fork"][:-1] == logs["plain"][:-1], logs
+    assert logs["fork"][-2] == "preloaded True" and logs["plain"][-2] == "preloaded False"
+    assert logs["fork"][:-2] + logs["fork"][-1:] == logs["plain"][:-2] + logs["plain"][-1:], logs
+    assert logs["fork"][-1] == "exit handler ran"
     assert logs["fork"][0] == "argv ['a b', '--x=1'] name __main__"
     assert logs["fork"][1] == f"cwd {probe} value seen" and logs["fork"][2] == f"path0 {probe}"
     assert "to stderr" in logs["fork"]
@@ -69,4 +71,4 @@ def test_a_forked_run_is_the_subprocess_run_and_a_dead_server_is_replaced(probe,
         server.process.kill()
         server.process.wait()
     assert run("fork", ["x"], log, probe, monkeypatch) == 0
-    assert log.read_text().splitlines()[-1] == "preloaded True"
+    assert log.read_text().splitlines()[-2] == "preloaded True"

@@ -81,6 +81,7 @@ def _run_as_main(module: str, argv: list[str], log: str, append: bool, cwd: str)
     except BaseException:  # noqa: BLE001 - reported as python -m reports it: traceback on stderr, status 1
         __import__("traceback").print_exc()
     finally:
+        atexit._run_exitfuncs()  # what an interpreter's exit runs (logging.shutdown, trackers' closers, ...)
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
