@@ -33,14 +33,17 @@ def uses_quick_world(test_file: Path) -> bool:
 
 def pytest_xdist_make_scheduler(config, log):
     """The suite runs on two pytest-xdist workers (pyproject's addopts): every test of a module that uses the quick
-    world goes to one worker, so the world is built and trained once, not twice at the same time into one cache;
-    every other test is its own unit of work. (xdist's own ``loadgroup`` cannot do it on pytest 9.2: it renames the
+    world goes to one worker, so the session's LoRWeB run (tests/world_fixtures.py) is trained once, not once per
+    worker; every other module is its own unit of work, so its module-scoped fixtures (a trained run, tiny models
+    built for it) are made once — split test by test, both workers made them (measured: the tiny LoRWeB run of
+    test_training.py twice, 28 s and 22 s). (xdist's own ``loadgroup`` cannot do it on pytest 9.2: it renames the
     tests' ids through an attribute pytest no longer reads.)"""
     from xdist.scheduler import LoadScopeScheduling
 
     class QuickWorldOnOneWorker(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "quick_world" if uses_quick_world(config.rootpath / nodeid.split("::", 1)[0]) else nodeid
+            module = nodeid.split("::", 1)[0]
+            return "quick_world" if uses_quick_world(config.rootpath / module) else module
 
     return QuickWorldOnOneWorker(config, log)
 

@@ -7,7 +7,9 @@ is the thing under test.
 
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -29,6 +31,7 @@ def quick_bench() -> tuple[dict, Path]:
 
     quick_world()
     out = Path(tempfile.mkdtemp(prefix="analogy-world-bench-"))
+    atexit.register(shutil.rmtree, out, True)  # a session-wide folder outside pytest's tmp_path: removed at exit
     report = main(["--methods", "lorweb", "--quick", "--seed", str(SEED), "--out", str(out), "--json",
                    str(out / "world.json")])
     return report, out
