@@ -143,17 +143,21 @@ def _check_group(base: str, parts: dict[str, torch.Tensor]) -> None:
                             f"{list(alpha.shape)}" + (f" = {alpha.item()}" if alpha.numel() == 1 else ""))
 
 
+def _first_pattern_value(patterns: dict | None, base: str, default):
+    """peft's reading of ``alpha_pattern`` / ``rank_pattern`` (``peft.utils.other.get_pattern_key``): the value of the
+    first key, in the file's order, that matches the layer's module path or its dotted tail; else ``default``."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(?:.*\.)?(?:{pattern})$", base):
+            return value
+    return default
+
+
 def _peft_alpha(base: str, rank: int, config: dict | None) -> float | None:
     """alpha for one layer from a checked peft LoraConfig dict (diffusers' ``lora_adapter_metadata``)."""
     if not config:
         return None
-    alpha, r = config.get("lora_alpha"), config.get("r")
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.search(rf"(?:^|\.)(?:{pattern})$", base):
-            alpha = value
-    for pattern, value in (config.get("rank_pattern") or {}).items():
-        if re.search(rf"(?:^|\.)(?:{pattern})$", base):
-            r = value
+    alpha = _first_pattern_value(config.get("alpha_pattern"), base, config.get("lora_alpha"))
+    r = _first_pattern_value(config.get("rank_pattern"), base, config.get("r"))
     if alpha is None:
         return None
     r = r or rank

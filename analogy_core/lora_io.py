@@ -27,6 +27,10 @@ def load_lora_file(path: str | os.PathLike, layout: ModelLayout | None = None) -
         return parse_state_dict(tf.tensors, tf.metadata, layout, read_adapter_config(path))
 
 
+# peft initialisations that also rewrite the base weight (PiSSA, OLoRA, CorDA; LoftQ quantises it)
+_INITS_THAT_CHANGE_THE_BASE = ("pissa", "olora", "corda", "loftq")
+
+
 def read_adapter_config(weights: str | os.PathLike) -> dict | None:
     """peft's ``adapter_config.json`` beside a file named ``adapter_model.safetensors`` (peft's own names), or None.
 
@@ -45,6 +49,12 @@ def read_adapter_config(weights: str | os.PathLike) -> dict | None:
     if peft_type != "LORA":
         raise LoRAError(f"{name}: peft_type is {show_value(peft_type)}; this pack reads LoRA adapters (peft_type "
                         "LORA) — LoHa, LoKr and other peft adapters are not low-rank pairs it can apply")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_INITS_THAT_CHANGE_THE_BASE):
+        raise LoRAError(f"{name}: init_lora_weights is {show_value(init)} — such an adapter is a difference from a "
+                        "base weight its initialisation changed, not from the model's own, so applied to the model it "
+                        "gives the wrong weights; save it with peft's path_initial_model_for_weight_conversion (which "
+                        "turns it into a plain LoRA) or merge it with peft")
     if config.get("use_dora") not in (None, False):
         raise LoRAError(f"{name}: use_dora is {show_value(config['use_dora'])} — a DoRA adapter rescales each "
                         "weight by its magnitude vector, which a plain LoRA cannot express; this pack applies plain "

@@ -47,8 +47,8 @@ class LoadLoRA:
             info += ("; alphas from the adapter_config.json beside it (peft), which ComfyUI's own LoraLoader does not "
                      "read: there this file applies at scale 1 per layer")
         if parsed.layers_without_alpha:
-            info += (f"; {parsed.layers_without_alpha} layers carry no alpha (no .alpha key, no peft config in the "
-                     "header or an adapter_config.json beside an adapter_model.safetensors): read at scale 1, as "
+            info += (f"; {parsed.layers_without_alpha} layers carry no alpha (none from an .alpha key, the header's "
+                     "peft config or an adapter_config.json beside an adapter_model.safetensors): read at scale 1, as "
                      "ComfyUI reads them — if the trainer's lora_alpha differs from r, set strength to "
                      "lora_alpha / r")
         return (parsed.lora, info)

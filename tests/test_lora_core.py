@@ -267,9 +267,24 @@ def test_a_peft_adapter_config_beside_the_weights_gives_the_alpha(tiny_flux, tmp
     assert own.lora.layers[path].scale == 0.25 and own.peft_config_source == ""
 
 
+def test_several_patterns_fitting_a_layer_read_as_peft_reads_them(tiny_flux, tmp_path):
+    """The first pattern key that fits wins, as in peft's get_pattern_key (checked against it, pattern by pattern)."""
+    from peft.utils.other import get_pattern_key
+
+    path = "transformer_blocks.1.attn.to_k"
+    patterns = [{path: 2, "to_k": 16}, {"to_k": 16, path: 2}, {"attn.to_k": 6, "to_k": 16}, {"to_q": 1, "k": 3}]
+    for alpha_pattern in patterns:
+        weights = peft_folder(tmp_path / str(len(list(tmp_path.iterdir()))),
+                              {"r": 4, "lora_alpha": 8, "alpha_pattern": alpha_pattern})
+        expected = alpha_pattern.get(get_pattern_key(list(alpha_pattern), path), 8)
+        assert load_lora_file(weights, tiny_flux).lora.layers[path].scale == expected / 4, alpha_pattern
+
+
 @pytest.mark.parametrize("config, message", [
     ({"peft_type": "LOHA", "r": 4}, r"peft_type is 'LOHA'; this pack reads LoRA adapters"),
     ({"r": 4, "lora_alpha": 8, "use_dora": True}, r"use_dora is True — a DoRA adapter"),
+    ({"r": 4, "lora_alpha": 8, "init_lora_weights": "pissa_niter_4"}, r"init_lora_weights is 'pissa_niter_4'"),
+    ({"r": 4, "lora_alpha": 8, "init_lora_weights": "olora"}, r"a base weight its initialisation changed"),
     ({"r": 4, "lora_alpha": "8"}, r"adapter_config\.json: lora_alpha is '8', expected a number"),
     ({"r": 0, "lora_alpha": 8}, r"adapter_config\.json: r is 0, expected a positive integer"),
     ([4, 8], r"holds a JSON array of 2 items, expected a JSON object"),
