@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
 from training.world import launch
 
 PROBE = '''
-import atexit, os, sys
+import atexit, os, signal, sys, threading, time
 atexit.register(lambda: print("exit handler ran"))  # as at any interpreter's exit
 print("argv", sys.argv[1:], "name", __name__)
-print("cwd", os.getcwd(), "value", os.environ.get("PROBE_VALUE"))
-print("path0", sys.path[0])
+print("cwd", os.getcwd(), "value", os.environ.get("PROBE_VALUE"), "test", os.environ.get("PYTEST_CURRENT_TEST"))
+print("path0", sys.path[0], "stdin", repr(sys.stdin.read()))
 sys.stderr.write("to stderr\\n")
 if sys.argv[1:] == ["fail"]:
     raise ValueError("boom")
 if sys.argv[1:] == ["exit"]:
     sys.exit(3)
+if sys.argv[1:] == ["say"]:
+    sys.exit("a message instead of a status")
+if sys.argv[1:] == ["kill"]:
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+threading.Thread(target=lambda: (time.sleep(0.2), print("thread done"))).start()  # not a daemon: waited for
 print("preloaded", "training.world" in sys.modules)
 '''
 
@@ -40,20 +47,25 @@ def run(mode: str, argv: list[str], log, work, monkeypatch, append: bool = False
     return launch.run_module("launch_probe", argv, log, append=append, cwd=work)
 
 
+def lines(log) -> list[str]:
+    return log.read_text().splitlines()
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="the launch server forks (POSIX)")
 def test_a_forked_run_is_the_subprocess_run_and_a_dead_server_is_replaced(probe, tmp_path, monkeypatch):
     logs = {}
     for mode in ("plain", "fork"):
         log = tmp_path / f"{mode}.log"
         assert run(mode, ["a b", "--x=1"], log, probe, monkeypatch) == 0
-        logs[mode] = log.read_text().splitlines()
+        logs[mode] = lines(log)
     # the server had imported the trainers: the fork is not a plain subprocess in disguise
-    assert logs["fork"][-2] == "preloaded True" and logs["plain"][-2] == "preloaded False"
-    assert logs["fork"][:-2] + logs["fork"][-1:] == logs["plain"][:-2] + logs["plain"][-1:], logs
-    assert logs["fork"][-1] == "exit handler ran"
-    assert logs["fork"][0] == "argv ['a b', '--x=1'] name __main__"
-    assert logs["fork"][1] == f"cwd {probe} value seen" and logs["fork"][2] == f"path0 {probe}"
-    assert "to stderr" in logs["fork"]
+    assert "preloaded True" in logs["fork"] and "preloaded False" in logs["plain"]
+    assert [x for x in logs["fork"] if not x.startswith("preloaded")] == \
+        [x for x in logs["plain"] if not x.startswith("preloaded")], logs
+    fork = logs["fork"]
+    assert fork[0] == "argv ['a b', '--x=1'] name __main__" and fork[-1] == "exit handler ran"
+    assert fork[1].startswith(f"cwd {probe} value seen test ") and fork[2] == f"path0 {probe} stdin ''"
+    assert "to stderr" in fork and "thread done" in fork  # a non-daemon thread finished before the exit handlers
 
     for mode in ("plain", "fork"):
         log = tmp_path / f"{mode}-fail.log"
@@ -62,13 +74,21 @@ def test_a_forked_run_is_the_subprocess_run_and_a_dead_server_is_replaced(probe,
         assert run(mode, ["exit"], log, probe, monkeypatch, append=True) == 3
         text = log.read_text()
         assert "ValueError: boom" in text and text.count("argv") == 2  # appended, not overwritten
+        assert run(mode, ["say"], log, probe, monkeypatch) == 1 and "a message instead of a status" in lines(log)
+        assert run(mode, ["kill"], log, probe, monkeypatch) == -signal.SIGKILL
+
+    # one server for the runs of every test: pytest's per-test variable does not start another
+    servers = {id(s) for s in launch._servers.values()}
+    monkeypatch.setenv("PYTEST_CURRENT_TEST", "another test (call)")
+    log = tmp_path / "run.log"
+    assert run("fork", ["x"], log, probe, monkeypatch) == 0
+    assert {id(s) for s in launch._servers.values()} == servers
+    assert lines(log)[1].endswith("test another test (call)")  # the run sees the caller's value
 
     # a server that died is replaced by the next run
-    log = tmp_path / "run.log"
-    servers = [s for s in launch._servers.values() if s.alive()]
-    assert servers
-    for server in servers:
-        server.process.kill()
-        server.process.wait()
+    mine = [s for s in launch._servers.values() if s.alive()][-1]
+    mine.process.kill()
+    mine.process.wait()
     assert run("fork", ["x"], log, probe, monkeypatch) == 0
-    assert log.read_text().splitlines()[-2] == "preloaded True"
+    assert "preloaded True" in lines(log)
+    assert len(launch._servers) <= launch.MAX_SERVERS

@@ -36,67 +36,93 @@ PLAIN_SUBPROCESS_ENV = "ANALOGY_TRAINER_SUBPROCESS"
 
 
 def serve() -> None:
-    """Read one JSON request per line on stdin ({module, argv, log, append, cwd}); fork a child that runs it; answer
-    {"pid"} when it started and {"status"} when it ended, one JSON line each. Ends at the end of stdin."""
+    """Read one JSON request per line on stdin ({module, argv, log, append, cwd, env}); fork a child that runs it;
+    answer {"pid"} when it started and {"status"} when it ended, one JSON line each. Ends at the end of stdin."""
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything else printed here goes to stderr, never into the replies
     for name in PRELOAD:
         try:
             __import__(name)
-        except Exception:  # noqa: BLE001 - the child's own import then fails into its log, as python -m would
-            pass
+        except Exception as err:  # noqa: BLE001 - the child's own import then fails into its log, as python -m would
+            print(f"launch server: preloading {name} failed: {err!r}", file=sys.stderr)
     for line in sys.stdin:
         request = json.loads(line)
         pid = os.fork()
         if pid == 0:
-            replies.close()
-            _run_as_main(**request)
+            try:
+                replies.close()
+                _run_as_main(**request)
+            finally:
+                os._exit(1)  # never return into this loop, whatever happened
         replies.write(json.dumps({"pid": pid}) + "\n")
         _, status = os.waitpid(pid, 0)
         replies.write(json.dumps({"status": os.waitstatus_to_exitcode(status)}) + "\n")
 
 
-def _run_as_main(module: str, argv: list[str], log: str, append: bool, cwd: str) -> None:
-    """In the forked child: become ``python -m module *argv`` in ``cwd`` writing to ``log``; exit with its status."""
-    code = 1
+def _redirect(log: str, append: bool) -> None:
+    """stdin from /dev/null (never the server's request pipe), stdout and stderr to ``log``."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC), 0o644)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(out)
+    sys.stdin = sys.__stdin__ = open(0, closefd=False)
+    sys.stdout = sys.__stdout__ = open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace",
+                                       closefd=False)
+    sys.stderr = sys.__stderr__ = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace",
+                                       closefd=False)
+
+
+def _run_as_main(module: str, argv: list[str], log: str, append: bool, cwd: str, env: dict[str, str]) -> None:
+    """In the forked child: become ``python -m module *argv`` in ``cwd`` with ``env``, writing to ``log``; exit with
+    its status (a KeyboardInterrupt ends it by SIGINT, as it ends python)."""
+    code, interrupted = 1, False
     try:
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        out = os.open(log, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC), 0o644)
-        os.dup2(out, 1)
-        os.dup2(out, 2)
-        sys.stdin = open(0, closefd=False)
-        sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
-        sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
+        os.environ.clear()
+        os.environ.update(env)
+        _redirect(log, append)
         os.chdir(cwd)
         sys.path[0] = cwd  # as python -m: the working directory first
         sys.argv = [module, *argv]
-        runpy = __import__("runpy")
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        __import__("runpy").run_module(module, run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
         if not isinstance(done.code, (int, type(None))):
             print(done.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        __import__("traceback").print_exc()
+        interrupted = True
     except BaseException:  # noqa: BLE001 - reported as python -m reports it: traceback on stderr, status 1
         __import__("traceback").print_exc()
-    finally:
-        atexit._run_exitfuncs()  # what an interpreter's exit runs (logging.shutdown, trackers' closers, ...)
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:  # noqa: BLE001 - exiting either way
-                pass
-        os._exit(code)  # never return into the server's loop
+    # what an interpreter's exit runs: wait for non-daemon threads (and executors), then the atexit handlers
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - exiting either way
+            pass
+    if interrupted:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit(code)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the caller's side
 
+# read at no import: a server started for one value serves the others (pytest sets this one for every test phase)
+VOLATILE_ENV = ("PYTEST_CURRENT_TEST",)
+MAX_SERVERS = 2  # idle servers hold ~0.5 GB each: the least recently used beyond this many is closed
+
 
 class _Server:
     def __init__(self, env: dict[str, str]):
         self.lock = threading.Lock()
+        self.running: int | None = None  # the pid of the run in progress
         self.process = subprocess.Popen([sys.executable, "-c", f"from {__name__} import serve; serve()"],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=REPO, text=True,
                                         bufsize=1)
@@ -106,14 +132,14 @@ class _Server:
 
     def run(self, request: dict) -> int:
         with self.lock:
-            self.process.stdin.write(json.dumps(request) + "\n")
-            self.process.stdin.flush()
-            pid = json.loads(self._reply())["pid"]
+            self.running = None
             try:
+                self.process.stdin.write(json.dumps(request) + "\n")
+                self.process.stdin.flush()
+                self.running = json.loads(self._reply())["pid"]
                 return json.loads(self._reply())["status"]
-            except BaseException:  # interrupted: stop the run, as a subprocess would be stopped
-                os.kill(pid, signal.SIGTERM)
-                self.close()
+            except BaseException:  # interrupted or broken: stop the run and this server (its replies are unread)
+                self.kill()
                 raise
 
     def _reply(self) -> str:
@@ -123,13 +149,26 @@ class _Server:
                                f"{PLAIN_SUBPROCESS_ENV}=1 to start each run as a plain subprocess")
         return line
 
+    def kill(self) -> None:
+        """Stop the server, then the run it was waiting for (as a subprocess run is stopped when its caller is)."""
+        self.process.kill()
+        self.process.wait()
+        if self.running is not None:
+            try:
+                os.kill(self.running, signal.SIGTERM)
+            except ProcessLookupError:  # it had ended
+                pass
+
     def close(self) -> None:
         if self.alive():
             self.process.stdin.close()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+
+    def wait(self) -> None:
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 _servers: dict[tuple, _Server] = {}
@@ -137,18 +176,25 @@ _servers_lock = threading.Lock()
 
 
 def _server(env: dict[str, str]) -> _Server:
-    key = tuple(sorted(env.items()))
+    key = tuple(sorted((k, v) for k, v in env.items() if k not in VOLATILE_ENV))
     with _servers_lock:
-        server = _servers.get(key)
+        server = _servers.pop(key, None)
         if server is None or not server.alive():
-            server = _servers[key] = _Server(env)
+            server = _Server(env)
+        _servers[key] = server  # most recently used last
+        while len(_servers) > MAX_SERVERS:
+            oldest = _servers.pop(next(iter(_servers)))
+            oldest.close()
         return server
 
 
 @atexit.register
 def _close_servers() -> None:
-    for server in list(_servers.values()):
+    servers = list(_servers.values())
+    for server in servers:
         server.close()
+    for server in servers:
+        server.wait()
 
 
 def forking() -> bool:
@@ -167,5 +213,5 @@ def run_module(module: str, argv: list[str], log: Path, *, append: bool = False,
             return subprocess.run([sys.executable, "-m", module, *argv], cwd=cwd, stdout=handle,
                                   stderr=subprocess.STDOUT, env=env).returncode
     request = {"module": module, "argv": [str(a) for a in argv], "log": str(Path(log).resolve()), "append": append,
-               "cwd": cwd}
+               "cwd": cwd, "env": env}
     return _server(env).run(request)
