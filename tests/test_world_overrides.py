@@ -153,6 +153,9 @@ def test_a_probe_world_copies_the_models_its_overrides_leave_alone(tmp_path, mon
     assert built[2:] == [("dependent", 4)] and (plain.path("dependent") / "weights.txt").read_text() == "4"
     build_world(["dependent"], quick=True, seed=0, root=tmp_path, overrides={"dependent": {"width": 16}})
     assert len(built) == 3  # everything reused
+    # forcing the probe rebuilds the probe's own model and copies the other again; the default world is not rebuilt
+    build_world(["dependent"], quick=True, seed=0, root=tmp_path, overrides={"dependent": {"width": 16}}, force=True)
+    assert built[3:] == [("dependent", 16)]
 
 
 def _world(root: str = "/a") -> World:

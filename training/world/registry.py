@@ -216,10 +216,11 @@ def build_world(models: list[str] | None = None, quick: bool = False, seed: int 
     # an overridden world copies the models the overrides leave as they are from the default world (built there
     # first if need be), so a probe of one model's setting never retrains the others
     base = None
-    if overrides:
+    if overrides:  # the unchanged models this folder lacks, made (or found) in the default world, never forced there
         mine, default = _keys(names, quick, seed, overrides), _keys(names, quick, seed, None)
-        unchanged = [n for n in names if mine[n] == default[n]]
-        base = build_world(unchanged, quick, seed, root, force) if unchanged else None
+        to_copy = [n for n in names if mine[n] == default[n]
+                   and (force or (_read_build(folder / n) or {}).get("key") != mine[n])]
+        base = build_world(to_copy, quick, seed, root) if to_copy else None
     folder.mkdir(parents=True, exist_ok=True)
     world = World(folder, quick, seed, overrides=overrides)
     keys: dict[str, str] = {}
@@ -257,11 +258,16 @@ def _build_model(folder: Path, name: str, keys: dict[str, str], quick: bool, see
     tmp = folder / f".tmp_{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     if base is not None and base.builds.get(name, {}).get("key") == key:
-        shutil.copytree(base.path(name), tmp)
+        with FileLock(str(base.root / f".{name}{LOCK_SUFFIX}")):  # no builder of the default world replaces it now
+            shutil.copytree(base.path(name), tmp)
+        record = _read_build(tmp)
+        if (record or {}).get("key") != key:
+            raise RuntimeError(f"world model {name}: the copy from {base.root} holds another build (key "
+                               f"{(record or {}).get('key')}, expected {key}); build the world again")
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
         log.info("world model %s: copied from %s (the overrides leave it as it is)", name, base.root)
-        return _read_build(target)
+        return record
     tmp.mkdir(parents=True)
     config = model_config(name, quick, overrides)
     log.info("world model %s: building (%s world, seed %d) ...", name, "quick" if quick else "full", seed)
