@@ -4,4 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
+# the pack's own .pyc once, on every core: where PYTHONDONTWRITEBYTECODE is set (this CI machine) each of the suite's
+# processes (workers, ComfyUI servers, trainer runs) would otherwise compile every module it imports
+.venv/bin/python -m compileall -q -j 0 __init__.py analogy_core nodes training bench devtools tests > /dev/null || true
 exec .venv/bin/python -m pytest "$@"
