@@ -41,7 +41,7 @@ def read_adapter_config(weights: str | os.PathLike) -> dict | None:
     config_path = weights.with_name(ADAPTER_CONFIG)
     if weights.name != ADAPTER_WEIGHTS or not config_path.is_file():
         return None
-    name = ADAPTER_CONFIG
+    name = ADAPTER_CONFIG  # messages follow the weights file's name (load_lora_file puts it in front)
     config = read_json_file(config_path, max_bytes=2**20, error=LoRAError)
     if not isinstance(config, dict):
         raise LoRAError(f"{name}: holds {show_value(config)}, expected a JSON object (peft's LoraConfig)")

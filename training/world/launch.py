@@ -3,13 +3,14 @@
 Every world run of every trainer is a process of its own (Accelerate keeps process-wide state). A fresh interpreter
 spends about 8 s importing torch, diffusers, transformers, peft and accelerate before its first step — most of a
 short run's time, and the yardstick, the ceilings and the tests start dozens. So on POSIX the runs are forked from a
-*launch server*: one ``python`` started (with the caller's environment and working directory) the first time they
-are needed, which imports the trainers' modules and then only forks, one child per run. Nothing has run in it — no
+*launch server*: one ``python`` started (with the caller's environment, in the repository) the first time they are
+needed, which imports the trainers' modules and then only forks, one child per run. Nothing has run in it — no
 Accelerate state, no CUDA, no torch thread pool, no logging handlers, none of the caller's threads or modules — so
-each child starts as ``python -m module`` would, minus the imports: it sets its working directory, ``sys.argv`` and
-output, and executes the module as ``__main__`` (``runpy``). A run whose environment differs from a server's gets a
-server of its own (environment variables are read at import time). ``ANALOGY_TRAINER_SUBPROCESS=1``, and platforms
-without ``fork`` (Windows), start a plain ``python -m`` subprocess per run instead.
+each child starts as ``python -m module`` would, minus the imports: it sets its working directory, ``sys.argv``,
+environment and output, and executes the module as ``__main__`` (``runpy``). A run whose environment differs from
+a server's (apart from pytest's per-test variable) gets a server of its own, since variables are read at import time;
+at most two are kept. ``ANALOGY_TRAINER_SUBPROCESS=1``, and platforms without ``fork`` (Windows), start a plain
+``python -m`` subprocess per run instead.
 """
 
 from __future__ import annotations
