@@ -163,9 +163,9 @@ def run_trainer(module: str, settings: dict[str, object], out: Path, max_steps: 
                 resume: bool = False) -> float:
     """``python -m <module> --preset tiny --set k=v ... --output-dir out [--max-steps N] [--resume]`` in a process of
     its own (Accelerate keeps process-wide state; :func:`training.world.launch.run_module`), logged to
-    ``out/train.log`` (appended to when resuming); returns the seconds it took. Every world run of every trainer goes through here. ``resume`` continues the run already in ``out`` (its
-    newest checkpoint; a finished run returns at once, a longer ``max_steps`` extends it) after
-    :func:`check_resumable`."""
+    ``out/train.log`` (appended to when resuming); returns the seconds it took. Every world run of every trainer goes
+    through here. ``resume`` continues the run already in ``out`` (its newest checkpoint; a finished run returns at
+    once, a longer ``max_steps`` extends it) after :func:`check_resumable`."""
     if resume:
         check_resumable(out, {**settings, **({"max_steps": max_steps} if max_steps is not None else {})}, module)
     argv = ["--preset", "tiny", *set_arguments(settings), "--output-dir", str(out),

@@ -215,17 +215,16 @@ def build_world(models: list[str] | None = None, quick: bool = False, seed: int 
     names = build_order(models or list(WORLD_MODELS))
     # an overridden world copies the models the overrides leave as they are from the default world (built there
     # first if need be), so a probe of one model's setting never retrains the others
+    keys = _keys(names, quick, seed, overrides)
     base = None
     if overrides:  # the unchanged models this folder lacks, made (or found) in the default world, never forced there
-        mine, default = _keys(names, quick, seed, overrides), _keys(names, quick, seed, None)
-        to_copy = [n for n in names if mine[n] == default[n]
-                   and (force or (_read_build(folder / n) or {}).get("key") != mine[n])]
+        default = _keys(names, quick, seed, None)
+        to_copy = [n for n in names if keys[n] == default[n]
+                   and (force or (_read_build(folder / n) or {}).get("key") != keys[n])]
         base = build_world(to_copy, quick, seed, root) if to_copy else None
     folder.mkdir(parents=True, exist_ok=True)
     world = World(folder, quick, seed, overrides=overrides)
-    keys: dict[str, str] = {}
     for name in names:
-        keys[name] = model_key(name, quick, seed, keys, overrides)
         # one builder per model folder at a time (two benches, or two test workers, sharing a cache): a second
         # waits, then reuses what the first built; other models of the world build meanwhile
         with FileLock(str(folder / f".{name}{LOCK_SUFFIX}")):
