@@ -112,3 +112,16 @@ def test_every_world_row_and_ceiling_setting_passes_its_trainers_config():
         for variant in (settings, {**settings, "learning_rate": 0.0}):
             cfg = build_config(cls, presets, "tiny", overrides=set_arguments(variant)[1::2])  # the "k=v" of each --set
             assert cfg.max_steps == int(settings.get("max_steps", cfg.max_steps))
+
+
+def test_the_world_region_preset_widens_the_token_mlp_to_four_times_the_world_clip():
+    """The regions row and ``--preset tiny`` read the world CLIP's features through a token MLP four times their
+    width (measured: at their width the removed discs are not found); a world CLIP of another width must move it."""
+    from training.regions.config import PRESETS
+    from training.world import models  # noqa: F401  (registers the world models)
+    from training.world.registry import WORLD_MODELS
+
+    widths = {size: config["projection_dim"] for size, config in WORLD_MODELS["clip"].configs.items()}
+    assert set(widths) == {"full", "quick"}
+    assert all(PRESETS["tiny"]["hidden"] == 4 * width for width in widths.values()), widths
+    assert "hidden" not in PRESETS["paper"] and "hidden" not in PRESETS["pack"]  # ViT-L/14: the default, d

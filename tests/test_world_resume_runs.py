@@ -151,14 +151,19 @@ def test_continuing_with_another_setting_is_refused(runs, capsys):
 
 def test_a_setting_the_run_was_given_must_be_asked_again(tmp_path):
     defaults = preset_defaults("training.train_region")
-    assert defaults["hidden"] == 0 and defaults["data"] == "world"  # the tiny preset over the config's defaults
+    assert defaults["hidden"] == 128 and defaults["data"] == "world"  # the tiny preset over the config's defaults
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({**defaults, "hidden": 128, "max_steps": 50}))
-    check_resumable(run, {"hidden": 128}, "training.train_region")
+    (run / "config.json").write_text(json.dumps({**defaults, "hidden": 32, "max_steps": 50}))
+    check_resumable(run, {"hidden": 32}, "training.train_region")
     check_resumable(run, {}, None)  # without the trainer, only the asked settings are compared
-    with pytest.raises(RunSettingsChanged, match=r"hidden: the run has 128, asked 0"):
+    with pytest.raises(RunSettingsChanged, match=r"hidden: the run has 32, asked 128"):
         check_resumable(run, {}, "training.train_region")
+    narrow = tmp_path / "narrow"  # a run of the preset before it widened the token MLP is not one of today's
+    narrow.mkdir()
+    (narrow / "config.json").write_text(json.dumps({**defaults, "hidden": 0}))
+    with pytest.raises(RunSettingsChanged, match=r"hidden: the run has 0, asked 128"):
+        check_resumable(narrow, {}, "training.train_region")
     with pytest.raises(ValueError, match="no trainer task is known"):
         preset_defaults("training.train_nothing")
     older = tmp_path / "older"  # written before a setting existed: judged on the settings it recorded
