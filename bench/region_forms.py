@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "train_seconds": None if seconds is None else round(seconds, 1)}
         for tag, folder in (("start", out / f"{name}_init"), ("end", out / name)):
             model = load_region_predictor(folder / CHECKPOINT)
+            figures["hidden"] = model.spec.mlp_width  # the token MLP's width (the preset's changed on 2026-12-07)
             measured = world_region_figures(model, clip, encoder, local, args.examples, size)
             figures[f"iou_per_family_{tag}"] = {f: round(measured[f][mode]["iou"], 4) for f in local}
             for split, names in splits.items():

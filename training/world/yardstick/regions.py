@@ -155,6 +155,7 @@ def run_bench_row(ctx, lorweb_output=None):
         train_region({**run, "learning_rate": 0.0}, ctx.folder / f"{name}_init", 1, ctx.resume_runs)
         extra[f"train_seconds_{name}"] = round(train_region(run, ctx.folder / name, steps, ctx.resume_runs), 1)
         models[name] = load_region_predictor(ctx.folder / name / "region_predictor.safetensors")
+        extra["hidden"] = models[name].spec.mlp_width  # the token MLP's width every run trained with
         initial = load_region_predictor(ctx.folder / f"{name}_init" / "region_predictor.safetensors")
         for target, model in ((after, models[name]), (before, initial)):
             for family, scores in world_iou(model, clip, encoder, local, count, size, threshold).items():

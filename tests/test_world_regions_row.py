@@ -1,0 +1,69 @@
+"""The quick-world regions row (``python -m bench.analogy_world --quick --methods regions``), asserting only what
+held on seeds 0, 1 and 2 (issue 20).
+
+Expensive: it trains the row's five region runs and the LoRWeB run whose B′ it confines (about 6 minutes on 2 CPU
+cores with the quick world built): `bash scripts/test.sh -m expensive tests/test_world_regions_row.py`. It uses the
+session's world (tests/world_fixtures.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+from world_fixtures import SEED, quick_world
+
+from training.world import scenes as world
+
+pytestmark = [pytest.mark.slow, pytest.mark.expensive, pytest.mark.timeout(3600)]
+
+
+@pytest.fixture(scope="module")
+def row(tmp_path_factory) -> dict:
+    from training.world.yardstick.runner import main
+
+    quick_world()
+    out = tmp_path_factory.mktemp("regions-row")
+    return main(["--methods", "regions", "--quick", "--seed", str(SEED), "--out", str(out)])["methods"]["regions"]
+
+
+# Measured on the quick world v2 at the row's preset (100 steps per run, the token MLP 128 wide), seeds 0 / 1 / 2
+# (bench/results/analogy_world_v2_quick_regions_hidden128_s<N>.json), IoU on the training families:
+#   analogy      0.095 -> 0.322, 0.122 -> 0.346, 0.090 -> 0.202 (recolour_red_blue 0.86 / 0.92 / 0.60; the square
+#                and the discs 0.00-0.12)
+#   text         0.095 at every seed (the paper's losses: the region marks the whole image); text_mask (the paper's
+#                losses + BCE against the true region) 0.51 / 0.42 / 0.77
+#   confinement  LoRWeB's B′ outside the analogy region equals B (largest change 0.0) at every seed; the error
+#                outside the true region 0.0985 / 0.0638 / 0.0621 unconfined, 0.0004 / 0.0017 / 0.0001 confined
+# The target (IoU >= 0.6) is the full world's (met there at the preset: 0.601 / 0.614 / 0.616); the quick world's
+# 100 steps are reported, not asserted against it. Asserted, inside what held at every seed:
+ANALOGY_GAIN = 0.08        # the analogy IoU rises by more than this from initialisation (0.112-0.228)
+RECOLOUR_IOU = 0.5         # analogy mode finds the recoloured objects (0.60-0.92)
+MASK_OVER_TEXT = 0.2       # told the region, text mode finds more than with the paper's losses alone (0.33-0.67)
+OUTSIDE_RATIO = 0.1        # confined / unconfined error outside the true region (0.002-0.027)
+
+
+def test_the_row_reports_every_family_and_every_run(row):
+    assert set(row["families"]) == set(world.families("all"))
+    local = {f for f in world.families("all") if world.get_family(f).kind == "local"}
+    assert set(row["extra"]["iou_per_family"]) == local
+    for runs in row["extra"]["iou_per_family"].values():
+        assert set(runs) == {"text", "analogy", "text_paper", "text_straight_through", "text_mask"}
+        assert all(0.0 <= iou <= 1.0 for iou in runs.values()), runs
+
+
+def test_analogy_mode_learns_the_region_and_finds_the_recolour(row):
+    extra = row["extra"]
+    assert extra["iou_analogy"] > extra["iou_analogy_start"] + ANALOGY_GAIN, extra
+    assert extra["iou_per_family"]["recolour_red_blue"]["analogy"] >= RECOLOUR_IOU, extra["iou_per_family"]
+
+
+def test_text_mode_told_the_region_finds_more_than_the_papers_losses_alone(row):
+    extra = row["extra"]
+    assert extra["iou_text_mask"] > extra["iou_text"] + MASK_OVER_TEXT, extra
+
+
+def test_confined_edit_keeps_b_outside_the_region(row):
+    extra = row["extra"]
+    assert extra["lorweb_outside_region_max_change_from_b_all_families"] == 0.0, extra
+    unconfined = extra["lorweb_unconfined_error_outside_true"]
+    assert unconfined > 0.0, "LoRWeB's B′ changed nothing outside the true region: nothing to confine"
+    assert extra["lorweb_confined_error_outside_true"] < OUTSIDE_RATIO * unconfined, extra
