@@ -118,7 +118,6 @@ def main(argv: list[str] | None = None) -> dict:
                          "train_seconds": None if seconds is None else round(seconds, 1)}
         for tag, folder in (("start", out / f"{name}_init"), ("end", out / name)):
             model = load_region_predictor(folder / CHECKPOINT)
-            figures["hidden"] = model.spec.mlp_width  # the token MLP's width (the preset's changed on 2026-12-07)
             measured = world_region_figures(model, clip, encoder, local, args.examples, size)
             figures[f"iou_per_family_{tag}"] = {f: round(measured[f][mode]["iou"], 4) for f in local}
             for split, names in splits.items():
@@ -126,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
             # where the region is: its share of the image against the true region's, precision and recall
             figures[f"region_per_family_{tag}"] = {f: {k: round(v, 4) for k, v in measured[f][mode].items()
                                                        if k != "iou"} for f in local}
+        figures["hidden"] = model.spec.mlp_width  # the token MLP's width (the preset's changed on 2026-12-07)
         if losses := losses_from_log(out / name / "train.log"):
             figures["loss_first_step"], figures["loss_last_step"] = losses
         report["runs"][name] = figures

@@ -64,6 +64,7 @@ def test_set_changes_every_runs_trainer_setting_and_a_reused_folder_must_match(t
     assert report["settings_changed"] == {"hidden": 24}
     assert json.loads((out / "analogy" / "config.json").read_text())["hidden"] == 24
     assert load_region_predictor(out / "analogy" / forms.CHECKPOINT).spec.mlp_width == 24  # the model has it
+    assert report["runs"]["analogy"]["hidden"] == 24  # ... and the report says so
     with pytest.raises(RunSettingsChanged, match="hidden"):  # the same folder asked without the change
         forms.main(["--runs", "analogy", "--steps", "1", "--examples", "1", "--out", str(out)])
 

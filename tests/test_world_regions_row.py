@@ -1,7 +1,7 @@
 """The quick-world regions row (``python -m bench.analogy_world --quick --methods regions``), asserting only what
 held on seeds 0, 1 and 2 (issue 20).
 
-Expensive: it trains the row's five region runs and the LoRWeB run whose B′ it confines (about 6 minutes on 2 CPU
+Expensive: it trains the row's five region runs and the LoRWeB run whose B′ it confines (4.6 minutes on 2 CPU
 cores with the quick world built): `bash scripts/test.sh -m expensive tests/test_world_regions_row.py`. It uses the
 session's world (tests/world_fixtures.py).
 """
@@ -43,6 +43,7 @@ OUTSIDE_RATIO = 0.1        # confined / unconfined error outside the true region
 
 def test_the_row_reports_every_family_and_every_run(row):
     assert set(row["families"]) == set(world.families("all"))
+    assert row["extra"]["hidden"] == 128  # the preset's token MLP, four times the world CLIP's width
     local = {f for f in world.families("all") if world.get_family(f).kind == "local"}
     assert set(row["extra"]["iou_per_family"]) == local
     for runs in row["extra"]["iou_per_family"].values():

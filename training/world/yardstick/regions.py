@@ -155,7 +155,6 @@ def run_bench_row(ctx, lorweb_output=None):
         train_region({**run, "learning_rate": 0.0}, ctx.folder / f"{name}_init", 1, ctx.resume_runs)
         extra[f"train_seconds_{name}"] = round(train_region(run, ctx.folder / name, steps, ctx.resume_runs), 1)
         models[name] = load_region_predictor(ctx.folder / name / "region_predictor.safetensors")
-        extra["hidden"] = models[name].spec.mlp_width  # the token MLP's width every run trained with
         initial = load_region_predictor(ctx.folder / f"{name}_init" / "region_predictor.safetensors")
         for target, model in ((after, models[name]), (before, initial)):
             for family, scores in world_iou(model, clip, encoder, local, count, size, threshold).items():
@@ -172,6 +171,7 @@ def run_bench_row(ctx, lorweb_output=None):
     extra["iou_per_family"] = {f: {m: round(v, 4) for m, v in after[f].items()} for f in local}
     extra["iou_per_family_start"] = {f: {m: round(v, 4) for m, v in before[f].items()} for f in local}
     trained = models["analogy"]
+    extra["hidden"] = trained.spec.mlp_width  # the token MLP's width (every run of the row trains with the same)
 
     if lorweb_output is None:  # the edit to confine: LoRWeB's B′ (trained here unless the bench just trained it)
         lorweb_output = run_lorweb(MethodContext(ctx.world, ctx.seed, ctx.quick, ctx.folder / "lorweb",
