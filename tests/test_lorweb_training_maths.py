@@ -246,6 +246,78 @@ def test_the_loss_queries_with_the_configured_query_mode(mode):
     torch.testing.assert_close(model.calls[0]["query"], want)
 
 
+class CountingQueryEncoder(StubQueryEncoder):
+    def __init__(self):
+        self.calls = 0
+
+    def encode(self, a, a_prime, b=None):
+        self.calls += 1
+        return super().encode(a, a_prime, b)
+
+
+class OneEntryTransformer(StubTransformer):
+    """The stub with a basis of ``entries`` entries mixed by softmax (or tanh)."""
+
+    def __init__(self, entries: int = 1, softmax: bool = True):
+        super().__init__()
+        from analogy_core.lorweb.settings import LoRWeBSettings
+
+        gen = torch.Generator().manual_seed(5)
+        self.proj = LoRWeBLinear(nn.Linear(12, 12), num_entries=entries, rank=2, key_dim=4, query_dim=3 * EMBED,
+                                 settings=LoRWeBSettings(lora_softmax=softmax))
+        with torch.no_grad():
+            for p in self.proj.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+
+def query_changes_output(model: StubTransformer) -> bool:
+    x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for seed in (2, 3):
+        model.proj.query = torch.randn(2, 3 * EMBED, generator=torch.Generator().manual_seed(seed)) * 3
+        outs.append(model.proj(x))
+    return not torch.equal(*outs)
+
+
+def loss_and_grads(model: StubTransformer, encoder, batch: dict, cfg) -> tuple[torch.Tensor, dict]:
+    model.zero_grad()
+    loss = training_loss(model, StubBackbone(), encoder, batch, cfg, torch.Generator().manual_seed(11), "cpu")
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_a_basis_that_cannot_read_the_query_is_trained_without_running_the_encoder(monkeypatch):
+    """A one-entry softmax basis (the yardstick's LoRA ceiling) gets coefficient 1 from any query, so the trainer
+    skips the frozen query encoder: the loss and every gradient are exactly those of the encoded query. A basis that
+    reads the query (several entries, or tanh) is still given it."""
+    from analogy_core.lorweb.layer import blank_query, reads_query
+
+    cfg = cfg_for(caption_dropout=0.0)
+    plain = nn.Sequential(nn.Linear(4, 4))  # a full fine-tune's model: no LoRWeB layer, so no query at all
+    assert not reads_query(plain) and blank_query(plain, 3) is None
+    with pytest.raises(ValueError, match="mix by the analogy query"):
+        blank_query(OneEntryTransformer(4), 3)
+    for model, reads in ((OneEntryTransformer(), False), (OneEntryTransformer(4), True),
+                         (OneEntryTransformer(1, softmax=False), True)):
+        assert query_changes_output(model) == reads == reads_query(model), model.proj.num_entries
+    model, encoder, batch = OneEntryTransformer(), CountingQueryEncoder(), batch_of()
+    loss, grads = loss_and_grads(model, encoder, batch, cfg)
+    assert encoder.calls == 0 and torch.equal(model.calls[-1]["query"], torch.zeros(3, 3 * EMBED))
+    # the same step with the encoded query, forced through a layer that claims to read it
+    with monkeypatch.context() as patch:
+        patch.setattr(LoRWeBLinear, "reads_query", property(lambda self: True))
+        want_loss, want_grads = loss_and_grads(model, encoder, batch, cfg)
+    assert encoder.calls == 1 and not torch.equal(model.calls[-1]["query"], model.calls[0]["query"])
+    assert loss.item() > 0 and torch.equal(loss, want_loss)
+    assert grads.keys() == want_grads.keys() and grads["proj.lora_B"].abs().sum() > 0
+    for name, grad in grads.items():
+        assert torch.equal(grad, want_grads[name]), name
+    for model in (OneEntryTransformer(4), OneEntryTransformer(1, softmax=False)):
+        encoder = CountingQueryEncoder()
+        loss_and_grads(model, encoder, batch, cfg)
+        assert encoder.calls == 1
+
+
 def test_uniform_timesteps_stay_inside_the_open_interval():
     """uniform: t ~ U(0, 1) clamped to [0.001, 0.999] (written out on the same draws, which do fall below 0.001)."""
     t, w = flow.sample_timesteps("uniform", 20000, torch.Generator().manual_seed(0))

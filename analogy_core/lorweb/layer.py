@@ -50,6 +50,12 @@ class LoRWeBLinear(nn.Module):
         q = self.att_lora_to_q(query.to(self.att_lora_to_q.weight.dtype))
         return self.settings.mixing_coefficients(q, self.lora_keys)
 
+    @property
+    def reads_query(self) -> bool:
+        """Whether the query can change this layer's coefficients. A softmax over one entry gives every head the
+        weight 1 (mean or sum, clamped to 1) whatever the query, and a zero gradient to the keys and projection."""
+        return self.num_entries > 1 or not self.settings.lora_softmax
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if self.query is None:
@@ -101,6 +107,25 @@ def inject_lorweb(model: nn.Module, patterns=DEFAULT_TARGETS, **layer_kwargs) ->
 
 def lorweb_layers(model: nn.Module) -> dict[str, LoRWeBLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRWeBLinear)}
+
+
+def reads_query(model: nn.Module) -> bool:
+    """Whether any LoRWeB layer of ``model`` mixes by the analogy query: not a one-entry softmax basis (the yardstick's
+    LoRA ceiling) nor a model without LoRWeB layers (a full fine-tune). A trainer need not encode a query then."""
+    return any(layer.reads_query for layer in lorweb_layers(model).values())
+
+
+def blank_query(model: nn.Module, batch_size: int, device=None) -> torch.Tensor | None:
+    """A zero query [batch_size, Q] for a model that does not read one (:func:`reads_query`), which gives exactly the
+    coefficients any query gives; None for a model without LoRWeB layers."""
+    if reads_query(model):
+        raise ValueError("this model's LoRWeB layers mix by the analogy query; it cannot be left blank")
+    widths = {layer.att_lora_to_q.in_features for layer in lorweb_layers(model).values()}
+    if not widths:
+        return None
+    if len(widths) > 1:
+        raise ValueError(f"the LoRWeB layers read queries of different widths: {sorted(widths)}")
+    return torch.zeros(batch_size, widths.pop(), device=device)
 
 
 def set_query(model: nn.Module, query: torch.Tensor | None) -> None:

@@ -28,7 +28,7 @@ from torch import nn
 from analogy_core import __version__
 from analogy_core.encoders import ImageEncoder
 from analogy_core.fingerprint import fingerprint_metadata
-from analogy_core.lorweb.layer import export_basis, inject_lorweb, lorweb_layers, set_query
+from analogy_core.lorweb.layer import blank_query, export_basis, inject_lorweb, lorweb_layers, reads_query, set_query
 from analogy_core.lorweb.settings import LoRWeBSettings
 from training import flow
 from training.backbone import Backbone, load_query_encoder, token_ids
@@ -131,8 +131,11 @@ def training_loss(transformer, backbone: Backbone, query_encoder: ImageEncoder, 
     ref_tokens = backbone.encode_images(reference).to(device)
     text, extra = encode_text(backbone, drop_captions(batch["prompt"], cfg.caption_dropout, generator), reference,
                               device)
-    query = analogy_query(query_encoder, batch, mixing_settings(cfg, query_encoder)).to(device)
     b = x0.shape[0]
+    if reads_query(transformer):
+        query = analogy_query(query_encoder, batch, mixing_settings(cfg, query_encoder)).to(device)
+    else:  # a one-entry basis or a full fine-tune: every query mixes alike, so the frozen encoder is not run (~20 %)
+        query = blank_query(transformer, b, device)
     t, weight = flow.sample_timesteps(cfg.timestep_sampling, b, generator)
     noise = torch.randn(x0.shape, generator=generator).to(device, x0.dtype)
     t, weight = t.to(device), weight.to(device)
