@@ -3,6 +3,7 @@ differ, splits never share scenes, everything is deterministic."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import numpy as np
@@ -162,3 +163,24 @@ def test_world_data_spec():
     with pytest.raises(ValueError, match="unknown world family"):
         WorldAnalogies.from_spec("families=invert+paint", 64)
     assert np.isclose(float(item["mask"].mean()), float(ex.mask.float().mean()))
+
+
+def world_digest() -> str:
+    """SHA-256 over world v2's first scenes of each split (their repr) and the images of its first examples."""
+    digest = hashlib.sha256()
+    for split in sorted(world.SCENE_SPLITS):
+        for seed in range(100):
+            digest.update(repr(world.sample_scene(world.scene_rng(split, seed))).encode())
+        for family in sorted(world.FAMILIES):
+            for index in range(8):
+                for role, image in world.example(family, split, index, 64).images().items():
+                    digest.update(role.encode() + image.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_world_v2_draws_the_scenes_it_always_drew():
+    """Every cached model, ceiling and figure of world v2 was made on these scenes: a change to how scenes are drawn
+    or rendered must bump WORLD_VERSION (so no cache is reused), not slip in under v2. Digest of world v2 as measured
+    (2026-12-07)."""
+    assert world.WORLD_VERSION == 2
+    assert world_digest() == "2ed40c0498dde217b9354cf55ce7a8a4aa305fff5feeb624b4b3e13a986a98e5"

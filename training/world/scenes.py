@@ -87,10 +87,16 @@ def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int], gap: i
     return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
 
 
+def pick(rng: np.random.Generator, options):
+    """``rng.choice(options)`` (the same draw from the same stream) without its per-call array conversion, which
+    made it the world data's largest cost."""
+    return options[int(rng.integers(len(options)))]
+
+
 def sample_scene(rng: np.random.Generator) -> Scene:
     """Two or three non-overlapping objects with distinct colours on one of the backgrounds (a layout where the
     objects do not all fit is drawn again from the same generator)."""
-    background = str(rng.choice(list(BACKGROUNDS)))
+    background = str(pick(rng, list(BACKGROUNDS)))
     count = int(rng.integers(2, 4))
     colours = rng.permutation(list(COLOURS))[:count]
     objects: list[Obj] = []
@@ -98,9 +104,9 @@ def sample_scene(rng: np.random.Generator) -> Scene:
         objects = []
         for colour in colours:
             for _ in range(50):
-                size = CELL * int(rng.choice(OBJECT_CELLS))
+                size = CELL * int(pick(rng, OBJECT_CELLS))
                 x, y = (CELL * int(v) for v in rng.integers(0, (REFERENCE_SIZE - size) // CELL + 1, size=2))
-                candidate = Obj(str(rng.choice(SHAPES)), str(colour), x, y, size)
+                candidate = Obj(str(pick(rng, SHAPES)), str(colour), x, y, size)
                 if not any(_overlaps(candidate.box(), o.box()) for o in objects):
                     objects.append(candidate)
                     break
