@@ -92,3 +92,24 @@ def test_a_forked_run_is_the_subprocess_run_and_a_dead_server_is_replaced(probe,
     assert run("fork", ["x"], log, probe, monkeypatch) == 0
     assert "preloaded True" in lines(log)
     assert len(launch._servers) <= launch.MAX_SERVERS
+
+
+def test_a_run_asked_plain_is_a_subprocess_even_where_runs_are_forked(probe, tmp_path, monkeypatch):
+    """Runs started side by side (the ceilings' --ceiling-jobs) are plain subprocesses: a server runs one at a time."""
+    monkeypatch.setenv(launch.PLAIN_SUBPROCESS_ENV, "0")
+    log = tmp_path / "plain.log"
+    assert launch.run_module("launch_probe", ["x"], log, cwd=probe, plain=True) == 0
+    assert "preloaded False" in lines(log) and lines(log)[0] == "argv ['x'] name __main__"
+
+
+def test_a_trainer_run_beside_others_gets_its_share_of_threads(tmp_path, monkeypatch):
+    from training.world import presets
+
+    calls = []
+    monkeypatch.setattr(presets, "run_module", lambda module, argv, log, **kw: calls.append(kw) or 0)
+    presets.run_trainer("training.train_lorweb", {"rank": 4}, tmp_path / "a")
+    presets.run_trainer("training.train_lorweb", {"rank": 4}, tmp_path / "b", threads=3)
+    alone, beside = calls
+    assert not alone["plain"] and alone["env"].get("OMP_NUM_THREADS") == os.environ.get("OMP_NUM_THREADS")
+    assert beside["plain"] and beside["env"]["OMP_NUM_THREADS"] == beside["env"]["MKL_NUM_THREADS"] == "3"
+    assert beside["env"]["TQDM_DISABLE"] == "1"

@@ -10,6 +10,8 @@ per family on the 2-core CPU), later runs reuse them and only sample.
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -177,6 +179,65 @@ def test_add_ceilings_fills_the_row_and_trains_each_family_once(tmp_path, monkey
     assert trained_ranks == [None, None, None, 16] and len(list(cache.glob("fake-invert-*"))) == 3
     ceiling.add_ceilings("fake", fake_ranked, ctx, result(), ["invert"], rank=16)
     assert len(trained_ranks) == 4, "the ranked run is cached under its own key"
+
+
+def test_ceilings_trained_side_by_side_are_the_ones_trained_in_turn(tmp_path, monkeypatch):
+    """--ceiling-jobs 2: the runs the cache lacks (LoRA and full, per family) are trained two at a time, each with
+    its share of the cores, and the row gets exactly what one run after another gives; a failed run is raised and
+    stops the runs not yet started."""
+    lock, running, peak, started, threads_seen = threading.Lock(), [0], [0], [], []
+
+    def fake_trainer(module, settings, out, threads=None):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            started.append(settings["data"])
+            threads_seen.append(threads)
+        try:
+            if settings["data"] == "hflip" and settings.get("fail") and not settings.get("full_finetune"):
+                raise RuntimeError("python -m fake.trainer failed (1)")
+            time.sleep(0.2)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "train.log").write_text("")
+            return 2.0
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(ceiling, "run_trainer", fake_trainer)
+    monkeypatch.setattr(ceiling, "available_cores", lambda: 5)
+    monkeypatch.delenv(ceiling.ENV_ROOT, raising=False)
+    full = Ceiling("fake.trainer", ("autoencoder",), lambda w, q, family, s: {"data": family, "full_finetune": True},
+                   lambda world, quick, folder, items, seed: ev.stack(items, "b_prime"), shared_as="fake_full")
+    fake = Ceiling("fake.trainer", ("autoencoder",), lambda w, q, family, s: {"data": family},
+                   lambda world, quick, folder, items, seed: ev.stack(items, "b"), full=full)
+    families = ("invert", "hflip", "grayscale")
+    examples = {f: ev.examples(f, 2, world_def.REFERENCE_SIZE) for f in families}
+
+    def run(folder: str, jobs: int, overrides: dict | None = None) -> dict:
+        world = World(tmp_path / folder, False, 0, {"autoencoder": {"key": "a"}})
+        result = {"families": {f: {"split": "train", "no_edit": 0.5} for f in families}, "extra": {}}
+        ceiling.add_ceilings("fake", fake, MethodContext(world, 0, False, tmp_path / "row", examples), result,
+                             overrides=overrides, jobs=jobs)
+        return result
+
+    in_turn = run("v2-full-s0", 1)
+    assert peak[0] == 1 and threads_seen == [None] * 6
+    peak[0], threads_seen[:] = 0, []
+    side_by_side = run("v2-full-s1", 2)
+    assert peak[0] == 2 and threads_seen == [2] * 6, "two at a time, each with half of the 5 cores"
+    assert side_by_side["families"] == in_turn["families"]
+    extra = side_by_side["extra"]
+    assert extra.pop("ceiling_jobs") == 2 and 0 < extra.pop("ceiling_train_wall_seconds_this_run") < 1.2
+    assert extra == in_turn["extra"] and extra["ceiling_train_seconds_this_run"] == 12.0
+    names = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "v2-full-s1" / "ceilings").iterdir())
+    assert names == sorted(f"{k}-{f}" for k in ("fake", "fake_full") for f in families)
+    assert run("v2-full-s1", 2)["extra"]["ceiling_train_seconds_this_run"] == 0.0, "all cached"
+
+    started.clear()
+    with pytest.raises(RuntimeError, match="fake.trainer failed"):
+        run("v2-full-s2", 2, {"fail": True})
+    assert 2 <= len(started) < 6, started
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -217,6 +217,8 @@ def test_the_yardstick_refuses_a_bad_probe_before_building_anything(args, tmp_pa
     (["--quick", "--methods", "loc", "--ceilings", "--ceiling-set", "base.learning_rate=1"], "not 'base'"),
     (["--quick", "--methods", "loc", "--ceilings", "--ceiling-set", "full.rank=8"], "cannot be overridden"),
     (["--quick", "--methods", "loc", "--ceilings", "--ceiling-rank", "0"], "at least 1"),
+    (["--quick", "--methods", "lorweb", "--ceiling-jobs", "2"], "add --ceilings"),
+    (["--quick", "--methods", "lorweb", "--ceilings", "--ceiling-jobs", "0"], "at least 1"),
 ])
 def test_a_ceiling_option_without_a_ceiling_is_refused_not_ignored(args, says, tmp_path, capsys):
     with pytest.raises(SystemExit):

@@ -204,12 +204,13 @@ def forking() -> bool:
 
 
 def run_module(module: str, argv: list[str], log: Path, *, append: bool = False, cwd: Path | None = None,
-               env: dict[str, str] | None = None) -> int:
+               env: dict[str, str] | None = None, plain: bool = False) -> int:
     """``python -m module *argv`` in ``cwd`` (default: the repository) with stdout and stderr to ``log`` (appended to
-    when ``append``) and environment ``env`` (default: this process's); returns its exit status."""
+    when ``append``) and environment ``env`` (default: this process's); returns its exit status. ``plain``: a plain
+    subprocess even where runs are forked — for runs started side by side (a server runs one at a time)."""
     env = dict(os.environ if env is None else env)
     cwd = str(Path(cwd or REPO).resolve())
-    if not forking():
+    if plain or not forking():
         with open(log, "a" if append else "w") as handle:
             return subprocess.run([sys.executable, "-m", module, *argv], cwd=cwd, stdout=handle,
                                   stderr=subprocess.STDOUT, env=env).returncode

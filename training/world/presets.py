@@ -160,20 +160,23 @@ def check_resumable(out: Path, settings: dict[str, object], module: str | None =
 
 
 def run_trainer(module: str, settings: dict[str, object], out: Path, max_steps: int | None = None,
-                resume: bool = False) -> float:
+                resume: bool = False, threads: int | None = None) -> float:
     """``python -m <module> --preset tiny --set k=v ... --output-dir out [--max-steps N] [--resume]`` in a process of
     its own (Accelerate keeps process-wide state; :func:`training.world.launch.run_module`), logged to
     ``out/train.log`` (appended to when resuming); returns the seconds it took. Every world run of every trainer goes
     through here. ``resume`` continues the run already in ``out`` (its newest checkpoint; a finished run returns at
-    once, a longer ``max_steps`` extends it) after :func:`check_resumable`."""
+    once, a longer ``max_steps`` extends it) after :func:`check_resumable`. ``threads``: a run started beside others
+    (:func:`training.world.yardstick.ceiling.train_side_by_side`), a plain subprocess with that many torch threads."""
     if resume:
         check_resumable(out, {**settings, **({"max_steps": max_steps} if max_steps is not None else {})}, module)
     argv = ["--preset", "tiny", *set_arguments(settings), "--output-dir", str(out),
             *(["--max-steps", str(max_steps)] if max_steps is not None else []), *(["--resume"] if resume else [])]
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    status = run_module(module, argv, out / "train.log", append=resume, cwd=REPO,
-                        env=dict(os.environ, TQDM_DISABLE="1"))
+    env = dict(os.environ, TQDM_DISABLE="1")
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    status = run_module(module, argv, out / "train.log", append=resume, cwd=REPO, env=env, plain=threads is not None)
     if status:
         raise RuntimeError(f"python -m {module} {' '.join(argv)} failed ({status}):\n"
                            f"{(out / 'train.log').read_text()[-3000:]}")

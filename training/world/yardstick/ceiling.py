@@ -38,6 +38,8 @@ import json
 import logging
 import os
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -143,8 +145,9 @@ def checked_rank(settings: dict, rank: int) -> int:
 
 def trained(method: str, ceiling: Ceiling, world: World, family: str, seed: int, root: Path | None = None,
             steps: int | None = None, overrides: dict[str, object] | None = None,
-            rank: int | None = None) -> tuple[Path, dict]:
-    """The folder of ``family``'s ceiling run and its record, training it unless the cache holds it."""
+            rank: int | None = None, threads: int | None = None) -> tuple[Path, dict]:
+    """The folder of ``family``'s ceiling run and its record, training it unless the cache holds it (``threads``: a
+    run beside others, :func:`train_side_by_side`)."""
     settings = ceiling_settings(ceiling, world, family, seed, steps, overrides, rank)
     name = ceiling.shared_as or method
     key = cache_key(name, ceiling, world, settings, family, seed)
@@ -159,7 +162,8 @@ def trained(method: str, ceiling: Ceiling, world: World, family: str, seed: int,
     tmp = folder.with_name(f".tmp_{folder.name}_{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     log.info("ceiling %s/%s: training (%s steps) ...", method, family, settings.get("max_steps"))
-    seconds = run_trainer(ceiling.module, settings, tmp)
+    seconds = (run_trainer(ceiling.module, settings, tmp) if threads is None
+               else run_trainer(ceiling.module, settings, tmp, threads=threads))
     shutil.rmtree(tmp / "checkpoints", ignore_errors=True)  # the exported file is what is sampled; no resume
     record = {"key": key, "method": method, "family": family, "seed": seed, "train_steps": settings.get("max_steps"),
               "train_seconds": round(seconds, 1), "settings": settings}
@@ -186,6 +190,16 @@ def scored(method: str, ceiling: Ceiling, world: World, family: str, items: list
     return scores, record, b_prime
 
 
+def measured_kinds(method: str, ceiling: Ceiling, world: World, overrides: dict[str, object] | None,
+                   full: bool | None, rank: int | None) -> list[tuple[str, str, Ceiling, dict, int | None]]:
+    """(kind, cache name, ceiling, its trainer overrides, its rank) of each ceiling measured per family: the LoRA one,
+    and the full fine-tune where the row has one and ``full`` (default: on the full world only; it has no rank)."""
+    kinds = [("lora", method, ceiling, for_kind(overrides, "lora"), rank)]
+    if ceiling.full is not None and (not world.quick if full is None else full):
+        kinds.append(("full", f"{method}_full", ceiling.full, for_kind(overrides, "full"), None))
+    return kinds
+
+
 def family_ceiling(method: str, ceiling: Ceiling, world: World, family: str, items: list, seed: int,
                    root: Path | None = None, steps: int | None = None,
                    overrides: dict[str, object] | None = None, full: bool | None = None,
@@ -194,29 +208,69 @@ def family_ceiling(method: str, ceiling: Ceiling, world: World, family: str, ite
     fine-tune ceiling and ``full`` (default: on the full world only); their B′ under ``"b_prime"`` and
     ``"b_prime_full"`` (tensors: pop them before writing JSON); ``"trained_seconds"``: the seconds spent training now
     (0 when cached). ``rank`` changes the LoRA ceiling's rank only (a full fine-tune has none)."""
-    lora, record, b_prime = scored(method, ceiling, world, family, items, seed, root, steps,
-                                   for_kind(overrides, "lora"), rank)
-    out = {"lora": lora, "cached": record["cached"], "b_prime": b_prime,
-           "trained_seconds": 0.0 if record["cached"] else record["train_seconds"]}
-    if ceiling.full is not None and (not world.quick if full is None else full):
-        scores, record, out["b_prime_full"] = scored(f"{method}_full", ceiling.full, world, family, items, seed, root,
-                                                     steps, for_kind(overrides, "full"))
-        out["full"] = scores
+    out: dict = {"trained_seconds": 0.0}
+    for kind, name, kind_ceiling, kind_overrides, kind_rank in measured_kinds(method, ceiling, world, overrides, full,
+                                                                               rank):
+        scores, record, b_prime = scored(name, kind_ceiling, world, family, items, seed, root, steps, kind_overrides,
+                                         kind_rank)
+        out[kind], out["b_prime" if kind == "lora" else f"b_prime_{kind}"] = scores, b_prime
+        out.setdefault("cached", record["cached"])  # the LoRA ceiling's
         out["trained_seconds"] += 0.0 if record["cached"] else record["train_seconds"]
     return out
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def train_side_by_side(method: str, ceiling: Ceiling, world: World, families: list[str], seed: int, jobs: int,
+                       root: Path | None = None, steps: int | None = None,
+                       overrides: dict[str, object] | None = None, full: bool | None = None,
+                       rank: int | None = None) -> float:
+    """Train every ceiling run of ``families`` that the cache lacks, ``jobs`` at a time, each a plain subprocess with
+    the cores shared out (``available_cores() // jobs`` torch threads), so that scoring then finds them all cached.
+    Returns the training seconds summed over the runs trained. One failed run stops those not yet started and is
+    raised once the running ones end (their results are cached)."""
+    if jobs < 1:
+        raise ValueError(f"ceiling jobs must be at least 1, got {jobs}")
+    threads = max(1, available_cores() // jobs)
+    runs = [(name, kind_ceiling, family, kind_overrides, kind_rank) for family in families
+            for _, name, kind_ceiling, kind_overrides, kind_rank in measured_kinds(method, ceiling, world, overrides,
+                                                                                  full, rank)]
+    log.info("ceilings of %s: %d runs, %d at a time, %d threads each", method, len(runs), jobs, threads)
+    seconds = 0.0
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
+        futures = [pool.submit(trained, name, kind_ceiling, world, family, seed, root, steps, kind_overrides,
+                               kind_rank, threads) for name, kind_ceiling, family, kind_overrides, kind_rank in runs]
+        for future in as_completed(futures):
+            _, record = future.result()
+            seconds += 0.0 if record["cached"] else record["train_seconds"]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return seconds
+
+
 def add_ceilings(method: str, ceiling: Ceiling, ctx: MethodContext, result: dict, families: list[str] | None = None,
                  root: Path | None = None, steps: int | None = None,
-                 overrides: dict[str, object] | None = None, full: bool | None = None, rank: int | None = None
-                 ) -> dict[str, dict[str, torch.Tensor]]:
+                 overrides: dict[str, object] | None = None, full: bool | None = None, rank: int | None = None,
+                 jobs: int = 1) -> dict[str, dict[str, torch.Tensor]]:
     """Add ``families.<f>.ceiling`` to a row's measured ``result`` for every training family (or ``families``) and
     the means over them to its ``extra``; returns the ceilings' B′ per kind and family (``{"lora": {f: B′}, "full":
     {...}}``, for the pictures; ``full`` empty when not measured). ``rank``: the LoRA ceiling at that per-layer rank
-    instead of the row's budget (recorded as ``extra.ceiling_rank``)."""
+    instead of the row's budget (recorded as ``extra.ceiling_rank``). ``jobs`` > 1: the runs the cache lacks are
+    trained that many at a time first (:func:`train_side_by_side`; recorded as ``extra.ceiling_jobs`` with the wall
+    time of that training)."""
     names = families or [f for f in ctx.examples if world_def.get_family(f).split == "train"]
     pictures: dict[str, dict[str, torch.Tensor]] = {"lora": {}, "full": {}}
     seconds = 0.0
+    if jobs != 1:
+        started = time.monotonic()
+        seconds = train_side_by_side(method, ceiling, ctx.world, names, ctx.seed, jobs, root, steps, overrides, full,
+                                     rank)
+        result["extra"].update(ceiling_jobs=jobs,
+                               ceiling_train_wall_seconds_this_run=round(time.monotonic() - started, 1))
     for family in names:
         out = family_ceiling(method, ceiling, ctx.world, family, ctx.examples[family], ctx.seed, root, steps, overrides,
                              full, rank)

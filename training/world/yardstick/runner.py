@@ -236,7 +236,7 @@ def print_table(results: dict) -> None:
 
 
 CEILING_OPTIONS = ("ceiling_families", "ceiling_steps", "ceiling_set", "ceiling_rank", "ceiling_root",
-                   "full_ceilings")
+                   "full_ceilings", "ceiling_jobs")
 
 
 def refuse_unused_ceiling_options(parser: argparse.ArgumentParser, args: argparse.Namespace, ceilings: bool,
@@ -292,6 +292,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--full-ceilings", action=argparse.BooleanOptionalAction, default=None,
                         help="also the full fine-tune ceiling, for rows that have one (default: on for the full "
                              "world, off with --quick)")
+    parser.add_argument("--ceiling-jobs", type=int, metavar="N",
+                        help="train the ceiling runs the cache lacks N at a time, each a process with the cores "
+                             "shared out (default 1: one after another, each with every core); the figures do not "
+                             "change, the wall time does (recorded as extra.ceiling_jobs)")
     parser.add_argument("--ceiling-root", type=Path, help="the ceilings' cache (default <world folder>/ceilings or "
                                                           f"${ceiling.ENV_ROOT})")
     args = parser.parse_args(argv)
@@ -306,6 +310,8 @@ def main(argv: list[str] | None = None) -> dict:
         row_overrides = parse_settings(args.row_set, "learning_rate=2e-3")
         if args.ceiling_rank is not None and args.ceiling_rank < 1:
             raise ValueError(f"--ceiling-rank must be at least 1, got {args.ceiling_rank}")
+        if args.ceiling_jobs is not None and args.ceiling_jobs < 1:
+            raise ValueError(f"--ceiling-jobs must be at least 1, got {args.ceiling_jobs}")
         for name in names:
             check_row_overrides(METHODS[name], row_overrides)
     except ValueError as err:
@@ -341,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
         if ceilings and METHODS[name].ceiling:
             b_primes = ceiling.add_ceilings(name, METHODS[name].ceiling, ctx, results[name], ceiling_families,
                                             args.ceiling_root, args.ceiling_steps, ceiling_overrides,
-                                            args.full_ceilings, args.ceiling_rank)
+                                            args.full_ceilings, args.ceiling_rank, args.ceiling_jobs or 1)
             for kind, b_prime in b_primes.items():
                 if b_prime:
                     path = ceiling_picture(ctx, output, b_prime, results[name], out, kind)
