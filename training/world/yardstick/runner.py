@@ -294,8 +294,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "world, off with --quick)")
     parser.add_argument("--ceiling-jobs", type=int, metavar="N",
                         help="train the ceiling runs the cache lacks N at a time, each a process with the cores "
-                             "shared out (default 1: one after another, each with every core); the figures do not "
-                             "change, the wall time does (recorded as extra.ceiling_jobs)")
+                             "shared out (default 1: one after another, each with every core); the same runs, "
+                             "with fewer threads each, so float sums may round otherwise (recorded as "
+                             "extra.ceiling_jobs)")
     parser.add_argument("--ceiling-root", type=Path, help="the ceilings' cache (default <world folder>/ceilings or "
                                                           f"${ceiling.ENV_ROOT})")
     args = parser.parse_args(argv)
