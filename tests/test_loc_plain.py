@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -64,6 +65,38 @@ def test_the_same_lora_for_every_pair_and_its_norm_against_the_merged_update():
             assert torch.equal(first.layers[path][k], second.layers[path][k])
     reference = math.sqrt(sum(float((up[0] @ down[0]).detach().pow(2).sum()) for down, up in first.layers.values()))
     assert torch.allclose(first.update_norm(), torch.full((3,), reference), rtol=1e-5)
+
+
+def test_the_plain_lora_is_generated_without_running_the_image_encoder():
+    """The trainer gives a model that does not read the pair blank tokens and never calls the encoder: the factors
+    are those the encoded pair gives. A hypernetwork still reads the encoded pair."""
+    from training.loc.task import generate_factors
+
+    class Encoder:
+        calls = 0
+
+        def encode(self, a, a_prime):
+            Encoder.calls += 1
+            tokens = {role: x.mean(dim=(1, 2))[:, None, :].expand(-1, 5, -1) for role, x in (("a", a),
+                                                                                                ("a_prime", a_prime))}
+            return SimpleNamespace(patch_tokens=tokens)
+
+    model, a, a_prime = plain(), torch.rand(3, 8, 8, 4), torch.rand(3, 8, 8, 4)
+    with torch.no_grad():
+        for up in model.up:
+            up.normal_()
+    factors = generate_factors(model, Encoder(), a, a_prime, "cpu")
+    assert Encoder.calls == 0 and factors.batch_size == 3 and factors.update_norm()[0] > 0
+    want = model(torch.randn(3, 5, 4), torch.randn(3, 5, 4))
+    for path, (down, up) in want.layers.items():
+        assert torch.equal(factors.layers[path][0], down) and torch.equal(factors.layers[path][1], up)
+
+    class Reader(torch.nn.Module):  # a model that reads the pair (as H does)
+        def forward(self, tokens_a, tokens_a_prime):
+            return tokens_a_prime - tokens_a
+
+    seen = generate_factors(Reader(), Encoder(), a, a_prime, "cpu")
+    assert Encoder.calls == 1 and seen.abs().sum() > 0
 
 
 def test_full_finetune_refuses_what_needs_a_lora_or_a_hypernetwork():

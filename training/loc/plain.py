@@ -29,6 +29,8 @@ from analogy_core.lora_io import load_lora_file
 class PlainLoRA(nn.Module):
     """One LoRA of ``config.rank`` on every projection of ``config.targets``, returned for every pair."""
 
+    reads_pair = False  # the pair's tokens are ignored: the trainer need not run the frozen image encoder for them
+
     def __init__(self, config: HypernetworkConfig):
         super().__init__()
         self.config = config
