@@ -134,7 +134,7 @@ def training_loss(transformer, backbone: Backbone, query_encoder: ImageEncoder, 
     b = x0.shape[0]
     if reads_query(transformer):
         query = analogy_query(query_encoder, batch, mixing_settings(cfg, query_encoder)).to(device)
-    else:  # a one-entry basis or a full fine-tune: every query mixes alike, so the frozen encoder is not run (~20 %)
+    else:  # a one-entry basis or a full fine-tune: every query mixes alike, so the encoder is not run (bench.ceiling_step)
         query = blank_query(transformer, b, device)
     t, weight = flow.sample_timesteps(cfg.timestep_sampling, b, generator)
     noise = torch.randn(x0.shape, generator=generator).to(device, x0.dtype)

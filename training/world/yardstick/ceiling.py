@@ -6,10 +6,11 @@ method's per-layer rank budget** is trained on that family alone, with the row's
 command a user types), and B′ is sampled on the row's held-out scenes with the row's sampler, steps and seed. Scored
 like every B′ (:mod:`training.world.metrics`)::
 
-    families.<f>.ceiling = {"lora": {"edited_cells", "kept_cells", "error", "train_steps", "train_seconds"}}
+    families.<f>.ceiling = {"lora": {"edited_cells", "kept_cells", "error", "train_steps", "train_seconds",
+                                     "train_threads"}}
 
 (``error``: mean absolute pixel error against the true B′; ``train_seconds``: of the run that trained the cached
-LoRA.) The second ceiling, a **full fine-tune** of the backbone on one family (``"full"``, the same fields), is
+LoRA; ``train_threads``: its torch threads when trained beside others, null for the process's default.) The second ceiling, a **full fine-tune** of the backbone on one family (``"full"``, the same fields), is
 computed for rows whose ``Ceiling`` has a ``full`` one (every row with a LoRA: each trainer's ``full_finetune``), on
 the full world by default (the quick world may skip it; ``full=True`` forces it).
 
@@ -39,7 +40,8 @@ import logging
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -143,22 +145,30 @@ def checked_rank(settings: dict, rank: int) -> int:
     return rank
 
 
-def trained(method: str, ceiling: Ceiling, world: World, family: str, seed: int, root: Path | None = None,
-            steps: int | None = None, overrides: dict[str, object] | None = None,
-            rank: int | None = None, threads: int | None = None) -> tuple[Path, dict]:
-    """The folder of ``family``'s ceiling run and its record, training it unless the cache holds it (``threads``: a
-    run beside others, :func:`train_side_by_side`)."""
+def cache_entry(method: str, ceiling: Ceiling, world: World, family: str, seed: int, root: Path | None = None,
+                steps: int | None = None, overrides: dict[str, object] | None = None,
+                rank: int | None = None) -> tuple[Path, str, dict, dict | None]:
+    """(folder, key, trainer settings, the cached record or None) of ``family``'s ceiling run."""
     settings = ceiling_settings(ceiling, world, family, seed, steps, overrides, rank)
     name = ceiling.shared_as or method
     key = cache_key(name, ceiling, world, settings, family, seed)
     folder = cache_root(world, root) / f"{name}-{family}-{key}"
     try:
         record = json.loads((folder / RECORD).read_text())
-        if record.get("key") == key:
-            log.info("ceiling %s/%s: reusing %s", method, family, folder)
-            return folder, {**record, "cached": True}
     except (OSError, ValueError):
-        pass
+        record = None
+    return folder, key, settings, record if record is not None and record.get("key") == key else None
+
+
+def trained(method: str, ceiling: Ceiling, world: World, family: str, seed: int, root: Path | None = None,
+            steps: int | None = None, overrides: dict[str, object] | None = None,
+            rank: int | None = None, threads: int | None = None) -> tuple[Path, dict]:
+    """The folder of ``family``'s ceiling run and its record, training it unless the cache holds it (``threads``: a
+    run beside others, :func:`train_side_by_side`)."""
+    folder, key, settings, record = cache_entry(method, ceiling, world, family, seed, root, steps, overrides, rank)
+    if record is not None:
+        log.info("ceiling %s/%s: reusing %s", method, family, folder)
+        return folder, {**record, "cached": True}
     tmp = folder.with_name(f".tmp_{folder.name}_{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     log.info("ceiling %s/%s: training (%s steps) ...", method, family, settings.get("max_steps"))
@@ -166,7 +176,7 @@ def trained(method: str, ceiling: Ceiling, world: World, family: str, seed: int,
                else run_trainer(ceiling.module, settings, tmp, threads=threads))
     shutil.rmtree(tmp / "checkpoints", ignore_errors=True)  # the exported file is what is sampled; no resume
     record = {"key": key, "method": method, "family": family, "seed": seed, "train_steps": settings.get("max_steps"),
-              "train_seconds": round(seconds, 1), "settings": settings}
+              "train_seconds": round(seconds, 1), "train_threads": threads, "settings": settings}
     losses = losses_from_log(tmp / "train.log")
     if losses:
         record["loss_first_step"], record["loss_last_step"] = losses
@@ -186,7 +196,8 @@ def scored(method: str, ceiling: Ceiling, world: World, family: str, items: list
     truth, b = ev.stack(items, "b_prime"), ev.stack(items, "b")
     scores = {**metrics.cell_scores(b_prime, truth, b), **metrics.kept_cells_by_role(b_prime, truth, b),
               "error": round(float(ev.mae(b_prime, truth).mean()), 5),
-              "train_steps": record["train_steps"], "train_seconds": record["train_seconds"]}
+              "train_steps": record["train_steps"], "train_seconds": record["train_seconds"],
+              "train_threads": record.get("train_threads")}
     return scores, record, b_prime
 
 
@@ -228,27 +239,45 @@ def train_side_by_side(method: str, ceiling: Ceiling, world: World, families: li
                        root: Path | None = None, steps: int | None = None,
                        overrides: dict[str, object] | None = None, full: bool | None = None,
                        rank: int | None = None) -> float:
-    """Train every ceiling run of ``families`` that the cache lacks, ``jobs`` at a time, each a plain subprocess with
-    the cores shared out (``available_cores() // jobs`` torch threads), so that scoring then finds them all cached.
-    Returns the training seconds summed over the runs trained. One failed run stops those not yet started and is
-    raised once the running ones end (their results are cached)."""
+    """Train every ceiling run of ``families`` that the cache lacks, ``jobs`` at a time (fewer when fewer are
+    missing), each a plain subprocess with the cores shared out (``available_cores() // lanes`` torch threads, kept
+    in its record as ``train_threads``), so that scoring then finds them all cached. Returns the training seconds
+    summed over the runs trained. A failed run keeps the others from starting; those running finish (and are
+    cached), then every failure is logged and the first raised."""
     if jobs < 1:
         raise ValueError(f"ceiling jobs must be at least 1, got {jobs}")
-    threads = max(1, available_cores() // jobs)
     runs = [(name, kind_ceiling, family, kind_overrides, kind_rank) for family in families
             for _, name, kind_ceiling, kind_overrides, kind_rank in measured_kinds(method, ceiling, world, overrides,
-                                                                                  full, rank)]
-    log.info("ceilings of %s: %d runs, %d at a time, %d threads each", method, len(runs), jobs, threads)
-    seconds = 0.0
-    pool = ThreadPoolExecutor(max_workers=jobs)
-    try:
-        futures = [pool.submit(trained, name, kind_ceiling, world, family, seed, root, steps, kind_overrides,
-                               kind_rank, threads) for name, kind_ceiling, family, kind_overrides, kind_rank in runs]
-        for future in as_completed(futures):
-            _, record = future.result()
-            seconds += 0.0 if record["cached"] else record["train_seconds"]
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+                                                                                  full, rank)
+            if cache_entry(name, kind_ceiling, world, family, seed, root, steps, kind_overrides, kind_rank)[3] is None]
+    if not runs:
+        return 0.0
+    lanes = min(jobs, len(runs))
+    threads = max(1, available_cores() // lanes)
+    log.info("ceilings of %s: %d runs to train, %d at a time, %d threads each", method, len(runs), lanes, threads)
+    stop = threading.Event()  # set by a failed run: no other run starts (those running finish and are cached)
+
+    def train(run: tuple) -> dict | None:
+        if stop.is_set():
+            return None
+        try:
+            name, kind_ceiling, family, kind_overrides, kind_rank = run
+            return trained(name, kind_ceiling, world, family, seed, root, steps, kind_overrides, kind_rank, threads)[1]
+        except BaseException:
+            stop.set()
+            raise
+
+    with ThreadPoolExecutor(max_workers=lanes) as pool:
+        futures = [pool.submit(train, run) for run in runs]
+    seconds, errors = 0.0, []
+    for future in futures:  # all done: leaving the pool waited for them
+        if future.exception() is not None:
+            log.error("a ceiling run failed: %s", future.exception())
+            errors.append(future.exception())
+        elif future.result() is not None:
+            seconds += 0.0 if future.result()["cached"] else future.result()["train_seconds"]
+    if errors:
+        raise errors[0]
     return seconds
 
 

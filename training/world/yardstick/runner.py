@@ -27,7 +27,7 @@ The JSON (stable: keys are added, never removed or renamed)::
                 (background, or part of an object; null where there is no such kept cell),
             "no_edit_cells", "base_cells", "floor_cells": {"edited_cells", "kept_cells"} of B, the base, the floor,
             "ceiling": {"lora": {"edited_cells", "kept_cells", "kept_background_cells", "kept_object_cells", "error",
-                                 "train_steps", "train_seconds"},
+                                 "train_steps", "train_seconds", "train_threads" (null: the default)},
                         "full": {the same}}: training families of a row with a ceiling, when ceilings are on
                 (--ceilings): a plain LoRA of the row's per-layer rank budget trained on this family alone, sampled
                 as the row samples; "full" (rows with one, full world or --full-ceilings): the backbone fully
@@ -294,9 +294,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "world, off with --quick)")
     parser.add_argument("--ceiling-jobs", type=int, metavar="N",
                         help="train the ceiling runs the cache lacks N at a time, each a process with the cores "
-                             "shared out (default 1: one after another, each with every core); the same runs, "
-                             "with fewer threads each, so float sums may round otherwise (recorded as "
-                             "extra.ceiling_jobs)")
+                             "shared out (default 1: one after another, each with every core); the same runs "
+                             "with fewer threads each, whose float sums round otherwise, so figures drift a little "
+                             "(recorded as extra.ceiling_jobs, each run's train_threads)")
     parser.add_argument("--ceiling-root", type=Path, help="the ceilings' cache (default <world folder>/ceilings or "
                                                           f"${ceiling.ENV_ROOT})")
     args = parser.parse_args(argv)
