@@ -26,7 +26,7 @@ is a number, not evidence of quality on photographs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -87,9 +87,9 @@ def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int], gap: i
     return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
 
 
-def pick(rng: np.random.Generator, options):
-    """``rng.choice(options)`` (the same draw from the same stream) without its per-call array conversion, which
-    made it the world data's largest cost."""
+def pick(rng: np.random.Generator, options: Sequence):
+    """``rng.choice(options)`` (the same draw from the same stream) without its per-call array conversion (about
+    two fifths of sampling a scene, in a profile of Edit Transfer's trainer)."""
     return options[int(rng.integers(len(options)))]
 
 
