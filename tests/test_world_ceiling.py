@@ -116,7 +116,7 @@ def test_add_ceilings_fills_the_row_and_trains_each_family_once(tmp_path, monkey
 
     trained_ranks = []
 
-    def fake_trainer(module, settings, out):
+    def fake_trainer(module, settings, out, threads=None):
         (out / "checkpoints").mkdir(parents=True)
         (out / "train.log").write_text("wrote basis (steps 0..3, loss 1.0 -> 0.5)\n")
         runs.append(settings["data"])
@@ -375,7 +375,7 @@ def test_the_full_finetune_ceiling_is_measured_on_the_full_world_and_kept_apart(
     the quick one unless asked), trained in its own cache entry, with its own means."""
     runs = []
 
-    def fake_trainer(module, settings, out):
+    def fake_trainer(module, settings, out, threads=None):
         (out / "train.log").parent.mkdir(parents=True, exist_ok=True)
         (out / "train.log").write_text("")
         runs.append((settings["data"], settings.get("full_finetune", False)))
@@ -421,7 +421,8 @@ def test_the_full_finetune_ceiling_is_measured_on_the_full_world_and_kept_apart(
     runs.clear()
     seen = []
     monkeypatch.setattr(ceiling, "run_trainer",
-                        lambda module, settings, out: (seen.append(settings), fake_trainer(module, settings, out))[1])
+                        lambda module, settings, out, threads=None: (seen.append(settings),
+                                                                    fake_trainer(module, settings, out))[1])
     run(True, families=["invert"], full=True, overrides={"full.finetune_scope": "attention"})
     assert [(s.get("full_finetune", False), s.get("finetune_scope")) for s in seen] == [(True, "attention")]
 

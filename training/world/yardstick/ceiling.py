@@ -172,8 +172,7 @@ def trained(method: str, ceiling: Ceiling, world: World, family: str, seed: int,
     tmp = folder.with_name(f".tmp_{folder.name}_{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     log.info("ceiling %s/%s: training (%s steps) ...", method, family, settings.get("max_steps"))
-    seconds = (run_trainer(ceiling.module, settings, tmp) if threads is None
-               else run_trainer(ceiling.module, settings, tmp, threads=threads))
+    seconds = run_trainer(ceiling.module, settings, tmp, threads=threads)
     shutil.rmtree(tmp / "checkpoints", ignore_errors=True)  # the exported file is what is sampled; no resume
     record = {"key": key, "method": method, "family": family, "seed": seed, "train_steps": settings.get("max_steps"),
               "train_seconds": round(seconds, 1), "train_threads": threads, "settings": settings}
