@@ -24,7 +24,9 @@ def rows(tmp_path_factory) -> dict:
 
     quick_world()
     out = tmp_path_factory.mktemp("loc-et-rows")
-    return main(["--methods", "loc,edit_transfer", "--quick", "--seed", str(SEED), "--out", str(out)])["methods"]
+    # --diagnostics: LoC's run without random exchange too (its figures are asserted below)
+    return main(["--methods", "loc,edit_transfer", "--quick", "--seed", str(SEED), "--out", str(out),
+                 "--diagnostics"])["methods"]
 
 
 # Measured on the quick world v2, seeds 0 / 1 / 2, error ÷ no edit:

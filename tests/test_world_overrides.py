@@ -9,6 +9,7 @@ import argparse
 import hashlib
 import json
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -235,8 +236,10 @@ class _Stop(Exception):
     """Raised by a stand-in trainer once the row has shown what it trains with."""
 
 
-def _context(tmp_path, overrides: dict, examples: dict | None = None, resume: bool = False) -> MethodContext:
-    return MethodContext(_world(str(tmp_path)), 0, True, tmp_path / "row", examples or {}, overrides, resume)
+def _context(tmp_path, overrides: dict, examples: dict | None = None, resume: bool = False,
+             diagnostics: bool = False) -> MethodContext:
+    return MethodContext(_world(str(tmp_path)), 0, True, tmp_path / "row", examples or {}, overrides, resume,
+                         diagnostics)
 
 
 def test_row_settings_are_parsed_as_json_literals_or_text():
@@ -308,20 +311,24 @@ def test_lorweb_row_trains_both_its_runs_with_the_row_settings(tmp_path, monkeyp
     assert init == {**overrides, "learning_rate": 0.0, "sample_every": 10_000}
 
 
-def test_loc_row_trains_both_its_runs_with_the_row_settings_and_its_own_exchange(tmp_path, monkeypatch):
+@pytest.mark.parametrize("diagnostics", [False, True])
+def test_loc_row_trains_its_runs_with_the_row_settings_and_its_own_exchange(diagnostics, tmp_path, monkeypatch):
     runs = []
 
     def fake_train(root, out, quick, seed, overrides=None, resume=False):
         runs.append((out.name, overrides, resume))
-        if len(runs) == 2:
-            raise _Stop
         return 0.0
 
+    def stop(spec):  # the row loads its backbone once every run is trained
+        raise _Stop
+
     monkeypatch.setattr(loc, "train_loc", fake_train)
+    monkeypatch.setattr(loc, "load_ip2p", stop)
     with pytest.raises(_Stop):
-        loc.run_loc(_context(tmp_path, {"learning_rate": 3e-4}, resume=True))
-    assert runs == [("train", {"learning_rate": 3e-4, "random_exchange": True}, True),
-                    ("train_no_exchange", {"learning_rate": 3e-4, "random_exchange": False}, True)]
+        loc.run_loc(_context(tmp_path, {"learning_rate": 3e-4}, resume=True, diagnostics=diagnostics))
+    published = [("train", {"learning_rate": 3e-4, "random_exchange": True}, True)]
+    ablation = [("train_no_exchange", {"learning_rate": 3e-4, "random_exchange": False}, True)]
+    assert runs == published + (ablation if diagnostics else [])
 
 
 def test_edit_transfer_rows_share_a_run_only_with_the_same_row_settings(tmp_path, monkeypatch):
@@ -368,13 +375,49 @@ def test_regions_row_trains_with_the_row_settings_and_its_own_mode(tmp_path, mon
     assert settings["max_steps"] == 7  # the row's own settings, the override in them
 
 
+@pytest.mark.parametrize("diagnostics", [False, True])
+def test_regions_row_trains_its_own_runs_and_the_ablations_only_when_asked(diagnostics, tmp_path, monkeypatch):
+    trained: list[str] = []
+    loaded = types.SimpleNamespace(spec=types.SimpleNamespace(mlp_width=128))
+
+    def fake_train(settings, out, max_steps, resume=False):
+        trained.append(out.name)
+        return 0.0
+
+    def stop(*args):  # the row predicts regions once every run is trained and scored
+        raise _Stop
+
+    class _Loaded:
+        @staticmethod
+        def from_folder(folder):
+            return None
+
+    monkeypatch.setattr(regions, "train_region", fake_train)
+    monkeypatch.setattr(regions, "FrozenClip", _Loaded)
+    monkeypatch.setattr(regions, "InstructionEncoder", _Loaded)
+    monkeypatch.setattr(regions, "load_region_predictor", lambda path: loaded)
+    monkeypatch.setattr(regions, "world_iou", lambda model, clip, encoder, families, *rest: {
+        f: {"text": 0.5, "analogy": 0.5} for f in families})
+    monkeypatch.setattr(regions, "losses_from_log", lambda path: None)
+    monkeypatch.setattr(regions, "predicted_regions", stop)
+    examples = {f: ev.examples(f, 1, 64) for f in ("add_square_top_left", "add_square_bottom_right")}
+    ctx = _context(tmp_path, {}, examples, diagnostics=diagnostics)
+    ctx.world.builds[regions.T5_FOLDER] = {"key": "t"}
+    with pytest.raises(_Stop):
+        regions.run_bench_row(ctx, lorweb_output=object())
+    names = [name for name, _, _ in regions.RUNS] if diagnostics else ["text", "analogy"]
+    assert trained == [run for name in names for run in (f"{name}_init", name)]
+
+
 def test_the_report_records_the_row_settings_only_when_given(tmp_path):
-    args = argparse.Namespace(seed=0, quick=True, json=None, resume_runs=False)
+    args = argparse.Namespace(seed=0, quick=True, json=None, resume_runs=False, diagnostics=False)
     plain = runner.write_report(args, tmp_path / "plain", time.monotonic(), {}, _world())
     probe = runner.write_report(args, tmp_path / "probe", time.monotonic(), {}, _world(), {"learning_rate": 0.002})
     assert "row_overrides" not in plain and probe["row_overrides"] == {"learning_rate": 0.002}
     assert "resumed_runs" not in plain and "resumed_runs" not in probe
-    continued = runner.write_report(argparse.Namespace(seed=0, quick=True, json=None, resume_runs=True),
+    continued = runner.write_report(argparse.Namespace(seed=0, quick=True, json=None, resume_runs=True,
+                                                       diagnostics=True),
                                     tmp_path / "continued", time.monotonic(), {}, _world())
-    assert continued["resumed_runs"] is True
+    assert continued["resumed_runs"] is True and continued["diagnostics"] is True
+    assert "diagnostics" not in plain
     assert json.loads((tmp_path / "probe" / "results.json").read_text())["row_overrides"] == {"learning_rate": 0.002}

@@ -21,8 +21,9 @@ def row(tmp_path_factory) -> dict:
     from training.world.yardstick.runner import main
 
     quick_world()
-    out = tmp_path_factory.mktemp("regions-row")
-    return main(["--methods", "regions", "--quick", "--seed", str(SEED), "--out", str(out)])["methods"]["regions"]
+    out = tmp_path_factory.mktemp("regions-row")  # --diagnostics: the ablation runs too (text_mask is asserted)
+    return main(["--methods", "regions", "--quick", "--seed", str(SEED), "--out", str(out),
+                 "--diagnostics"])["methods"]["regions"]
 
 
 # Measured on the quick world v2 at the row's preset (100 steps per run, the token MLP 128 wide), seeds 0 / 1 / 2

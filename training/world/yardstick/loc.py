@@ -12,7 +12,8 @@ the same sampler without the LoRA. ``extra`` holds:
 
 * ``consistency_gap_*`` — ‖H(A, A′) + H(A′, A)‖ / ‖H(A, A′)‖ (mean over the training families' examples) after
   training and at an early checkpoint (``_early``, after ``EARLY`` of the steps), for the run with random exchange
-  (the default) and a run without it (``_no_exchange``; same steps and seed). At initialisation the gap is undefined:
+  (the default) and, with ``--diagnostics``, a run without it (``_no_exchange``; same steps and seed; every
+  ``*_no_exchange`` figure comes from that run and is absent without it). At initialisation the gap is undefined:
   eq. 11 makes H(A, A′) exactly zero (``consistency_gap_init`` is null for that reason);
 * per family (``*_by_family``, every family) and as a claim (``consistency_gap_claim*``, ``direction_cosine*``: mean
   over the training families that are not self-inverse): the gap, and the direction-aware ``direction_cosine`` —
@@ -28,7 +29,7 @@ the same sampler without the LoRA. ``extra`` holds:
   update moves the weights it patches (a plain LoRA ceiling taught one family moves them 0.26-0.44);
 * ``reverse_*`` — LoRA Reverse undoing the edit: −H(A, A′) applied with the true B′ as the condition, against B
   (``reverse_error_<split>``), next to doing nothing (``reverse_no_edit_<split>`` = |B′ − B|);
-* the no-exchange run's own B′ error ratio, training time and losses;
+* the no-exchange run's own B′ error ratio, training time and losses (``--diagnostics``);
 * ``family_share_*`` — how much of the spread of what H reads (A′'s tokens minus A's) and of what it generates
   (every ΔW) lies between the training families, next to what random labels give (:func:`family_figures`);
 * ``image_encoder_trained`` — whether the runs trained the image encoder E with H (``--row-set
@@ -294,11 +295,14 @@ def row_settings(ctx) -> dict[str, object]:
 
 
 def run_loc(ctx):
-    """The ``loc`` method of ``bench.analogy_world``: train (with and without random exchange), then measure."""
+    """The ``loc`` method of ``bench.analogy_world``: train (with random exchange, as published; with
+    ``ctx.diagnostics`` also without it), then measure."""
     settings = row_settings(ctx)
     steps = int(settings["max_steps"])
     trains_encoder = float(settings.get("image_encoder_learning_rate", 0.0)) > 0
-    runs = {"": ctx.folder / "train", "_no_exchange": ctx.folder / "train_no_exchange"}
+    runs = {"": ctx.folder / "train"}
+    if ctx.diagnostics:  # the ablation of the paper's random exchange: same steps and seed
+        runs["_no_exchange"] = ctx.folder / "train_no_exchange"
     seconds = {tag: train_loc(ctx.world.root, out, ctx.quick, ctx.seed,
                               {**ctx.row_overrides, "random_exchange": tag == ""}, ctx.resume_runs)
                for tag, out in runs.items()}
@@ -322,7 +326,6 @@ def run_loc(ctx):
     b_prime = b_primes(hypernetwork, encoder)
     base = base_b_primes(backbone, ctx.examples, sample_steps, ctx.seed)
     extra: dict[str, object] = {"train_steps": steps, "train_seconds": round(seconds[""], 1),
-                                "train_seconds_no_exchange": round(seconds["_no_exchange"], 1),
                                 "consistency_gap_init": None,
                                 "consistency_gap_init_note": "undefined: a fresh H generates an exactly zero LoRA "
                                                              "(eq. 11)", "early_step_fraction": EARLY,
@@ -347,24 +350,35 @@ def run_loc(ctx):
     random_init = with_random_u_b(fresh, ctx.seed)  # where the init figures are defined (a fresh H's LoRA is zero)
     extra.update(direction_figures(random_init, world_encoder, ctx.examples, "_init"))
     extra.update(family_figures(finals, world_encoder, random_init, train_items))
-    no_exchange, no_exchange_encoder = finals["_no_exchange"]
-    other = b_primes(no_exchange, no_exchange_encoder)
+    if "_no_exchange" in finals:
+        extra["train_seconds_no_exchange"] = round(seconds["_no_exchange"], 1)
+        extra.update(no_exchange_ratios(b_primes(*finals["_no_exchange"]), ctx.examples))
     for split in ("train", "heldout"):
         names = [f for f in ctx.examples if world.get_family(f).split == split]
-        ratios, reverse, nothing = [], [], []
+        reverse, nothing = [], []
         for family in names:
             items = ctx.examples[family]
             b, truth = stack(items, "b"), stack(items, "b_prime")
-            no_edit = float(mae(b, truth).mean())
-            ratios.append(float(mae(other[family], truth).mean()) / no_edit)
             factors = hypernetwork(*tokens(encoder, items)).scaled(-1.0)
             reverse.append(float(mae(edit_images(backbone, factors, truth, sample_steps, ctx.seed), b).mean()))
-            nothing.append(no_edit)
-        extra[f"mean_error_over_no_edit_{split}_no_exchange"] = round(sum(ratios) / len(ratios), 4)
+            nothing.append(float(mae(b, truth).mean()))
         extra[f"reverse_error_{split}"] = round(sum(reverse) / len(reverse), 5)
         extra[f"reverse_no_edit_{split}"] = round(sum(nothing) / len(nothing), 5)
     (ctx.folder / "loc_extra.json").write_text(json.dumps(extra, indent=2))
     return MethodOutput(b_prime, base, backbone.reconstruct, extra)
+
+
+def no_exchange_ratios(b_prime: dict[str, torch.Tensor], examples: dict[str, list]) -> dict[str, float]:
+    """``mean_error_over_no_edit_<split>_no_exchange``: the mean over a split's families of the no-exchange run's B′
+    error ÷ no edit."""
+    out = {}
+    for split in ("train", "heldout"):
+        ratios = []
+        for family in (f for f in examples if world.get_family(f).split == split):
+            b, truth = stack(examples[family], "b"), stack(examples[family], "b_prime")
+            ratios.append(float(mae(b_prime[family], truth).mean()) / float(mae(b, truth).mean()))
+        out[f"mean_error_over_no_edit_{split}_no_exchange"] = round(sum(ratios) / len(ratios), 4)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------

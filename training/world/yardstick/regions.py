@@ -89,6 +89,12 @@ RUNS: tuple[tuple[str, str, dict], ...] = (("text", "text", {}), ("analogy", "an
                                            ("text_paper", "text", {"residual": False, "positions": False}),
                                            ("text_straight_through", "text", {"straight_through": True}),
                                            ("text_mask", "text", {"mask_weight": 1.0}))
+ROW_RUNS = ("text", "analogy")  # the row's own runs: the pack's form in each mode; the rest only with --diagnostics
+
+
+def row_runs(diagnostics: bool) -> tuple[tuple[str, str, dict], ...]:
+    """The runs the row trains: its own, and with ``diagnostics`` the ablations that explain text mode's figures."""
+    return tuple(run for run in RUNS if diagnostics or run[0] in ROW_RUNS)
 
 
 def region_settings(world_folder: str, quick: bool = False) -> dict[str, object]:
@@ -136,9 +142,9 @@ def predicted_regions(model, clip: FrozenClip, examples: dict[str, list], thresh
 
 
 def run_bench_row(ctx, lorweb_output=None):
-    """Train the region predictor on the world (one model per mode: text with the paper's losses, analogy), measure
-    IoU before and after on held-out scenes, and confine LoRWeB's B′ to the analogy model's region. Returns the
-    the yardstick's MethodOutput: B′ = LoRWeB's B′ inside the predicted region, B outside; base = LoRWeB's B′ unconfined."""
+    """Train the region predictor on the world (one model per mode: text with the paper's losses, analogy; with
+    ``ctx.diagnostics`` the other forms of :data:`RUNS` too), measure IoU before and after on held-out scenes, and
+    confine LoRWeB's B′ to the analogy model's region. Returns the yardstick's MethodOutput: B′ = LoRWeB's B′ inside the predicted region, B outside; base = LoRWeB's B′ unconfined."""
     settings = {**region_settings(str(ctx.world.root), ctx.quick), **ctx.row_overrides, "seed": ctx.seed}
     steps = int(settings["max_steps"])
     clip = FrozenClip.from_folder(ctx.world.path("clip"))
@@ -150,7 +156,8 @@ def run_bench_row(ctx, lorweb_output=None):
     after: dict[str, dict[str, float]] = {f: {} for f in local}
     before: dict[str, dict[str, float]] = {f: {} for f in local}
     models = {}
-    for name, mode, form in RUNS:  # one model per mode: trained jointly, analogy mode learnt far more slowly
+    runs = row_runs(ctx.diagnostics)
+    for name, mode, form in runs:  # one model per mode: trained jointly, analogy mode learnt far more slowly
         run = {**settings, "mode": mode, **form}
         train_region({**run, "learning_rate": 0.0}, ctx.folder / f"{name}_init", 1, ctx.resume_runs)
         extra[f"train_seconds_{name}"] = round(train_region(run, ctx.folder / name, steps, ctx.resume_runs), 1)
@@ -165,7 +172,7 @@ def run_bench_row(ctx, lorweb_output=None):
     for split in ("train", "heldout"):
         names = [f for f in local if world.get_family(f).split == split]
         suffix = "" if split == "train" else "_heldout_families"
-        for mode, _, _ in RUNS:
+        for mode, _, _ in runs:
             extra[f"iou_{mode}{suffix}"] = mean(after[f][mode] for f in names)
             extra[f"iou_{mode}_start{suffix}"] = mean(before[f][mode] for f in names)
     extra["iou_per_family"] = {f: {m: round(v, 4) for m, v in after[f].items()} for f in local}

@@ -17,6 +17,9 @@ The JSON (stable: keys are added, never removed or renamed)::
      "row_overrides" (only for a probe run, --row-set: {setting: value} given to every row's trainer),
      "resumed_runs" (only with --resume-runs: the rows continued the runs already in --out; their train_seconds
         count this invocation's training only),
+     "diagnostics" (only with --diagnostics: the rows also trained their ablation runs, whose figures are in
+        ``extra`` — regions: ``*_text_paper``, ``*_text_straight_through``, ``*_text_mask`` and those runs in
+        ``iou_per_family``; LoC: every ``*_no_exchange``; without it those keys are absent),
      "methods": {name: {
         "families": {family: {
             "split": "train" | "heldout",
@@ -297,6 +300,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "shared out (default 1: one after another, each with every core); the same runs "
                              "with fewer threads each, whose float sums round otherwise, so figures drift a little "
                              "(recorded as extra.ceiling_jobs, each run's train_threads)")
+    parser.add_argument("--diagnostics", action="store_true",
+                        help="also train the rows' ablation runs: the regions row's paper form, straight-through and "
+                             "mask-supervised text runs, LoC without random exchange (recorded as diagnostics)")
     parser.add_argument("--ceiling-root", type=Path, help="the ceilings' cache (default <world folder>/ceilings or "
                                                           f"${ceiling.ENV_ROOT})")
     args = parser.parse_args(argv)
@@ -337,7 +343,8 @@ def main(argv: list[str] | None = None) -> dict:
         folder = out / name
         if not args.resume_runs:
             shutil.rmtree(folder, ignore_errors=True)
-        ctx = MethodContext(world, args.seed, args.quick, folder, examples, row_overrides, args.resume_runs)
+        ctx = MethodContext(world, args.seed, args.quick, folder, examples, row_overrides, args.resume_runs,
+                            args.diagnostics)
         try:
             output = METHODS[name].run(ctx)
         except RunSettingsChanged as err:
@@ -370,6 +377,8 @@ def write_report(args: argparse.Namespace, out: Path, started: float, results: d
         report["row_overrides"] = row_overrides
     if args.resume_runs:
         report["resumed_runs"] = True
+    if args.diagnostics:
+        report["diagnostics"] = True
     for path in filter(None, (args.json, out / "results.json")):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2))
