@@ -29,7 +29,7 @@ class MethodContext:
     examples: dict[str, list[world_def.Example]]  # held-out scenes of every family
     row_overrides: dict[str, object] = field(default_factory=dict)  # --row-set: the row trainer's settings changed
     resume_runs: bool = False  # --resume-runs: continue the row's training runs already in ``folder``
-    diagnostics: bool = False  # --diagnostics: also the rows' ablation runs (regions' other forms, LoC without exchange)
+    diagnostics: bool = False  # --diagnostics: the rows' ablation runs too (regions' other forms, LoC's no exchange)
 
 
 @dataclass

@@ -144,7 +144,8 @@ def predicted_regions(model, clip: FrozenClip, examples: dict[str, list], thresh
 def run_bench_row(ctx, lorweb_output=None):
     """Train the region predictor on the world (one model per mode: text with the paper's losses, analogy; with
     ``ctx.diagnostics`` the other forms of :data:`RUNS` too), measure IoU before and after on held-out scenes, and
-    confine LoRWeB's B′ to the analogy model's region. Returns the yardstick's MethodOutput: B′ = LoRWeB's B′ inside the predicted region, B outside; base = LoRWeB's B′ unconfined."""
+    confine LoRWeB's B′ to the analogy model's region. Returns the yardstick's MethodOutput: B′ = LoRWeB's B′
+    inside the predicted region, B outside; base = LoRWeB's B′ unconfined."""
     settings = {**region_settings(str(ctx.world.root), ctx.quick), **ctx.row_overrides, "seed": ctx.seed}
     steps = int(settings["max_steps"])
     clip = FrozenClip.from_folder(ctx.world.path("clip"))
