@@ -1,7 +1,7 @@
 """A row's learning curve on the analogy world: every step export of one training run (``keep_exports``), measured
 exactly as the row measures its final file (same held-out scenes, sampler and seed; the yardstick's cell metric and
 error ratios). Rows that know how: LoRWeB's, LoRA of Change's (either of its runs: ``<out>/loc/train``, with random
-exchange, or ``train_no_exchange``) and Edit Transfer's three.
+exchange, or ``train_no_exchange``, which the row trains only with ``--diagnostics``) and Edit Transfer's three.
 
     # train a row with a step export at every checkpoint (here: LoRWeB, 8,400 steps, one every 1,000)
     .venv/bin/python -m bench.analogy_world --methods lorweb --no-ceilings --row-set max_steps=8400 \\

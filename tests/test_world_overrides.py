@@ -6,6 +6,7 @@ training/world/yardstick/common.py, training/world/yardstick/ceiling.py)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import time
@@ -220,6 +221,7 @@ def test_the_yardstick_refuses_a_bad_probe_before_building_anything(args, tmp_pa
     (["--quick", "--methods", "loc", "--ceilings", "--ceiling-rank", "0"], "at least 1"),
     (["--quick", "--methods", "lorweb", "--ceiling-jobs", "2"], "add --ceilings"),
     (["--quick", "--methods", "lorweb", "--ceilings", "--ceiling-jobs", "0"], "at least 1"),
+    (["--quick", "--methods", "lorweb,edit_transfer", "--diagnostics"], "none of lorweb, edit_transfer has any"),
 ])
 def test_a_ceiling_option_without_a_ceiling_is_refused_not_ignored(args, says, tmp_path, capsys):
     with pytest.raises(SystemExit):
@@ -407,6 +409,23 @@ def test_regions_row_trains_its_own_runs_and_the_ablations_only_when_asked(diagn
         regions.run_bench_row(ctx, lorweb_output=object())
     names = [name for name, _, _ in regions.RUNS] if diagnostics else ["text", "analogy"]
     assert trained == [run for name in names for run in (f"{name}_init", name)]
+
+
+@pytest.mark.parametrize("flag", [[], ["--diagnostics"]])
+def test_the_yardstick_hands_each_row_the_diagnostics_flag(flag, tmp_path, monkeypatch):
+    seen = []
+
+    def capture(ctx):
+        seen.append(ctx.diagnostics)
+        raise _Stop
+
+    world = _world(str(tmp_path))
+    world.builds["autoencoder"]["config"] = {"panel": 64}
+    monkeypatch.setattr(runner, "build_world", lambda *args, **kwargs: world)
+    monkeypatch.setitem(runner.METHODS, "loc", dataclasses.replace(runner.METHODS["loc"], run=capture))
+    with pytest.raises(_Stop):
+        runner.main(["--quick", "--methods", "loc", "--examples", "1", "--out", str(tmp_path / "out"), *flag])
+    assert seen == [bool(flag)]
 
 
 def test_the_report_records_the_row_settings_only_when_given(tmp_path):

@@ -103,6 +103,7 @@ class Method:
     trainer_config: type | None = None  # the row trainer's config dataclass: what --row-set may change (None: nothing)
     own_settings: frozenset[str] = frozenset()  # settings the row itself sets per run (--row-set may not change them)
     curve: Curve | None = None  # how its step exports are measured (None: bench.row_curve does not know the row)
+    ablations: bool = False  # whether --diagnostics adds runs to the row (ctx.diagnostics)
 
 
 # What says which world and run a row is: its world models (the world folder) and the seed (--seed).

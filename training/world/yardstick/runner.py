@@ -11,15 +11,17 @@ similarity of the basis coefficients, on training families, after training and a
 JSON file (the stable interface below), and a picture grid per method (rows: families; columns A, A′, B, true B′,
 the method's B′; each row labelled with both errors and both cell fractions).
 
-The JSON (stable: keys are added, never removed or renamed)::
+The JSON (stable: keys are added, never removed or renamed; the one exception, since 2026-12-07: the figures of the
+rows' ablation runs, present only with ``--diagnostics``)::
 
     {"seed", "quick", "seconds", "world_overrides" (only for a probe world, --world-set: {model: {setting: value}}),
      "row_overrides" (only for a probe run, --row-set: {setting: value} given to every row's trainer),
      "resumed_runs" (only with --resume-runs: the rows continued the runs already in --out; their train_seconds
         count this invocation's training only),
      "diagnostics" (only with --diagnostics: the rows also trained their ablation runs, whose figures are in
-        ``extra`` — regions: ``*_text_paper``, ``*_text_straight_through``, ``*_text_mask`` and those runs in
-        ``iou_per_family``; LoC: every ``*_no_exchange``; without it those keys are absent),
+        ``extra`` — regions: ``*_text_paper*``, ``*_text_straight_through*``, ``*_text_mask*`` and those runs in
+        ``iou_per_family`` and ``iou_per_family_start``; LoC: every ``*_no_exchange*``; without it those keys are
+        absent),
      "methods": {name: {
         "families": {family: {
             "split": "train" | "heldout",
@@ -112,11 +114,12 @@ _METHODS = [
            trainer_config=LoRWeBConfig, curve=lorweb.CURVE),
     Method("regions", ("autoencoder", "clip", "flux_kontext", "region_t5"), run_regions,
            "region predictor (world CLIP, world T5); B′ = LoRWeB's B′ inside the predicted region",
-           trainer_config=RegionConfig, own_settings=frozenset({"mode", *(k for _, _, f in regions.RUNS for k in f)})),
+           trainer_config=RegionConfig, own_settings=frozenset({"mode", *(k for _, _, f in regions.RUNS for k in f)}),
+           ablations=True),
     Method("loc", ("autoencoder", "clip", "instruct_pix2pix"), loc.run_loc,
            "LoRA of Change hypernetwork on the InstructPix2Pix-like world backbone, world CLIP tokens",
            ceiling=loc.CEILING, trainer_config=LoCConfig, own_settings=frozenset({"random_exchange"}),
-           curve=loc.CURVE),
+           curve=loc.CURVE, ablations=True),
     Method("edit_transfer", ("autoencoder", "flux_dev"), run_edit_transfer("edit_transfer"),
            "Edit Transfer LoRA on the FLUX.1-dev-like world backbone (instruction prompts), official clean-context "
            "sampler", ceiling=edit_transfer.row_ceiling("edit_transfer"), trainer_config=EditTransferConfig,
@@ -329,6 +332,9 @@ def main(argv: list[str] | None = None) -> dict:
     ceilings = (not args.quick) if args.ceilings is None else args.ceilings
     ceiling_families = args.ceiling_families.split("+") if args.ceiling_families else None
     refuse_unused_ceiling_options(parser, args, ceilings, names)
+    if args.diagnostics and not any(METHODS[name].ablations for name in names):
+        parser.error(f"--diagnostics adds ablation runs to rows, and none of {', '.join(names)} has any (rows with "
+                     f"ablations: {', '.join(n for n, m in METHODS.items() if m.ablations)})")
     full_ceilings = (not args.quick) if args.full_ceilings is None else args.full_ceilings
     if not full_ceilings and any(key.startswith("full.") for key in ceiling_overrides):
         parser.error("--ceiling-set full.*: the full fine-tune ceilings are off for this run "
