@@ -351,6 +351,21 @@ def test_edit_transfer_rows_share_a_run_only_with_the_same_row_settings(tmp_path
     assert runs == [{"rank": 4}, {"rank": 8}]
 
 
+class _Loaded:
+    """A stand-in for the world CLIP and T5 classes: loads nothing."""
+
+    @staticmethod
+    def from_folder(folder):
+        return None
+
+
+def _stub_region_row(monkeypatch, fake_train) -> None:
+    """The regions row with ``fake_train`` for its trainer and no world CLIP or T5 read."""
+    monkeypatch.setattr(regions, "train_region", fake_train)
+    monkeypatch.setattr(regions, "FrozenClip", _Loaded)
+    monkeypatch.setattr(regions, "InstructionEncoder", _Loaded)
+
+
 def test_regions_row_trains_with_the_row_settings_and_its_own_mode(tmp_path, monkeypatch):
     runs = []
 
@@ -358,14 +373,7 @@ def test_regions_row_trains_with_the_row_settings_and_its_own_mode(tmp_path, mon
         runs.append((out.name, settings, max_steps, resume))
         raise _Stop
 
-    class _Loaded:
-        @staticmethod
-        def from_folder(folder):
-            return None
-
-    monkeypatch.setattr(regions, "train_region", fake_train)
-    monkeypatch.setattr(regions, "FrozenClip", _Loaded)
-    monkeypatch.setattr(regions, "InstructionEncoder", _Loaded)
+    _stub_region_row(monkeypatch, fake_train)
     examples = {"add_square_top_left": ev.examples("add_square_top_left", 1, 64)}
     ctx = _context(tmp_path, {"learning_rate": 5e-4, "max_steps": 7}, examples, resume=True)
     ctx.world.builds[regions.T5_FOLDER] = {"key": "t"}
@@ -389,14 +397,7 @@ def test_regions_row_trains_its_own_runs_and_the_ablations_only_when_asked(diagn
     def stop(*args):  # the row predicts regions once every run is trained and scored
         raise _Stop
 
-    class _Loaded:
-        @staticmethod
-        def from_folder(folder):
-            return None
-
-    monkeypatch.setattr(regions, "train_region", fake_train)
-    monkeypatch.setattr(regions, "FrozenClip", _Loaded)
-    monkeypatch.setattr(regions, "InstructionEncoder", _Loaded)
+    _stub_region_row(monkeypatch, fake_train)
     monkeypatch.setattr(regions, "load_region_predictor", lambda path: loaded)
     monkeypatch.setattr(regions, "world_iou", lambda model, clip, encoder, families, *rest: {
         f: {"text": 0.5, "analogy": 0.5} for f in families})
