@@ -14,19 +14,6 @@ from analogy_core.loc import HypernetworkConfig, attention_targets, build_hypern
 from tiny_models import SD_DIFFUSERS, randomize_
 
 
-def _randomised_(module: torch.nn.Module, seed: int) -> None:
-    """Every parameter random, one-dimensional ones too (norm scales around 1, biases around 0): a norm left at its
-    identity or a zero bias cannot hide a wrong wiring."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if param.ndim >= 2:
-                param.copy_(torch.randn(param.shape, generator=gen) / param.shape[-1] ** 0.5)
-            else:
-                centre = 1.0 if name.endswith("weight") else 0.0
-                param.copy_(centre + 0.3 * torch.randn(param.shape, generator=gen))
-
-
 # -- LoRA of Change: H(A, A′) = S(D(queries, P([A, A′]))) -------------------------------------------------------------
 
 
@@ -39,7 +26,7 @@ def hypernetwork():
     config = HypernetworkConfig(targets=attention_targets(layout_of_diffusers_model(unet)), token_width=6,
                                 token_count=5, width=16, blocks=1, heads=2, rank=2, ffn=32, family="sd15")
     model = build_hypernetwork(config, seed=0).eval()
-    _randomised_(model, seed=2)  # U_B too (zero at initialisation, eq. 11)
+    randomize_(model, seed=2)  # every parameter, U_B (zero at initialisation, eq. 11) and norms too
     return model
 
 
@@ -98,7 +85,7 @@ def test_frozen_clip_features_are_transformers_clip_features():
 
     clip = tiny_clip(0)
     model = clip.model
-    _randomised_(model, seed=4)
+    randomize_(model, seed=4)  # norms and biases away from their identity values too
     gen = torch.Generator().manual_seed(5)
     images = torch.rand(2, 40, 48, 3, generator=gen)
     features = clip.vision(images)
