@@ -78,28 +78,71 @@ def test_a_forked_run_is_the_subprocess_run_and_a_dead_server_is_replaced(probe,
         assert run(mode, ["kill"], log, probe, monkeypatch) == -signal.SIGKILL
 
     # one server for the runs of every test: pytest's per-test variable does not start another
-    servers = {id(s) for s in launch._servers.values()}
+    servers = {id(s) for s in launch._servers}
     monkeypatch.setenv("PYTEST_CURRENT_TEST", "another test (call)")
     log = tmp_path / "run.log"
     assert run("fork", ["x"], log, probe, monkeypatch) == 0
-    assert {id(s) for s in launch._servers.values()} == servers
+    assert {id(s) for s in launch._servers} == servers
     assert lines(log)[1].endswith("test another test (call)")  # the run sees the caller's value
 
     # a server that died is replaced by the next run
-    mine = [s for s in launch._servers.values() if s.alive()][-1]
+    mine = [s for s in launch._servers if s.alive()][-1]
     mine.process.kill()
     mine.process.wait()
     assert run("fork", ["x"], log, probe, monkeypatch) == 0
     assert "preloaded True" in lines(log)
-    assert len(launch._servers) <= launch.MAX_SERVERS
+    assert len([s for s in launch._servers if not s.busy]) <= launch.MAX_SERVERS
 
 
 def test_a_run_asked_plain_is_a_subprocess_even_where_runs_are_forked(probe, tmp_path, monkeypatch):
-    """Runs started side by side (the ceilings' --ceiling-jobs) are plain subprocesses: a server runs one at a time."""
     monkeypatch.setenv(launch.PLAIN_SUBPROCESS_ENV, "0")
     log = tmp_path / "plain.log"
     assert launch.run_module("launch_probe", ["x"], log, cwd=probe, plain=True) == 0
-    assert "preloaded False" in lines(log) and lines(log)[0] == "argv ['x'] name __main__"
+    assert "preloaded True" not in lines(log) and lines(log)[0] == "argv ['x'] name __main__"
+
+
+MEET = '''
+import pathlib, sys, time
+import torch
+folder, me, other = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+(folder / me).touch()
+deadline = time.monotonic() + 60
+while not (folder / other).exists():  # the other run must be running at the same time
+    if time.monotonic() > deadline:
+        sys.exit(5)
+    time.sleep(0.05)
+print("threads", torch.get_num_threads(), "preloaded", "training.world" in sys.modules)
+'''
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the launch server forks (POSIX)")
+def test_runs_started_side_by_side_fork_at_the_same_time_with_their_own_threads(probe, tmp_path, monkeypatch):
+    """Two runs from two threads (--ceiling-jobs 2) run at once, each forked from a server of its own, and torch in
+    each has the threads its environment asks for; afterwards at most MAX_SERVERS idle servers are kept."""
+    import threading
+
+    (probe.parent / "probe pkg" / "meet_probe.py").write_text(MEET)
+    monkeypatch.setenv(launch.PLAIN_SUBPROCESS_ENV, "0")
+    meeting = tmp_path / "meeting"
+    meeting.mkdir()
+    statuses, logs = {}, {}
+
+    def start(me: str, other: str, threads: str) -> None:
+        logs[me] = tmp_path / f"{me}.log"
+        env = dict(os.environ, OMP_NUM_THREADS=threads)
+        statuses[me] = launch.run_module("meet_probe", [str(meeting), me, other], logs[me], cwd=probe, env=env)
+
+    runs = [threading.Thread(target=start, args=("a", "b", "1")), threading.Thread(target=start, args=("b", "a", "1"))]
+    for run_ in runs:
+        run_.start()
+    for run_ in runs:
+        run_.join(timeout=120)
+    assert statuses == {"a": 0, "b": 0}, {k: v.read_text()[-2000:] for k, v in logs.items()}
+    assert lines(logs["a"]) == lines(logs["b"]) == ["threads 1 preloaded True"]
+    start("c", "a", "2")  # another environment: another server, whose torch has two threads
+    assert statuses["c"] == 0 and lines(logs["c"]) == ["threads 2 preloaded True"]
+    assert len([s for s in launch._servers if not s.busy]) <= launch.MAX_SERVERS
+    assert not any(s.busy for s in launch._servers)
 
 
 def test_a_trainer_run_beside_others_gets_its_share_of_threads(tmp_path, monkeypatch):
@@ -110,6 +153,6 @@ def test_a_trainer_run_beside_others_gets_its_share_of_threads(tmp_path, monkeyp
     presets.run_trainer("training.train_lorweb", {"rank": 4}, tmp_path / "a")
     presets.run_trainer("training.train_lorweb", {"rank": 4}, tmp_path / "b", threads=3)
     alone, beside = calls
-    assert not alone["plain"] and alone["env"].get("OMP_NUM_THREADS") == os.environ.get("OMP_NUM_THREADS")
-    assert beside["plain"] and beside["env"]["OMP_NUM_THREADS"] == beside["env"]["MKL_NUM_THREADS"] == "3"
+    assert not alone.get("plain") and alone["env"].get("OMP_NUM_THREADS") == os.environ.get("OMP_NUM_THREADS")
+    assert not beside.get("plain") and beside["env"]["OMP_NUM_THREADS"] == beside["env"]["MKL_NUM_THREADS"] == "3"
     assert beside["env"]["TQDM_DISABLE"] == "1"

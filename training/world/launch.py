@@ -8,9 +8,11 @@ needed, which imports the trainers' modules and then only forks, one child per r
 Accelerate state, no CUDA, no torch thread pool, no logging handlers, none of the caller's threads or modules — so
 each child starts as ``python -m module`` would, minus the imports: it sets its working directory, ``sys.argv``,
 environment and output, and executes the module as ``__main__`` (``runpy``). A run whose environment differs from
-a server's (apart from pytest's per-test variable) gets a server of its own, since variables are read at import time;
-at most two are kept. ``ANALOGY_TRAINER_SUBPROCESS=1``, and platforms without ``fork`` (Windows), start a plain
-``python -m`` subprocess per run instead.
+a server's (apart from pytest's per-test variable) gets a server of its own, since variables are read at import time.
+A server runs one run at a time, so runs started side by side (the ceilings' ``--ceiling-jobs``) each get a server of
+their own: an idle server of their environment, or a new one; at most two idle ones are kept.
+``ANALOGY_TRAINER_SUBPROCESS=1``, and platforms without ``fork`` (Windows), start a plain ``python -m`` subprocess per
+run instead.
 """
 
 from __future__ import annotations
@@ -117,12 +119,14 @@ def _run_as_main(module: str, argv: list[str], log: str, append: bool, cwd: str,
 
 # read at no import: a server started for one value serves the others (pytest sets this one for every test phase)
 VOLATILE_ENV = ("PYTEST_CURRENT_TEST",)
-MAX_SERVERS = 2  # idle servers hold ~0.5 GB each: the least recently used beyond this many is closed
+MAX_SERVERS = 2  # idle servers hold ~0.5 GB each: the least recently used idle ones beyond this many are closed
 
 
 class _Server:
-    def __init__(self, env: dict[str, str]):
+    def __init__(self, env: dict[str, str], key: tuple):
+        self.key = key
         self.lock = threading.Lock()
+        self.busy = False  # taken by a caller (:func:`_server`) until its run ends
         self.running: int | None = None  # the pid of the run in progress
         self.process = subprocess.Popen([sys.executable, "-c", f"from {__name__} import serve; serve()"],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=REPO, text=True,
@@ -142,6 +146,8 @@ class _Server:
             except BaseException:  # interrupted or broken: stop the run and this server (its replies are unread)
                 self.kill()
                 raise
+            finally:
+                _release(self)
 
     def _reply(self) -> str:
         line = self.process.stdout.readline()
@@ -172,26 +178,38 @@ class _Server:
             self.process.wait()
 
 
-_servers: dict[tuple, _Server] = {}
+_servers: list[_Server] = []  # least recently used first
 _servers_lock = threading.Lock()
 
 
 def _server(env: dict[str, str]) -> _Server:
+    """An idle live server started with ``env`` (a new one if none is), taken for one run."""
     key = tuple(sorted((k, v) for k, v in env.items() if k not in VOLATILE_ENV))
     with _servers_lock:
-        server = _servers.pop(key, None)
-        if server is None or not server.alive():
-            server = _Server(env)
-        _servers[key] = server  # most recently used last
-        while len(_servers) > MAX_SERVERS:
-            oldest = _servers.pop(next(iter(_servers)))
-            oldest.close()
+        _servers[:] = [s for s in _servers if s.busy or s.alive()]
+        server = next((s for s in _servers if s.key == key and not s.busy), None)
+        if server is None:
+            server = _Server(env, key)
+        else:
+            _servers.remove(server)
+        server.busy = True
+        _servers.append(server)
         return server
+
+
+def _release(server: _Server) -> None:
+    """``server``'s run ended: it is idle again; close the least recently used idle servers beyond MAX_SERVERS."""
+    with _servers_lock:
+        server.busy = False
+        idle = [s for s in _servers if not s.busy]
+        for oldest in idle[:max(0, len(idle) - MAX_SERVERS)]:
+            _servers.remove(oldest)
+            oldest.close()
 
 
 @atexit.register
 def _close_servers() -> None:
-    servers = list(_servers.values())
+    servers = list(_servers)
     for server in servers:
         server.close()
     for server in servers:
@@ -206,8 +224,9 @@ def forking() -> bool:
 def run_module(module: str, argv: list[str], log: Path, *, append: bool = False, cwd: Path | None = None,
                env: dict[str, str] | None = None, plain: bool = False) -> int:
     """``python -m module *argv`` in ``cwd`` (default: the repository) with stdout and stderr to ``log`` (appended to
-    when ``append``) and environment ``env`` (default: this process's); returns its exit status. ``plain``: a plain
-    subprocess even where runs are forked — for runs started side by side (a server runs one at a time)."""
+    when ``append``) and environment ``env`` (default: this process's); returns its exit status. Safe to call from
+    several threads at once: each run forks from a server of its own. ``plain``: a plain subprocess even where runs
+    are forked."""
     env = dict(os.environ if env is None else env)
     cwd = str(Path(cwd or REPO).resolve())
     if plain or not forking():

@@ -166,7 +166,7 @@ def run_trainer(module: str, settings: dict[str, object], out: Path, max_steps: 
     ``out/train.log`` (appended to when resuming); returns the seconds it took. Every world run of every trainer goes
     through here. ``resume`` continues the run already in ``out`` (its newest checkpoint; a finished run returns at
     once, a longer ``max_steps`` extends it) after :func:`check_resumable`. ``threads``: a run started beside others
-    (:func:`training.world.yardstick.ceiling.train_side_by_side`), a plain subprocess with that many torch threads."""
+    (:func:`training.world.yardstick.ceiling.train_side_by_side`), with that many torch threads."""
     if resume:
         check_resumable(out, {**settings, **({"max_steps": max_steps} if max_steps is not None else {})}, module)
     argv = ["--preset", "tiny", *set_arguments(settings), "--output-dir", str(out),
@@ -176,7 +176,7 @@ def run_trainer(module: str, settings: dict[str, object], out: Path, max_steps: 
     env = dict(os.environ, TQDM_DISABLE="1")
     if threads is not None:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    status = run_module(module, argv, out / "train.log", append=resume, cwd=REPO, env=env, plain=threads is not None)
+    status = run_module(module, argv, out / "train.log", append=resume, cwd=REPO, env=env)
     if status:
         raise RuntimeError(f"python -m {module} {' '.join(argv)} failed ({status}):\n"
                            f"{(out / 'train.log').read_text()[-3000:]}")
