@@ -10,6 +10,7 @@ per family on the 2-core CPU), later runs reuse them and only sample.
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -46,8 +47,31 @@ def test_a_one_entry_basis_is_a_plain_lora_whatever_the_query():
         torch.testing.assert_close(outputs[-1], plain)
     outputs[-1].square().sum().backward()
     # the keys and the query projection get no gradient: the softmax over one key is 1
-    assert layer.lora_keys.grad.abs().max() == 0 and layer.att_lora_to_q.weight.grad.abs().max() == 0
+    assert layer.lora_keys.grad is None and layer.att_lora_to_q.weight.grad is None
     assert layer.lora_A.grad.abs().max() > 0 and layer.lora_B.grad.abs().max() > 0
+
+
+def test_a_one_entry_basis_skips_the_mixing_bit_for_bit(monkeypatch):
+    """The one-entry layer leaves out the coefficients (all exactly 1) and gives what the mixing path gives, bit for
+    bit, forward and backward."""
+    torch.manual_seed(0)
+    layer = LoRWeBLinear(nn.Linear(24, 40), num_entries=1, rank=16, key_dim=4, query_dim=3 * 8)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.query = torch.randn(3, 24)
+    x = torch.randn(3, 7, 24, requires_grad=True)
+
+    def run() -> list[torch.Tensor]:
+        x.grad, layer.lora_A.grad, layer.lora_B.grad = None, None, None
+        out = layer(x)
+        out.square().sum().backward()
+        return [out, x.grad, layer.lora_A.grad, layer.lora_B.grad]
+    skipped = run()
+    assert not torch.equal(skipped[0], layer.base(x)), "the LoRA is live"
+    monkeypatch.setattr(LoRWeBLinear, "reads_query", property(lambda self: True))
+    mixed = run()
+    assert layer.lora_keys.grad is not None, "the mixing path ran"
+    assert all(torch.equal(a, b) for a, b in zip(skipped, mixed))
 
 
 @pytest.mark.parametrize("quick", [True, False])
@@ -487,3 +511,117 @@ def test_a_quick_full_finetune_ceiling_reaches_the_issue_target(family):
     scores, _, _ = ceiling.scored("edit_transfer_full", full, world, family, items, SEED, None, FULL_STEPS, None)
     assert scores["train_steps"] == FULL_STEPS
     assert scores["edited_cells"] >= 0.95 and (scores["kept_cells"] is None or scores["kept_cells"] >= 0.98), scores
+
+
+def _fake_rows(monkeypatch, tmp_path, row_seconds: float, events: list) -> None:
+    """Two rows whose training is a sleep (``row_seconds``) and whose ceilings are fakes (0.3 s each, and those started
+    beside the rows last until they are done; the second row's shared with the first: trained once), on a stub full
+    world; ``events`` gets (what, name, time, threads, runs going)."""
+    from training.world.yardstick import runner
+    from training.world.yardstick.common import Method, MethodOutput
+
+    lock, running, rows_done = threading.Lock(), [0], threading.Event()
+
+    def fake_trainer(module, settings, out, threads=None):
+        with lock:
+            running[0] += 1
+            events.append(("ceiling", settings["data"], time.monotonic(), threads, running[0]))
+        rows_done.wait(30)  # a run started beside the rows lasts until they are done: some are left for after
+        time.sleep(0.3)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train.log").write_text("")
+        with lock:
+            running[0] -= 1
+        return 2.0
+
+    def row(name: str):
+        def run(ctx):
+            events.append(("row start", name, time.monotonic(), os.environ.get("OMP_NUM_THREADS"),
+                           torch.get_num_threads()))
+            time.sleep(row_seconds)
+            events.append(("row end", name, time.monotonic(), None, None))
+            if name == "second":
+                rows_done.set()
+            stacked = {f: ev.stack(items, "b") for f, items in ctx.examples.items()}
+            return MethodOutput(stacked, stacked, lambda images: images)
+        return run
+
+    fake = Ceiling("fake.trainer", ("autoencoder",), lambda w, q, family, s: {"data": family},
+                   lambda world, quick, folder, items, seed: ev.stack(items, "b_prime"), shared_as="fake")
+    world = World(tmp_path / "v2-full-s0", False, 0, {"autoencoder": {"key": "a", "config": {"panel": 64}}})
+    monkeypatch.setattr(ceiling, "run_trainer", fake_trainer)
+    monkeypatch.setattr(ceiling, "available_cores", lambda: 2)
+    monkeypatch.delenv(ceiling.ENV_ROOT, raising=False)
+    monkeypatch.setattr(runner, "build_world", lambda *args, **kwargs: world)
+    monkeypatch.setattr(runner, "METHODS", {name: Method(name, ("autoencoder",), row(name), ceiling=fake)
+                                            for name in ("first", "second")})
+
+
+@pytest.mark.parametrize("jobs", [None, 1])
+def test_the_yardstick_trains_the_ceilings_beside_its_rows(jobs, tmp_path, monkeypatch):
+    """By default (lanes = the cores, 2 here) the ceilings train from the start on the lane the rows leave free, the
+    rows (one lane: OMP and torch at one thread) then every lane; with --ceiling-jobs 1 each ceiling run comes after
+    the rows, one after another, and the rows keep every core. The figures are the same either way."""
+    from training.world.yardstick import runner
+
+    events: list = []
+    _fake_rows(monkeypatch, tmp_path, 0.4, events)
+    threads_before, omp_before = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    report = runner.main(["--methods", "first,second", "--examples", "1", "--out", str(tmp_path / "out"),
+                          *(["--ceiling-jobs", str(jobs)] if jobs else [])])
+    assert torch.get_num_threads() == threads_before and os.environ.get("OMP_NUM_THREADS") == omp_before
+    rows = [e for e in events if e[0].startswith("row")]
+    runs = [e for e in events if e[0] == "ceiling"]
+    trained = sorted(f for f in world_def.families("all") if world_def.get_family(f).split == "train")
+    assert sorted(e[1] for e in runs) == trained, "each family's run once: the second row shares the first's"
+    rows_end = max(e[2] for e in rows if e[0] == "row end")
+    if jobs is None:
+        assert [e[3:] for e in rows if e[0] == "row start"] == [("1", 1)] * 2, "the rows hold one lane's threads"
+        assert {e[3] for e in runs} == {1}
+        during = [e for e in runs if e[2] < rows_end]
+        assert during and max(e[4] for e in during) == 1, "beside the rows: one ceiling run at a time"
+        assert max(e[4] for e in runs) == 2, "after the rows: every lane"
+    else:
+        assert [e[3:] for e in rows if e[0] == "row start"] == [(omp_before, threads_before)] * 2
+        assert all(e[2] > rows_end for e in runs) and {e[3] for e in runs} == {None}
+        assert max(e[4] for e in runs) == 1
+    first, second = (report["methods"][name] for name in ("first", "second"))
+    for family in trained:
+        assert first["families"][family]["ceiling"]["lora"]["edited_cells"] == 1.0
+        assert second["families"][family]["ceiling"] == first["families"][family]["ceiling"]
+    assert first["extra"]["ceiling_train_seconds_this_run"] == 2.0 * len(trained)
+    assert second["extra"]["ceiling_train_seconds_this_run"] == 0.0, "trained for the first row"
+    if jobs is None:
+        assert first["extra"]["ceiling_jobs"] == 2 and first["extra"]["ceiling_train_wall_seconds_this_run"] > 0
+    else:
+        assert "ceiling_jobs" not in first["extra"]
+
+
+def test_a_failed_ceiling_run_stops_the_queue_and_is_raised_for_every_row_it_kept(tmp_path, monkeypatch):
+    """A run of the first row fails: the runs queued after it never start, and waiting for either row raises it."""
+    calls = []
+
+    def fake_trainer(module, settings, out, threads=None):
+        calls.append(settings["data"])
+        time.sleep(0.3)
+        if settings["data"] == "invert":
+            raise RuntimeError("python -m fake.trainer failed (1)")
+        out.mkdir(parents=True, exist_ok=True)
+        return 1.0
+
+    monkeypatch.setattr(ceiling, "run_trainer", fake_trainer)
+    monkeypatch.setattr(ceiling, "available_cores", lambda: 2)
+    world = World(tmp_path / "v2-full-s0", False, 0, {"autoencoder": {"key": "a"}})
+    fake = Ceiling("fake.trainer", ("autoencoder",), lambda w, q, family, s: {"data": family},
+                   lambda world, quick, folder, items, seed: None)
+    other = Ceiling("other.trainer", ("autoencoder",), lambda w, q, family, s: {"data": family},
+                    lambda world, quick, folder, items, seed: None)
+    queue = ceiling.CeilingQueue(2, tmp_path / "cache")
+    with queue.lane():
+        assert queue.add("first", fake, world, ["invert", "hflip"], 0) == 2
+        assert queue.add("second", other, world, ["grayscale", "channel_swap"], 0) == 2
+    for method in ("second", "first"):
+        with pytest.raises(RuntimeError, match="fake.trainer failed"):
+            queue.wait(method)
+    assert calls[0] == "invert" and len(calls) < 4, calls
+    queue.close()

@@ -60,6 +60,8 @@ class LoRWeBLinear(nn.Module):
         out = self.base(x)
         if self.query is None:
             raise RuntimeError("LoRWeBLinear: call set_query(model, query) before the forward pass")
+        if not self.reads_query:  # every coefficient is exactly 1: the plain LoRA, without the mixing's ops
+            return out + (x.to(self.lora_A.dtype) @ self.lora_A[0] @ self.lora_B[0]).to(out.dtype)
         c = self.coefficients(self.query)                                   # [B, N]
         n, in_f, r = self.lora_A.shape
         a_cat = self.lora_A.permute(1, 0, 2).reshape(in_f, n * r)           # [in, N·r]

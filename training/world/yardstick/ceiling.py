@@ -34,6 +34,7 @@ so the ceiling is always scored on exactly the row's scenes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -41,7 +42,7 @@ import os
 import shutil
 import time
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -229,71 +230,171 @@ def family_ceiling(method: str, ceiling: Ceiling, world: World, family: str, ite
     return out
 
 
+def training_families(examples: dict) -> list[str]:
+    """The families a row's ceilings are measured on by default: the training families of ``examples``."""
+    return [f for f in examples if world_def.get_family(f).split == "train"]
+
+
 def available_cores() -> int:
     """The CPU cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def missing_runs(method: str, ceiling: Ceiling, world: World, families: list[str], seed: int,
+                 root: Path | None = None, steps: int | None = None, overrides: dict[str, object] | None = None,
+                 full: bool | None = None, rank: int | None = None) -> list[tuple]:
+    """(cache name, ceiling, family, trainer overrides, rank) of every ceiling run of ``families`` the cache lacks."""
+    return [(name, kind_ceiling, family, kind_overrides, kind_rank) for family in families
+            for _, name, kind_ceiling, kind_overrides, kind_rank in measured_kinds(method, ceiling, world, overrides,
+                                                                                  full, rank)
+            if cache_entry(name, kind_ceiling, world, family, seed, root, steps, kind_overrides, kind_rank)[3] is None]
+
+
+class CeilingQueue:
+    """The ceiling runs of several rows, trained in the background ``jobs`` at a time, each a process with
+    ``available_cores() // jobs`` torch threads (kept in its record as ``train_threads``).
+
+    The rows' own training takes one of the ``jobs`` lanes while it runs (:meth:`lane`), so the ceilings fill the
+    other lanes beside it and every lane once the rows are done: on 2 cores a row's trainer gains little from a second
+    thread, which a ceiling run uses fully. A run two rows share (``Ceiling.shared_as``) is trained once, for the row
+    that asked first. A failed run keeps the queued ones from starting (those running finish and are cached);
+    :meth:`wait` then raises it."""
+
+    def __init__(self, jobs: int, root: Path | None = None, steps: int | None = None,
+                 overrides: dict[str, object] | None = None, full: bool | None = None, rank: int | None = None):
+        if jobs < 1:
+            raise ValueError(f"ceiling jobs must be at least 1, got {jobs}")
+        self.jobs, self.threads = jobs, max(1, available_cores() // jobs)
+        self.options = dict(root=root, steps=steps, overrides=overrides, full=full, rank=rank)
+        self.slots = threading.Semaphore(jobs)
+        self.stop = threading.Event()  # set by a failed run: no queued run starts
+        self.pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="ceiling")
+        self.futures: dict[str, list[Future]] = {}
+        self.by_folder: dict[Path, Future] = {}
+        self.owner: dict[Future, str] = {}
+        self.finished: dict[str, float] = {}  # method -> monotonic time its last run ended
+        self.started = time.monotonic()
+
+    def add(self, method: str, ceiling: Ceiling, world: World, families: list[str], seed: int) -> int:
+        """Queue ``method``'s ceiling runs that the cache lacks; returns how many it queued (not counting runs another
+        row queued already)."""
+        opts = self.options
+        futures, queued = [], 0
+        for name, kind_ceiling, family, kind_overrides, kind_rank in missing_runs(method, ceiling, world, families,
+                                                                                  seed, **opts):
+            folder = cache_entry(name, kind_ceiling, world, family, seed, opts["root"], opts["steps"],
+                                 kind_overrides, kind_rank)[0]
+            if folder not in self.by_folder:
+                args = (name, kind_ceiling, world, family, seed, opts["root"], opts["steps"], kind_overrides,
+                        kind_rank, self.threads)
+                self.by_folder[folder] = self.pool.submit(self._train, args)
+                self.owner[self.by_folder[folder]] = method
+                queued += 1
+            futures.append(self.by_folder[folder])
+        self.futures[method] = futures
+        log.info("ceilings of %s: %d runs queued, %d lanes, %d threads each", method, queued, self.jobs, self.threads)
+        return queued
+
+    def _train(self, args: tuple) -> dict | None:
+        with self.slots:
+            if self.stop.is_set():
+                return None
+            try:
+                return {**trained(*args)[1], "ended": time.monotonic()}
+            except BaseException:
+                self.stop.set()
+                raise
+
+    @contextlib.contextmanager
+    def lane(self):
+        """Hold one lane for the duration of the block (the rows' training and sampling): in it, this process's torch
+        and the trainer processes it starts use the lane's threads. Enter it before :meth:`add`: queued runs start at
+        once on every free lane."""
+        names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+        saved, saved_threads = {name: os.environ.get(name) for name in names}, torch.get_num_threads()
+        with self.slots:
+            os.environ.update({name: str(self.threads) for name in names})
+            torch.set_num_threads(self.threads)
+            try:
+                yield
+            finally:
+                torch.set_num_threads(saved_threads)
+                for name, value in saved.items():
+                    if value is None:
+                        os.environ.pop(name, None)
+                    else:
+                        os.environ[name] = value
+
+    def wait(self, method: str) -> float:
+        """Wait for ``method``'s runs; returns the training seconds of those trained for it. If any run failed (this
+        row's or another's, which kept this row's from starting), waits for the runs still going, logs every failure
+        and raises the first."""
+        futures = self.futures.get(method, [])
+        failed = [f for f in futures if f.exception() is not None or f.result() is None]  # waits for each
+        if failed:
+            self.close()
+            errors = [f.exception() for f in self.by_folder.values()
+                      if f.done() and not f.cancelled() and f.exception() is not None]
+            for error in errors:
+                log.error("a ceiling run failed: %s", error)
+            raise errors[0] if errors else RuntimeError("the ceiling runs were stopped before they ran")
+        return sum(f.result()["train_seconds"] for f in self._trained_for(method))
+
+    def _trained_for(self, method: str) -> list[Future]:
+        return [f for f in self.futures.get(method, []) if self.owner[f] == method and f.done()
+                and not f.cancelled() and f.exception() is None and f.result() is not None
+                and not f.result()["cached"]]
+
+    def wall_seconds(self, method: str) -> float:
+        """Seconds from the queue's start until the last run trained for ``method`` ended (0: none trained)."""
+        ends = [f.result()["ended"] for f in self._trained_for(method)]
+        return round(max(ends) - self.started, 1) if ends else 0.0
+
+    def close(self) -> None:
+        """Start no queued run; wait for those running (they are cached)."""
+        self.stop.set()
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def train_side_by_side(method: str, ceiling: Ceiling, world: World, families: list[str], seed: int, jobs: int,
                        root: Path | None = None, steps: int | None = None,
                        overrides: dict[str, object] | None = None, full: bool | None = None,
                        rank: int | None = None) -> float:
-    """Train every ceiling run of ``families`` that the cache lacks, ``jobs`` at a time (fewer when fewer are
-    missing), each a plain subprocess with the cores shared out (``available_cores() // lanes`` torch threads, kept
-    in its record as ``train_threads``), so that scoring then finds them all cached. Returns the training seconds
-    summed over the runs trained. A failed run keeps the others from starting; those running finish (and are
-    cached), then every failure is logged and the first raised."""
+    """Train every ceiling run of ``families`` that the cache lacks, ``jobs`` at a time (fewer when fewer are missing;
+    :class:`CeilingQueue`), so that scoring then finds them all cached. Returns the training seconds summed over the
+    runs trained."""
     if jobs < 1:
         raise ValueError(f"ceiling jobs must be at least 1, got {jobs}")
-    runs = [(name, kind_ceiling, family, kind_overrides, kind_rank) for family in families
-            for _, name, kind_ceiling, kind_overrides, kind_rank in measured_kinds(method, ceiling, world, overrides,
-                                                                                  full, rank)
-            if cache_entry(name, kind_ceiling, world, family, seed, root, steps, kind_overrides, kind_rank)[3] is None]
-    if not runs:
+    missing = len(missing_runs(method, ceiling, world, families, seed, root, steps, overrides, full, rank))
+    if not missing:
         return 0.0
-    lanes = min(jobs, len(runs))
-    threads = max(1, available_cores() // lanes)
-    log.info("ceilings of %s: %d runs to train, %d at a time, %d threads each", method, len(runs), lanes, threads)
-    stop = threading.Event()  # set by a failed run: no other run starts (those running finish and are cached)
-
-    def train(run: tuple) -> dict | None:
-        if stop.is_set():
-            return None
-        try:
-            name, kind_ceiling, family, kind_overrides, kind_rank = run
-            return trained(name, kind_ceiling, world, family, seed, root, steps, kind_overrides, kind_rank, threads)[1]
-        except BaseException:
-            stop.set()
-            raise
-
-    with ThreadPoolExecutor(max_workers=lanes) as pool:
-        futures = [pool.submit(train, run) for run in runs]
-    seconds, errors = 0.0, []
-    for future in futures:  # all done: leaving the pool waited for them
-        if future.exception() is not None:
-            log.error("a ceiling run failed: %s", future.exception())
-            errors.append(future.exception())
-        elif future.result() is not None:
-            seconds += 0.0 if future.result()["cached"] else future.result()["train_seconds"]
-    if errors:
-        raise errors[0]
-    return seconds
+    queue = CeilingQueue(min(jobs, missing), root, steps, overrides, full, rank)
+    try:
+        queue.add(method, ceiling, world, families, seed)
+        return queue.wait(method)
+    finally:
+        queue.close()
 
 
 def add_ceilings(method: str, ceiling: Ceiling, ctx: MethodContext, result: dict, families: list[str] | None = None,
                  root: Path | None = None, steps: int | None = None,
                  overrides: dict[str, object] | None = None, full: bool | None = None, rank: int | None = None,
-                 jobs: int = 1) -> dict[str, dict[str, torch.Tensor]]:
+                 jobs: int = 1, queue: CeilingQueue | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Add ``families.<f>.ceiling`` to a row's measured ``result`` for every training family (or ``families``) and
     the means over them to its ``extra``; returns the ceilings' B′ per kind and family (``{"lora": {f: B′}, "full":
     {...}}``, for the pictures; ``full`` empty when not measured). ``rank``: the LoRA ceiling at that per-layer rank
-    instead of the row's budget (recorded as ``extra.ceiling_rank``). ``jobs`` > 1: the runs the cache lacks are
-    trained that many at a time first (:func:`train_side_by_side`; recorded as ``extra.ceiling_jobs`` with the wall
-    time of that training)."""
-    names = families or [f for f in ctx.examples if world_def.get_family(f).split == "train"]
+    instead of the row's budget (recorded as ``extra.ceiling_rank``). ``queue``: the row's runs were queued there
+    (:class:`CeilingQueue`; its options must be these), so they are waited for; else ``jobs`` > 1: the runs the
+    cache lacks are trained that many at a time first (:func:`train_side_by_side`). Either way ``extra.ceiling_jobs``
+    records the lanes and ``extra.ceiling_train_wall_seconds_this_run`` the wall time until this row's runs were
+    trained (from the queue's start)."""
+    names = families or training_families(ctx.examples)
     pictures: dict[str, dict[str, torch.Tensor]] = {"lora": {}, "full": {}}
     seconds = 0.0
-    if jobs != 1:
+    if queue is not None:
+        seconds = queue.wait(method)
+        result["extra"].update(ceiling_jobs=queue.jobs, ceiling_train_wall_seconds_this_run=queue.wall_seconds(method))
+    elif jobs != 1:
         started = time.monotonic()
         seconds = train_side_by_side(method, ceiling, ctx.world, names, ctx.seed, jobs, root, steps, overrides, full,
                                      rank)

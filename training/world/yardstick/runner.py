@@ -68,6 +68,7 @@ file that run wrote; :mod:`training.world.yardstick.ceiling`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import shutil
@@ -300,9 +301,11 @@ def main(argv: list[str] | None = None) -> dict:
                              "world, off with --quick)")
     parser.add_argument("--ceiling-jobs", type=int, metavar="N",
                         help="train the ceiling runs the cache lacks N at a time, each a process with the cores "
-                             "shared out (default 1: one after another, each with every core); the same runs "
-                             "with fewer threads each, whose float sums round otherwise, so figures drift a little "
-                             "(recorded as extra.ceiling_jobs, each run's train_threads)")
+                             "shared out, beside the rows: while the rows train and sample they hold one of the N "
+                             "lanes with its share of threads (default: the cores available; 1: each ceiling run "
+                             "after the rows, one after another, everything with every core). Fewer threads per "
+                             "run round float sums otherwise, so figures drift a little (recorded as "
+                             "extra.ceiling_jobs, each run's train_threads)")
     parser.add_argument("--diagnostics", action="store_true",
                         help="also train the rows' ablation runs: the regions row's paper form, straight-through and "
                              "mask-supervised text runs, LoC without random exchange (recorded as diagnostics)")
@@ -344,33 +347,51 @@ def main(argv: list[str] | None = None) -> dict:
     world = build_world(needed, quick=args.quick, seed=args.seed, root=args.world_root, overrides=world_overrides)
     panel = world.builds["autoencoder"]["config"]["panel"]
     examples = {family: ev.examples(family, count, panel) for family in world_def.families("all")}
-    results = {}
-    for name in names:
-        folder = out / name
-        if not args.resume_runs:
-            shutil.rmtree(folder, ignore_errors=True)
-        ctx = MethodContext(world, args.seed, args.quick, folder, examples, row_overrides, args.resume_runs,
-                            args.diagnostics)
-        try:
-            output = METHODS[name].run(ctx)
-        except RunSettingsChanged as err:
-            parser.error(f"--resume-runs: {err}")
-        OUTPUTS[name] = output
-        results[name] = measure(ctx, output)
-        print(f"{name}: picture {picture(ctx, output, results[name], out / f'{name}.png')}")
-        if ceilings and METHODS[name].ceiling:
-            b_primes = ceiling.add_ceilings(name, METHODS[name].ceiling, ctx, results[name], ceiling_families,
-                                            args.ceiling_root, args.ceiling_steps, ceiling_overrides,
-                                            args.full_ceilings, args.ceiling_rank, args.ceiling_jobs or 1)
+    with_ceiling = [name for name in names if ceilings and METHODS[name].ceiling]
+    jobs = ceiling.available_cores() if args.ceiling_jobs is None else args.ceiling_jobs
+    queue = ceiling.CeilingQueue(jobs, args.ceiling_root, args.ceiling_steps, ceiling_overrides, args.full_ceilings,
+                                 args.ceiling_rank) if with_ceiling and jobs > 1 else None
+    results, contexts = {}, {}
+    try:
+        with queue.lane() if queue else contextlib.nullcontext():
+            for name in with_ceiling if queue else []:  # trained beside the rows, on the other lanes
+                queue.add(name, METHODS[name].ceiling, world,
+                          ceiling_families or ceiling.training_families(examples), args.seed)
+            for name in names:
+                contexts[name] = MethodContext(world, args.seed, args.quick, out / name, examples, row_overrides,
+                                               args.resume_runs, args.diagnostics)
+                results[name] = run_row(parser, args, contexts[name], name)
+                report = write_report(args, out, started, results, world, row_overrides)  # a late crash keeps rows
+        for name in with_ceiling:
+            b_primes = ceiling.add_ceilings(name, METHODS[name].ceiling, contexts[name], results[name],
+                                            ceiling_families, args.ceiling_root, args.ceiling_steps,
+                                            ceiling_overrides, args.full_ceilings, args.ceiling_rank, queue=queue)
             for kind, b_prime in b_primes.items():
                 if b_prime:
-                    path = ceiling_picture(ctx, output, b_prime, results[name], out, kind)
+                    path = ceiling_picture(contexts[name], OUTPUTS[name], b_prime, results[name], out, kind)
                     print(f"{name}: {kind} ceiling picture {path}")
-        # after every method: a late crash keeps the rows
-        report = write_report(args, out, started, results, world, row_overrides)
+            report = write_report(args, out, started, results, world, row_overrides)
+    finally:
+        if queue is not None:
+            queue.close()
     print_table(results)
     print(f"total time: {report['seconds']:.1f} s")
     return report
+
+
+def run_row(parser: argparse.ArgumentParser, args: argparse.Namespace, ctx: MethodContext, name: str) -> dict:
+    """Train and sample one row in ``ctx.folder`` (afresh unless ``--resume-runs``), measure it and draw its
+    picture; returns its measured result."""
+    if not args.resume_runs:
+        shutil.rmtree(ctx.folder, ignore_errors=True)
+    try:
+        output = METHODS[name].run(ctx)
+    except RunSettingsChanged as err:
+        parser.error(f"--resume-runs: {err}")
+    OUTPUTS[name] = output
+    result = measure(ctx, output)
+    print(f"{name}: picture {picture(ctx, output, result, ctx.folder.parent / f'{name}.png')}")
+    return result
 
 
 def write_report(args: argparse.Namespace, out: Path, started: float, results: dict, world: World,
