@@ -43,6 +43,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
 from training.world import build_world, metrics
+from training.world.launch import available_cores
 from training.world import scenes as world_def
 from training.world.data import family_list
 from training.world.flux_kontext import CONDITIONING_FILE, comfy_unet_config
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     started = time.monotonic()
     world = build_world(["autoencoder", "clip", "flux_kontext"], quick=args.quick, seed=args.seed,
-                        root=args.world_root)
+                        root=args.world_root, jobs=available_cores())  # CLIP beside the backbone
     basis = args.basis
     if basis is None:
         run = lorweb_run_folder(world, args.quick, args.seed)

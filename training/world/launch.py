@@ -216,6 +216,16 @@ def _close_servers() -> None:
         server.wait()
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def thread_env(threads: int, env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's) for a run with ``threads`` torch threads, one of several side by side."""
+    return dict(os.environ if env is None else env, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+
+
 def forking() -> bool:
     """Whether runs are forked from a launch server (else: a plain subprocess each)."""
     return hasattr(os, "fork") and os.environ.get(PLAIN_SUBPROCESS_ENV) != "1"

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from training import checkpoints as ckpt
-from training.world.launch import run_module
+from training.world.launch import run_module, thread_env
 from training.world.scenes import WORLD_VERSION
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -175,7 +175,7 @@ def run_trainer(module: str, settings: dict[str, object], out: Path, max_steps: 
     started = time.monotonic()
     env = dict(os.environ, TQDM_DISABLE="1")
     if threads is not None:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        env = thread_env(threads, env)
     status = run_module(module, argv, out / "train.log", append=resume, cwd=REPO, env=env)
     if status:
         raise RuntimeError(f"python -m {module} {' '.join(argv)} failed ({status}):\n"

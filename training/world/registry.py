@@ -21,7 +21,8 @@ world's models. The overrides are recorded in the manifest; an overridden model'
 was built with.
 
 A builder receives a :class:`BuildContext` (its output folder, settings, seed, the folders of its dependencies) and
-returns a JSON-able dict of measurements (errors, accuracies) that goes into its ``build.json``.
+returns a JSON-able dict of measurements (errors, accuracies) that goes into its ``build.json``. Builders seed
+themselves, so models can be built side by side in processes of their own (``jobs``, :func:`build_side_by_side`).
 """
 
 from __future__ import annotations
@@ -205,9 +206,10 @@ def _read_build(folder: Path) -> dict | None:
 
 
 def build_world(models: list[str] | None = None, quick: bool = False, seed: int = 0, root: Path | None = None,
-                force: bool = False, overrides: Overrides | None = None) -> World:
+                force: bool = False, overrides: Overrides | None = None, jobs: int = 1) -> World:
     """Build (or reuse) the named world models and their dependencies; returns the world. ``overrides`` (from
-    :func:`parse_overrides`) change settings of the named models, in a folder of their own."""
+    :func:`parse_overrides`) change settings of the named models, in a folder of their own. ``jobs`` > 1: the models
+    to build are built that many at a time (:func:`build_side_by_side`; not for an overridden world)."""
     overrides = {name: dict(values) for name, values in (overrides or {}).items() if values}
     for name in overrides:
         _registered(name)
@@ -223,6 +225,9 @@ def build_world(models: list[str] | None = None, quick: bool = False, seed: int 
                    and (force or (_read_build(folder / n) or {}).get("key") != keys[n])]
         base = build_world(to_copy, quick, seed, root) if to_copy else None
     folder.mkdir(parents=True, exist_ok=True)
+    if jobs > 1 and not overrides:
+        build_side_by_side(folder, names, keys, quick, seed, force, jobs)
+        force = False  # built afresh just now: what follows reads them
     world = World(folder, quick, seed, overrides=overrides)
     for name in names:
         # one builder per model folder at a time (two benches, or two test workers, sharing a cache): a second
@@ -235,6 +240,51 @@ def build_world(models: list[str] | None = None, quick: bool = False, seed: int 
                                **{n: {"key": r["key"], "seconds": r["seconds"]} for n, r in world.builds.items()}}}
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return world
+
+
+def build_side_by_side(folder: Path, names: list[str], keys: dict[str, str], quick: bool, seed: int, force: bool,
+                       jobs: int) -> None:
+    """Build the models of ``names`` that ``folder`` lacks (or all, ``force``) ``jobs`` at a time, each as soon as
+    the models it depends on are built: a ``python -m training.world build --models <name>`` run (forked from the
+    launch server, :func:`~training.world.launch.run_module`) with ``available_cores() // jobs`` torch threads, its
+    output in ``folder/.build_<name>.log``. Every builder seeds itself, so a model is built as it is alone. A failed
+    build keeps the others from starting; those running finish, then it is raised."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    from training.world.launch import available_cores, run_module, thread_env
+
+    pending = [n for n in names if force or (_read_build(folder / n) or {}).get("key") != keys[n]]
+    if len(pending) < 2:
+        return
+    threads = max(1, available_cores() // jobs)
+    built = set(names) - set(pending)
+    log.info("world: building %s, %d at a time, %d threads each", ", ".join(pending), jobs, threads)
+
+    def build(name: str) -> None:
+        argv = ["build", "--models", name, "--seed", str(seed), "--root", str(folder.parent), "--jobs", "1",
+                *(["--quick"] if quick else []), *(["--force"] if force else [])]
+        logfile = folder / f".build_{name}.log"
+        status = run_module("training.world", argv, logfile, env=thread_env(threads, {**os.environ,
+                                                                                       "TQDM_DISABLE": "1"}))
+        if status:
+            tail = logfile.read_text()[-3000:] if logfile.is_file() else "(no log)"
+            raise RuntimeError(f"building world model {name} failed ({status}), {logfile}:\n{tail}")
+
+    running: dict = {}
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="world-build") as pool:
+        while pending or running:
+            for name in [n for n in pending if set(_registered(n).depends) <= built]:
+                pending.remove(name)
+                running[pool.submit(build, name)] = name
+            if not running:
+                raise RuntimeError(f"world models {pending} depend on models that are not built")
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                name = running.pop(future)
+                if future.exception() is not None:
+                    pending.clear()  # start nothing else; leaving the pool waits for the builds running
+                    raise future.exception()
+                built.add(name)
 
 
 def _link_or_copy(source: str, destination: str) -> None:
@@ -283,13 +333,19 @@ def _build_model(folder: Path, name: str, keys: dict[str, str], quick: bool, see
     metrics = model.build(BuildContext(name, tmp, config, seed, quick, {d: folder / d for d in model.depends}))
     record = {"key": key, "name": name, "version": model.version, "world_version": WORLD_VERSION, "seed": seed,
               "quick": quick, "config": config, "depends": {d: keys[d] for d in model.depends},
-              "seconds": round(time.monotonic() - started, 1), "metrics": metrics,
+              "seconds": round(time.monotonic() - started, 1), "threads": _torch_threads(), "metrics": metrics,
               "description": model.description}
     (tmp / BUILD_FILE).write_text(json.dumps(record, indent=2))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     log.info("world model %s: built in %.0f s: %s", name, record["seconds"], json.dumps(metrics))
     return record
+
+
+def _torch_threads() -> int:
+    import torch  # the builders have imported it
+
+    return torch.get_num_threads()
 
 
 def _read_manifest(folder: Path) -> dict:

@@ -30,6 +30,12 @@ version, the build keys of the world models it uses, its trainer settings (with 
 keys say which world it is), the family and the seed. Each run is written to a temporary folder and renamed when
 complete, so an interrupted run is never reused. Only training is cached; B′ is sampled again on every run (seconds),
 so the ceiling is always scored on exactly the row's scenes.
+
+**Lanes** (``--ceiling-jobs N``, default the cores available). The yardstick queues every selected row's missing
+ceiling runs before the rows train (:class:`CeilingQueue`): N lanes, each a trainer process with ``cores // N``
+torch threads; the rows' own training and sampling hold one lane (its threads) while the others train ceilings, and
+every lane trains ceilings once the rows are done; each row's ceilings are then scored. With ``N = 1`` each row's
+ceilings are trained after the rows, one after another, everything with every core.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ import torch
 from training.world import evaluate as ev
 from training.world import metrics
 from training.world import scenes as world_def
+from training.world.launch import available_cores
 from training.world.presets import run_trainer
 from training.world.registry import World
 from training.world.yardstick.common import Ceiling, MethodContext, losses_from_log, parse_settings
@@ -233,11 +240,6 @@ def family_ceiling(method: str, ceiling: Ceiling, world: World, family: str, ite
 def training_families(examples: dict) -> list[str]:
     """The families a row's ceilings are measured on by default: the training families of ``examples``."""
     return [f for f in examples if world_def.get_family(f).split == "train"]
-
-
-def available_cores() -> int:
-    """The CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def missing_runs(method: str, ceiling: Ceiling, world: World, families: list[str], seed: int,

@@ -344,11 +344,12 @@ def main(argv: list[str] | None = None) -> dict:
                      f"({'--no-full-ceilings' if args.full_ceilings is False else '--quick turns them off'}): "
                      "add --full-ceilings")
     needed = sorted({m for name in names for m in METHODS[name].world_models})
-    world = build_world(needed, quick=args.quick, seed=args.seed, root=args.world_root, overrides=world_overrides)
+    jobs = ceiling.available_cores() if args.ceiling_jobs is None else args.ceiling_jobs
+    world = build_world(needed, quick=args.quick, seed=args.seed, root=args.world_root, overrides=world_overrides,
+                        jobs=jobs)
     panel = world.builds["autoencoder"]["config"]["panel"]
     examples = {family: ev.examples(family, count, panel) for family in world_def.families("all")}
     with_ceiling = [name for name in names if ceilings and METHODS[name].ceiling]
-    jobs = ceiling.available_cores() if args.ceiling_jobs is None else args.ceiling_jobs
     queue = ceiling.CeilingQueue(jobs, args.ceiling_root, args.ceiling_steps, ceiling_overrides, args.full_ceilings,
                                  args.ceiling_rank) if with_ceiling and jobs > 1 else None
     results, contexts = {}, {}
