@@ -89,7 +89,8 @@ def layers_mixing():
         return torch.zeros(batch_size, width, device=device)
 
     saved = [(LoRWeBLinear, "reads_query", LoRWeBLinear.reads_query),
-             (task_module, "reads_query", task_module.reads_query), (task_module, "blank_query", task_module.blank_query)]
+             (task_module, "reads_query", task_module.reads_query),
+             (task_module, "blank_query", task_module.blank_query)]
     LoRWeBLinear.reads_query = property(lambda self: True)
     task_module.reads_query = lambda model: False
     task_module.blank_query = zero_query

@@ -98,7 +98,7 @@ def test_a_run_asked_plain_is_a_subprocess_even_where_runs_are_forked(probe, tmp
     monkeypatch.setenv(launch.PLAIN_SUBPROCESS_ENV, "0")
     log = tmp_path / "plain.log"
     assert launch.run_module("launch_probe", ["x"], log, cwd=probe, plain=True) == 0
-    assert "preloaded True" not in lines(log) and lines(log)[0] == "argv ['x'] name __main__"
+    assert "preloaded False" in lines(log) and lines(log)[0] == "argv ['x'] name __main__"
 
 
 MEET = '''

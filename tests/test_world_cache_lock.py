@@ -91,7 +91,9 @@ def test_world_models_are_built_two_at_a_time_after_what_they_depend_on(tmp_path
     a_end = next(i for i, e in enumerate(events) if e[:2] == ("end", "side_a"))
     assert all(events.index(e) > a_end for e in starts[1:]), "b and c wait for a"
     assert max(e[2] for e in starts) == 2, "b and c side by side"
-    assert {(c[1], c[2]) for c in calls} == {("2", "2")}, "each with half of the 4 cores"
+    threads = {c[0][c[0].index("--models") + 1]: (c[1], c[2]) for c in calls}
+    assert threads == {"side_a": ("4", "4"), "side_b": ("2", "2"), "side_c": ("2", "2")}, \
+        "alone: every core; side by side: half of the 4 cores each"
     assert all(c[0][c[0].index("--root") + 1] == str(tmp_path) and "--quick" in c[0] and
                c[0][c[0].index("--seed") + 1] == "3" and c[0][c[0].index("--jobs") + 1] == "1" for c in calls)
     assert sorted(world.builds) == ["side_a", "side_b", "side_c"]

@@ -61,6 +61,10 @@ def test_a_one_entry_basis_skips_the_mixing_bit_for_bit(monkeypatch):
     layer.query = torch.randn(3, 24)
     x = torch.randn(3, 7, 24, requires_grad=True)
 
+    mixings = []
+    coefficients = LoRWeBLinear.coefficients
+    monkeypatch.setattr(LoRWeBLinear, "coefficients", lambda self, q: mixings.append(q) or coefficients(self, q))
+
     def run() -> list[torch.Tensor]:
         x.grad, layer.lora_A.grad, layer.lora_B.grad = None, None, None
         out = layer(x)
@@ -68,9 +72,10 @@ def test_a_one_entry_basis_skips_the_mixing_bit_for_bit(monkeypatch):
         return [out, x.grad, layer.lora_A.grad, layer.lora_B.grad]
     skipped = run()
     assert not torch.equal(skipped[0], layer.base(x)), "the LoRA is live"
+    assert not mixings and not layer.lora_keys.requires_grad and not layer.att_lora_to_q.weight.requires_grad
     monkeypatch.setattr(LoRWeBLinear, "reads_query", property(lambda self: True))
     mixed = run()
-    assert layer.lora_keys.grad is not None, "the mixing path ran"
+    assert len(mixings) == 1, "the mixing path ran"
     assert all(torch.equal(a, b) for a, b in zip(skipped, mixed))
 
 
@@ -517,6 +522,7 @@ def _fake_rows(monkeypatch, tmp_path, row_seconds: float, events: list) -> None:
     """Two rows whose training is a sleep (``row_seconds``) and whose ceilings are fakes (0.3 s each, and those started
     beside the rows last until they are done; the second row's shared with the first: trained once), on a stub full
     world; ``events`` gets (what, name, time, threads, runs going)."""
+    from training.world import presets
     from training.world.yardstick import runner
     from training.world.yardstick.common import Method, MethodOutput
 
@@ -536,7 +542,10 @@ def _fake_rows(monkeypatch, tmp_path, row_seconds: float, events: list) -> None:
 
     def row(name: str):
         def run(ctx):
-            events.append(("row start", name, time.monotonic(), os.environ.get("OMP_NUM_THREADS"),
+            envs = []  # what a trainer run the row starts is given (presets.run_trainer, as every row's runs)
+            monkeypatch.setattr(presets, "run_module", lambda module, argv, log, **kw: envs.append(kw["env"]) or 0)
+            presets.run_trainer("fake.row_trainer", {}, tmp_path / "row_run")
+            events.append(("row start", name, time.monotonic(), envs[0].get("OMP_NUM_THREADS"),
                            torch.get_num_threads()))
             time.sleep(row_seconds)
             events.append(("row end", name, time.monotonic(), None, None))
@@ -593,8 +602,14 @@ def test_the_yardstick_trains_the_ceilings_beside_its_rows(jobs, tmp_path, monke
     assert second["extra"]["ceiling_train_seconds_this_run"] == 0.0, "trained for the first row"
     if jobs is None:
         assert first["extra"]["ceiling_jobs"] == 2 and first["extra"]["ceiling_train_wall_seconds_this_run"] > 0
+        assert report["lanes"] == {"lanes": 2, "threads_per_lane": 1}
+        events.clear()  # again: every ceiling cached, so no queue, and the rows keep every core
+        again = runner.main(["--methods", "first,second", "--examples", "1", "--out", str(tmp_path / "again")])
+        assert not [e for e in events if e[0] == "ceiling"] and "lanes" not in again
+        assert [e[3:] for e in events if e[0] == "row start"] == [(omp_before, threads_before)] * 2
+        assert again["methods"]["first"]["families"] == first["families"]
     else:
-        assert "ceiling_jobs" not in first["extra"]
+        assert "ceiling_jobs" not in first["extra"] and "lanes" not in report
 
 
 def test_a_failed_ceiling_run_stops_the_queue_and_is_raised_for_every_row_it_kept(tmp_path, monkeypatch):

@@ -44,6 +44,9 @@ class LoRWeBLinear(nn.Module):
         self.lora_keys = nn.Parameter(torch.randn(num_entries, key_dim))
         self.att_lora_to_q = nn.Linear(query_dim, key_dim, bias=False)  # nn.Linear's own init, as official
         self.query: torch.Tensor | None = None  # [B, Q], set per batch by set_query
+        if not self.reads_query:  # a one-entry softmax: keys and projection never touch the output (forward)
+            self.lora_keys.requires_grad_(False)
+            self.att_lora_to_q.weight.requires_grad_(False)
 
     def coefficients(self, query: torch.Tensor) -> torch.Tensor:
         """Mixing weights [B, N] from the queries [B, Q], with this layer's settings."""
@@ -60,7 +63,8 @@ class LoRWeBLinear(nn.Module):
         out = self.base(x)
         if self.query is None:
             raise RuntimeError("LoRWeBLinear: call set_query(model, query) before the forward pass")
-        if not self.reads_query:  # every coefficient is exactly 1: the plain LoRA, without the mixing's ops
+        if not self.reads_query:  # every coefficient is exactly 1: the plain LoRA without the mixing's ops, the same
+            # output and gradients bit for bit (keys and projection, which got zero gradients, are frozen instead)
             return out + (x.to(self.lora_A.dtype) @ self.lora_A[0] @ self.lora_B[0]).to(out.dtype)
         c = self.coefficients(self.query)                                   # [B, N]
         n, in_f, r = self.lora_A.shape

@@ -9,8 +9,8 @@ Accelerate state, no CUDA, no torch thread pool, no logging handlers, none of th
 each child starts as ``python -m module`` would, minus the imports: it sets its working directory, ``sys.argv``,
 environment and output, and executes the module as ``__main__`` (``runpy``). A run whose environment differs from
 a server's (apart from pytest's per-test variable) gets a server of its own, since variables are read at import time.
-A server runs one run at a time, so runs started side by side (the ceilings' ``--ceiling-jobs``) each get a server of
-their own: an idle server of their environment, or a new one; at most two idle ones are kept.
+A server runs one run at a time, so runs started side by side (the yardstick's lanes, world models built side by side)
+each get a server of their own: an idle server of their environment, or a new one; at most two idle ones are kept.
 ``ANALOGY_TRAINER_SUBPROCESS=1``, and platforms without ``fork`` (Windows), start a plain ``python -m`` subprocess per
 run instead.
 """
@@ -201,6 +201,7 @@ def _release(server: _Server) -> None:
     """``server``'s run ended: it is idle again; close the least recently used idle servers beyond MAX_SERVERS."""
     with _servers_lock:
         server.busy = False
+        _servers[:] = [s for s in _servers if s.busy or s.alive()]  # a server killed after an interrupt goes
         idle = [s for s in _servers if not s.busy]
         for oldest in idle[:max(0, len(idle) - MAX_SERVERS)]:
             _servers.remove(oldest)

@@ -12,6 +12,7 @@ float32 (CPU).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -159,6 +160,21 @@ def check_resumable(out: Path, settings: dict[str, object], module: str | None =
                                  "another --out")
 
 
+_lane_threads: int | None = None  # torch threads of the runs started without a count (:func:`lane_threads`)
+
+
+@contextlib.contextmanager
+def lane_threads(threads: int):
+    """Within the block, :func:`run_trainer` runs started without a thread count get ``threads`` (the yardstick's
+    rows, holding one lane beside the ceilings)."""
+    global _lane_threads
+    saved, _lane_threads = _lane_threads, threads
+    try:
+        yield
+    finally:
+        _lane_threads = saved
+
+
 def run_trainer(module: str, settings: dict[str, object], out: Path, max_steps: int | None = None,
                 resume: bool = False, threads: int | None = None) -> float:
     """``python -m <module> --preset tiny --set k=v ... --output-dir out [--max-steps N] [--resume]`` in a process of
@@ -166,7 +182,8 @@ def run_trainer(module: str, settings: dict[str, object], out: Path, max_steps: 
     ``out/train.log`` (appended to when resuming); returns the seconds it took. Every world run of every trainer goes
     through here. ``resume`` continues the run already in ``out`` (its newest checkpoint; a finished run returns at
     once, a longer ``max_steps`` extends it) after :func:`check_resumable`. ``threads``: a run started beside others
-    (:func:`training.world.yardstick.ceiling.train_side_by_side`), with that many torch threads."""
+    (:class:`training.world.yardstick.ceiling.CeilingQueue`), with that many torch threads (default: those of the
+    enclosing :func:`lane_threads`, else the process's)."""
     if resume:
         check_resumable(out, {**settings, **({"max_steps": max_steps} if max_steps is not None else {})}, module)
     argv = ["--preset", "tiny", *set_arguments(settings), "--output-dir", str(out),
@@ -174,6 +191,7 @@ def run_trainer(module: str, settings: dict[str, object], out: Path, max_steps: 
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     env = dict(os.environ, TQDM_DISABLE="1")
+    threads = _lane_threads if threads is None else threads
     if threads is not None:
         env = thread_env(threads, env)
     status = run_module(module, argv, out / "train.log", append=resume, cwd=REPO, env=env)

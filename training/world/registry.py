@@ -225,9 +225,8 @@ def build_world(models: list[str] | None = None, quick: bool = False, seed: int 
                    and (force or (_read_build(folder / n) or {}).get("key") != keys[n])]
         base = build_world(to_copy, quick, seed, root) if to_copy else None
     folder.mkdir(parents=True, exist_ok=True)
-    if jobs > 1 and not overrides:
-        build_side_by_side(folder, names, keys, quick, seed, force, jobs)
-        force = False  # built afresh just now: what follows reads them
+    if jobs > 1 and not overrides and not force:  # (a forced rebuild, one after another: it replaces dependencies)
+        build_side_by_side(folder, names, keys, quick, seed, jobs)
     world = World(folder, quick, seed, overrides=overrides)
     for name in names:
         # one builder per model folder at a time (two benches, or two test workers, sharing a cache): a second
@@ -242,28 +241,29 @@ def build_world(models: list[str] | None = None, quick: bool = False, seed: int 
     return world
 
 
-def build_side_by_side(folder: Path, names: list[str], keys: dict[str, str], quick: bool, seed: int, force: bool,
+def build_side_by_side(folder: Path, names: list[str], keys: dict[str, str], quick: bool, seed: int,
                        jobs: int) -> None:
-    """Build the models of ``names`` that ``folder`` lacks (or all, ``force``) ``jobs`` at a time, each as soon as
-    the models it depends on are built: a ``python -m training.world build --models <name>`` run (forked from the
-    launch server, :func:`~training.world.launch.run_module`) with ``available_cores() // jobs`` torch threads, its
-    output in ``folder/.build_<name>.log``. Every builder seeds itself, so a model is built as it is alone. A failed
-    build keeps the others from starting; those running finish, then it is raised."""
+    """Build the models of ``names`` that ``folder`` lacks, at most ``jobs`` at a time, each as soon as the models it
+    depends on are built: a ``python -m training.world build --models <name>`` run (forked from the launch server,
+    :func:`~training.world.launch.run_module`), its output in ``folder/.build_<name>.log``, with the cores shared
+    among the builds that can run when it starts (a build alone gets them all). Every builder seeds itself, so a
+    model is built as it is alone, but for the rounding of its thread count. A failed build keeps the others from
+    starting; those running finish, then it is raised."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     from training.world.launch import available_cores, run_module, thread_env
 
-    pending = [n for n in names if force or (_read_build(folder / n) or {}).get("key") != keys[n]]
+    pending = [n for n in names if (_read_build(folder / n) or {}).get("key") != keys[n]]
     if len(pending) < 2:
         return
-    threads = max(1, available_cores() // jobs)
     built = set(names) - set(pending)
-    log.info("world: building %s, %d at a time, %d threads each", ", ".join(pending), jobs, threads)
+    log.info("world: building %s, at most %d at a time", ", ".join(pending), jobs)
 
-    def build(name: str) -> None:
-        argv = ["build", "--models", name, "--seed", str(seed), "--root", str(folder.parent), "--jobs", "1",
-                *(["--quick"] if quick else []), *(["--force"] if force else [])]
+    def build(name: str, threads: int) -> None:
+        argv = ["build", "--models", name, "--seed", str(seed), "--root", str(folder.parent.resolve()), "--jobs", "1",
+                *(["--quick"] if quick else [])]
         logfile = folder / f".build_{name}.log"
+        log.info("world model %s: building in a process of its own (%d threads), log %s", name, threads, logfile)
         status = run_module("training.world", argv, logfile, env=thread_env(threads, {**os.environ,
                                                                                        "TQDM_DISABLE": "1"}))
         if status:
@@ -273,9 +273,11 @@ def build_side_by_side(folder: Path, names: list[str], keys: dict[str, str], qui
     running: dict = {}
     with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="world-build") as pool:
         while pending or running:
-            for name in [n for n in pending if set(_registered(n).depends) <= built]:
+            ready = [n for n in pending if set(_registered(n).depends) <= built]
+            for name in ready[:jobs - len(running)]:
+                threads = max(1, available_cores() // min(jobs, len(running) + len(ready)))
                 pending.remove(name)
-                running[pool.submit(build, name)] = name
+                running[pool.submit(build, name, threads)] = name
             if not running:
                 raise RuntimeError(f"world models {pending} depend on models that are not built")
             done, _ = wait(running, return_when=FIRST_COMPLETED)

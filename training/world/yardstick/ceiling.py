@@ -57,7 +57,7 @@ from training.world import evaluate as ev
 from training.world import metrics
 from training.world import scenes as world_def
 from training.world.launch import available_cores
-from training.world.presets import run_trainer
+from training.world.presets import lane_threads, run_trainer
 from training.world.registry import World
 from training.world.yardstick.common import Ceiling, MethodContext, losses_from_log, parse_settings
 
@@ -172,7 +172,7 @@ def trained(method: str, ceiling: Ceiling, world: World, family: str, seed: int,
             steps: int | None = None, overrides: dict[str, object] | None = None,
             rank: int | None = None, threads: int | None = None) -> tuple[Path, dict]:
     """The folder of ``family``'s ceiling run and its record, training it unless the cache holds it (``threads``: a
-    run beside others, :func:`train_side_by_side`)."""
+    run beside others, :class:`CeilingQueue`)."""
     folder, key, settings, record = cache_entry(method, ceiling, world, family, seed, root, steps, overrides, rank)
     if record is not None:
         log.info("ceiling %s/%s: reusing %s", method, family, folder)
@@ -253,11 +253,11 @@ def missing_runs(method: str, ceiling: Ceiling, world: World, families: list[str
 
 
 class CeilingQueue:
-    """The ceiling runs of several rows, trained in the background ``jobs`` at a time, each a process with
-    ``available_cores() // jobs`` torch threads (kept in its record as ``train_threads``).
+    """The ceiling runs of several rows, trained in the background ``jobs`` at a time (the lanes), each a process
+    with ``available_cores() // jobs`` torch threads (kept in its record as ``train_threads``).
 
-    The rows' own training takes one of the ``jobs`` lanes while it runs (:meth:`lane`), so the ceilings fill the
-    other lanes beside it and every lane once the rows are done: on 2 cores a row's trainer gains little from a second
+    The rows' own training and sampling take one lane while they run (:meth:`lane`), so the ceilings fill the other
+    lanes beside them and every lane once the rows are done: on 2 cores a row's trainer gains little from a second
     thread, which a ceiling run uses fully. A run two rows share (``Ceiling.shared_as``) is trained once, for the row
     that asked first. A failed run keeps the queued ones from starting (those running finish and are cached);
     :meth:`wait` then raises it."""
@@ -274,8 +274,6 @@ class CeilingQueue:
         self.futures: dict[str, list[Future]] = {}
         self.by_folder: dict[Path, Future] = {}
         self.owner: dict[Future, str] = {}
-        self.finished: dict[str, float] = {}  # method -> monotonic time its last run ended
-        self.started = time.monotonic()
 
     def add(self, method: str, ceiling: Ceiling, world: World, families: list[str], seed: int) -> int:
         """Queue ``method``'s ceiling runs that the cache lacks; returns how many it queued (not counting runs another
@@ -301,8 +299,9 @@ class CeilingQueue:
         with self.slots:
             if self.stop.is_set():
                 return None
+            started = time.monotonic()
             try:
-                return {**trained(*args)[1], "ended": time.monotonic()}
+                return {**trained(*args)[1], "started": started, "ended": time.monotonic()}
             except BaseException:
                 self.stop.set()
                 raise
@@ -310,29 +309,22 @@ class CeilingQueue:
     @contextlib.contextmanager
     def lane(self):
         """Hold one lane for the duration of the block (the rows' training and sampling): in it, this process's torch
-        and the trainer processes it starts use the lane's threads. Enter it before :meth:`add`: queued runs start at
-        once on every free lane."""
-        names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-        saved, saved_threads = {name: os.environ.get(name) for name in names}, torch.get_num_threads()
-        with self.slots:
-            os.environ.update({name: str(self.threads) for name in names})
+        and the trainer processes it starts (:func:`~training.world.presets.lane_threads`) use the lane's threads.
+        Enter it before :meth:`add`: queued runs start at once on every free lane."""
+        saved = torch.get_num_threads()
+        with self.slots, lane_threads(self.threads):
             torch.set_num_threads(self.threads)
             try:
                 yield
             finally:
-                torch.set_num_threads(saved_threads)
-                for name, value in saved.items():
-                    if value is None:
-                        os.environ.pop(name, None)
-                    else:
-                        os.environ[name] = value
+                torch.set_num_threads(saved)
 
     def wait(self, method: str) -> float:
         """Wait for ``method``'s runs; returns the training seconds of those trained for it. If any run failed (this
         row's or another's, which kept this row's from starting), waits for the runs still going, logs every failure
         and raises the first."""
         futures = self.futures.get(method, [])
-        failed = [f for f in futures if f.exception() is not None or f.result() is None]  # waits for each
+        failed = [f for f in futures if f.cancelled() or f.exception() is not None or f.result() is None]  # waits
         if failed:
             self.close()
             errors = [f.exception() for f in self.by_folder.values()
@@ -348,13 +340,15 @@ class CeilingQueue:
                 and not f.result()["cached"]]
 
     def wall_seconds(self, method: str) -> float:
-        """Seconds from the queue's start until the last run trained for ``method`` ended (0: none trained)."""
-        ends = [f.result()["ended"] for f in self._trained_for(method)]
-        return round(max(ends) - self.started, 1) if ends else 0.0
+        """Seconds from the start of the first run trained for ``method`` to the end of its last (0: none trained)."""
+        runs = [f.result() for f in self._trained_for(method)]
+        return round(max(r["ended"] for r in runs) - min(r["started"] for r in runs), 1) if runs else 0.0
 
     def close(self) -> None:
         """Start no queued run; wait for those running (they are cached)."""
         self.stop.set()
+        if any(f.running() for f in self.by_folder.values()):
+            log.info("ceilings: waiting for the runs going to finish (they are kept in the cache) ...")
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -388,8 +382,8 @@ def add_ceilings(method: str, ceiling: Ceiling, ctx: MethodContext, result: dict
     instead of the row's budget (recorded as ``extra.ceiling_rank``). ``queue``: the row's runs were queued there
     (:class:`CeilingQueue`; its options must be these), so they are waited for; else ``jobs`` > 1: the runs the
     cache lacks are trained that many at a time first (:func:`train_side_by_side`). Either way ``extra.ceiling_jobs``
-    records the lanes and ``extra.ceiling_train_wall_seconds_this_run`` the wall time until this row's runs were
-    trained (from the queue's start)."""
+    records the lanes and ``extra.ceiling_train_wall_seconds_this_run`` the wall time from the start of the first
+    run trained for this row to the end of its last (beside the rows and other rows' runs, with a queue)."""
     names = families or training_families(ctx.examples)
     pictures: dict[str, dict[str, torch.Tensor]] = {"lora": {}, "full": {}}
     seconds = 0.0

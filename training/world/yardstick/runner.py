@@ -18,6 +18,8 @@ rows' ablation runs, present only with ``--diagnostics``)::
      "row_overrides" (only for a probe run, --row-set: {setting: value} given to every row's trainer),
      "resumed_runs" (only with --resume-runs: the rows continued the runs already in --out; their train_seconds
         count this invocation's training only),
+     "lanes" (only when ceiling runs were trained beside the rows: {"lanes", "threads_per_lane"}; the rows trained
+        and sampled with one lane's threads, see --ceiling-jobs),
      "diagnostics" (only with --diagnostics: the rows also trained their ablation runs, whose figures are in
         ``extra`` — regions: ``*_text_paper*``, ``*_text_straight_through*``, ``*_text_mask*`` and those runs in
         ``iou_per_family`` and ``iou_per_family_start``; LoC: every ``*_no_exchange*``; without it those keys are
@@ -51,6 +53,9 @@ rows' ablation runs, present only with ``--diagnostics``)::
             "mean_ceiling_full_...": the same for the full fine-tune ceilings (when measured),
             "ceiling_families", "ceiling_train_seconds_this_run": the families with a ceiling, and the seconds this
                 run spent training ceilings (0 when all came from the cache),
+            "ceiling_jobs", "ceiling_train_wall_seconds_this_run": (when runs were trained side by side) the lanes,
+                and the wall time from the start of the first ceiling run trained for this row to the end of its
+                last (0 when none was: cached, or trained for a row sharing them),
             "ceiling_overrides": the ceilings' trainer settings changed with --ceiling-set (only when given),
             ... method-specific figures}}}}
 
@@ -300,12 +305,13 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also the full fine-tune ceiling, for rows that have one (default: on for the full "
                              "world, off with --quick)")
     parser.add_argument("--ceiling-jobs", type=int, metavar="N",
-                        help="train the ceiling runs the cache lacks N at a time, each a process with the cores "
-                             "shared out, beside the rows: while the rows train and sample they hold one of the N "
-                             "lanes with its share of threads (default: the cores available; 1: each ceiling run "
-                             "after the rows, one after another, everything with every core). Fewer threads per "
-                             "run round float sums otherwise, so figures drift a little (recorded as "
-                             "extra.ceiling_jobs, each run's train_threads)")
+                        help="train the ceiling runs the cache lacks N at a time (fewer when fewer are missing), "
+                             "each a process with the cores shared out, beside the rows: while the rows train and "
+                             "sample they hold one lane with its share of threads (default: the cores available; 1, "
+                             "or nothing missing: the ceilings after the rows, everything with every core); the "
+                             "world's models to build are built N at a time too. Fewer threads per run round float "
+                             "sums otherwise, so figures drift a little (recorded as lanes, extra.ceiling_jobs, each "
+                             "run's train_threads)")
     parser.add_argument("--diagnostics", action="store_true",
                         help="also train the rows' ablation runs: the regions row's paper form, straight-through and "
                              "mask-supervised text runs, LoC without random exchange (recorded as diagnostics)")
@@ -350,8 +356,8 @@ def main(argv: list[str] | None = None) -> dict:
     panel = world.builds["autoencoder"]["config"]["panel"]
     examples = {family: ev.examples(family, count, panel) for family in world_def.families("all")}
     with_ceiling = [name for name in names if ceilings and METHODS[name].ceiling]
-    queue = ceiling.CeilingQueue(jobs, args.ceiling_root, args.ceiling_steps, ceiling_overrides, args.full_ceilings,
-                                 args.ceiling_rank) if with_ceiling and jobs > 1 else None
+    queue = ceiling_queue(args, with_ceiling, world, ceiling_families or ceiling.training_families(examples),
+                          ceiling_overrides, jobs)
     results, contexts = {}, {}
     try:
         with queue.lane() if queue else contextlib.nullcontext():
@@ -362,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
                 contexts[name] = MethodContext(world, args.seed, args.quick, out / name, examples, row_overrides,
                                                args.resume_runs, args.diagnostics)
                 results[name] = run_row(parser, args, contexts[name], name)
-                report = write_report(args, out, started, results, world, row_overrides)  # a late crash keeps rows
+                report = write_report(args, out, started, results, world, row_overrides, queue)  # a crash keeps rows
         for name in with_ceiling:
             b_primes = ceiling.add_ceilings(name, METHODS[name].ceiling, contexts[name], results[name],
                                             ceiling_families, args.ceiling_root, args.ceiling_steps,
@@ -371,13 +377,32 @@ def main(argv: list[str] | None = None) -> dict:
                 if b_prime:
                     path = ceiling_picture(contexts[name], OUTPUTS[name], b_prime, results[name], out, kind)
                     print(f"{name}: {kind} ceiling picture {path}")
-            report = write_report(args, out, started, results, world, row_overrides)
+            report = write_report(args, out, started, results, world, row_overrides, queue)
     finally:
         if queue is not None:
             queue.close()
     print_table(results)
     print(f"total time: {report['seconds']:.1f} s")
     return report
+
+
+def ceiling_queue(args: argparse.Namespace, names: list[str], world: World, families: list[str],
+                  overrides: dict[str, object], jobs: int) -> ceiling.CeilingQueue | None:
+    """The queue that trains the ceiling runs ``names`` lack beside the rows (:class:`ceiling.CeilingQueue`), with
+    at most ``jobs`` lanes, fewer when fewer runs are missing (the rows hold one); None when none is missing or
+    ``jobs`` is 1 (the rows then keep every core)."""
+    if jobs < 2:
+        return None
+    folders = {ceiling.cache_entry(name, kind_ceiling, world, family, args.seed, args.ceiling_root,
+                                   args.ceiling_steps, kind_overrides, kind_rank)[0]
+               for method in names
+               for name, kind_ceiling, family, kind_overrides, kind_rank in ceiling.missing_runs(
+                   method, METHODS[method].ceiling, world, families, args.seed, args.ceiling_root, args.ceiling_steps,
+                   overrides, args.full_ceilings, args.ceiling_rank)}
+    if not folders:
+        return None
+    return ceiling.CeilingQueue(min(jobs, len(folders) + 1), args.ceiling_root, args.ceiling_steps, overrides,
+                                args.full_ceilings, args.ceiling_rank)
 
 
 def run_row(parser: argparse.ArgumentParser, args: argparse.Namespace, ctx: MethodContext, name: str) -> dict:
@@ -396,9 +421,11 @@ def run_row(parser: argparse.ArgumentParser, args: argparse.Namespace, ctx: Meth
 
 
 def write_report(args: argparse.Namespace, out: Path, started: float, results: dict, world: World,
-                 row_overrides: dict[str, object] | None = None) -> dict:
+                 row_overrides: dict[str, object] | None = None, queue: ceiling.CeilingQueue | None = None) -> dict:
     report = {"seed": args.seed, "quick": args.quick, "seconds": round(time.monotonic() - started, 1),
               "methods": results}
+    if queue is not None:
+        report["lanes"] = {"lanes": queue.jobs, "threads_per_lane": queue.threads}
     if world.overrides:
         report["world_overrides"] = world.overrides
     if row_overrides:
