@@ -12,8 +12,8 @@ encoder for them. Timed in turn within every repeat on the world's own models an
 trained now. Both give the same loss (checked here; the tests check the gradients bit for bit on stubs).
 
 LoRWeB's LoRA ceiling also times ``mixing``: the encoder skipped, but each one-entry layer computing its coefficients
-(all exactly 1) and scaling by them, as it did until the layer skipped that too (2026-12-07, stop 61); the loss is
-checked equal to the others.
+(all exactly 1) and scaling by them, its keys and query projection trained (to zero gradients), as it did until the
+layer skipped and froze them (2026-12-07, stop 61); ``encoder`` trains them too. The loss is checked equal.
 """
 
 from __future__ import annotations
@@ -55,32 +55,52 @@ ROWS = {"lorweb": (lorweb_task, ("lora", "full")), "loc": (loc_task, ("lora",))}
 
 
 @contextlib.contextmanager
-def encoder_forced(row: str):
-    """The step as it was before the skip: every model reads the encoder's output."""
-    saved = []
-    if row == "lorweb":
-        import training.lorweb.task as task_module
-        from analogy_core.lorweb.layer import LoRWeBLinear
+def keys_trained(model):
+    """The keys and query projection of ``model``'s one-entry LoRWeB layers trained (to zero gradients), as they were
+    before the layer froze them."""
+    from analogy_core.lorweb.layer import LoRWeBLinear
 
-        saved = [(LoRWeBLinear, "reads_query", LoRWeBLinear.reads_query),
-                 (task_module, "reads_query", task_module.reads_query)]
-        LoRWeBLinear.reads_query = property(lambda self: True)
-        task_module.reads_query = lambda model: True
-    else:
-        from training.loc.plain import PlainLoRA
-
-        saved = [(PlainLoRA, "reads_pair", PlainLoRA.reads_pair)]
-        PlainLoRA.reads_pair = True
+    unused = [p for m in model.modules() if isinstance(m, LoRWeBLinear) for p in (m.lora_keys, m.att_lora_to_q.weight)
+              if not p.requires_grad]
+    for param in unused:
+        param.requires_grad_(True)
     try:
         yield
     finally:
-        for owner, name, value in saved:
-            setattr(owner, name, value)
+        for param in unused:
+            param.requires_grad_(False)
 
 
 @contextlib.contextmanager
-def layers_mixing():
-    """LoRWeB's one-entry layers computing and applying their coefficients, the encoder still skipped."""
+def encoder_forced(row: str, model):
+    """The step as it was before the skip: every model reads the encoder's output (LoRWeB's keys trained)."""
+    saved = []
+    with contextlib.ExitStack() as stack:
+        if row == "lorweb":
+            import training.lorweb.task as task_module
+            from analogy_core.lorweb.layer import LoRWeBLinear
+
+            saved = [(LoRWeBLinear, "reads_query", LoRWeBLinear.reads_query),
+                     (task_module, "reads_query", task_module.reads_query)]
+            LoRWeBLinear.reads_query = property(lambda self: True)
+            task_module.reads_query = lambda model: True
+            stack.enter_context(keys_trained(model))
+        else:
+            from training.loc.plain import PlainLoRA
+
+            saved = [(PlainLoRA, "reads_pair", PlainLoRA.reads_pair)]
+            PlainLoRA.reads_pair = True
+        try:
+            yield
+        finally:
+            for owner, name, value in saved:
+                setattr(owner, name, value)
+
+
+@contextlib.contextmanager
+def layers_mixing(model):
+    """LoRWeB's one-entry layers of ``model`` computing and applying their coefficients, their keys and projection
+    trained (to zero gradients), the encoder still skipped: the step as it was before the layer skipped its mixing."""
     import training.lorweb.task as task_module
     from analogy_core.lorweb.layer import LoRWeBLinear, lorweb_layers
 
@@ -95,7 +115,8 @@ def layers_mixing():
     task_module.reads_query = lambda model: False
     task_module.blank_query = zero_query
     try:
-        yield
+        with keys_trained(model):
+            yield
     finally:
         for owner, name, value in saved:
             setattr(owner, name, value)
@@ -116,6 +137,7 @@ def ceiling_step(row: str, world: str, full: bool):
         loss = task.loss(model, batch, torch.Generator().manual_seed(0))
         loss.backward()
         return loss.item()
+    step.model = model  # type: ignore[attr-defined]
     return step
 
 
@@ -132,12 +154,12 @@ def main(argv=None) -> dict:
         step = ceiling_step(args.row, args.world, kind == "full")
 
         def forced():
-            with encoder_forced(args.row):
+            with encoder_forced(args.row, step.model):
                 return step()
         fns = {"encoder": forced, "skipped": step}
         if args.row == "lorweb" and kind == "lora":
             def mixing():
-                with layers_mixing():
+                with layers_mixing(step.model):
                     return step()
             fns["mixing"] = mixing
         losses = {name: fn() for name, fn in fns.items()}

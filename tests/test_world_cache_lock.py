@@ -1,10 +1,11 @@
 """Two builders of one world folder at once (two benches, or two test workers, sharing a cache): the model is built
-once, the second builder waits and reuses it."""
+once, the second builder waits and reuses it. And one builder building a world's models side by side (``jobs``)."""
 
 from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 from training.world import registry
 from training.world.registry import WorldModel, build_world
@@ -40,15 +41,16 @@ def test_concurrent_builds_of_one_world_build_each_model_once(tmp_path, monkeypa
     assert (worlds[0].path("lock_probe") / "weights.txt").read_text() == "built"
 
 
-def _fake_world_models(monkeypatch, fail: str = "") -> list:
-    """World models ``side_a`` <- ``side_b``, ``side_c`` (both depend on a), each built in 0.3 s; ``fail`` fails."""
+def _fake_world_models(monkeypatch, fail: str = "", independent: bool = False) -> list:
+    """World models ``side_a`` <- ``side_b``, ``side_c`` (both depend on a; none on another if ``independent``),
+    each built in 0.3 s, ``side_c`` declared the costliest; ``fail`` fails at once."""
     events, lock, running = [], threading.Lock(), [0]
 
     def build(ctx):
         with lock:
             running[0] += 1
             events.append(("start", ctx.name, running[0], sorted(ctx.dependencies)))
-        time.sleep(0.3)
+        time.sleep(0.0 if ctx.name == fail else 0.3)  # a failure ends first
         with lock:
             running[0] -= 1
             events.append(("end", ctx.name, running[0], None))
@@ -57,9 +59,10 @@ def _fake_world_models(monkeypatch, fail: str = "") -> list:
         (ctx.folder / "weights.txt").write_text(ctx.name)
         return {}
 
-    for name, depends in (("side_a", ()), ("side_b", ("side_a",)), ("side_c", ("side_a",))):
+    for name, depends in (("side_a", ()), ("side_b", () if independent else ("side_a",)),
+                          ("side_c", () if independent else ("side_a",))):
         monkeypatch.setitem(registry.WORLD_MODELS, name, WorldModel(name, build, {"full": {}, "quick": {}},
-                                                                    depends=depends))
+                                                                    depends=depends, cost=5 if name == "side_c" else 1))
     return events
 
 
@@ -91,9 +94,8 @@ def test_world_models_are_built_two_at_a_time_after_what_they_depend_on(tmp_path
     a_end = next(i for i, e in enumerate(events) if e[:2] == ("end", "side_a"))
     assert all(events.index(e) > a_end for e in starts[1:]), "b and c wait for a"
     assert max(e[2] for e in starts) == 2, "b and c side by side"
-    threads = {c[0][c[0].index("--models") + 1]: (c[1], c[2]) for c in calls}
-    assert threads == {"side_a": ("4", "4"), "side_b": ("2", "2"), "side_c": ("2", "2")}, \
-        "alone: every core; side by side: half of the 4 cores each"
+    assert [e[1] for e in starts] == ["side_a", "side_c", "side_b"], "the costliest ready model first"
+    assert {(c[1], c[2]) for c in calls} == {("2", "2")}, "half of the 4 cores each, a alone too (no timing)"
     assert all(c[0][c[0].index("--root") + 1] == str(tmp_path) and "--quick" in c[0] and
                c[0][c[0].index("--seed") + 1] == "3" and c[0][c[0].index("--jobs") + 1] == "1" for c in calls)
     assert sorted(world.builds) == ["side_a", "side_b", "side_c"]
@@ -118,3 +120,36 @@ def test_a_failed_side_by_side_build_is_raised_and_starts_nothing_after_it(tmp_p
     else:
         raise AssertionError("the failed build was not raised")
     assert [e[1] for e in events if e[0] == "start"] == ["side_a"] and len(calls) == 1
+
+
+def test_a_failed_build_keeps_the_ready_ones_from_starting(tmp_path, monkeypatch):
+    """Three independent models, two lanes: the costliest (c) and a start, a fails, b never starts."""
+    from training.world import launch
+
+    events, calls = _fake_world_models(monkeypatch, fail="side_a", independent=True), []
+    monkeypatch.setattr(launch, "run_module", _in_process_build(calls))
+    monkeypatch.setattr(launch, "available_cores", lambda: 2)
+    try:
+        build_world(["side_a", "side_b", "side_c"], quick=True, seed=0, root=tmp_path, jobs=2)
+    except RuntimeError as err:
+        assert "building world model side_a failed" in str(err)
+    else:
+        raise AssertionError("the failed build was not raised")
+    assert sorted(e[1] for e in events if e[0] == "start") == ["side_a", "side_c"], events
+
+
+def test_a_forced_build_goes_one_model_after_another_and_a_relative_root_reaches_the_builds_whole(tmp_path,
+                                                                                                    monkeypatch):
+    from training.world import launch
+
+    events, calls = _fake_world_models(monkeypatch, independent=True), []
+    monkeypatch.setattr(launch, "run_module", _in_process_build(calls))
+    monkeypatch.chdir(tmp_path)
+    build_world(["side_a", "side_b"], quick=True, seed=0, root=Path("worlds"), jobs=2)
+    assert {c[0][c[0].index("--root") + 1] for c in calls} == {str(tmp_path / "worlds")}, "absolute"
+    assert max(e[2] for e in events if e[0] == "start") == 2
+    calls.clear()
+    events.clear()
+    build_world(["side_a", "side_b"], quick=True, seed=0, root=Path("worlds"), jobs=2, force=True)
+    assert calls == [], "in this process"
+    assert [e[:3] for e in events if e[0] == "start"] == [("start", "side_a", 1), ("start", "side_b", 1)]

@@ -608,6 +608,15 @@ def test_the_yardstick_trains_the_ceilings_beside_its_rows(jobs, tmp_path, monke
         assert not [e for e in events if e[0] == "ceiling"] and "lanes" not in again
         assert [e[3:] for e in events if e[0] == "row start"] == [(omp_before, threads_before)] * 2
         assert again["methods"]["first"]["families"] == first["families"]
+        # one run missing, 4 cores, 4 jobs asked: two lanes (the rows' and the run's), two threads each
+        shutil.rmtree(next((tmp_path / "v2-full-s0" / "ceilings").glob("fake-invert-*")))
+        monkeypatch.setattr(ceiling, "available_cores", lambda: 4)
+        events.clear()
+        one = runner.main(["--methods", "first,second", "--examples", "1", "--out", str(tmp_path / "one"),
+                           "--ceiling-jobs", "4"])
+        assert one["lanes"] == {"lanes": 2, "threads_per_lane": 2}
+        assert [(e[1], e[3]) for e in events if e[0] == "ceiling"] == [("invert", 2)]
+        assert [e[3:] for e in events if e[0] == "row start"] == [("2", 2)] * 2
     else:
         assert "ceiling_jobs" not in first["extra"] and "lanes" not in report
 

@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--force", action="store_true", help="rebuild even when cached")
     build.add_argument("--jobs", type=int, metavar="N", help="build N models at a time, each a process with the "
                        "cores shared out, each as soon as the models it depends on are built (default: the cores "
-                       "available; 1: one after another in this process, each with every core)")
+                       "available; 1, --force or --world-set: one after another in this process, each with every "
+                       "core)")
     build.add_argument("--world-set", action="append", metavar="MODEL.SETTING=VALUE",
                        help="change one model's setting (repeatable); built in a folder of its own")
     sub.add_parser("list", help="list the registered world models")

@@ -10,15 +10,17 @@ from __future__ import annotations
 from training.world import autoencoder, clip, flux_dev, flux_kontext, instruct_pix2pix, region_t5
 from training.world.registry import WorldModel, register
 
+# ``cost``: the seconds each model took to build on the full world v2 on 2 cores (README), which orders a side-by-side
+# build (the costliest ready model first); it changes no model.
 PANEL = 64  # world panel side in pixels: 8 x 8 cells = an 8 x 8 latent (a cell per latent pixel), 4 x 4 FLUX tokens
 
 register(WorldModel(
-    "autoencoder", autoencoder.build, depends=(), version=2,
+    "autoencoder", autoencoder.build, depends=(), version=2, cost=3,
     description="TAESD-architecture autoencoder (f=8, 16 latent channels), set by hand: exact on the world's cells",
     configs={size: dict(panel=PANEL, width=16, pool=512) for size in ("full", "quick")}))
 
 register(WorldModel(
-    "clip", lambda ctx: clip.train_clip(ctx.config, ctx.seed, ctx.folder), depends=(), version=1,
+    "clip", lambda ctx: clip.train_clip(ctx.config, ctx.seed, ctx.folder), depends=(), version=1, cost=123,
     description="tiny CLIP (vision + text) trained contrastively on world images and procedural captions",
     configs={"full": dict(width=64, vision_layers=3, text_layers=2, heads=2, projection_dim=32, pool=2000,
                           steps=600, batch=64, lr=2e-3),
@@ -26,7 +28,7 @@ register(WorldModel(
                            steps=200, batch=64, lr=2e-3)}))
 
 register(WorldModel(
-    "flux_kontext", flux_kontext.build, depends=("autoencoder",), version=1,
+    "flux_kontext", flux_kontext.build, depends=("autoencoder",), version=1, cost=203,
     description="FLUX.1-Kontext-like transformer pretrained to copy grids (B′ = B) and draw a new last panel",
     configs={"full": dict(panel=PANEL, heads=3, double_blocks=2, single_blocks=2, pool=2000, steps=1000,
                           batch_copy=8, batch_complete=4, complete_weight=1.0, lr=2e-3, eval_grids=16,
@@ -36,7 +38,7 @@ register(WorldModel(
                            eval_steps=8)}))
 
 register(WorldModel(
-    "flux_dev", flux_dev.build, depends=("autoencoder",), version=1,
+    "flux_dev", flux_dev.build, depends=("autoencoder",), version=1, cost=61,
     description="FLUX.1-dev-like transformer pretrained to complete grids by copying ([A A; B ?] inpainted with B) and "
                 "to draw world grids (Edit Transfer's base)",
     configs={"full": dict(panel=PANEL, heads=3, double_blocks=2, single_blocks=2, pool=2000, steps=1000,
@@ -56,7 +58,7 @@ IP2P_PROBES = dict(transformer_layers=1, prompt_position_std=0.0, self_attention
                    attention_positions=0)
 
 register(WorldModel(
-    "instruct_pix2pix", instruct_pix2pix.build, depends=("autoencoder",), version=1,
+    "instruct_pix2pix", instruct_pix2pix.build, depends=("autoencoder",), version=1, cost=477,
     late_settings=dict(position_frequencies=0, attention_positions=0),
     description="InstructPix2Pix-like SD1.5-architecture UNet (32 input channels) pretrained to copy and draw",
     configs={"full": dict(panel=PANEL, width=64, layers_per_block=1, head_dim=16, groups=16, prediction="v_prediction",
@@ -71,7 +73,7 @@ register(WorldModel(
                            eval_steps=10)}))
 
 register(WorldModel(
-    "region_t5", region_t5.build_region_t5, depends=(), version=1,
+    "region_t5", region_t5.build_region_t5, depends=(), version=1, cost=0,
     description="tiny T5 encoder over the world's vocabulary (random, frozen): the region predictor's instructions",
     configs={size: dict(d_model=48, d_kv=16, d_ff=96, num_layers=2, num_heads=3, relative_attention_num_buckets=16,
                         relative_attention_max_distance=32, feed_forward_proj="gated-gelu", dropout_rate=0.0)

@@ -72,6 +72,9 @@ class WorldModel:
     # settings added after this version's builds were keyed, each with the value that builds what those keys stand
     # for: left out of the key at that value, so adding a probe setting never rebuilds a cached model
     late_settings: dict = field(default_factory=dict)
+    # rough seconds to build the full world's model on 2 cores: side by side, the costliest ready model starts first
+    # (only the order; what a model is never depends on it)
+    cost: float = 0.0
 
 
 WORLD_MODELS: dict[str, WorldModel] = {}
@@ -209,7 +212,8 @@ def build_world(models: list[str] | None = None, quick: bool = False, seed: int 
                 force: bool = False, overrides: Overrides | None = None, jobs: int = 1) -> World:
     """Build (or reuse) the named world models and their dependencies; returns the world. ``overrides`` (from
     :func:`parse_overrides`) change settings of the named models, in a folder of their own. ``jobs`` > 1: the models
-    to build are built that many at a time (:func:`build_side_by_side`; not for an overridden world)."""
+    to build are built that many at a time (:func:`build_side_by_side`; not for an overridden world, nor with
+    ``force``: a forced rebuild replaces the dependencies others read, so it goes one model after another)."""
     overrides = {name: dict(values) for name, values in (overrides or {}).items() if values}
     for name in overrides:
         _registered(name)
@@ -244,11 +248,12 @@ def build_world(models: list[str] | None = None, quick: bool = False, seed: int 
 def build_side_by_side(folder: Path, names: list[str], keys: dict[str, str], quick: bool, seed: int,
                        jobs: int) -> None:
     """Build the models of ``names`` that ``folder`` lacks, at most ``jobs`` at a time, each as soon as the models it
-    depends on are built: a ``python -m training.world build --models <name>`` run (forked from the launch server,
-    :func:`~training.world.launch.run_module`), its output in ``folder/.build_<name>.log``, with the cores shared
-    among the builds that can run when it starts (a build alone gets them all). Every builder seeds itself, so a
-    model is built as it is alone, but for the rounding of its thread count. A failed build keeps the others from
-    starting; those running finish, then it is raised."""
+    depends on are built (the costliest ready one first, ``WorldModel.cost``): a ``python -m training.world build
+    --models <name>`` run (forked from the launch server, :func:`~training.world.launch.run_module`), its output in
+    ``folder/.build_<name>.log``, each with the cores shared among ``min(jobs, models to build)`` (fixed when the build begins, so a model's threads never depend on
+    timing; ``build.json`` records them). Every builder seeds itself, so a model is built as it is alone, but for the
+    rounding of its thread count. A failed build keeps the others from starting; those running finish, then it is
+    raised."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     from training.world.launch import available_cores, run_module, thread_env
@@ -257,9 +262,10 @@ def build_side_by_side(folder: Path, names: list[str], keys: dict[str, str], qui
     if len(pending) < 2:
         return
     built = set(names) - set(pending)
-    log.info("world: building %s, at most %d at a time", ", ".join(pending), jobs)
+    threads = max(1, available_cores() // min(jobs, len(pending)))
+    log.info("world: building %s, at most %d at a time, %d threads each", ", ".join(pending), jobs, threads)
 
-    def build(name: str, threads: int) -> None:
+    def build(name: str) -> None:
         argv = ["build", "--models", name, "--seed", str(seed), "--root", str(folder.parent.resolve()), "--jobs", "1",
                 *(["--quick"] if quick else [])]
         logfile = folder / f".build_{name}.log"
@@ -273,11 +279,11 @@ def build_side_by_side(folder: Path, names: list[str], keys: dict[str, str], qui
     running: dict = {}
     with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="world-build") as pool:
         while pending or running:
-            ready = [n for n in pending if set(_registered(n).depends) <= built]
+            ready = sorted((n for n in pending if set(_registered(n).depends) <= built),
+                           key=lambda n: -_registered(n).cost)
             for name in ready[:jobs - len(running)]:
-                threads = max(1, available_cores() // min(jobs, len(running) + len(ready)))
                 pending.remove(name)
-                running[pool.submit(build, name, threads)] = name
+                running[pool.submit(build, name)] = name
             if not running:
                 raise RuntimeError(f"world models {pending} depend on models that are not built")
             done, _ = wait(running, return_when=FIRST_COMPLETED)

@@ -34,8 +34,9 @@ so the ceiling is always scored on exactly the row's scenes.
 **Lanes** (``--ceiling-jobs N``, default the cores available). The yardstick queues every selected row's missing
 ceiling runs before the rows train (:class:`CeilingQueue`): N lanes, each a trainer process with ``cores // N``
 torch threads; the rows' own training and sampling hold one lane (its threads) while the others train ceilings, and
-every lane trains ceilings once the rows are done; each row's ceilings are then scored. With ``N = 1`` each row's
-ceilings are trained after the rows, one after another, everything with every core.
+every lane trains ceilings once the rows are done; each row's ceilings are then scored. Fewer lanes when fewer runs
+are missing (the rows hold one); with none missing, or ``N = 1``, there is no queue: the rows keep every core and each
+row's ceilings are trained after the rows, one after another.
 """
 
 from __future__ import annotations
