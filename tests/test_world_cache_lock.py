@@ -153,3 +153,15 @@ def test_a_forced_build_goes_one_model_after_another_and_a_relative_root_reaches
     build_world(["side_a", "side_b"], quick=True, seed=0, root=Path("worlds"), jobs=2, force=True)
     assert calls == [], "in this process"
     assert [e[:3] for e in events if e[0] == "start"] == [("start", "side_a", 1), ("start", "side_b", 1)]
+
+
+def test_the_world_command_refuses_fewer_than_one_job(capsys):
+    from training.world.__main__ import main
+
+    try:
+        main(["build", "--quick", "--jobs", "0"])
+    except SystemExit as done:
+        assert done.code == 2
+    else:
+        raise AssertionError("--jobs 0 was accepted")
+    assert "--jobs must be at least 1, got 0" in capsys.readouterr().err
