@@ -245,12 +245,18 @@ def training_families(examples: dict) -> list[str]:
 
 def missing_runs(method: str, ceiling: Ceiling, world: World, families: list[str], seed: int,
                  root: Path | None = None, steps: int | None = None, overrides: dict[str, object] | None = None,
-                 full: bool | None = None, rank: int | None = None) -> list[tuple]:
-    """(cache name, ceiling, family, trainer overrides, rank) of every ceiling run of ``families`` the cache lacks."""
-    return [(name, kind_ceiling, family, kind_overrides, kind_rank) for family in families
-            for _, name, kind_ceiling, kind_overrides, kind_rank in measured_kinds(method, ceiling, world, overrides,
-                                                                                  full, rank)
-            if cache_entry(name, kind_ceiling, world, family, seed, root, steps, kind_overrides, kind_rank)[3] is None]
+                 full: bool | None = None, rank: int | None = None) -> dict[Path, tuple]:
+    """Every ceiling run of ``families`` the cache lacks: its cache folder -> (cache name, ceiling, family, trainer
+    overrides, rank)."""
+    out = {}
+    for family in families:
+        for _, name, kind_ceiling, kind_overrides, kind_rank in measured_kinds(method, ceiling, world, overrides, full,
+                                                                               rank):
+            folder, _, _, record = cache_entry(name, kind_ceiling, world, family, seed, root, steps, kind_overrides,
+                                               kind_rank)
+            if record is None:
+                out[folder] = (name, kind_ceiling, family, kind_overrides, kind_rank)
+    return out
 
 
 class CeilingQueue:
@@ -258,8 +264,8 @@ class CeilingQueue:
     with ``available_cores() // jobs`` torch threads (kept in its record as ``train_threads``).
 
     The rows' own training and sampling take one lane while they run (:meth:`lane`), so the ceilings fill the other
-    lanes beside them and every lane once the rows are done: on 2 cores a row's trainer gains little from a second
-    thread, which a ceiling run uses fully. A run two rows share (``Ceiling.shared_as``) is trained once, for the row
+    lanes beside them and every lane once the rows are done (on 2 cores the rows then train 1.5-1.8x slower with one
+    thread, so the gain there is small: README, "The ceilings"). A run two rows share (``Ceiling.shared_as``) is trained once, for the row
     that asked first. A failed run keeps the queued ones from starting (those running finish and are cached);
     :meth:`wait` then raises it."""
 
@@ -281,10 +287,8 @@ class CeilingQueue:
         row queued already)."""
         opts = self.options
         futures, queued = [], 0
-        for name, kind_ceiling, family, kind_overrides, kind_rank in missing_runs(method, ceiling, world, families,
-                                                                                  seed, **opts):
-            folder = cache_entry(name, kind_ceiling, world, family, seed, opts["root"], opts["steps"],
-                                 kind_overrides, kind_rank)[0]
+        for folder, (name, kind_ceiling, family, kind_overrides, kind_rank) in missing_runs(
+                method, ceiling, world, families, seed, **opts).items():
             if folder not in self.by_folder:
                 args = (name, kind_ceiling, world, family, seed, opts["root"], opts["steps"], kind_overrides,
                         kind_rank, self.threads)

@@ -393,12 +393,9 @@ def ceiling_queue(args: argparse.Namespace, names: list[str], world: World, fami
     ``jobs`` is 1 (the rows then keep every core)."""
     if jobs < 2:
         return None
-    folders = {ceiling.cache_entry(name, kind_ceiling, world, family, args.seed, args.ceiling_root,
-                                   args.ceiling_steps, kind_overrides, kind_rank)[0]
-               for method in names
-               for name, kind_ceiling, family, kind_overrides, kind_rank in ceiling.missing_runs(
-                   method, METHODS[method].ceiling, world, families, args.seed, args.ceiling_root, args.ceiling_steps,
-                   overrides, args.full_ceilings, args.ceiling_rank)}
+    folders = {folder for method in names for folder in ceiling.missing_runs(
+        method, METHODS[method].ceiling, world, families, args.seed, args.ceiling_root, args.ceiling_steps, overrides,
+        args.full_ceilings, args.ceiling_rank)}
     if not folders:
         return None
     return ceiling.CeilingQueue(min(jobs, len(folders) + 1), args.ceiling_root, args.ceiling_steps, overrides,
