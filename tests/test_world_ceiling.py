@@ -25,9 +25,9 @@ from analogy_core.lorweb.layer import LoRWeBLinear
 from training.world import evaluate as ev
 from training.world import scenes as world_def
 from training.world.presets import (LORWEB_CEILING_RATE, LORWEB_CEILING_STEPS, LORWEB_WORLD, LORWEB_WORLD_QUICK,
-                                    lorweb_ceiling_settings)
+                                    lorweb_ceiling_settings, lorweb_settings)
 from training.world.registry import World
-from training.world.yardstick import ceiling, lorweb
+from training.world.yardstick import ceiling, edit_transfer, lorweb
 from training.world.yardstick.common import Ceiling, MethodContext
 
 GLOBAL, LOCAL = "invert", "recolour_red_blue"
@@ -87,7 +87,8 @@ def test_ceiling_settings_are_the_preset_with_one_entry_of_its_rank_budget(quick
     assert settings["data"] == "world:families=hflip" and settings["seed"] == 3
     assert settings["backbone"] == settings["query_encoder"] == "world:/w"
     changed = {"num_entries", "rank", "data", "seed", "max_steps", "checkpoint_every", "sample_every",
-               "learning_rate"}
+               "learning_rate", "torch_compile"}
+    assert settings.get("torch_compile", False) is not quick  # the full world's ceilings compile (next test)
     # the ceilings' generous budget, the same on both worlds (until 2026-12-04: 400 / 1,000 steps at 6e-3)
     assert settings["learning_rate"] == LORWEB_CEILING_RATE == 2e-3
     assert {k: v for k, v in settings.items() if k not in changed | {"backbone", "query_encoder"}} == \
@@ -487,6 +488,33 @@ def test_lorweb_full_ceiling_is_the_same_run_training_every_weight_at_the_pretra
     full = lorweb.CEILING.full.settings(world, False, "hflip", 1)
     assert full == {**lora, "full_finetune": True, "learning_rate": 0.002}
     assert lorweb.CEILING.full.shared_as == "lorweb_full" and lorweb.CEILING.shared_as == ""
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_only_the_full_worlds_ceilings_that_run_faster_compiled_compile(quick):
+    """torch_compile where bench.compile_step measured the step faster compiled and seven runs share one compile: the
+    full world's LoRWeB ceilings (LoRA and full) and Edit Transfer's LoRA ceilings (with and without text). Not the
+    rows, not the quick world (whose settings, and so cache keys, stay as they were), not Edit Transfer's full
+    fine-tune or LoRA of Change (slower compiled)."""
+    from training.world.yardstick import loc
+
+    root = Path("/w") / f"v2-{'quick' if quick else 'full'}-s0"
+    world = World(root, quick, 0, {"flux_kontext": {"key": "f", "config": {"lr": 0.002}},
+                                   "flux_dev": {"key": "d", "config": {"lr": 0.002}},
+                                   "instruct_pix2pix": {"key": "u", "config": {"lr": 0.001}}})
+    ceilings = {"lorweb": lorweb.CEILING, "loc": loc.CEILING,
+                **{row: edit_transfer.row_ceiling(row) for row in edit_transfer.ROWS}}
+    compiled = {(row, kind) for row, found in ceilings.items() for kind, c in (("lora", found), ("full", found.full))
+                if "torch_compile" in c.settings(world, quick, "hflip", 0)}
+    assert all(c.settings(world, quick, "hflip", 0)["torch_compile"] is True
+               for row, found in ceilings.items() for kind, c in (("lora", found), ("full", found.full))
+               if (row, kind) in compiled)
+    expected = set() if quick else {("lorweb", "lora"), ("lorweb", "full"), *((row, "lora") for row in
+                                                                               edit_transfer.ROWS)}
+    assert compiled == expected
+    rows = [lorweb_settings(str(root), quick), loc.loc_settings(root, quick),
+            *(edit_transfer.et_settings(root, quick, text_free) for text_free in (False, True))]
+    assert not any("torch_compile" in settings for settings in rows)
 
 
 # The issue's ceiling target reached on the quick world by a FULL fine-tune of Edit Transfer's FLUX.1-dev-like

@@ -49,6 +49,8 @@ def test_the_same_settings_as_the_trainer_reads_them_pass(tmp_path):
     check_resumable(run, {"learning_rate": 0.002, "full_finetune": False})
     # length and bookkeeping may change
     check_resumable(run, {"learning_rate": 0.002, "max_steps": 400, "keep_exports": True, "checkpoint_every": 7})
+    # so may compiling (a run recorded before torch_compile existed, continued compiled)
+    check_resumable(run, {"learning_rate": 0.002, "torch_compile": True})
 
 
 def test_a_changed_setting_is_refused_naming_it(tmp_path):

@@ -42,6 +42,10 @@ class CommonConfig:
     use_8bit_adam: bool = False      # bitsandbytes AdamW8bit when it and CUDA are available, else torch AdamW
     mixed_precision: str = "no"      # "no", "fp16", "bf16"
     gradient_checkpointing: bool = False
+    # torch.compile the task's compile_targets (its denoiser) for the training steps, in place: parameter names,
+    # checkpoints and files unchanged; samples run eager. The first compile of a graph takes a minute or two
+    # (torch caches it on disk for later runs); whether steps get faster depends on the model and device
+    torch_compile: bool = False
     seed: int = 0
     num_workers: int = 2
     # bookkeeping

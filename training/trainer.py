@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 from collections.abc import Collection, Iterator
 from pathlib import Path
@@ -103,6 +104,11 @@ class TrainingTask:
     def summary(self, model: nn.Module) -> str:
         count = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return f"{self.name}: {count / 1e6:.2f}M trainable parameters"
+
+    def compile_targets(self, model: nn.Module) -> list[nn.Module]:
+        """The modules ``torch_compile`` compiles: those whose forward and backward make up most of a step (default:
+        the built module). A task whose heavy model is frozen outside it (LoRA of Change's UNet) names that."""
+        return [model]
 
     def after_step(self, model: nn.Module) -> None:
         """Optional: called with the unwrapped model after every optimiser step (e.g. to update an EMA)."""
@@ -262,6 +268,30 @@ def optimizer_step(accelerator, loss: torch.Tensor, params: list[nn.Parameter], 
 # checkpoints
 
 
+def compile_for_training(task: TrainingTask, model: nn.Module) -> None:
+    """``torch.compile`` each of the task's compile targets in place (``Module.compile``: parameter names, state dicts
+    and so checkpoints and exports are those of the eager module). Accelerate's own ``dynamo_backend`` would compile
+    the module it prepares, which is not always the one doing the work (LoRA of Change trains H, the UNet runs)."""
+    if not hasattr(torch.compiler, "set_stance"):
+        raise RuntimeError(f"torch_compile needs torch >= 2.6 (samples run eager through torch.compiler.set_stance); "
+                           f"this is torch {torch.__version__}")
+    import torch._inductor.config as inductor_config
+
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+        # compile with no more worker processes than this run's threads (a run given one core of a shared machine)
+        inductor_config.compile_threads = max(1, min(inductor_config.compile_threads, torch.get_num_threads()))
+    targets = task.compile_targets(model)
+    for module in targets:
+        module.compile()
+    log.info("torch.compile: %s (the first steps compile; samples run eager)",
+             ", ".join(type(m).__name__ for m in targets))
+
+
+def eager_if_compiled(cfg: CommonConfig):
+    """Run compiled modules eagerly inside (samples: other shapes and no gradients would each compile anew)."""
+    return torch.compiler.set_stance("force_eager") if cfg.torch_compile else contextlib.nullcontext()
+
+
 def save_checkpoint(task: TrainingTask, model, optimizer, step: int) -> Path:
     """Write checkpoints/step_N atomically (all ranks' RNG, main rank's weights and optimiser), then the artifact."""
     accelerator, cfg = task.accelerator, task.cfg
@@ -390,6 +420,8 @@ def run(task_cls: type[TrainingTask], argv=None) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
 
     step = resume(task, model, optimizer, args.resume) if args.resume else 0
+    if cfg.torch_compile:
+        compile_for_training(task, accelerator.unwrap_model(model))
 
     sampler = StepBatchSampler(len(data), cfg.batch_size, cfg.seed, accelerator.process_index,
                                accelerator.num_processes, start=step * cfg.gradient_accumulation_steps)
@@ -441,7 +473,8 @@ def run(task_cls: type[TrainingTask], argv=None) -> dict:
         if accelerator.is_main_process and (step % cfg.sample_every == 0 or step == cfg.max_steps):
             unwrapped = accelerator.unwrap_model(model)
             unwrapped.eval()
-            task.write_samples(unwrapped, sample_batch, step, out / "samples")
+            with eager_if_compiled(cfg):
+                task.write_samples(unwrapped, sample_batch, step, out / "samples")
             unwrapped.train()
     progress.close()
     if history["skipped"] or data.bad_lines:

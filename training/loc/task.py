@@ -320,6 +320,10 @@ class LoCTask(TrainingTask):
             return HypernetworkAndEncoder(hypernetwork, encoder).to(self.device)
         return hypernetwork.to(self.device)
 
+    def compile_targets(self, model) -> list[nn.Module]:
+        # the UNet does the step's work (H only generates its factors once per pair)
+        return [self.backbone.unet]
+
     def export_companions(self) -> tuple[str, ...]:
         # E trains exactly when its rate is > 0 (the config refuses that rate with plain_lora / full_finetune)
         return (ENCODER_FILE,) if self.cfg.image_encoder_learning_rate > 0 else ()

@@ -52,6 +52,12 @@ LORWEB_WORLD_QUICK: dict[str, object] = {**LORWEB_WORLD, "max_steps": 400,
 # 0.91 to 0.85 / 0.98; on the 256-wide one 6e-3 diverged once where 2e-3 did not.
 LORWEB_CEILING_STEPS = {"full": 1200, "quick": 1200}
 LORWEB_CEILING_RATE = 2e-3
+# The full world's ceiling runs compile their transformer (``torch_compile``): seven runs of one graph per row and kind,
+# so one compile (50-115 s cold, seconds from torch's cache) buys seven runs of steps 0.5-0.75x as long
+# (``python -m bench.compile_step``; README, "The ceilings"). Not the rows (one run each: the first compile costs about
+# what it saves, and the demo trains the row), not the quick world (the tests' runs would pay the compile), not Edit
+# Transfer's full fine-tune or LoRA of Change's UNet (compiled, their steps were slower on the CPU).
+CEILING_COMPILE: dict[str, object] = {"torch_compile": True}
 
 
 def lorweb_settings(world_folder: str, quick: bool = False) -> dict[str, object]:
@@ -68,7 +74,7 @@ def lorweb_ceiling_settings(world_folder: str, family: str, quick: bool = False,
     return {**settings, "learning_rate": LORWEB_CEILING_RATE,
             "num_entries": 1, "rank": int(settings["num_entries"]) * int(settings["rank"]),
             "data": f"world:families={family}", "max_steps": steps, "checkpoint_every": steps, "sample_every": steps,
-            "seed": seed}
+            "seed": seed, **({} if quick else CEILING_COMPILE)}
 
 
 def set_arguments(settings: dict[str, object]) -> list[str]:
@@ -81,8 +87,9 @@ def set_arguments(settings: dict[str, object]) -> list[str]:
 
 
 # What may change when a world run is continued (``resume``): its length and bookkeeping, not what it learns.
+# (``torch_compile`` too: compiled steps round float sums otherwise, as another thread count does, and learn the same.)
 RESUMABLE_CHANGES = frozenset({"max_steps", "checkpoint_every", "keep_checkpoints", "keep_exports", "sample_every",
-                               "log_every", "output_dir", "report_to"})
+                               "log_every", "output_dir", "report_to", "torch_compile"})
 
 
 def _same_place(recorded: str, given: str) -> bool:
