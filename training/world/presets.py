@@ -52,11 +52,13 @@ LORWEB_WORLD_QUICK: dict[str, object] = {**LORWEB_WORLD, "max_steps": 400,
 # 0.91 to 0.85 / 0.98; on the 256-wide one 6e-3 diverged once where 2e-3 did not.
 LORWEB_CEILING_STEPS = {"full": 1200, "quick": 1200}
 LORWEB_CEILING_RATE = 2e-3
-# The full world's ceiling runs compile their transformer (``torch_compile``): seven runs of one graph per row and kind,
-# so one compile (50-115 s cold, seconds from torch's cache) buys seven runs of steps 0.5-0.75x as long
-# (``python -m bench.compile_step``; README, "The ceilings"). Not the rows (one run each: the first compile costs about
-# what it saves, and the demo trains the row), not the quick world (the tests' runs would pay the compile), not Edit
-# Transfer's full fine-tune or LoRA of Change's UNet (compiled, their steps were slower on the CPU).
+# The full world's LoRA ceilings and LoRWeB's full one compile their backbone (``torch_compile``): seven runs of one
+# graph per row and kind, so one compile (1-3 minutes cold, seconds from torch's cache) buys seven runs of faster steps.
+# Measured with ``python -m bench.compile_step`` on 2 cores (README, "The ceilings"): compiled over eager at 2 / 1
+# threads, LoRWeB's LoRA 0.72 / 0.50-0.67, its full 0.75 / 0.72, Edit Transfer's LoRA 0.40-0.66 / 0.67, LoRA of
+# Change's LoRA 0.70 / 0.81. Not Edit Transfer's full fine-tune (0.98) nor LoC's (0.92 / 0.93): too little to pay the
+# compile. Not the rows (one run each: the first compile costs about what it saves, and the demo trains the row), not
+# the quick world (the tests' runs would pay the compile; its settings, and so its cache keys, stay as they were).
 CEILING_COMPILE: dict[str, object] = {"torch_compile": True}
 
 
