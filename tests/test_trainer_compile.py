@@ -82,3 +82,10 @@ def test_lora_of_change_compiles_its_unet_not_the_hypernetwork():
 def test_the_default_target_is_the_built_module():
     model = torch.nn.Linear(2, 2)
     assert ToyTask.compile_targets(SimpleNamespace(), model) == [model]
+
+
+def test_a_torch_without_set_stance_is_refused_naming_the_version(monkeypatch, tmp_path):
+    monkeypatch.delattr(torch.compiler, "set_stance")
+    with pytest.raises(ValueError, match=r"torch_compile needs torch >= 2\.6 .*this is torch"):
+        train(tmp_path / "old", "--set", "torch_compile=true")
+    assert not (tmp_path / "old").exists()  # refused with the config, before anything loads or is written

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 import yaml
 
 from training.flow import TIMESTEP_SAMPLINGS
@@ -96,6 +97,9 @@ class CommonConfig:
             raise ValueError(f"adam_epsilon must be > 0 and weight_decay >= 0, got {self.adam_epsilon!r} and "
                              f"{self.weight_decay!r}")
         check_schedule(self.lr_schedule, self.lr_warmup_steps, self.max_steps)
+        if self.torch_compile and not hasattr(torch.compiler, "set_stance"):
+            raise ValueError(f"torch_compile needs torch >= 2.6 (samples run eager through torch.compiler.set_stance); "
+                             f"this is torch {torch.__version__}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

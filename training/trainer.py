@@ -272,9 +272,6 @@ def compile_for_training(task: TrainingTask, model: nn.Module) -> None:
     """``torch.compile`` each of the task's compile targets in place (``Module.compile``: parameter names, state dicts
     and so checkpoints and exports are those of the eager module). Accelerate's own ``dynamo_backend`` would compile
     the module it prepares, which is not always the one doing the work (LoRA of Change trains H, the UNet runs)."""
-    if not hasattr(torch.compiler, "set_stance"):
-        raise RuntimeError(f"torch_compile needs torch >= 2.6 (samples run eager through torch.compiler.set_stance); "
-                           f"this is torch {torch.__version__}")
     import torch._inductor.config as inductor_config
 
     if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
