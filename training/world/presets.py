@@ -54,11 +54,11 @@ LORWEB_CEILING_STEPS = {"full": 1200, "quick": 1200}
 LORWEB_CEILING_RATE = 2e-3
 # The full world's LoRA ceilings and LoRWeB's full one compile their backbone (``torch_compile``): seven runs of one
 # graph per row and kind, so one compile (1-3 minutes cold, seconds from torch's cache) buys seven runs of faster steps.
-# Measured with ``python -m bench.compile_step`` on 2 cores (README, "The ceilings"): compiled over eager at 2 / 1
-# threads, LoRWeB's LoRA 0.72 / 0.50-0.67, its full 0.75 / 0.72, Edit Transfer's LoRA 0.40-0.66 / 0.67, LoRA of
-# Change's LoRA 0.70 / 0.81. Not Edit Transfer's full fine-tune (0.98) nor LoC's (0.92 / 0.93): too little to pay the
-# compile. Not the rows (one run each: the first compile costs about what it saves, and the demo trains the row), not
-# the quick world (the tests' runs would pay the compile; its settings, and so its cache keys, stay as they were).
+# ``python -m bench.compile_step`` (2 cores; bench/results/compile_step_v2_full_*.json), compiled over eager: with 2
+# threads LoRWeB's LoRA 0.72x, its full 0.75x, Edit Transfer's LoRA (as its row) 0.66x, LoRA of Change's LoRA 0.70x
+# (0.81x with 1 thread); not Edit Transfer's full fine-tune (0.98x) nor LoC's (0.92x, 0.93x with 1 thread): too little
+# to pay the compile. Not the rows (one run each: the first compile costs about what it saves, and the demo trains
+# LoRWeB's), not the quick world (the tests' runs would pay the compile; its settings, so its cache keys, unchanged).
 CEILING_COMPILE: dict[str, object] = {"torch_compile": True}
 
 
