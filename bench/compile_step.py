@@ -39,7 +39,8 @@ def run_settings(run: str, world: str) -> tuple[type, dict]:
     from training.world.yardstick import edit_transfer as et
     from training.world.yardstick import loc, lorweb
 
-    opened, quick = open_world(world), "quick" in Path(world).name
+    opened = open_world(world)
+    quick = opened.quick
     row, kind = run.rsplit("_", 1)
     rows = {"lorweb": ("training.lorweb.task", "LoRWeBTask", lambda: presets.lorweb_settings(world, quick),
                        lorweb.CEILING),
@@ -94,6 +95,7 @@ def main(argv=None) -> dict:
     report = {"world": args.world, "repeats": args.repeats, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "machine": platform.processor() or platform.machine(), "runs": {}}
     for run in args.runs.split(","):
+        torch._dynamo.reset()  # each run compiles (or loads from torch's disk cache) its own graphs
         step = compiled_step(run, args.world)
         eager_loss = eager(step)()
         start = time.perf_counter()

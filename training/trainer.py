@@ -268,25 +268,58 @@ def optimizer_step(accelerator, loss: torch.Tensor, params: list[nn.Parameter], 
 # checkpoints
 
 
-def compile_for_training(task: TrainingTask, model: nn.Module) -> None:
+def compile_for_training(task: TrainingTask, model: nn.Module, accelerator=None) -> int:
     """``torch.compile`` each of the task's compile targets in place (``Module.compile``: parameter names, state dicts
     and so checkpoints and exports are those of the eager module). Accelerate's own ``dynamo_backend`` would compile
-    the module it prepares, which is not always the one doing the work (LoRA of Change trains H, the UNet runs)."""
+    the module it prepares, which is not always the one doing the work (LoRA of Change trains H, the UNet runs), so
+    a run asking for both is refused, as is FSDP (whose wrapped modules an in-place compile does not support). Under
+    DDP the compiled step works; its gradients come out of one compiled backward, so their all-reduce overlaps it
+    less than in an eager step."""
+    if accelerator is not None:
+        check_compilable(accelerator)
     import torch._inductor.config as inductor_config
 
     if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
-        # compile with no more worker processes than this run's threads (a run given one core of a shared machine)
-        inductor_config.compile_threads = max(1, min(inductor_config.compile_threads, torch.get_num_threads()))
+        # at most this run's threads in compile workers (a run given one core of a shared machine compiles in-process)
+        threads = torch.get_num_threads()
+        inductor_config.compile_threads = max(1, min(inductor_config.compile_threads or threads, threads))
     targets = task.compile_targets(model)
     for module in targets:
         module.compile()
     log.info("torch.compile: %s (the first steps compile; samples run eager)",
              ", ".join(type(m).__name__ for m in targets))
+    return len(targets)
+
+
+def check_compilable(accelerator) -> None:
+    """Refuse ``torch_compile`` where Accelerate compiles too, or shards with FSDP."""
+    from accelerate.utils import DistributedType, DynamoBackend
+
+    plugin = getattr(accelerator.state, "dynamo_plugin", None)
+    if plugin is not None and plugin.backend != DynamoBackend.NO:
+        name = str(plugin.backend.value).lower()
+        raise ValueError(f"torch_compile and Accelerate's dynamo_backend ({name}) both compile: set dynamo_backend to "
+                         "'no' in `accelerate config`, or torch_compile=false")
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError("torch_compile compiles modules in place, which FSDP's wrapped modules do not support: run "
+                         "FSDP with torch_compile=false")
 
 
 def eager_if_compiled(cfg: CommonConfig):
-    """Run compiled modules eagerly inside (samples: other shapes and no gradients would each compile anew)."""
+    """Run compiled modules eagerly inside (samples: other shapes and no gradients would each compile anew; exports
+    and after-step updates: only the training step is meant to run compiled)."""
     return torch.compiler.set_stance("force_eager") if cfg.torch_compile else contextlib.nullcontext()
+
+
+def log_compiled(cfg: CommonConfig, targets: int) -> None:
+    """How dynamo fared over a compiled run: more graphs than compiled modules means graph breaks (parts run eager
+    between graphs) or recompiles (beyond torch's recompile limit a frame runs eager: slower, never wrong)."""
+    if not cfg.torch_compile:
+        return
+    from torch._dynamo.utils import counters  # dynamo's own counts (no public equivalent)
+
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    log.info("torch.compile: %d graphs for %d compiled modules, %d graph breaks", graphs, targets, breaks)
 
 
 def save_checkpoint(task: TrainingTask, model, optimizer, step: int) -> Path:
@@ -417,8 +450,7 @@ def run(task_cls: type[TrainingTask], argv=None) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
 
     step = resume(task, model, optimizer, args.resume) if args.resume else 0
-    if cfg.torch_compile:
-        compile_for_training(task, accelerator.unwrap_model(model))
+    compiled = compile_for_training(task, accelerator.unwrap_model(model), accelerator) if cfg.torch_compile else 0
 
     sampler = StepBatchSampler(len(data), cfg.batch_size, cfg.seed, accelerator.process_index,
                                accelerator.num_processes, start=step * cfg.gradient_accumulation_steps)
@@ -455,7 +487,8 @@ def run(task_cls: type[TrainingTask], argv=None) -> dict:
                 norm = optimizer_step(accelerator, loss, trainable, optimizer, cfg.max_grad_norm)
             losses.append(loss.detach())
         step += 1
-        task.after_step(accelerator.unwrap_model(model))
+        with eager_if_compiled(cfg):
+            task.after_step(accelerator.unwrap_model(model))
         mean_loss = accelerator.gather(torch.stack(losses).mean().reshape(1)).mean().item()
         history["losses"].append(mean_loss)
         history["grad_norms"].append(norm)
@@ -466,7 +499,8 @@ def run(task_cls: type[TrainingTask], argv=None) -> dict:
             accelerator.log({"loss": mean_loss, "grad_norm": norm or 0.0, "skipped_items": history["skipped"],
                              "lr": optimizer.param_groups[0]["lr"]}, step=step)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            save_checkpoint(task, model, optimizer, step)
+            with eager_if_compiled(cfg):
+                save_checkpoint(task, model, optimizer, step)
         if accelerator.is_main_process and (step % cfg.sample_every == 0 or step == cfg.max_steps):
             unwrapped = accelerator.unwrap_model(model)
             unwrapped.eval()
@@ -474,6 +508,7 @@ def run(task_cls: type[TrainingTask], argv=None) -> dict:
                 task.write_samples(unwrapped, sample_batch, step, out / "samples")
             unwrapped.train()
     progress.close()
+    log_compiled(cfg, compiled)
     if history["skipped"] or data.bad_lines:
         log.warning("skipped %d unreadable items and %d bad index lines (see the warnings above for files and "
                     "reasons)", history["skipped"], data.bad_lines)

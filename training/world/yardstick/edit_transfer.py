@@ -157,7 +157,7 @@ def row_ceiling(row: str) -> Ceiling:
         return sample_b_prime(backbone, items, text, spec["context"], steps, seed)
 
     def full_settings(world, quick: bool, family: str, seed: int) -> dict:
-        # eager: compiled, the full fine-tune's step was slower on the CPU (training/world/presets.py)
+        # eager: compiled, the full fine-tune's step was 0.98x: too little to pay its compile (world/presets.py)
         eager = {k: v for k, v in settings(world, quick, family, seed).items() if k != "torch_compile"}
         return {**eager, "full_finetune": True, "learning_rate": pretraining_rate(world, "flux_dev")}
 
