@@ -253,13 +253,13 @@ def test_the_loc_ceiling_is_one_plain_lora_of_h_rank_taught_one_family(quick):
     assert settings["data"] == "world:families=hflip" and settings["seed"] == 3
     assert settings["max_steps"] == row["max_steps"] == (300 if quick else 1500)
     full = loc.CEILING.full.settings(_world(), quick, "hflip", 3)
-    lora = {k: v for k, v in loc.loc_ceiling_settings("/w", "hflip", quick, 3).items() if k != "torch_compile"}
-    assert full == {**lora, "plain_lora": False, "full_finetune": True, "learning_rate": 0.001}  # eager (compile)
+    assert full == {**loc.loc_ceiling_settings("/w", "hflip", quick, 3), "plain_lora": False, "full_finetune": True,
+                    "learning_rate": 0.001}
     # a plain LoRA at its own rate: H's row rate is lower because each U_B entry sums `width` head features
     assert settings["learning_rate"] == loc.PLAIN_LORA_RATE == 1e-3 and row["learning_rate"] == 1e-4
     same = {k: v for k, v in settings.items() if k not in ("plain_lora", "lora_reverse", "random_exchange", "data",
                                                             "seed", "checkpoint_every", "sample_every",
-                                                            "learning_rate", "torch_compile")}
+                                                            "learning_rate")}
     assert same == {k: v for k, v in row.items() if k in same}
 
 

@@ -52,14 +52,11 @@ LORWEB_WORLD_QUICK: dict[str, object] = {**LORWEB_WORLD, "max_steps": 400,
 # 0.91 to 0.85 / 0.98; on the 256-wide one 6e-3 diverged once where 2e-3 did not.
 LORWEB_CEILING_STEPS = {"full": 1200, "quick": 1200}
 LORWEB_CEILING_RATE = 2e-3
-# The full world's LoRA ceilings and LoRWeB's full one compile their backbone (``torch_compile``): seven runs of one
-# graph per row and kind, so one compile (1-3 minutes cold, seconds from torch's cache) buys seven runs of faster steps.
-# ``python -m bench.compile_step`` (2 cores; bench/results/compile_step_v2_full_*.json), compiled over eager: with 2
-# threads LoRWeB's LoRA 0.72x, its full 0.75x, Edit Transfer's LoRA (as its row) 0.66x, LoRA of Change's LoRA 0.70x
-# (0.81x with 1 thread); not Edit Transfer's full fine-tune (0.98x) nor LoC's (0.92x, 0.93x with 1 thread): too little
-# to pay the compile. Not the rows (one run each: the first compile costs about what it saves, and the demo trains
-# LoRWeB's), not the quick world (the tests' runs would pay the compile; its settings, so its cache keys, unchanged).
-CEILING_COMPILE: dict[str, object] = {"torch_compile": True}
+# Every world run trains eager (no ``torch_compile``), measured (README, "Compiling"): alone, a compiled step of
+# the world's transformers is 0.66-0.75x an eager one (``python -m bench.compile_step``), but in the yardstick's two
+# lanes on these 2 cores the compiled LoRWeB ceilings took 0.90-0.98x their eager seconds once compiled (+95-114 s
+# for each cold compile) and slowed the rows beside them to 1.2-1.4x
+# (bench/results/analogy_world_v2_full_compiled_ceilings_partial_s0.json): no time saved, every cache key changed.
 
 
 def lorweb_settings(world_folder: str, quick: bool = False) -> dict[str, object]:
@@ -76,7 +73,7 @@ def lorweb_ceiling_settings(world_folder: str, family: str, quick: bool = False,
     return {**settings, "learning_rate": LORWEB_CEILING_RATE,
             "num_entries": 1, "rank": int(settings["num_entries"]) * int(settings["rank"]),
             "data": f"world:families={family}", "max_steps": steps, "checkpoint_every": steps, "sample_every": steps,
-            "seed": seed, **({} if quick else CEILING_COMPILE)}
+            "seed": seed}
 
 
 def set_arguments(settings: dict[str, object]) -> list[str]:

@@ -31,7 +31,7 @@ from training.edit_transfer.config import LORA_FILE, TRANSFORMER_FILE
 from training.edit_transfer.task import EditTransferConfig, sample_composite
 from training.world import scenes as world
 from training.world.evaluate import reconstruct
-from training.world.presets import CEILING_COMPILE, run_trainer
+from training.world.presets import run_trainer
 from training.world.yardstick.common import (Ceiling, Curve, CurveSampler, MethodOutput, RunMismatch, load_weights,
                                              losses_from_log, pretraining_rate, world_of_spec)
 
@@ -139,8 +139,7 @@ def run_row(ctx, row: str):
 
 def et_ceiling_settings(world_root: str | Path, family: str, quick: bool, seed: int, text_free: bool) -> dict:
     """The settings of one family's ceiling run of the row with ``text_free``."""
-    return {**et_settings(world_root, quick, text_free), "data": f"world:families={family}", "seed": seed,
-            **({} if quick else CEILING_COMPILE)}
+    return {**et_settings(world_root, quick, text_free), "data": f"world:families={family}", "seed": seed}
 
 
 def row_ceiling(row: str) -> Ceiling:
@@ -157,9 +156,8 @@ def row_ceiling(row: str) -> Ceiling:
         return sample_b_prime(backbone, items, text, spec["context"], steps, seed)
 
     def full_settings(world, quick: bool, family: str, seed: int) -> dict:
-        # eager: compiled, the full fine-tune's step was 0.98x: too little to pay its compile (world/presets.py)
-        eager = {k: v for k, v in settings(world, quick, family, seed).items() if k != "torch_compile"}
-        return {**eager, "full_finetune": True, "learning_rate": pretraining_rate(world, "flux_dev")}
+        return {**settings(world, quick, family, seed), "full_finetune": True,
+                "learning_rate": pretraining_rate(world, "flux_dev")}
 
     def full_sample(world, quick: bool, folder: Path, items: list, seed: int) -> torch.Tensor:
         backbone = load_backbone(f"world:{Path(world.root) / 'flux_dev'}")

@@ -59,7 +59,7 @@ from training.loc.plain import load_plain_lora
 from training.loc.task import edit_images, encode_pair
 from training.world import scenes as world
 from training.world.evaluate import mae, stack
-from training.world.presets import CEILING_COMPILE, run_trainer
+from training.world.presets import run_trainer
 from training.world.yardstick.common import (Ceiling, Curve, CurveSampler, MethodOutput, RunMismatch, load_weights,
                                              losses_from_log, pretraining_rate, world_of_spec)
 
@@ -106,8 +106,7 @@ def loc_ceiling_settings(world_root: str | Path, family: str, quick: bool = Fals
     steps = settings["max_steps"]
     return {**settings, "learning_rate": PLAIN_LORA_RATE, "plain_lora": True, "lora_reverse": False,
             "random_exchange": False,
-            "data": f"world:families={family}", "seed": seed, "checkpoint_every": steps, "sample_every": steps,
-            **({} if quick else CEILING_COMPILE)}
+            "data": f"world:families={family}", "seed": seed, "checkpoint_every": steps, "sample_every": steps}
 
 
 def plain_lora_b_prime(backbone, folder: Path, items: list, steps: int, seed: int) -> torch.Tensor:
@@ -125,9 +124,7 @@ def ceiling_b_prime(world, quick: bool, folder: Path, items: list, seed: int) ->
 
 def full_ceiling_settings(world, quick: bool, family: str, seed: int) -> dict:
     """The same run training every weight of the UNet (no LoRA) at the backbone's own pretraining rate."""
-    # eager: compiled, the full fine-tune's step was 0.93x, too little to pay its compile (training/world/presets.py)
-    eager = {k: v for k, v in loc_ceiling_settings(world.root, family, quick, seed).items() if k != "torch_compile"}
-    return {**eager, "plain_lora": False, "full_finetune": True,
+    return {**loc_ceiling_settings(world.root, family, quick, seed), "plain_lora": False, "full_finetune": True,
             "learning_rate": pretraining_rate(world, "instruct_pix2pix")}
 
 
