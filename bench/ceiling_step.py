@@ -123,8 +123,15 @@ def layers_mixing(model):
 
 
 def ceiling_step(row: str, world: str, full: bool):
-    """(a function running one training step, the task) of ``row``'s LoRA (or full) ceiling on ``invert``."""
+    """A function running one training step of ``row``'s LoRA (or full) ceiling on ``invert``."""
     task_cls, settings = ROWS[row][0](world, "quick" in Path(world).name, full)
+    return training_step(task_cls, settings)
+
+
+def training_step(task_cls, settings: dict[str, object]):
+    """A function running one training step (forward + backward, no optimiser step) of ``task_cls`` with the trainer
+    settings ``settings`` on the first batch of its data, the same batch and noise every call; ``.model`` and
+    ``.task`` are what it trains."""
     argv = ["--preset", "tiny", *set_arguments(settings), "--output-dir", "/tmp/unused"]
     cfg = config_from_args(task_cls, parse_args(task_cls, argv))
     task = task_cls(cfg, SimpleNamespace(device=torch.device("cpu")))
@@ -137,7 +144,7 @@ def ceiling_step(row: str, world: str, full: bool):
         loss = task.loss(model, batch, torch.Generator().manual_seed(0))
         loss.backward()
         return loss.item()
-    step.model = model  # type: ignore[attr-defined]
+    step.model, step.task = model, task  # type: ignore[attr-defined]
     return step
 
 

@@ -20,14 +20,12 @@ import json
 import platform
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
+from bench.ceiling_step import training_step
 from bench.timing import interleaved_median_times
-from training.data.batching import collate
-from training.trainer import compile_for_training, config_from_args, parse_args
-from training.world.presets import set_arguments
+from training.trainer import compile_for_training
 from training.world.scenes import WORLD_VERSION
 
 
@@ -57,21 +55,11 @@ def run_settings(run: str, world: str) -> tuple[type, dict]:
 
 
 def compiled_step(run: str, world: str):
-    """(one training step of ``run``, its task) with the task's compile targets compiled in place."""
+    """One training step of ``run`` (``bench.ceiling_step.training_step``) with its task's compile targets compiled
+    in place, as the trainer compiles them."""
     task_cls, settings = run_settings(run, world)
-    argv = ["--preset", "tiny", *set_arguments({**settings, "torch_compile": True}), "--output-dir", "/tmp/unused"]
-    cfg = config_from_args(task_cls, parse_args(task_cls, argv))
-    task = task_cls(cfg, SimpleNamespace(device=torch.device("cpu")))
-    data = task.dataset()
-    model = task.build()
-    batch = collate([data[i] for i in range(cfg.batch_size)])
-
-    def step() -> float:
-        model.zero_grad(set_to_none=True)
-        loss = task.loss(model, batch, torch.Generator().manual_seed(0))
-        loss.backward()
-        return loss.item()
-    compile_for_training(task, model)
+    step = training_step(task_cls, {**settings, "torch_compile": True})
+    compile_for_training(step.task, step.model)
     return step
 
 

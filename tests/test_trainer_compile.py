@@ -11,10 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch._dynamo.utils import counters  # dynamo's own count of compiled graphs (no public equivalent)
+from torch._dynamo.utils import counters
+from toy_task import ToyTask
 
 from analogy_core.files import read_safetensors
-from toy_task import ToyTask
 from training import trainer
 from training.loc.task import LoCTask
 
@@ -23,6 +23,7 @@ needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c+
 
 
 def compiled_graphs() -> int:
+    """Dynamo's own count of the graphs it compiled (no public equivalent)."""
     return int(counters["stats"]["unique_graphs"])
 
 

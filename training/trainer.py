@@ -316,7 +316,8 @@ def log_compiled(cfg: CommonConfig, targets: int) -> None:
     between graphs) or recompiles (beyond torch's recompile limit a frame runs eager: slower, never wrong)."""
     if not cfg.torch_compile:
         return
-    from torch._dynamo.utils import counters  # dynamo's own counts (no public equivalent)
+    # dynamo's own counts (no public equivalent)
+    from torch._dynamo.utils import counters
 
     graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     log.info("torch.compile: %d graphs for %d compiled modules, %d graph breaks", graphs, targets, breaks)
