@@ -265,7 +265,7 @@ def optimizer_step(accelerator, loss: torch.Tensor, params: list[nn.Parameter], 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# checkpoints
+# compiling (torch_compile)
 
 
 def compile_for_training(task: TrainingTask, model: nn.Module, accelerator=None) -> int:
@@ -321,6 +321,10 @@ def log_compiled(cfg: CommonConfig, targets: int) -> None:
 
     graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     log.info("torch.compile: %d graphs for %d compiled modules, %d graph breaks", graphs, targets, breaks)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# checkpoints
 
 
 def save_checkpoint(task: TrainingTask, model, optimizer, step: int) -> Path:
