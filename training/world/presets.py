@@ -53,7 +53,7 @@ LORWEB_WORLD_QUICK: dict[str, object] = {**LORWEB_WORLD, "max_steps": 400,
 LORWEB_CEILING_STEPS = {"full": 1200, "quick": 1200}
 LORWEB_CEILING_RATE = 2e-3
 # Every world run trains eager (no ``torch_compile``), measured (README, "Compiling"): alone, a compiled step of
-# the world's transformers is 0.66-0.75x an eager one (``python -m bench.compile_step``), but in the yardstick's two
+# the world's transformers is 0.64-0.78x an eager one (``python -m bench.compile_step``), but in the yardstick's two
 # lanes on these 2 cores the compiled LoRWeB ceilings took 0.90-0.98x their eager seconds once compiled (+95-114 s
 # for each cold compile) and slowed the rows beside them to 1.2-1.4x
 # (bench/results/analogy_world_v2_full_compiled_ceilings_partial_s0.json): no time saved, every cache key changed.
