@@ -306,15 +306,16 @@ def check_compilable(accelerator) -> None:
 
 
 def eager_if_compiled(cfg: CommonConfig):
-    """Run compiled modules eagerly inside (samples: other shapes and no gradients would each compile anew; exports
-    and after-step updates: only the training step is meant to run compiled)."""
+    """Run compiled modules eagerly inside: the bookkeeping after each step (after-step updates, exports, samples,
+    whose other shapes and no gradients would each compile anew)."""
     return torch.compiler.set_stance("force_eager") if cfg.torch_compile else contextlib.nullcontext()
 
 
-def log_compiled(cfg: CommonConfig, targets: int) -> None:
-    """How dynamo fared over a compiled run: more graphs than compiled modules means graph breaks (parts run eager
-    between graphs) or recompiles (beyond torch's recompile limit a frame runs eager: slower, never wrong)."""
-    if not cfg.torch_compile:
+def log_compiled(targets: int) -> None:
+    """How dynamo fared over a run that compiled ``targets`` modules (none: nothing to say): more graphs than compiled
+    modules means graph breaks (parts run eager between graphs) or recompiles (beyond torch's recompile limit a frame
+    runs eager: slower, never wrong)."""
+    if not targets:
         return
     # dynamo's own counts (no public equivalent)
     from torch._dynamo.utils import counters
@@ -492,28 +493,26 @@ def run(task_cls: type[TrainingTask], argv=None) -> dict:
                 norm = optimizer_step(accelerator, loss, trainable, optimizer, cfg.max_grad_norm)
             losses.append(loss.detach())
         step += 1
-        with eager_if_compiled(cfg):
+        with eager_if_compiled(cfg):  # only the training step runs compiled
             task.after_step(accelerator.unwrap_model(model))
-        mean_loss = accelerator.gather(torch.stack(losses).mean().reshape(1)).mean().item()
-        history["losses"].append(mean_loss)
-        history["grad_norms"].append(norm)
-        history["lrs"].append(optimizer.param_groups[0]["lr"])
-        progress.update(1)
-        progress.set_postfix(loss=f"{mean_loss:.4f}")
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            accelerator.log({"loss": mean_loss, "grad_norm": norm or 0.0, "skipped_items": history["skipped"],
-                             "lr": optimizer.param_groups[0]["lr"]}, step=step)
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            with eager_if_compiled(cfg):
+            mean_loss = accelerator.gather(torch.stack(losses).mean().reshape(1)).mean().item()
+            history["losses"].append(mean_loss)
+            history["grad_norms"].append(norm)
+            history["lrs"].append(optimizer.param_groups[0]["lr"])
+            progress.update(1)
+            progress.set_postfix(loss=f"{mean_loss:.4f}")
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                accelerator.log({"loss": mean_loss, "grad_norm": norm or 0.0, "skipped_items": history["skipped"],
+                                 "lr": optimizer.param_groups[0]["lr"]}, step=step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 save_checkpoint(task, model, optimizer, step)
-        if accelerator.is_main_process and (step % cfg.sample_every == 0 or step == cfg.max_steps):
-            unwrapped = accelerator.unwrap_model(model)
-            unwrapped.eval()
-            with eager_if_compiled(cfg):
+            if accelerator.is_main_process and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+                unwrapped = accelerator.unwrap_model(model)
+                unwrapped.eval()
                 task.write_samples(unwrapped, sample_batch, step, out / "samples")
-            unwrapped.train()
+                unwrapped.train()
     progress.close()
-    log_compiled(cfg, compiled)
+    log_compiled(compiled)
     if history["skipped"] or data.bad_lines:
         log.warning("skipped %d unreadable items and %d bad index lines (see the warnings above for files and "
                     "reasons)", history["skipped"], data.bad_lines)

@@ -56,7 +56,8 @@ LORWEB_CEILING_RATE = 2e-3
 # the world's transformers is 0.64-0.78x an eager one (``python -m bench.compile_step``), but in the yardstick's two
 # lanes on these 2 cores the compiled LoRWeB ceilings took 0.90-0.98x their eager seconds once compiled (+95-114 s
 # for each cold compile) and slowed the rows beside them to 1.2-1.4x
-# (bench/results/analogy_world_v2_full_compiled_ceilings_partial_s0.json): no time saved, every cache key changed.
+# (bench/results/analogy_world_v2_full_compiled_ceilings_partial_s0.json): no time saved, and it would change every
+# ceiling's cache key.
 
 
 def lorweb_settings(world_folder: str, quick: bool = False) -> dict[str, object]:
