@@ -182,6 +182,12 @@ def test_add_ceilings_fills_the_row_and_trains_each_family_once(tmp_path, monkey
     assert families["hflip"]["ceiling"]["lora"]["kept_background_cells"] == 1.0
     assert first["extra"]["mean_ceiling_lora_edited_cells_train"] == 0.5
     assert first["extra"]["mean_ceiling_lora_kept_cells_train"] == 1.0
+    # the mean over families of each ceiling's error over that family's no-edit error (0.5 in this made-up row):
+    # invert's ceiling draws the truth (0), hflip's draws B (its no-edit error, reckoned here from the scenes)
+    hflip_no_edit = float(ev.mae(ev.stack(examples["hflip"], "b"), ev.stack(examples["hflip"], "b_prime")).mean())
+    assert families["hflip"]["ceiling"]["lora"]["error"] == pytest.approx(hflip_no_edit, abs=1e-5)
+    assert first["extra"]["mean_ceiling_lora_error_over_no_edit_train"] == pytest.approx(
+        (0.0 + hflip_no_edit / 0.5) / 2, abs=1e-4)
     assert first["extra"]["ceiling_train_seconds_this_run"] == 3.0
     cache = tmp_path / "v2-quick-s0" / "ceilings"
     assert len(list(cache.glob("fake-*"))) == 2 and not list(cache.glob(".tmp_*"))

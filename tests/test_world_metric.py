@@ -234,6 +234,11 @@ def test_the_yardstick_reports_the_cells_and_both_ratios():
         assert row["no_edit_cells"] == {"edited_cells": 0.0, "kept_cells": None if family == "invert" else 1.0}
         assert row["base_cells"] == row["no_edit_cells"]
         assert row["floor_cells"] == {"edited_cells": 1.0, "kept_cells": None if family == "invert" else 1.0}
+        assert row["base_over_no_edit"] == 1.0  # the made-up base is B: exactly the no-edit error
+        truth = ev.stack(examples[family], "b_prime")
+        assert row["error"] == pytest.approx(float(ev.mae(b_prime[family], truth).mean()), abs=1e-5)
+        assert row["error_over_no_edit"] == pytest.approx(row["error"] / row["no_edit"], abs=1e-4)
+    assert rows["hflip"]["error_over_no_edit"] == 0.0 and rows["invert"]["error_over_no_edit"] == 1.0
     extra = result["extra"]
     assert extra["own"] == 1
     assert extra["mean_edited_cells_train"] == 0.5 and extra["mean_kept_cells_train"] == 1.0
@@ -249,6 +254,24 @@ def test_the_yardstick_reports_the_cells_and_both_ratios():
     assert rows["hflip"]["kept_background_cells"] == 1.0 and rows["invert"]["kept_background_cells"] is None
     assert extra["mean_kept_background_cells_train"] == 1.0 and "mean_kept_object_cells_heldout" in extra
     print_table({"made_up": result})  # prints; None shows as "-"
+
+
+def test_the_yardsticks_grids_put_each_panel_in_its_quadrant_and_read_b_prime_back():
+    """``four_panel`` lays out [a a′; b b′], ``bottom_right`` reads b′ back (the B′ every row is scored on) and
+    ``reference_grids`` is Kontext's [a a′; b b]: each panel a different constant, so a swapped quadrant shows."""
+    side = 8
+    a, a_prime, b, b_prime = (torch.full((2, side, side, 3), v) for v in (0.1, 0.3, 0.6, 0.9))
+    grid = ev.four_panel(a, a_prime, b, b_prime)
+    assert grid.shape == (2, 2 * side, 2 * side, 3)
+    assert torch.equal(grid[:, :side, :side], a) and torch.equal(grid[:, :side, side:], a_prime)
+    assert torch.equal(grid[:, side:, :side], b) and torch.equal(grid[:, side:, side:], b_prime)
+    assert torch.equal(ev.bottom_right(grid), b_prime)
+    items = ev.examples("hflip", 2, world.REFERENCE_SIZE)
+    reference = ev.reference_grids(items)
+    assert not torch.equal(ev.stack(items, "b"), ev.stack(items, "b_prime"))  # the check below can tell them apart
+    assert torch.equal(ev.bottom_right(reference), ev.stack(items, "b"))
+    half = world.REFERENCE_SIZE
+    assert torch.equal(reference[:, :half, half:], ev.stack(items, "a_prime"))
 
 
 def round_trips(family: str, count: int):
