@@ -128,6 +128,15 @@ def test_node_panel_maximum(comfy_inproc):
     cp.check_composite_size(1, 4096, 4096)
 
 
+def test_node_custom_panel_size_is_width_by_height(comfy_inproc):
+    node = importlib.import_module(f"{comfy_inproc.pack.__name__}.nodes.composite").FourPanelComposite()
+    a = solid([0.2, 0.4, 0.6], 40, 40)
+    composite, mask, geometry = node.compose(a, a, a, "edit_transfer", "custom", 48, 24, "stretch", "none", 0.5)
+    assert (geometry.panel_width, geometry.panel_height) == (48, 24)
+    assert composite.shape == (1, 48, 96, 3) and mask.shape == (1, 48, 96)  # two panels high, two wide
+    assert mask[0, 24:, 48:].min() == 1 and mask[0, :24].max() == 0  # the blank panel is the bottom-right one
+
+
 # -- saved files: permissions and names --------------------------------------------------------------------------------
 
 

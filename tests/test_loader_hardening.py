@@ -18,8 +18,8 @@ from analogy_core.loc import HypernetworkError, load_hypernetwork
 from analogy_core.lora import LoRAError
 from analogy_core.lora_io import load_lora_file
 from analogy_core.regions import InstructionEncoder, RegionError, load_region_predictor
-from loader_cases import (T5_TEXTS, basis_samples, check_t5, hypernetwork_samples, lora_samples, region_samples,
-                          save_t5_folder, t5_model, t5_tokenizer)
+from loader_cases import (T5_TEXTS, T5_WORDS, basis_samples, check_t5, hypernetwork_samples, lora_samples,
+                          region_samples, save_t5_folder, t5_model, t5_tokenizer)
 
 FOLDER = "t5 folder"
 
@@ -259,6 +259,26 @@ def test_a_tokenizer_whose_ids_exceed_the_vocabulary_is_refused(folder):  # was 
     words = [f"w{i}" for i in range(100)]
     t5_tokenizer(words).save_pretrained(folder)
     refused(folder, r"^t5 folder/tokenizer\.json: token ids reach \d+ but the model has \d+ embeddings")
+
+
+def test_a_tokenizer_one_id_past_the_vocabulary_is_refused(folder):
+    """The boundary: a largest id equal to vocab_size is one past the embedding table."""
+    tokenizer = t5_tokenizer([*T5_WORDS, "one_more"])
+    assert max(tokenizer.get_vocab().values()) == len(t5_tokenizer()) == 22
+    tokenizer.save_pretrained(folder)
+    refused(folder, r"^t5 folder/tokenizer\.json: token ids reach 22 but the model has 22 embeddings")
+
+
+def test_one_table_under_both_names_loads_and_two_different_tables_are_refused(folder):
+    def tie(tensors, shift):
+        table = tensors.get("shared.weight", tensors.get("encoder.embed_tokens.weight")).clone()
+        tensors["shared.weight"], tensors["encoder.embed_tokens.weight"] = table, table + shift
+
+    edit_weights(folder, lambda t: tie(t, 0.0))  # some exporters write the tied table twice
+    check_t5(InstructionEncoder.from_folder(folder))
+    edit_weights(folder, lambda t: tie(t, 0.5))
+    refused(folder, r"^t5 folder/model\.safetensors: shared\.weight and encoder\.embed_tokens\.weight hold two "
+                    "different embedding tables")
 
 
 def test_a_tokenizer_of_another_kind_is_refused(folder):

@@ -449,6 +449,9 @@ def test_save_gives_one_dtype_per_file(tmp_path, tiny_flux):
     half, _ = read_safetensors(save_lora_file(mixed, tmp_path / "half.safetensors", "peft", dtype=torch.float16))
     assert {t.dtype for t in half.values()} == {torch.float16}
     assert_same_updates(mixed, load_lora_file(tmp_path / "mixed.safetensors", tiny_flux).lora)
+    whole = mixed.to(torch.bfloat16)  # one dtype throughout: kept as it is, not doubled in size as float32
+    kept, _ = read_safetensors(save_lora_file(whole, tmp_path / "bf16.safetensors", "peft"))
+    assert {t.dtype for t in kept.values()} == {torch.bfloat16}
 
 
 def test_native_formats_follow_the_loras_own_widths(tiny_flux):

@@ -176,6 +176,13 @@ def test_bases_are_told_from_loras_by_header_and_cached(tmp_path, monkeypatch):
     write_basis(lora)  # the LoRA is replaced by a basis: new size and mtime, read again
     os.utime(lora, ns=(1, 1))
     assert is_basis_file(lora) is True and reads == [str(lora)]
+    same = tmp_path / "same.safetensors"  # rewritten in place at the same size: its new mtime alone says so
+    save_file({"x.weight": torch.ones(2)}, same, metadata={"analogy.kind": "lorweb_basiz"})
+    assert is_basis_file(same) is False
+    data = same.read_bytes().replace(b"lorweb_basiz", b"lorweb_basis")
+    same.write_bytes(data)
+    os.utime(same, ns=(2, 2))
+    assert same.stat().st_size == len(data) and is_basis_file(same) is True and reads[-1] == str(same)
 
 
 def test_config_is_found_beside_or_one_folder_up(tmp_path):

@@ -127,3 +127,20 @@ def test_packed_latents_and_their_position_ids_are_the_flux_pipelines():
         expected[:, 0] = index
         torch.testing.assert_close(ids, expected)
     assert token_ids(height, width)[5].tolist() == [0.0, 1.0, 0.0]  # token 5: row 1, column 0 of 5 columns
+
+
+def test_coefficient_heatmap_normalises_each_layer_by_its_largest_coefficient():
+    """Rows are layers, columns basis entries; each row divided by its maximum, then coloured along the ramp
+    (0 the first anchor, 1 the last, in between linear between neighbouring anchors)."""
+    from analogy_core.heatmap import _RAMP, coefficient_heatmap, colourise
+
+    coefficients = torch.tensor([[0.1, 0.4, 0.2], [0.3, 0.3, 0.6]])
+    image = coefficient_heatmap(coefficients, cell_width=4, row_height=2)
+    assert image.shape == (1, 4, 12, 3)
+    expected = torch.tensor([[0.25, 1.0, 0.5], [0.5, 0.5, 1.0]])
+    torch.testing.assert_close(colourise(torch.tensor([0.0, 1.0, 0.125])),
+                               torch.stack([_RAMP[0], _RAMP[-1], (_RAMP[0] + _RAMP[1]) / 2]))
+    for row in range(2):
+        for entry in range(3):
+            cell = image[0, 2 * row:2 * row + 2, 4 * entry:4 * entry + 4]
+            torch.testing.assert_close(cell, colourise(expected[row, entry]).expand(2, 4, 3))

@@ -311,3 +311,22 @@ def test_loader_refuses_other_files_and_bad_specs(tmp_path):
     with pytest.raises(TensorFileError):
         load_region_predictor(tmp_path / "x.ckpt")
     assert KIND == "region_predictor"
+
+
+def test_check_encoder_refuses_every_other_field_than_the_name():
+    """A CLIP of another input size (ViT-L/14@336 for ViT-L/14), patch, widths, depth or family is refused; the name
+    is only a label."""
+    from dataclasses import asdict, replace
+
+    from analogy_core.analogy import EncoderInfo
+    from analogy_core.regions import check_encoder
+
+    trained = EncoderInfo.describe(768, 1024, 224, 14, 24)
+    assert trained.name == "CLIP ViT-L/14"
+    region = spec(encoder=asdict(trained))
+    check_encoder(region, trained)
+    check_encoder(region, replace(trained, name="my ViT-L/14 copy"))
+    for field, value in [("image_size", 336), ("patch_size", 16), ("embed_dim", 512), ("hidden_dim", 768),
+                         ("num_layers", 12), ("family", "siglip")]:
+        with pytest.raises(RegionError, match="the region predictor was trained with CLIP ViT-L/14"):
+            check_encoder(region, replace(trained, **{field: value}))

@@ -20,7 +20,7 @@ from training.config import build_config
 from training.data.batching import ReadableItems, collate
 from training.data.readers import DataError, ItemError
 from training.regions.config import PRESETS, RegionConfig
-from training.regions.data import GroupedPairs, InstructionJsonl
+from training.regions.data import GroupedPairs, InstructionJsonl, load_mask
 from training.regions.task import analogy_loss, region_loss, text_loss
 from training.world.data import WorldRegions
 
@@ -396,3 +396,13 @@ def test_mask_bce_targets_are_the_fraction_of_each_patch_inside_the_mask():
     target = F.avg_pool2d(b["mask"][:, None], 2).flatten(1)
     assert ((target > 0) & (target < 1)).any()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_mask_images_are_binarised_at_half_grey(tmp_path):
+    """An antialiased mask: a pixel belongs to the region when it is lighter than mid-grey, not whenever it is
+    not black."""
+    levels = [0, 40, 127, 128, 200, 255]
+    Image.fromarray(np.array([levels] * 6, dtype=np.uint8)).save(tmp_path / "mask.png")
+    mask = load_mask(tmp_path / "mask.png", 6)
+    assert mask.shape == (6, 6) and mask.dtype == torch.float32
+    assert mask[0].tolist() == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0] and torch.equal(mask, mask[:1].expand(6, 6))

@@ -61,6 +61,22 @@ def test_resume_continues_exactly(tmp_path, reference, caplog):
     assert_same(weights(out), reference)
 
 
+def test_resume_with_gradient_accumulation_continues_exactly(tmp_path):
+    """Resuming at step s restarts the batch stream at micro-batch s x accumulation: the resumed run reads the
+    micro-batches an uninterrupted one reads, and ends with its weights."""
+    accumulate = ("--set", "gradient_accumulation_steps=2")
+    ToyTask.seen_batches.clear()
+    train(tmp_path / "whole", *accumulate)
+    uninterrupted = list(ToyTask.seen_batches)
+    assert len(uninterrupted) == 16 and len({tuple(b) for b in uninterrupted}) == 16  # a wrong start shows
+    ToyTask.seen_batches.clear()
+    out = tmp_path / "run"
+    train(out, *accumulate, "--max-steps", "4")
+    train(out, *accumulate, "--resume")
+    assert ToyTask.seen_batches == uninterrupted
+    assert_same(weights(out), weights(tmp_path / "whole"))
+
+
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 

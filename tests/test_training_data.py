@@ -17,7 +17,7 @@ from training.data.analogies import Quads, Relation252K
 from training.data.pairs import JsonlPairs
 from training.regions.data import GroupedPairs, InstructionJsonl
 
-from training.data.batching import ReadableItems, collate
+from training.data.batching import ReadableItems, StepBatchSampler, collate
 
 
 def write_png(path, array):
@@ -180,3 +180,17 @@ def test_the_pre_training_check_logs_what_it_found(quads, caplog):
     assert len(errors) == 1
     assert "data check: 1 of 3 probed items unreadable" in caplog.text and "missing.png" in caplog.text
     assert "1 bad index lines skipped" in caplog.text
+
+
+def test_the_ranks_micro_batches_tile_the_one_process_stream():
+    """Micro-batch k of W processes of batch B is micro-batch k of one process of batch W x B, cut in rank order:
+    no rank repeats another's items and the data order does not depend on the process count."""
+    size, batch, world = 50, 3, 4
+    single = StepBatchSampler(size, batch * world, seed=5)
+    ranks = [StepBatchSampler(size, batch, seed=5, rank=r, world=world) for r in range(world)]
+    for k in range(12):  # 144 positions: across two epoch boundaries
+        assert sum((s.batch(k) for s in ranks), []) == single.batch(k), k
+    drawn = [i for k in range(4) for s in ranks for i in s.batch(k)]  # 48 of the first epoch's 50
+    assert len(drawn) == len(set(drawn)) == 48
+    resumed = StepBatchSampler(size, batch, seed=5, rank=2, world=world, start=7)
+    assert next(iter(resumed)) == ranks[2].batch(7)
