@@ -18,8 +18,9 @@ scales the attention scores barely vary, so both softmaxes average and the paper
 information; :meth:`RegionPredictor.calibrate_attention` (the trainer's default, at the first step of a fresh run)
 scales W_Q, W_K so the scores have unit standard deviation.
 ``positions`` (not in the paper) adds a learned vector per patch to F_img (and
-per token to an analogy condition), which the world's "add a square at the top left" needed. Checkpoints record
-which form they use.
+per token to an analogy condition), which the world's "add a square at the top left" needed; the trainer starts them
+as 2-D sin-cos positions (:func:`sincos_positions`, ``position_init``), so neighbouring patches start alike and the
+self-attention can gather a patch's surroundings from the first step. Checkpoints record which form they use.
 
 Conditions. Text mode (the paper): instruction tokens of a T5 encoder (FLAN-T5-Base, 768-d = d for ViT-L/14; a linear
 projection is learnt when the widths differ). Analogy mode (beyond the paper): the ANALOGY's patch tokens of A and A′,
@@ -244,6 +245,25 @@ def _rescale_scores(attention: "SingleHeadAttention", queries: torch.Tensor, con
     return float(std)
 
 
+POSITION_INITS = ("sincos", "random")
+
+
+def sincos_positions(grid: int, dim: int) -> torch.Tensor:
+    """2-D sin-cos positions of a grid × grid patch grid (row-major, as the CLIP's patch tokens) → [grid², dim].
+
+    A quarter of the channels each: sin(x·ω_k), cos(x·ω_k), sin(y·ω_k), cos(y·ω_k) for k < dim // 4, with ω_k =
+    grid^(−k / (dim // 4)) — periods from 2π patches to 2π·grid, so every frequency varies across the grid (the usual
+    temperature 10000 leaves most of them flat on a small one); the dim % 4 channels left over are 0. The dot product
+    of two positions is Σ_k cos(ω_k Δx) + cos(ω_k Δy): largest for a patch with itself, then its neighbours."""
+    quarter = dim // 4
+    omega = float(grid) ** (-torch.arange(quarter, dtype=torch.float32) / max(quarter, 1))
+    coords = torch.arange(grid, dtype=torch.float32)
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    angles = [c.flatten()[:, None] * omega[None] for c in (x, y)]
+    table = torch.cat([part for angle in angles for part in (angle.sin(), angle.cos())], dim=1)
+    return F.pad(table, (0, dim - table.shape[1]))
+
+
 def straight_through(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """The binary mask inference uses (``region_masks``: probs >= threshold), in the forward pass, with the gradient of
     ``probs`` (straight-through estimator): hard + probs − stop_gradient(probs)."""
@@ -268,9 +288,11 @@ class RegionOutput(NamedTuple):
 class RegionPredictor(nn.Module):
     """Cross-attention → self-attention → token-wise MLP + sigmoid, with the condition projections of its modes.
 
-    ``with_sem`` adds f_sem (training only: it is not part of the exported checkpoint)."""
+    ``with_sem`` adds f_sem (training only: it is not part of the exported checkpoint). ``position_init`` starts
+    the learned positions (with ``spec.positions``) as :func:`sincos_positions` (the class token of an ANALOGY at 0)
+    or as small random vectors (N(0, 0.02²), the pack's init until 2026-12-07); a loaded checkpoint replaces them."""
 
-    def __init__(self, spec: RegionSpec, with_sem: bool = False):
+    def __init__(self, spec: RegionSpec, with_sem: bool = False, position_init: str = "sincos"):
         super().__init__()
         self.spec = spec
         self.encoder_fingerprint: EncoderFingerprint | None = None  # of the CLIP it was trained with (its file's)
@@ -279,10 +301,18 @@ class RegionPredictor(nn.Module):
             self.text_proj = nn.Linear(spec.text_dim, d) if spec.text_dim != d else nn.Identity()
         if spec.analogy_dim:
             self.analogy_proj = nn.Linear(2 * spec.analogy_dim, d)
+        if position_init not in POSITION_INITS:
+            raise RegionError(f"position_init must be one of {POSITION_INITS}, got {position_init!r}")
         if spec.positions:  # one vector per patch (and per ANALOGY token: class token + the same grid)
-            self.position = nn.Parameter(torch.randn(spec.grid ** 2, d) * 0.02)
-            if spec.analogy_dim:
-                self.analogy_position = nn.Parameter(torch.randn(spec.grid ** 2 + 1, d) * 0.02)
+            if position_init == "sincos":
+                grid_positions = sincos_positions(spec.grid, d)
+                self.position = nn.Parameter(grid_positions.clone())
+                if spec.analogy_dim:
+                    self.analogy_position = nn.Parameter(torch.cat([torch.zeros(1, d), grid_positions]))
+            else:
+                self.position = nn.Parameter(torch.randn(spec.grid ** 2, d) * 0.02)
+                if spec.analogy_dim:
+                    self.analogy_position = nn.Parameter(torch.randn(spec.grid ** 2 + 1, d) * 0.02)
         self.cross = SingleHeadAttention(d)
         self.self_attn = SingleHeadAttention(d)
         self.head = nn.Sequential(nn.Linear(d, spec.mlp_width), nn.GELU(), nn.Linear(spec.mlp_width, 1))

@@ -330,3 +330,39 @@ def test_check_encoder_refuses_every_other_field_than_the_name():
                          ("num_layers", 12), ("family", "siglip")]:
         with pytest.raises(RegionError, match="the region predictor was trained with CLIP ViT-L/14"):
             check_encoder(region, replace(trained, **{field: value}))
+
+
+def test_sincos_positions_written_out():
+    """Channel 4k + j of patch (row y, column x) on a 3-wide grid, 10 channels: sin/cos of x·ω_k, then of y·ω_k,
+    ω_k = 3^(−k/2) for k = 0, 1; the two channels left over are 0."""
+    from analogy_core.regions import sincos_positions
+
+    table = sincos_positions(3, 10)
+    assert table.shape == (9, 10)
+    for patch in range(9):
+        y, x = divmod(patch, 3)
+        omega = [1.0, 3 ** -0.5]
+        expected = [math.sin(x * omega[0]), math.sin(x * omega[1]), math.cos(x * omega[0]), math.cos(x * omega[1]),
+                    math.sin(y * omega[0]), math.sin(y * omega[1]), math.cos(y * omega[0]), math.cos(y * omega[1]),
+                    0.0, 0.0]
+        torch.testing.assert_close(table[patch], torch.tensor(expected), rtol=0, atol=1e-6)
+    gram = sincos_positions(8, 32) @ sincos_positions(8, 32).T  # a patch is nearest itself, then its neighbours
+    centre = gram[3 * 8 + 3].view(8, 8)
+    assert centre[3, 3] == centre.max() and centre[3, 4] > centre[3, 6] and centre[4, 3] > centre[6, 3]
+
+
+def test_position_init_sets_the_learned_positions_and_is_checked():
+    from analogy_core.regions import sincos_positions
+
+    region = RegionPredictor(spec(residual=True, positions=True))
+    torch.testing.assert_close(region.position.data, sincos_positions(GRID, D))
+    assert region.analogy_position[0].abs().max() == 0  # the ANALOGY's class token has no grid position
+    torch.testing.assert_close(region.analogy_position.data[1:], sincos_positions(GRID, D))
+    old = RegionPredictor(spec(residual=True, positions=True), position_init="random")
+    assert 0 < old.position.std() < 0.05
+    region.load_state_dict({**old.state_dict(), "position": region.position.data,
+                            "analogy_position": region.analogy_position.data})  # only the positions differ
+    patches, tokens = rand(2, GRID ** 2, D), rand(2, 4, TEXT, seed=1)
+    assert (region(patches, "text", tokens).logits - old(patches, "text", tokens).logits).abs().max() > 1e-3
+    with pytest.raises(RegionError, match="position_init must be one of"):
+        RegionPredictor(spec(positions=True), position_init="learned")

@@ -406,3 +406,22 @@ def test_mask_images_are_binarised_at_half_grey(tmp_path):
     mask = load_mask(tmp_path / "mask.png", 6)
     assert mask.shape == (6, 6) and mask.dtype == torch.float32
     assert mask[0].tolist() == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0] and torch.equal(mask, mask[:1].expand(6, 6))
+
+
+def test_the_trainer_starts_the_positions_as_its_config_says(tmp_path):
+    """One step at learning rate 0 exports the positions the run started from."""
+    from analogy_core.regions import sincos_positions
+    from training import train_region
+
+    assert RegionConfig().position_init == "sincos"
+    with pytest.raises(ValueError, match="position_init must be one of"):
+        RegionConfig(position_init="zeros").validate()
+    common = ["--preset", "tiny", "--set", "clip=tiny", "--set", "instruction_encoder=tiny", "--set", "resolution=32",
+              "--set", "batch_size=2", "--set", "report_to=none", "--set", "world_scenes=16", "--set",
+              "learning_rate=0", "--set", "checkpoint_every=1", "--set", "sample_every=100", "--max-steps", "1"]
+    for init in ("sincos", "random"):
+        train_region.main([*common, "--set", f"position_init={init}", "--output-dir", str(tmp_path / init)])
+        model = load_region_predictor(tmp_path / init / "region_predictor.safetensors")
+        table = sincos_positions(model.spec.grid, model.spec.dim)
+        assert torch.equal(model.position.data, table) == (init == "sincos"), init
+        assert torch.equal(model.analogy_position.data[1:], table) == (init == "sincos"), init

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from analogy_core.regions import POSITION_INITS
 from training.config import CommonConfig
 
 MODES = ("text", "analogy", "both")
@@ -36,6 +37,10 @@ class RegionConfig(CommonConfig):
     # a learned vector per patch added to F_img (and per ANALOGY token): not in the paper; the world's "add a square
     # at the top left" was not learnt without it (f_sem of eq. 5 always reads the raw patches)
     positions: bool = True
+    # how those positions start: "sincos" (2-D sin-cos positions, analogy_core.regions.sincos_positions: neighbouring
+    # patches start alike) or "random" (N(0, 0.02²), the pack's init until 2026-12-07). On the analogy world sincos
+    # raised analogy mode's IoU at all three seeds (docs/analogy_world_measurements.md, "Regions in analogy mode")
+    position_init: str = "sincos"
     # "calibrated": at the first step of a fresh run, W_Q and W_K of both attentions are scaled so their scores on
     # that batch have unit std (torch's default init leaves them nearly constant: the softmaxes average); "torch":
     # torch's default init only
@@ -81,6 +86,8 @@ class RegionConfig(CommonConfig):
             raise ValueError("diff_tolerance must be in [0, 1) and threshold in (0, 1)")
         if not isinstance(self.threads, int) or self.threads < 0:
             raise ValueError(f"threads must be an integer >= 0, got {self.threads!r}")
+        if self.position_init not in POSITION_INITS:
+            raise ValueError(f"position_init must be one of {POSITION_INITS}, got {self.position_init!r}")
         if self.attention_init not in ATTENTION_INITS:
             raise ValueError(f"attention_init must be one of {ATTENTION_INITS}, got {self.attention_init!r}")
         if self.mode == "both" and self.data != "world":

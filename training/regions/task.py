@@ -209,7 +209,8 @@ class RegionTask(TrainingTask):
         self.encoder = load_instruction_encoder(cfg.instruction_encoder, cfg.seed).to(self.device) \
             if uses_text(cfg) else None
         torch.manual_seed(cfg.seed)
-        model = RegionPredictor(region_spec(cfg, self.clip, self.encoder), with_sem=uses_text(cfg))
+        model = RegionPredictor(region_spec(cfg, self.clip, self.encoder), with_sem=uses_text(cfg),
+                                position_init=cfg.position_init)
         self.calibrated = cfg.attention_init != "calibrated"
         return model.to(self.device)
 
