@@ -102,8 +102,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The analogy world on a CPU in a few minutes: the world's CLIP and instruction encoder, both modes. The token
     # MLP is four times as wide as the world CLIP's 32-wide features (the usual transformer ratio): at the default
     # width (= d, 768 for ViT-L/14 but 32 here) analogy mode missed the IoU target at one seed of three, four times as
-    # wide it meets it at all three; the removed discs stay hard at either width (docs/analogy_world_measurements.md,
-    # "Regions in analogy mode")
+    # wide it met it at all three on one machine, at one of three on another's rebuilt worlds, and there at all three
+    # once the positions started as sin-cos ones (position_init); the removed discs stay hard at either width
+    # (docs/analogy_world_measurements.md, "Regions in analogy mode")
     "tiny": dict(data="world", mode="both", clip="world", instruction_encoder="world", resolution=64, batch_size=16,
                  hidden=128,
                  max_steps=300, learning_rate=2e-3, weight_decay=0.0, lambda_s=1.0 / 64 ** 2, num_workers=0,
