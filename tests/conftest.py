@@ -73,7 +73,6 @@ def object_info(comfy):
     return comfy.object_info()
 
 
-
 @pytest.fixture(scope="session")
 def comfy_inproc():
     """ComfyUI's Python modules in this process plus the pack imported the way ComfyUI imports it."""

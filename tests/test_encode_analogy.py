@@ -297,6 +297,24 @@ def test_open_clip_loader_refuses_wrong_files(tmp_path, tiny_clip, open_clip_fil
         load_image_encoder(f"open_clip:ViT-B-32-quickgelu:{path}")
 
 
+def test_open_clip_loader_refuses_extra_vision_weights(tmp_path, tiny_clip, open_clip_file):
+    """Strict loading both ways: a file with every vision weight plus one the tower does not have (another variant's
+    layer, a misnamed key) is refused, naming the unexpected key, not loaded with the extra weight dropped."""
+    from safetensors.torch import load_file, save_file
+
+    from analogy_core.analogy import AnalogyError
+    from analogy_core.encoders import load_image_encoder
+
+    arch, path = open_clip_file
+    tensors = load_file(path)
+    extra = tmp_path / "extra_key.safetensors"
+    save_file(tensors, extra)
+    assert load_image_encoder(f"open_clip:{arch}:{extra}").kind == "open_clip", "the same weights load as they are"
+    save_file({**tensors, "visual.extra_head.weight": torch.zeros(4, 4)}, extra)
+    with pytest.raises(AnalogyError, match=r"0 missing .*1 unexpected .*extra_head\.weight"):
+        load_image_encoder(f"open_clip:{arch}:{extra}")
+
+
 def test_a_batched_pass_keeps_each_samples_own_encoding(tiny_clip):
     """One encoder pass over several roles and samples: sample i of a role is what encoding that image alone gives,
     and a batch-1 role is repeated to the batch."""

@@ -76,3 +76,43 @@ def test_local_chat_model_generates_offline(tmp_path):
     chat = load_chat(str(tmp_path / "llm"), max_new_tokens=4)
     answer = chat("describe a cat")
     assert isinstance(answer, str) and answer == chat("describe a cat"), "greedy decoding is deterministic"
+
+
+def test_overwrite_describes_the_image_again_and_edits_that_description(tmp_path):
+    """--overwrite recomputes captions that are already there: the MLLM describes the image again (replacing the old
+    source caption) and the target caption is the LLM's edit of that new description, not of the old one."""
+    asked = []
+
+    def describe(image):
+        asked.append(("mllm", image.name))
+        return "a dog on a sofa"
+
+    def chat(prompt):
+        asked.append(("llm", prompt))
+        return "a dog with a hat on a sofa"
+
+    record = {"image": "img/x.png", "instruction": "add a hat", "source_caption": "old", "target_caption": "older"}
+    source = write_inputs(tmp_path, [record])
+    assert run(source, tmp_path / "kept.jsonl", describe, chat) == (1, 0)
+    assert json.loads((tmp_path / "kept.jsonl").read_text())["source_caption"] == "old" and not asked, \
+        "without --overwrite a complete record is kept as is"
+    assert run(source, tmp_path / "redone.jsonl", describe, chat, overwrite=True) == (1, 0)
+    redone = json.loads((tmp_path / "redone.jsonl").read_text())
+    assert redone == {"image": "img/x.png", "instruction": "add a hat", "source_caption": "a dog on a sofa",
+                      "target_caption": "a dog with a hat on a sofa"}
+    assert asked == [("mllm", "x.png"), ("llm", TARGET.format(source="a dog on a sofa", instruction="add a hat"))]
+
+
+def test_every_path_of_a_record_is_rebased_to_the_output_files_folder(tmp_path):
+    """image, edited and mask are relative to the input file; each is written relative to the output file (here one
+    folder down: ``../``), other fields are left alone."""
+    record = {"image": "img/x.png", "edited": "img/x.png", "mask": "img/x.png", "instruction": "i",
+              "source_caption": "s", "target_caption": "t", "group": "img/x.png"}
+    source = write_inputs(tmp_path, [record])
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    assert run(source, out_dir / "train.jsonl", None, None) == (1, 0)
+    written = json.loads((out_dir / "train.jsonl").read_text())
+    assert written == {**record, "image": "../img/x.png", "edited": "../img/x.png", "mask": "../img/x.png"}
+    assert all((out_dir / written[k]).resolve() == (tmp_path / "img" / "x.png").resolve()
+               for k in ("image", "edited", "mask"))

@@ -340,6 +340,52 @@ def test_world_items_use_a_pairs_and_never_b():
     assert torch.equal(WorldRegions(32, scenes=8, editor="truth")[0]["edited"], item["x_prime"])
 
 
+def test_world_items_are_the_examples_a_scenes_and_the_next_examples_as_exemplar():
+    """Item k of a family is scenes.example(family, k)'s A -> A′ (scene seed 2k, never B's 2k + 1), and its exemplar
+    is example k + 1's A -> A′ (the next scene, wrapping at ``scenes``)."""
+    from training.world import scenes as world
+
+    data = WorldRegions(32, scenes=4, editor="truth")
+    count = len(data.families)
+    for k in range(4):
+        for i, family in enumerate(data.families):
+            item, ex, nxt = data[k * count + i], world.example(family, "train", k, 32), \
+                world.example(family, "train", (k + 1) % 4, 32)
+            assert not torch.equal(ex.a, ex.b), "A and B are different scenes: the test tells them apart"
+            assert item["family"] == family and item["instruction"] == ex.instruction
+            assert torch.equal(item["x"], ex.a) and torch.equal(item["x_prime"], ex.a_prime)
+            assert torch.equal(item["a"], nxt.a) and torch.equal(item["a_prime"], nxt.a_prime)
+            assert item["source_caption"] == ex.captions["a"] and item["target_caption"] == ex.captions["a_prime"]
+
+
+def _redrawn_background_tint(item):
+    """The redrawn X_edit's pixels: each is an object's exact palette colour or the scene's background colour plus one
+    tint (the same for every background pixel); returns that tint (checked to be one colour, within ±0.04)."""
+    from training.world import scenes as world
+
+    edited = item["edited"].reshape(-1, 3)
+    palette = torch.tensor(list(world.COLOURS.values()))
+    is_object = (edited[:, None, :] == palette[None]).all(-1).any(-1)
+    assert is_object.any(), "the redrawn objects keep their exact palette colours"
+    backgrounds = torch.unique(edited[~is_object], dim=0)
+    assert backgrounds.shape[0] == 1, f"one tinted background colour, got {backgrounds.tolist()}"
+    scene_background = next(v for v in world.BACKGROUNDS.values()
+                            if (backgrounds[0] - torch.tensor(v)).abs().max() <= 0.04 + 1e-6)
+    tint = backgrounds[0] - torch.tensor(scene_background)
+    assert tint.abs().max() > 0, "the background is tinted"
+    return tint
+
+
+def test_world_redrawn_edits_tint_the_background_only_and_differently_per_scene():
+    """editor=redraw: X_edit keeps the objects' palette colours and shifts the background by a small tint (the
+    module's "background tint offset"), drawn from the scene's own seed: scenes of one family get different tints."""
+    data = WorldRegions(32, scenes=4, editor="redraw")
+    count = len(data.families)
+    for i, family in enumerate(data.families):
+        tints = [_redrawn_background_tint(data[k * count + i]) for k in range(4)]
+        assert all(not torch.allclose(tints[a], tints[b]) for a in range(4) for b in range(a)), (family, tints)
+
+
 # -- a short run of the trainer ------------------------------------------------------------------------------------------
 
 

@@ -126,6 +126,27 @@ def test_foreign_folders_and_files_are_ignored(tmp_path, reference):
     assert_same(weights(out), reference)
 
 
+def test_prune_keeps_exactly_the_newest_keep_checkpoints(tmp_path):
+    """prune(folder, keep) leaves the ``keep`` newest step folders (by step, not by name order or age) and nothing
+    that is not a checkpoint is touched."""
+    for step in (3, 12, 1, 7, 5):
+        (tmp_path / ckpt.checkpoint_name(step)).mkdir()
+    (tmp_path / "step_abc").mkdir()
+    assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [12, 7, 5, 3, 1]
+    ckpt.prune(tmp_path, 2)
+    assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [12, 7]
+    assert (tmp_path / "step_abc").is_dir()
+    ckpt.prune(tmp_path, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000012", "step_abc"]
+
+
+def test_a_run_keeps_keep_checkpoints_of_its_checkpoints(tmp_path):
+    """The toy run checkpoints every 2 steps up to 8; with keep_checkpoints=2 only steps 8 and 6 remain."""
+    out = tmp_path / "run"
+    train(out, "--set", "keep_checkpoints=2")
+    assert [c.step for c in ckpt.list_checkpoints(out / "checkpoints")] == [8, 6]
+
+
 def test_killed_checkpoint_write_is_cleaned_up_and_resumed(tmp_path, reference, monkeypatch, caplog):
     out = tmp_path / "run"
     real_finalize = ckpt.finalize

@@ -1,5 +1,7 @@
 """Training configuration: defaults are the official ones, presets and overrides apply in order, typos fail."""
 
+import json
+
 import pytest
 
 from training.lorweb.config import TrainConfig, load_config
@@ -50,6 +52,13 @@ def test_precedence_and_validation(tmp_path):
     ("targets=[transformer_blocks.0.*, 3]", r"targets must be a list of text"),
     ("weight_decay=.inf", r"weight_decay must be a number \(finite\), got inf"),
     ("guidance=.nan", r"guidance must be a number \(finite\)"),
+    # zero is not a positive integer: keep_checkpoints=0 would prune every checkpoint, batch_size=0 draws nothing
+    ("keep_checkpoints=0", r"keep_checkpoints must be a positive integer, got 0"),
+    ("batch_size=0", r"batch_size must be a positive integer, got 0"),
+    ("max_steps=0", r"max_steps must be a positive integer, got 0"),
+    # a multiple of 16 but not of 32: two 24-px panels are not a whole number of 16-px FLUX patches
+    ("grid_resolution=48", r"grid_resolution must be a multiple of 32"),
+    ("grid_resolution=80", r"grid_resolution must be a multiple of 32"),
 ])
 def test_impossible_values_stop_the_config_before_anything_loads(override, message):
     """The README's promise: an unknown key or an impossible value stops the run before anything loads — these used
@@ -126,3 +135,27 @@ def test_the_world_region_preset_widens_the_token_mlp_to_four_times_the_world_cl
     assert set(widths) == {"full", "quick"}
     assert all(PRESETS["tiny"]["hidden"] == 4 * width for width in widths.values()), widths
     assert "hidden" not in PRESETS["paper"] and "hidden" not in PRESETS["pack"]  # ViT-L/14: the default, d
+
+
+def test_a_good_grid_resolution_and_one_kept_checkpoint_pass():
+    """The boundaries of the checks above: 1 is a positive integer and 96 a multiple of 32 (three 16-px patches
+    per panel)."""
+    cfg = load_config("tiny", None, ["keep_checkpoints=1", "batch_size=1", "grid_resolution=96"])
+    assert (cfg.keep_checkpoints, cfg.batch_size, cfg.grid_resolution) == (1, 1, 96)
+
+
+def test_the_basis_headers_config_keeps_no_local_path_of_the_data_backbone_or_encoder(tmp_path):
+    """shareable_config (the config recorded in a LoRWeB basis header) keeps only the file/folder names of the data,
+    backbone and query-encoder specs, so a shared basis never carries this machine's paths; model names stay."""
+    from training.lorweb.task import shareable_config
+
+    backbone, encoder = tmp_path / "models" / "flux", tmp_path / "models" / "clip"
+    cfg = load_config("tiny", None, [f"data=quads:{tmp_path}/d/quads.jsonl", "max_steps=7"])
+    cfg.backbone, cfg.query_encoder = str(backbone), f"open_clip:ViT-L-14:{encoder}"
+    assert str(tmp_path) in cfg.data, "the config under test holds a local path"
+    shared = shareable_config(cfg)
+    assert (shared["data"], shared["backbone"], shared["query_encoder"]) == (
+        "quads:quads.jsonl", "flux", "open_clip:ViT-L-14:clip")
+    assert str(tmp_path) not in json.dumps(shared) and "output_dir" not in shared
+    assert shared["max_steps"] == 7
+    assert shareable_config(load_config("tiny", None, ["data=world"]))["data"] == "world"

@@ -184,3 +184,55 @@ def test_world_v2_draws_the_scenes_it_always_drew():
     (2026-12-07)."""
     assert world.WORLD_VERSION == 2
     assert world_digest() == "2ed40c0498dde217b9354cf55ce7a8a4aa305fff5feeb624b4b3e13a986a98e5"
+
+
+@pytest.mark.parametrize("x, y, where", [
+    (0, 0, "at the top left"), (16, 0, "at the top centre"), (40, 0, "at the top right"),
+    (0, 16, "at the left"), (16, 16, "in the centre"), (40, 16, "at the right"),
+    (0, 40, "at the bottom left"), (16, 40, "at the bottom centre"), (40, 40, "at the bottom right"),
+])
+def test_a_caption_places_an_object_in_its_third_of_the_panel(x, y, where):
+    """A 3-cell object's centre (x + 12, y + 12 px) falls in one third of the 64-px panel per axis: the caption names
+    that row and column (written out by hand), so left and right, top and bottom are never swapped."""
+    scene = world.Scene("navy", (world.Obj("square", "red", x, y, 3 * world.CELL),))
+    assert world.describe(scene) == f"a picture of a medium red square {where} on a navy background"
+
+
+def test_mirror_captions_place_the_objects_where_the_mirrored_image_shows_them():
+    """hflip/vflip captions describe the mirrored picture: an object at the top left of B is at the top right of the
+    hflip and at the bottom left of the vflip (whose triangles point down); one in the middle row stays there under
+    vflip (its 3-cell box at y = 16 mirrors to y = 64 - 16 - 24 = 24). Written out by hand."""
+    side = 3 * world.CELL
+    scene = world.Scene("navy", (world.Obj("triangle", "red", 0, 0, side), world.Obj("disc", "blue", 40, 16, side)))
+    assert world.describe(scene) == ("a picture of a medium red triangle at the top left and a medium blue disc "
+                                     "at the right on a navy background")
+    assert world.get_family("hflip").caption(scene) == (
+        "a picture of a medium red triangle at the top right and a medium blue disc at the left on a navy background")
+    assert world.get_family("vflip").caption(scene) == (
+        "a picture of a medium blue disc at the right and a medium red upside-down triangle at the bottom left "
+        "on a navy background")
+
+
+def test_pretraining_images_draw_every_look_including_the_flips():
+    """world_image draws each seed's scene plain or in one of the global restyles (LOOKS): over 120 seeds every look,
+    the last one (vflip) included, is drawn, each image is its look's function of the plain render (told apart by
+    comparing with every look written out here), and the caption is that look's caption."""
+    looks = {"plain": lambda img: img, "invert": lambda img: 1.0 - img,
+             "grayscale": lambda img: expected_global("grayscale", img),
+             "channel_swap": lambda img: expected_global("channel_swap", img),
+             "hflip": lambda img: expected_global("hflip", img), "vflip": lambda img: expected_global("vflip", img)}
+    assert set(world.LOOKS) == set(looks)
+    drawn = []
+    for seed in range(120):
+        image, caption = world.world_image("train", seed, SIZE)
+        scene = world.sample_scene(world.scene_rng("train", seed))
+        plain = world.render(scene, SIZE)
+        matches = [name for name, fn in looks.items() if torch.allclose(image, fn(plain), atol=1e-6)]
+        assert matches, f"seed {seed}: the image is none of the looks"
+        if len(matches) == 1:
+            look = matches[0]
+            drawn.append(look)
+            expected = world.describe(scene) if look == "plain" else world.get_family(look).caption(scene)
+            assert caption == expected, (seed, look)
+    assert set(drawn) == set(looks), set(looks) - set(drawn)
+    assert drawn.count("plain") > drawn.count("vflip"), "plain is three of the eight looks"

@@ -5,6 +5,7 @@ region T5) from rotting between full bench runs. Their quality is the yardstick'
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -48,3 +49,23 @@ def test_builder_runs_and_reports_finite_metrics(built, name):
     json.dumps(metrics)
     assert finite_numbers(metrics), metrics
     assert any(folder.iterdir()), f"{name} wrote nothing"
+
+
+def test_world_pretraining_rate_warms_up_linearly_then_decays_to_five_percent():
+    """warmup_cosine over 100 steps (5 warm-up steps): the rate factor is (step + 1) / 5 for the first five steps (the
+    first step already learns), 1 at the end of the warm-up, then a cosine down to 0.05 (written out here)."""
+    import torch
+
+    from training.world.schedule import warmup_cosine
+
+    optimiser = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = warmup_cosine(optimiser, 100)
+    rates = []
+    for _ in range(100):
+        rates.append(optimiser.param_groups[0]["lr"])
+        optimiser.step()
+        schedule.step()
+    assert rates[:6] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
+    assert rates[52] == pytest.approx(0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * 47 / 95)))
+    assert rates[-1] == pytest.approx(0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * 94 / 95)))
+    assert all(a >= b for a, b in itertools.pairwise(rates[4:])), "no rise after the warm-up"

@@ -112,6 +112,20 @@ def test_ceiling_cache_key_names_what_was_trained_not_where_the_world_lies():
                 key(_world("/a"), learning_rate=1e-3)}) == 5
 
 
+def test_a_bumped_ceiling_version_rekeys_its_cached_runs():
+    """A ceiling's ``version`` is bumped when what its runs train or write changes: the cache key of every run of it
+    changes with it (a stale cached run is never reused), and nothing else about the ceiling does."""
+    import dataclasses
+
+    world = _world("/a")
+    settings = lorweb.CEILING.settings(world, True, "invert", 0)
+    bumped = dataclasses.replace(lorweb.CEILING, version=lorweb.CEILING.version + 1)
+    same = dataclasses.replace(lorweb.CEILING)
+    here = ceiling.cache_key("lorweb", lorweb.CEILING, world, settings, "invert", 0)
+    assert ceiling.cache_key("lorweb", same, world, settings, "invert", 0) == here, "the key is a pure function"
+    assert ceiling.cache_key("lorweb", bumped, world, settings, "invert", 0) != here
+
+
 def test_a_prefixed_ceiling_setting_reaches_one_kind_of_ceiling_only():
     overrides = ceiling.parse_setting_overrides(["learning_rate=2e-3", "full.finetune_scope=attention",
                                                  "lora.weight_decay=0.1"])

@@ -94,6 +94,31 @@ def test_a_setting_added_late_keeps_the_keys_of_the_builds_made_before_it(tmp_pa
     assert registry.model_key("late_fake", True, 0, {}) != old_key, "not declared late: the new setting rekeys"
 
 
+def test_a_bumped_world_model_version_rebuilds_it_instead_of_reusing_the_old_build(tmp_path, monkeypatch):
+    """A cached build is reused only under its own key: bumping a model's ``version`` (its builder changed what it
+    writes) rekeys it, so the next build_world builds it again, in the same folder, and records the new key."""
+    builds: list[int] = []
+
+    def build(ctx):
+        builds.append(len(builds))
+        (ctx.folder / "weights.txt").write_text(str(len(builds)))
+        return {}
+
+    configs = {"full": {"width": 8}, "quick": {"width": 4}}
+    monkeypatch.setitem(registry.WORLD_MODELS, "version_fake", WorldModel("version_fake", build, configs=configs))
+    first = build_world(["version_fake"], quick=True, seed=0, root=tmp_path)
+    build_world(["version_fake"], quick=True, seed=0, root=tmp_path)
+    assert builds == [0], "the same key: reused"
+    monkeypatch.setitem(registry.WORLD_MODELS, "version_fake",
+                        WorldModel("version_fake", build, configs=configs, version=2))
+    second = build_world(["version_fake"], quick=True, seed=0, root=tmp_path)
+    assert second.root == first.root, "the model's version does not name the world folder"
+    assert builds == [0, 1], "a new version is built again, not reused"
+    assert second.builds["version_fake"]["key"] != first.builds["version_fake"]["key"]
+    assert second.builds["version_fake"]["version"] == 2
+    assert (second.path("version_fake") / "weights.txt").read_text() == "2"
+
+
 def test_the_unets_position_probes_are_late_settings_at_zero():
     model = registry.WORLD_MODELS["instruct_pix2pix"]
     assert model.late_settings == {"position_frequencies": 0, "attention_positions": 0}
