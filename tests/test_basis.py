@@ -54,6 +54,7 @@ def test_own_files_round_trip_with_metadata(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"transformer.transformer_blocks.0.attn.to_q.lora_keys": None}, "to_q' is missing lora_keys"),
     ({"transformer.transformer_blocks.0.attn.to_q.lora_B": torch.ones(5, 2, 32)}, r"lora_B \(5, 2, 32\) does not fit"),
+    ({"transformer.transformer_blocks.0.attn.to_q.lora_B": torch.ones(6, 3, 32)}, r"lora_B \(6, 3, 32\) does not fit"),
     ({"transformer.transformer_blocks.0.attn.to_q.lora_keys": torch.ones(6, 9)}, "do not fit N=6"),
     ({"transformer.transformer_blocks.0.attn.to_q.lora_A": torch.full((6, 32, 2), float("nan"))}, "NaN or Inf"),
     ({"transformer.extra.weight": torch.ones(2)}, "not part of a LoRA basis"),

@@ -333,6 +333,20 @@ def test_a_batched_pass_keeps_each_samples_own_encoding(tiny_clip):
         torch.testing.assert_close(batched.image_embeds["a"][i:i + 1], a_alone.image_embeds["a"], rtol=1e-4, atol=1e-5)
 
 
+
+def test_image_encoder_encode_gives_each_image_its_own_role(tiny_clip):
+    """ImageEncoder.encode(a, a′, b): each role holds the encoding of the image passed for it, not another's."""
+    from analogy_core.analogy import encode_with_transformers
+    from analogy_core.encoders import ImageEncoder
+
+    model, scenes = tiny_clip[1], images()
+    b = scenes["b"][:1]
+    encoded = ImageEncoder(model, "transformers").encode(scenes["a"], scenes["a_prime"], b)
+    for role, image in (("a", scenes["a"]), ("a_prime", scenes["a_prime"]), ("b", b)):
+        alone = encode_with_transformers(model, {role: image})
+        torch.testing.assert_close(encoded.image_embeds[role], alone.image_embeds[role], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(encoded.image_embeds["a"], encoded.image_embeds["a_prime"], atol=1e-3)
+
 # -- the encoder fingerprint ------------------------------------------------------------------------------------------
 
 def test_the_fingerprint_is_the_same_on_every_path_and_tells_other_weights_apart(comfy_inproc, tiny_clip, comfy_clip,

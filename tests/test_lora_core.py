@@ -267,6 +267,19 @@ def test_a_peft_adapter_config_beside_the_weights_gives_the_alpha(tiny_flux, tmp
     assert own.lora.layers[path].scale == 0.25 and own.peft_config_source == ""
 
 
+def test_an_adapter_config_is_read_only_beside_peft_s_own_weights_name(tiny_flux, tmp_path):
+    """adapter_config.json belongs to adapter_model.safetensors (peft's save_pretrained): the same tensors under
+    another name in that folder take no alpha from it (scale 1, said so), so a stray config never rescales them."""
+    path = "transformer_blocks.1.attn.to_k"
+    weights = peft_folder(tmp_path / "a", {"peft_type": "LORA", "r": 4, "lora_alpha": 8})
+    assert load_lora_file(weights, tiny_flux).lora.layers[path].scale == 2.0
+    renamed = weights.with_name("my_edit.safetensors")
+    renamed.write_bytes(weights.read_bytes())
+    parsed = load_lora_file(renamed, tiny_flux)
+    assert parsed.lora.layers[path].scale == 1.0 and parsed.peft_config_source != "adapter_config.json"
+    assert parsed.layers_without_alpha == 1
+
+
 def test_several_patterns_fitting_a_layer_read_as_peft_reads_them(tiny_flux, tmp_path):
     """The first pattern key that fits wins, as in peft's get_pattern_key (checked against it, pattern by pattern)."""
     from peft.utils.other import get_pattern_key
