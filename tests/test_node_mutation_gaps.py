@@ -256,6 +256,21 @@ def test_composite_by_region_takes_a_single_2d_mask(comfy_inproc):
         regions.CompositeByRegion().composite(original[0], edited, mask)
 
 
+def test_composite_by_region_resizes_an_edited_image_of_another_size_to_the_original(comfy_inproc):
+    """A sampler's output of another size (here twice the original's 8 x 6, a non-square one so that width and height
+    cannot be mixed up unseen) is resized to the original's height and width before the blend."""
+    from analogy_core.composite import resize
+
+    regions = pack_module(comfy_inproc, "nodes.regions")
+    gen = torch.Generator().manual_seed(2)
+    original, edited = torch.rand(1, 8, 6, 3, generator=gen), torch.rand(1, 16, 12, 3, generator=gen)
+    mask = torch.zeros(1, 8, 6)
+    mask[:, 4:] = 1.0
+    out = regions.CompositeByRegion().composite(original, edited, mask)[0]
+    assert out.shape == (1, 8, 6, 3)
+    assert torch.equal(out[:, :4], original[:, :4])
+    torch.testing.assert_close(out[:, 4:], resize(edited, 6, 8)[:, 4:])
+
 def test_the_region_preview_tints_the_region_red_and_dims_the_rest(comfy_inproc):
     regions = pack_module(comfy_inproc, "nodes.regions")
     image = torch.full((1, 2, 2, 3), 0.5)

@@ -223,3 +223,24 @@ def test_predict_text_returns_the_soft_region_not_a_thresholded_one():
     assert (other - got).abs().max() > 1e-4, "the instruction must change the region"
     assert got.shape == (3, S, S)
     torch.testing.assert_close(got, want)
+
+
+def test_flux_backbone_normalises_latents_as_flux_pipelines_do():
+    """FLUX's VAE has shift 0.1159 and scale 0.3611 (the tiny preset 0 and 1, which hide the order): encode_images
+    gives FluxPipeline's (mode − shift) · scale, packed, and decode_tokens inverts it before the VAE decodes."""
+    from diffusers import FluxPipeline
+
+    from training.backbone import load_backbone
+
+    backbone = load_backbone("tiny")
+    images = torch.rand(2, 32, 32, 3, generator=torch.Generator().manual_seed(3))
+    plain = backbone.encode_images(images)
+    backbone.vae.register_to_config(shift_factor=0.1159, scaling_factor=0.3611)
+    tokens = backbone.encode_images(images)
+    assert (tokens - plain).abs().max() > 0.05, "shift and scale must change the latents, or this checks nothing"
+    with torch.no_grad():
+        mode = backbone.vae.encode(images.permute(0, 3, 1, 2) * 2 - 1).latent_dist.mode()
+        want = FluxPipeline._pack_latents((mode - 0.1159) * 0.3611, *mode.shape)
+        decoded = ((backbone.vae.decode(mode).sample + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+    torch.testing.assert_close(tokens, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(backbone.decode_tokens(tokens, 32, 32), decoded, rtol=1e-4, atol=1e-5)

@@ -69,3 +69,22 @@ def test_world_pretraining_rate_warms_up_linearly_then_decays_to_five_percent():
     assert rates[52] == pytest.approx(0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * 47 / 95)))
     assert rates[-1] == pytest.approx(0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * 94 / 95)))
     assert all(a >= b for a, b in itertools.pairwise(rates[4:])), "no rise after the warm-up"
+
+
+def test_the_world_autoencoders_model_latents_are_shifted_then_scaled():
+    """``CellCodec.model_latents`` gives the latents the world's transformers train on, diffusers' convention:
+    (z − shift_factor) · scaling_factor, with a shift and a scale that change them (the order then matters)."""
+    import torch
+
+    from training.world.autoencoder import CellCodec, build_autoencoder, initialise
+
+    ae = build_autoencoder()
+    initialise(ae, 0)
+    ae.register_to_config(shift_factor=0.3, scaling_factor=2.5)
+    codec = CellCodec(ae)
+    images = torch.rand(2, 32, 32, 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        z = ae.encode(images.permute(0, 3, 1, 2) * 2 - 1).latents
+    got = codec.model_latents(images)
+    assert (got - z).abs().max() > 0.1, "shift and scale must change the latents, or this checks nothing"
+    torch.testing.assert_close(got, (z - 0.3) * 2.5, rtol=1e-5, atol=1e-4)

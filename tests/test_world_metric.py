@@ -256,6 +256,32 @@ def test_the_yardstick_reports_the_cells_and_both_ratios():
     print_table({"made_up": result})  # prints; None shows as "-"
 
 
+def test_split_means_take_each_figure_from_its_own_rows_key():
+    """``split_means`` on hand-made rows whose method, base and no-edit figures all differ: every mean, per-family ratio
+    and ratio of means against a written-out value (kept means skip the families that keep nothing)."""
+    from training.world.yardstick.runner import split_means
+
+    def row(split, error, no_edit, base, cells, base_cells, roles):
+        return {"split": split, "error": error, "no_edit": no_edit, "base": base,
+                "edited_cells": cells[0], "kept_cells": cells[1],
+                "no_edit_cells": {"edited_cells": 0.0, "kept_cells": 1.0},
+                "base_cells": {"edited_cells": base_cells[0], "kept_cells": base_cells[1]},
+                "kept_background_cells": roles[0], "kept_object_cells": roles[1]}
+
+    families = {"f1": row("train", 0.1, 0.4, 0.2, (0.5, 0.9), (0.25, 0.5), (0.8, 0.6)),
+                "f2": row("train", 0.3, 0.2, 0.1, (0.7, None), (0.75, None), (None, None)),
+                "f3": row("heldout", 0.2, 0.5, 0.4, (0.1, 0.3), (0.2, 0.7), (0.4, 0.2))}
+    out = split_means(families)
+    assert out["mean_error_over_no_edit_train"] == pytest.approx((0.1 / 0.4 + 0.3 / 0.2) / 2, abs=1e-4)
+    assert out["mean_base_over_no_edit_train"] == pytest.approx((0.2 / 0.4 + 0.1 / 0.2) / 2, abs=1e-4)
+    assert out["error_over_no_edit_of_means_train"] == pytest.approx(0.4 / 0.6, abs=1e-4)
+    assert out["base_over_no_edit_of_means_train"] == pytest.approx(0.3 / 0.6, abs=1e-4)
+    assert out["mean_edited_cells_train"] == 0.6 and out["mean_kept_cells_train"] == 0.9
+    assert out["mean_base_edited_cells_train"] == 0.5 and out["mean_base_kept_cells_train"] == 0.5
+    assert out["mean_kept_background_cells_train"] == 0.8 and out["mean_kept_object_cells_train"] == 0.6
+    assert out["mean_base_kept_cells_heldout"] == 0.7 and out["mean_base_over_no_edit_heldout"] == 0.8
+    assert out["mean_kept_cells_heldout"] == 0.3 and out["error_over_no_edit_of_means_heldout"] == 0.4
+
 def test_the_yardsticks_grids_put_each_panel_in_its_quadrant_and_read_b_prime_back():
     """``four_panel`` lays out [a a′; b b′], ``bottom_right`` reads b′ back (the B′ every row is scored on) and
     ``reference_grids`` is Kontext's [a a′; b b]: each panel a different constant, so a swapped quadrant shows."""
