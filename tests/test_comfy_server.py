@@ -174,6 +174,16 @@ def test_example_workflows_match_the_server(comfy, object_info, path):
     assert validate_api_prompt(prompt, info) == []
     workflow = json.loads(path.read_text())
     assert {n["type"] for n in workflow["nodes"]} - {"Note"} == {n["class_type"] for n in prompt.values()}
+    # the socket types a saved workflow carries are the server's (the frontend connects links by them): every link's
+    # type and every node's output types are what object_info says that node puts out
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    for link_id, origin, slot, _, _, link_type in workflow["links"]:
+        declared = info[nodes[origin]["type"]]["output"][slot]
+        assert link_type == declared, f"link {link_id} from {nodes[origin]['type']}: {link_type}, server {declared}"
+    for node in workflow["nodes"]:
+        if node["type"] in info:
+            declared = info[node["type"]]["output"]
+            assert [o["type"] for o in node.get("outputs", [])] == declared[:len(node.get("outputs", []))], node["type"]
 
 
 def test_restore_size_without_geometry_is_a_clear_error(comfy):
