@@ -83,6 +83,19 @@ def test_scaling_negation_and_concatenation_are_exact():
         LoRA.concatenate([a, LoRA(b.layers, "sd15")])
 
 
+
+def test_a_lora_of_unknown_family_joins_any_family_and_fits_metadata_must_name_the_own_family():
+    """Concatenating: a LoRA whose family is unknown takes on the other's (two unknowns stay unknown). The "fits"
+    metadata widens a LoRA's families only when it names the LoRA's own family; otherwise the own family alone."""
+    from analogy_core.lora import FITS_KEY
+
+    known = LoRA({"x": LoRALayer(rand(2, 6), rand(5, 2))}, "flux")
+    unknown = LoRA({"x": LoRALayer(rand(3, 6), rand(5, 3))})
+    assert LoRA.concatenate([unknown, known]).family == "flux"
+    assert LoRA.concatenate([unknown, unknown]).family == "unknown"
+    assert LoRA(known.layers, "sd15", metadata={FITS_KEY: "sd15,sdxl"}).compatible_families == ("sd15", "sdxl")
+    assert LoRA(known.layers, "flux", metadata={FITS_KEY: "sd15,sdxl"}).compatible_families == ("flux",)
+
 def test_non_finite_values_are_found():
     lora = LoRA({"x": LoRALayer(rand(2, 6), torch.full((5, 2), float("inf")))}, "flux")
     with pytest.raises(LoRAError, match="NaN or Inf.*'x'"):
