@@ -86,6 +86,9 @@ def test_model_specs_reach_the_loader_registered_for_their_scheme():
     register_loader("backbone", "probe", lambda rest, **kwargs: calls.append((rest, kwargs)) or "loaded")
     assert registered_loader("backbone", "probe:some/folder")(dtype="x") == "loaded"
     assert calls == [("some/folder", {"dtype": "x"})]
+    # the scheme ends at the first colon: a Windows path or a spec of its own keeps the rest whole
+    registered_loader("backbone", "probe:C:/worlds/v2")(dtype="y")
+    assert calls[-1] == ("C:/worlds/v2", {"dtype": "y"})
     assert registered_loader("backbone", "tiny") is None and registered_loader("query_encoder", "probe:x") is None
     assert registered_loader("backbone", "open_clip:ViT-L-14:w.safetensors") is None
     for kind in ("backbone", "query_encoder", "ip2p", "clip", "instruction_encoder"):

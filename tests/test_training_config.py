@@ -159,3 +159,35 @@ def test_the_basis_headers_config_keeps_no_local_path_of_the_data_backbone_or_en
     assert str(tmp_path) not in json.dumps(shared) and "output_dir" not in shared
     assert shared["max_steps"] == 7
     assert shareable_config(load_config("tiny", None, ["data=world"]))["data"] == "world"
+
+
+def _build(trainer: str, overrides: list[str]):
+    from training.config import build_config
+    from training.edit_transfer import config as edit_transfer
+    from training.regions import config as regions
+
+    if trainer == "lorweb":
+        return load_config("tiny", None, overrides)
+    if trainer == "edit_transfer":
+        return build_config(edit_transfer.EditTransferConfig, edit_transfer.PRESETS, "tiny", None, overrides)
+    return build_config(regions.RegionConfig, regions.PRESETS, None, None, ["data=jsonl:x", *overrides])
+
+
+@pytest.mark.parametrize("trainer, good, bad, message", [
+    # caption dropout is a probability: 1 (every caption dropped) is one, just above it is not
+    ("lorweb", "caption_dropout=1", "caption_dropout=1.01", r"caption_dropout must be in \[0, 1\]"),
+    ("edit_transfer", "caption_dropout=1", "caption_dropout=-0.01", r"caption_dropout must be in \[0, 1\]"),
+    # an EMA decay of 1 would never move the averaged weights off their start
+    ("edit_transfer", "ema_decay=0.999", "ema_decay=1", r"ema_decay must be in \[0, 1\)"),
+    ("lorweb", "rank=1", "rank=0", r"rank must be a positive integer, got 0"),
+    ("lorweb", "num_entries=1", "num_entries=0", r"num_entries must be a positive integer, got 0"),
+    # mode both reads instructions and pairs of every item: only the world's data has both
+    ("regions", "mode=both,data=world", "mode=both", r"mode both needs data that has instructions and pairs"),
+])
+def test_each_trainers_limits_take_the_boundary_and_refuse_beyond_it(trainer, good, bad, message):
+    """The last good value passes and the first bad one is refused with its message, per trainer."""
+    cfg = _build(trainer, good.split(","))
+    for key, value in (item.split("=") for item in good.split(",")):
+        assert str(getattr(cfg, key)) in (value, str(float(value)) if value[0].isdigit() else value)
+    with pytest.raises(ValueError, match=message):
+        _build(trainer, [bad])

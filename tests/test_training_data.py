@@ -194,3 +194,18 @@ def test_the_ranks_micro_batches_tile_the_one_process_stream():
     assert len(drawn) == len(set(drawn)) == 48
     resumed = StepBatchSampler(size, batch, seed=5, rank=2, world=world, start=7)
     assert next(iter(resumed)) == ranks[2].batch(7)
+
+
+def test_the_synthetic_dataset_writes_b_from_another_scene_edited_as_a(tmp_path):
+    """``make_synthetic_dataset``: each quad's B is another scene than A, and A′, B′ are A, B with the family's edit
+    (here invert: 1 − x, exact up to the PNG's 8 bits)."""
+    from training.make_synthetic_dataset import write_dataset
+
+    index = write_dataset(tmp_path / "quads", per_family=2, size=16, families=["invert"])
+    for line in index.read_text().splitlines():
+        record = json.loads(line)
+        quad = {role: np.asarray(Image.open(index.parent / record[role]), dtype=np.float32) / 255
+                for role in ("a", "a_prime", "b", "b_prime")}
+        assert np.abs(quad["a"] - quad["b"]).mean() > 0.05, "B is a scene of its own"
+        assert np.abs(quad["a_prime"] - (1 - quad["a"])).max() <= 1 / 255 + 1e-6
+        assert np.abs(quad["b_prime"] - (1 - quad["b"])).max() <= 1 / 255 + 1e-6
