@@ -471,3 +471,20 @@ def test_the_trainer_starts_the_positions_as_its_config_says(tmp_path):
         table = sincos_positions(model.spec.grid, model.spec.dim)
         assert torch.equal(model.position.data, table) == (init == "sincos"), init
         assert torch.equal(model.analogy_position.data[1:], table) == (init == "sincos"), init
+
+
+def test_redraw_moves_and_resizes_each_object_by_up_to_jitter_either_way():
+    """X_edit's redraw (``editor=redraw``): over seeds, each object's move in x and y and its resize take every value
+    from −jitter to +jitter (a one-sided range would bias every redraw left, up and smaller), the tint within ±tint."""
+    from training.world import scenes as world
+    from training.world.data import redraw
+
+    obj = world.Obj("square", "red", 24, 24, 12)            # far from the borders: no clipping
+    scene = world.Scene(next(iter(world.BACKGROUNDS)), (obj,))
+    moves = {"x": set(), "y": set(), "size": set()}
+    for seed in range(200):
+        moved, tint = redraw(scene, seed, jitter=2, tint=0.04)
+        new = moved.objects[0]
+        moves["x"].add(new.x - obj.x), moves["y"].add(new.y - obj.y), moves["size"].add(new.size - obj.size)
+        assert np.abs(tint).max() <= 0.04
+    assert moves == {key: {-2, -1, 0, 1, 2} for key in moves}
