@@ -585,3 +585,26 @@ def test_a_trainable_image_encoder_reads_the_same_tokens_as_encode_analogy(tiny_
     for path, (down, up) in want.layers.items():
         torch.testing.assert_close(got.layers[path][0], down, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(got.layers[path][1], up, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_the_prediction_target_is_diffusers_and_to_x0_inverts_it(prediction_type):
+    """``prediction_target`` (the world UNet's pretraining target) against DDPMScheduler's own: ε, get_velocity, x0;
+    and the x0 that ``to_x0`` reads from the target at x_t is x0 itself."""
+    from diffusers import DDPMScheduler
+
+    from training.loc.ip2p import SD_SCHEDULE, add_noise, prediction_target, to_x0
+
+    scheduler = DDPMScheduler(**SD_SCHEDULE, prediction_type=prediction_type)
+    gen = torch.Generator().manual_seed(4)
+    x0, noise = torch.randn(3, 4, 2, 2, generator=gen), torch.randn(3, 4, 2, 2, generator=gen)
+    t = torch.tensor([10, 500, 990])
+    alpha_bar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    target = prediction_target(x0, noise, alpha_bar, prediction_type)
+    want = {"epsilon": noise, "sample": x0, "v_prediction": scheduler.get_velocity(x0, noise, t)}[prediction_type]
+    torch.testing.assert_close(target, want, rtol=1e-5, atol=1e-6)
+    x_t = add_noise(x0, noise, alpha_bar)
+    torch.testing.assert_close(x_t, scheduler.add_noise(x0, noise, t), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(to_x0(target, x_t, alpha_bar, prediction_type), x0, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        prediction_target(x0, noise, alpha_bar, "flow")

@@ -88,3 +88,37 @@ def test_the_world_autoencoders_model_latents_are_shifted_then_scaled():
     got = codec.model_latents(images)
     assert (got - z).abs().max() > 0.1, "shift and scale must change the latents, or this checks nothing"
     torch.testing.assert_close(got, (z - 0.3) * 2.5, rtol=1e-5, atol=1e-4)
+
+
+def test_the_kontext_completion_objective_keeps_three_panels_and_draws_the_fourth():
+    """``completion_grids``: the target grid is [s1 s2; s3 s4], its reference [s1 s2; s3 s3] (LoRWeB's layout), each
+    the grid of those panels (``grid_tokens``), so the two differ in the bottom-right panel only."""
+    import torch
+
+    from training.world.flux_kontext import completion_grids, grid_tokens
+
+    panels = torch.randn(5, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    index = torch.tensor([[0, 1, 2, 3], [4, 3, 1, 0]])
+    target, reference = completion_grids(panels, index)
+    torch.testing.assert_close(target, grid_tokens(panels, index))
+    torch.testing.assert_close(reference, grid_tokens(panels, torch.tensor([[0, 1, 2, 2], [4, 3, 1, 1]])))
+    assert not torch.equal(target, reference)
+    assert torch.equal(index, torch.tensor([[0, 1, 2, 3], [4, 3, 1, 0]])), "the index is not changed in place"
+
+
+def test_the_world_clips_pictures_are_what_clips_image_processor_gives():
+    """``normalise(resized_pool(x))``, the world CLIP's input done in two steps, equals CLIPImageProcessor's whole
+    pipeline (resize, crop, rescale, CLIP's mean and std) on the same uint8 pictures."""
+    import numpy as np
+    import torch
+    from transformers import CLIPImageProcessor
+
+    from training.world.clip import normalise, resized_pool
+
+    images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    ours = normalise(resized_pool(images))
+    arrays = list((images.clamp(0, 1) * 255).round().to(torch.uint8).numpy())
+    processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, resample=3)
+    theirs = processor(images=[np.asarray(a) for a in arrays], return_tensors="pt")["pixel_values"]
+    assert ours.shape == theirs.shape == (2, 3, 224, 224)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0.02)

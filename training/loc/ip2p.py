@@ -127,6 +127,19 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) ->
     return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
 
 
+def prediction_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor,
+                      prediction_type: str) -> torch.Tensor:
+    """What a model of ``prediction_type`` is trained to output at x_t = add_noise(x0, noise, ᾱ): ε, the velocity
+    √ᾱ·ε − √(1−ᾱ)·x0 (diffusers' ``get_velocity``), or x0."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+    if prediction_type == "sample":
+        return x0
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
 def to_x0(output: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
     """The x0 the model's output implies: ε-prediction (x_t − √(1−ᾱ)ε̂)/√ᾱ, v-prediction √ᾱx_t − √(1−ᾱ)v̂."""
     if prediction_type == "epsilon":

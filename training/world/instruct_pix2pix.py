@@ -40,7 +40,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from training.backbone import HashTokenizer
-from training.loc.ip2p import SD_SCHEDULE, add_noise, load_ip2p
+from training.loc.ip2p import SD_SCHEDULE, add_noise, load_ip2p, prediction_target
 from training.loc.task import edit_images
 from training.world.autoencoder import load_world_autoencoder
 from training.world.evaluate import mae
@@ -281,7 +281,7 @@ def pretrain(unet, latents: torch.Tensor, text: torch.Tensor, alphas: torch.Tens
         alpha_bar = alphas[t].float().view(-1, 1, 1, 1)
         out = unet(torch.cat([add_noise(x0, noise, alpha_bar), condition], dim=1), t,
                    encoder_hidden_states=text.expand(len(x0), -1, -1), return_dict=False)[0]
-        target = noise if cfg["prediction"] == "epsilon" else alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+        target = prediction_target(x0, noise, alpha_bar, cfg["prediction"])
         per_sample = ((out - target) ** 2).flatten(1).mean(dim=1)
         return (per_sample * weights).sum() / n_copy
 
