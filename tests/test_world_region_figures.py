@@ -41,3 +41,26 @@ def test_precision_and_recall_pool_pixels_while_iou_averages_images():
     assert figures["iou"] == pytest.approx((1.0 + 0.25) / 2)         # per image, then the mean
     assert figures["recall"] == pytest.approx(2 / 5)                  # over all pixels
     assert figures["precision"] == pytest.approx(1.0)
+
+
+def test_confinement_measures_errors_by_the_true_mask_and_change_outside_the_predicted_region():
+    """``confinement`` with a predicted region that differs from the true mask: the errors inside / outside the true
+    mask against written-out values, and the change from B measured outside the predicted region only (here 0:
+    the composite keeps B there), though the edit changed B outside the true mask too."""
+    from training.world.yardstick.regions import confinement
+
+    b = torch.zeros(1, 4, 4, 3)
+    edited = torch.full((1, 4, 4, 3), 0.5)
+    truth = b.clone()
+    truth[:, :2, :2] = 0.5                                    # the true edit: the top-left 2 x 2
+    true_mask = torch.zeros(1, 4, 4)
+    true_mask[:, :2, :2] = 1
+    region = torch.zeros(1, 4, 4)
+    region[:, :2, :3] = 1                                     # predicted: one column too wide
+    confined, figures = confinement(b, edited, truth, region, true_mask)
+    assert torch.equal(confined[:, :2, :3], edited[:, :2, :3]) and torch.equal(confined[:, 2:], b[:, 2:])
+    assert figures["outside_region_max_change_from_b"] == 0.0
+    assert figures["confined_error_inside_true"] == 0.0
+    assert figures["confined_error_outside_true"] == pytest.approx(2 * 0.5 / 12)    # 2 of 12 pixels off by 0.5
+    assert figures["unconfined_error_outside_true"] == pytest.approx(0.5)
+    assert figures["unconfined_error_inside_true"] == 0.0
