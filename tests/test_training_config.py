@@ -161,33 +161,84 @@ def test_the_basis_headers_config_keeps_no_local_path_of_the_data_backbone_or_en
     assert shareable_config(load_config("tiny", None, ["data=world"]))["data"] == "world"
 
 
+
+TRAINERS = ("lorweb", "loc", "edit_transfer", "regions")
+
+
 def _build(trainer: str, overrides: list[str]):
     from training.config import build_config
     from training.edit_transfer import config as edit_transfer
+    from training.loc import config as loc
     from training.regions import config as regions
 
     if trainer == "lorweb":
         return load_config("tiny", None, overrides)
+    if trainer == "loc":
+        return build_config(loc.LoCConfig, loc.PRESETS, "tiny", None, overrides)
     if trainer == "edit_transfer":
         return build_config(edit_transfer.EditTransferConfig, edit_transfer.PRESETS, "tiny", None, overrides)
     return build_config(regions.RegionConfig, regions.PRESETS, None, None, ["data=jsonl:x", *overrides])
 
 
-@pytest.mark.parametrize("trainer, good, bad, message", [
-    # caption dropout is a probability: 1 (every caption dropped) is one, just above it is not
+# every trainer's shared settings (training.config.CommonConfig): the last good value, the first bad one
+COMMON_LIMITS = [
+    ("max_grad_norm=0", "max_grad_norm=-0.1", r"max_grad_norm must be >= 0 \(0 = no clipping\)"),
+    ("adam_beta1=0", "adam_beta1=1", r"adam_beta1 must be in \[0, 1\)"),
+    ("adam_beta2=0.999", "adam_beta2=-0.1", r"adam_beta2 must be in \[0, 1\)"),
+    ("adam_epsilon=1e-12", "adam_epsilon=0", r"adam_epsilon must be > 0"),
+    ("weight_decay=0", "weight_decay=-1e-4", r"weight_decay >= 0"),
+    ("learning_rate=0", "learning_rate=-1e-6", r"learning_rate must be a finite number >= 0"),
+    *[(f"{key}=1", f"{key}=0", rf"{key} must be a positive integer, got 0")
+      for key in ("batch_size", "gradient_accumulation_steps", "checkpoint_every", "sample_every", "log_every",
+                  "keep_checkpoints")],
+]
+
+# each trainer's own settings
+OWN_LIMITS = [
+    # caption dropout is a probability: 1 (every caption dropped) is one, beyond it is not
     ("lorweb", "caption_dropout=1", "caption_dropout=1.01", r"caption_dropout must be in \[0, 1\]"),
     ("edit_transfer", "caption_dropout=1", "caption_dropout=-0.01", r"caption_dropout must be in \[0, 1\]"),
     # an EMA decay of 1 would never move the averaged weights off their start
     ("edit_transfer", "ema_decay=0.999", "ema_decay=1", r"ema_decay must be in \[0, 1\)"),
+    ("edit_transfer", "t5_length=4096", "t5_length=4097", r"t5_length must be an integer in 1\.\.4096"),
+    ("edit_transfer", "lora_alpha=0.5", "lora_alpha=0", r"lora_alpha positive"),
     ("lorweb", "rank=1", "rank=0", r"rank must be a positive integer, got 0"),
+    # a full fine-tune has no basis, so the basis' heads need not divide its key width
+    ("lorweb", "full_finetune=true,lora_heads=3", "lora_heads=3", r"lora_heads \(3\) must divide key_dim"),
     ("lorweb", "num_entries=1", "num_entries=0", r"num_entries must be a positive integer, got 0"),
+    ("loc", "update_bound=1000", "update_bound=1000.5", r"update_bound must be 0 \(unbounded\) or a ratio"),
+    ("loc", "x0_weight_max=0.01", "x0_weight_max=0", r"x0_weight_max must be positive"),
+    ("loc", "image_encoder_learning_rate=0", "image_encoder_learning_rate=-1e-5",
+     r"image_encoder_learning_rate must be >= 0"),
+    *[("loc", f"{key}=1", f"{key}=1.01", rf"{key} must be in \[0, 1\]")
+      for key in ("exchange_probability", "flip_probability", "text_dropout")],
+    *[("loc", f"{key}=0", f"{key}=-0.01", rf"{key} must be in \[0, 1\]")
+      for key in ("exchange_probability", "flip_probability", "text_dropout")],
+    *[("loc", f"{key}=1", f"{key}=0", rf"{key} must be a positive integer, got 0")
+      for key in ("rank", "blocks", "sample_steps")],
+    # H's update bound bounds what H generates: the ceilings (no H) have nothing to bound
+    ("loc", "update_bound=0,full_finetune=true,lora_reverse=false,random_exchange=false",
+     "update_bound=2,full_finetune=true,lora_reverse=false,random_exchange=false", r"update_bound bounds the updates"),
+    ("loc", "update_bound=0,plain_lora=true", "update_bound=2,plain_lora=true", r"update_bound bounds the updates"),
     # mode both reads instructions and pairs of every item: only the world's data has both
     ("regions", "mode=both,data=world", "mode=both", r"mode both needs data that has instructions and pairs"),
-])
+    *[("regions", f"{key}=0", f"{key}=-0.01", rf"{key} must be a number >= 0")
+      for key in ("alpha", "beta", "lambda_g", "lambda_d", "lambda_s", "mask_weight", "analogy_weight")],
+    ("regions", "diff_tolerance=0", "diff_tolerance=1", r"diff_tolerance must be in \[0, 1\)"),
+    ("regions", "threshold=0.99", "threshold=1", r"threshold in \(0, 1\)"),
+    ("regions", "threshold=0.01", "threshold=0", r"threshold in \(0, 1\)"),
+    ("regions", "resolution=8", "resolution=7", r"resolution must be at least 8 px"),
+]
+
+
+@pytest.mark.parametrize("trainer, good, bad, message",
+                         [(t, *limit) for t in TRAINERS for limit in COMMON_LIMITS] + OWN_LIMITS)
 def test_each_trainers_limits_take_the_boundary_and_refuse_beyond_it(trainer, good, bad, message):
-    """The last good value passes and the first bad one is refused with its message, per trainer."""
+    """The last good value passes (and is the value the config holds) and the first bad one is refused with its
+    message, per trainer; ``good`` and ``bad`` may set several keys (comma-separated)."""
     cfg = _build(trainer, good.split(","))
     for key, value in (item.split("=") for item in good.split(",")):
-        assert str(getattr(cfg, key)) in (value, str(float(value)) if value[0].isdigit() else value)
+        held = getattr(cfg, key)
+        assert held == (value == "true" if isinstance(held, bool) else type(held)(value)), (key, held)
     with pytest.raises(ValueError, match=message):
-        _build(trainer, [bad])
+        _build(trainer, bad.split(","))
