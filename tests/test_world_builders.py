@@ -122,3 +122,121 @@ def test_the_world_clips_pictures_are_what_clips_image_processor_gives():
     theirs = processor(images=[np.asarray(a) for a in arrays], return_tensors="pt")["pixel_values"]
     assert ours.shape == theirs.shape == (2, 3, 224, 224)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0.02)
+
+
+def test_grid_tokens_are_the_packed_latents_of_the_grid_image():
+    """``grid_tokens`` (the Kontext-like and FLUX.1-dev-like pretraining grids, built from panel latents) equals
+    encoding the 2 x 2 grid image [s1 s2; s3 s4] with the world autoencoder and packing it, panel for panel."""
+    import torch
+
+    from training.backbone import pack
+    from training.world.autoencoder import CellCodec, build_autoencoder, initialise
+    from training.world.flux_kontext import grid_tokens
+
+    ae = build_autoencoder()
+    initialise(ae, 0)
+    codec = CellCodec(ae)
+    panels = torch.rand(4, 32, 32, 3, generator=torch.Generator().manual_seed(1))
+    grid = torch.cat([torch.cat([panels[0], panels[1]], 1), torch.cat([panels[2], panels[3]], 1)], 0)[None]
+    tokens = grid_tokens(codec.model_latents(panels), torch.tensor([[0, 1, 2, 3]]))
+    torch.testing.assert_close(tokens, pack(codec.model_latents(grid)), rtol=1e-5, atol=1e-5)
+    swapped = grid_tokens(codec.model_latents(panels), torch.tensor([[0, 1, 3, 2]]))
+    assert not torch.allclose(swapped, tokens, atol=1e-3), "the panels differ, so their order shows"
+
+
+def test_kontext_reference_tokens_carry_index_1_in_pretraining_and_in_the_yardsticks_sampler():
+    """FLUX.1-Kontext marks context tokens with index 1 in the first id coordinate: the world's Kontext pretraining
+    (``velocity``) and the yardstick's sampler (``sample_grids``) give the target ids (0, row, col) and the reference
+    ids (1, row, col), as the LoRWeB trainer does."""
+    import torch
+
+    from training.backbone import token_ids
+    from training.world import evaluate
+    from training.world.flux_kontext import velocity
+
+    seen = []
+
+    class Transformer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, hidden_states, img_ids, **kwargs):
+            seen.append(img_ids.clone())
+            return (hidden_states * 0,)
+
+    side, tokens = 4, 4
+    want = torch.cat([token_ids(side, side, 0), token_ids(side, side, 1)])
+    x = torch.zeros(1, tokens, 8)
+    velocity(Transformer(), x, x.clone(), torch.ones(1), torch.zeros(1, 2, 8), torch.zeros(1, 8), torch.ones(1), side)
+    assert torch.equal(seen[-1], want)
+
+    class Backbone:
+        transformer, vae_factor = Transformer(), 8
+
+        def encode_images(self, images):
+            return torch.zeros(len(images), tokens, 8)
+
+        def encode_prompts(self, prompts, device):
+            return torch.zeros(len(prompts), 2, 8), torch.zeros(len(prompts), 8)
+
+        def decode_tokens(self, tokens_, height, width):
+            return torch.zeros(len(tokens_), height, width, 3)
+
+    evaluate.sample_grids(Backbone(), torch.zeros(1, side * 8, side * 8, 3), steps=1, seed=0)
+    assert torch.equal(seen[-1], want)
+
+
+def test_the_flux_dev_copy_grids_are_a_a_over_b_b():
+    """``copy_grids``: [A A; B B] — the top row one panel twice, the bottom row another panel twice."""
+    import torch
+
+    from training.world.flux_dev import copy_grids
+
+    index = copy_grids(64, 50, torch.Generator().manual_seed(0))
+    assert index.shape == (64, 4)
+    assert torch.equal(index[:, 0], index[:, 1]) and torch.equal(index[:, 2], index[:, 3])
+    assert (index[:, 0] != index[:, 2]).any()
+
+
+def test_the_comfy_taesd_file_gives_comfy_flux_the_latents_the_world_trained_on():
+    """ComfyUI's TAESD turns the encoder's z into latent = z / vae_scale + vae_shift, and its FLUX latent format gives
+    the model (latent − 0.1159) · 0.3611: that must be the world's (z − shift) · scale; decoding inverts it."""
+    import torch
+
+    from training.world.autoencoder import build_autoencoder, comfy_taesd_state
+
+    shift, scale = 0.37, 1.9
+    state = comfy_taesd_state(build_autoencoder(), latent_scale=scale, latent_shift=shift)
+    vae_scale, vae_shift = float(state["vae_scale"]), float(state["vae_shift"])
+    z = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    latent = z / vae_scale + vae_shift
+    torch.testing.assert_close((latent - 0.1159) * 0.3611, (z - shift) * scale, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close((latent - vae_shift) * vae_scale, z, rtol=1e-5, atol=1e-5)
+
+
+def test_world_clip_retrieval_scores_image_to_caption():
+    """``retrieval_accuracy``: for each image, is its own caption the highest-scoring one (a row-wise argmax of
+    logits_per_image)? Scores where image → caption and caption → image disagree tell the two apart."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from training.world import clip
+
+    # each image's best caption is its own (3 of 3); caption 0's best image is image 1 (column-wise: 2 of 3)
+    logits = torch.tensor([[1.0, 0.0, 0.0], [2.0, 3.0, 0.0], [0.0, 0.0, 1.0]])
+
+    class Model:
+        def eval(self):
+            return self
+
+        def __call__(self, **kwargs):
+            return SimpleNamespace(logits_per_image=logits, logits_per_text=logits.t())
+
+    def tokenizer(captions, **kwargs):
+        return SimpleNamespace(input_ids=torch.zeros(len(captions), 2, dtype=torch.long),
+                               attention_mask=torch.ones(len(captions), 2, dtype=torch.long))
+
+    accuracy = clip.retrieval_accuracy(Model(), tokenizer, torch.rand(3, 16, 16, 3), ["a", "b", "c"])
+    assert accuracy == 1.0
