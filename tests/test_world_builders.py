@@ -240,3 +240,74 @@ def test_world_clip_retrieval_scores_image_to_caption():
 
     accuracy = clip.retrieval_accuracy(Model(), tokenizer, torch.rand(3, 16, 16, 3), ["a", "b", "c"])
     assert accuracy == 1.0
+
+
+def test_the_world_autoencoder_as_initialised_reconstructs_world_pictures_exactly():
+    """The autoencoder's weights are set by hand (no training): encoding and decoding a world panel gives it back
+    (mean error < 1e-3, as its build measures), through the full network and through its shortcut alike."""
+    import torch
+
+    from training.world import scenes as world
+    from training.world.autoencoder import CellCodec, build_autoencoder, initialise, reconstruction_error
+
+    ae = build_autoencoder()
+    initialise(ae, 0)
+    panels = torch.stack([world.world_image("heldout", i, 64)[0] for i in range(4)])
+    assert reconstruction_error(ae, panels) < 1e-3
+    codec = CellCodec(ae)
+    pixels = panels.permute(0, 3, 1, 2) * 2 - 1
+    assert (codec.decode(codec.encode(pixels)) - pixels).abs().mean() / 2 < 1e-3
+
+
+def test_a_caption_word_outside_the_world_vocabulary_is_refused():
+    """``tokenize_pool`` refuses a caption with any word the world tokenizer does not know, not only a caption of
+    nothing else."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from training.world.clip import tokenize_pool
+
+    def tokenizer(captions, **kwargs):
+        ids = torch.tensor([[1, 5, 7, 2] if "zebra" not in c else [1, 5, 0, 2] for c in captions])
+        return SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+    tokenizer.unk_token_id = 0
+    assert tokenize_pool(tokenizer, ["a red square"]).input_ids.shape == (1, 4)
+    with pytest.raises(RuntimeError, match="outside the world vocabulary"):
+        tokenize_pool(tokenizer, ["a red square", "a red zebra"])
+
+
+def test_the_world_t5_follows_the_world_seed(tmp_path):
+    """Worlds of other seeds get other instruction encoders (every world model is drawn from the world's seed); the
+    same seed gives the same weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    model = WORLD_MODELS["region_t5"]
+    weights = {}
+    for run, seed in (("a", 0), ("b", 0), ("c", 1)):
+        folder = tmp_path / run
+        folder.mkdir()
+        model.build(BuildContext("region_t5", folder, model.configs["quick"], seed, True, {}))
+        files = sorted(folder.rglob("*.safetensors"))
+        assert files, "the T5 folder holds its weights as safetensors"
+        weights[run] = torch.cat([t.flatten().float() for f in files for t in load_file(f).values()])
+    assert torch.equal(weights["a"], weights["b"]) and not torch.equal(weights["a"], weights["c"])
+
+
+def test_a_world_backbone_spec_names_a_world_folder_or_one_of_its_model_folders(tmp_path):
+    """``world_model_folders``: a world folder (with or without its world.json, e.g. copied by hand) resolves to its
+    model's folder; the model's folder itself is taken as it is; a folder holding neither is refused by name."""
+    from training.world.loaders import world_model_folders
+
+    (tmp_path / "flux_kontext" / "transformer").mkdir(parents=True)
+    (tmp_path / "autoencoder").mkdir()
+    (tmp_path / "autoencoder" / "config.json").write_text("{}")
+    want = (tmp_path / "flux_kontext", tmp_path / "autoencoder")
+    assert world_model_folders(str(tmp_path)) == want
+    assert world_model_folders(str(tmp_path / "flux_kontext")) == want
+    (tmp_path / "world.json").write_text("{}")
+    assert world_model_folders(str(tmp_path)) == want
+    with pytest.raises(FileNotFoundError, match="no transformer at"):
+        world_model_folders(str(tmp_path / "autoencoder"))
