@@ -156,3 +156,36 @@ def test_a_trainer_run_beside_others_gets_its_share_of_threads(tmp_path, monkeyp
     assert not alone.get("plain") and alone["env"].get("OMP_NUM_THREADS") == os.environ.get("OMP_NUM_THREADS")
     assert not beside.get("plain") and beside["env"]["OMP_NUM_THREADS"] == beside["env"]["MKL_NUM_THREADS"] == "3"
     assert beside["env"]["TQDM_DISABLE"] == "1"
+
+
+def test_runs_fork_by_default_and_only_the_setting_1_asks_for_plain_subprocesses(monkeypatch):
+    """Where the OS can fork, a run forks from a launch server unless ANALOGY_TRAINER_SUBPROCESS=1."""
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this OS: every run is a plain subprocess")
+    monkeypatch.delenv(launch.PLAIN_SUBPROCESS_ENV, raising=False)
+    assert launch.forking()
+    for value, forks in (("0", True), ("1", False), ("", True)):
+        monkeypatch.setenv(launch.PLAIN_SUBPROCESS_ENV, value)
+        assert launch.forking() is forks, value
+
+
+def test_a_released_server_closes_the_least_recently_used_idle_ones_beyond_the_limit(monkeypatch):
+    """Idle servers beyond MAX_SERVERS are closed oldest first (the list runs from least to most recently used);
+    busy ones are never closed."""
+    class Server:
+        def __init__(self, name, busy):
+            self.name, self.busy, self.closed = name, busy, False
+
+        def alive(self):
+            return not self.closed
+
+        def close(self):
+            self.closed = True
+
+    servers = [Server("old", False), Server("busy", True), Server("middle", False), Server("new", False),
+               Server("released", True)]
+    monkeypatch.setattr(launch, "_servers", list(servers))
+    assert launch.MAX_SERVERS == 2
+    launch._release(servers[-1])
+    assert [s.name for s in servers if s.closed] == ["old", "middle"]
+    assert [s.name for s in launch._servers] == ["busy", "new", "released"]
