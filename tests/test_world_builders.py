@@ -311,3 +311,28 @@ def test_a_world_backbone_spec_names_a_world_folder_or_one_of_its_model_folders(
     assert world_model_folders(str(tmp_path)) == want
     with pytest.raises(FileNotFoundError, match="no transformer at"):
         world_model_folders(str(tmp_path / "autoencoder"))
+
+
+def test_the_world_pretraining_loop_is_adamw_without_decay():
+    """``pretrain_loop`` against a written-out Adam step on two weights: one with a constant gradient moves by the
+    rate each step, one whose gradient is 0 stays where it is (weight decay would shrink it)."""
+    import logging
+
+    import torch
+
+    from training.world.schedule import pretrain_loop
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[3.0, -2.0]]))
+    lr, steps = 0.1, 3
+
+    def step_loss(step):
+        return model.weight[0, 0] * 10.0 + model.weight[0, 1] * 0.0  # gradient (10, 0)
+
+    losses = pretrain_loop(model, {"lr": lr, "steps": steps}, "probe", step_loss, logging.getLogger("probe"),
+                           make_schedule=lambda opt, n: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+    assert len(losses) == steps and not model.training
+    # Adam with a constant gradient g moves by lr · m̂ / (√v̂ + eps) = lr · sign(g) every step
+    assert model.weight[0, 0].item() == pytest.approx(3.0 - lr * steps, abs=1e-5)
+    assert model.weight[0, 1].item() == -2.0, "no weight decay: a weight without gradient keeps its value"
