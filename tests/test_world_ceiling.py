@@ -509,6 +509,22 @@ def test_lorweb_full_ceiling_is_the_same_run_training_every_weight_at_the_pretra
     assert lorweb.CEILING.full.shared_as == "lorweb_full" and lorweb.CEILING.shared_as == ""
 
 
+
+def test_every_full_ceiling_continues_its_own_backbones_pretraining_rate():
+    """Each row's full fine-tune ceiling trains at the rate its own backbone was pretrained with (the world models'
+    rates differ here, so a row reading another's shows): LoRWeB the Kontext-like one's, Edit Transfer (with and
+    without text) the FLUX.1-dev-like one's, LoRA of Change the InstructPix2Pix-like UNet's."""
+    from training.world.yardstick import loc
+
+    world = World(Path("/w") / "v2-full-s0", False, 0, {"flux_kontext": {"key": "f", "config": {"lr": 0.002}},
+                                                       "flux_dev": {"key": "d", "config": {"lr": 0.003}},
+                                                       "instruct_pix2pix": {"key": "u", "config": {"lr": 0.001}}})
+    rates = {"lorweb": 0.002, "loc": 0.001, **{row: 0.003 for row in edit_transfer.ROWS}}
+    ceilings = {"lorweb": lorweb.CEILING, "loc": loc.CEILING,
+                **{row: edit_transfer.row_ceiling(row) for row in edit_transfer.ROWS}}
+    for row, found in ceilings.items():
+        assert found.full.settings(world, False, "hflip", 0)["learning_rate"] == rates[row], row
+
 @pytest.mark.parametrize("quick", [True, False])
 def test_no_world_run_compiles(quick):
     """Every row and ceiling run trains eager: compiled, the full world's LoRWeB ceilings saved no time in the
