@@ -45,6 +45,12 @@ def test_load_rgb_turns_every_failure_into_an_item_error(tmp_path, monkeypatch):
     write_png(tmp_path / "big.png", np.zeros((64, 64, 3)))
     with pytest.raises(ItemError, match="smaller than 8 px"):
         load_rgb(tmp_path / "thin.png")
+    # the limit's boundary: 8 px is the smallest side read, 7 px is refused
+    write_png(tmp_path / "eight.png", np.zeros((8, 30, 3)))
+    write_png(tmp_path / "seven.png", np.zeros((30, 7, 3)))
+    assert load_rgb(tmp_path / "eight.png").shape == (8, 30, 3)
+    with pytest.raises(ItemError, match="7x30 px is smaller than 8 px"):
+        load_rgb(tmp_path / "seven.png")
     with pytest.raises(ItemError, match="unreadable image"):
         load_rgb(tmp_path / "junk.png")
     with pytest.raises(ItemError, match="unreadable image"):
