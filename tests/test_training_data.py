@@ -215,3 +215,59 @@ def test_the_synthetic_dataset_writes_b_from_another_scene_edited_as_a(tmp_path)
         assert np.abs(quad["a"] - quad["b"]).mean() > 0.05, "B is a scene of its own"
         assert np.abs(quad["a_prime"] - (1 - quad["a"])).max() <= 1 / 255 + 1e-6
         assert np.abs(quad["b_prime"] - (1 - quad["b"])).max() <= 1 / 255 + 1e-6
+
+
+def test_half_readable_data_passes_the_probe_and_less_than_half_is_refused(quads):
+    """The probe's limit is "at least half readable": 5 of 10 passes, 4 of 10 is refused."""
+    folder, good, write_index = quads
+    broken = {**good, "a_prime": "missing.png"}
+    half = Quads(write_index([json.dumps(broken), json.dumps(good)] * 5), 16)
+    assert len(ReadableItems(half).probe()) == 5
+    fewer = Quads(write_index([json.dumps(broken)] * 6 + [json.dumps(good)] * 4), 16)
+    with pytest.raises(DataError, match="4 of 10 probed items are readable"):
+        ReadableItems(fewer).probe()
+
+
+def test_a_quads_prompt_of_another_type_is_kept_as_text(quads):
+    """A prompt written as a number (or any JSON value) is the text of that value, never dropped."""
+    folder, good, write_index = quads
+    data = Quads(write_index([json.dumps({**good, "prompt": 42}), json.dumps({**good, "prompt": ["red", 1]})]), 16)
+    assert data[0]["prompt"] == "42" and data[1]["prompt"] == "['red', 1]"
+
+
+def test_a_relation252k_pair_of_odd_width_splits_into_two_equal_halves(tmp_path):
+    """An image 2w + 1 px wide is before | after of w px each (the odd column dropped), so both halves are scaled
+    alike: the after half is its own w px, not w + 1."""
+    group = tmp_path / "g" / "Group1"
+    group.mkdir(parents=True)
+    image = np.zeros((16, 33, 3))
+    image[:, 16:32] = 255
+    image[:, 32] = 0          # the odd last column, dark: read into the after half it would darken its edge
+    write_png(group / "0.png", image)
+    (group / "labels.json").write_text(json.dumps([{"img_name": "0.png", "edit_instruction": "e"}] * 2))
+    item = Relation252K(tmp_path, 16, fit="stretch")[0]
+    assert torch.equal(item["a"], torch.zeros(16, 16, 3)) and torch.equal(item["a_prime"], torch.ones(16, 16, 3))
+
+
+def test_jsonl_pairs_read_instruction_as_the_prompt_where_there_is_none(tmp_path):
+    """MagicBrush-style lines give their text as "instruction": that is the prompt unless "prompt" is there."""
+    for i in range(2):
+        write_png(tmp_path / f"{i}.png", np.full((16, 16, 3), 90 * i))
+    index = tmp_path / "pairs.jsonl"
+    lines = [{"a": "0.png", "a_prime": "1.png", "instruction": "make it grey"},
+             {"a": "0.png", "a_prime": "1.png", "instruction": "x", "prompt": "the prompt"}]
+    index.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    data = JsonlPairs(index, 16)
+    assert data[0]["prompt"] == "make it grey" and data[1]["prompt"] == "the prompt"
+
+
+def test_the_synthetic_dataset_draws_new_scenes_for_every_quad(tmp_path):
+    """No scene is used twice in a family: quad i's B is not quad i + 1's A."""
+    from training.make_synthetic_dataset import write_dataset
+
+    index = write_dataset(tmp_path / "quads", per_family=3, size=16, families=["invert"])
+    images = [np.asarray(Image.open(index.parent / json.loads(line)[role]), dtype=np.float32)
+              for line in index.read_text().splitlines() for role in ("a", "b")]
+    for i in range(len(images)):
+        for j in range(i + 1, len(images)):
+            assert np.abs(images[i] - images[j]).mean() > 1, (i, j)
