@@ -101,7 +101,10 @@ def test_position_std_redraws_the_vision_position_embeddings_only():
             probe.probe_model(cfg, 50, 0, bad)
 
 
-def test_the_command_reports_every_familys_visibility(tmp_path):
+def test_the_command_reports_every_familys_visibility(tmp_path, monkeypatch):
+    pools = []
+    plain_pool = probe.plain_pool
+    monkeypatch.setattr(probe, "plain_pool", lambda split, count: pools.append(split) or plain_pool(split, count))
     report = probe.main(["--steps", "2", "--mirror-negatives", "--examples", "2", "--json", str(tmp_path / "p.json")])
     assert json.loads((tmp_path / "p.json").read_text()) == report
     assert set(report["edit_visibility"]) == set(world_def.families("all"))
@@ -110,6 +113,7 @@ def test_the_command_reports_every_familys_visibility(tmp_path):
     seen = report["edit_visibility"]
     assert seen["invert"] > 10 * seen["hflip"], seen  # what the world CLIP's recipe sees: colour, not layout
     assert 0 <= report["retrieval_top1_heldout_64"] <= 1
+    assert pools == ["heldout"], "the plain retrieval figure is measured on held-out scenes"
     with pytest.raises(SystemExit, match="at least 2"):
         probe.main(["--examples", "1"])
     with pytest.raises(SystemExit, match="standard deviation"):
