@@ -39,7 +39,7 @@ from training.world import metrics
 from training.world import scenes as world
 from training.world.registry import open_world
 from training.world.yardstick.common import RunMismatch, world_of_spec
-from training.world.yardstick.loc import family_share, load_run_model, tokens
+from training.world.yardstick.loc import family_share, family_share_chance, load_run_model, tokens
 
 
 def shared_part(pool: LoRAFactors, batch: int, sign: float = 1.0) -> LoRAFactors:
@@ -171,7 +171,7 @@ def probe(run: Path, count: int | None = None, step: int | None = None, picture:
             "update_dependence": round(pair_dependence(updates), 4),
             "family_share_updates": (None if (shared := family_share(updates, labels)) is None
                                      else round(shared, 4)),
-            "family_share_chance": round((len(examples) - 1) / (len(labels) - 1), 4),
+            "family_share_chance": round(family_share_chance(labels), 4),
             "mean_h": means(rows, "h"), "mean_h_minus_shared": means(rows, "h_minus_shared"),
             "mean_shared_only": means(rows, "shared_only"), "families": rows}
 

@@ -163,6 +163,18 @@ def test_family_share_against_the_within_family_sum_of_squares():
     assert family_share(torch.ones(4, 3), ["a", "a", "b", "b"]) is None   # no spread to share
 
 
+def test_the_family_shares_chance_level_is_its_mean_on_values_without_families():
+    """``family_share_chance``: (F − 1) / (N − 1), the mean share of independent noise (measured here over 400 draws
+    of 12 values in 3 families; the naive F / N would be 0.25 against 0.18)."""
+    from training.world.yardstick.loc import family_share, family_share_chance
+
+    labels = [f for f in ("a", "b", "c") for _ in range(4)]
+    gen = torch.Generator().manual_seed(1)
+    shares = [family_share(torch.randn(12, 20, generator=gen), labels) for _ in range(400)]
+    assert family_share_chance(labels) == pytest.approx(2 / 11)
+    assert sum(shares) / len(shares) == pytest.approx(2 / 11, abs=0.01)
+
+
 def test_pair_dependence_is_the_varying_share_of_the_second_moment():
     from analogy_core.loc import pair_dependence
 

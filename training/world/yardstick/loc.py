@@ -229,6 +229,12 @@ def family_share(values: torch.Tensor, labels: list[str]) -> float | None:
     return between / total
 
 
+def family_share_chance(labels: list[str]) -> float:
+    """What :func:`family_share` gives, on average, for values with no family in them (independent noise): the
+    between-family share of a one-way analysis of variance has mean (F − 1) / (N − 1) for F families of N values."""
+    return (len(set(labels)) - 1) / (len(labels) - 1)
+
+
 def family_figures(runs: dict[str, tuple], world_encoder, fresh, examples: dict[str, list]) -> dict[str, object]:
     """How much of what H reads and of what it generates tells the training families apart, on held-out pairs:
     ``family_share_pair_tokens`` of A′'s tokens minus A's (through the world CLIP; ``_trained_encoder<tag>`` through
