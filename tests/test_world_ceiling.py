@@ -703,3 +703,31 @@ def test_a_failed_ceiling_run_stops_the_queue_and_is_raised_for_every_row_it_kep
             queue.wait(method)
     assert calls[0] == "invert" and len(calls) < 4, calls
     queue.close()
+
+
+def test_edit_transfers_two_rows_share_one_run_and_retrain_when_its_file_is_gone(tmp_path, monkeypatch):
+    """``trained_run``: the Edit Transfer rows of one bench process sample one trained LoRA (one training for the
+    same world, seed, sampler-independent settings); a run whose LoRA file has gone is trained again, not reused."""
+    from types import SimpleNamespace
+
+    from training.edit_transfer.config import LORA_FILE
+
+    calls = []
+
+    def train(world_root, out, quick, seed, text_free, overrides, resume):
+        calls.append(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / LORA_FILE).write_bytes(b"lora")
+        return 1.0
+
+    monkeypatch.setattr(edit_transfer, "train_edit_transfer", train)
+    monkeypatch.setattr(edit_transfer, "_RUNS", {})
+    ctx = SimpleNamespace(world=SimpleNamespace(root=tmp_path / "world"), quick=True, seed=0, row_overrides={},
+                          folder=tmp_path / "row", resume_runs=False)
+    first = edit_transfer.trained_run(ctx, text_free=False)
+    assert edit_transfer.trained_run(ctx, text_free=False) == first and len(calls) == 1
+    (first[0] / LORA_FILE).unlink()
+    edit_transfer.trained_run(ctx, text_free=False)
+    assert len(calls) == 2 and (first[0] / LORA_FILE).is_file()
+    edit_transfer.trained_run(ctx, text_free=True)
+    assert len(calls) == 3, "the text-free row trains its own"
