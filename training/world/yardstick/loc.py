@@ -260,7 +260,7 @@ def family_figures(runs: dict[str, tuple], world_encoder, fresh, examples: dict[
         return None if value is None else round(value, 4)
 
     a, a_prime = pair(world_encoder)
-    out: dict[str, object] = {"family_share_chance": round((len(examples) - 1) / (len(labels) - 1), 4),
+    out: dict[str, object] = {"family_share_chance": round(family_share_chance(labels), 4),
                               "family_share_pair_tokens": share(a_prime - a),
                               "family_share_updates_init": share(updates(fresh, world_encoder))}
     for tag, (hypernetwork, encoder) in runs.items():
