@@ -29,6 +29,17 @@ def finite_numbers(value) -> bool:
     return True
 
 
+def hand_set_autoencoder(shift: float | None = None, scale: float | None = None):
+    """The world autoencoder with its hand-set weights (what its build writes), optionally a latent shift and scale."""
+    from training.world.autoencoder import build_autoencoder, initialise
+
+    ae = build_autoencoder()
+    initialise(ae, 0)
+    if shift is not None:
+        ae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    return ae
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("world-builders")
@@ -76,11 +87,9 @@ def test_the_world_autoencoders_model_latents_are_shifted_then_scaled():
     (z − shift_factor) · scaling_factor, with a shift and a scale that change them (the order then matters)."""
     import torch
 
-    from training.world.autoencoder import CellCodec, build_autoencoder, initialise
+    from training.world.autoencoder import CellCodec
 
-    ae = build_autoencoder()
-    initialise(ae, 0)
-    ae.register_to_config(shift_factor=0.3, scaling_factor=2.5)
+    ae = hand_set_autoencoder(shift=0.3, scale=2.5)
     codec = CellCodec(ae)
     images = torch.rand(2, 32, 32, 3, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -130,12 +139,10 @@ def test_grid_tokens_are_the_packed_latents_of_the_grid_image():
     import torch
 
     from training.backbone import pack
-    from training.world.autoencoder import CellCodec, build_autoencoder, initialise
+    from training.world.autoencoder import CellCodec
     from training.world.flux_kontext import grid_tokens
 
-    ae = build_autoencoder()
-    initialise(ae, 0)
-    codec = CellCodec(ae)
+    codec = CellCodec(hand_set_autoencoder())
     panels = torch.rand(4, 32, 32, 3, generator=torch.Generator().manual_seed(1))
     grid = torch.cat([torch.cat([panels[0], panels[1]], 1), torch.cat([panels[2], panels[3]], 1)], 0)[None]
     tokens = grid_tokens(codec.model_latents(panels), torch.tensor([[0, 1, 2, 3]]))
@@ -248,10 +255,9 @@ def test_the_world_autoencoder_as_initialised_reconstructs_world_pictures_exactl
     import torch
 
     from training.world import scenes as world
-    from training.world.autoencoder import CellCodec, build_autoencoder, initialise, reconstruction_error
+    from training.world.autoencoder import CellCodec, reconstruction_error
 
-    ae = build_autoencoder()
-    initialise(ae, 0)
+    ae = hand_set_autoencoder()
     panels = torch.stack([world.world_image("heldout", i, 64)[0] for i in range(4)])
     assert reconstruction_error(ae, panels) < 1e-3
     codec = CellCodec(ae)
