@@ -223,7 +223,8 @@ def test_new_patcher_class(compat, comfy_inproc, monkeypatch):
 
 def test_model_base_classes_and_family(compat, comfy_inproc, flux_model, sd):
     """FLUX.1 (dev, schnell, Fill, Kontext) is model_base.Flux itself; Flux2, Chroma and ChromaRadiance (and in newer
-    hosts LongCatImage) subclass it, so only the exact class is FLUX.1 for our LoRAs."""
+    hosts LongCatImage) subclass it, so only the exact class is FLUX.1 for our LoRAs; likewise Qwen-Image 2.1 (newer
+    hosts' QwenImage21) subclasses QwenImage and is not Qwen-Image for them."""
     comfy = comfy_inproc.comfy
     model_base = comfy.model_base
     for name in ("BaseModel", "Flux", "SDXL", "HiDream"):
@@ -238,8 +239,14 @@ def test_model_base_classes_and_family(compat, comfy_inproc, flux_model, sd):
     class LongCatImage(model_base.Flux):  # what newer hosts add; any future subclass is treated the same way
         pass
 
+    class QwenImage21(model_base.QwenImage):  # newer hosts (0.37+): Qwen-Image 2.1, another transformer and encoder
+        pass
+
+    qwen = model_base.QwenImage.__new__(model_base.QwenImage)
+    assert compat.model_family(SimpleNamespace(model=qwen)) == "qwen_image"
     for cls, family in ((model_base.Flux2, "flux2"), (model_base.Chroma, "chroma"),
                         (model_base.ChromaRadiance, "chromaradiance"), (LongCatImage, "longcatimage"),
+                        (QwenImage21, "qwenimage21"),
                         (model_base.HiDream, "hidream"), (model_base.SDXL, "sdxl")):
         assert compat.model_family(SimpleNamespace(model=cls.__new__(cls))) == family, cls
 
