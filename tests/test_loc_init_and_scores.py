@@ -174,3 +174,26 @@ def test_the_loc_rows_exchange_figures(world_tokens):
     claim = [f for f in ("grayscale", "recolour_red_blue") if f not in SELF_INVERSE]
     assert figures["consistency_gap_claim_init"] == pytest.approx(sum(gaps[f] for f in claim) / len(claim), abs=1e-4)
     assert -1 <= figures["direction_cosine_init"] <= 1
+
+
+def test_the_init_figures_random_u_b_is_standard_normal_and_touches_only_u_b(world_tokens):
+    """``with_random_u_b``: every zero-initialised U_B view becomes N(0, 1) draws from the seed (mean ≈ 0, std ≈ 1,
+    negatives as often as positives), the same for the same seed; every other weight stays as built."""
+    from training.world.yardstick.loc import with_random_u_b
+
+    config = world_tokens[0]
+    fresh = build_hypernetwork(config, seed=0)
+    before = {name: p.detach().clone() for name, p in fresh.named_parameters()}
+    randomised = with_random_u_b(fresh, 7)
+    values = torch.cat([view.flatten() for _, view in randomised.u_b_parameters()])
+    assert values.numel() > 1000 and not randomised.training
+    assert abs(values.mean().item()) < 0.1 and values.std().item() == pytest.approx(1.0, abs=0.1)
+    assert (values < 0).float().mean().item() == pytest.approx(0.5, abs=0.05)
+    again = torch.cat([view.flatten() for _, view in with_random_u_b(build_hypernetwork(config, seed=0), 7)
+                       .u_b_parameters()])
+    assert torch.equal(values, again)
+    starts = {f"heads.{i}": target.down_width(config.rank) for i, target in enumerate(config.targets)}
+    for name, p in randomised.named_parameters():
+        keep = starts.get(name.rpartition(".")[0])  # a head keeps its U_A rows; any other weight all of it
+        assert torch.equal(p[:keep], before[name][:keep]), name
+    assert len(starts) > 1

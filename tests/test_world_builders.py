@@ -342,3 +342,103 @@ def test_the_world_pretraining_loop_is_adamw_without_decay():
     # Adam with a constant gradient g moves by lr · m̂ / (√v̂ + eps) = lr · sign(g) every step
     assert model.weight[0, 0].item() == pytest.approx(3.0 - lr * steps, abs=1e-5)
     assert model.weight[0, 1].item() == -2.0, "no weight decay: a weight without gradient keeps its value"
+
+
+def test_the_flux_dev_copy_error_reads_the_bottom_right_panel(monkeypatch):
+    """``flux_dev.copy_error`` scores the panel the sampler completes (bottom right) against B, not the clean context
+    panel beside it (bottom left, B itself): a stand-in sampler that keeps B there and draws 1 − B on the right."""
+    import torch
+
+    from training.world import flux_dev
+
+    def sample(transformer, backbone, batch, cfg, device):
+        a, b = batch["a"], batch["b"]
+        return torch.cat([torch.cat([a, batch["a_prime"]], dim=2), torch.cat([b, 1.0 - b], dim=2)], dim=1)
+
+    monkeypatch.setattr(flux_dev, "sample_composite", sample)
+    monkeypatch.setattr(flux_dev, "reconstruct", lambda backbone, images: images)
+    b = flux_dev.panel_pool(4, 16, "heldout")[1::2]
+    from types import SimpleNamespace
+
+    got = flux_dev.copy_error(SimpleNamespace(transformer=None), panel=16, count=2, steps=1, seed=0)
+    want = round(float((1.0 - 2.0 * b).abs().mean()), 5)
+    assert want > 0.1, "the stand-in's completion must differ from B"
+    assert got == {"copy_error_heldout": want, "copy_floor_heldout": 0.0}
+
+
+def test_the_ip2p_pretraining_weights_the_generation_samples_not_the_copy_samples():
+    """``instruct_pix2pix.pretrain``: the batch is n_copy copy samples (the image as condition) then n_gen generation
+    samples (a zero condition), and ``generate_weight`` scales the latter. With the x0 target a stand-in UNet that
+    returns its condition is exact where it copies and returns 0 where it generates: at generate_weight 0 the loss
+    is 0, at 1 it is the generation samples' mean x0² over n_copy."""
+    import torch
+
+    from training.world import instruct_pix2pix
+
+    class CondEcho(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, t, encoder_hidden_states=None, return_dict=False):
+            return (x[:, 16:] + self.bias,)
+
+    latents = torch.rand(6, 16, 2, 2) + 0.5  # x0² ≥ 0.25 everywhere
+    alphas = torch.linspace(0.99, 0.01, 1000)
+    cfg = {"batch_copy": 3, "batch_generate": 1, "steps": 1, "lr": 0.0, "prediction": "sample"}
+    text = torch.zeros(1, 2, 4)
+    copying = instruct_pix2pix.pretrain(CondEcho(), latents, text, alphas, {**cfg, "generate_weight": 0.0}, seed=0)
+    assert copying == [pytest.approx(0.0, abs=1e-7)]
+    both = instruct_pix2pix.pretrain(CondEcho(), latents, text, alphas, {**cfg, "generate_weight": 1.0}, seed=0)
+    assert both[0] >= 0.25 / 3, "the generation sample counts at weight 1"
+
+
+def test_the_world_clips_batches_are_cut_to_their_longest_caption(monkeypatch):
+    """``fit_clip`` trims each batch's token ids to the longest caption in it (the mask's row sums), so no caption of
+    the batch is cut and no all-padding column is fed."""
+    import torch
+    from transformers import BatchEncoding
+
+    from training.world import clip
+
+    lengths = torch.tensor([2, 5, 3, 7])
+    mask = (torch.arange(8).view(1, -1) < lengths.view(-1, 1)).long()
+    tokens = BatchEncoding({"input_ids": torch.arange(32).view(4, 8), "attention_mask": mask})
+    picks = [torch.tensor([0, 2]), torch.tensor([1, 0]), torch.tensor([3, 1])]
+    seen = []
+
+    def batches(gen):
+        return picks[len(seen)]
+
+    def loss(model, pixels, ids, mask_):
+        assert torch.equal(mask_, mask[picks[len(seen)], :ids.shape[1]])
+        seen.append(ids.shape[1])
+        return model.weight.sum() * 0.0
+
+    monkeypatch.setattr(clip, "contrastive_loss", loss)
+    model = torch.nn.Linear(1, 1)
+    clip.fit_clip(model, torch.zeros(4, 3, 2, 2, dtype=torch.uint8), tokens, {"batch": 2, "lr": 0.0, "steps": 3},
+                  seed=0, batches=batches)
+    assert seen == [3, 5, 7]
+
+
+def test_an_empty_model_override_is_the_default_world(monkeypatch, tmp_path):
+    """``build_world`` drops overrides that set nothing: ``--world-set`` of no setting for a model builds (and
+    reuses) the default world, not a probe folder of its own."""
+    from training.world import registry
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def folder(quick, seed, root=None, overrides=None):
+        seen.append(overrides)
+        raise Stop
+
+    monkeypatch.setattr(registry, "world_folder", folder)
+    with pytest.raises(Stop):
+        registry.build_world(["clip"], quick=True, root=tmp_path, overrides={"clip": {}})
+    with pytest.raises(Stop):
+        registry.build_world(["clip"], quick=True, root=tmp_path, overrides={"clip": {"steps": 3}, "region_t5": {}})
+    assert seen == [{}, {"clip": {"steps": 3}}]
