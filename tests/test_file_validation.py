@@ -75,6 +75,11 @@ def test_header_length_is_bounded_before_the_header_is_read(tmp_path):
     assert read_tensor_file(path).tensors == {}
     with pytest.raises(TensorFileError, match=r"big.safetensors: the header declares 40002 bytes, more than the 1024"):
         read_tensor_file(path, max_header_bytes=1024)
+    # the 8-byte length prefix counts: a header declared to end just past the file is truncated, not corrupt JSON
+    short = write_raw(tmp_path / "short.safetensors", "{}", data=b"\0" * 4, header_len=8)
+    with pytest.raises(TensorFileError, match=r"short.safetensors: not a safetensors .*or truncated \(the header "
+                                              r"declares 8 bytes in a 14-byte file\)"):
+        read_tensor_file(short)
     declared = write_raw(tmp_path / "declared.safetensors", "{}", header_len=3 * 2**30)  # a 3 GB header in 10 bytes
     with pytest.raises(TensorFileError, match=r"declared.safetensors: not a safetensors .*declares 3221225472 bytes"):
         read_tensor_file(declared)
@@ -90,6 +95,8 @@ def test_header_length_is_bounded_before_the_header_is_read(tmp_path):
     (lambda h: h["w"].update(shape=[2, 3.0]), "tensor 'w': shape .* non-negative"),
     (lambda h: h["w"].update(shape=[4, 4]),
      r"tensor 'w': shape \[4, 4\] of F32 needs 64 bytes but data_offsets span 24"),
+    (lambda h: h["w"].update(shape=[2, 2]),  # fewer bytes than its span: the span's tail would be read as nothing
+     r"tensor 'w': shape \[2, 2\] of F32 needs 16 bytes but data_offsets span 24"),
     (lambda h: h["w"].update(data_offsets=[0, "24"]), "tensor 'w': data_offsets .* is not a pair of ints"),
     (lambda h: h["w"].update(data_offsets=[0, 10**6]), r"data_offsets \[0, 1000000\] lie outside the file's 36-byte"),
     (lambda h: (h["w"].update(data_offsets=[0, 24]), h["b"].update(data_offsets=[12, 24])), "overlaps the previous"),

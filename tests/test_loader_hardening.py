@@ -152,7 +152,8 @@ def test_a_valid_t5_folder_loads_exactly_the_saved_encoder(t5_folder):
 
 
 def test_a_full_seq2seq_checkpoint_and_a_sharded_one_load_the_encoder_only(tmp_path):
-    """google/flan-t5-* folders hold the decoder and LM head too (skipped), larger ones in shards."""
+    """google/flan-t5-* folders hold the decoder and an untied LM head too (skipped), larger ones in shards."""
+    from safetensors.torch import load_file, save_file
     from transformers import T5ForConditionalGeneration
 
     tokenizer = t5_tokenizer()
@@ -166,6 +167,10 @@ def test_a_full_seq2seq_checkpoint_and_a_sharded_one_load_the_encoder_only(tmp_p
         full.save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
         tokenizer.save_pretrained(folder)
         assert (folder / "model.safetensors.index.json").is_file() == bool(shard)
+        if not shard:  # FLAN-T5 unties its LM head (tie_word_embeddings false): its file holds lm_head.weight
+            weights = load_file(folder / "model.safetensors")
+            weights["lm_head.weight"] = torch.randn_like(weights["shared.weight"])
+            save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
         features = InstructionEncoder.from_folder(folder).encode(list(T5_TEXTS))[0]
         torch.testing.assert_close(features, expected, rtol=0, atol=0)
 
