@@ -386,6 +386,21 @@ def test_world_redrawn_edits_tint_the_background_only_and_differently_per_scene(
         assert all(not torch.allclose(tints[a], tints[b]) for a in range(4) for b in range(a)), (family, tints)
 
 
+def test_world_inpainted_edits_are_the_truth_where_the_edit_is_and_the_redraw_elsewhere():
+    """editor=inpaint: what a generator told the region would paint: A′ exactly on the pixels the edit changes (the
+    edit in place, not moved with the redraw), the redrawn edited scene everywhere else."""
+    count = len(WorldRegions(32, scenes=4).families)
+    for index in range(2 * count):
+        redrawn, inpainted = WorldRegions(32, scenes=4, editor="redraw")[index], \
+            WorldRegions(32, scenes=4, editor="inpaint")[index]
+        inside = inpainted["mask"].bool()
+        assert torch.equal(inpainted["edited"][inside], inpainted["x_prime"][inside])
+        assert torch.equal(inpainted["edited"][~inside], redrawn["edited"][~inside])
+        assert not torch.equal(inpainted["edited"][~inside], inpainted["x"][~inside]), "jittered outside the edit"
+    with pytest.raises(ValueError, match="world_editor must be one of"):
+        WorldRegions(32, editor="paint")
+
+
 # -- a short run of the trainer ------------------------------------------------------------------------------------------
 
 

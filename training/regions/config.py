@@ -62,7 +62,7 @@ class RegionConfig(CommonConfig):
     mask_weight: float = 0.0
     analogy_weight: float = 1.0
     diff_tolerance: float = 0.02       # a pixel belongs to an A→A' difference when a channel moves more than this
-    world_editor: str = "redraw"       # world data, text mode: what X_edit is (see training/region_data.py)
+    world_editor: str = "redraw"       # world data, text mode: what X_edit is (see training/regions/data.py)
     world_scenes: int = 4096           # world data: training scenes drawn per family (index range)
     threshold: float = 0.5             # binary region for samples and IoU
     threads: int = 0                   # torch CPU threads (0: torch's default; 1 is often faster on a busy CPU)

@@ -31,7 +31,8 @@ square, so the patch grid covers it exactly). Item keys:
   background tint shifted a little: a generator that redraws the whole picture for t_e reproduces the scene only
   approximately, and the paper's structure loss is what keeps the region off the parts it did not need to change;
   ``truth`` — the exact edited image A′ (then the region receives no L_CLIP gradient outside the true edit, since
-  X_res does not depend on M where X_edit = X).
+  X_res does not depend on M where X_edit = X); ``inpaint`` — A′ exactly on the pixels the edit changes and the
+  redraw elsewhere: what a generator that is told the region paints (the edit in place, the rest re-imagined).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from training.regions.data import ANALOGY_ROLES, TEXT_ROLES
 from training.world import scenes as world
 
 PROMPTS = ("neutral", "instruction")
-WORLD_EDITORS = ("redraw", "truth")
+WORLD_EDITORS = ("redraw", "truth", "inpaint")
 LENGTH = 1 << 20  # items per "epoch"; analogies are generated, so the length only sets the sampler's permutations
 
 
@@ -141,7 +141,11 @@ class WorldRegions(Dataset):
         if self.editor == "truth":
             return pair["after"]
         edited = self.world.get_family(family).scene_fn(pair["scene"])
-        return render_redrawn(edited, seed=zlib.crc32(f"{family}/{self.split}/{k}".encode()), size=self.resolution)
+        redrawn = render_redrawn(edited, seed=zlib.crc32(f"{family}/{self.split}/{k}".encode()), size=self.resolution)
+        if self.editor == "redraw":
+            return redrawn
+        changed = (pair["before"] != pair["after"]).any(dim=-1, keepdim=True)
+        return torch.where(changed, pair["after"], redrawn)
 
     def __getitem__(self, index: int) -> dict:
         family = self.families[index % len(self.families)]
