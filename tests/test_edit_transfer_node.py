@@ -331,6 +331,34 @@ def test_cond_and_uncond_in_one_batch_each_get_the_whole_context(comfy_inproc, s
         wrapper(executor, x[:2], torch.ones(2), transformer_options=options)
 
 
+def test_the_context_is_divided_by_the_models_input_preconditioning(comfy_inproc, setup):
+    """For a model whose input is preconditioned (an ε model scales x by 1/√(σ² + 1); FLUX by 1), the wrapper hands
+    the model the clean context divided by that scale, so that the model itself sees the clean latent; the panel
+    to generate stays the sampler's."""
+    from types import SimpleNamespace
+
+    _, patcher, node_module = setup
+    latent = composite_latent(1)
+    patched = with_context(node_module, patcher, latent, panel_mask(1))
+    [wrapper] = patched.get_all_wrappers(comfy_inproc.comfy.patcher_extension.WrappersMP.APPLY_MODEL)
+    seen: list[torch.Tensor] = []
+
+    def executor(x, *args, **kwargs):
+        seen.append(x)
+        return x
+
+    sampling = SimpleNamespace(calculate_input=lambda sigma, x: x / (sigma.view(-1, 1, 1, 1) ** 2 + 1) ** 0.5)
+    executor.class_obj = SimpleNamespace(model_sampling=sampling)
+    x = torch.randn(1, *latent.shape[1:], generator=torch.Generator().manual_seed(2))
+    wrapper(executor, x, torch.full((1,), 2.0), transformer_options={})
+    clean = patcher.model.process_latent_in(latent)
+    context = torch.ones_like(latent[0], dtype=torch.bool)
+    context[..., LATENT // 2:, LATENT // 2:] = False
+    assert clean[0][context].abs().max() > 0.1, "the context must hold something to scale"
+    torch.testing.assert_close(seen[0][0][context], clean[0][context] * 5 ** 0.5)
+    torch.testing.assert_close(seen[0][0][~context], x[0][~context])
+
+
 def test_every_steps_denoised_preview_holds_the_clean_context(comfy_inproc, setup):
     """The sampler's callback (ComfyUI's live preview, SamplerCustom's denoised output) sees A, A′ and B clean."""
     _, patcher, node_module = setup

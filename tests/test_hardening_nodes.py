@@ -135,6 +135,11 @@ def test_node_custom_panel_size_is_width_by_height(comfy_inproc):
     assert (geometry.panel_width, geometry.panel_height) == (48, 24)
     assert composite.shape == (1, 48, 96, 3) and mask.shape == (1, 48, 96)  # two panels high, two wide
     assert mask[0, 24:, 48:].min() == 1 and mask[0, :24].max() == 0  # the blank panel is the bottom-right one
+    assert composite[0, 24:, 48:].unique().tolist() == [0.5]
+    # the fill widget sets the blank panel's grey (and the letterbox's)
+    grey = node.compose(a, a, a, "edit_transfer", "custom", 48, 24, "pad", "none", 0.25)[0]
+    assert grey[0, 24:, 48:].unique().tolist() == [0.25]
+    assert grey[0, 0, 0].tolist() == [0.25] * 3 and grey[0, 12, 24].tolist() == pytest.approx([0.2, 0.4, 0.6])
 
 
 # -- saved files: permissions and names --------------------------------------------------------------------------------
@@ -176,6 +181,10 @@ def test_save_lora_names(tmp_path, comfy_inproc, monkeypatch):
     assert sorted(p.name for p in saved.parent.iterdir()) == [saved.name]
     with pytest.raises(LoRAError, match="is 240 bytes long; at most 237 fit in a file name"):
         nodes.safe_lora_path(root, "n" * 240, overwrite=False)
+    # the suffix counts against the file's name only: a long file name in a folder is refused, a long folder is not
+    with pytest.raises(LoRAError, match="is 240 bytes long; at most 237 fit in a file name"):
+        nodes.safe_lora_path(root, "dir/" + "n" * 240, overwrite=False)
+    assert nodes.safe_lora_path(root, "f" * 250 + "/x", overwrite=False) == root / ("f" * 250) / "x_00001.safetensors"
     assert nodes.safe_lora_path(root, "n" * 243, overwrite=True).name == "n" * 243 + ".safetensors"
 
     for escape in ("a/ .. /x", "a/..  /x", "../x", " .. ", "a/.../x"):
