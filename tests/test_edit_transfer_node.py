@@ -304,13 +304,11 @@ def test_bad_inputs_are_refused_kindly(comfy_inproc, setup):
         comfy_sample(comfy_inproc.comfy, patched, other, noise_like(other), 2, conditioning(1), conditioning(2))
 
 
-def test_cond_and_uncond_in_one_batch_each_get_the_whole_context(comfy_inproc, setup):
-    """ComfyUI may run cond and uncond as one batch (``cond_or_uncond`` = [0, 1]): each half is the whole latent
-    batch, so a context of two latents fits a model batch of four, and must not be paired up with a batch of two."""
+def context_wrapper_and_recorder(comfy_inproc, setup, latent, class_obj=None):
+    """The APPLY_MODEL wrapper Edit Transfer Context adds for ``latent``, an executor that records each x the model
+    is given (and returns it) on ``class_obj`` (default: the test's FLUX model), and that record."""
     _, patcher, node_module = setup
-    error = importlib.import_module(f"{comfy_inproc.pack.__name__}.analogy_core.edit_transfer").EditTransferError
-    latent = composite_latent(2)
-    patched = with_context(node_module, patcher, latent, panel_mask(2))
+    patched = with_context(node_module, patcher, latent, panel_mask(len(latent)))
     [wrapper] = patched.get_all_wrappers(comfy_inproc.comfy.patcher_extension.WrappersMP.APPLY_MODEL)
     seen: list[torch.Tensor] = []
 
@@ -318,7 +316,17 @@ def test_cond_and_uncond_in_one_batch_each_get_the_whole_context(comfy_inproc, s
         seen.append(x)
         return x
 
-    executor.class_obj = patcher.model
+    executor.class_obj = patcher.model if class_obj is None else class_obj
+    return wrapper, executor, seen
+
+
+def test_cond_and_uncond_in_one_batch_each_get_the_whole_context(comfy_inproc, setup):
+    """ComfyUI may run cond and uncond as one batch (``cond_or_uncond`` = [0, 1]): each half is the whole latent
+    batch, so a context of two latents fits a model batch of four, and must not be paired up with a batch of two."""
+    _, patcher, _ = setup
+    error = importlib.import_module(f"{comfy_inproc.pack.__name__}.analogy_core.edit_transfer").EditTransferError
+    latent = composite_latent(2)
+    wrapper, executor, seen = context_wrapper_and_recorder(comfy_inproc, setup, latent)
     options = {"cond_or_uncond": [0, 1]}
     x = torch.randn(4, *latent.shape[1:], generator=torch.Generator().manual_seed(1))
     wrapper(executor, x, torch.ones(4), transformer_options=options)
@@ -337,18 +345,11 @@ def test_the_context_is_divided_by_the_models_input_preconditioning(comfy_inproc
     to generate stays the sampler's."""
     from types import SimpleNamespace
 
-    _, patcher, node_module = setup
+    _, patcher, _ = setup
     latent = composite_latent(1)
-    patched = with_context(node_module, patcher, latent, panel_mask(1))
-    [wrapper] = patched.get_all_wrappers(comfy_inproc.comfy.patcher_extension.WrappersMP.APPLY_MODEL)
-    seen: list[torch.Tensor] = []
-
-    def executor(x, *args, **kwargs):
-        seen.append(x)
-        return x
-
     sampling = SimpleNamespace(calculate_input=lambda sigma, x: x / (sigma.view(-1, 1, 1, 1) ** 2 + 1) ** 0.5)
-    executor.class_obj = SimpleNamespace(model_sampling=sampling)
+    wrapper, executor, seen = context_wrapper_and_recorder(comfy_inproc, setup, latent,
+                                                           SimpleNamespace(model_sampling=sampling))
     x = torch.randn(1, *latent.shape[1:], generator=torch.Generator().manual_seed(2))
     wrapper(executor, x, torch.full((1,), 2.0), transformer_options={})
     clean = patcher.model.process_latent_in(latent)
