@@ -77,6 +77,39 @@ def test_resume_with_gradient_accumulation_continues_exactly(tmp_path):
     assert_same(weights(out), weights(tmp_path / "whole"))
 
 
+def test_each_micro_batch_draws_its_own_random_stream_and_each_epoch_its_own_order(tmp_path):
+    """With gradient accumulation every micro-batch of a step gets its own random stream (the noise of two
+    micro-batches must not repeat), and the data order is shuffled afresh every epoch."""
+    ToyTask.seen_batches.clear()
+    ToyTask.seen_seeds.clear()
+    train(tmp_path / "run", "--set", "gradient_accumulation_steps=2", "--set", "length=8")
+    assert len(ToyTask.seen_seeds) == 16 and len(set(ToyTask.seen_seeds)) == 16
+    order = [i for batch in ToyTask.seen_batches for i in batch]
+    epochs = [order[k:k + 8] for k in range(0, len(order), 8)]
+    assert len(epochs) == 8 and all(sorted(epoch) == list(range(8)) for epoch in epochs)
+    assert len({tuple(epoch) for epoch in epochs}) > 1, "every epoch in the same order"
+
+
+def test_stale_temporaries_are_found_where_each_write_leaves_them(tmp_path):
+    """``remove_stale_temporaries``: half-written checkpoint folders under checkpoints/, half-written step exports
+    and the output file's temporaries beside the output file; names of those kinds elsewhere, and other files, stay
+    (the run rewrites none of these, so only the clean-up can remove them)."""
+    out = tmp_path / "run"
+    (out / "checkpoints" / f"{ckpt.TMP_PREFIX}000009").mkdir(parents=True)
+    (out / f"{ckpt.EXPORT_TMP_PREFIX}toy.step_000009.safetensors").write_bytes(b"half")
+    (out / ".toy.safetensors.0123456789abcdef.tmp").write_bytes(b"half")
+    kept = [out / f"{ckpt.TMP_PREFIX}000009", out / "checkpoints" / f"{ckpt.EXPORT_TMP_PREFIX}x.safetensors",
+            out / "notes.txt"]
+    kept[0].mkdir()
+    for path in kept[1:]:
+        path.write_bytes(b"keep")
+    removed = ckpt.remove_stale_temporaries(out, ("toy.safetensors",))
+    assert sorted(p.relative_to(out).as_posix() for p in removed) == sorted([
+        f"checkpoints/{ckpt.TMP_PREFIX}000009", f"{ckpt.EXPORT_TMP_PREFIX}toy.step_000009.safetensors",
+        ".toy.safetensors.0123456789abcdef.tmp"])
+    assert not any(path.exists() for path in removed) and all(path.exists() for path in kept)
+
+
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 

@@ -70,6 +70,7 @@ class ToyTask(TrainingTask):
     config_cls = ToyConfig
     presets = {"default": {}}
     seen_batches: list[list[int]] = []
+    seen_seeds: list[int] = []    # each micro-batch's random stream (its generator's seed)
 
     def build(self) -> nn.Module:
         torch.manual_seed(self.cfg.seed)
@@ -81,6 +82,7 @@ class ToyTask(TrainingTask):
 
     def loss(self, model, batch, generator):
         ToyTask.seen_batches.append(batch["index"].tolist())
+        ToyTask.seen_seeds.append(generator.initial_seed())
         noise = torch.randn(batch["y"].shape, generator=generator) * 0.01
         return ((model(batch["x"]) - batch["y"] - noise) ** 2).mean()
 
