@@ -37,6 +37,7 @@ from training.world.data import WORLD_EDITORS, WorldRegions
 from training.world.scenes import CELL
 
 TINY = PRESETS["tiny"]
+THRESHOLD = RegionConfig.threshold  # the binary region the row scores (0.5)
 
 
 @dataclass
@@ -67,8 +68,8 @@ class Family:
                          self.t_e, self.t_o)
 
     def iou(self, region: torch.Tensor) -> float:
-        """Mean IoU of the region at the row's threshold (0.5) with the true region."""
-        return round(float(iou(region >= 0.5, self.batch["mask"]).mean()), 4)
+        """Mean IoU of the region at the row's threshold with the true region."""
+        return round(float(iou(region >= THRESHOLD, self.batch["mask"]).mean()), 4)
 
 
 def candidates(true_mask: torch.Tensor, grid: int) -> dict[str, torch.Tensor]:
@@ -94,7 +95,7 @@ def push(family: Family, region: torch.Tensor) -> dict[str, float]:
 def oracle(family: Family, start: torch.Tensor, steps: int) -> dict[str, float]:
     """The region the loss itself prefers: free per-patch logits per image (what P_region can say, upsampled as the
     predictor's is), started at ``start`` [B, grid²] and descended with Adam (rate 0.1) for ``steps`` steps; its loss
-    at the start and the end, the share it marks and its IoU with the true region at the row's threshold (0.5)."""
+    at the start and the end, the share its binary region marks and its IoU with the true region (row's threshold)."""
     height, width = family.batch["mask"].shape[1:]
     logits = start.clone().requires_grad_(True)
     optimiser = torch.optim.Adam([logits], lr=0.1)
@@ -110,10 +111,12 @@ def oracle(family: Family, start: torch.Tensor, steps: int) -> dict[str, float]:
         optimiser.step()
     region = region.detach()
     return {"start_loss": round(losses[0], 5), "loss": round(losses[-1], 5),
-            "marked_share": round(float((region >= 0.5).float().mean()), 4), "iou": family.iou(region)}
+            "marked_share": round(float((region >= THRESHOLD).float().mean()), 4), "iou": family.iou(region)}
 
 
 def family_figures(family: Family, oracle_steps: int) -> dict:
+    """Per candidate its loss, the loss's parts, ``marked_share`` (the mean of the region as given: 0.5 for
+    ``half``) and its IoU; the pushes; and the free regions (whose ``marked_share`` is their binary region's)."""
     out = {}
     with torch.no_grad():
         for name, region in candidates(family.batch["mask"], family.clip.grid).items():
